@@ -1,0 +1,376 @@
+//! What the network records about one running instance of a spec: the seed's "P2PRC process".
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{NodeName, ProcessId, ProcessSpec};
+
+/// Milliseconds since the Unix epoch.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(transparent)]
+pub struct Timestamp(pub u64);
+
+/// The formal reason a process is not running.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum Failure {
+    /// The strategy's deploy step failed.
+    DeployFailed {
+        exit: Option<i32>,
+        stderr_tail: String,
+    },
+    /// The start command's program does not exist (the shell exited 127).
+    CommandNotFound,
+    /// Another program holds the port.
+    PortInUse { port: u16 },
+    /// The process exited by itself.
+    Exited { code: i32 },
+    /// The process was killed by a signal it did not ask for.
+    Killed { signal: i32 },
+    /// The kernel's OOM killer ended it.
+    OutOfMemory,
+    /// The health check kept failing.
+    HealthCheckFailed { check: String, detail: String },
+    /// Its node left the network.
+    NodeLost { node: NodeName },
+    /// No node it may run on is alive.
+    NoAllowedNode { pins: Vec<NodeName> },
+    /// It did not stop within its grace period and was killed.
+    StopTimedOut,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::DeployFailed { exit, stderr_tail } => {
+                match exit {
+                    Some(code) => write!(f, "deploy step failed with exit code {code}")?,
+                    None => write!(f, "deploy step was killed")?,
+                }
+                match stderr_tail.lines().rev().find(|l| !l.trim().is_empty()) {
+                    Some(last) => write!(f, ": {}", last.trim()),
+                    None => Ok(()),
+                }
+            }
+            Failure::CommandNotFound => f.write_str("command not found"),
+            Failure::PortInUse { port } => write!(f, "port {port} is already in use"),
+            Failure::Exited { code } => write!(f, "exited with code {code}"),
+            Failure::Killed { signal } => write!(f, "killed by signal {signal}"),
+            Failure::OutOfMemory => f.write_str("killed by the kernel: out of memory"),
+            Failure::HealthCheckFailed { check, detail } => {
+                write!(f, "health check {check} failed: {detail}")
+            }
+            Failure::NodeLost { node } => write!(f, "node {node} was lost"),
+            Failure::NoAllowedNode { pins } => {
+                let names: Vec<&str> = pins.iter().map(NodeName::as_str).collect();
+                if names.is_empty() {
+                    f.write_str("no node is alive")
+                } else {
+                    write!(f, "none of its nodes is alive ({})", names.join(", "))
+                }
+            }
+            Failure::StopTimedOut => f.write_str("did not stop within its grace period"),
+        }
+    }
+}
+
+/// Where a process is in its life.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Status {
+    /// Waiting to be placed or started (with the reason, if it is held).
+    Pending,
+    /// Its strategy's deploy step is running.
+    Deploying,
+    /// Its command runs.
+    Running,
+    /// It is being stopped.
+    Stopping,
+    /// It was stopped on request.
+    Stopped,
+    /// It is not running, for this reason.
+    Failed(Failure),
+    /// Its node is gone; the root will place it again.
+    Lost,
+}
+
+impl Status {
+    /// The seed's boolean status.
+    pub fn is_running(&self) -> bool {
+        matches!(self, Status::Running)
+    }
+
+    /// Whether the process ended and will not come back by itself.
+    pub fn is_final(&self) -> bool {
+        matches!(self, Status::Stopped | Status::Failed(_))
+    }
+
+    /// A short lower-case name (`running`, `failed`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Deploying => "deploying",
+            Status::Running => "running",
+            Status::Stopping => "stopping",
+            Status::Stopped => "stopped",
+            Status::Failed(_) => "failed",
+            Status::Lost => "lost",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Status::Failed(failure) => write!(f, "failed: {failure}"),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+/// What happened to a process.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// Assigned to a node with this generation.
+    Placed { node: NodeName, generation: u64 },
+    /// Its deploy step finished.
+    Deployed,
+    /// Its command started.
+    Started { pid: u32 },
+    /// It became healthy.
+    Healthy,
+    /// It ended, for this reason.
+    Exited { failure: Failure },
+    /// It is being started again (the n-th restart in a row) after a delay.
+    Restarted { attempt: u32, delay_ms: u64 },
+    /// It moved to another node.
+    Moved { from: NodeName, to: NodeName },
+    /// It was stopped on request.
+    Killed,
+    /// It was held, for this reason.
+    Held { failure: Failure },
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EventKind::Placed { node, generation } => {
+                write!(f, "placed on {node} (generation {generation})")
+            }
+            EventKind::Deployed => f.write_str("deployed"),
+            EventKind::Started { pid } => write!(f, "started (pid {pid})"),
+            EventKind::Healthy => f.write_str("healthy"),
+            EventKind::Exited { failure } => write!(f, "exited: {failure}"),
+            EventKind::Restarted { attempt, delay_ms } => {
+                write!(f, "restart #{attempt} after {delay_ms} ms")
+            }
+            EventKind::Moved { from, to } => write!(f, "moved from {from} to {to}"),
+            EventKind::Killed => f.write_str("killed on request"),
+            EventKind::Held { failure } => write!(f, "held: {failure}"),
+        }
+    }
+}
+
+/// One entry of a process's history.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// When it happened.
+    pub at: Timestamp,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// The node a process runs on: its stable name and its current address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRef {
+    /// The node's name.
+    pub name: NodeName,
+    /// Its address as the network last saw it (host, without port).
+    pub address: String,
+}
+
+/// How a process is looked up: by id or by domain name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ProcessKey {
+    /// By its id.
+    Id(ProcessId),
+    /// By the domain name routed to it.
+    Domain(String),
+}
+
+impl fmt::Display for ProcessKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProcessKey::Id(id) => write!(f, "{id}"),
+            ProcessKey::Domain(d) => f.write_str(d),
+        }
+    }
+}
+
+/// The network's record of one process: the seed's fields (address, port, task name and id,
+/// deployment script, start/stop commands, status, domain, memory) and P2F's additions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Process {
+    /// Stable across restarts and moves of the same placement.
+    pub id: ProcessId,
+    /// Grows each time the process is (re)placed; fences stale copies.
+    pub generation: u64,
+    /// Everything needed to reproduce it: the spec with its bundle.
+    pub spec: ProcessSpec,
+    /// The node it runs on.
+    pub node: NodeRef,
+    /// The address reachable from outside (through the root when its node is behind NAT).
+    pub external: Option<String>,
+    /// The port it listens on.
+    pub port: Option<u16>,
+    /// Where it is in its life.
+    pub status: Status,
+    /// Its OS process id (the process group leader).
+    pub pid: Option<u32>,
+    /// When its command last started.
+    pub started_at: Option<Timestamp>,
+    /// Restarts in place since it was placed.
+    pub restarts: u32,
+    /// Why it last failed.
+    pub last_failure: Option<Failure>,
+    /// RSS of its process group, refreshed while it runs.
+    pub memory_bytes: u64,
+    /// Its recent history, oldest first (at most [`Process::HISTORY`] entries).
+    pub events: Vec<Event>,
+}
+
+impl Process {
+    /// How many events a record keeps.
+    pub const HISTORY: usize = 32;
+
+    /// A new record for `spec` placed on `node`, `Pending`, with a `Placed` event.
+    pub fn placed(
+        id: ProcessId,
+        generation: u64,
+        spec: ProcessSpec,
+        node: NodeRef,
+        at: Timestamp,
+    ) -> Process {
+        let port = spec.port();
+        let mut process = Process {
+            id,
+            generation,
+            spec,
+            node,
+            external: None,
+            port,
+            status: Status::Pending,
+            pid: None,
+            started_at: None,
+            restarts: 0,
+            last_failure: None,
+            memory_bytes: 0,
+            events: Vec::new(),
+        };
+        let placed = EventKind::Placed {
+            node: process.node.name.clone(),
+            generation,
+        };
+        process.record(at, placed);
+        process
+    }
+
+    /// The service name (the seed's task name).
+    pub fn name(&self) -> &str {
+        self.spec.name()
+    }
+
+    /// The domain routed to it.
+    pub fn domain(&self) -> Option<&str> {
+        self.spec.domain()
+    }
+
+    /// The seed's boolean status.
+    pub fn is_running(&self) -> bool {
+        self.status.is_running()
+    }
+
+    /// Whether `key` names this process.
+    pub fn matches(&self, key: &ProcessKey) -> bool {
+        match key {
+            ProcessKey::Id(id) => &self.id == id,
+            ProcessKey::Domain(d) => self.domain().is_some_and(|own| own.eq_ignore_ascii_case(d)),
+        }
+    }
+
+    /// Appends an event, keeping the last [`Process::HISTORY`].
+    pub fn record(&mut self, at: Timestamp, kind: EventKind) {
+        if self.events.len() >= Self::HISTORY {
+            let excess = self.events.len() + 1 - Self::HISTORY;
+            self.events.drain(..excess);
+        }
+        self.events.push(Event { at, kind });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_say_why_in_one_line() {
+        let cases = [
+            (Failure::Exited { code: 3 }, "exited with code 3"),
+            (Failure::Killed { signal: 9 }, "killed by signal 9"),
+            (Failure::CommandNotFound, "command not found"),
+            (Failure::PortInUse { port: 80 }, "port 80 is already in use"),
+            (
+                Failure::DeployFailed {
+                    exit: Some(1),
+                    stderr_tail: "a\nerror: no flake\n\n".into(),
+                },
+                "deploy step failed with exit code 1: error: no flake",
+            ),
+            (
+                Failure::NoAllowedNode {
+                    pins: vec![NodeName::from_static("pi")],
+                },
+                "none of its nodes is alive (pi)",
+            ),
+        ];
+        for (failure, text) in cases {
+            assert_eq!(failure.to_string(), text);
+            let json = serde_json::to_string(&failure).expect("serialize");
+            assert_eq!(
+                serde_json::from_str::<Failure>(&json).expect("parse"),
+                failure
+            );
+        }
+    }
+
+    #[test]
+    fn history_keeps_the_newest_events() {
+        let spec = ProcessSpec::new("wiki", "true");
+        let node = NodeRef {
+            name: NodeName::from_static("pi"),
+            address: "127.0.0.1".into(),
+        };
+        let mut p = Process::placed(
+            ProcessId::for_service("wiki", 1),
+            1,
+            spec,
+            node,
+            Timestamp(0),
+        );
+        for i in 0..100 {
+            p.record(Timestamp(i), EventKind::Started { pid: i as u32 });
+        }
+        assert_eq!(p.events.len(), Process::HISTORY);
+        assert_eq!(p.events.last().map(|e| e.at), Some(Timestamp(99)));
+    }
+}

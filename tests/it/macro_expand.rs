@@ -1,0 +1,1 @@
+//! Expansion snapshots of `deployment!` (filled in below).

@@ -1,0 +1,6 @@
+//! P2F's integration tests: one binary, one module per concern.
+
+mod macro_expand;
+mod macro_ui;
+mod p2prc;
+mod rules;

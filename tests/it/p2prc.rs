@@ -1,0 +1,1 @@
+//! p2prc tests.
