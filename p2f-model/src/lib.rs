@@ -13,7 +13,7 @@ pub mod validate;
 
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use name::{NameError, NodeName, ProcessId};
-pub use node::{IpTable, Node, NodeError, P2fNodeInfo, P2prcConfig};
+pub use node::{IpTable, MapPortResponse, Node, NodeError, P2fNodeInfo, P2prcConfig, ServerInfo};
 pub use process::{Event, EventKind, Failure, NodeRef, Process, ProcessKey, Status, Timestamp};
 pub use spec::{
     Bundle, BundleFile, DEFAULT_GRACE, Deployment, EnvVar, Health, ProcessSpec, RestartPolicy,

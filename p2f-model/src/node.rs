@@ -153,6 +153,8 @@ enum Loose {
     Int(i128),
     Float(f64),
     Text(String),
+    /// A list or an object: never a valid value of a known field, skipped for unknown ones.
+    Compound,
 }
 
 impl<'de> Deserialize<'de> for Loose {
@@ -187,6 +189,14 @@ impl<'de> Deserialize<'de> for Loose {
             fn visit_string<E: de::Error>(self, v: String) -> Result<Loose, E> {
                 Ok(Loose::Text(v))
             }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Loose, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(Loose::Compound)
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Loose, A::Error> {
+                while map.next_entry::<de::IgnoredAny, de::IgnoredAny>()?.is_some() {}
+                Ok(Loose::Compound)
+            }
         }
         d.deserialize_any(LooseVisitor)
     }
@@ -203,6 +213,7 @@ impl Loose {
                 field,
                 "expected text, found a number with a fraction",
             )),
+            Loose::Compound => Err(field_error(field, "expected text, found a list or an object")),
         }
     }
 
@@ -431,6 +442,61 @@ pub struct P2prcConfig {
 
 impl Default for P2prcConfig {
     fn default() -> Self {
-        serde_json::from_str("{}").unwrap_or_else(|_| unreachable!("every field has a default"))
+        P2prcConfig {
+            machine_name: String::new(),
+            ip_table: String::new(),
+            ipv6_address: String::new(),
+            server_port: String::new(),
+            proxy_port: String::new(),
+            behind_nat: false,
+            ip_table_key: String::new(),
+            public_key_file: String::new(),
+            private_key_file: String::new(),
+            pem_file: String::new(),
+            key_file: String::new(),
+            bare_metal: true,
+            unsafe_mode: true,
+            test: false,
+            custom_config: serde_json::Value::Null,
+            config_path: String::new(),
+        }
     }
+}
+
+/// P2PRC's `GET /server_info` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServerInfo {
+    /// `Hostname`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub hostname: String,
+    /// `Platform` (e.g. `debian`).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub platform: String,
+    /// `CPU` model.
+    #[serde(rename = "CPU", default, deserialize_with = "null_as_default")]
+    pub cpu: String,
+    /// `RAM` in MiB.
+    #[serde(rename = "RAM", default)]
+    pub ram: u64,
+    /// `Disk` in MiB.
+    #[serde(default)]
+    pub disk: u64,
+    /// `GPU`, verbatim (`null` when there is none).
+    #[serde(rename = "GPU", default)]
+    pub gpu: serde_json::Value,
+}
+
+/// P2PRC's answer to a port-mapping request: the public address a port is reachable at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct MapPortResponse {
+    /// `IPAddress`.
+    #[serde(rename = "IPAddress", default, deserialize_with = "null_as_default")]
+    pub ip_address: String,
+    /// `PortNo` (a string in P2PRC).
+    #[serde(rename = "PortNo", default, deserialize_with = "null_as_default")]
+    pub port_no: String,
+    /// `EntireAddress` (`host:port`).
+    #[serde(rename = "EntireAddress", default, deserialize_with = "null_as_default")]
+    pub entire_address: String,
 }

@@ -177,9 +177,9 @@ impl fmt::Display for EventKind {
     }
 }
 
-/// One entry of a process's history.
+/// One entry of a process's history. (`deny_unknown_fields` does not combine with `flatten`;
+/// the kind's own tag rejects what it does not know.)
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Event {
     /// When it happened.
     pub at: Timestamp,

@@ -2,5 +2,6 @@
 
 mod macro_expand;
 mod macro_ui;
+mod model;
 mod p2prc;
 mod rules;

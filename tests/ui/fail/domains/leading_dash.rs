@@ -1,0 +1,11 @@
+use p2f::prelude::*;
+
+const HOME: Deployment = deployment! {
+    service wiki {
+        start: "python3 -m http.server $PORT",
+        port: 8080,
+        domain: "-wiki.home.arpa",
+    }
+};
+
+fn main() {}

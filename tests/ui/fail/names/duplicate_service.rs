@@ -1,0 +1,14 @@
+use p2f::prelude::*;
+
+const HOME: Deployment = deployment! {
+    service wiki {
+        start: "python3 -m http.server $PORT",
+        port: 8080,
+    }
+    service wiki {
+        start: "python3 -m http.server $PORT",
+        port: 8081,
+    }
+};
+
+fn main() {}

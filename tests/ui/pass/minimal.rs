@@ -1,0 +1,18 @@
+use p2f::prelude::*;
+
+const HOME: Deployment = deployment! {
+    service worker {
+        start: "sleep infinity",
+    }
+};
+
+fn main() {
+    let worker = &HOME.services()[0];
+    assert_eq!(worker.name(), "worker");
+    assert_eq!(worker.port(), None);
+    assert_eq!(worker.health(), Health::None);
+    assert_eq!(worker.restart(), RestartPolicy::OnFailure(5));
+    assert_eq!(worker.grace(), std::time::Duration::from_secs(10));
+    assert!(HOME.nodes().is_empty());
+    assert!(HOME.validate().is_ok());
+}

@@ -1,0 +1,19 @@
+use p2f::prelude::*;
+
+const HOME: Deployment = deployment! {
+    nodes: [laptop, pi, "homelaptop-Xk3Pq9Z"],
+    service wiki {
+        start: "python3 -m http.server $PORT",
+        port: 8080,
+        pin: [laptop],
+    }
+    service blog {
+        start: "hugo server --port $PORT",
+        port: 8080,
+        pin: [pi, "homelaptop-Xk3Pq9Z"],
+    }
+};
+
+fn main() {
+    assert!(HOME.validate().is_ok(), "{:?}", HOME.validate());
+}
