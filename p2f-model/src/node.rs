@@ -194,7 +194,10 @@ impl<'de> Deserialize<'de> for Loose {
                 Ok(Loose::Compound)
             }
             fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Loose, A::Error> {
-                while map.next_entry::<de::IgnoredAny, de::IgnoredAny>()?.is_some() {}
+                while map
+                    .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                    .is_some()
+                {}
                 Ok(Loose::Compound)
             }
         }
@@ -213,7 +216,10 @@ impl Loose {
                 field,
                 "expected text, found a number with a fraction",
             )),
-            Loose::Compound => Err(field_error(field, "expected text, found a list or an object")),
+            Loose::Compound => Err(field_error(
+                field,
+                "expected text, found a list or an object",
+            )),
         }
     }
 
@@ -497,6 +503,10 @@ pub struct MapPortResponse {
     #[serde(rename = "PortNo", default, deserialize_with = "null_as_default")]
     pub port_no: String,
     /// `EntireAddress` (`host:port`).
-    #[serde(rename = "EntireAddress", default, deserialize_with = "null_as_default")]
+    #[serde(
+        rename = "EntireAddress",
+        default,
+        deserialize_with = "null_as_default"
+    )]
     pub entire_address: String,
 }

@@ -651,10 +651,7 @@ mod env_map {
 
     use super::EnvVar;
 
-    pub(super) fn serialize<S: Serializer>(
-        env: &Cow<'static, [EnvVar]>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(env: &[EnvVar], s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(Some(env.len()))?;
         for var in env.iter() {
             map.serialize_entry(var.name(), var.value())?;
@@ -691,10 +688,7 @@ mod base64_bytes {
     use base64::engine::general_purpose::STANDARD;
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub(super) fn serialize<S: Serializer>(
-        bytes: &Cow<'static, [u8]>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&STANDARD.encode(bytes))
     }
 

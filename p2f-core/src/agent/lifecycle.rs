@@ -1,0 +1,264 @@
+//! What the supervisor does when something happens to a process: a pure function from
+//! (record, what happened) to the record's new state and the actions to take. No OS calls live
+//! here, so every rule — how an exit is classified, when to restart, how long to wait — is
+//! tested without starting a process.
+
+use std::time::Duration;
+
+use p2f_model::{EventKind, Failure, Process, RestartPolicy, Status, Timestamp};
+
+/// The first restart waits this long; each further one in a row waits twice as long.
+pub const BACKOFF_START: Duration = Duration::from_millis(100);
+/// No restart waits longer than this.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// How long to wait before the `attempt`-th restart in a row (1-based): 100 ms doubling, capped
+/// at 30 s.
+pub fn backoff(attempt: u32) -> Duration {
+    let doublings = attempt.saturating_sub(1).min(31);
+    BACKOFF_START
+        .saturating_mul(1u32 << doublings)
+        .min(BACKOFF_CAP)
+}
+
+/// How a process ended, as `waitpid` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+}
+
+/// What else the agent knew when the process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExitContext {
+    /// The agent was stopping it (kill, move, shutdown): the exit is expected.
+    pub stopping: bool,
+    /// The kernel's OOM killer reported killing a process of its group.
+    pub oom_killed: bool,
+    /// Another program held the process's port when it exited (it never got to listen).
+    pub port_taken: Option<u16>,
+}
+
+/// `sh -c` exits 127 when the command does not exist.
+const SHELL_NOT_FOUND: i32 = 127;
+const SIGKILL: i32 = 9;
+
+/// The formal reason for an exit, or `None` when it was asked for.
+pub fn classify(exit: Exit, cx: ExitContext) -> Option<Failure> {
+    if cx.stopping {
+        return None;
+    }
+    if let Some(port) = cx.port_taken {
+        return Some(Failure::PortInUse { port });
+    }
+    Some(match exit {
+        Exit::Code(SHELL_NOT_FOUND) => Failure::CommandNotFound,
+        Exit::Code(code) => Failure::Exited { code },
+        Exit::Signal(SIGKILL) if cx.oom_killed => Failure::OutOfMemory,
+        Exit::Signal(signal) => Failure::Killed { signal },
+    })
+}
+
+/// What the supervisor does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start the process again after this delay.
+    RestartAfter(Duration),
+    /// Leave it down: the policy says so (the root may move it elsewhere).
+    GiveUp,
+    /// Nothing: it was stopped on request.
+    Rest,
+}
+
+/// Whether the policy allows another restart, given the restarts in a row so far. A clean exit
+/// (`code 0`) counts as a failure for `Always` only.
+fn may_restart(policy: RestartPolicy, failure: &Failure, in_a_row: u32) -> bool {
+    let clean = matches!(failure, Failure::Exited { code: 0 });
+    match policy {
+        RestartPolicy::Always => true,
+        RestartPolicy::OnFailure(limit) => !clean && in_a_row < limit,
+        RestartPolicy::Never => false,
+    }
+}
+
+/// Applies an exit to `process`: sets its status, last failure and history, and says what to
+/// do next. `in_a_row` is the number of restarts since it last ran healthy.
+pub fn on_exit(
+    process: &mut Process,
+    exit: Exit,
+    cx: ExitContext,
+    in_a_row: u32,
+    now: Timestamp,
+) -> Action {
+    process.pid = None;
+    process.memory_bytes = 0;
+    let Some(failure) = classify(exit, cx) else {
+        process.status = Status::Stopped;
+        process.record(now, EventKind::Killed);
+        return Action::Rest;
+    };
+    process.last_failure = Some(failure.clone());
+    process.record(
+        now,
+        EventKind::Exited {
+            failure: failure.clone(),
+        },
+    );
+    if may_restart(process.spec.restart(), &failure, in_a_row) {
+        let attempt = in_a_row + 1;
+        let delay = backoff(attempt);
+        process.status = Status::Pending;
+        process.restarts += 1;
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        process.record(now, EventKind::Restarted { attempt, delay_ms });
+        Action::RestartAfter(delay)
+    } else {
+        process.status = if matches!(failure, Failure::Exited { code: 0 }) {
+            Status::Stopped
+        } else {
+            Status::Failed(failure)
+        };
+        Action::GiveUp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use p2f_model::{NodeName, NodeRef, ProcessId, ProcessSpec};
+
+    use super::*;
+
+    fn process(policy: RestartPolicy) -> Process {
+        let spec = ProcessSpec::new("svc", "sleep 1").with_restart(policy);
+        let node = NodeRef {
+            name: NodeName::from_static("n1"),
+            address: "127.0.0.1".into(),
+        };
+        Process::placed(
+            ProcessId::for_service("svc", 1),
+            1,
+            spec,
+            node,
+            Timestamp(0),
+        )
+    }
+
+    #[test]
+    fn backoff_doubles_from_100ms_and_caps_at_30s() {
+        let ms: Vec<u128> = (1..=12).map(|a| backoff(a).as_millis()).collect();
+        assert_eq!(
+            ms,
+            [
+                100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000
+            ]
+        );
+        assert_eq!(backoff(u32::MAX), BACKOFF_CAP);
+        assert_eq!(backoff(0), BACKOFF_START);
+    }
+
+    #[test]
+    fn exits_are_classified_formally() {
+        let cx = ExitContext::default();
+        let cases = [
+            (Exit::Code(3), cx, Some(Failure::Exited { code: 3 })),
+            (Exit::Code(127), cx, Some(Failure::CommandNotFound)),
+            (Exit::Signal(9), cx, Some(Failure::Killed { signal: 9 })),
+            (
+                Exit::Signal(9),
+                ExitContext {
+                    oom_killed: true,
+                    ..cx
+                },
+                Some(Failure::OutOfMemory),
+            ),
+            (
+                Exit::Code(1),
+                ExitContext {
+                    port_taken: Some(80),
+                    ..cx
+                },
+                Some(Failure::PortInUse { port: 80 }),
+            ),
+            (
+                Exit::Signal(15),
+                ExitContext {
+                    stopping: true,
+                    ..cx
+                },
+                None,
+            ),
+        ];
+        for (exit, cx, want) in cases {
+            assert_eq!(classify(exit, cx), want, "{exit:?} {cx:?}");
+        }
+    }
+
+    #[test]
+    fn on_failure_restarts_up_to_its_limit_then_gives_up() {
+        let mut p = process(RestartPolicy::OnFailure(2));
+        let cx = ExitContext::default();
+        assert_eq!(
+            on_exit(&mut p, Exit::Code(3), cx, 0, Timestamp(1)),
+            Action::RestartAfter(backoff(1))
+        );
+        assert_eq!(p.status, Status::Pending);
+        assert_eq!(
+            on_exit(&mut p, Exit::Code(3), cx, 1, Timestamp(2)),
+            Action::RestartAfter(backoff(2))
+        );
+        assert_eq!(
+            on_exit(&mut p, Exit::Code(3), cx, 2, Timestamp(3)),
+            Action::GiveUp
+        );
+        assert_eq!(p.status, Status::Failed(Failure::Exited { code: 3 }));
+        assert_eq!(p.restarts, 2);
+        assert_eq!(p.last_failure, Some(Failure::Exited { code: 3 }));
+        // A clean exit is not a failure for OnFailure: it stays stopped.
+        let mut clean = process(RestartPolicy::OnFailure(5));
+        assert_eq!(
+            on_exit(&mut clean, Exit::Code(0), cx, 0, Timestamp(1)),
+            Action::GiveUp
+        );
+        assert_eq!(clean.status, Status::Stopped);
+    }
+
+    #[test]
+    fn always_restarts_and_never_does_not() {
+        let cx = ExitContext::default();
+        let mut always = process(RestartPolicy::Always);
+        assert_eq!(
+            on_exit(&mut always, Exit::Code(0), cx, 40, Timestamp(1)),
+            Action::RestartAfter(BACKOFF_CAP)
+        );
+        let mut never = process(RestartPolicy::Never);
+        assert_eq!(
+            on_exit(&mut never, Exit::Signal(9), cx, 0, Timestamp(1)),
+            Action::GiveUp
+        );
+        assert_eq!(never.status, Status::Failed(Failure::Killed { signal: 9 }));
+    }
+
+    #[test]
+    fn a_requested_stop_is_not_a_failure() {
+        let mut p = process(RestartPolicy::Always);
+        p.pid = Some(42);
+        let cx = ExitContext {
+            stopping: true,
+            ..ExitContext::default()
+        };
+        assert_eq!(
+            on_exit(&mut p, Exit::Signal(15), cx, 0, Timestamp(1)),
+            Action::Rest
+        );
+        assert_eq!(
+            (p.status.clone(), p.pid, p.last_failure.clone()),
+            (Status::Stopped, None, None)
+        );
+        assert_eq!(
+            p.events.last().map(|e| e.kind.clone()),
+            Some(EventKind::Killed)
+        );
+    }
+}

@@ -1,0 +1,3 @@
+//! The node agent: one per machine. `lifecycle` decides; the OS edge (coming) acts.
+
+pub mod lifecycle;
