@@ -76,17 +76,29 @@ fn main() {
     }
     let mut table = comfy_table::Table::new();
     table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
-    table.set_header(["service", "strategy", "port", "domain", "nodes", "after", "health", "restart", "grace", "bundle"]);
+    table.set_header([
+        "service", "strategy", "port", "domain", "nodes", "after", "health", "restart", "grace",
+        "bundle",
+    ]);
     for spec in home.start_order() {
         let nodes: Vec<&str> = spec.pin().iter().map(NodeName::as_str).collect();
         let after: Vec<&str> = spec.after().collect();
         table.add_row([
             spec.name().to_owned(),
             spec.strategy().to_string(),
-            spec.port().map_or_else(|| "-".to_owned(), |p| p.to_string()),
+            spec.port()
+                .map_or_else(|| "-".to_owned(), |p| p.to_string()),
             spec.domain().unwrap_or("-").to_owned(),
-            if nodes.is_empty() { "any".to_owned() } else { nodes.join(", ") },
-            if after.is_empty() { "-".to_owned() } else { after.join(", ") },
+            if nodes.is_empty() {
+                "any".to_owned()
+            } else {
+                nodes.join(", ")
+            },
+            if after.is_empty() {
+                "-".to_owned()
+            } else {
+                after.join(", ")
+            },
             spec.health().to_string(),
             spec.restart().to_string(),
             format_duration(spec.grace()),
@@ -97,6 +109,10 @@ fn main() {
         ]);
     }
     let nodes: Vec<&str> = home.nodes().iter().map(NodeName::as_str).collect();
-    println!("Plan for {} services on {}:", home.services().len(), nodes.join(", "));
+    println!(
+        "Plan for {} services on {}:",
+        home.services().len(),
+        nodes.join(", ")
+    );
     println!("{table}");
 }

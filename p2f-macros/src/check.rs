@@ -1,8 +1,10 @@
 //! Runs the shared rules of `p2f_model::validate` on the parsed input and turns each finding into
 //! a compile error at the token it is about.
 
+use std::path::{Path, PathBuf};
+
 use p2f_model::validate::{self, Field};
-use p2f_model::{Deployment, Finding, Location, ProcessSpec, Rule};
+use p2f_model::{Deployment, Finding, Location, ProcessSpec, Rule, Strategy};
 use proc_macro2::TokenStream;
 
 use crate::ast::Input;
@@ -38,6 +40,15 @@ fn depends_on_rejected_value(input: &Input, finding: &Finding) -> bool {
     let rejected = |f: Field| service.poisoned.contains(&f);
     match (finding.rule, finding.at) {
         (Rule::DomainWithoutPort, _) => rejected(Field::Port) || rejected(Field::Domain),
+        // A rejected `pin` leaves its service looking unpinned, which would clash with every
+        // service on the same port.
+        (Rule::PortConflict, _) => {
+            rejected(Field::Port)
+                || input
+                    .services
+                    .iter()
+                    .any(|s| s.parts.port == service.parts.port && s.poisoned.contains(&Field::Pin))
+        }
         (Rule::MissingStart, _) => rejected(Field::Start),
         (Rule::MissingFile, _) => rejected(Field::Strategy),
         (_, Location::Field(_, f) | Location::Item(_, f, _)) => rejected(f),
@@ -73,14 +84,51 @@ fn message(input: &Input, finding: &Finding) -> String {
             )
         }
         (Rule::MissingFile, Location::Field(n, _)) => match &input.services[n].resolved {
-            Some(path) => format!("{} (looked for `{}`)", finding.message, path.display()),
+            Some(path) => missing_file(&input.services[n].parts.strategy, path)
+                .unwrap_or_else(|| finding.message.clone()),
             None => finding.message.clone(),
         },
         _ => finding.message.clone(),
     };
     if let Some(help) = &finding.help {
-        text.push_str("\n\nhelp: ");
+        text.push_str("; ");
         text.push_str(help);
     }
     text
+}
+
+/// What is missing on disk, and where the macro looked. The shared rule only sees the bundle,
+/// which at compile time lacks a file exactly when it is missing on disk.
+fn missing_file(strategy: &Strategy, resolved: &Path) -> Option<String> {
+    // `components` drops the `.` parts of e.g. `Nix("./deploy/meet")`.
+    let shown: PathBuf = resolved.components().collect();
+    Some(match strategy {
+        Strategy::Nix(dir) if resolved.is_dir() => format!(
+            "the Nix flake directory `{dir}` has no `flake.nix` (looked for `{}`)",
+            shown.join("flake.nix").display()
+        ),
+        Strategy::Nix(dir) => format!(
+            "the Nix flake directory `{dir}` does not exist (looked for `{}`)",
+            shown.display()
+        ),
+        Strategy::Script(file) | Strategy::Ansible(file) => {
+            let what = if matches!(strategy, Strategy::Script(_)) {
+                "script"
+            } else {
+                "playbook"
+            };
+            if resolved.is_dir() {
+                format!(
+                    "the {what} `{file}` is a directory, not a file (`{}`)",
+                    shown.display()
+                )
+            } else {
+                format!(
+                    "the {what} `{file}` does not exist (looked for `{}`)",
+                    shown.display()
+                )
+            }
+        }
+        Strategy::Shell | Strategy::Custom(_) => return None,
+    })
 }

@@ -10,7 +10,7 @@ use p2f_model::{Strategy, is_local_nix_path, normalize_bundle_path};
 /// or `node_modules/` inside the flake); the walk stops there.
 const MAX_FILES: usize = 2_000;
 
-fn manifest_dir() -> PathBuf {
+pub(crate) fn manifest_dir() -> PathBuf {
     std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from("."), PathBuf::from)
 }
 

@@ -6,7 +6,7 @@ use proc_macro2::{Ident, Span, TokenStream};
 use quote::{format_ident, quote};
 
 use crate::ast::{Input, Service};
-use crate::check;
+use crate::{check, embed};
 use crate::parse::{self, Errors};
 
 /// The whole macro: parse, check, expand; on error, the errors and a stub of the right type.
@@ -58,6 +58,21 @@ fn expand(input: &Input) -> TokenStream {
         const __P2F_SERVICES: &[::p2f::model::ProcessSpec] = &[#(#services),*];
         ::p2f::model::Deployment::new(__P2F_NODES, __P2F_SERVICES)
     })
+}
+
+/// The path `include_bytes!` reads: relative to the crate's manifest when it lies inside it,
+/// so the expansion holds no machine-specific path.
+fn include_path(disk: &std::path::Path) -> TokenStream {
+    match disk.strip_prefix(embed::manifest_dir()) {
+        Ok(rel) => {
+            let rel = format!("/{}", rel.to_string_lossy());
+            quote!(::core::concat!(::core::env!("CARGO_MANIFEST_DIR"), #rel))
+        }
+        Err(_) => {
+            let abs = disk.to_string_lossy();
+            quote!(#abs)
+        }
+    }
 }
 
 fn cow(text: &str) -> TokenStream {
@@ -195,8 +210,8 @@ fn service(n: usize, service: &Service, consts: &mut Vec<TokenStream>) -> TokenS
         .embeds
         .iter()
         .map(|(path, disk)| {
-            let disk = disk.to_string_lossy();
-            quote!(::p2f::model::BundleFile::new(#path, ::core::include_bytes!(#disk)))
+            let bytes = include_path(disk);
+            quote!(::p2f::model::BundleFile::new(#path, ::core::include_bytes!(#bytes)))
         })
         .collect();
     let bundle = if files.is_empty() {

@@ -8,6 +8,8 @@ mod check;
 mod embed;
 mod expand;
 mod parse;
+#[cfg(test)]
+mod tests;
 
 /// Declares a deployment; see the `p2f` crate's documentation for the language.
 #[proc_macro]

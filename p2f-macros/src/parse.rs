@@ -167,6 +167,8 @@ fn service(
     };
     let mut given = BTreeSet::new();
     let mut poisoned = BTreeSet::new();
+    // Fields that a misspelled field name was probably meant to be.
+    let mut guessed = BTreeSet::new();
     while !body.is_empty() {
         let field_name: Ident = body.parse()?;
         body.parse::<Token![:]>()?;
@@ -178,8 +180,13 @@ fn service(
             body.parse::<Token![,]>()?;
         }
         let Some(field) = Field::from_name(&field_name.to_string()) else {
-            let finding = validate::unknown_field(&field_name.to_string(), n);
-            errors.at(&field_name, finding);
+            let text = field_name.to_string();
+            errors.at(&field_name, validate::unknown_field(&text, n));
+            guessed.extend(
+                Field::ALL
+                    .into_iter()
+                    .filter(|f| validate::did_you_mean(&text, [f.name()]).is_some()),
+            );
             continue;
         };
         if !given.insert(field) {
@@ -206,6 +213,8 @@ fn service(
             poisoned.insert(field);
         }
     }
+    // `strat: ".."` is reported as an unknown field, not also as a missing `start`.
+    poisoned.extend(guessed.difference(&given));
     let (embeds, resolved) = embed::strategy_files(&parts.strategy);
     let files: Vec<BundleFile> = embeds
         .iter()

@@ -23,7 +23,7 @@ pub enum DurationError {
 pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
     let digits = input.bytes().take_while(u8::is_ascii_digit).count();
     let (number, unit) = input.split_at(digits);
-    if number.is_empty() {
+    if number.is_empty() || unit.starts_with('.') {
         return Err(DurationError::Malformed(input.to_owned()));
     }
     let n: u64 = number
@@ -103,7 +103,10 @@ mod tests {
         check("10", Err("not a duration"));
         check("s", Err("not a duration"));
         check("", Err("not a duration"));
-        check("1.5s", Err("unknown unit `.5s`"));
+        check(
+            "1.5s",
+            Err("`1.5s` is not a duration: expected a whole number"),
+        );
         check("10sec", Err("unknown unit `sec`"));
         check(" 10s", Err("not a duration"));
         check("99999999999999999999h", Err("too long"));

@@ -185,7 +185,7 @@ impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)?;
         if let Some(help) = &self.help {
-            write!(f, " ({help})")?;
+            write!(f, "; {help}")?;
         }
         Ok(())
     }

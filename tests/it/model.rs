@@ -32,7 +32,10 @@ fn a_const_deployment_is_a_plain_value() {
     assert_eq!(web.env()[1].value(), "a \"b\"");
     assert_eq!(web.user(), Some("www-data"));
     assert_eq!(home.service("db").map(|s| s.grace().as_secs()), Some(120));
-    assert_eq!(home.service("worker").map(|s| s.health()), Some(Health::None));
+    assert_eq!(
+        home.service("worker").map(|s| s.health()),
+        Some(Health::None)
+    );
     let order: Vec<&str> = home.start_order().iter().map(|s| s.name()).collect();
     assert_eq!(order, ["db", "web", "worker"]);
     assert!(home.validate().is_ok());
@@ -53,8 +56,17 @@ fn deployments_round_trip_through_json() -> anyhow::Result<()> {
 #[test]
 fn process_records_round_trip_in_every_status() -> anyhow::Result<()> {
     let spec = HOME.services()[1].clone();
-    let node = NodeRef { name: NodeName::new("laptop")?, address: "127.0.0.1".into() };
-    let mut p = Process::placed(ProcessId::for_service("web", 7), 1, spec, node, Timestamp(1));
+    let node = NodeRef {
+        name: NodeName::new("laptop")?,
+        address: "127.0.0.1".into(),
+    };
+    let mut p = Process::placed(
+        ProcessId::for_service("web", 7),
+        1,
+        spec,
+        node,
+        Timestamp(1),
+    );
     let statuses = [
         Status::Pending,
         Status::Deploying,
@@ -62,14 +74,33 @@ fn process_records_round_trip_in_every_status() -> anyhow::Result<()> {
         Status::Stopping,
         Status::Stopped,
         Status::Lost,
-        Status::Failed(Failure::HealthCheckFailed { check: "Http(\"/\")".into(), detail: "503".into() }),
-        Status::Failed(Failure::NoAllowedNode { pins: vec![NodeName::new("pi-4b")?] }),
-        Status::Failed(Failure::DeployFailed { exit: None, stderr_tail: "x".into() }),
+        Status::Failed(Failure::HealthCheckFailed {
+            check: "Http(\"/\")".into(),
+            detail: "503".into(),
+        }),
+        Status::Failed(Failure::NoAllowedNode {
+            pins: vec![NodeName::new("pi-4b")?],
+        }),
+        Status::Failed(Failure::DeployFailed {
+            exit: None,
+            stderr_tail: "x".into(),
+        }),
     ];
     for status in statuses {
         p.status = status.clone();
-        p.record(Timestamp(2), EventKind::Exited { failure: Failure::Killed { signal: 9 } });
-        p.record(Timestamp(3), EventKind::Moved { from: NodeName::new("pi-4b")?, to: NodeName::new("laptop")? });
+        p.record(
+            Timestamp(2),
+            EventKind::Exited {
+                failure: Failure::Killed { signal: 9 },
+            },
+        );
+        p.record(
+            Timestamp(3),
+            EventKind::Moved {
+                from: NodeName::new("pi-4b")?,
+                to: NodeName::new("laptop")?,
+            },
+        );
         let json = serde_json::to_string(&p)?;
         let back: Process = serde_json::from_str(&json)?;
         assert_eq!(back, p, "{status}");

@@ -25,7 +25,11 @@ fn every_sample_file_parses() -> anyhow::Result<()> {
     let mut seen = 0;
     for entry in std::fs::read_dir(samples())? {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
         let text = std::fs::read_to_string(&path)?;
         let parsed: Result<(), serde_json::Error> = if name.starts_with("ip_table") {
             serde_json::from_str::<IpTable>(&text).map(drop)
@@ -54,7 +58,10 @@ fn historical_formats_read_leniently() -> anyhow::Result<()> {
     assert_eq!(root.ipv4, Some("139.59.162.154".parse()?));
     assert_eq!(root.server_port, Some(8078));
     assert!(!root.nat, "\"False\" is false");
-    assert_eq!(root.custom_information, "", "null custom information is empty");
+    assert_eq!(
+        root.custom_information, "",
+        "null custom information is empty"
+    );
 
     let strings = table("ip_table.2024-strings.json")?;
     let desk = &strings.ip_address[1];
@@ -82,14 +89,24 @@ fn writing_gives_the_current_format() -> anyhow::Result<()> {
     assert_eq!(written, original);
 
     // Older formats come out with every current field, typed as the current format types them.
-    let keys = |v: &Value| -> Vec<String> { v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default() };
+    let keys = |v: &Value| -> Vec<String> {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
     let current_keys = keys(&original["ip_address"][0]);
     for old in ["ip_table.legacy-2023.json", "ip_table.2024-strings.json"] {
         let written = serde_json::to_value(table(old)?)?;
         for node in written["ip_address"].as_array().into_iter().flatten() {
             assert_eq!(keys(node), current_keys, "{old}");
-            assert!(node["NAT"].is_boolean() && node["ProxyServer"].is_boolean(), "{old}");
-            assert!(node["ServerPort"].is_string() && node["CustomInformation"].is_string(), "{old}");
+            assert!(
+                node["NAT"].is_boolean() && node["ProxyServer"].is_boolean(),
+                "{old}"
+            );
+            assert!(
+                node["ServerPort"].is_string() && node["CustomInformation"].is_string(),
+                "{old}"
+            );
         }
         let again: IpTable = serde_json::from_value(written)?;
         assert_eq!(again, table(old)?, "{old} round-trips");
@@ -99,7 +116,8 @@ fn writing_gives_the_current_format() -> anyhow::Result<()> {
 
 #[test]
 fn unknown_fields_are_ignored_and_missing_ones_default() -> anyhow::Result<()> {
-    let node: Node = serde_json::from_value(json!({ "Name": "pi", "Flux": [1, 2], "ServerPort": 8088 }))?;
+    let node: Node =
+        serde_json::from_value(json!({ "Name": "pi", "Flux": [1, 2], "ServerPort": 8088 }))?;
     assert_eq!(node.name.as_str(), "pi");
     assert_eq!(node.server_port, Some(8088));
     assert_eq!(node.bare_metal_ssh_port, None);
@@ -112,7 +130,10 @@ fn unknown_fields_are_ignored_and_missing_ones_default() -> anyhow::Result<()> {
 fn a_broken_entry_names_its_field() {
     let cases = [
         (json!({ "Name": "pi", "ServerPort": "http" }), "ServerPort"),
-        (json!({ "Name": "pi", "BareMetalSSHPort": 70000 }), "BareMetalSSHPort"),
+        (
+            json!({ "Name": "pi", "BareMetalSSHPort": 70000 }),
+            "BareMetalSSHPort",
+        ),
         (json!({ "Name": "pi", "NAT": "maybe" }), "NAT"),
         (json!({ "Name": "pi", "IPV4": "300.1.1.1" }), "IPV4"),
         (json!({ "Name": "pi", "Latency": -5 }), "Latency"),
@@ -120,7 +141,9 @@ fn a_broken_entry_names_its_field() {
         (json!({ "IPV4": "1.2.3.4" }), "Name"),
     ];
     for (value, field) in cases {
-        let err = serde_json::from_value::<Node>(value.clone()).expect_err(&value.to_string()).to_string();
+        let err = serde_json::from_value::<Node>(value.clone())
+            .expect_err(&value.to_string())
+            .to_string();
         assert!(err.contains(field), "{value}: {err}");
     }
 }
@@ -134,23 +157,35 @@ fn config_defaults_bare_metal_and_unsafe_mode_to_true() -> anyhow::Result<()> {
     let empty: P2prcConfig = serde_json::from_str("{}")?;
     assert!(empty.bare_metal && empty.unsafe_mode);
     assert_eq!(empty, P2prcConfig::default());
-    let off: P2prcConfig = serde_json::from_value(json!({ "BareMetal": false, "UnsafeMode": false }))?;
+    let off: P2prcConfig =
+        serde_json::from_value(json!({ "BareMetal": false, "UnsafeMode": false }))?;
     assert!(!off.bare_metal && !off.unsafe_mode);
     Ok(())
 }
 
 #[test]
 fn p2f_facts_ride_in_custom_information() -> anyhow::Result<()> {
-    let info = P2fNodeInfo { api: Some("127.0.0.2:7300".into()), version: Some("0.1.0".into()) };
+    let info = P2fNodeInfo {
+        api: Some("127.0.0.2:7300".into()),
+        version: Some("0.1.0".into()),
+    };
     let plain = Node::named(NodeName::new("laptop")?);
     assert_eq!(plain.with_p2f_info(&info).p2f_info(), Some(info.clone()));
     // Text that was there before is kept, not lost.
-    let noted = Node { custom_information: "hello".into(), ..plain.clone() }.with_p2f_info(&info);
+    let noted = Node {
+        custom_information: "hello".into(),
+        ..plain.clone()
+    }
+    .with_p2f_info(&info);
     let value: Value = serde_json::from_str(&noted.custom_information)?;
     assert_eq!(value["text"], "hello");
     assert_eq!(noted.api_address().as_deref(), Some("127.0.0.2:7300"));
     // Other keys of a JSON object are kept.
-    let other = Node { custom_information: r#"{"gpu":"none"}"#.into(), ..plain }.with_p2f_info(&info);
+    let other = Node {
+        custom_information: r#"{"gpu":"none"}"#.into(),
+        ..plain
+    }
+    .with_p2f_info(&info);
     let value: Value = serde_json::from_str(&other.custom_information)?;
     assert_eq!(value["gpu"], "none");
     Ok(())

@@ -12,8 +12,14 @@ fn check(deployment: Value, expected: &[(Rule, &str)]) {
         Ok(d) => d,
         Err(e) => panic!("{deployment} does not parse: {e}"),
     };
-    let got: Vec<(Rule, String)> = validate::deployment(&d).iter().map(|f| (f.rule, f.path(&d))).collect();
-    let want: Vec<(Rule, String)> = expected.iter().map(|(r, p)| (*r, (*p).to_owned())).collect();
+    let got: Vec<(Rule, String)> = validate::deployment(&d)
+        .iter()
+        .map(|f| (f.rule, f.path(&d)))
+        .collect();
+    let want: Vec<(Rule, String)> = expected
+        .iter()
+        .map(|(r, p)| (*r, (*p).to_owned()))
+        .collect();
     assert_eq!(got, want, "{deployment}");
     assert_eq!(d.validate().is_ok(), expected.is_empty());
 }
@@ -28,7 +34,10 @@ fn svc(name: &str, extra: Value) -> Value {
 
 #[test]
 fn valid_deployments_have_no_findings() {
-    check(json!({ "services": [svc("wiki", json!({ "port": 8080, "domain": "wiki.home.arpa" }))] }), &[]);
+    check(
+        json!({ "services": [svc("wiki", json!({ "port": 8080, "domain": "wiki.home.arpa" }))] }),
+        &[],
+    );
     check(
         json!({
             "nodes": ["laptop", "pi"],
@@ -45,29 +54,62 @@ fn valid_deployments_have_no_findings() {
 #[test]
 fn each_rule_reports_where() {
     use Rule::*;
-    check(json!({ "services": [svc("a", json!({ "port": 0 }))] }), &[(PortOutOfRange, "services.a.port")]);
-    check(json!({ "services": [svc("a", json!({ "start": "  " }))] }), &[(MissingStart, "services.a.start")]);
-    check(json!({ "services": [svc("a", json!({})), svc("a", json!({}))] }), &[(DuplicateService, "services.a")]);
-    check(json!({ "services": [svc("9a", json!({}))] }), &[(InvalidServiceName, "services.9a")]);
+    check(
+        json!({ "services": [svc("a", json!({ "port": 0 }))] }),
+        &[(PortOutOfRange, "services.a.port")],
+    );
+    check(
+        json!({ "services": [svc("a", json!({ "start": "  " }))] }),
+        &[(MissingStart, "services.a.start")],
+    );
+    check(
+        json!({ "services": [svc("a", json!({})), svc("a", json!({}))] }),
+        &[(DuplicateService, "services.a")],
+    );
+    check(
+        json!({ "services": [svc("9a", json!({}))] }),
+        &[(InvalidServiceName, "services.9a")],
+    );
     check(
         json!({ "services": [svc("a", json!({ "port": 1, "domain": "x.org" })), svc("b", json!({ "port": 2, "domain": "X.org" }))] }),
         &[(DuplicateDomain, "services.b.domain")],
     );
-    for bad in ["-a.org", "a..org", "a_b.org", &format!("{}.org", "x".repeat(64)), ""] {
-        check(json!({ "services": [svc("a", json!({ "port": 1, "domain": bad }))] }), &[(InvalidDomain, "services.a.domain")]);
+    for bad in [
+        "-a.org",
+        "a..org",
+        "a_b.org",
+        &format!("{}.org", "x".repeat(64)),
+        "",
+    ] {
+        check(
+            json!({ "services": [svc("a", json!({ "port": 1, "domain": bad }))] }),
+            &[(InvalidDomain, "services.a.domain")],
+        );
     }
-    check(json!({ "services": [svc("a", json!({ "domain": "a.org" }))] }), &[(DomainWithoutPort, "services.a.domain")]);
+    check(
+        json!({ "services": [svc("a", json!({ "domain": "a.org" }))] }),
+        &[(DomainWithoutPort, "services.a.domain")],
+    );
     check(
         json!({ "nodes": ["laptop"], "services": [svc("a", json!({ "pin": ["laptop", "lpatop"] }))] }),
         &[(UnknownPin, "services.a.pin[1]")],
     );
-    check(json!({ "nodes": ["pi", "pi"], "services": [svc("a", json!({}))] }), &[(DuplicateNode, "nodes[1]")]);
-    check(json!({ "services": [svc("a", json!({ "after": ["b"] }))] }), &[(UnknownAfter, "services.a.after[0]")]);
+    check(
+        json!({ "nodes": ["pi", "pi"], "services": [svc("a", json!({}))] }),
+        &[(DuplicateNode, "nodes[1]")],
+    );
+    check(
+        json!({ "services": [svc("a", json!({ "after": ["b"] }))] }),
+        &[(UnknownAfter, "services.a.after[0]")],
+    );
     check(
         json!({ "services": [svc("a", json!({ "after": ["b"] })), svc("b", json!({ "after": ["c"] })), svc("c", json!({ "after": ["a"] }))] }),
         &[(AfterCycle, "services.c.after[0]")],
     );
-    check(json!({ "services": [svc("a", json!({ "after": ["a"] }))] }), &[(AfterCycle, "services.a.after[0]")]);
+    check(
+        json!({ "services": [svc("a", json!({ "after": ["a"] }))] }),
+        &[(AfterCycle, "services.a.after[0]")],
+    );
     check(
         json!({ "services": [svc("a", json!({ "port": 80 })), svc("b", json!({ "port": 80, "pin": ["pi"] }))] }),
         &[(PortConflict, "services.b.port")],
@@ -78,12 +120,24 @@ fn each_rule_reports_where() {
     );
     check(
         json!({ "services": [svc("a", json!({ "env": { "1X": "y", "PORT": "1", "OK": "x" } }))] }),
-        &[(InvalidEnvName, "services.a.env[0]"), (InvalidEnvName, "services.a.env[2]")],
+        &[
+            (InvalidEnvName, "services.a.env[0]"),
+            (InvalidEnvName, "services.a.env[2]"),
+        ],
     );
-    check(json!({ "services": [svc("a", json!({ "strategy": { "Script": "deploy/a.sh" } }))] }), &[(MissingFile, "services.a.strategy")]);
-    check(json!({ "services": [svc("a", json!({ "strategy": { "Nix": "./flake" } }))] }), &[(MissingFile, "services.a.strategy")]);
+    check(
+        json!({ "services": [svc("a", json!({ "strategy": { "Script": "deploy/a.sh" } }))] }),
+        &[(MissingFile, "services.a.strategy")],
+    );
+    check(
+        json!({ "services": [svc("a", json!({ "strategy": { "Nix": "./flake" } }))] }),
+        &[(MissingFile, "services.a.strategy")],
+    );
     // A Nix installable that is not a local path needs no bundle.
-    check(json!({ "services": [svc("a", json!({ "strategy": { "Nix": "nixpkgs#hello" } }))] }), &[]);
+    check(
+        json!({ "services": [svc("a", json!({ "strategy": { "Nix": "nixpkgs#hello" } }))] }),
+        &[],
+    );
 }
 
 #[test]
@@ -110,12 +164,17 @@ fn every_finding_is_reported_at_once() {
 
 #[test]
 fn hints_name_the_closest_candidate() {
-    assert_eq!(validate::did_you_mean("prot", ["port", "pin"]).as_deref(), Some("did you mean `port`?"));
+    assert_eq!(
+        validate::did_you_mean("prot", ["port", "pin"]).as_deref(),
+        Some("did you mean `port`?")
+    );
     assert_eq!(validate::did_you_mean("zzzz", ["port", "pin"]), None);
     let finding = validate::unknown_field("domian", 0);
     assert_eq!(finding.help.as_deref(), Some("did you mean `domain`?"));
-    let d: Deployment = serde_json::from_value(json!({ "services": [svc("wiki", json!({})), svc("b", json!({ "after": ["wkii"] }))] }))
-        .expect("valid json");
+    let d: Deployment = serde_json::from_value(
+        json!({ "services": [svc("wiki", json!({})), svc("b", json!({ "after": ["wkii"] }))] }),
+    )
+    .expect("valid json");
     let findings = validate::deployment(&d);
     assert_eq!(findings[0].help.as_deref(), Some("did you mean `wiki`?"));
 }
@@ -123,15 +182,32 @@ fn hints_name_the_closest_candidate() {
 #[test]
 fn malformed_json_specs_are_rejected_with_the_field() {
     let cases = [
-        (json!({ "services": [svc("a", json!({ "prot": 1 }))] }), "prot"),
+        (
+            json!({ "services": [svc("a", json!({ "prot": 1 }))] }),
+            "prot",
+        ),
         (json!({ "services": [{ "name": "a" }] }), "start"),
-        (json!({ "services": [svc("a", json!({ "port": 70000 }))] }), "70000"),
-        (json!({ "services": [svc("a", json!({ "grace": "10x" }))] }), "10x"),
-        (json!({ "services": [svc("a", json!({ "pin": ["a b"] }))] }), "a b"),
-        (json!({ "services": [svc("a", json!({ "strategy": "Docker" }))] }), "Docker"),
+        (
+            json!({ "services": [svc("a", json!({ "port": 70000 }))] }),
+            "70000",
+        ),
+        (
+            json!({ "services": [svc("a", json!({ "grace": "10x" }))] }),
+            "10x",
+        ),
+        (
+            json!({ "services": [svc("a", json!({ "pin": ["a b"] }))] }),
+            "a b",
+        ),
+        (
+            json!({ "services": [svc("a", json!({ "strategy": "Docker" }))] }),
+            "Docker",
+        ),
     ];
     for (value, fragment) in cases {
-        let err = serde_json::from_value::<Deployment>(value.clone()).expect_err(&value.to_string()).to_string();
+        let err = serde_json::from_value::<Deployment>(value.clone())
+            .expect_err(&value.to_string())
+            .to_string();
         assert!(err.contains(fragment), "{value}: {err}");
     }
 }
@@ -139,19 +215,30 @@ fn malformed_json_specs_are_rejected_with_the_field() {
 #[test]
 fn builder_specs_are_values_and_validate_like_json() -> anyhow::Result<()> {
     let base = ProcessSpec::new("wiki", "python3 -m http.server $PORT");
-    let web = base.with_port(8080).with_domain("wiki.home.arpa").with_health(Health::Http("/".into()));
+    let web = base
+        .with_port(8080)
+        .with_domain("wiki.home.arpa")
+        .with_health(Health::Http("/".into()));
     assert_eq!(base.port(), None, "the original is untouched");
     assert_eq!(web.port(), Some(8080));
     assert_eq!(web.health(), Health::Http("/".into()));
     assert_eq!(base.health(), Health::None);
     assert_eq!(base.with_port(1).health(), Health::Tcp);
-    let pinned = web.with_pin([NodeName::new("pi")?]).with_restart(RestartPolicy::Never).with_env("A", "1").with_env("A", "2");
+    let pinned = web
+        .with_pin([NodeName::new("pi")?])
+        .with_restart(RestartPolicy::Never)
+        .with_env("A", "1")
+        .with_env("A", "2");
     assert_eq!(pinned.env().len(), 1);
     assert_eq!(pinned.env()[0].value(), "2");
     assert!(pinned.validate().is_ok());
     let broken = web.without_port();
     let err = broken.validate().expect_err("domain without port");
-    assert!(err.to_string().contains("services.wiki.domain: `domain` needs `port`"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("services.wiki.domain: `domain` needs `port`"),
+        "{err}"
+    );
     // Serde round-trips the builder's spec.
     let json = serde_json::to_string(&pinned)?;
     assert_eq!(serde_json::from_str::<ProcessSpec>(&json)?, pinned);

@@ -53,12 +53,14 @@ static ALSO_STATIC: Deployment = deployment! {
 };
 
 fn main() {
-    assert!(HOME.validate().is_ok(), "{:?}", HOME.validate());
+    // A `const` is a fresh value at each use: bind it once to borrow from it.
+    let home = &HOME;
+    assert!(home.validate().is_ok(), "{:?}", home.validate());
     assert!(ALSO_STATIC.validate().is_ok());
-    assert_eq!(HOME.nodes().len(), 5);
-    assert_eq!(HOME.nodes()[2].as_str(), "homelaptop-Xk3Pq9Z");
+    assert_eq!(home.nodes().len(), 5);
+    assert_eq!(home.nodes()[2].as_str(), "homelaptop-Xk3Pq9Z");
 
-    let wiki = HOME.service("wiki").expect("wiki");
+    let wiki = home.service("wiki").expect("wiki");
     assert_eq!(wiki.stop(), Some("pkill -f http.server"));
     assert_eq!(wiki.port(), Some(8080));
     assert_eq!(wiki.strategy(), &Strategy::Shell);
@@ -74,23 +76,23 @@ fn main() {
     );
     assert_eq!(wiki.user(), Some("wiki"));
 
-    let db = HOME.service("db").expect("db");
+    let db = home.service("db").expect("db");
     assert!(matches!(db.strategy(), Strategy::Custom(_)));
     assert_eq!(db.health(), Health::Tcp);
     assert_eq!(db.restart(), RestartPolicy::Always);
     assert_eq!(db.grace(), Duration::from_secs(120));
 
-    let tube = HOME.service("tube").expect("tube");
+    let tube = home.service("tube").expect("tube");
     assert!(matches!(tube.strategy(), Strategy::Nix(_)));
     assert!(tube.bundle().is_empty(), "a flake reference is not embedded");
     assert!(matches!(tube.health(), Health::Cmd(_)));
     assert_eq!(tube.restart(), RestartPolicy::Never);
     assert_eq!(tube.grace(), Duration::from_secs(3600));
 
-    let backup = HOME.service("backup").expect("backup");
+    let backup = home.service("backup").expect("backup");
     assert_eq!(backup.health(), Health::None);
     assert_eq!(backup.grace(), Duration::from_secs(10));
 
-    let order: Vec<_> = HOME.start_order().iter().map(|s| s.name()).collect();
+    let order: Vec<_> = home.start_order().iter().map(|s| s.name()).collect();
     assert_eq!(order.iter().position(|s| *s == "db"), Some(0));
 }

@@ -7,12 +7,14 @@ const HOME: Deployment = deployment! {
 };
 
 fn main() {
-    let worker = &HOME.services()[0];
+    // A `const` is a fresh value at each use: bind it once to borrow from it.
+    let home = &HOME;
+    let worker = &home.services()[0];
     assert_eq!(worker.name(), "worker");
     assert_eq!(worker.port(), None);
     assert_eq!(worker.health(), Health::None);
     assert_eq!(worker.restart(), RestartPolicy::OnFailure(5));
     assert_eq!(worker.grace(), std::time::Duration::from_secs(10));
-    assert!(HOME.nodes().is_empty());
-    assert!(HOME.validate().is_ok());
+    assert!(home.nodes().is_empty());
+    assert!(home.validate().is_ok());
 }

@@ -1,0 +1,5 @@
+use p2f::prelude::*;
+
+const HOME: Deployment = deployment! {};
+
+fn main() {}

@@ -1,0 +1,10 @@
+use p2f::prelude::*;
+
+const HOME: Deployment = deployment! {
+    service wiki {
+        start: "python3 -m http.server $PORT"
+        port: 8080,
+    }
+};
+
+fn main() {}
