@@ -1,13 +1,23 @@
 //! Writes the `const`-evaluable `Deployment`: public constructors only (anything the macro writes,
 //! a user could write by hand), every slice in a named `const` so it lives for `'static`.
+//!
+//! The expansion is kept small, because its size is most of the macro's build cost (every token
+//! crosses the proc-macro bridge and is parsed, resolved and type-checked again by rustc): paths
+//! are imported once under `__p2f`/`__B`/`__S`/`__N` aliases, each service is one call of a local
+//! `const fn __spec(..)` (which builds `ProcessSpec::from_parts(SpecParts { .. })`) with its
+//! fields in `SpecParts` order, and equal slices (`pin`, `after`, `env`, bundle files) share one
+//! named `const`. See BENCHMARKS.md, "deployment! build cost".
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 use p2f_model::{Health, RestartPolicy, SpecParts, Strategy};
 use proc_macro2::{Ident, Span, TokenStream};
-use quote::{format_ident, quote};
+use quote::{ToTokens, format_ident, quote};
 
 use crate::ast::{Input, Service};
-use crate::{check, embed};
 use crate::parse::{self, Errors};
+use crate::{check, embed};
 
 /// The whole macro: parse, check, expand; on error, the errors and a stub of the right type.
 pub(crate) fn deployment(tokens: TokenStream) -> TokenStream {
@@ -41,23 +51,111 @@ fn stub(errors: Errors) -> TokenStream {
 }
 
 fn expand(input: &Input) -> TokenStream {
-    let mut consts = Vec::new();
+    let mut consts = Consts::default();
     let services: Vec<TokenStream> = input
         .services
         .iter()
-        .enumerate()
-        .map(|(n, s)| service(n, s, &mut consts))
+        .map(|s| service(s, &mut consts))
         .collect();
     let nodes = input.nodes.iter().map(|node| {
         let name = node.as_str();
-        quote!(::p2f::model::NodeName::from_static(#name))
+        quote!(__p2f::NodeName::from_static(#name))
     });
+    let consts = consts.items;
     quote!({
+        use ::p2f::model as __p2f;
+        use ::std::borrow::Cow::Borrowed as __B;
+        use ::core::option::Option::{None as __N, Some as __S};
+        const fn __text(
+            text: ::core::option::Option<&'static str>,
+        ) -> ::core::option::Option<::std::borrow::Cow<'static, str>> {
+            match text {
+                __S(text) => __S(__B(text)),
+                __N => __N,
+            }
+        }
+        #[allow(clippy::too_many_arguments)]
+        const fn __spec(
+            name: &'static str,
+            start: &'static str,
+            stop: ::core::option::Option<&'static str>,
+            port: ::core::option::Option<u16>,
+            strategy: __p2f::Strategy,
+            domain: ::core::option::Option<&'static str>,
+            pin: &'static [__p2f::NodeName],
+            after: &'static [::std::borrow::Cow<'static, str>],
+            health: ::core::option::Option<__p2f::Health>,
+            restart: __p2f::RestartPolicy,
+            grace_ms: u64,
+            env: &'static [__p2f::EnvVar],
+            user: ::core::option::Option<&'static str>,
+            bundle: &'static [__p2f::BundleFile],
+        ) -> __p2f::ProcessSpec {
+            __p2f::ProcessSpec::from_parts(__p2f::SpecParts {
+                name: __B(name),
+                start: __B(start),
+                stop: __text(stop),
+                port,
+                strategy,
+                domain: __text(domain),
+                pin: __B(pin),
+                after: __B(after),
+                health,
+                restart,
+                grace: ::core::time::Duration::from_millis(grace_ms),
+                env: __B(env),
+                user: __text(user),
+                bundle: __p2f::Bundle::from_static(bundle),
+            })
+        }
         #(#consts)*
-        const __P2F_NODES: &[::p2f::model::NodeName] = &[#(#nodes),*];
-        const __P2F_SERVICES: &[::p2f::model::ProcessSpec] = &[#(#services),*];
-        ::p2f::model::Deployment::new(__P2F_NODES, __P2F_SERVICES)
+        const __P2F_NODES: &[__p2f::NodeName] = &[#(#nodes),*];
+        const __P2F_SERVICES: &[__p2f::ProcessSpec] = &[#(#services),*];
+        __p2f::Deployment::new(__P2F_NODES, __P2F_SERVICES)
     })
+}
+
+/// The named `const` slices of the expansion, one per distinct content.
+#[derive(Default)]
+struct Consts {
+    items: Vec<TokenStream>,
+    names: HashMap<(&'static str, Vec<String>), Ident>,
+}
+
+impl Consts {
+    /// `&[]` when `key` is empty, else the name of the `const NAME: &[ty] = &[items];` for this
+    /// content (`key` lists the texts that make up `items`), written the first time it is seen.
+    fn slice(
+        &mut self,
+        what: &'static str,
+        key: Vec<String>,
+        ty: TokenStream,
+        items: impl FnOnce() -> Vec<TokenStream>,
+    ) -> TokenStream {
+        if key.is_empty() {
+            return quote!(&[]);
+        }
+        let name = match self.names.entry((what, key)) {
+            Entry::Occupied(known) => known.get().clone(),
+            Entry::Vacant(new) => {
+                let name = format_ident!(
+                    "__P2F_{}_{}",
+                    what,
+                    self.items.len(),
+                    span = Span::call_site()
+                );
+                let items = items();
+                self.items
+                    .push(quote!(const #name: &[#ty] = &[#(#items),*];));
+                new.insert(name).clone()
+            }
+        };
+        name.into_token_stream()
+    }
+}
+
+fn texts<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    texts.into_iter().map(str::to_owned).collect()
 }
 
 /// The path `include_bytes!` reads: relative to the crate's manifest when it lies inside it,
@@ -76,34 +174,18 @@ fn include_path(disk: &std::path::Path) -> TokenStream {
 }
 
 fn cow(text: &str) -> TokenStream {
-    quote!(::std::borrow::Cow::Borrowed(#text))
+    quote!(__B(#text))
 }
 
 fn opt(text: Option<&str>) -> TokenStream {
     match text {
-        Some(t) => {
-            let c = cow(t);
-            quote!(::core::option::Option::Some(#c))
-        }
-        None => quote!(::core::option::Option::None),
+        Some(t) => quote!(__S(#t)),
+        None => quote!(__N),
     }
 }
 
-/// A `const NAME: &[ty] = &[items];` and the tokens that borrow it.
-fn slice_const(
-    consts: &mut Vec<TokenStream>,
-    name: Ident,
-    ty: TokenStream,
-    items: Vec<TokenStream>,
-) -> TokenStream {
-    if items.is_empty() {
-        return quote!(::std::borrow::Cow::Borrowed(&[]));
-    }
-    consts.push(quote!(const #name: &[#ty] = &[#(#items),*];));
-    quote!(::std::borrow::Cow::Borrowed(#name))
-}
-
-fn service(n: usize, service: &Service, consts: &mut Vec<TokenStream>) -> TokenStream {
+/// One service: `__spec(..)` with the fields of `SpecParts` in order.
+fn service(service: &Service, consts: &mut Consts) -> TokenStream {
     let SpecParts {
         name,
         start,
@@ -120,121 +202,110 @@ fn service(n: usize, service: &Service, consts: &mut Vec<TokenStream>) -> TokenS
         user,
         bundle: _,
     } = &service.parts;
-    let ident = |what: &str| format_ident!("__P2F_{}_{}", what, n, span = Span::call_site());
-    let name = cow(name);
-    let start = cow(start);
+    let (name, start): (&str, &str) = (name, start);
     let stop = opt(stop.as_deref());
     let domain = opt(domain.as_deref());
     let user = opt(user.as_deref());
     let port = match port {
-        Some(p) => quote!(::core::option::Option::Some(#p)),
-        None => quote!(::core::option::Option::None),
+        Some(p) => quote!(__S(#p)),
+        None => quote!(__N),
     };
     let strategy = match strategy {
-        Strategy::Shell => quote!(::p2f::model::Strategy::Shell),
+        Strategy::Shell => quote!(__p2f::Strategy::Shell),
         Strategy::Script(p) => {
             let c = cow(p);
-            quote!(::p2f::model::Strategy::Script(#c))
+            quote!(__p2f::Strategy::Script(#c))
         }
         Strategy::Nix(p) => {
             let c = cow(p);
-            quote!(::p2f::model::Strategy::Nix(#c))
+            quote!(__p2f::Strategy::Nix(#c))
         }
         Strategy::Ansible(p) => {
             let c = cow(p);
-            quote!(::p2f::model::Strategy::Ansible(#c))
+            quote!(__p2f::Strategy::Ansible(#c))
         }
         Strategy::Custom(p) => {
             let c = cow(p);
-            quote!(::p2f::model::Strategy::Custom(#c))
+            quote!(__p2f::Strategy::Custom(#c))
         }
     };
     let health = match health {
-        None => quote!(::core::option::Option::None),
+        None => quote!(__N),
         Some(h) => {
             let h = match h {
-                Health::Tcp => quote!(::p2f::model::Health::Tcp),
+                Health::Tcp => quote!(__p2f::Health::Tcp),
                 Health::Http(p) => {
                     let c = cow(p);
-                    quote!(::p2f::model::Health::Http(#c))
+                    quote!(__p2f::Health::Http(#c))
                 }
                 Health::Cmd(p) => {
                     let c = cow(p);
-                    quote!(::p2f::model::Health::Cmd(#c))
+                    quote!(__p2f::Health::Cmd(#c))
                 }
-                Health::None => quote!(::p2f::model::Health::None),
+                Health::None => quote!(__p2f::Health::None),
             };
-            quote!(::core::option::Option::Some(#h))
+            quote!(__S(#h))
         }
     };
     let restart = match restart {
-        RestartPolicy::Always => quote!(::p2f::model::RestartPolicy::Always),
-        RestartPolicy::OnFailure(k) => quote!(::p2f::model::RestartPolicy::OnFailure(#k)),
-        RestartPolicy::Never => quote!(::p2f::model::RestartPolicy::Never),
+        RestartPolicy::Always => quote!(__p2f::RestartPolicy::Always),
+        RestartPolicy::OnFailure(k) => quote!(__p2f::RestartPolicy::OnFailure(#k)),
+        RestartPolicy::Never => quote!(__p2f::RestartPolicy::Never),
     };
     let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
-    let pin_items = pin
-        .iter()
-        .map(|p| {
-            let s = p.as_str();
-            quote!(::p2f::model::NodeName::from_static(#s))
-        })
-        .collect();
-    let pin = slice_const(
-        consts,
-        ident("PIN"),
-        quote!(::p2f::model::NodeName),
-        pin_items,
+    let pin = consts.slice(
+        "PIN",
+        texts(pin.iter().map(|p| p.as_str())),
+        quote!(__p2f::NodeName),
+        || {
+            pin.iter()
+                .map(|p| {
+                    let s = p.as_str();
+                    quote!(__p2f::NodeName::from_static(#s))
+                })
+                .collect()
+        },
     );
-    let after_items = after.iter().map(|a| cow(a)).collect();
-    let after = slice_const(
-        consts,
-        ident("AFTER"),
+    let after = consts.slice(
+        "AFTER",
+        texts(after.iter().map(|a| &**a)),
         quote!(::std::borrow::Cow<'static, str>),
-        after_items,
+        || after.iter().map(|a| cow(a)).collect(),
     );
-    let env_items = env
-        .iter()
-        .map(|v| {
-            let (k, val) = (v.name(), v.value());
-            quote!(::p2f::model::EnvVar::new(#k, #val))
-        })
-        .collect();
-    let env = slice_const(
-        consts,
-        ident("ENV"),
-        quote!(::p2f::model::EnvVar),
-        env_items,
+    let env = consts.slice(
+        "ENV",
+        texts(env.iter().flat_map(|v| [v.name(), v.value()])),
+        quote!(__p2f::EnvVar),
+        || {
+            env.iter()
+                .map(|v| {
+                    let (k, val) = (v.name(), v.value());
+                    quote!(__p2f::EnvVar::new(#k, #val))
+                })
+                .collect()
+        },
     );
-    let files: Vec<TokenStream> = service
-        .embeds
-        .iter()
-        .map(|(path, disk)| {
-            let bytes = include_path(disk);
-            quote!(::p2f::model::BundleFile::new(#path, ::core::include_bytes!(#bytes)))
-        })
-        .collect();
-    let bundle = if files.is_empty() {
-        quote!(::p2f::model::Bundle::EMPTY)
-    } else {
-        let files_name = ident("BUNDLE");
-        consts.push(quote!(const #files_name: &[::p2f::model::BundleFile] = &[#(#files),*];));
-        quote!(::p2f::model::Bundle::from_static(#files_name))
-    };
-    quote!(::p2f::model::ProcessSpec::from_parts(::p2f::model::SpecParts {
-        name: #name,
-        start: #start,
-        stop: #stop,
-        port: #port,
-        strategy: #strategy,
-        domain: #domain,
-        pin: #pin,
-        after: #after,
-        health: #health,
-        restart: #restart,
-        grace: ::core::time::Duration::from_millis(#grace_ms),
-        env: #env,
-        user: #user,
-        bundle: #bundle,
-    }))
+    let bundle = consts.slice(
+        "BUNDLE",
+        service
+            .embeds
+            .iter()
+            .flat_map(|(path, disk)| [path.clone(), disk.to_string_lossy().into_owned()])
+            .collect(),
+        quote!(__p2f::BundleFile),
+        || {
+            service
+                .embeds
+                .iter()
+                .map(|(path, disk)| {
+                    let bytes = include_path(disk);
+                    quote!(__p2f::BundleFile::new(#path, ::core::include_bytes!(#bytes)))
+                })
+                .collect()
+        },
+    );
+    quote!(__spec(
+        #name, #start, #stop, #port, #strategy, #domain, #pin, #after, #health, #restart,
+        #grace_ms, #env, #user, #bundle
+    ))
 }
