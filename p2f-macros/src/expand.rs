@@ -30,14 +30,10 @@ pub(crate) fn deployment(tokens: TokenStream) -> TokenStream {
         }
     };
     check::check(&input, &mut errors);
-    if errors_present(&errors) {
+    if errors.has_any() {
         return stub(errors);
     }
     expand(&input)
-}
-
-fn errors_present(errors: &Errors) -> bool {
-    errors.has_any()
 }
 
 /// The errors, then an empty deployment so that the user's `const` still type-checks and no

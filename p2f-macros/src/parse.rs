@@ -265,22 +265,16 @@ impl FieldCx<'_> {
                 let list;
                 bracketed!(list in input);
                 let mut pins = Vec::new();
-                let mut bad: Option<syn::Error> = None;
+                let mut bad = Errors::default();
                 for (i, (name, anchor)) in node_list(&list)?.into_iter().enumerate() {
                     match name {
                         Ok(name) => pins.push(name),
-                        Err(e) => {
-                            let error = syn::Error::new_spanned(&anchor, e);
-                            match &mut bad {
-                                Some(all) => all.combine(error),
-                                None => bad = Some(error),
-                            }
-                        }
+                        Err(e) => bad.at(&anchor, e),
                     }
                     self.anchors
                         .insert(Location::Item(self.n, Field::Pin, i), anchor);
                 }
-                if let Some(error) = bad {
+                if let Some(error) = bad.into_error() {
                     return Err(error);
                 }
                 parts.pin = Cow::Owned(pins);
