@@ -1,7 +1,8 @@
-//! P2F's runtime. Today: the supervisor's decision logic (`agent::lifecycle`), a pure state
-//! machine with no OS calls. The agent's IO edge (spawning, the control API, the store), the
-//! mesh, the root and the `Network` client build on it.
+//! P2F's runtime: the node agent (control API, supervisor, store), cluster trust (CA, secret,
+//! TLS), and the `Network` client. The mesh and the root build on the agent.
 
 pub mod agent;
+pub mod cluster;
+pub mod server;
 
 pub use p2f_model as model;
