@@ -1,1 +1,303 @@
-fn main() {}
+//! `p2f`: the node agent daemon (`p2f node run`) and the operator's CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use p2f_core::Network;
+use p2f_core::agent::{Agent, AgentConfig, Shutdown};
+use p2f_core::cluster::ClusterFiles;
+use p2f_core::wire::LogsQuery;
+use p2f_model::{NodeName, ProcessId, ProcessKey};
+use tokio::io::AsyncWriteExt;
+
+/// P2F: your own machines as one self-healing server network.
+#[derive(Debug, Parser)]
+#[command(name = "p2f", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Creates a cluster: its CA, its secret, and this machine's node config (the root).
+    Init {
+        /// Where the node keeps its config, records and logs.
+        #[arg(long, default_value_os_t = default_dir())]
+        dir: PathBuf,
+        /// This node's name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// The control API's address.
+        #[arg(long, default_value = "127.0.0.1:7440")]
+        listen: String,
+    },
+    /// Runs or manages this machine's node agent.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Lists every process.
+    Ps {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shows one process, by id or domain.
+    Info {
+        /// A process id or a domain name.
+        key: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stops a process (its record stays, `Stopped`).
+    Kill {
+        /// A process id.
+        id: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Prints a process's output.
+    Logs {
+        /// A process id.
+        id: String,
+        /// Keep printing new output.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the last lines to print first.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        lines: usize,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Runs the agent in the foreground (SIGTERM or Ctrl-C stops it; its processes keep running
+    /// and are re-adopted when it starts again).
+    Run {
+        /// The node's config file.
+        #[arg(long, short, default_value_os_t = default_dir().join("node.toml"))]
+        config: PathBuf,
+    },
+}
+
+/// Which node a client command talks to.
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// A node's config file: its API address and cluster files are used.
+    #[arg(long, short, env = "P2F_CONFIG", default_value_os_t = default_dir().join("node.toml"))]
+    config: PathBuf,
+}
+
+fn default_dir() -> PathBuf {
+    if nix_is_root() {
+        return PathBuf::from("/var/lib/p2f");
+    }
+    match std::env::var_os("XDG_DATA_HOME") {
+        Some(dir) => PathBuf::from(dir).join("p2f"),
+        None => std::env::var_os("HOME")
+            .map(|home| PathBuf::from(home).join(".local/share/p2f"))
+            .unwrap_or_else(|| PathBuf::from("p2f")),
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Init { dir, name, listen } => init(&dir, name, &listen),
+        Command::Node {
+            command: NodeCommand::Run { config },
+        } => run_node(&config).await,
+        Command::Ps { target, json } => ps(&target, json).await,
+        Command::Info { key, target } => info(&target, &key).await,
+        Command::Kill { id, target } => {
+            let network = connect(&target)?;
+            let id = ProcessId::new(id)?;
+            let process = network
+                .process_information(ProcessKey::Id(id.clone()))
+                .await?
+                .with_context(|| format!("no process {id}"))?;
+            let process = network.kill_process(&process).await?;
+            println!("{} {}", process.id, process.status);
+            Ok(())
+        }
+        Command::Logs {
+            id,
+            follow,
+            lines,
+            target,
+        } => {
+            let network = connect(&target)?;
+            let id = ProcessId::new(id)?;
+            let mut stream = Box::pin(network.logs(&id, LogsQuery { lines, follow }).await?);
+            let mut stdout = tokio::io::stdout();
+            while let Some(chunk) = stream.next().await {
+                stdout.write_all(&chunk?).await?;
+                stdout.flush().await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn init(dir: &Path, name: Option<String>, listen: &str) -> Result<()> {
+    let name = match name {
+        Some(name) => name,
+        None => hostname().context("cannot read the host name; pass --name")?,
+    };
+    let name = NodeName::new(&name).with_context(|| format!("invalid node name {name:?}"))?;
+    let listen = listen
+        .parse()
+        .with_context(|| format!("invalid listen address {listen:?} (expected IP:PORT)"))?;
+    let config_path = dir.join("node.toml");
+    if config_path.exists() {
+        bail!(
+            "{} already exists; this machine is already a node (remove {} to start over)",
+            config_path.display(),
+            dir.display()
+        );
+    }
+    let cluster = ClusterFiles::new(dir.join("cluster"));
+    cluster.create(name.as_str())?;
+    let mut config = AgentConfig::new(name, ".");
+    config.listen = listen;
+    std::fs::write(&config_path, config.to_toml())
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    println!("Created a cluster in {}", dir.display());
+    println!("  CA and secret: {}", cluster.dir().display());
+    println!("  node config:   {}", config_path.display());
+    println!();
+    println!(
+        "Start this node:  p2f node run --config {}",
+        config_path.display()
+    );
+    Ok(())
+}
+
+fn hostname() -> Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    Ok(name.trim().to_owned())
+}
+
+async fn run_node(config_path: &Path) -> Result<()> {
+    let config = AgentConfig::load(config_path)
+        .map_err(anyhow::Error::from)
+        .with_context(|| {
+            format!("cannot start the agent (create a cluster with `p2f init`, or pass --config)")
+        })?;
+    let agent = Agent::start(config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+    let running = agent
+        .supervisor()
+        .list()
+        .iter()
+        .filter(|p| p.is_running())
+        .count();
+    agent.shutdown(Shutdown::Detach).await;
+    tracing::info!(
+        "stopped; {running} processes keep running and are re-adopted at the next start"
+    );
+    Ok(())
+}
+
+fn connect(target: &Target) -> Result<Network> {
+    let config = AgentConfig::load(&target.config)
+        .map_err(anyhow::Error::from)
+        .context("which node? pass --config NODE.toml (or set P2F_CONFIG)")?;
+    let host = if config.listen.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        config.listen.ip().to_string()
+    };
+    let address = match std::fs::read_to_string(config.data_dir.join("api.addr")) {
+        Ok(text) if config.listen.port() == 0 => text.trim().to_owned(),
+        _ => format!("{host}:{}", config.listen.port()),
+    };
+    Ok(Network::with_cluster_files(
+        &address,
+        &ClusterFiles::new(config.cluster_dir()),
+    )?)
+}
+
+async fn ps(target: &Target, json: bool) -> Result<()> {
+    let processes = connect(target)?.list_processes().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&processes)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<10} {:<12} {:>6} {:>9}  STATUS",
+        "ID", "NODE", "SERVICE", "PORT", "RESTARTS"
+    );
+    for p in processes {
+        let port = p.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<24} {:<10} {:<12} {:>6} {:>9}  {}",
+            p.id,
+            p.node.name,
+            p.name(),
+            port,
+            p.restarts,
+            p.status
+        );
+    }
+    Ok(())
+}
+
+async fn info(target: &Target, key: &str) -> Result<()> {
+    let network = connect(target)?;
+    let key = match ProcessId::new(key) {
+        Ok(id) if !key.contains('.') => ProcessKey::Id(id),
+        _ => ProcessKey::Domain(key.to_owned()),
+    };
+    match network.process_information(key.clone()).await? {
+        Some(process) => {
+            println!("{}", serde_json::to_string_pretty(&process)?);
+            Ok(())
+        }
+        None => bail!("no process {key}"),
+    }
+}

@@ -1,1 +1,1018 @@
-//! (being written)
+//! Cluster trust material: the shared secret, the cluster CA that `p2f init` creates, node
+//! certificates signed by it, the rustls configurations built from them, and the files they live in.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Write as _};
+use std::net::IpAddr;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rand::Rng as _;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    SanType,
+};
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use subtle::ConstantTimeEq as _;
+
+/// How long the cluster CA is valid, in years.
+const CA_VALID_YEARS: i32 = 10;
+/// How long a node certificate is valid, in years.
+const NODE_VALID_YEARS: i32 = 5;
+/// Shortest secret [`Secret::parse`] accepts.
+const SECRET_MIN_LEN: usize = 16;
+/// Longest secret [`Secret::parse`] accepts (it travels in an HTTP header).
+const SECRET_MAX_LEN: usize = 1024;
+/// Names every node certificate carries, so local tools can always reach the local agent.
+const ALWAYS_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// Everything that can go wrong with the cluster's trust material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// A file or directory operation failed.
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        /// What was being done: "read", "write", "create", ...
+        action: &'static str,
+        /// The file or directory it was done to.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A trust file the node needs is absent.
+    #[error("{} does not exist: run `p2f init` on the root (or join a cluster) first", path.display())]
+    Missing {
+        /// The missing file.
+        path: PathBuf,
+    },
+    /// `create` found trust files already in place.
+    #[error("refusing to overwrite existing cluster files in {}", dir.display())]
+    AlreadyExists {
+        /// The directory holding them.
+        dir: PathBuf,
+    },
+    /// Issuing was asked of a node that only holds the CA certificate.
+    #[error("this node has no CA key, only the root can issue certificates")]
+    NoCaKey,
+    /// A secret that is too short, too long or contains unusable characters.
+    #[error("invalid cluster secret: {reason}")]
+    BadSecret {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// PEM text that does not hold what it should.
+    #[error("invalid {what}: {reason}")]
+    BadPem {
+        /// Which object: "CA certificate", "CA key", "node certificate", "node key".
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Certificate or key generation failed.
+    #[error("certificate generation failed: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// rustls rejected the configuration.
+    #[error("tls configuration failed: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+impl ClusterError {
+    fn io(action: &'static str, path: &Path, source: io::Error) -> ClusterError {
+        ClusterError::Io {
+            action,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    fn pem(what: &'static str, reason: impl fmt::Display) -> ClusterError {
+        ClusterError::BadPem {
+            what,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// The cluster secret every control request and gossip datagram carries.
+///
+/// Generated secrets are 32 random bytes as 64 lowercase hex characters. `Debug` never shows it.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// A fresh secret from the thread-local CSPRNG (seeded by the OS).
+    pub fn generate() -> Secret {
+        let mut bytes = [0u8; 32];
+        rand::rng().fill_bytes(&mut bytes);
+        let mut text = String::with_capacity(64);
+        for byte in bytes {
+            text.push_str(&format!("{byte:02x}"));
+        }
+        Secret(text)
+    }
+
+    /// Reads a secret from text (a file or an environment variable); surrounding whitespace is
+    /// ignored.
+    pub fn parse(text: &str) -> Result<Secret, ClusterError> {
+        let text = text.trim();
+        if text.len() < SECRET_MIN_LEN {
+            return Err(ClusterError::BadSecret {
+                reason: "shorter than 16 characters",
+            });
+        }
+        if text.len() > SECRET_MAX_LEN {
+            return Err(ClusterError::BadSecret {
+                reason: "longer than 1024 characters",
+            });
+        }
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ClusterError::BadSecret {
+                reason: "only printable ASCII without spaces is allowed",
+            });
+        }
+        Ok(Secret(text.to_owned()))
+    }
+
+    /// The text form, for files and `Authorization` headers.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `presented` is this secret, compared in constant time.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let mine = self.0.as_bytes();
+        mine.len() == presented.len() && bool::from(mine.ct_eq(presented))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The cluster CA: its certificate, and on the root also its private key.
+#[derive(Clone)]
+pub struct ClusterCa {
+    cert_pem: String,
+    key_pem: Option<String>,
+    /// The certificate's subject, which becomes the issuer of every node certificate.
+    subject: DistinguishedName,
+}
+
+impl ClusterCa {
+    /// A new self-signed CA (ECDSA P-256, CN "P2F cluster CA <name>", valid 10 years).
+    pub fn generate(cluster_name: &str) -> Result<ClusterCa, ClusterError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("P2F cluster CA {cluster_name}"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = ca_key_usages();
+        set_validity(&mut params, CA_VALID_YEARS);
+        let cert = params.self_signed(&key)?;
+        // Going through `from_pem` checks that a loaded CA behaves exactly like a fresh one.
+        ClusterCa::from_pem(cert.pem(), Some(key.serialize_pem()))
+    }
+
+    /// A CA from PEM text; checks that the certificate parses and that the key, if any, is its key.
+    pub fn from_pem(cert_pem: String, key_pem: Option<String>) -> Result<ClusterCa, ClusterError> {
+        const WHAT: &str = "CA certificate";
+        let mut certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes());
+        let der = match certs.next() {
+            Some(Ok(der)) => der,
+            Some(Err(e)) => return Err(ClusterError::pem(WHAT, e)),
+            None => return Err(ClusterError::pem(WHAT, "no CERTIFICATE block found")),
+        };
+        if certs.next().is_some() {
+            return Err(ClusterError::pem(WHAT, "more than one CERTIFICATE block"));
+        }
+        let parts = der::tbs_parts(&der)
+            .ok_or_else(|| ClusterError::pem(WHAT, "not a well-formed X.509 certificate"))?;
+        let subject =
+            der::distinguished_name(parts.subject).map_err(|e| ClusterError::pem(WHAT, e))?;
+        if let Some(key_pem) = &key_pem {
+            let key = KeyPair::from_pem(key_pem).map_err(|e| ClusterError::pem("CA key", e))?;
+            if der::spki_public_key(parts.spki) != Some(key.public_key_raw()) {
+                return Err(ClusterError::pem(
+                    "CA key",
+                    "it does not belong to the CA certificate",
+                ));
+            }
+        }
+        Ok(ClusterCa {
+            cert_pem,
+            key_pem,
+            subject,
+        })
+    }
+
+    /// The CA certificate in PEM form.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA key in PEM form; `None` on member nodes.
+    pub fn key_pem(&self) -> Option<&str> {
+        self.key_pem.as_deref()
+    }
+
+    /// Issues a node certificate (ECDSA P-256, CN = `node`, valid 5 years) for `hosts` plus
+    /// `localhost`, `127.0.0.1` and `::1`. IP literals become IP SANs, other names DNS SANs.
+    pub fn issue(&self, node: &str, hosts: &[String]) -> Result<NodeCert, ClusterError> {
+        let ca_key_pem = self.key_pem.as_deref().ok_or(ClusterError::NoCaKey)?;
+        let ca_key = KeyPair::from_pem(ca_key_pem).map_err(|e| ClusterError::pem("CA key", e))?;
+        let mut ca_params = CertificateParams::default();
+        ca_params.distinguished_name = self.subject.clone();
+        ca_params.key_usages = ca_key_usages();
+        let issuer = Issuer::new(ca_params, ca_key);
+
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, node);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.subject_alt_names = subject_alt_names(hosts)?;
+        set_validity(&mut params, NODE_VALID_YEARS);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(NodeCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+impl fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let subject = match self.subject.get(&DnType::CommonName) {
+            Some(DnValue::Utf8String(cn)) => cn.as_str(),
+            Some(DnValue::PrintableString(cn)) => cn.as_str(),
+            _ => "?",
+        };
+        f.debug_struct("ClusterCa")
+            .field("subject", &subject)
+            .field("has_key", &self.key_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A node's TLS certificate and private key, both PEM.
+#[derive(Clone)]
+pub struct NodeCert {
+    /// The certificate, signed by the cluster CA.
+    pub cert_pem: String,
+    /// The private key (PKCS#8).
+    pub key_pem: String,
+}
+
+impl fmt::Debug for NodeCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeCert")
+            .field("cert_pem", &format_args!("<{} bytes>", self.cert_pem.len()))
+            .field("key_pem", &format_args!("<redacted>"))
+            .finish()
+    }
+}
+
+/// The rustls server configuration of the control API: `cert`, no client certificates, HTTP/1.1.
+pub fn server_config(cert: &NodeCert) -> Result<Arc<rustls::ServerConfig>, ClusterError> {
+    let chain = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClusterError::pem("node certificate", e))?;
+    if chain.is_empty() {
+        return Err(ClusterError::pem(
+            "node certificate",
+            "no CERTIFICATE block found",
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
+        .map_err(|e| ClusterError::pem("node key", e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The rustls client configuration for talking to cluster nodes: trusts only the CA in `ca_pem`.
+pub fn client_config(ca_pem: &str) -> Result<rustls::ClientConfig, ClusterError> {
+    const WHAT: &str = "CA certificate";
+    let mut roots = rustls::RootCertStore::empty();
+    for der in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(der.map_err(|e| ClusterError::pem(WHAT, e))?)?;
+    }
+    if roots.is_empty() {
+        return Err(ClusterError::pem(WHAT, "no CERTIFICATE block found"));
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The cluster's trust files in a directory: `ca.pem`, `ca.key` (mode 0600; only on the root),
+/// `secret` (mode 0600).
+#[derive(Debug, Clone)]
+pub struct ClusterFiles {
+    dir: PathBuf,
+}
+
+const CA_CERT_FILE: &str = "ca.pem";
+const CA_KEY_FILE: &str = "ca.key";
+const SECRET_FILE: &str = "secret";
+
+impl ClusterFiles {
+    /// The trust files in `dir` (nothing is read or written yet).
+    pub fn new(dir: impl Into<PathBuf>) -> ClusterFiles {
+        ClusterFiles { dir: dir.into() }
+    }
+
+    /// The directory holding the files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of the CA certificate, `ca.pem`.
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.dir.join(CA_CERT_FILE)
+    }
+
+    /// Path of the CA key, `ca.key` (present only on the root).
+    pub fn ca_key_path(&self) -> PathBuf {
+        self.dir.join(CA_KEY_FILE)
+    }
+
+    /// Path of the cluster secret, `secret`.
+    pub fn secret_path(&self) -> PathBuf {
+        self.dir.join(SECRET_FILE)
+    }
+
+    /// Whether the cluster has been set up here (`ca.pem` exists).
+    pub fn exists(&self) -> bool {
+        self.ca_cert_path().exists()
+    }
+
+    /// Creates a new cluster: a CA and a secret, written to the directory (created with mode
+    /// 0700 if absent). Refuses to overwrite any existing trust file.
+    pub fn create(&self, cluster_name: &str) -> Result<(ClusterCa, Secret), ClusterError> {
+        self.refuse_existing(&[CA_CERT_FILE, CA_KEY_FILE, SECRET_FILE])?;
+        let ca = ClusterCa::generate(cluster_name)?;
+        let secret = Secret::generate();
+        let key_pem = ca.key_pem().ok_or(ClusterError::NoCaKey)?;
+        self.ensure_dir()?;
+        // `ca.pem` goes last: `exists()` looks at it, so a half-written cluster never looks done.
+        let files: [(&str, &str, u32); 3] = [
+            (CA_KEY_FILE, key_pem, 0o600),
+            (SECRET_FILE, &format!("{}\n", secret.expose()), 0o600),
+            (CA_CERT_FILE, ca.cert_pem(), 0o644),
+        ];
+        let mut written = Vec::new();
+        for (name, contents, mode) in files {
+            match self.write_file(name, contents, mode) {
+                Ok(path) => written.push(path),
+                Err(e) => {
+                    for path in written {
+                        let _ = fs::remove_file(path);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        self.sync_dir()?;
+        Ok((ca, secret))
+    }
+
+    /// Reads the CA (with its key when `ca.key` is present) and the secret.
+    pub fn load(&self) -> Result<(ClusterCa, Secret), ClusterError> {
+        let cert_pem = self.read_required(CA_CERT_FILE)?;
+        let key_path = self.ca_key_path();
+        let key_pem = match fs::read_to_string(&key_path) {
+            Ok(text) => {
+                warn_if_readable_by_others(&key_path);
+                Some(text)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(ClusterError::io("read", &key_path, e)),
+        };
+        let secret_text = self.read_required(SECRET_FILE)?;
+        warn_if_readable_by_others(&self.secret_path());
+        let ca = ClusterCa::from_pem(cert_pem, key_pem)?;
+        let secret = Secret::parse(&secret_text)?;
+        Ok((ca, secret))
+    }
+
+    /// Writes what a member node needs to join: `ca.pem` and `secret`, no key. Replaces an
+    /// earlier membership, but refuses to touch a root's directory (one holding `ca.key`).
+    pub fn write_member(&self, ca_pem: &str, secret: &Secret) -> Result<(), ClusterError> {
+        ClusterCa::from_pem(ca_pem.to_owned(), None)?;
+        self.refuse_existing(&[CA_KEY_FILE])?;
+        self.ensure_dir()?;
+        self.write_file(SECRET_FILE, &format!("{}\n", secret.expose()), 0o600)?;
+        self.write_file(CA_CERT_FILE, ca_pem, 0o644)?;
+        self.sync_dir()
+    }
+
+    fn refuse_existing(&self, names: &[&str]) -> Result<(), ClusterError> {
+        for name in names {
+            let path = self.dir.join(name);
+            match fs::symlink_metadata(&path) {
+                Ok(_) => {
+                    return Err(ClusterError::AlreadyExists {
+                        dir: self.dir.clone(),
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ClusterError::io("inspect", &path, e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn ensure_dir(&self) -> Result<(), ClusterError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|e| ClusterError::io("create directory", &self.dir, e))
+    }
+
+    fn sync_dir(&self) -> Result<(), ClusterError> {
+        fs::File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| ClusterError::io("sync directory", &self.dir, e))
+    }
+
+    /// Writes `name` through a temporary file and a rename, so readers never see half a file.
+    fn write_file(&self, name: &str, contents: &str, mode: u32) -> Result<PathBuf, ClusterError> {
+        let path = self.dir.join(name);
+        let mut suffix = [0u8; 6];
+        rand::rng().fill_bytes(&mut suffix);
+        let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
+        let tmp = self.dir.join(format!(".{name}.{suffix}.tmp"));
+        let result = (|| {
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)?;
+            // The umask may have removed bits from `mode`; a key must never end up wider.
+            file.set_permissions(fs::Permissions::from_mode(mode))?;
+            file.write_all(contents.as_bytes())?;
+            file.sync_all()
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(ClusterError::io("write", &tmp, e));
+        }
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(ClusterError::io("write", &path, e));
+        }
+        Ok(path)
+    }
+
+    fn read_required(&self, name: &str) -> Result<String, ClusterError> {
+        let path = self.dir.join(name);
+        fs::read_to_string(&path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                ClusterError::Missing { path }
+            } else {
+                ClusterError::io("read", &path, e)
+            }
+        })
+    }
+}
+
+fn warn_if_readable_by_others(path: &Path) {
+    if let Ok(meta) = fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format_args!("{:o}", meta.permissions().mode() & 0o777),
+            "cluster secret material is readable by other users; chmod 600 it"
+        );
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn ca_key_usages() -> Vec<KeyUsagePurpose> {
+    vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ]
+}
+
+/// Every host as a SAN (IP literal → IP SAN, else DNS SAN), plus the local names, without
+/// duplicates.
+fn subject_alt_names(hosts: &[String]) -> Result<Vec<SanType>, ClusterError> {
+    let mut sans: Vec<SanType> = Vec::new();
+    let extra = ALWAYS_HOSTS.iter().copied();
+    for host in hosts.iter().map(|h| h.trim()).chain(extra) {
+        // Accept the bracketed form of IPv6 literals that appears in URLs.
+        let bare = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if bare.is_empty() {
+            continue;
+        }
+        let san = match bare.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(bare.to_ascii_lowercase().try_into()?),
+        };
+        if !sans.contains(&san) {
+            sans.push(san);
+        }
+    }
+    Ok(sans)
+}
+
+/// Sets `not_before` to yesterday (tolerating clock skew between nodes) and `not_after` to the
+/// same calendar day `years` later.
+fn set_validity(params: &mut CertificateParams, years: i32) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let today = i64::try_from(now / 86_400).unwrap_or(0);
+    let (y, m, d) = civil_from_days(today - 1);
+    params.not_before = rcgen::date_time_ymd(y, m, d);
+    let (y, m, d) = civil_from_days(today);
+    // 28 exists in every month, so a 29 February start never produces an invalid date.
+    params.not_after = rcgen::date_time_ymd(y + years, m, d.min(28));
+}
+
+/// The proleptic Gregorian date `days` days after 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i32, u8, u8) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year as i32, month as u8, day as u8)
+}
+
+/// Just enough DER reading to take the subject and public key out of a certificate (rcgen's own
+/// parser needs its `x509-parser` feature, which this crate does not enable).
+mod der {
+    use rcgen::{DistinguishedName, DnType, DnValue};
+
+    const SEQUENCE: u8 = 0x30;
+    const SET: u8 = 0x31;
+    const OID: u8 = 0x06;
+    const BIT_STRING: u8 = 0x03;
+    const UTF8_STRING: u8 = 0x0c;
+    const PRINTABLE_STRING: u8 = 0x13;
+    const IA5_STRING: u8 = 0x16;
+    const VERSION: u8 = 0xa0;
+
+    /// One element: its tag, its contents, and the input after it.
+    struct Element<'a> {
+        tag: u8,
+        contents: &'a [u8],
+        /// The whole encoding, header included.
+        encoding: &'a [u8],
+    }
+
+    fn next(input: &[u8]) -> Option<(Element<'_>, &[u8])> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 {
+                return None;
+            }
+            let (bytes, rest) = rest.split_at_checked(n)?;
+            let len = bytes
+                .iter()
+                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+            (len, rest)
+        };
+        let (contents, rest) = rest.split_at_checked(len)?;
+        let encoding = input.get(..input.len() - rest.len())?;
+        Some((
+            Element {
+                tag,
+                contents,
+                encoding,
+            },
+            rest,
+        ))
+    }
+
+    fn expect(input: &[u8], tag: u8) -> Option<(Element<'_>, &[u8])> {
+        next(input).filter(|(e, _)| e.tag == tag)
+    }
+
+    /// Raw encodings of the fields of a certificate that trust decisions rest on.
+    pub(super) struct TbsParts<'a> {
+        /// The issuer `Name`.
+        #[cfg_attr(not(test), allow(dead_code))]
+        pub(super) issuer: &'a [u8],
+        /// The subject `Name`.
+        pub(super) subject: &'a [u8],
+        /// The `SubjectPublicKeyInfo`.
+        pub(super) spki: &'a [u8],
+    }
+
+    pub(super) fn tbs_parts(cert: &[u8]) -> Option<TbsParts<'_>> {
+        let (cert, _) = expect(cert, SEQUENCE)?;
+        let (tbs, _) = expect(cert.contents, SEQUENCE)?;
+        let mut rest = tbs.contents;
+        if rest.first() == Some(&VERSION) {
+            rest = next(rest)?.1;
+        }
+        let (_serial, rest) = next(rest)?;
+        let (_signature, rest) = expect(rest, SEQUENCE)?;
+        let (issuer, rest) = expect(rest, SEQUENCE)?;
+        let (_validity, rest) = expect(rest, SEQUENCE)?;
+        let (subject, rest) = expect(rest, SEQUENCE)?;
+        let (spki, _) = expect(rest, SEQUENCE)?;
+        Some(TbsParts {
+            issuer: issuer.encoding,
+            subject: subject.encoding,
+            spki: spki.encoding,
+        })
+    }
+
+    /// The key bits of a `SubjectPublicKeyInfo`.
+    pub(super) fn spki_public_key(spki: &[u8]) -> Option<&[u8]> {
+        let (spki, _) = expect(spki, SEQUENCE)?;
+        let (_algorithm, rest) = expect(spki.contents, SEQUENCE)?;
+        let (bits, _) = expect(rest, BIT_STRING)?;
+        match bits.contents.split_first()? {
+            (0, key) => Some(key),
+            _ => None,
+        }
+    }
+
+    /// A `Name` as rcgen's `DistinguishedName`, re-encoding to the same bytes (so the issuer of
+    /// the certificates we sign matches the CA's subject exactly).
+    pub(super) fn distinguished_name(name: &[u8]) -> Result<DistinguishedName, &'static str> {
+        const BAD: &str = "malformed subject name";
+        let (name, _) = expect(name, SEQUENCE).ok_or(BAD)?;
+        let mut dn = DistinguishedName::new();
+        let mut rdns = name.contents;
+        while !rdns.is_empty() {
+            let (rdn, rest) = expect(rdns, SET).ok_or(BAD)?;
+            rdns = rest;
+            let (attribute, rest) = expect(rdn.contents, SEQUENCE).ok_or(BAD)?;
+            if !rest.is_empty() {
+                return Err("multi-valued names in the subject are not supported");
+            }
+            let (oid, rest) = expect(attribute.contents, OID).ok_or(BAD)?;
+            let (value, _) = next(rest).ok_or(BAD)?;
+            let ty = DnType::from_oid(&oid_arcs(oid.contents).ok_or(BAD)?);
+            let text = std::str::from_utf8(value.contents).map_err(|_| BAD)?;
+            let value = match value.tag {
+                UTF8_STRING => DnValue::Utf8String(text.to_owned()),
+                PRINTABLE_STRING => DnValue::PrintableString(text.try_into().map_err(|_| BAD)?),
+                IA5_STRING => DnValue::Ia5String(text.try_into().map_err(|_| BAD)?),
+                _ => return Err("unsupported string type in the subject name"),
+            };
+            if dn.get(&ty).is_some() {
+                return Err("repeated attributes in the subject are not supported");
+            }
+            dn.push(ty, value);
+        }
+        Ok(dn)
+    }
+
+    fn oid_arcs(bytes: &[u8]) -> Option<Vec<u64>> {
+        let mut arcs = Vec::new();
+        let mut value: u64 = 0;
+        for &b in bytes {
+            value = value.checked_mul(128)? | u64::from(b & 0x7f);
+            if b & 0x80 == 0 {
+                if arcs.is_empty() {
+                    let first = (value / 40).min(2);
+                    arcs.push(first);
+                    arcs.push(value - first * 40);
+                } else {
+                    arcs.push(value);
+                }
+                value = 0;
+            }
+        }
+        (!arcs.is_empty() && bytes.last().is_some_and(|b| b & 0x80 == 0)).then_some(arcs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    #[test]
+    fn secret_round_trips_through_text() {
+        let secret = Secret::generate();
+        assert_eq!(secret.expose().len(), 64);
+        assert!(
+            secret
+                .expose()
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        );
+        let parsed = Secret::parse(&format!("  {}\n", secret.expose())).expect("parse");
+        assert_eq!(parsed.expose(), secret.expose());
+        assert_ne!(Secret::generate().expose(), secret.expose());
+    }
+
+    #[test]
+    fn secret_parse_rejects_bad_text() {
+        let check = |text: &str| {
+            assert!(
+                matches!(Secret::parse(text), Err(ClusterError::BadSecret { .. })),
+                "{text:?} should be rejected"
+            );
+        };
+        check("");
+        check("short");
+        check("fifteen-chars-x");
+        check("has a space inside it");
+        check("has\ta-tab-inside-it");
+        check("non-ascii-é-inside-it");
+        check(&"x".repeat(2000));
+        assert!(Secret::parse("sixteen-chars-xx").is_ok());
+    }
+
+    #[test]
+    fn secret_matches_only_itself() {
+        let secret = Secret::parse("correct-horse-battery-staple").expect("parse");
+        assert!(secret.matches(b"correct-horse-battery-staple"));
+        assert!(!secret.matches(b"correct-horse-battery-stapla"));
+        assert!(!secret.matches(b"correct-horse-battery-staple!"));
+        assert!(!secret.matches(b"correct"));
+        assert!(!secret.matches(b""));
+    }
+
+    #[test]
+    fn debug_redacts_secrets_and_keys() {
+        let secret = Secret::generate();
+        let shown = format!("{secret:?}");
+        assert_eq!(shown, "Secret(<redacted>)");
+
+        let ca = ClusterCa::generate("test").expect("ca");
+        let shown = format!("{ca:?}");
+        assert!(shown.contains("P2F cluster CA test"), "{shown}");
+        assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+
+        let cert = ca.issue("n1", &[]).expect("issue");
+        let shown = format!("{cert:?}");
+        assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+        assert!(!shown.contains(&cert.key_pem), "{shown}");
+    }
+
+    #[test]
+    fn issue_needs_the_ca_key() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        let member = ClusterCa::from_pem(ca.cert_pem().to_owned(), None).expect("member ca");
+        let err = member.issue("n1", &[]).expect_err("no key");
+        assert!(matches!(err, ClusterError::NoCaKey));
+        assert_eq!(
+            err.to_string(),
+            "this node has no CA key, only the root can issue certificates"
+        );
+    }
+
+    #[test]
+    fn from_pem_rejects_garbage_and_foreign_keys() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        let other = ClusterCa::generate("other").expect("other ca");
+        let err = ClusterCa::from_pem("not pem".to_owned(), None).expect_err("garbage");
+        assert!(matches!(err, ClusterError::BadPem { .. }), "{err}");
+        let err = ClusterCa::from_pem(ca.cert_pem().to_owned(), other.key_pem().map(str::to_owned))
+            .expect_err("foreign key");
+        assert_eq!(
+            err.to_string(),
+            "invalid CA key: it does not belong to the CA certificate"
+        );
+        let err = ClusterCa::from_pem(ca.cert_pem().to_owned(), Some("junk".to_owned()))
+            .expect_err("junk key");
+        assert!(
+            matches!(err, ClusterError::BadPem { what: "CA key", .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn issued_certificates_name_the_ca_as_issuer() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        let cert = ca.issue("n1", &["10.0.0.7".to_owned()]).expect("issue");
+        let ca_der = CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).expect("ca der");
+        let leaf_der = CertificateDer::from_pem_slice(cert.cert_pem.as_bytes()).expect("leaf der");
+        let ca_parts = der::tbs_parts(&ca_der).expect("ca parts");
+        let leaf_parts = der::tbs_parts(&leaf_der).expect("leaf parts");
+        assert_eq!(leaf_parts.issuer, ca_parts.subject);
+        assert_eq!(ca_parts.issuer, ca_parts.subject);
+    }
+
+    #[test]
+    fn subject_alt_names_cover_hosts_and_local_names() {
+        let sans = subject_alt_names(&[
+            "node1.lan".to_owned(),
+            "192.168.1.5".to_owned(),
+            "[fd00::1]".to_owned(),
+            "localhost".to_owned(),
+            String::new(),
+        ])
+        .expect("sans");
+        let ip = |s: &str| SanType::IpAddress(s.parse().expect("ip"));
+        let dns = |s: &str| SanType::DnsName(s.try_into().expect("dns"));
+        assert_eq!(
+            sans,
+            vec![
+                dns("node1.lan"),
+                ip("192.168.1.5"),
+                ip("fd00::1"),
+                dns("localhost"),
+                ip("127.0.0.1"),
+                ip("::1"),
+            ]
+        );
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        assert_eq!(civil_from_days(20_454), (2026, 1, 1));
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn create_then_load_round_trips() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let files = ClusterFiles::new(tmp.path().join("cluster"));
+        assert!(!files.exists());
+        let (ca, secret) = files.create("home").expect("create");
+        assert!(files.exists());
+        assert_eq!(mode(files.dir()), 0o700);
+        assert_eq!(mode(&files.ca_key_path()), 0o600);
+        assert_eq!(mode(&files.secret_path()), 0o600);
+        assert_eq!(mode(&files.ca_cert_path()), 0o644);
+        let leftovers: Vec<_> = fs::read_dir(files.dir())
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name())
+            .filter(|n| n.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+
+        let (loaded_ca, loaded_secret) = files.load().expect("load");
+        assert_eq!(loaded_ca.cert_pem(), ca.cert_pem());
+        assert_eq!(loaded_ca.key_pem(), ca.key_pem());
+        assert_eq!(loaded_secret.expose(), secret.expose());
+        loaded_ca.issue("n1", &[]).expect("loaded CA can issue");
+
+        let err = files.create("home").expect_err("second create");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "refusing to overwrite existing cluster files in {}",
+                files.dir().display()
+            )
+        );
+        assert_eq!(
+            fs::read_to_string(files.ca_cert_path()).expect("read"),
+            ca.cert_pem(),
+            "refused create must leave the files alone"
+        );
+    }
+
+    #[test]
+    fn members_have_no_key_and_missing_files_are_named() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = ClusterFiles::new(tmp.path().join("root"));
+        let (ca, secret) = root.create("home").expect("create");
+
+        let member = ClusterFiles::new(tmp.path().join("member"));
+        let err = member.load().expect_err("nothing there yet");
+        assert!(
+            matches!(&err, ClusterError::Missing { path } if path == &member.ca_cert_path()),
+            "{err}"
+        );
+        assert!(err.to_string().contains("p2f init"), "{err}");
+
+        member
+            .write_member(ca.cert_pem(), &secret)
+            .expect("write member");
+        assert_eq!(mode(&member.secret_path()), 0o600);
+        let (loaded, loaded_secret) = member.load().expect("load member");
+        assert!(loaded.key_pem().is_none());
+        assert_eq!(loaded_secret.expose(), secret.expose());
+        // Joining again (say, after the secret changed) replaces the membership.
+        member.write_member(ca.cert_pem(), &secret).expect("rejoin");
+        // A root's directory is never turned into a member's.
+        let err = root
+            .write_member(ca.cert_pem(), &secret)
+            .expect_err("root has a key");
+        assert!(matches!(err, ClusterError::AlreadyExists { .. }), "{err}");
+
+        fs::remove_file(member.secret_path()).expect("remove secret");
+        let err = member.load().expect_err("secret missing");
+        assert!(
+            err.to_string()
+                .contains(&*member.secret_path().to_string_lossy()),
+            "{err}"
+        );
+    }
+
+    /// Runs one TLS handshake over loopback TCP; `Ok` carries the negotiated ALPN protocol.
+    async fn handshake(
+        server_cert: &NodeCert,
+        client_ca_pem: &str,
+        server_name: &str,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let acceptor = TlsAcceptor::from(server_config(server_cert).expect("server config"));
+        let connector = TlsConnector::from(Arc::new(
+            client_config(client_ca_pem).expect("client config"),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+            let mut tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            tls.write_all(&buf).await.map_err(|e| e.to_string())?;
+            tls.shutdown().await.map_err(|e| e.to_string())
+        });
+        let name = rustls_pki_types::ServerName::try_from(server_name.to_owned()).expect("name");
+        let client = async {
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            assert_eq!(&buf, b"ping");
+            Ok(tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec))
+        };
+        let result = tokio::time::timeout(std::time::Duration::from_secs(10), client)
+            .await
+            .expect("handshake timed out");
+        server.abort();
+        result
+    }
+
+    #[tokio::test]
+    async fn tls_handshake_trusts_only_the_cluster_ca() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        let cert = ca.issue("n1", &["node1.lan".to_owned()]).expect("issue");
+        for name in ["localhost", "127.0.0.1", "::1", "node1.lan"] {
+            let alpn = handshake(&cert, ca.cert_pem(), name)
+                .await
+                .unwrap_or_else(|e| panic!("handshake as {name} failed: {e}"));
+            assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+        }
+
+        let err = handshake(&cert, ca.cert_pem(), "elsewhere.lan")
+            .await
+            .expect_err("name not in the certificate");
+        assert!(err.contains("not valid for name"), "{err}");
+
+        let other = ClusterCa::generate("other").expect("other ca");
+        let err = handshake(&cert, other.cert_pem(), "localhost")
+            .await
+            .expect_err("foreign CA must fail");
+        assert!(err.contains("UnknownIssuer"), "{err}");
+    }
+}

@@ -2,7 +2,10 @@
 //! TLS), and the `Network` client. The mesh and the root build on the agent.
 
 pub mod agent;
+pub mod client;
 pub mod cluster;
 pub mod server;
+pub mod wire;
 
+pub use client::{ClientError, Network};
 pub use p2f_model as model;

@@ -62,15 +62,15 @@ pub fn format_duration(d: Duration) -> String {
 }
 
 /// Serde support: durations travel as the same strings users write.
-pub(crate) mod serde_str {
+pub mod serde_str {
     use core::time::Duration;
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&super::format_duration(*d))
     }
 
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = std::borrow::Cow::<str>::deserialize(d)?;
         super::parse_duration(&text).map_err(serde::de::Error::custom)
     }

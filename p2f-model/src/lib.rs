@@ -4,7 +4,7 @@
 //!
 //! This crate does no IO and never depends on an async runtime, so the proc macro can use it.
 
-mod duration;
+pub mod duration;
 mod name;
 mod node;
 mod process;

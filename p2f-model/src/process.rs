@@ -41,6 +41,9 @@ pub enum Failure {
     NoAllowedNode { pins: Vec<NodeName> },
     /// It did not stop within its grace period and was killed.
     StopTimedOut,
+    /// It ended while the agent watching it was not its parent (it was re-adopted after an
+    /// agent restart), so its exit status is unknown.
+    Vanished,
 }
 
 impl fmt::Display for Failure {
@@ -74,6 +77,7 @@ impl fmt::Display for Failure {
                 }
             }
             Failure::StopTimedOut => f.write_str("did not stop within its grace period"),
+            Failure::Vanished => f.write_str("ended with an unknown exit status (re-adopted)"),
         }
     }
 }

@@ -73,9 +73,13 @@ pub enum Action {
 }
 
 /// Whether the policy allows another restart, given the restarts in a row so far. A clean exit
-/// (`code 0`) counts as a failure for `Always` only.
+/// (`code 0`) counts as a failure for `Always` only. A command that does not exist will not
+/// appear by waiting, so it is never retried in place (the root may still move the process).
 fn may_restart(policy: RestartPolicy, failure: &Failure, in_a_row: u32) -> bool {
     let clean = matches!(failure, Failure::Exited { code: 0 });
+    if matches!(failure, Failure::CommandNotFound) {
+        return false;
+    }
     match policy {
         RestartPolicy::Always => true,
         RestartPolicy::OnFailure(limit) => !clean && in_a_row < limit,
@@ -92,13 +96,31 @@ pub fn on_exit(
     in_a_row: u32,
     now: Timestamp,
 ) -> Action {
+    match classify(exit, cx) {
+        Some(failure) => on_failure(process, failure, in_a_row, now),
+        None => on_stopped(process, now),
+    }
+}
+
+/// Records a requested stop: `Stopped`, with a `Killed` event.
+pub fn on_stopped(process: &mut Process, now: Timestamp) -> Action {
     process.pid = None;
     process.memory_bytes = 0;
-    let Some(failure) = classify(exit, cx) else {
-        process.status = Status::Stopped;
-        process.record(now, EventKind::Killed);
-        return Action::Rest;
-    };
+    process.status = Status::Stopped;
+    process.record(now, EventKind::Killed);
+    Action::Rest
+}
+
+/// Applies a failure (an exit, or one found before or without an exit: the deploy step, a
+/// busy port, a health check) to `process` and says what to do next.
+pub fn on_failure(
+    process: &mut Process,
+    failure: Failure,
+    in_a_row: u32,
+    now: Timestamp,
+) -> Action {
+    process.pid = None;
+    process.memory_bytes = 0;
     process.last_failure = Some(failure.clone());
     process.record(
         now,
@@ -238,6 +260,32 @@ mod tests {
             Action::GiveUp
         );
         assert_eq!(never.status, Status::Failed(Failure::Killed { signal: 9 }));
+    }
+
+    #[test]
+    fn a_missing_command_is_not_retried_in_place() {
+        let mut p = process(RestartPolicy::Always);
+        let cx = ExitContext::default();
+        assert_eq!(
+            on_exit(&mut p, Exit::Code(127), cx, 0, Timestamp(1)),
+            Action::GiveUp
+        );
+        assert_eq!(p.status, Status::Failed(Failure::CommandNotFound));
+    }
+
+    #[test]
+    fn a_failure_found_before_start_follows_the_policy() {
+        let mut p = process(RestartPolicy::OnFailure(1));
+        let busy = Failure::PortInUse { port: 8080 };
+        assert_eq!(
+            on_failure(&mut p, busy.clone(), 0, Timestamp(1)),
+            Action::RestartAfter(backoff(1))
+        );
+        assert_eq!(
+            on_failure(&mut p, busy.clone(), 1, Timestamp(2)),
+            Action::GiveUp
+        );
+        assert_eq!(p.status, Status::Failed(busy));
     }
 
     #[test]

@@ -1,5 +1,221 @@
-//! The node agent: one per machine. `lifecycle` decides; the OS edge acts.
+//! The node agent: one per machine. It loads the cluster's trust files and its own
+//! certificate, opens the record store, starts the supervisor (which re-adopts what still runs)
+//! and serves the control API over TLS. `lifecycle` decides; the rest is the OS edge.
 
+pub mod api;
+pub mod config;
+pub mod health;
 pub mod lifecycle;
+pub mod logs;
 pub mod os;
 pub mod store;
+pub mod strategy;
+pub mod supervisor;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use p2f_model::{Node, NodeRef, P2fNodeInfo};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use config::{AgentConfig, ConfigError, SupervisorConfig};
+pub use supervisor::{Shutdown, Supervisor};
+
+use crate::cluster::{ClusterError, ClusterFiles, NodeCert};
+use store::{Store, StoreError};
+use strategy::DeployOptions;
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The cluster's trust files or this node's certificate.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    /// The record store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A file or directory of the agent.
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The listen address.
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    /// A member without its certificate.
+    #[error(
+        "this node has no certificate in {0} and no CA key to make one; join the cluster with `p2f node join TOKEN`"
+    )]
+    NoCertificate(PathBuf),
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    supervisor: Supervisor,
+    address: SocketAddr,
+    node: Node,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl Agent {
+    /// Starts an agent with `config`.
+    pub async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
+        let data = &config.data_dir;
+        std::fs::create_dir_all(data).map_err(|source| AgentError::Io {
+            what: "cannot create the data directory",
+            path: data.clone(),
+            source,
+        })?;
+        let (ca, secret) = ClusterFiles::new(config.cluster_dir()).load()?;
+        let cert = node_certificate(&config, &ca)?;
+        let tls = crate::cluster::server_config(&cert)?;
+        let store = Arc::new(Store::open(&data.join("records.redb"))?);
+
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| AgentError::Listen {
+                address: config.listen,
+                source,
+            })?;
+        let address = listener.local_addr().map_err(|source| AgentError::Listen {
+            address: config.listen,
+            source,
+        })?;
+        let host = config.advertised_host();
+        let node = node_entry(&config, &host, address);
+        let node_ref = NodeRef {
+            name: config.name.clone(),
+            address: host,
+        };
+        let deploy = DeployOptions {
+            nix_options: config.supervisor.nix_options.clone(),
+            timeout: config.supervisor.deploy_timeout,
+        };
+        let supervisor =
+            Supervisor::start(node_ref, store, data, config.supervisor.clone(), deploy)?;
+        let app = api::router(supervisor.clone(), secret, node.clone());
+        let (stop, stopped) = oneshot::channel();
+        let server = tokio::spawn(crate::server::serve_tls(listener, tls, app, async move {
+            let _ = stopped.await;
+        }));
+        let addr_file = data.join("api.addr");
+        std::fs::write(&addr_file, address.to_string()).map_err(|source| AgentError::Io {
+            what: "cannot write",
+            path: addr_file,
+            source,
+        })?;
+        tracing::info!(node = %config.name, "control API on https://{address}/v1");
+        Ok(Agent {
+            supervisor,
+            address,
+            node,
+            stop: Some(stop),
+            server,
+        })
+    }
+
+    /// Where the control API listens.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// This node's P2PRC entry, with the API address in `CustomInformation`.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// The supervisor (for the embedded network, which shares the process).
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    /// Stops serving, then lets go of the processes as `how` says.
+    pub async fn shutdown(mut self, how: Shutdown) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Err(e) = (&mut self.server).await {
+            tracing::warn!("the API server ended badly: {e}");
+        }
+        self.supervisor.shutdown(how).await;
+    }
+}
+
+/// This node's certificate: issued (again) at each start when this node holds the CA key, so
+/// it always names the current address; read from `DATA/tls` on members.
+fn node_certificate(
+    config: &AgentConfig,
+    ca: &crate::cluster::ClusterCa,
+) -> Result<NodeCert, AgentError> {
+    let dir = config.data_dir.join("tls");
+    let (cert_path, key_path) = (dir.join("node.pem"), dir.join("node.key"));
+    if ca.key_pem().is_some() {
+        let mut hosts = vec![config.advertised_host(), config.listen.ip().to_string()];
+        hosts.dedup();
+        let cert = ca.issue(config.name.as_str(), &hosts)?;
+        std::fs::create_dir_all(&dir).map_err(|source| AgentError::Io {
+            what: "cannot create",
+            path: dir.clone(),
+            source,
+        })?;
+        write_private(&cert_path, cert.cert_pem.as_bytes())?;
+        write_private(&key_path, cert.key_pem.as_bytes())?;
+        return Ok(cert);
+    }
+    match (
+        std::fs::read_to_string(&cert_path),
+        std::fs::read_to_string(&key_path),
+    ) {
+        (Ok(cert_pem), Ok(key_pem)) => Ok(NodeCert { cert_pem, key_pem }),
+        _ => Err(AgentError::NoCertificate(dir)),
+    }
+}
+
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), AgentError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| AgentError::Io {
+        what: "cannot write",
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    file.write_all(bytes).map_err(io)
+}
+
+/// This node's P2PRC entry.
+fn node_entry(config: &AgentConfig, host: &str, address: SocketAddr) -> Node {
+    let mut node = Node::named(config.name.clone());
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => node.ipv4 = Some(ip),
+        Ok(std::net::IpAddr::V6(ip)) => node.ipv6 = Some(ip),
+        Err(_) => {}
+    }
+    node.machine_username = std::env::var("USER").unwrap_or_default();
+    node.unsafe_mode = config.unsafe_mode;
+    let api = if host.contains(':') {
+        format!("[{host}]:{}", address.port())
+    } else {
+        format!("{host}:{}", address.port())
+    };
+    node.with_p2f_info(&P2fNodeInfo {
+        api: Some(api),
+        version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+    })
+}

@@ -1,0 +1,246 @@
+//! The control API (`/v1`, JSON, HTTPS): the seed's four operations, logs and the node's own
+//! entry. Every request carries the cluster secret (`Authorization: Bearer SECRET`, compared in
+//! constant time); anything else gets `401` and changes nothing. Malformed input gets a 4xx with
+//! a one-line JSON error, never a crash. `docs/api.md` is the reference.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use p2f_model::{Node, Process, ProcessId, ProcessKey};
+
+use super::supervisor::{Supervisor, SupervisorError};
+use crate::cluster::Secret;
+use crate::wire::{ErrorBody, LogsQuery, MAX_BODY_BYTES, SpinQuery, SpinRequest};
+
+/// The longest `POST /v1/processes?wait=true` waits for the process to run.
+const SPIN_WAIT: Duration = Duration::from_secs(30 * 60);
+
+/// What the handlers share.
+#[derive(Clone)]
+struct Api {
+    supervisor: Supervisor,
+    secret: Arc<Secret>,
+    node: Arc<Node>,
+}
+
+/// The API's router over `supervisor`, answering only requests that carry `secret`.
+pub fn router(supervisor: Supervisor, secret: Secret, node: Node) -> Router {
+    let api = Api {
+        supervisor,
+        secret: Arc::new(secret),
+        node: Arc::new(node),
+    };
+    Router::new()
+        .route("/v1/node", get(node_entry))
+        .route("/v1/processes", get(list).post(spin))
+        .route("/v1/processes/{id}", get(info).delete(remove))
+        .route("/v1/processes/{id}/kill", post(kill))
+        .route("/v1/processes/{id}/logs", get(logs))
+        .route("/v1/domains/{domain}", get(by_domain))
+        .fallback(unknown_route)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(api.clone(), authenticate))
+        .with_state(api)
+}
+
+/// An error answer: a status and a one-line JSON body.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            body: ErrorBody {
+                error: error.into(),
+                findings: Vec::new(),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<SupervisorError> for ApiError {
+    fn from(e: SupervisorError) -> ApiError {
+        match e {
+            SupervisorError::Invalid(invalid) => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                body: ErrorBody {
+                    error: format!(
+                        "invalid spec: {} finding{}",
+                        invalid.findings.len(),
+                        if invalid.findings.len() == 1 { "" } else { "s" }
+                    ),
+                    findings: invalid.findings,
+                },
+            },
+            SupervisorError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            SupervisorError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            SupervisorError::ShuttingDown => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
+            other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> ApiError {
+        let status = rejection.status();
+        let message = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                format!("request body is larger than {} MiB", MAX_BODY_BYTES >> 20)
+            }
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                "expected a JSON body (Content-Type: application/json)".to_owned()
+            }
+            _ => rejection.body_text(),
+        };
+        ApiError::new(status, message)
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text())
+    }
+}
+
+async fn authenticate(State(api): State<Api>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "));
+    match presented {
+        Some(secret) if api.secret.matches(secret) => next.run(request).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "wrong cluster secret").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing cluster secret (Authorization: Bearer SECRET)",
+        )
+        .into_response(),
+    }
+}
+
+async fn unknown_route(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no route {} {} (see docs/api.md)",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+fn parse_id(text: &str) -> Result<ProcessId, ApiError> {
+    ProcessId::new(text).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+async fn node_entry(State(api): State<Api>) -> Json<Node> {
+    Json((*api.node).clone())
+}
+
+async fn list(State(api): State<Api>) -> Json<Vec<Process>> {
+    Json(api.supervisor.list())
+}
+
+async fn spin(
+    State(api): State<Api>,
+    query: Result<Query<SpinQuery>, QueryRejection>,
+    body: Result<Json<SpinRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Process>), ApiError> {
+    let Query(query) = query?;
+    let Json(request) = body?;
+    let process = api
+        .supervisor
+        .spin(request.spec, request.id, request.generation)?;
+    if !query.wait {
+        return Ok((StatusCode::CREATED, Json(process)));
+    }
+    let settled = |p: &Process| p.is_running() || p.status.is_final() || p.restarts > 0;
+    let process = api
+        .supervisor
+        .wait_for(&process.id, SPIN_WAIT, settled)
+        .await
+        .unwrap_or(process);
+    Ok((StatusCode::CREATED, Json(process)))
+}
+
+async fn info(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Process>, ApiError> {
+    let id = parse_id(&id)?;
+    api.supervisor
+        .find(&ProcessKey::Id(id.clone()))
+        .map(Json)
+        .ok_or_else(|| SupervisorError::NotFound(id).into())
+}
+
+async fn by_domain(
+    State(api): State<Api>,
+    Path(domain): Path<String>,
+) -> Result<Json<Process>, ApiError> {
+    api.supervisor
+        .find(&ProcessKey::Domain(domain.clone()))
+        .map(Json)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no process serves {domain}")))
+}
+
+async fn kill(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Process>, ApiError> {
+    let id = parse_id(&id)?;
+    Ok(Json(api.supervisor.kill(&id).await?))
+}
+
+async fn remove(State(api): State<Api>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    api.supervisor.remove(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn logs(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    query: Result<Query<LogsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let Query(query) = query?;
+    if api.supervisor.find(&ProcessKey::Id(id.clone())).is_none() {
+        return Err(SupervisorError::NotFound(id).into());
+    }
+    let stream = api
+        .supervisor
+        .logs()
+        .stream(&id, query.lines, query.follow)
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read the log: {e}"),
+            )
+        })?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}

@@ -1,0 +1,214 @@
+//! The agent's configuration: a TOML file, every field defaulted but the node's name.
+//!
+//! ```toml
+//! name = "laptop"                  # the node's stable name (P2PRC `Name`)
+//! listen = "127.0.0.1:7440"        # the control API (HTTPS); port 0 picks a free one
+//! data_dir = "/var/lib/p2f"        # records, bundles, logs
+//! cluster_dir = "/etc/p2f/cluster" # ca.pem, secret (and ca.key on the root); default DATA_DIR/cluster
+//! bare_metal = true                # P2PRC's BareMetal
+//! unsafe_mode = true               # P2PRC's UnsafeMode
+//!
+//! [supervisor]
+//! health_interval = "5s"           # between health checks; 3 failures in a row fail the process
+//! memory_interval = "5s"           # between RSS refreshes
+//! log_max_bytes = 10485760         # a log file is rotated past this size
+//! log_keep = 3                     # rotated files kept
+//! deploy_timeout = "30m"           # the longest a deploy step may take
+//! nix_options = { substituters = "" }  # `nix build --option NAME VALUE` pairs
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use p2f_model::NodeName;
+use serde::{Deserialize, Serialize};
+
+/// The default API port.
+pub const DEFAULT_PORT: u16 = 7440;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+/// How the agent runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The node's name.
+    pub name: NodeName,
+    /// Where the control API listens.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The address other nodes and clients reach this node at (host only); default: the
+    /// listen address's IP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// Records, bundles and logs.
+    pub data_dir: PathBuf,
+    /// The cluster's trust files; default `DATA_DIR/cluster`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_dir: Option<PathBuf>,
+    /// P2PRC's `BareMetal`.
+    #[serde(default = "yes")]
+    pub bare_metal: bool,
+    /// P2PRC's `UnsafeMode`.
+    #[serde(default = "yes")]
+    pub unsafe_mode: bool,
+    /// Supervisor settings.
+    #[serde(default)]
+    pub supervisor: SupervisorConfig,
+}
+
+/// How the supervisor watches processes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisorConfig {
+    /// Time between health checks.
+    #[serde(with = "p2f_model::duration::serde_str")]
+    pub health_interval: Duration,
+    /// Failed checks in a row that fail a process.
+    pub health_failures: u32,
+    /// Time between memory refreshes.
+    #[serde(with = "p2f_model::duration::serde_str")]
+    pub memory_interval: Duration,
+    /// A log file is rotated when it grows past this many bytes.
+    pub log_max_bytes: u64,
+    /// Rotated log files kept per process.
+    pub log_keep: u32,
+    /// The longest a deploy step (nix build, a playbook) may take.
+    #[serde(with = "p2f_model::duration::serde_str")]
+    pub deploy_timeout: Duration,
+    /// `--option NAME VALUE` pairs for `nix build`, e.g. `{ substituters = "" }` to build offline.
+    pub nix_options: BTreeMap<String, String>,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            health_interval: Duration::from_secs(5),
+            health_failures: 3,
+            memory_interval: Duration::from_secs(5),
+            log_max_bytes: 10 * 1024 * 1024,
+            log_keep: 3,
+            deploy_timeout: Duration::from_secs(30 * 60),
+            nix_options: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl AgentConfig {
+    /// A configuration with defaults for everything but the name and the data directory.
+    pub fn new(name: NodeName, data_dir: impl Into<PathBuf>) -> AgentConfig {
+        AgentConfig {
+            name,
+            listen: default_listen(),
+            advertise: None,
+            data_dir: data_dir.into(),
+            cluster_dir: None,
+            bare_metal: true,
+            unsafe_mode: true,
+            supervisor: SupervisorConfig::default(),
+        }
+    }
+
+    /// Reads a TOML file. Relative directories in it are taken from the file's directory.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = AgentConfig::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.data_dir = base.join(&config.data_dir);
+        config.cluster_dir = config.cluster_dir.map(|dir| base.join(dir));
+        Ok(config)
+    }
+
+    /// Parses TOML text; the error is TOML's message (line, column, what was expected).
+    pub fn parse(text: &str) -> Result<AgentConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// The TOML text of this configuration.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Where the cluster's trust files are.
+    pub fn cluster_dir(&self) -> PathBuf {
+        self.cluster_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("cluster"))
+    }
+
+    /// The host other machines reach this node at.
+    pub fn advertised_host(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.ip().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minimal_file_gets_defaults() {
+        let config = AgentConfig::parse("name = \"pi\"\ndata_dir = \"/tmp/x\"\n").expect("parse");
+        assert_eq!(
+            config,
+            AgentConfig::new(NodeName::from_static("pi"), "/tmp/x")
+        );
+        let again = AgentConfig::parse(&config.to_toml()).expect("round trip");
+        assert_eq!(again, config);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let cases = [
+            ("name = \"pi\"\n", "missing field `data_dir`"),
+            (
+                "name = \"pi\"\ndata_dir = \"d\"\nlisten = \"nope\"\n",
+                "invalid socket address",
+            ),
+            (
+                "name = \"pi\"\ndata_dir = \"d\"\nport = 1\n",
+                "unknown field `port`",
+            ),
+            (
+                "name = \"pi\"\ndata_dir = \"d\"\n[supervisor]\nhealth_interval = \"5 parsecs\"\n",
+                "health_interval",
+            ),
+            ("name = \"bad name!\"\ndata_dir = \"d\"\n", "name"),
+        ];
+        for (text, want) in cases {
+            let err = AgentConfig::parse(text).expect_err(text);
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! Strategies: how a process's bundle is unpacked and deployed on this node before its command
+//! starts (`Shell` nothing, `Script` runs the embedded file, `Nix` builds the flake, `Ansible`
+//! runs the playbook on localhost, `Custom` runs its command). A deploy step runs once per
+//! placement (generation); a marker file in the bundle directory remembers that it succeeded.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use p2f_model::{Failure, Process, Strategy, is_local_nix_path, normalize_bundle_path};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+
+use super::os;
+
+/// The marker a successful deploy step leaves in the bundle directory.
+const MARKER: &str = ".p2f-deployed";
+/// Where `nix build` links its output.
+const NIX_LINK: &str = ".p2f-nix-result";
+/// How much of a failed deploy step's output the failure keeps.
+const TAIL_BYTES: usize = 2048;
+
+/// What a deploy step leaves for the start command.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Prepared {
+    /// The unpacked bundle (`P2F_BUNDLE`, and the command's working directory).
+    pub bundle_dir: PathBuf,
+    /// The built Nix output (`P2F_NIX_OUT`).
+    pub nix_out: Option<PathBuf>,
+}
+
+/// Settings of the deploy steps.
+#[derive(Debug, Clone, Default)]
+pub struct DeployOptions {
+    /// `--option NAME VALUE` pairs for `nix build` (e.g. `substituters = ""` offline).
+    pub nix_options: BTreeMap<String, String>,
+    /// The longest a deploy step may take.
+    pub timeout: Duration,
+}
+
+/// The variables every command of a process sees (DESIGN §2).
+pub fn environment(process: &Process, prepared: &Prepared) -> Vec<(String, String)> {
+    let mut vars = vec![
+        ("P2F_SERVICE".to_owned(), process.name().to_owned()),
+        ("P2F_NODE".to_owned(), process.node.name.to_string()),
+        ("P2F_PROCESS_ID".to_owned(), process.id.to_string()),
+        ("P2F_GENERATION".to_owned(), process.generation.to_string()),
+        (
+            "P2F_BUNDLE".to_owned(),
+            prepared.bundle_dir.display().to_string(),
+        ),
+    ];
+    if let Some(port) = process.port {
+        vars.push(("PORT".to_owned(), port.to_string()));
+    }
+    if let Some(out) = &prepared.nix_out {
+        vars.push(("P2F_NIX_OUT".to_owned(), out.display().to_string()));
+    }
+    for var in process.spec.env() {
+        vars.push((var.name().to_owned(), var.value().to_owned()));
+    }
+    vars
+}
+
+/// The bundle directory of a placement.
+pub fn bundle_dir(root: &Path, process: &Process) -> PathBuf {
+    root.join(process.id.as_str())
+        .join(format!("g{}", process.generation))
+}
+
+/// A deploy step already done for this placement, if its marker is there.
+pub fn already_deployed(root: &Path, process: &Process) -> Option<Prepared> {
+    let marker = bundle_dir(root, process).join(MARKER);
+    let text = std::fs::read(marker).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Unpacks the bundle and runs the strategy's deploy step, writing its output to `log`.
+pub async fn deploy(
+    root: &Path,
+    process: &Process,
+    log: &std::fs::File,
+    options: &DeployOptions,
+) -> Result<Prepared, Failure> {
+    let dir = bundle_dir(root, process);
+    unpack(&dir, process)
+        .map_err(|e| deploy_failed(None, format!("cannot unpack the bundle: {e}")))?;
+    let mut prepared = Prepared {
+        bundle_dir: dir.clone(),
+        nix_out: None,
+    };
+    let step: Option<Vec<String>> = match process.spec.strategy() {
+        Strategy::Shell => None,
+        Strategy::Script(file) => Some(vec![
+            "sh".into(),
+            dir.join(normalize_bundle_path(file)).display().to_string(),
+        ]),
+        Strategy::Custom(command) => Some(vec!["sh".into(), "-c".into(), command.to_string()]),
+        Strategy::Ansible(playbook) => Some(vec![
+            "ansible-playbook".into(),
+            "-i".into(),
+            "localhost,".into(),
+            "-c".into(),
+            "local".into(),
+            dir.join(normalize_bundle_path(playbook))
+                .display()
+                .to_string(),
+        ]),
+        Strategy::Nix(installable) => {
+            let target = if is_local_nix_path(installable) {
+                format!(
+                    "path:{}",
+                    dir.join(normalize_bundle_path(installable)).display()
+                )
+            } else {
+                installable.to_string()
+            };
+            let mut args: Vec<String> = vec![
+                "nix".into(),
+                "--extra-experimental-features".into(),
+                "nix-command flakes".into(),
+                "build".into(),
+                target,
+                "--out-link".into(),
+                dir.join(NIX_LINK).display().to_string(),
+            ];
+            for (name, value) in &options.nix_options {
+                args.extend(["--option".into(), name.clone(), value.clone()]);
+            }
+            Some(args)
+        }
+    };
+    if let Some(argv) = step {
+        let env = environment(process, &prepared);
+        run_step(&argv, &dir, &env, log, options.timeout).await?;
+    }
+    if matches!(process.spec.strategy(), Strategy::Nix(_)) {
+        let out = std::fs::read_link(dir.join(NIX_LINK))
+            .map_err(|e| deploy_failed(Some(0), format!("nix build left no result link: {e}")))?;
+        prepared.nix_out = Some(out);
+    }
+    let marker = serde_json::to_vec(&prepared).unwrap_or_default();
+    std::fs::write(dir.join(MARKER), marker)
+        .map_err(|e| deploy_failed(None, format!("cannot write {MARKER}: {e}")))?;
+    Ok(prepared)
+}
+
+/// Writes every bundle file under `dir` (paths normalized, so none leaves it); files that start
+/// with `#!` are executable.
+fn unpack(dir: &Path, process: &Process) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for file in process.spec.bundle().files() {
+        let relative = normalize_bundle_path(file.path());
+        if relative.is_empty() {
+            continue;
+        }
+        let path = dir.join(&relative);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mode = if file.contents().starts_with(b"#!") {
+            0o755
+        } else {
+            0o644
+        };
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)?;
+        out.write_all(file.contents())?;
+    }
+    Ok(())
+}
+
+/// Runs one deploy command in its own process group, output to the log and the last bytes of
+/// it kept for the failure; killed (the whole group) after `timeout`.
+async fn run_step(
+    argv: &[String],
+    dir: &Path,
+    env: &[(String, String)],
+    log: &std::fs::File,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let Some((program, args)) = argv.split_first() else {
+        return Ok(());
+    };
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .current_dir(dir)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = command.spawn().map_err(|e| {
+        let hint = match program.as_str() {
+            "nix" => " (install Debian's nix-bin)",
+            "ansible-playbook" => " (install Debian's ansible-core)",
+            _ => "",
+        };
+        deploy_failed(None, format!("cannot run {program}: {e}{hint}"))
+    })?;
+    let pgid = child.id();
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let (log_a, log_b) = match (log.try_clone(), log.try_clone()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return Err(deploy_failed(None, e.to_string())),
+    };
+    let copy_out = tokio::spawn(copy_tail(stdout, log_a));
+    let copy_err = tokio::spawn(copy_tail(stderr, log_b));
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => Some(status),
+        Ok(Err(e)) => return Err(deploy_failed(None, e.to_string())),
+        Err(_elapsed) => {
+            if let Some(pgid) = pgid {
+                let _ = os::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
+            }
+            let _ = child.wait().await;
+            None
+        }
+    };
+    let out_tail = copy_out.await.unwrap_or_default();
+    let err_tail = copy_err.await.unwrap_or_default();
+    if let Some(pgid) = pgid {
+        // Nothing the step started outlives it.
+        let _ = os::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
+    }
+    match status {
+        Some(status) if status.success() => Ok(()),
+        Some(status) => {
+            let tail = if err_tail.trim().is_empty() {
+                out_tail
+            } else {
+                err_tail
+            };
+            Err(deploy_failed(status.code(), tail))
+        }
+        None => Err(deploy_failed(
+            None,
+            format!(
+                "{program} did not finish within {}",
+                p2f_model::format_duration(timeout)
+            ),
+        )),
+    }
+}
+
+/// Copies a pipe to the log file and returns its last [`TAIL_BYTES`] as text.
+async fn copy_tail(pipe: Option<impl AsyncRead + Unpin>, mut log: std::fs::File) -> String {
+    let Some(mut pipe) = pipe else {
+        return String::new();
+    };
+    let mut tail: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let _ = log.write_all(&buf[..n]);
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > TAIL_BYTES {
+                    tail.drain(..tail.len() - TAIL_BYTES);
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&tail).into_owned()
+}
+
+fn deploy_failed(exit: Option<i32>, stderr_tail: impl Into<String>) -> Failure {
+    Failure::DeployFailed {
+        exit,
+        stderr_tail: stderr_tail.into(),
+    }
+}

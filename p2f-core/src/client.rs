@@ -1,0 +1,276 @@
+//! The `Network` handle: a client of any node's control API, giving the seed's four
+//! operations (`spin_process`, `kill_process`, `process_information`, `list_processes`) plus
+//! logs and the node's own entry. HTTPS with the cluster CA only; every request carries the
+//! cluster secret.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use p2f_model::{Finding, Node, Process, ProcessId, ProcessKey, ProcessSpec};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+
+use crate::cluster::{ClusterError, ClusterFiles, Secret, client_config};
+use crate::wire::{ErrorBody, LogsQuery, SpinQuery, SpinRequest};
+
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a call to the network failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The cluster's trust files.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    /// The node could not be reached.
+    #[error("cannot reach the node at {address}: {detail}")]
+    Unreachable { address: String, detail: String },
+    /// The node answered with an error.
+    #[error("{status}: {message}")]
+    Api {
+        status: u16,
+        message: String,
+        findings: Vec<(String, Finding)>,
+    },
+    /// The answer was not what the API promises.
+    #[error("unexpected answer from {address}: {detail}")]
+    Protocol { address: String, detail: String },
+    /// A node has no API address to reach it at.
+    #[error("node {0} publishes no API address")]
+    NoApiAddress(String),
+}
+
+impl ClientError {
+    /// The HTTP status of an API error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A client of the network, through one node's control API.
+#[derive(Debug, Clone)]
+pub struct Network {
+    http: reqwest::Client,
+    address: String,
+    secret: std::sync::Arc<Secret>,
+}
+
+impl Network {
+    /// A client of the node at `address` (`host:port`), trusting only `ca_pem`.
+    pub fn connect(address: &str, secret: Secret, ca_pem: &str) -> Result<Network, ClientError> {
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(client_config(ca_pem)?)
+            .no_proxy()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| ClientError::Unreachable {
+                address: address.to_owned(),
+                detail: e.to_string(),
+            })?;
+        Ok(Network {
+            http,
+            address: address.to_owned(),
+            secret: std::sync::Arc::new(secret),
+        })
+    }
+
+    /// A client of the node at `address` with the trust files in `cluster`.
+    pub fn with_cluster_files(
+        address: &str,
+        cluster: &ClusterFiles,
+    ) -> Result<Network, ClientError> {
+        let (ca, secret) = cluster.load()?;
+        Network::connect(address, secret, ca.cert_pem())
+    }
+
+    /// The node this client talks to.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The same client, talking to another node.
+    pub fn at(&self, address: &str) -> Network {
+        Network {
+            address: address.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// The P2PRC entry of the node this client talks to.
+    pub async fn node(&self) -> Result<Node, ClientError> {
+        self.call(Method::GET, "/v1/node", None::<&()>).await
+    }
+
+    /// Runs `spec` on `node` and returns its record once it runs (or failed, or is being
+    /// restarted after a failure).
+    pub async fn spin_process(
+        &self,
+        spec: &ProcessSpec,
+        node: &Node,
+    ) -> Result<Process, ClientError> {
+        let address = node
+            .api_address()
+            .ok_or_else(|| ClientError::NoApiAddress(node.name.to_string()))?;
+        let request = SpinRequest {
+            spec: spec.clone(),
+            id: None,
+            generation: None,
+        };
+        self.at(&address)
+            .spin(&request, SpinQuery { wait: true })
+            .await
+    }
+
+    /// `POST /v1/processes` on this client's node.
+    pub async fn spin(
+        &self,
+        request: &SpinRequest,
+        query: SpinQuery,
+    ) -> Result<Process, ClientError> {
+        let path = if query.wait {
+            "/v1/processes?wait=true"
+        } else {
+            "/v1/processes"
+        };
+        self.call(Method::POST, path, Some(request)).await
+    }
+
+    /// Stops a process; returns its record, `Stopped`.
+    pub async fn kill_process(&self, process: &Process) -> Result<Process, ClientError> {
+        let path = format!("/v1/processes/{}/kill", process.id);
+        self.call(Method::POST, &path, None::<&()>).await
+    }
+
+    /// Stops a process and deletes its record, bundle and logs.
+    pub async fn remove_process(&self, id: &ProcessId) -> Result<(), ClientError> {
+        let path = format!("/v1/processes/{id}");
+        let response = self.send(Method::DELETE, &path, None::<&()>).await?;
+        expect_success(&self.address, response).await.map(drop)
+    }
+
+    /// The record of the process `key` names, if there is one.
+    pub async fn process_information(
+        &self,
+        key: ProcessKey,
+    ) -> Result<Option<Process>, ClientError> {
+        let path = match &key {
+            ProcessKey::Id(id) => format!("/v1/processes/{id}"),
+            ProcessKey::Domain(domain) => format!("/v1/domains/{domain}"),
+        };
+        match self.call(Method::GET, &path, None::<&()>).await {
+            Ok(process) => Ok(Some(process)),
+            Err(ClientError::Api { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every process record.
+    pub async fn list_processes(&self) -> Result<Vec<Process>, ClientError> {
+        self.call(Method::GET, "/v1/processes", None::<&()>).await
+    }
+
+    /// The last `lines` lines of a process's output, then (with `follow`) new output as it is
+    /// written.
+    pub async fn logs(
+        &self,
+        id: &ProcessId,
+        query: LogsQuery,
+    ) -> Result<impl Stream<Item = Result<Bytes, ClientError>> + use<>, ClientError> {
+        let path = format!(
+            "/v1/processes/{id}/logs?lines={}&follow={}",
+            query.lines, query.follow
+        );
+        let response = self.send(Method::GET, &path, None::<&()>).await?;
+        let response = expect_success(&self.address, response).await?;
+        let address = self.address.clone();
+        Ok(response.bytes_stream().map(move |chunk| {
+            chunk.map_err(|e| ClientError::Unreachable {
+                address: address.clone(),
+                detail: e.to_string(),
+            })
+        }))
+    }
+
+    async fn send<B: serde::Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let url = format!("https://{}{path}", self.address);
+        let mut request = self
+            .http
+            .request(method, &url)
+            .bearer_auth(self.secret.expose());
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        request.send().await.map_err(|e| ClientError::Unreachable {
+            address: self.address.clone(),
+            detail: error_chain(&e),
+        })
+    }
+
+    async fn call<T: DeserializeOwned, B: serde::Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let response = self.send(method, path, body).await?;
+        let response = expect_success(&self.address, response).await?;
+        response.json().await.map_err(|e| ClientError::Protocol {
+            address: self.address.clone(),
+            detail: error_chain(&e),
+        })
+    }
+}
+
+/// The response if it is a success; its error body as a `ClientError` otherwise.
+async fn expect_success(
+    address: &str,
+    response: reqwest::Response,
+) -> Result<reqwest::Response, ClientError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let text = response.text().await.unwrap_or_default();
+    let (message, findings) = match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(body) => (body.error, body.findings),
+        Err(_) if text.trim().is_empty() => (
+            status.canonical_reason().unwrap_or("error").to_owned(),
+            Vec::new(),
+        ),
+        Err(_) => (text.trim().to_owned(), Vec::new()),
+    };
+    if status == StatusCode::UNAUTHORIZED {
+        tracing::debug!(address, "the node refused the cluster secret");
+    }
+    Err(ClientError::Api {
+        status: status.as_u16(),
+        message,
+        findings,
+    })
+}
+
+/// An error with its causes, on one line (reqwest's own message hides the TLS reason).
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,70 @@
+//! The control API's request and response bodies, shared by the agent and the client so the
+//! two cannot drift. `docs/api.md` describes them for people.
+
+use p2f_model::{Finding, ProcessId, ProcessSpec};
+use serde::{Deserialize, Serialize};
+
+/// The API's version prefix.
+pub const PREFIX: &str = "/v1";
+
+/// The largest request body the agent reads (a spec with its embedded bundle).
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+/// `POST /v1/processes`: run a spec on this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpinRequest {
+    /// What to run.
+    pub spec: ProcessSpec,
+    /// The process's id; a fresh one when absent. The root sets it when it places a process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<ProcessId>,
+    /// The placement's generation; 1 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+/// Query of `POST /v1/processes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpinQuery {
+    /// Answer only when the process runs, failed, or is being restarted (not just recorded).
+    #[serde(default)]
+    pub wait: bool,
+}
+
+/// Query of `GET /v1/processes/{id}/logs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    /// How many of the last lines to send first.
+    #[serde(default = "default_lines")]
+    pub lines: usize,
+    /// Keep the response open and send new output as it is written.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+impl Default for LogsQuery {
+    fn default() -> Self {
+        LogsQuery {
+            lines: default_lines(),
+            follow: false,
+        }
+    }
+}
+
+fn default_lines() -> usize {
+    100
+}
+
+/// Every error the API answers with: one line saying what is wrong, and for an invalid spec
+/// every finding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, in one line.
+    pub error: String,
+    /// For `422 Unprocessable Entity` on an invalid spec: each finding with its path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub findings: Vec<(String, Finding)>,
+}
