@@ -221,9 +221,7 @@ fn hostname() -> Result<String> {
 async fn run_node(config_path: &Path) -> Result<()> {
     let config = AgentConfig::load(config_path)
         .map_err(anyhow::Error::from)
-        .with_context(|| {
-            format!("cannot start the agent (create a cluster with `p2f init`, or pass --config)")
-        })?;
+        .context("cannot start the agent (create a cluster with `p2f init`, or pass --config)")?;
     let agent = Agent::start(config).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

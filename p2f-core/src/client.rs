@@ -68,6 +68,8 @@ impl Network {
             .no_proxy()
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
+            // Below the server's 30 s idle limit, so a pooled connection is never reused as it closes.
+            .pool_idle_timeout(Duration::from_secs(20))
             .build()
             .map_err(|e| ClientError::Unreachable {
                 address: address.to_owned(),

@@ -1,7 +1,9 @@
 //! P2F's integration tests: one binary, one module per concern.
 
+mod agent;
 mod macro_expand;
 mod macro_ui;
 mod model;
 mod p2prc;
 mod rules;
+mod support;

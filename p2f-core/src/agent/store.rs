@@ -34,7 +34,7 @@ pub enum StoreError {
     },
     /// Another agent (another process, or another `Store` in this one) has the file open.
     #[error(
-        "the record store {} is in use by another agent (pid lock): stop it or use another state directory",
+        "the record store {} is in use by another agent (it holds the file lock): stop that agent or use another state directory",
         path.display()
     )]
     InUse { path: PathBuf },

@@ -185,8 +185,18 @@ impl Supervisor {
             }
             (_, Some(local)) => {
                 tracing::info!(id = %process.id, pid = local.pgid, "re-adopted a running process");
+                if matches!(entry.process.status, Status::Pending | Status::Deploying) {
+                    // The agent died between starting it and recording that it runs.
+                    let at = now();
+                    entry.process.status = Status::Running;
+                    entry.process.started_at = Some(at);
+                    entry
+                        .process
+                        .record(at, EventKind::Started { pid: local.pgid });
+                }
                 entry.process.pid = Some(local.pgid);
                 entry.local = Some(local);
+                self.inner.store.put(&entry)?;
                 Some(Begin::Adopt(local))
             }
             (_, None) => {

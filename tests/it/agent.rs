@@ -1,0 +1,665 @@
+//! The node agent as a real OS process (`p2f node run`): the seed's four operations, logs,
+//! exact failures, restarts per policy, surviving SIGKILL of the agent, and bad input.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use p2f::core::ClientError;
+use p2f::core::wire::{LogsQuery, SpinQuery, SpinRequest};
+use p2f::model::{EventKind, Failure, Health, ProcessKey, ProcessSpec, RestartPolicy, Status};
+
+use crate::support::{TestAgent, eventually, signal};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn spin_request(spec: ProcessSpec) -> SpinRequest {
+    SpinRequest {
+        spec,
+        id: None,
+        generation: None,
+    }
+}
+
+/// A free TCP port on loopback (bound and released).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spin_list_info_kill_and_logs() {
+    let agent = TestAgent::start("solo").await;
+    let net = agent.network();
+    let port = free_port();
+    let web = ProcessSpec::new("web", "exec python3 -m http.server $PORT --bind 127.0.0.1")
+        .with_port(port)
+        .with_domain("web.home.arpa")
+        .with_health(Health::Http("/".into()));
+    let ticker = ProcessSpec::new(
+        "ticker",
+        "i=0; while true; do i=$((i+1)); echo tick $i from $P2F_SERVICE; sleep 0.05; done",
+    );
+    let node = net.node().await.expect("node entry");
+    assert_eq!(node.name.as_str(), "solo");
+    assert!(
+        node.api_address().is_some(),
+        "the node publishes its API address"
+    );
+
+    let web = net.spin_process(&web, &node).await.expect("spin web");
+    assert_eq!(web.status, Status::Running, "{web:#?}");
+    assert_eq!(web.port, Some(port));
+    let ticker = net.spin_process(&ticker, &node).await.expect("spin ticker");
+    assert!(ticker.is_running());
+
+    let all = net.list_processes().await.expect("list");
+    assert_eq!(all.len(), 2);
+    let by_id = net
+        .process_information(ProcessKey::Id(web.id.clone()))
+        .await
+        .expect("info")
+        .expect("found by id");
+    assert_eq!(by_id.id, web.id);
+    let by_domain = net
+        .process_information(ProcessKey::Domain("WEB.home.arpa".into()))
+        .await
+        .expect("info")
+        .expect("found by domain");
+    assert_eq!(by_domain.id, web.id);
+    let missing = net
+        .process_information(ProcessKey::Domain("nothing.home.arpa".into()))
+        .await
+        .expect("info");
+    assert!(missing.is_none());
+
+    // It turns healthy, really serves, and its memory is measured.
+    let web = agent
+        .wait_for(&web.id, WAIT, "web healthy with memory", |p| {
+            p.events.iter().any(|e| e.kind == EventKind::Healthy) && p.memory_bytes > 0
+        })
+        .await;
+    let body = http_get(port).await;
+    assert!(body.contains("Directory listing"), "{body}");
+    assert!(web.memory_bytes > 1024 * 1024, "{}", web.memory_bytes);
+
+    // Logs: the tail, then follow.
+    let ticker_id = ticker.id.clone();
+    let tail = eventually("ticker output", WAIT, || {
+        let net = net.clone();
+        let id = ticker_id.clone();
+        async move {
+            let stream = net
+                .logs(
+                    &id,
+                    LogsQuery {
+                        lines: 3,
+                        follow: false,
+                    },
+                )
+                .await
+                .ok()?;
+            let chunks: Vec<_> = stream.collect().await;
+            let text: String = chunks
+                .into_iter()
+                .filter_map(Result::ok)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .collect();
+            (text.lines().count() == 3).then_some(text)
+        }
+    })
+    .await;
+    assert!(
+        tail.lines()
+            .all(|l| l.starts_with("tick ") && l.ends_with("from ticker")),
+        "{tail}"
+    );
+    let mut follow = Box::pin(
+        net.logs(
+            &ticker.id,
+            LogsQuery {
+                lines: 0,
+                follow: true,
+            },
+        )
+        .await
+        .expect("follow"),
+    );
+    let mut seen = String::new();
+    while seen.lines().count() < 5 {
+        let chunk = tokio::time::timeout(WAIT, follow.next())
+            .await
+            .expect("new output in time")
+            .expect("stream open")
+            .expect("chunk");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(follow);
+
+    // Kill: stopped, the record stays, no OS process is left.
+    let killed = net.kill_process(&ticker).await.expect("kill");
+    assert_eq!(killed.status, Status::Stopped);
+    assert_eq!(
+        killed.events.last().map(|e| &e.kind),
+        Some(&EventKind::Killed)
+    );
+    assert!(agent.os_processes(&ticker.id).is_empty());
+    let killed = net.kill_process(&web).await.expect("kill");
+    assert_eq!(killed.status, Status::Stopped);
+    assert!(agent.os_processes(&web.id).is_empty());
+    assert_eq!(net.list_processes().await.expect("list").len(), 2);
+    // Removing forgets it.
+    net.remove_process(&ticker.id).await.expect("remove");
+    assert_eq!(net.list_processes().await.expect("list").len(), 1);
+}
+
+async fn http_get(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("send");
+    let mut body = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut body))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_3_is_recorded_exactly_and_restarted_per_policy() {
+    let agent = TestAgent::start("crashy").await;
+    let net = agent.network();
+    let spec =
+        ProcessSpec::new("crash", "sleep 0.1; exit 3").with_restart(RestartPolicy::OnFailure(2));
+    let p = net
+        .spin(&spin_request(spec), SpinQuery::default())
+        .await
+        .expect("spin");
+    let p = agent
+        .wait_for(&p.id, WAIT, "crash to give up", |p| p.status.is_final())
+        .await;
+    assert_eq!(p.status, Status::Failed(Failure::Exited { code: 3 }));
+    assert_eq!(p.restarts, 2);
+    assert_eq!(p.last_failure, Some(Failure::Exited { code: 3 }));
+    let kinds: Vec<&str> = p
+        .events
+        .iter()
+        .map(|e| match &e.kind {
+            EventKind::Started { .. } => "started",
+            EventKind::Exited { .. } => "exited",
+            EventKind::Restarted { .. } => "restarted",
+            EventKind::Placed { .. } => "placed",
+            EventKind::Deployed => "deployed",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "placed",
+            "deployed",
+            "started",
+            "exited",
+            "restarted",
+            "started",
+            "exited",
+            "restarted",
+            "started",
+            "exited"
+        ]
+    );
+    let delays: Vec<u64> = p
+        .events
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Restarted { delay_ms, .. } => Some(delay_ms),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delays, [100, 200], "exponential backoff from 100 ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_process_is_recorded_and_restarted() {
+    let agent = TestAgent::start("victim").await;
+    let net = agent.network();
+    let spec = ProcessSpec::new("sleeper", "exec sleep 1000");
+    let node = net.node().await.expect("node");
+    let p = net.spin_process(&spec, &node).await.expect("spin");
+    let first_pid = p.pid.expect("pid");
+    assert_eq!(agent.os_processes(&p.id), [first_pid]);
+    signal(first_pid, 9);
+    let p = agent
+        .wait_for(&p.id, WAIT, "a restart with a new pid", |p| {
+            p.is_running() && p.pid != Some(first_pid)
+        })
+        .await;
+    assert_eq!(p.last_failure, Some(Failure::Killed { signal: 9 }));
+    assert_eq!(p.restarts, 1);
+    assert_eq!(agent.os_processes(&p.id), [p.pid.expect("pid")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn formal_failures_command_not_found_port_in_use_health_check() {
+    let agent = TestAgent::start("failing").await;
+    let net = agent.network();
+    let spin = |spec: ProcessSpec| {
+        let net = net.clone();
+        async move {
+            net.spin(&spin_request(spec), SpinQuery::default())
+                .await
+                .expect("spin")
+        }
+    };
+    // A command that does not exist: not retried in place.
+    let missing = spin(ProcessSpec::new("ghost", "no-such-command-p2f --flag")).await;
+    // A port another program holds.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy_port = holder.local_addr().expect("addr").port();
+    let busy = spin(
+        ProcessSpec::new("busy", "exec sleep 1000")
+            .with_port(busy_port)
+            .with_restart(RestartPolicy::Never),
+    )
+    .await;
+    // A health check that keeps failing.
+    let sick = spin(
+        ProcessSpec::new("sick", "exec sleep 1000")
+            .with_health(Health::Cmd("exit 7".into()))
+            .with_restart(RestartPolicy::Never),
+    )
+    .await;
+
+    let missing = agent
+        .wait_for(&missing.id, WAIT, "ghost to fail", |p| p.status.is_final())
+        .await;
+    assert_eq!(missing.status, Status::Failed(Failure::CommandNotFound));
+    assert_eq!(missing.restarts, 0);
+
+    let busy = agent
+        .wait_for(&busy.id, WAIT, "busy to fail", |p| p.status.is_final())
+        .await;
+    assert_eq!(
+        busy.status,
+        Status::Failed(Failure::PortInUse { port: busy_port })
+    );
+    assert!(agent.os_processes(&busy.id).is_empty(), "it never started");
+
+    let sick = agent
+        .wait_for(&sick.id, WAIT, "sick to fail", |p| p.status.is_final())
+        .await;
+    assert_eq!(
+        sick.status,
+        Status::Failed(Failure::HealthCheckFailed {
+            check: "cmd `exit 7`".into(),
+            detail: "exited with code 7".into()
+        })
+    );
+    assert!(
+        agent.os_processes(&sick.id).is_empty(),
+        "its group was stopped"
+    );
+    drop(holder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_command_and_grace() {
+    let agent = TestAgent::start("stopper").await;
+    let net = agent.network();
+    // Ignores SIGTERM: killed after its grace, and the record says so.
+    let stubborn = ProcessSpec::new("stubborn", "trap '' TERM; while true; do sleep 0.05; done")
+        .with_grace(Duration::from_millis(300));
+    // Has a stop command that gets PID.
+    let polite = ProcessSpec::new("polite", "exec sleep 1000")
+        .with_stop("echo stopping $PID >> stop.txt; kill -TERM $PID");
+    let node = net.node().await.expect("node");
+    let stubborn = net.spin_process(&stubborn, &node).await.expect("spin");
+    let polite = net.spin_process(&polite, &node).await.expect("spin");
+    let polite_pid = polite.pid.expect("pid");
+
+    let started = std::time::Instant::now();
+    let stubborn = net.kill_process(&stubborn).await.expect("kill");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(stubborn.status, Status::Stopped);
+    assert_eq!(stubborn.last_failure, Some(Failure::StopTimedOut));
+    assert!(agent.os_processes(&stubborn.id).is_empty());
+
+    let polite = net.kill_process(&polite).await.expect("kill");
+    assert_eq!(polite.status, Status::Stopped);
+    assert_eq!(polite.last_failure, None);
+    let bundle = agent
+        .config
+        .data_dir
+        .join("bundles")
+        .join(polite.id.as_str())
+        .join("g1");
+    let said = std::fs::read_to_string(bundle.join("stop.txt"))
+        .expect("stop command ran in the bundle dir");
+    assert_eq!(said.trim(), format!("stopping {polite_pid}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_and_custom_strategies_see_their_bundle_and_variables() {
+    use p2f::model::{Bundle, BundleFile, Strategy};
+    let agent = TestAgent::start("deployer").await;
+    let net = agent.network();
+    let script =
+        b"#!/bin/sh\necho \"installed for $P2F_SERVICE gen $P2F_GENERATION\" > installed.txt\n";
+    let spec = ProcessSpec::new("scripted", "cat installed.txt; echo port=$PORT node=$P2F_NODE id=$P2F_PROCESS_ID mode=$MODE; exec sleep 1000")
+        .with_strategy(Strategy::Script("deploy/install.sh".into()))
+        .with_bundle(Bundle::owned(vec![BundleFile::owned("deploy/install.sh", script.to_vec())]))
+        .with_port(free_port())
+        .with_health(Health::None)
+        .with_env("MODE", "home");
+    let node = net.node().await.expect("node");
+    let p = net.spin_process(&spec, &node).await.expect("spin");
+    assert!(p.is_running(), "{p:#?}");
+    let text = eventually("scripted output", WAIT, || {
+        let (net, id) = (net.clone(), p.id.clone());
+        async move {
+            let chunks: Vec<_> = net
+                .logs(&id, LogsQuery::default())
+                .await
+                .ok()?
+                .collect()
+                .await;
+            let text: String = chunks
+                .into_iter()
+                .filter_map(Result::ok)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .collect();
+            text.contains("mode=").then_some(text)
+        }
+    })
+    .await;
+    let port = p.port.expect("port");
+    assert!(text.contains("installed for scripted gen 1"), "{text}");
+    assert!(
+        text.contains(&format!("port={port} node=deployer id={} mode=home", p.id)),
+        "{text}"
+    );
+
+    let failing = ProcessSpec::new("custom", "exec sleep 1000").with_strategy(Strategy::Custom(
+        "echo building; echo 'error: no compiler' >&2; exit 4".into(),
+    ));
+    let f = net.spin_process(&failing, &node).await.expect("spin");
+    let f = agent
+        .wait_for(&f.id, WAIT, "custom deploy to fail", |p| {
+            p.status.is_final()
+        })
+        .await;
+    assert_eq!(
+        f.last_failure,
+        Some(Failure::DeployFailed {
+            exit: Some(4),
+            stderr_tail: "error: no compiler\n".into()
+        })
+    );
+    assert_eq!(
+        f.status.to_string(),
+        "failed: deploy step failed with exit code 4: error: no compiler"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_agent_loses_nothing_and_duplicates_nothing() {
+    let mut agent = TestAgent::start("phoenix").await;
+    let node = agent.network().node().await.expect("node");
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let spec = ProcessSpec::new(format!("svc{i}"), "exec sleep 1000").with_port(free_port());
+        let p = agent
+            .network()
+            .spin_process(&spec, &node)
+            .await
+            .expect("spin");
+        ids.push((p.id.clone(), p.pid.expect("pid"), p.port));
+    }
+    // One more, which dies while the agent is down: it must come back with its id and port.
+    let doomed = ProcessSpec::new("doomed", "exec sleep 1000").with_port(free_port());
+    let doomed = agent
+        .network()
+        .spin_process(&doomed, &node)
+        .await
+        .expect("spin");
+    let agent_pid = agent.pid();
+    agent.sigkill();
+    assert!(
+        std::fs::metadata(format!("/proc/{agent_pid}")).is_err(),
+        "agent is gone"
+    );
+    signal(doomed.pid.expect("pid"), 9);
+
+    agent.spawn().await;
+    let net = agent.network();
+    let all = net.list_processes().await.expect("list");
+    assert_eq!(all.len(), 4, "every record is still there");
+    for (id, pid, port) in &ids {
+        let p = all.iter().find(|p| &p.id == id).expect("record");
+        assert_eq!(
+            (p.pid, p.port, &p.status),
+            (Some(*pid), *port, &Status::Running),
+            "re-adopted"
+        );
+        assert_eq!(agent.os_processes(id), [*pid], "not started twice");
+    }
+    let back = agent
+        .wait_for(&doomed.id, WAIT, "doomed to run again", |p| {
+            p.is_running() && p.pid != doomed.pid
+        })
+        .await;
+    assert_eq!(
+        (back.port, back.generation),
+        (doomed.port, doomed.generation)
+    );
+    assert_eq!(agent.os_processes(&doomed.id).len(), 1);
+    // A re-adopted process is still supervised: its crash is seen and it restarts.
+    let (id, pid, _) = &ids[0];
+    signal(*pid, 9);
+    let p = agent
+        .wait_for(id, WAIT, "re-adopted process restarted", |p| {
+            p.is_running() && p.pid != Some(*pid)
+        })
+        .await;
+    assert_eq!(p.last_failure, Some(Failure::Vanished));
+    // And SIGTERM stops the agent cleanly, leaving the processes running.
+    let status = agent.sigterm();
+    assert!(status.success(), "{status}");
+    assert_eq!(agent.os_processes(&ids[1].0), [ids[1].1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_agent_while_it_writes() {
+    let mut agent = TestAgent::start("busy-writer").await;
+    let net = agent.network().clone();
+    // Spins in flight when the agent dies: every one it answered must survive, none twice.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let net = net.clone();
+        tasks.spawn(async move {
+            let spec =
+                ProcessSpec::new(format!("w{i}"), "exec sleep 1000").with_health(Health::None);
+            net.spin(&spin_request(spec), SpinQuery::default()).await
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    agent.sigkill();
+    let mut answered = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        if let Ok(Ok(p)) = result {
+            answered.push(p.id);
+        }
+    }
+    agent.spawn().await;
+    let net = agent.network();
+    let all = net.list_processes().await.expect("list");
+    for id in &answered {
+        assert!(
+            all.iter().any(|p| &p.id == id),
+            "{id} was acknowledged, then lost"
+        );
+    }
+    // Everything recorded runs exactly once, once the agent settled.
+    for p in &all {
+        let p = agent
+            .wait_for(&p.id, WAIT, "every record running", |p| p.is_running())
+            .await;
+        assert_eq!(agent.os_processes(&p.id), [p.pid.expect("pid")], "{}", p.id);
+    }
+    eprintln!(
+        "agent killed mid-write: {} spins acknowledged, {} records after restart",
+        answered.len(),
+        all.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_clearly_and_changes_nothing() {
+    let agent = TestAgent::start("strict").await;
+    let net = agent.network();
+    let ca = std::fs::read_to_string(agent.config.cluster_dir().join("ca.pem")).expect("ca");
+    let secret =
+        std::fs::read_to_string(agent.config.cluster_dir().join("secret")).expect("secret");
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(p2f::core::cluster::client_config(&ca).expect("tls"))
+        .build()
+        .expect("client");
+    let url = format!("https://{}/v1/processes", net.address());
+    let post = |body: Vec<u8>, auth: Option<String>| {
+        let mut request = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        async move {
+            let response = request.send().await.expect("an answer");
+            let status = response.status().as_u16();
+            (status, response.text().await.expect("body"))
+        }
+    };
+    let bearer = Some(format!("Bearer {}", secret.trim()));
+    // (what, body, Authorization header, status, the error says)
+    type Case<'a> = (&'a str, Vec<u8>, Option<String>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "malformed JSON",
+            b"{\"spec\": {".to_vec(),
+            bearer.clone(),
+            400,
+            "EOF",
+        ),
+        (
+            "unknown field",
+            br#"{"spec":{"name":"a","start":"true"},"colour":"red"}"#.to_vec(),
+            bearer.clone(),
+            422,
+            "unknown field `colour`",
+        ),
+        (
+            "wrong secret",
+            b"{}".to_vec(),
+            Some("Bearer nope".into()),
+            401,
+            "wrong cluster secret",
+        ),
+        (
+            "no secret",
+            b"{}".to_vec(),
+            None,
+            401,
+            "missing cluster secret",
+        ),
+    ];
+    for (what, body, auth, status, says) in cases {
+        let (got, text) = post(body, auth).await;
+        assert_eq!(got, status, "{what}: {text}");
+        let parsed: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{what}: JSON error body: {text}"));
+        let message = parsed["error"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{what}: {message}");
+    }
+    // A 10 MiB body, sent by curl (reqwest stops at the broken pipe when the agent refuses to
+    // read the rest, and never shows the answer; curl, like most clients, reads it).
+    let big = agent.dir.path().join("big.json");
+    std::fs::write(&big, vec![b' '; 10 * 1024 * 1024]).expect("write body");
+    let curl = std::process::Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code}", "--cacert"])
+        .arg(agent.config.cluster_dir().join("ca.pem"))
+        .args(["-H", &format!("Authorization: Bearer {}", secret.trim())])
+        .args(["-H", "Content-Type: application/json", "--data-binary"])
+        .arg(format!("@{}", big.display()))
+        .arg(&url)
+        .output()
+        .expect("curl (Debian package curl)");
+    let answer = String::from_utf8_lossy(&curl.stdout);
+    assert!(
+        answer.ends_with("\n413"),
+        "{answer} {}",
+        String::from_utf8_lossy(&curl.stderr)
+    );
+    assert!(
+        answer.contains("request body is larger than 8 MiB"),
+        "{answer}"
+    );
+    // An invalid spec: 422 listing every finding.
+    let bad =
+        br#"{"spec":{"name":"bad","start":"","port":0,"domain":"-x-.home","env":{"1BAD":"v"}}}"#;
+    let (status, text) = post(bad.to_vec(), bearer.clone()).await;
+    assert_eq!(status, 422, "{text}");
+    let body: p2f::core::wire::ErrorBody = serde_json::from_str(&text).expect("error body");
+    let paths: Vec<&str> = body
+        .findings
+        .iter()
+        .map(|(path, _)| path.as_str())
+        .collect();
+    assert_eq!(body.findings.len(), 4, "every finding: {paths:?}");
+    assert_eq!(body.error, "invalid spec: 4 findings");
+    // The client reports it the same way.
+    let invalid = ProcessSpec::new("bad", "true").with_domain("nope..example");
+    match net.spin(&spin_request(invalid), SpinQuery::default()).await {
+        Err(ClientError::Api {
+            status: 422,
+            findings,
+            ..
+        }) => assert!(!findings.is_empty()),
+        other => panic!("expected 422, got {other:?}"),
+    }
+    // A wrong secret through the client: 401 on every route.
+    let wrong =
+        p2f::core::Network::connect(net.address(), p2f::core::cluster::Secret::generate(), &ca)
+            .expect("client");
+    assert_eq!(
+        wrong.list_processes().await.map_err(|e| e.status()).err(),
+        Some(Some(401))
+    );
+    assert_eq!(
+        wrong.node().await.map_err(|e| e.status()).err(),
+        Some(Some(401))
+    );
+    // Plain HTTP on the TLS port: a clear answer.
+    let plain = plain_http(net.address()).await;
+    assert!(plain.starts_with("HTTP/1.1 400"), "{plain}");
+    assert!(plain.contains("HTTPS only"), "{plain}");
+    // Nothing changed and the agent still answers.
+    assert!(net.list_processes().await.expect("list").is_empty());
+}
+
+async fn plain_http(address: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /v1/processes HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}

@@ -1,0 +1,318 @@
+//! Test harness: real `p2f` agents as OS processes, each in its own temporary directory, and
+//! the OS processes they started found by their `P2F_BUNDLE` (which lies in that directory).
+//! Dropping a `TestAgent` kills the agent and every process group it started, by pid.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use p2f::core::Network;
+use p2f::core::agent::AgentConfig;
+use p2f::core::cluster::ClusterFiles;
+use p2f::model::{Process, ProcessId};
+
+/// The `p2f` binary, built once per test run (it lives in another package of the workspace, so
+/// cargo does not build it for this test binary by itself).
+pub(crate) fn p2f_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/debug/deps/it-HASH -> target/debug
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/PROFILE directory")
+            .to_owned();
+        let target_dir = profile_dir.parent().expect("target directory").to_owned();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "p2f-cli", "--bin", "p2f"])
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build for the p2f binary");
+        assert!(status.success(), "building the p2f binary failed");
+        profile_dir.join("p2f")
+    })
+}
+
+/// Polls `probe` every 20 ms until it returns `Some`, at most `timeout`.
+pub(crate) async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `p2f node run` process with its own cluster and data directory.
+pub(crate) struct TestAgent {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) config_path: PathBuf,
+    pub(crate) config: AgentConfig,
+    child: Option<Child>,
+    network: Option<Network>,
+}
+
+impl TestAgent {
+    /// `p2f init` then `p2f node run`, with fast health checks for tests.
+    pub(crate) async fn start(name: &str) -> TestAgent {
+        TestAgent::start_with(name, |_| {}).await
+    }
+
+    /// Like `start`, with the config adjusted first.
+    pub(crate) async fn start_with(name: &str, tweak: impl FnOnce(&mut AgentConfig)) -> TestAgent {
+        let dir = tempfile::Builder::new()
+            .prefix("p2f-it-")
+            .tempdir()
+            .expect("tempdir");
+        let home = dir.path().join("node");
+        let out = Command::new(p2f_bin())
+            .args(["init", "--name", name, "--listen", "127.0.0.1:0", "--dir"])
+            .arg(&home)
+            .output()
+            .expect("run p2f init");
+        assert!(
+            out.status.success(),
+            "p2f init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let config_path = home.join("node.toml");
+        let mut config = AgentConfig::load(&config_path).expect("load the config init wrote");
+        config.supervisor.health_interval = Duration::from_millis(200);
+        config.supervisor.memory_interval = Duration::from_millis(500);
+        tweak(&mut config);
+        let mut written = config.clone();
+        written.data_dir = PathBuf::from(".");
+        written.cluster_dir = None;
+        std::fs::write(&config_path, written.to_toml()).expect("write config");
+        let mut agent = TestAgent {
+            dir,
+            config_path,
+            config,
+            child: None,
+            network: None,
+        };
+        agent.spawn().await;
+        agent
+    }
+
+    /// Starts the agent process (again) and waits until its API answers.
+    pub(crate) async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the agent already runs");
+        let addr_file = self.config.data_dir.join("api.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .expect("agent log");
+        let child = Command::new(p2f_bin())
+            .args(["node", "run", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info,p2f_core=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn p2f node run");
+        self.child = Some(child);
+        let address = eventually("the agent's api.addr", Duration::from_secs(20), || {
+            let text = std::fs::read_to_string(&addr_file).ok();
+            if text.is_none() {
+                self.assert_alive();
+            }
+            async move { text }
+        })
+        .await;
+        let cluster = ClusterFiles::new(self.config.cluster_dir());
+        let network =
+            Network::with_cluster_files(address.trim(), &cluster).expect("client of the agent");
+        eventually("the agent's API", Duration::from_secs(10), || {
+            let network = network.clone();
+            async move { network.list_processes().await.ok() }
+        })
+        .await;
+        self.network = Some(network);
+    }
+
+    fn assert_alive(&mut self) {
+        if let Some(child) = &mut self.child
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            panic!("the agent exited ({status}):\n{}", self.agent_log());
+        }
+    }
+
+    /// The agent's own log (for failure messages).
+    pub(crate) fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// A client of this agent.
+    pub(crate) fn network(&self) -> &Network {
+        self.network.as_ref().expect("the agent runs")
+    }
+
+    /// The agent's pid.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the agent runs").id()
+    }
+
+    /// SIGKILLs the agent (its processes keep running).
+    pub(crate) fn sigkill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.network = None;
+    }
+
+    /// SIGTERMs the agent and waits for it to exit; returns its exit status.
+    pub(crate) fn sigterm(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the agent runs");
+        signal(child.id(), libc_signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.network = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "agent ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the record of `id` satisfies `done`.
+    pub(crate) async fn wait_for(
+        &self,
+        id: &ProcessId,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&Process) -> bool,
+    ) -> Process {
+        let network = self.network().clone();
+        let key = p2f::model::ProcessKey::Id(id.clone());
+        let last = std::sync::Mutex::new(None);
+        let found = tokio::time::timeout(
+            timeout,
+            eventually(what, timeout + Duration::from_secs(1), || {
+                let (network, key) = (network.clone(), key.clone());
+                let last = &last;
+                let done = &done;
+                async move {
+                    let process = network.process_information(key).await.ok().flatten()?;
+                    let ok = done(&process);
+                    *last.lock().expect("lock") = Some(process.clone());
+                    ok.then_some(process)
+                }
+            }),
+        )
+        .await;
+        match found {
+            Ok(process) => process,
+            Err(_) => panic!(
+                "timed out waiting for {what}; last record: {:#?}\nagent log:\n{}",
+                last.lock().expect("lock"),
+                self.agent_log()
+            ),
+        }
+    }
+
+    /// Group leaders of the OS processes this agent started for `id` (by their environment).
+    pub(crate) fn os_processes(&self, id: &ProcessId) -> Vec<u32> {
+        started_by(self.dir.path())
+            .into_iter()
+            .filter(|(_, env)| env.iter().any(|v| v == &format!("P2F_PROCESS_ID={id}")))
+            .map(|(pid, _)| pid)
+            .filter(|pid| pgid_of(*pid) == Some(*pid))
+            .collect()
+    }
+
+    /// Every OS process group this agent started.
+    pub(crate) fn all_groups(&self) -> Vec<u32> {
+        let mut groups: Vec<u32> = started_by(self.dir.path())
+            .into_iter()
+            .filter_map(|(pid, _)| pgid_of(pid))
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        groups
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.sigkill();
+        for pgid in self.all_groups() {
+            signal(pgid, -libc_signal::KILL);
+        }
+    }
+}
+
+/// Signal numbers, without a libc dependency.
+pub(crate) mod libc_signal {
+    pub(crate) const TERM: i32 = 15;
+    pub(crate) const KILL: i32 = 9;
+}
+
+/// `kill(pid, sig)`; a negative `sig` signals the process group `pid`.
+pub(crate) fn signal(pid: u32, sig: i32) {
+    let (target, sig) = if sig < 0 {
+        (format!("-{pid}"), -sig)
+    } else {
+        (pid.to_string(), sig)
+    };
+    let _ = Command::new("kill")
+        .args([format!("-{sig}"), "--".into(), target])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Processes whose `P2F_BUNDLE` lies under `dir`, with their environment.
+fn started_by(dir: &Path) -> Vec<(u32, Vec<String>)> {
+    let marker = format!("P2F_BUNDLE={}", dir.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let vars: Vec<String> = environ
+                .split(|b| *b == 0)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect();
+            vars.iter()
+                .any(|v| v.starts_with(&marker))
+                .then_some((pid, vars))
+        })
+        .filter(|(pid, _)| !is_zombie(*pid))
+        .collect()
+}
+
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+fn is_zombie(pid: u32) -> bool {
+    stat_fields(pid).is_none_or(|f| f.first().is_some_and(|s| s == "Z"))
+}
+
+/// The process group of `pid`.
+pub(crate) fn pgid_of(pid: u32) -> Option<u32> {
+    stat_fields(pid)?.get(2)?.parse().ok()
+}
