@@ -23,6 +23,14 @@
 //! time by [`deployment!`] and at run time by [`Deployment::validate`](model::Deployment::validate).
 
 pub use p2f_core as core;
+
+/// The command line of a deployment binary: `p2f::cli::run(&DEPLOYMENT).await`.
+pub mod cli {
+    pub use p2f_cli::{Args, Command, Embedded, Error, execute, run};
+}
+
+/// `Result` of [`cli::run`].
+pub type Result<T, E = cli::Error> = std::result::Result<T, E>;
 pub use p2f_macros::deployment;
 pub use p2f_model as model;
 

@@ -27,8 +27,8 @@ pub enum ClientError {
     /// The node could not be reached.
     #[error("cannot reach the node at {address}: {detail}")]
     Unreachable { address: String, detail: String },
-    /// The node answered with an error.
-    #[error("{status}: {message}")]
+    /// The node answered with an error (an invalid spec lists each finding).
+    #[error("{message}{}", findings_text(.findings))]
     Api {
         status: u16,
         message: String,
@@ -40,6 +40,13 @@ pub enum ClientError {
     /// A node has no API address to reach it at.
     #[error("node {0} publishes no API address")]
     NoApiAddress(String),
+}
+
+fn findings_text(findings: &[(String, Finding)]) -> String {
+    findings
+        .iter()
+        .map(|(path, finding)| format!("; {path}: {finding}"))
+        .collect()
 }
 
 impl ClientError {

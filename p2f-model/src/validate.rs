@@ -214,10 +214,19 @@ impl Deployment {
 }
 
 impl ProcessSpec {
-    /// Checks the rules that concern one spec alone; `Err` lists every finding.
+    /// Checks the rules that concern one spec alone (not `after`, which names other services
+    /// of its deployment); `Err` lists every finding.
     pub fn validate(&self) -> Result<(), Invalid> {
         let single = Deployment::owned(Vec::new(), vec![self.clone()]);
-        single.validate()
+        let mut findings = Vec::new();
+        single_spec(0, self, &mut findings);
+        if findings.is_empty() {
+            Ok(())
+        } else {
+            Err(Invalid {
+                findings: findings.into_iter().map(|f| (f.path(&single), f)).collect(),
+            })
+        }
     }
 }
 

@@ -6,4 +6,5 @@ mod macro_ui;
 mod model;
 mod p2prc;
 mod rules;
+mod strategies;
 mod support;

@@ -35,6 +35,8 @@ use super::strategy::{self, DeployOptions, Prepared};
 /// A process that ran this long without a health check counts as healthy again (its restarts in
 /// a row start over).
 const MIN_UPTIME: Duration = Duration::from_secs(10);
+/// How often a process is checked until it is first healthy.
+const STARTUP_CHECK: Duration = Duration::from_millis(250);
 /// How often a re-adopted process (not our child) is looked at.
 const ADOPTED_POLL: Duration = Duration::from_millis(500);
 /// How long after SIGKILL a process group may take to disappear.
@@ -755,8 +757,14 @@ async fn watch_process(
 ) -> Outcome {
     let health = entry.process.spec.health();
     let port = entry.process.port;
+    // Until it is first healthy, check often and give it `interval × failures` to get there
+    // (a slow start is not a failure); after that, every `interval`, failing after `failures`
+    // in a row.
     let interval = inner.settings.health_interval;
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let threshold = inner.settings.health_failures.max(1);
+    let startup = tokio::time::Instant::now() + interval * threshold;
+    let fast = interval.min(STARTUP_CHECK);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + fast, fast);
     let mut check: Option<Check> = None;
     let mut failures = 0;
     let mut healthy = false;
@@ -798,6 +806,7 @@ async fn watch_process(
                         failures = 0;
                         if !healthy {
                             healthy = true;
+                            ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
                             entry.process.record(now(), EventKind::Healthy);
                             inner.commit(entry).await;
                         }
@@ -805,7 +814,12 @@ async fn watch_process(
                     Err(detail) => {
                         failures += 1;
                         tracing::debug!(id = %entry.process.id, failures, "health check failed: {detail}");
-                        if failures >= inner.settings.health_failures.max(1) {
+                        let spent = if healthy {
+                            failures >= threshold
+                        } else {
+                            tokio::time::Instant::now() >= startup
+                        };
+                        if spent {
                             let failure = Failure::HealthCheckFailed {
                                 check: health::describe(&health, port),
                                 detail,

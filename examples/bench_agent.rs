@@ -1,0 +1,942 @@
+//! Benchmark of the node agent (DESIGN.md §9): spin latency (API call → `Running`) against
+//! spawning the same command directly, the first restart after a crash, and the agent's idle
+//! RSS and CPU with 0 and with 50 supervised processes — each against a real release
+//! `p2f node run` process on 127.0.0.1, each beside its baseline from the same run.
+//!
+//! Run it with `bash bench/agent/run.sh`, which builds `p2f` and this example in release and
+//! passes `--p2f`. By hand:
+//!
+//! ```text
+//! cargo run --release --example bench_agent -- --p2f target/release/p2f \
+//!     [--data-root /var/tmp] [--spins 200] [--restarts 20] [--procs 50] [--idle-secs 30] \
+//!     [--only spin,restart,idle] [--strace]
+//! ```
+//!
+//! Every process it starts carries `P2F_BENCH=<its temp dir>` in its environment (the agent's
+//! children inherit it) and is killed by pid when the run ends, also on error, panic, Ctrl-C or
+//! SIGTERM. `bench_agent sweep DIR` kills whatever a SIGKILLed run left under `DIR`.
+//! `bench_agent listen PORT` is the tiny TCP listener the idle benchmark supervises.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Seek, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use comfy_table::{Cell, Table, presets::ASCII_MARKDOWN};
+use p2f::core::Network;
+use p2f::core::agent::AgentConfig;
+use p2f::core::cluster::ClusterFiles;
+use p2f::core::wire::{SpinQuery, SpinRequest};
+use p2f::model::{EventKind, Health, Process, ProcessId, ProcessKey, ProcessSpec, Status};
+
+/// The environment variable that marks every process of a run (value: the run's temp dir).
+const MARKER: &str = "P2F_BENCH";
+/// Spins (and direct spawns) done first and not counted: TLS handshake, page cache, allocator.
+const WARM_UP: usize = 5;
+/// The longest any one API call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// The longest a restart may take before the trial counts as failed.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the restart trial polls the record.
+const POLL: Duration = Duration::from_millis(1);
+const SIGKILL: i32 = 9;
+
+unsafe extern "C" {
+    /// `kill(2)` from the C library std already links; a negative pid signals a process group.
+    safe fn kill(pid: i32, signal: i32) -> i32;
+}
+
+/// Sends SIGKILL to `pid` (or to the group `-pid`); refuses 0 and ±1.
+fn sigkill(pid: i64) {
+    if pid.abs() > 1
+        && let Ok(pid) = i32::try_from(pid)
+    {
+        kill(pid, SIGKILL);
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Options {
+    p2f: PathBuf,
+    data_root: PathBuf,
+    spins: usize,
+    restarts: usize,
+    procs: usize,
+    idle: Duration,
+    only: Vec<String>,
+    strace: bool,
+}
+
+impl Options {
+    fn parse(mut args: impl Iterator<Item = String>) -> Result<Options> {
+        let mut options = Options {
+            p2f: PathBuf::new(),
+            data_root: PathBuf::from("/var/tmp"),
+            spins: 200,
+            restarts: 20,
+            procs: 50,
+            idle: Duration::from_secs(30),
+            only: vec!["spin".into(), "restart".into(), "idle".into()],
+            strace: false,
+        };
+        while let Some(flag) = args.next() {
+            if flag == "--strace" {
+                options.strace = true;
+                continue;
+            }
+            let value = args.next().ok_or_else(|| anyhow!("{flag} needs a value"))?;
+            let number = || {
+                value
+                    .parse::<usize>()
+                    .with_context(|| format!("{flag} {value}"))
+            };
+            match flag.as_str() {
+                "--p2f" => options.p2f = PathBuf::from(&value),
+                "--data-root" => options.data_root = PathBuf::from(&value),
+                "--spins" => options.spins = number()?,
+                "--restarts" => options.restarts = number()?,
+                "--procs" => options.procs = number()?,
+                "--idle-secs" => options.idle = Duration::from_secs(number()? as u64),
+                "--only" => options.only = value.split(',').map(str::to_owned).collect(),
+                other => bail!("unknown option {other}"),
+            }
+        }
+        ensure!(
+            options.p2f.is_file(),
+            "--p2f must name the p2f binary (got {:?})",
+            options.p2f
+        );
+        Ok(options)
+    }
+
+    fn runs(&self, part: &str) -> bool {
+        self.only.iter().any(|p| p == part)
+    }
+}
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        Some("listen") => listen(&args.next().context("listen PORT")?),
+        Some("sweep") => {
+            let dir = args.next().context("sweep DIR")?;
+            let killed = sweep(Path::new(&dir));
+            println!("killed {killed} leftover processes under {dir}");
+            Ok(())
+        }
+        first => {
+            let options = Options::parse(first.map(str::to_owned).into_iter().chain(args))?;
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(interruptible(options))
+        }
+    }
+}
+
+/// The benchmark, ended (and so cleaned up, by the guards' `Drop`) on Ctrl-C or SIGTERM.
+async fn interruptible(options: Options) -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = run(options) => result,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        _ = term.recv() => bail!("terminated"),
+    }
+}
+
+/// `listen PORT`: accepts and drops TCP connections on 127.0.0.1:PORT until killed.
+fn listen(port: &str) -> Result<()> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port.parse::<u16>()?))?;
+    for stream in listener.incoming() {
+        drop(stream);
+    }
+    Ok(())
+}
+
+async fn run(options: Options) -> Result<()> {
+    let p2f = std::fs::canonicalize(&options.p2f)?;
+    std::fs::create_dir_all(&options.data_root)?;
+    let scratch = tempfile::Builder::new()
+        .prefix("p2f-bench-agent-")
+        .tempdir_in(&options.data_root)?;
+    println!(
+        "data dirs under {} (load average before: {})",
+        scratch.path().display(),
+        load_average()
+    );
+    let mut report = Report::default();
+
+    if options.runs("idle") {
+        // A fresh agent, so its 0-process figure is the agent as a user starts it.
+        let agent = BenchAgent::start(&p2f, &scratch.path().join("idle")).await?;
+        let result = idle(&agent, &options, &mut report).await;
+        agent.fail_with_log(result)?;
+    }
+    if options.runs("spin") || options.runs("restart") {
+        let agent = BenchAgent::start(&p2f, &scratch.path().join("spin")).await?;
+        if options.runs("spin") {
+            let result = spin_latency(&agent, &options, &mut report).await;
+            agent.fail_with_log(result)?;
+        }
+        if options.runs("restart") {
+            let result = restart(&agent, &options, &mut report).await;
+            agent.fail_with_log(result)?;
+        }
+        let rss = agent.usage().map(|u| u.rss_kib).unwrap_or(0);
+        report.notes.push(format!(
+            "agent RSS after the spin and restart runs (0 processes left): {}",
+            mib(rss)
+        ));
+    }
+    report
+        .notes
+        .push(format!("load average after: {}", load_average()));
+    report.print();
+    Ok(())
+}
+
+/// Nearest-rank percentiles of a sample of durations.
+#[derive(Debug, Clone)]
+struct Sample(Vec<Duration>);
+
+impl Sample {
+    fn new(mut values: Vec<Duration>) -> Sample {
+        values.sort_unstable();
+        Sample(values)
+    }
+
+    fn pct(&self, p: f64) -> Duration {
+        let n = self.0.len();
+        if n == 0 {
+            return Duration::ZERO;
+        }
+        let rank = ((p / 100.0) * n as f64).ceil() as usize;
+        self.0[rank.clamp(1, n) - 1]
+    }
+
+    fn max(&self) -> Duration {
+        self.0.last().copied().unwrap_or_default()
+    }
+
+    /// `p50 / p99 / max` in ms.
+    fn summary(&self) -> String {
+        format!(
+            "{} / {} / {} ms (n={})",
+            ms(self.pct(50.0)),
+            ms(self.pct(99.0)),
+            ms(self.max()),
+            self.0.len()
+        )
+    }
+}
+
+fn ms(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1e3;
+    if ms < 10.0 {
+        format!("{ms:.2}")
+    } else {
+        format!("{ms:.1}")
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// The rows of the final table and the lines printed under it.
+#[derive(Debug, Default)]
+struct Report {
+    rows: Vec<[String; 5]>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn row(&mut self, figure: &str, agent: String, baseline: String, goal: &str, verdict: &str) {
+        self.rows.push([
+            figure.to_owned(),
+            agent,
+            baseline,
+            goal.to_owned(),
+            verdict.to_owned(),
+        ]);
+    }
+
+    fn print(&self) {
+        let mut table = Table::new();
+        table.load_preset(ASCII_MARKDOWN).set_header(vec![
+            "figure",
+            "agent",
+            "baseline (same run)",
+            "goal",
+            "verdict",
+        ]);
+        for row in &self.rows {
+            table.add_row(row.iter().map(Cell::new));
+        }
+        println!("\n{table}");
+        for note in &self.notes {
+            println!("- {note}");
+        }
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}
+
+/// A `p2f node run` process in its own directory; dropping it SIGKILLs the agent and every
+/// process the run started under that directory.
+struct BenchAgent {
+    dir: PathBuf,
+    child: Child,
+    network: Network,
+    config: AgentConfig,
+}
+
+impl BenchAgent {
+    /// `p2f init` then `p2f node run` with the default configuration; waits until the API answers.
+    async fn start(p2f: &Path, dir: &Path) -> Result<BenchAgent> {
+        let home = dir.join("node");
+        std::fs::create_dir_all(dir)?;
+        let out = Command::new(p2f)
+            .args([
+                "init",
+                "--name",
+                "bench",
+                "--listen",
+                "127.0.0.1:0",
+                "--dir",
+            ])
+            .arg(&home)
+            .output()
+            .context("run p2f init")?;
+        ensure!(
+            out.status.success(),
+            "p2f init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let config_path = home.join("node.toml");
+        let config = AgentConfig::load(&config_path)?;
+        let log = File::create(dir.join("agent.log"))?;
+        let child = Command::new(p2f)
+            .args(["node", "run", "--config"])
+            .arg(&config_path)
+            .env(MARKER, dir)
+            .env(
+                "RUST_LOG",
+                std::env::var("AGENT_LOG").unwrap_or("info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn p2f node run")?;
+        let addr_file = config.data_dir.join("api.addr");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut agent = loop {
+            if let Ok(text) = std::fs::read_to_string(&addr_file)
+                && !text.trim().is_empty()
+            {
+                let cluster = ClusterFiles::new(config.cluster_dir());
+                let network = Network::with_cluster_files(text.trim(), &cluster)?;
+                break BenchAgent {
+                    dir: dir.to_owned(),
+                    child,
+                    network,
+                    config,
+                };
+            }
+            if Instant::now() > deadline {
+                let mut child = child;
+                let _ = child.kill();
+                bail!("the agent wrote no api.addr within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        if let Some(status) = agent.child.try_wait()? {
+            bail!("the agent exited: {status}");
+        }
+        agent
+            .call(agent.network.list_processes())
+            .await
+            .context("the agent's API does not answer")?;
+        Ok(agent)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// One API call, bounded by [`CALL_TIMEOUT`].
+    async fn call<T, E: std::error::Error + Send + Sync + 'static>(
+        &self,
+        call: impl Future<Output = Result<T, E>>,
+    ) -> Result<T> {
+        Ok(tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .context("API call timed out")??)
+    }
+
+    /// Spins `spec` and waits until it runs; fails unless it does.
+    async fn spin_running(&self, spec: &ProcessSpec) -> Result<Process> {
+        let process = self
+            .call(
+                self.network
+                    .spin(&spin_request(spec), SpinQuery { wait: true }),
+            )
+            .await?;
+        ensure!(
+            process.status == Status::Running && process.pid.is_some(),
+            "spin did not reach Running: {process:?}"
+        );
+        Ok(process)
+    }
+
+    async fn remove(&self, id: &ProcessId) -> Result<()> {
+        self.call(self.network.remove_process(id)).await
+    }
+
+    async fn info(&self, id: &ProcessId) -> Result<Option<Process>> {
+        self.call(self.network.process_information(ProcessKey::Id(id.clone())))
+            .await
+    }
+
+    /// The agent's RSS and CPU time now.
+    fn usage(&self) -> Result<Usage> {
+        Usage::of(self.pid())
+    }
+
+    /// `result`, with the end of the agent's log added to an error.
+    fn fail_with_log<T>(&self, result: Result<T>) -> Result<T> {
+        result.map_err(|e| {
+            let log = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            e.context(format!("agent log (last lines):\n{}", tail.join("\n")))
+        })
+    }
+}
+
+impl Drop for BenchAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        sweep(&self.dir);
+    }
+}
+
+fn spin_request(spec: &ProcessSpec) -> SpinRequest {
+    SpinRequest {
+        spec: spec.clone(),
+        id: None,
+        generation: None,
+    }
+}
+
+/// SIGKILLs every process whose `P2F_BENCH` lies under `dir`; returns how many.
+fn sweep(dir: &Path) -> usize {
+    let marker = format!("{MARKER}={}", dir.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mine = std::process::id();
+    let mut killed = 0;
+    for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+        if pid == mine {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let marked = environ
+            .split(|b| *b == 0)
+            .any(|var| var.starts_with(marker.as_bytes()));
+        if marked {
+            sigkill(i64::from(pid));
+            killed += 1;
+        }
+    }
+    killed
+}
+
+/// Children this run spawned itself (the direct-spawn baseline): each is killed (its whole
+/// group) and reaped on drop.
+#[derive(Default)]
+struct Children(Vec<Child>);
+
+impl Children {
+    fn reap_all(&mut self) {
+        for mut child in self.0.drain(..) {
+            sigkill(-i64::from(child.id()));
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.reap_all();
+    }
+}
+
+/// Figure 1: API call → `Running`, against spawning `sh -c 'exec sleep 1000'` directly, with
+/// the parts it is made of measured in the same loop (interleaved, so load hits all alike).
+async fn spin_latency(agent: &BenchAgent, options: &Options, report: &mut Report) -> Result<()> {
+    let spec = ProcessSpec::new("spin", "exec sleep 1000").with_health(Health::None);
+    let missing = ProcessId::for_service("absent", 1);
+    let probe_path = agent.config.data_dir.join("fsync-probe");
+    let mut probe = File::create(&probe_path)?;
+    let block = vec![7u8; 4096];
+    let mut children = Children::default();
+    let direct_log = File::create(agent.dir.join("direct.log"))?;
+
+    let mut wait = Vec::new();
+    let mut no_wait = Vec::new();
+    let mut round_trip = Vec::new();
+    let mut direct = Vec::new();
+    let mut fsync = Vec::new();
+    let mut strace: Option<Child> = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    for i in 0..WARM_UP + options.spins {
+        ensure!(Instant::now() < deadline, "spin loop exceeded 10 minutes");
+        let counted = i >= WARM_UP;
+        if i == WARM_UP && options.strace {
+            strace = Some(attach_strace(agent)?);
+        }
+
+        // An API round trip that touches no record: GET of an id that does not exist (404).
+        let t = Instant::now();
+        let found = agent.info(&missing).await?;
+        let rtt = t.elapsed();
+        ensure!(found.is_none(), "{missing} exists");
+
+        // The record is on disk (`Pending`): spin without `wait`.
+        let t = Instant::now();
+        let pending = agent
+            .call(
+                agent
+                    .network
+                    .spin(&spin_request(&spec), SpinQuery { wait: false }),
+            )
+            .await?;
+        let recorded = t.elapsed();
+        wait_running(agent, &pending.id).await?;
+        agent.remove(&pending.id).await?;
+
+        // The figure: API call → `Running`.
+        let t = Instant::now();
+        let running = agent.spin_running(&spec).await?;
+        let spun = t.elapsed();
+        agent.remove(&running.id).await?;
+
+        // Baseline: the same command spawned directly, the way the agent does it.
+        let t = Instant::now();
+        let child = Command::new("sh")
+            .args(["-c", "exec sleep 1000"])
+            .env(MARKER, &agent.dir)
+            .stdin(Stdio::null())
+            .stdout(direct_log.try_clone()?)
+            .stderr(direct_log.try_clone()?)
+            .process_group(0)
+            .spawn()?;
+        let spawned = t.elapsed();
+        children.0.push(child);
+        children.reap_all();
+
+        // One durable 4 KiB write on the data dir's filesystem.
+        let t = Instant::now();
+        probe.rewind()?;
+        probe.write_all(&block)?;
+        probe.sync_data()?;
+        let synced = t.elapsed();
+
+        if counted {
+            round_trip.push(rtt);
+            no_wait.push(recorded);
+            wait.push(spun);
+            direct.push(spawned);
+            fsync.push(synced);
+        }
+    }
+    if let Some(strace) = strace {
+        report
+            .notes
+            .push(detach_strace(strace, agent, options.spins)?);
+    }
+    let _ = std::fs::remove_file(&probe_path);
+
+    let (wait, direct) = (Sample::new(wait), Sample::new(direct));
+    let overhead = wait.pct(50.0).saturating_sub(direct.pct(50.0));
+    report.row(
+        "spin latency, API call → Running (p50 / p99 / max)",
+        wait.summary(),
+        format!("direct spawn: {}", direct.summary()),
+        "overhead ≤ 5 ms p50",
+        &format!(
+            "{} (overhead {} ms)",
+            verdict(overhead <= Duration::from_millis(5)),
+            ms(overhead)
+        ),
+    );
+    report.row(
+        "  part: spin without wait (record Pending on disk)",
+        Sample::new(no_wait).summary(),
+        String::new(),
+        "",
+        "",
+    );
+    report.row(
+        "  part: API round trip, no write (GET, 404)",
+        Sample::new(round_trip).summary(),
+        String::new(),
+        "",
+        "",
+    );
+    report.row(
+        "  part: one 4 KiB write + fdatasync in the data dir",
+        Sample::new(fsync).summary(),
+        String::new(),
+        "",
+        "",
+    );
+    Ok(())
+}
+
+/// Polls the record until it is `Running`.
+async fn wait_running(agent: &BenchAgent, id: &ProcessId) -> Result<Process> {
+    let deadline = Instant::now() + CALL_TIMEOUT;
+    loop {
+        if let Some(process) = agent.info(id).await?
+            && process.status == Status::Running
+        {
+            return Ok(process);
+        }
+        ensure!(Instant::now() < deadline, "{id} did not reach Running");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// `strace -f -c` on the agent, for a count and time of its system calls during the spins.
+fn attach_strace(agent: &BenchAgent) -> Result<Child> {
+    let out = agent.dir.join("strace.txt");
+    let child = Command::new("strace")
+        .args(["-f", "-c", "-w", "-o"])
+        .arg(&out)
+        .args(["-p", &agent.pid().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("run strace")?;
+    // Give it time to attach to every thread.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(child)
+}
+
+/// Stops strace (SIGINT makes it write its summary) and returns the sync-related lines.
+fn detach_strace(mut strace: Child, agent: &BenchAgent, spins: usize) -> Result<String> {
+    let _ = Command::new("kill")
+        .args(["-INT", &strace.id().to_string()])
+        .status();
+    strace.wait()?;
+    let text = std::fs::read_to_string(agent.dir.join("strace.txt"))?;
+    let copy = agent.dir.with_file_name("strace-spin.txt");
+    std::fs::write(&copy, &text)?;
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| {
+            [
+                "fsync",
+                "fdatasync",
+                "sync_file_range",
+                "clone",
+                "execve",
+                "total",
+            ]
+            .iter()
+            .any(|call| l.ends_with(call))
+        })
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    Ok(format!(
+        "strace -f -c -w of the agent over {spins} × (spin no-wait + remove, spin + remove, GET): \
+         {} [% time, seconds, usecs/call, calls, errors, syscall]; full table in {}",
+        lines.join("; "),
+        copy.display()
+    ))
+}
+
+/// Figure 2: SIGKILL a running process; time until its record is `Running` with a new pid.
+async fn restart(agent: &BenchAgent, options: &Options, report: &mut Report) -> Result<()> {
+    let spec = ProcessSpec::new("crashy", "exec sleep 1000").with_health(Health::None);
+    let mut noticed = Vec::new();
+    let mut back = Vec::new();
+    let mut delays = BTreeMap::<u64, usize>::new();
+    for _ in 0..options.restarts {
+        let process = agent.spin_running(&spec).await?;
+        let old = process.pid.context("no pid")?;
+        let t = Instant::now();
+        sigkill(i64::from(old));
+        let mut seen_down = None;
+        let record = loop {
+            let record = agent.info(&process.id).await?.context("record vanished")?;
+            if record.status != Status::Running && seen_down.is_none() {
+                seen_down = Some(t.elapsed());
+            }
+            if record.status == Status::Running && record.pid.is_some_and(|p| p != old) {
+                break record;
+            }
+            ensure!(
+                t.elapsed() < RESTART_TIMEOUT,
+                "no restart within {RESTART_TIMEOUT:?}: {record:?}"
+            );
+            tokio::time::sleep(POLL).await;
+        };
+        back.push(t.elapsed());
+        noticed.push(seen_down.unwrap_or_default());
+        for event in &record.events {
+            if let EventKind::Restarted { delay_ms, .. } = event.kind {
+                *delays.entry(delay_ms).or_default() += 1;
+            }
+        }
+        agent.remove(&process.id).await?;
+    }
+    let back = Sample::new(back);
+    let noticed = Sample::new(noticed);
+    report.row(
+        "restart after SIGKILL → Running, new pid (p50 / p99 / max)",
+        back.summary(),
+        String::new(),
+        "first restart ≤ 150 ms",
+        verdict(back.max() <= Duration::from_millis(150)),
+    );
+    report.row(
+        "  part: SIGKILL → record no longer Running",
+        noticed.summary(),
+        String::new(),
+        "",
+        "",
+    );
+    report.notes.push(format!(
+        "restart delays the agent recorded (ms → count): {delays:?}; each trial is a fresh \
+         process's first restart (later restarts in a row wait 200, 400, … ms)"
+    ));
+    Ok(())
+}
+
+/// The agent's memory and CPU time, from `/proc/PID/status` and `/proc/PID/stat`.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    rss_kib: u64,
+    /// utime + stime, in clock ticks.
+    cpu_ticks: u64,
+    threads: u64,
+}
+
+impl Usage {
+    fn of(pid: u32) -> Result<Usage> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| -> Result<u64> {
+            let line = status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
+            Ok(line
+                .split_whitespace()
+                .nth(1)
+                .context("empty field")?
+                .parse()?)
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let rest = &stat[stat.rfind(')').context("stat")? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the command name.
+        let utime: u64 = fields.get(11).context("utime")?.parse()?;
+        let stime: u64 = fields.get(12).context("stime")?.parse()?;
+        Ok(Usage {
+            rss_kib: field("VmRSS:")?,
+            cpu_ticks: utime + stime,
+            threads: field("Threads:")?,
+        })
+    }
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`, 100 on Linux).
+fn clock_ticks() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// What one idle window measured.
+#[derive(Debug)]
+struct Idle {
+    rss_end_kib: u64,
+    rss_max_kib: u64,
+    cpu_percent: f64,
+    ticks: u64,
+    threads: u64,
+}
+
+/// Samples the agent every second for `length` without calling its API.
+async fn idle_window(agent: &BenchAgent, length: Duration) -> Result<Idle> {
+    let start = agent.usage()?;
+    let t = Instant::now();
+    let mut rss_max = start.rss_kib;
+    let mut last = start;
+    while t.elapsed() < length {
+        tokio::time::sleep(Duration::from_secs(1).min(length)).await;
+        last = agent.usage()?;
+        rss_max = rss_max.max(last.rss_kib);
+    }
+    let elapsed = t.elapsed().as_secs_f64();
+    let ticks = last.cpu_ticks - start.cpu_ticks;
+    Ok(Idle {
+        rss_end_kib: last.rss_kib,
+        rss_max_kib: rss_max,
+        cpu_percent: ticks as f64 / clock_ticks() as f64 / elapsed * 100.0,
+        ticks,
+        threads: last.threads,
+    })
+}
+
+/// A free TCP port on loopback (bound and released).
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Figure 3: the agent's RSS and CPU with 0 processes (baseline), then with `procs` of them,
+/// half of them TCP listeners checked by the default Tcp health check.
+async fn idle(agent: &BenchAgent, options: &Options, report: &mut Report) -> Result<()> {
+    let settings = &agent.config.supervisor;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let empty = idle_window(agent, options.idle).await?;
+
+    let me = std::fs::canonicalize(std::env::current_exe()?)?;
+    let mut ids = Vec::new();
+    let mut listeners = Vec::new();
+    let t = Instant::now();
+    for i in 0..options.procs {
+        let spec = if i % 2 == 0 {
+            ProcessSpec::new(format!("idle{i}"), "exec sleep 1000").with_health(Health::None)
+        } else {
+            // The default health check of a process with a port is Tcp.
+            ProcessSpec::new(
+                format!("listener{i}"),
+                format!("exec '{}' listen $PORT", me.display()),
+            )
+            .with_port(free_port()?)
+        };
+        let process = agent.spin_running(&spec).await?;
+        if spec.port().is_some() {
+            listeners.push(process.id.clone());
+        }
+        ids.push(process.id);
+    }
+    let spin_all = t.elapsed();
+    // Settle: every listener passed a health check, every process has a memory figure.
+    let deadline = Instant::now() + settings.health_interval * 4 + Duration::from_secs(10);
+    loop {
+        let all = agent.call(agent.network.list_processes()).await?;
+        let healthy = all
+            .iter()
+            .filter(|p| p.events.iter().any(|e| e.kind == EventKind::Healthy))
+            .count();
+        let measured = all.iter().filter(|p| p.memory_bytes > 0).count();
+        let running = all.iter().filter(|p| p.is_running()).count();
+        ensure!(
+            running == ids.len(),
+            "only {running} of {} processes run",
+            ids.len()
+        );
+        if healthy == listeners.len() && measured == ids.len() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "not settled: {healthy}/{} healthy, {measured}/{} measured",
+            listeners.len(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let busy = idle_window(agent, options.idle).await?;
+    let all = agent.call(agent.network.list_processes()).await?;
+    ensure!(
+        all.iter().filter(|p| p.is_running()).count() == ids.len(),
+        "a process stopped running during the idle window"
+    );
+    let t = Instant::now();
+    for id in &ids {
+        agent.remove(id).await?;
+    }
+    let remove_all = t.elapsed();
+
+    let intervals = format!(
+        "health every {}, memory every {}",
+        p2f::model::format_duration(settings.health_interval),
+        p2f::model::format_duration(settings.memory_interval)
+    );
+    report.row(
+        &format!(
+            "agent idle RSS, {} processes ({} Tcp-checked listeners)",
+            ids.len(),
+            listeners.len()
+        ),
+        format!(
+            "{} (max {} over {} s)",
+            mib(busy.rss_end_kib),
+            mib(busy.rss_max_kib),
+            options.idle.as_secs()
+        ),
+        format!(
+            "0 processes: {} (max {})",
+            mib(empty.rss_end_kib),
+            mib(empty.rss_max_kib)
+        ),
+        "≤ 20 MB (k3s agent ≈ 275 MB, Nomad ≈ 50 MB+)",
+        verdict(busy.rss_max_kib * 1024 <= 20_000_000),
+    );
+    report.row(
+        &format!("agent idle CPU, {} processes ({intervals})", ids.len()),
+        format!(
+            "{:.2} % of a core ({} ticks in {} s)",
+            busy.cpu_percent,
+            busy.ticks,
+            options.idle.as_secs()
+        ),
+        format!(
+            "0 processes: {:.2} % ({} ticks)",
+            empty.cpu_percent, empty.ticks
+        ),
+        "~0 %",
+        verdict(busy.cpu_percent < 0.5),
+    );
+    report.notes.push(format!(
+        "idle agent: {} threads with 0 processes, {} with {}; spinning the {} took {:.1} s \
+         (sequential, wait=true), removing them {:.1} s",
+        empty.threads,
+        busy.threads,
+        ids.len(),
+        ids.len(),
+        spin_all.as_secs_f64(),
+        remove_all.as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// The 1-, 5- and 15-minute load averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}

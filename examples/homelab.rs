@@ -1,0 +1,44 @@
+//! A small homelab on this machine: a wiki you can open in a browser, a backup job, a file
+//! server for its archives and a clock worker — deployed, supervised and stopped by P2F with nothing to set up.
+//!
+//! Run it with `cargo run --example homelab`, then open http://127.0.0.1:8480/ (or
+//! `curl 127.0.0.1:8480`). In another terminal, `cargo run --example homelab -- status`
+//! shows the same table, `-- logs backup -f` follows the backup job. Ctrl-C stops everything.
+
+use p2f::prelude::*;
+
+const HOMELAB: Deployment = deployment! {
+    service wiki {
+        strategy: Script("examples/homelab/install-wiki.sh"),
+        start: "exec python3 -m http.server $PORT --bind 127.0.0.1 --directory www",
+        port: 8480,
+        domain: "wiki.home.arpa",
+        health: Http("/"),
+    }
+
+    service files {
+        start: "mkdir -p $BACKUP_DIR; exec python3 -m http.server $PORT --bind 127.0.0.1 --directory $BACKUP_DIR",
+        port: 8481,
+        domain: "files.home.arpa",
+        env: { BACKUP_DIR: "/tmp/p2f-homelab-backups" },
+        after: [backup],
+    }
+
+    service backup {
+        start: "mkdir -p $BACKUP_DIR; while true; do tar czf $BACKUP_DIR/wiki-$(date +%s).tgz -C $P2F_BUNDLE/.. . 2>/dev/null; echo backup done: $(ls $BACKUP_DIR | wc -l) archives; sleep 5; done",
+        env: { BACKUP_DIR: "/tmp/p2f-homelab-backups" },
+        after: [wiki],
+        restart: Always,
+    }
+
+    service clock {
+        start: "while true; do date '+tick %H:%M:%S'; sleep 2; done",
+        restart: Always,
+        grace: 2s,
+    }
+};
+
+#[tokio::main]
+async fn main() -> p2f::Result<()> {
+    p2f::cli::run(&HOMELAB).await
+}

@@ -1,0 +1,285 @@
+//! Desired against running: `plan` computes the difference (create, update, delete, keep) as a
+//! value; `apply` carries it out on a node in the deployment's start order, showing one
+//! progress line per service (placed → deployed → running → healthy), and waits.
+
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use p2f_core::Network;
+use p2f_core::wire::{SpinQuery, SpinRequest};
+use p2f_model::{Deployment, EventKind, Health, Node, Process, ProcessKey, ProcessSpec};
+use serde::Serialize;
+
+use crate::{Error, Result, SERVICE_TIMEOUT};
+
+/// What `apply` does to one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
+pub enum Change {
+    /// Not running: start it.
+    Create { service: String },
+    /// Runs with another spec: replace it. `fields` names what differs.
+    Update {
+        service: String,
+        fields: Vec<&'static str>,
+    },
+    /// Runs as declared.
+    Keep { service: String },
+}
+
+/// The changes that make `current` match `deployment`, in start order. (Deleting records of
+/// services that left the deployment needs records to name their deployment: not yet.)
+pub fn plan(deployment: &Deployment, current: &[Process]) -> Vec<Change> {
+    deployment
+        .start_order()
+        .into_iter()
+        .map(|spec| {
+            let live = current
+                .iter()
+                .find(|p| p.name() == spec.name() && !p.status.is_final());
+            let service = spec.name().to_owned();
+            match live {
+                None => Change::Create { service },
+                Some(p) if &p.spec == spec => Change::Keep { service },
+                Some(p) => Change::Update {
+                    service,
+                    fields: differences(&p.spec, spec),
+                },
+            }
+        })
+        .collect()
+}
+
+fn differences(old: &ProcessSpec, new: &ProcessSpec) -> Vec<&'static str> {
+    let mut fields = Vec::new();
+    let mut check = |name, differs: bool| {
+        if differs {
+            fields.push(name);
+        }
+    };
+    check("start", old.start() != new.start());
+    check("stop", old.stop() != new.stop());
+    check("port", old.port() != new.port());
+    check("strategy", old.strategy() != new.strategy());
+    check("domain", old.domain() != new.domain());
+    check("pin", old.pin() != new.pin());
+    check("health", old.health() != new.health());
+    check("restart", old.restart() != new.restart());
+    check("grace", old.grace() != new.grace());
+    check("env", old.env() != new.env());
+    check("user", old.user() != new.user());
+    check("bundle", old.bundle() != new.bundle());
+    if fields.is_empty() {
+        fields.push("after");
+    }
+    fields
+}
+
+/// Carries out the plan on `node` and waits until every service runs (and is healthy when it
+/// has a check). Returns the records; fails listing each service that did not make it.
+pub async fn apply(
+    network: &Network,
+    node: &Node,
+    deployment: &Deployment,
+) -> Result<Vec<Process>> {
+    let current = network.list_processes().await?;
+    let changes = plan(deployment, &current);
+    let bars = Progress::new(deployment);
+    let target = match node.api_address() {
+        Some(address) => network.at(&address),
+        None => network.clone(),
+    };
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for change in &changes {
+        let (service, replace) = match change {
+            Change::Create { service } => (service, false),
+            Change::Update { service, .. } => (service, true),
+            Change::Keep { service } => {
+                bars.finish(service, "running (unchanged)", true);
+                if let Some(p) = current
+                    .iter()
+                    .find(|p| p.name() == service && !p.status.is_final())
+                {
+                    done.push(p.clone());
+                }
+                continue;
+            }
+        };
+        let Some(spec) = deployment.service(service) else {
+            continue;
+        };
+        if replace {
+            for old in current
+                .iter()
+                .filter(|p| p.name() == service && !p.status.is_final())
+            {
+                bars.stage(service, "replacing the old process");
+                network.remove_process(&old.id).await?;
+            }
+        }
+        match run_one(&target, spec, &bars).await {
+            Ok(process) => done.push(process),
+            Err(reason) => {
+                bars.finish(service, &format!("failed: {reason}"), false);
+                failed.push(format!("{service}: {reason}"));
+            }
+        }
+    }
+    if failed.is_empty() {
+        Ok(done)
+    } else {
+        Err(Error::Failed {
+            failed,
+            total: deployment.services().len(),
+        })
+    }
+}
+
+/// Spins one service and follows it to `Running` and, with a health check, to healthy.
+async fn run_one(
+    network: &Network,
+    spec: &ProcessSpec,
+    bars: &Progress,
+) -> Result<Process, String> {
+    let name = spec.name();
+    let started = Instant::now();
+    bars.stage(name, "placed, deploying");
+    let request = SpinRequest {
+        spec: spec.clone(),
+        id: None,
+        generation: None,
+    };
+    let process = network
+        .spin(&request, SpinQuery { wait: true })
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(failure) = &process.last_failure
+        && !process.is_running()
+    {
+        return Err(failure.to_string());
+    }
+    if process.restarts > 0 && !process.is_running() {
+        return Err(process
+            .last_failure
+            .map(|f| f.to_string())
+            .unwrap_or_else(|| "it did not start".into()));
+    }
+    if spec.health() == Health::None {
+        bars.finish(name, &format!("running in {}", elapsed(started)), true);
+        return Ok(process);
+    }
+    bars.stage(name, "running, waiting for its health check");
+    let deadline = Instant::now() + SERVICE_TIMEOUT;
+    loop {
+        let current = network
+            .process_information(ProcessKey::Id(process.id.clone()))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("its record disappeared")?;
+        let healthy = current.is_running()
+            && current.restarts == process.restarts
+            && current.events.iter().any(|e| e.kind == EventKind::Healthy);
+        if healthy {
+            bars.finish(name, &format!("healthy in {}", elapsed(started)), true);
+            return Ok(current);
+        }
+        if current.status.is_final() || current.restarts > process.restarts {
+            let reason = current
+                .last_failure
+                .map(|f| f.to_string())
+                .unwrap_or_else(|| current.status.to_string());
+            return Err(reason);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("not healthy after {}", elapsed(started)));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn elapsed(since: Instant) -> String {
+    format!("{:.1}s", since.elapsed().as_secs_f64())
+}
+
+/// One progress line per service (spinners on a terminal, plain lines otherwise).
+struct Progress {
+    /// Draws the bars; kept alive with them.
+    _multi: MultiProgress,
+    bars: Vec<(String, ProgressBar)>,
+    tty: bool,
+}
+
+impl Progress {
+    fn new(deployment: &Deployment) -> Progress {
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let multi = MultiProgress::new();
+        let width = deployment
+            .services()
+            .iter()
+            .map(|s| s.name().len())
+            .max()
+            .unwrap_or(0);
+        let style =
+            ProgressStyle::with_template(&format!("{{spinner}} {{prefix:{width}}}  {{msg}}"))
+                .unwrap_or_else(|_| ProgressStyle::default_spinner());
+        let bars = deployment
+            .start_order()
+            .into_iter()
+            .map(|spec| {
+                let bar = if tty {
+                    multi.add(ProgressBar::new_spinner())
+                } else {
+                    ProgressBar::hidden()
+                };
+                bar.set_style(style.clone());
+                bar.set_prefix(spec.name().to_owned());
+                bar.set_message("waiting");
+                bar.enable_steady_tick(Duration::from_millis(120));
+                (spec.name().to_owned(), bar)
+            })
+            .collect();
+        Progress {
+            _multi: multi,
+            bars,
+            tty,
+        }
+    }
+
+    fn bar(&self, service: &str) -> Option<&ProgressBar> {
+        self.bars
+            .iter()
+            .find(|(name, _)| name == service)
+            .map(|(_, bar)| bar)
+    }
+
+    fn stage(&self, service: &str, message: &str) {
+        if let Some(bar) = self.bar(service) {
+            bar.set_message(message.to_owned());
+        }
+        if !self.tty {
+            eprintln!("{service}: {message}");
+        }
+    }
+
+    fn finish(&self, service: &str, message: &str, ok: bool) {
+        let mark = if ok { "✔" } else { "✘" };
+        if let Some(bar) = self.bar(service) {
+            bar.set_style(
+                ProgressStyle::with_template(&format!(
+                    "{mark} {{prefix:{}}}  {{msg}}",
+                    self.width()
+                ))
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            bar.finish_with_message(message.to_owned());
+        }
+        if !self.tty {
+            eprintln!("{service}: {message}");
+        }
+    }
+
+    fn width(&self) -> usize {
+        self.bars.iter().map(|(n, _)| n.len()).max().unwrap_or(0)
+    }
+}

@@ -1,0 +1,206 @@
+//! The embedded network: with nothing configured, `cargo run` runs the deployment on this
+//! machine in the foreground, like `docker compose up` — a real agent (same supervisor, store
+//! and TLS API) inside the user's binary, its state under the project's `target/p2f/NAME/`, a
+//! live status table, and Ctrl-C stopping every process it started.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use p2f_core::Network;
+use p2f_core::agent::{Agent, AgentConfig, Shutdown};
+use p2f_core::cluster::ClusterFiles;
+use p2f_model::{Deployment, NodeName, Process};
+
+use crate::{Result, converge, render};
+
+/// How often the live status table is refreshed.
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// Where the embedded network of this binary keeps its state: `P2F_STATE_DIR`, else
+/// `target/p2f/BINARY` of the project the binary was built in, else `.p2f/BINARY`.
+pub fn state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("P2F_STATE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let name = exe
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "deployment".into());
+    let target = exe
+        .ancestors()
+        .find(|dir| dir.file_name().is_some_and(|n| n == "target"))
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from));
+    match target {
+        Some(target) => target.join("p2f").join(name),
+        None => PathBuf::from(".p2f").join(name),
+    }
+}
+
+/// A client of the embedded network in `dir`, if its agent answers.
+pub fn connect(dir: &Path) -> Result<Option<Network>> {
+    let Ok(address) = std::fs::read_to_string(dir.join("api.addr")) else {
+        return Ok(None);
+    };
+    let address = address.trim();
+    let answers = address.parse().ok().is_some_and(|addr| {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+    });
+    if !answers {
+        return Ok(None);
+    }
+    Ok(Some(Network::with_cluster_files(
+        address,
+        &ClusterFiles::new(dir.join("cluster")),
+    )?))
+}
+
+/// A local network of one agent running inside this process.
+#[derive(Debug)]
+pub struct Embedded {
+    agent: Agent,
+    network: Network,
+}
+
+impl Embedded {
+    /// Starts the agent with its state in `dir` (creating a private cluster there at first).
+    pub async fn start(dir: &Path) -> Result<Embedded> {
+        let cluster = ClusterFiles::new(dir.join("cluster"));
+        if !cluster.exists() {
+            cluster.create("embedded")?;
+        }
+        let mut config = AgentConfig::new(local_name(), dir);
+        config.listen = ([127, 0, 0, 1], 0).into();
+        let agent = Agent::start(config).await?;
+        let network = Network::with_cluster_files(&agent.address().to_string(), &cluster)?;
+        Ok(Embedded { agent, network })
+    }
+
+    /// A client of it.
+    pub fn network(&self) -> &Network {
+        &self.network
+    }
+
+    /// Stops every process and the agent.
+    pub async fn stop(self) {
+        self.agent.shutdown(Shutdown::StopAll).await;
+    }
+}
+
+fn local_name() -> NodeName {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .and_then(|name| NodeName::new(name.trim()).ok())
+        .unwrap_or_else(|| NodeName::from_static("local"))
+}
+
+/// `cargo run` with nothing configured: start the deployment here, show it, stop it on Ctrl-C.
+pub async fn up(deployment: &Deployment) -> Result<()> {
+    let dir = state_dir();
+    eprintln!("Starting a local P2F network (state in {})", dir.display());
+    let embedded = Embedded::start(&dir).await?;
+    let network = embedded.network().clone();
+    // Records of earlier runs that ended are history, not part of this run.
+    for old in network.list_processes().await? {
+        if old.status.is_final() {
+            network.remove_process(&old.id).await?;
+        }
+    }
+    let node = network.node().await?;
+    let applied = tokio::select! {
+        applied = converge::apply(&network, &node, deployment) => Some(applied),
+        () = stop_requested() => None,
+    };
+    let outcome = match applied {
+        None => Ok(()),
+        Some(Err(e @ crate::Error::Failed { .. })) => {
+            eprintln!("\n{e}");
+            watch(&network, deployment).await;
+            Err(e)
+        }
+        Some(Err(e)) => Err(e),
+        Some(Ok(_)) => {
+            eprintln!("\nAll services run. Ctrl-C stops them.");
+            watch(&network, deployment).await;
+            Ok(())
+        }
+    };
+    eprintln!("Stopping…");
+    let count = network
+        .list_processes()
+        .await
+        .map(|all| all.iter().filter(|p| !p.status.is_final()).count())
+        .unwrap_or(0);
+    embedded.stop().await;
+    eprintln!(
+        "Stopped {count} process{}; nothing is left running.",
+        if count == 1 { "" } else { "es" }
+    );
+    outcome
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn stop_requested() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Shows the live status until Ctrl-C: a table redrawn in place on a terminal, otherwise the
+/// table once and then one line per status change.
+async fn watch(network: &Network, deployment: &Deployment) {
+    let tty = std::io::stdout().is_terminal();
+    let stop = stop_requested();
+    tokio::pin!(stop);
+    let mut drawn_lines = 0;
+    let mut last: HashMap<String, String> = HashMap::new();
+    let mut ticker = tokio::time::interval(REFRESH);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            _ = ticker.tick() => {}
+        }
+        let Ok(all) = network.list_processes().await else {
+            continue;
+        };
+        let processes: Vec<Process> = all
+            .into_iter()
+            .filter(|p| deployment.service(p.name()).is_some())
+            .collect();
+        let mut out = std::io::stdout().lock();
+        if tty {
+            let table = render::status_table(&processes).to_string();
+            if drawn_lines > 0 {
+                let _ = write!(out, "\x1b[{drawn_lines}A\x1b[J");
+            }
+            let _ = writeln!(out, "{table}");
+            drawn_lines = table.lines().count();
+        } else if last.is_empty() {
+            let _ = writeln!(out, "{}", render::status_table(&processes));
+        }
+        for p in &processes {
+            let status = p.status.to_string();
+            let before = last.insert(p.name().to_owned(), status.clone());
+            if !tty && before.as_ref().is_some_and(|b| b != &status) {
+                let _ = writeln!(
+                    out,
+                    "{}: {} → {status}",
+                    p.name(),
+                    before.unwrap_or_default()
+                );
+            }
+        }
+        let _ = out.flush();
+    }
+}

@@ -1,0 +1,207 @@
+//! What people read: the status table (and its JSON rows) and the plan.
+
+use comfy_table::{Table, presets};
+use p2f_model::{Process, Status, Timestamp};
+use serde::Serialize;
+
+use crate::converge::Change;
+
+/// Whether to colour output: stdout is a terminal and `NO_COLOR` is not set.
+pub fn colours() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stdout()) && std::env::var_os("NO_COLOR").is_none()
+}
+
+/// One row of `status --json` (a stable schema for scripts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatusRow {
+    pub service: String,
+    pub id: String,
+    pub node: String,
+    pub address: Option<String>,
+    pub domain: Option<String>,
+    pub status: String,
+    pub running: bool,
+    pub restarts: u32,
+    pub memory_bytes: u64,
+    pub uptime_seconds: Option<u64>,
+    pub last_failure: Option<String>,
+}
+
+impl StatusRow {
+    /// The row of a record.
+    pub fn of(p: &Process) -> StatusRow {
+        StatusRow {
+            service: p.name().to_owned(),
+            id: p.id.to_string(),
+            node: p.node.name.to_string(),
+            address: p.port.map(|port| format!("{}:{port}", p.node.address)),
+            domain: p.domain().map(str::to_owned),
+            status: p.status.name().to_owned(),
+            running: p.is_running(),
+            restarts: p.restarts,
+            memory_bytes: p.memory_bytes,
+            uptime_seconds: uptime(p).map(|ms| ms / 1000),
+            last_failure: p.last_failure.as_ref().map(ToString::to_string),
+        }
+    }
+}
+
+fn uptime(p: &Process) -> Option<u64> {
+    let Timestamp(started) = p.started_at?;
+    if !p.is_running() {
+        return None;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(started);
+    Some(now.saturating_sub(started))
+}
+
+/// The status table: service, node, address, domain, status, restarts, memory, uptime, last
+/// failure.
+pub fn status_table(processes: &[Process]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(presets::UTF8_BORDERS_ONLY);
+    table.set_header([
+        "SERVICE",
+        "NODE",
+        "ADDRESS",
+        "DOMAIN",
+        "STATUS",
+        "RESTARTS",
+        "MEMORY",
+        "UPTIME",
+        "LAST FAILURE",
+    ]);
+    for p in processes {
+        let row = StatusRow::of(p);
+        let healthy = p.is_running()
+            && p.events
+                .iter()
+                .rev()
+                .take_while(|e| !matches!(e.kind, p2f_model::EventKind::Started { .. }))
+                .any(|e| e.kind == p2f_model::EventKind::Healthy);
+        let status = match &p.status {
+            Status::Running if healthy => "running (healthy)".to_owned(),
+            other => other.name().to_owned(),
+        };
+        table.add_row([
+            row.service,
+            row.node,
+            row.address.unwrap_or_else(|| "-".into()),
+            row.domain.unwrap_or_else(|| "-".into()),
+            status,
+            row.restarts.to_string(),
+            bytes(row.memory_bytes),
+            row.uptime_seconds
+                .map(duration)
+                .unwrap_or_else(|| "-".into()),
+            row.last_failure.unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    table
+}
+
+/// `12.3 MiB`.
+pub fn bytes(n: u64) -> String {
+    if n == 0 {
+        return "-".into();
+    }
+    let mib = n as f64 / (1024.0 * 1024.0);
+    if mib >= 1024.0 {
+        format!("{:.1} GiB", mib / 1024.0)
+    } else {
+        format!("{mib:.1} MiB")
+    }
+}
+
+/// `42s`, `3m12s`, `2h05m`, `3d04h`.
+pub fn duration(seconds: u64) -> String {
+    match seconds {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+/// The plan, one line per service: `+ create`, `~ update (fields)`, `= keep`.
+pub fn plan(changes: &[Change], colour: bool) -> String {
+    let paint = |code: &str, text: String| {
+        if colour {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text
+        }
+    };
+    let mut out = String::new();
+    let (mut create, mut update, mut keep) = (0, 0, 0);
+    for change in changes {
+        let line = match change {
+            Change::Create { service } => {
+                create += 1;
+                paint("32", format!("+ create  {service}"))
+            }
+            Change::Update { service, fields } => {
+                update += 1;
+                paint(
+                    "33",
+                    format!("~ update  {service} ({} changed)", fields.join(", ")),
+                )
+            }
+            Change::Keep { service } => {
+                keep += 1;
+                format!("  keep    {service}")
+            }
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "\nPlan: {create} to create, {update} to update, {keep} unchanged.\n"
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes_read_well() {
+        let cases = [
+            (0, "0s"),
+            (59, "59s"),
+            (61, "1m01s"),
+            (3_700, "1h01m"),
+            (90_000, "1d01h"),
+        ];
+        for (s, want) in cases {
+            assert_eq!(duration(s), want);
+        }
+        assert_eq!(bytes(0), "-");
+        assert_eq!(bytes(3 * 1024 * 1024 / 2), "1.5 MiB");
+        assert_eq!(bytes(2 * 1024 * 1024 * 1024), "2.0 GiB");
+    }
+
+    #[test]
+    fn the_plan_counts_its_changes() {
+        let changes = [
+            Change::Create {
+                service: "wiki".into(),
+            },
+            Change::Update {
+                service: "tube".into(),
+                fields: vec!["start", "env"],
+            },
+            Change::Keep {
+                service: "backup".into(),
+            },
+        ];
+        assert_eq!(
+            plan(&changes, false),
+            "+ create  wiki\n~ update  tube (start, env changed)\n  keep    backup\n\nPlan: 1 to create, 1 to update, 1 unchanged.\n"
+        );
+    }
+}

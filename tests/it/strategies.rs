@@ -1,0 +1,292 @@
+//! The deploy strategies that call real tools (DESIGN §2, §8): a local flake built offline by
+//! Debian's Nix 2.8 and a playbook run on localhost by `ansible-playbook`, before the start
+//! command, and both failing with `DeployFailed` and the tool's own error in the tail.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use p2f::core::Network;
+use p2f::core::agent::AgentConfig;
+use p2f::core::wire::{LogsQuery, SpinQuery, SpinRequest};
+use p2f::model::{
+    Bundle, BundleFile, EventKind, Failure, Health, Process, ProcessId, ProcessSpec, RestartPolicy,
+    Status, Strategy,
+};
+
+use crate::support::{TestAgent, eventually};
+
+/// Generous: the first `nix build` on a machine creates /nix/store and its database (measured
+/// at well under a second here, but CI disks vary), a playbook takes a second or two.
+const DEPLOY_WAIT: Duration = Duration::from_secs(180);
+
+/// A flake with no inputs (nothing to fetch: it builds offline) whose package is made by the
+/// host's `/bin/sh` with absolute paths only (a build has no `PATH`): `$out/bin/hello` prints a
+/// line and becomes `sleep`. Flakes evaluate purely, so `builtins.currentSystem` is not there:
+/// the package is defined for each Linux system this may run on.
+const HELLO_FLAKE: &str = r##"{
+  description = "p2f test: a package built with /bin/sh alone, no inputs";
+  outputs = { self }:
+    let
+      hello = system: derivation {
+        name = "p2f-hello";
+        inherit system;
+        builder = "/bin/sh";
+        args = [ "-c" ''
+          /bin/mkdir -p $out/bin
+          printf '#!/bin/sh\necho hello from the nix store\nexec /bin/sleep 1000\n' > $out/bin/hello
+          /bin/chmod 755 $out/bin/hello
+        '' ];
+      };
+      systems = [ "x86_64-linux" "aarch64-linux" ];
+    in {
+      packages = builtins.listToAttrs (map (system: {
+        name = system;
+        value.default = hello system;
+      }) systems);
+    };
+}
+"##;
+
+/// A flake Nix cannot parse.
+const BROKEN_FLAKE: &str =
+    "{\n  outputs = { self }: {\n    packages.x86_64-linux.default = ;\n  };\n}\n";
+
+/// Writes `configured.txt` into the bundle directory (the start command's working directory).
+const SITE_PLAYBOOK: &str = r#"- hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: write the configuration
+      ansible.builtin.copy:
+        content: "configured by ansible for {{ lookup('env', 'P2F_SERVICE') }}\n"
+        dest: "{{ lookup('env', 'P2F_BUNDLE') }}/configured.txt"
+"#;
+
+/// Refuses to deploy.
+const FAILING_PLAYBOOK: &str = r#"- hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: check the node
+      ansible.builtin.fail:
+        msg: "this node is not ready: no disk for the cache"
+"#;
+
+/// Panics unless `command` is on `PATH` (the agent inherits this process's environment, so it
+/// finds the same tools): a missing tool fails its test, naming the Debian package.
+fn require(command: &str, package: &str) {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path).any(|dir| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(dir.join(command))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    });
+    assert!(
+        found,
+        "`{command}` not found: install the Debian package {package} (scripts/test does)"
+    );
+}
+
+/// `nix build` offline as root with Debian's Nix 2.8 (`nix-bin`), whether or not its
+/// recommended `nix-setup-systemd` (which writes /etc/nix/nix.conf and creates the build users)
+/// is installed.
+fn build_offline(config: &mut AgentConfig) {
+    let options = &mut config.supervisor.nix_options;
+    // No binary cache: offline, the default https://cache.nixos.org costs seconds of retries
+    // (about 4 s here, where DNS fails at once) before every build, and could hang longer.
+    options.insert("substituters".into(), String::new());
+    // The builder is the host's /bin/sh, which the sandbox hides ("executing '/bin/sh': No such
+    // file or directory"), and a container may not allow its namespaces at all (DESIGN §8).
+    // Debian's /etc/nix/nix.conf says the same, but only nix-setup-systemd installs it.
+    options.insert("sandbox".into(), "false".into());
+    // As root, Nix builds as the `nixbld` users by default; only nix-setup-systemd's postinst
+    // creates them, and without them every build fails with "the group 'nixbld' specified in
+    // 'build-users-group' does not exist". Empty: root builds as itself.
+    options.insert("build-users-group".into(), String::new());
+    // A stuck step fails its deploy instead of hanging the test.
+    config.supervisor.deploy_timeout = DEPLOY_WAIT;
+}
+
+/// Spins `spec` on the agent without waiting, then waits until it runs or has failed for good.
+async fn spin_and_settle(agent: &TestAgent, spec: &ProcessSpec, what: &str) -> Process {
+    let request = SpinRequest {
+        spec: spec.clone(),
+        id: None,
+        generation: None,
+    };
+    let recorded = agent
+        .network()
+        .spin(&request, SpinQuery { wait: false })
+        .await
+        .expect("spin");
+    agent
+        .wait_for(&recorded.id, DEPLOY_WAIT, what, |p| {
+            p.is_running() || p.status.is_final()
+        })
+        .await
+}
+
+/// The process's log once it contains `wanted`.
+async fn log_containing(net: &Network, id: &ProcessId, wanted: &str) -> String {
+    eventually(&format!("{wanted:?} in the log"), DEPLOY_WAIT, || {
+        let (net, id) = (net.clone(), id.clone());
+        async move {
+            let chunks: Vec<_> = net
+                .logs(&id, LogsQuery::default())
+                .await
+                .ok()?
+                .collect()
+                .await;
+            let text: String = chunks
+                .into_iter()
+                .filter_map(Result::ok)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .collect();
+            text.contains(wanted).then_some(text)
+        }
+    })
+    .await
+}
+
+/// The environment of a running OS process.
+fn environ(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).expect("read the environment");
+    raw.split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+/// The deploy failure of a record that failed for good.
+fn deploy_failure(p: &Process) -> (Option<i32>, &str) {
+    match &p.status {
+        Status::Failed(Failure::DeployFailed { exit, stderr_tail }) => (*exit, stderr_tail),
+        other => panic!("expected a failed deploy, got {other}: {p:#?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_flake_is_built_offline_and_its_output_runs() {
+    require("nix", "nix-bin");
+    let agent = TestAgent::start_with("nixer", build_offline).await;
+    let spec = ProcessSpec::new("hello", "exec $P2F_NIX_OUT/bin/hello")
+        .with_strategy(Strategy::Nix("./flake".into()))
+        .with_bundle(Bundle::owned(vec![BundleFile::owned(
+            "flake/flake.nix",
+            HELLO_FLAKE.as_bytes().to_vec(),
+        )]))
+        .with_health(Health::None);
+    let started = std::time::Instant::now();
+    let p = spin_and_settle(&agent, &spec, "the flake to build and run").await;
+    let took = started.elapsed();
+    assert!(p.is_running(), "{p:#?}\nagent log:\n{}", agent.agent_log());
+    eprintln!("nix build and start took {took:?}");
+    assert!(
+        p.events.iter().any(|e| e.kind == EventKind::Deployed),
+        "{p:#?}"
+    );
+    log_containing(agent.network(), &p.id, "hello from the nix store").await;
+
+    // The running process is the built script, now `sleep`, with its output in the store.
+    let pid = p.pid.expect("pid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("read the command line");
+    assert_eq!(cmdline, b"/bin/sleep\x001000\x00");
+    let env = environ(pid);
+    let out = env
+        .iter()
+        .find_map(|v| v.strip_prefix("P2F_NIX_OUT="))
+        .unwrap_or_else(|| panic!("no P2F_NIX_OUT in {env:#?}"));
+    assert!(out.starts_with("/nix/store/"), "{out}");
+    assert!(out.ends_with("-p2f-hello"), "{out}");
+    assert!(
+        std::path::Path::new(out).join("bin/hello").is_file(),
+        "{out}"
+    );
+    assert_eq!(agent.os_processes(&p.id), vec![pid]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_playbook_runs_before_start() {
+    require("ansible-playbook", "ansible-core");
+    let agent = TestAgent::start_with("ansibler", |config| {
+        config.supervisor.deploy_timeout = DEPLOY_WAIT;
+    })
+    .await;
+    let spec = ProcessSpec::new("configured", "cat configured.txt; exec sleep 1000")
+        .with_strategy(Strategy::Ansible("deploy/site.yml".into()))
+        .with_bundle(Bundle::owned(vec![BundleFile::owned(
+            "deploy/site.yml",
+            SITE_PLAYBOOK.as_bytes().to_vec(),
+        )]))
+        .with_health(Health::None)
+        // Plain text in the log; no interpreter discovery, modules piped instead of copied.
+        .with_env("ANSIBLE_NOCOLOR", "1")
+        .with_env("ANSIBLE_PYTHON_INTERPRETER", "/usr/bin/python3")
+        .with_env("ANSIBLE_PIPELINING", "1");
+    let started = std::time::Instant::now();
+    let p = spin_and_settle(&agent, &spec, "the playbook to run").await;
+    let took = started.elapsed();
+    assert!(p.is_running(), "{p:#?}\nagent log:\n{}", agent.agent_log());
+    eprintln!("ansible-playbook and start took {took:?}");
+    assert!(
+        p.events.iter().any(|e| e.kind == EventKind::Deployed),
+        "{p:#?}"
+    );
+    let log = log_containing(
+        agent.network(),
+        &p.id,
+        "configured by ansible for configured",
+    )
+    .await;
+    // The playbook's own output comes first, in the same log.
+    assert!(log.contains("TASK [write the configuration]"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_flake_fails_with_deploy_failed() {
+    require("nix", "nix-bin");
+    let agent = TestAgent::start_with("broken-nix", build_offline).await;
+    let spec = ProcessSpec::new("broken", "exec $P2F_NIX_OUT/bin/hello")
+        .with_strategy(Strategy::Nix("./flake".into()))
+        .with_bundle(Bundle::owned(vec![BundleFile::owned(
+            "flake/flake.nix",
+            BROKEN_FLAKE.as_bytes().to_vec(),
+        )]))
+        .with_restart(RestartPolicy::Never);
+    let p = spin_and_settle(&agent, &spec, "the broken flake to fail").await;
+    let (exit, tail) = deploy_failure(&p);
+    assert_eq!(exit, Some(1), "{tail}");
+    assert!(
+        tail.contains("error: syntax error, unexpected ';'"),
+        "{tail}"
+    );
+    assert!(tail.contains("flake.nix:3:"), "{tail}");
+    assert!(
+        !p.events.iter().any(|e| e.kind == EventKind::Deployed),
+        "{p:#?}"
+    );
+    assert_eq!(p.pid, None, "{p:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_playbook_fails_with_deploy_failed() {
+    require("ansible-playbook", "ansible-core");
+    let agent = TestAgent::start_with("broken-ansible", |config| {
+        config.supervisor.deploy_timeout = DEPLOY_WAIT;
+    })
+    .await;
+    let spec = ProcessSpec::new("refused", "exec sleep 1000")
+        .with_strategy(Strategy::Ansible("deploy/site.yml".into()))
+        .with_bundle(Bundle::owned(vec![BundleFile::owned(
+            "deploy/site.yml",
+            FAILING_PLAYBOOK.as_bytes().to_vec(),
+        )]))
+        .with_restart(RestartPolicy::Never)
+        .with_env("ANSIBLE_NOCOLOR", "1");
+    let p = spin_and_settle(&agent, &spec, "the failing playbook to fail").await;
+    let (exit, tail) = deploy_failure(&p);
+    // ansible-playbook exits 2 when a task failed on a host.
+    assert_eq!(exit, Some(2), "{tail}");
+    assert!(
+        tail.contains("this node is not ready: no disk for the cache"),
+        "{tail}"
+    );
+    assert_eq!(p.pid, None, "{p:#?}");
+}
