@@ -266,22 +266,7 @@ async fn ps(target: &Target, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&processes)?);
         return Ok(());
     }
-    println!(
-        "{:<24} {:<10} {:<12} {:>6} {:>9}  STATUS",
-        "ID", "NODE", "SERVICE", "PORT", "RESTARTS"
-    );
-    for p in processes {
-        let port = p.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-        println!(
-            "{:<24} {:<10} {:<12} {:>6} {:>9}  {}",
-            p.id,
-            p.node.name,
-            p.name(),
-            port,
-            p.restarts,
-            p.status
-        );
-    }
+    println!("{}", p2f_cli::render::status_table(&processes));
     Ok(())
 }
 

@@ -58,7 +58,7 @@ fn uptime(p: &Process) -> Option<u64> {
     Some(now.saturating_sub(started))
 }
 
-/// The status table: service, node, address, domain, status, restarts, memory, uptime, last
+/// The status table: service, id, node, address, domain, status, restarts, memory, uptime, last
 /// failure.
 pub fn status_table(processes: &[Process]) -> Table {
     let mut table = Table::new();
@@ -88,6 +88,7 @@ pub fn status_table(processes: &[Process]) -> Table {
         };
         table.add_row([
             row.service,
+            row.id,
             row.node,
             row.address.unwrap_or_else(|| "-".into()),
             row.domain.unwrap_or_else(|| "-".into()),

@@ -1,6 +1,7 @@
 //! P2F's integration tests: one binary, one module per concern.
 
 mod agent;
+mod cli;
 mod macro_expand;
 mod macro_ui;
 mod model;

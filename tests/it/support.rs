@@ -37,6 +37,29 @@ pub(crate) fn p2f_bin() -> &'static Path {
     })
 }
 
+/// An example binary of this package, built once per test run.
+pub(crate) fn example_bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let profile_dir = p2f_bin().parent().expect("target/PROFILE").to_owned();
+    BUILT.get_or_init(|| {
+        let target_dir = profile_dir.parent().expect("target directory").to_owned();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "p2f", "--examples"])
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build for the examples");
+        assert!(status.success(), "building the examples failed");
+    });
+    profile_dir.join("examples").join(name)
+}
+
+/// Processes (pid, environment) whose `P2F_BUNDLE` lies under `dir`.
+pub(crate) fn processes_under(dir: &Path) -> Vec<u32> {
+    started_by(dir).into_iter().map(|(pid, _)| pid).collect()
+}
+
 /// Polls `probe` every 20 ms until it returns `Some`, at most `timeout`.
 pub(crate) async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
 where

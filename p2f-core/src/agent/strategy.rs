@@ -134,7 +134,11 @@ pub async fn deploy(
         }
     };
     if let Some(argv) = step {
-        let env = environment(process, &prepared);
+        let mut env = environment(process, &prepared);
+        if matches!(process.spec.strategy(), Strategy::Ansible(_)) {
+            // Task failures go to stderr, so they end up in the failure's tail.
+            env.push(("ANSIBLE_DISPLAY_FAILED_STDERR".into(), "1".into()));
+        }
         run_step(&argv, &dir, &env, log, options.timeout).await?;
     }
     if matches!(process.spec.strategy(), Strategy::Nix(_)) {

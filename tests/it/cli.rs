@@ -1,0 +1,178 @@
+//! The user's workflow end to end: `cargo run --example homelab` (the embedded default) as a
+//! child process — its HTTP service answers, the CLI commands of the same binary talk to it from
+//! another process, and SIGINT leaves no process behind.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{example_bin, processes_under, signal};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Runs `homelab ARGS` against the state dir and returns (exit code, stdout, stderr).
+fn homelab(state: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(example_bin("homelab"))
+        .args(args)
+        .env("P2F_STATE_DIR", state)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run homelab");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_homelab_runs_serves_answers_the_cli_and_stops_cleanly() {
+    let state = tempfile::Builder::new()
+        .prefix("p2f-homelab-")
+        .tempdir()
+        .expect("tempdir");
+    // Nothing runs yet: plan creates everything, status says no network.
+    let (code, out, _) = homelab(state.path(), &["plan"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("Plan: 4 to create, 0 to update, 0 unchanged."),
+        "{out}"
+    );
+    let (code, _, err) = homelab(state.path(), &["status"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("error: no network is running"), "{err}");
+    assert!(err.contains("hint: "), "{err}");
+
+    let mut up = Command::new(example_bin("homelab"))
+        .env("P2F_STATE_DIR", state.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start homelab");
+    let pid = up.id();
+    let guard = Kill(pid);
+    // Wait for "All services run." on stderr, in a thread (bounded by WAIT).
+    let stderr = up.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("All services run") => break,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("homelab did not come up:\n{}", seen.join("\n")),
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|l| l == "wiki: healthy in " || l.starts_with("wiki: healthy in ")),
+        "{seen:?}"
+    );
+
+    // The HTTP service a person can curl.
+    let page = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "http://127.0.0.1:8480/"])
+        .output()
+        .expect("curl");
+    let page = String::from_utf8_lossy(&page.stdout);
+    assert!(page.contains("<h1>Home wiki</h1>"), "{page}");
+
+    // The same binary, from another process, talks to the running network.
+    let (code, out, err) = homelab(state.path(), &["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("status --json is JSON");
+    assert_eq!(rows.len(), 4);
+    for row in &rows {
+        for key in [
+            "service",
+            "id",
+            "node",
+            "address",
+            "domain",
+            "status",
+            "running",
+            "restarts",
+            "memory_bytes",
+            "uptime_seconds",
+            "last_failure",
+        ] {
+            assert!(row.get(key).is_some(), "status row lacks {key}: {row}");
+        }
+        assert_eq!(row["status"], "running", "{row}");
+    }
+    let wiki = rows
+        .iter()
+        .find(|r| r["service"] == "wiki")
+        .expect("wiki row");
+    assert_eq!(wiki["address"], "127.0.0.1:8480");
+    assert_eq!(wiki["domain"], "wiki.home.arpa");
+
+    let (code, out, _) = homelab(state.path(), &["plan"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("Plan: 0 to create, 0 to update, 4 unchanged."),
+        "{out}"
+    );
+
+    let (code, out, err) = homelab(state.path(), &["logs", "wiki"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("wiki pages written to"),
+        "deploy output is in the log: {out}"
+    );
+
+    let (code, _, err) = homelab(state.path(), &["logs", "wikki"]);
+    assert_eq!(code, 2, "a usage mistake exits 2");
+    assert!(
+        err.contains("no service wikki in this deployment (it has: wiki, files, backup, clock)"),
+        "{err}"
+    );
+
+    let (code, out, err) = homelab(state.path(), &["kill", "clock"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "clock: stopped");
+
+    // Ctrl-C: everything stops, nothing it started survives.
+    let started: Vec<u32> = processes_under(state.path());
+    assert!(
+        started.len() >= 3,
+        "the services run as OS processes: {started:?}"
+    );
+    signal(pid, 2);
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = up.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "homelab ignored SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(
+        rest.iter().any(|l| l.contains("nothing is left running")),
+        "{rest:?}"
+    );
+    assert_eq!(
+        processes_under(state.path()),
+        Vec::<u32>::new(),
+        "no process survives Ctrl-C"
+    );
+    drop(guard);
+}
+
+/// Kills the example (by pid) if the test fails before it stopped it.
+struct Kill(u32);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        signal(self.0, 9);
+    }
+}
