@@ -75,6 +75,11 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Prints a shell completion script (e.g. `p2f completions bash > /etc/bash_completion.d/p2f`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,6 +90,15 @@ enum NodeCommand {
         /// The node's config file.
         #[arg(long, short, default_value_os_t = default_dir().join("node.toml"))]
         config: PathBuf,
+    },
+    /// Writes a systemd unit that runs this node's agent at boot, and says how to enable it.
+    Install {
+        /// The node's config file.
+        #[arg(long, short, default_value_os_t = default_dir().join("node.toml"))]
+        config: PathBuf,
+        /// Where to write the unit.
+        #[arg(long, default_value = "/etc/systemd/system/p2f.service")]
+        unit: PathBuf,
     },
 }
 
@@ -135,10 +149,26 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, without repeating a cause its message already holds.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 async fn dispatch(command: Command) -> Result<()> {
@@ -147,6 +177,14 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Node {
             command: NodeCommand::Run { config },
         } => run_node(&config).await,
+        Command::Node {
+            command: NodeCommand::Install { config, unit },
+        } => install(&config, &unit),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "p2f", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Ps { target, json } => ps(&target, json).await,
         Command::Info { key, target } => info(&target, &key).await,
         Command::Kill { id, target } => {
@@ -210,6 +248,53 @@ fn init(dir: &Path, name: Option<String>, listen: &str) -> Result<()> {
         "Start this node:  p2f node run --config {}",
         config_path.display()
     );
+    Ok(())
+}
+
+fn install(config: &Path, unit: &Path) -> Result<()> {
+    let config = std::fs::canonicalize(config).with_context(|| {
+        format!(
+            "{} does not exist; create it with `p2f init`",
+            config.display()
+        )
+    })?;
+    AgentConfig::load(&config)?;
+    let exe = std::env::current_exe().context("cannot find the p2f binary's path")?;
+    let text = format!(
+        "[Unit]
+Description=P2F node agent
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+ExecStart={exe} node run --config {config}
+Restart=always
+RestartSec=1
+# Stopping the agent leaves its processes running: the next agent re-adopts them.
+KillMode=process
+Environment=RUST_LOG=info
+
+[Install]
+WantedBy=multi-user.target
+",
+        exe = exe.display(),
+        config = config.display()
+    );
+    if unit.exists() {
+        bail!(
+            "{} already exists; remove it first to write a new one",
+            unit.display()
+        );
+    }
+    std::fs::write(unit, text).with_context(|| {
+        format!(
+            "cannot write {} (run as root, or pass --unit PATH)",
+            unit.display()
+        )
+    })?;
+    println!("Wrote {}", unit.display());
+    println!("Enable and start it:  systemctl daemon-reload && systemctl enable --now p2f");
+    println!("Follow its log:       journalctl -u p2f -f");
     Ok(())
 }
 

@@ -65,6 +65,7 @@ pub fn status_table(processes: &[Process]) -> Table {
     table.load_preset(presets::UTF8_BORDERS_ONLY);
     table.set_header([
         "SERVICE",
+        "ID",
         "NODE",
         "ADDRESS",
         "DOMAIN",
