@@ -663,3 +663,48 @@ async fn plain_http(address: &str) -> String {
     let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await;
     String::from_utf8_lossy(&answer).into_owned()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_runs_as_its_user() {
+    let agent = TestAgent::start("users").await;
+    // The temporary directory is private (0700); a data directory such as /var/lib/p2f is not.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(agent.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let net = agent.network();
+    let spec = ProcessSpec::new("unprivileged", "echo user=$(id -un); exec sleep 1000")
+        .with_user("nobody")
+        .with_restart(RestartPolicy::Never);
+    let p = net
+        .spin(&spin_request(spec), SpinQuery { wait: true })
+        .await
+        .expect("spin");
+    let root = std::fs::read_to_string("/proc/self/status")
+        .expect("status")
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    if !root {
+        // Without root the agent cannot switch users, and says so.
+        let p = agent
+            .wait_for(&p.id, WAIT, "refusal", |p| p.status.is_final())
+            .await;
+        let reason = p.last_failure.map(|f| f.to_string()).unwrap_or_default();
+        assert!(reason.contains("the agent does not run as root"), "{reason}");
+        return;
+    }
+    assert!(p.is_running(), "{p:#?}");
+    let text = eventually("its output", WAIT, || {
+        let (net, id) = (net.clone(), p.id.clone());
+        async move {
+            let chunks: Vec<_> = net.logs(&id, LogsQuery::default()).await.ok()?.collect().await;
+            let text: String = chunks
+                .into_iter()
+                .filter_map(Result::ok)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .collect();
+            text.contains("user=").then_some(text)
+        }
+    })
+    .await;
+    assert!(text.contains("user=nobody"), "{text}");
+}

@@ -109,6 +109,14 @@ impl Default for SupervisorConfig {
     }
 }
 
+/// `path` taken from `base` when relative, without `.` components (`base/./x` → `base/x`).
+fn relative_to(base: &Path, path: &Path) -> PathBuf {
+    base.join(path)
+        .components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
+}
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))
 }
@@ -143,8 +151,8 @@ impl AgentConfig {
             message,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        config.data_dir = base.join(&config.data_dir);
-        config.cluster_dir = config.cluster_dir.map(|dir| base.join(dir));
+        config.data_dir = relative_to(base, &config.data_dir);
+        config.cluster_dir = config.cluster_dir.map(|dir| relative_to(base, &dir));
         Ok(config)
     }
 

@@ -726,11 +726,39 @@ fn spawn(
                 "cannot run as {user}: the agent does not run as root"
             )));
         }
+        // The process owns its bundle directory (as systemd's StateDirectory= does).
+        chown_tree(&prepared.bundle_dir, found.uid, found.gid)
+            .map_err(|e| spawn_failed(format!("cannot give {user} its bundle directory: {e}")))?;
         command.uid(found.uid.as_raw()).gid(found.gid.as_raw());
     }
-    command
-        .spawn()
-        .map_err(|e| spawn_failed(format!("cannot start sh: {e}")))
+    command.spawn().map_err(|e| {
+        let who = process.spec.user().map(|u| format!(" as {u}")).unwrap_or_default();
+        spawn_failed(format!(
+            "cannot start sh{who} in {}: {e}",
+            prepared.bundle_dir.display()
+        ))
+    })
+}
+
+/// Gives `dir` and everything in it to `uid:gid` (not following symlinks).
+fn chown_tree(dir: &std::path::Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> std::io::Result<()> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            &path,
+            Some(uid),
+            Some(gid),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(std::io::Error::from)?;
+        if path.is_dir() && !path.is_symlink() {
+            for entry in std::fs::read_dir(&path)? {
+                stack.push(entry?.path());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn exit_of(status: ExitStatus) -> Exit {
