@@ -500,6 +500,10 @@ async fn spin_latency(agent: &BenchAgent, options: &Options, report: &mut Report
     let mut round_trip = Vec::new();
     let mut direct = Vec::new();
     let mut fsync = Vec::new();
+    let (mut agent_cpu, mut agent_wait, mut agent_slices) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut client_wait, mut child_wait, mut direct_child_wait) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let me = std::process::id();
     let mut strace: Option<Child> = None;
     let deadline = Instant::now() + Duration::from_secs(600);
     for i in 0..WARM_UP + options.spins {
@@ -528,10 +532,17 @@ async fn spin_latency(agent: &BenchAgent, options: &Options, report: &mut Report
         wait_running(agent, &pending.id).await?;
         agent.remove(&pending.id).await?;
 
-        // The figure: API call → `Running`.
+        // The figure: API call → `Running`, with what the scheduler saw meanwhile (read
+        // outside the timed span).
+        let (agent_before, me_before) = (Sched::of_process(agent.pid()), Sched::of_process(me));
         let t = Instant::now();
         let running = agent.spin_running(&spec).await?;
         let spun = t.elapsed();
+        let (agent_sched, me_sched) = (
+            Sched::of_process(agent.pid()).since(agent_before),
+            Sched::of_process(me).since(me_before),
+        );
+        let child_sched = Sched::of_thread(running.pid.context("no pid")?);
         agent.remove(&running.id).await?;
 
         // Baseline: the same command spawned directly, the way the agent does it.
@@ -545,6 +556,7 @@ async fn spin_latency(agent: &BenchAgent, options: &Options, report: &mut Report
             .process_group(0)
             .spawn()?;
         let spawned = t.elapsed();
+        let direct_child_sched = Sched::of_thread(child.id());
         children.0.push(child);
         children.reap_all();
 
@@ -561,6 +573,12 @@ async fn spin_latency(agent: &BenchAgent, options: &Options, report: &mut Report
             wait.push(spun);
             direct.push(spawned);
             fsync.push(synced);
+            agent_cpu.push(agent_sched.cpu);
+            agent_wait.push(agent_sched.wait);
+            agent_slices.push(agent_sched.slices);
+            client_wait.push(me_sched.wait);
+            child_wait.push(child_sched.wait);
+            direct_child_wait.push(direct_child_sched.wait);
         }
     }
     if let Some(strace) = strace {
@@ -604,6 +622,46 @@ async fn spin_latency(agent: &BenchAgent, options: &Options, report: &mut Report
         "",
         "",
     );
+    report.row(
+        "  during a spin: agent threads on a CPU",
+        Sample::new(agent_cpu).summary(),
+        String::new(),
+        "",
+        "",
+    );
+    report.row(
+        "  during a spin: agent threads runnable, waiting for a CPU",
+        Sample::new(agent_wait).summary(),
+        String::new(),
+        "",
+        "",
+    );
+    report.row(
+        "  during a spin: the new sh waiting for a CPU (before it ran)",
+        Sample::new(child_wait).summary(),
+        format!("direct: {}", Sample::new(direct_child_wait).summary()),
+        "",
+        "",
+    );
+    report.row(
+        "  during a spin: this client's threads waiting for a CPU",
+        Sample::new(client_wait).summary(),
+        String::new(),
+        "",
+        "",
+    );
+    agent_slices.sort_unstable();
+    report.notes.push(format!(
+        "agent threads were put on a CPU {} times per spin (median; {} at p99)",
+        agent_slices
+            .get(agent_slices.len() / 2)
+            .copied()
+            .unwrap_or(0),
+        agent_slices
+            .get((agent_slices.len() * 99).div_ceil(100).saturating_sub(1))
+            .copied()
+            .unwrap_or(0)
+    ));
     Ok(())
 }
 
@@ -763,6 +821,54 @@ impl Usage {
             cpu_ticks: utime + stime,
             threads: field("Threads:")?,
         })
+    }
+}
+
+/// Scheduler accounting of a process (summed over its threads) from `/proc/PID/task/*/schedstat`:
+/// time on a CPU, time runnable but waiting for one, and how many times it was put on one.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sched {
+    cpu: Duration,
+    wait: Duration,
+    slices: u64,
+}
+
+impl Sched {
+    /// Every thread of `pid` (threads that exit take their share with them).
+    fn of_process(pid: u32) -> Sched {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Sched::default();
+        };
+        tasks
+            .filter_map(|task| Sched::read(&task.ok()?.path().join("schedstat")))
+            .fold(Sched::default(), |a, b| Sched {
+                cpu: a.cpu + b.cpu,
+                wait: a.wait + b.wait,
+                slices: a.slices + b.slices,
+            })
+    }
+
+    /// The main thread of `pid` only (a child that is still single-threaded).
+    fn of_thread(pid: u32) -> Sched {
+        Sched::read(Path::new(&format!("/proc/{pid}/schedstat"))).unwrap_or_default()
+    }
+
+    fn read(path: &Path) -> Option<Sched> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+        Some(Sched {
+            cpu: Duration::from_nanos(fields.next()??),
+            wait: Duration::from_nanos(fields.next()??),
+            slices: fields.next()??,
+        })
+    }
+
+    fn since(self, before: Sched) -> Sched {
+        Sched {
+            cpu: self.cpu.saturating_sub(before.cpu),
+            wait: self.wait.saturating_sub(before.wait),
+            slices: self.slices.saturating_sub(before.slices),
+        }
     }
 }
 

@@ -448,7 +448,8 @@ impl ClusterFiles {
         // Parents get the usual mode (they hold the node's data, which service users traverse);
         // only the cluster directory itself is private.
         if let Some(parent) = self.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs::create_dir_all(parent).map_err(|e| ClusterError::io("create directory", parent, e))?;
+            fs::create_dir_all(parent)
+                .map_err(|e| ClusterError::io("create directory", parent, e))?;
         }
         fs::DirBuilder::new()
             .recursive(true)

@@ -689,14 +689,22 @@ async fn a_service_runs_as_its_user() {
             .wait_for(&p.id, WAIT, "refusal", |p| p.status.is_final())
             .await;
         let reason = p.last_failure.map(|f| f.to_string()).unwrap_or_default();
-        assert!(reason.contains("the agent does not run as root"), "{reason}");
+        assert!(
+            reason.contains("the agent does not run as root"),
+            "{reason}"
+        );
         return;
     }
     assert!(p.is_running(), "{p:#?}");
     let text = eventually("its output", WAIT, || {
         let (net, id) = (net.clone(), p.id.clone());
         async move {
-            let chunks: Vec<_> = net.logs(&id, LogsQuery::default()).await.ok()?.collect().await;
+            let chunks: Vec<_> = net
+                .logs(&id, LogsQuery::default())
+                .await
+                .ok()?
+                .collect()
+                .await;
             let text: String = chunks
                 .into_iter()
                 .filter_map(Result::ok)

@@ -732,7 +732,11 @@ fn spawn(
         command.uid(found.uid.as_raw()).gid(found.gid.as_raw());
     }
     command.spawn().map_err(|e| {
-        let who = process.spec.user().map(|u| format!(" as {u}")).unwrap_or_default();
+        let who = process
+            .spec
+            .user()
+            .map(|u| format!(" as {u}"))
+            .unwrap_or_default();
         spawn_failed(format!(
             "cannot start sh{who} in {}: {e}",
             prepared.bundle_dir.display()
@@ -741,7 +745,11 @@ fn spawn(
 }
 
 /// Gives `dir` and everything in it to `uid:gid` (not following symlinks).
-fn chown_tree(dir: &std::path::Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> std::io::Result<()> {
+fn chown_tree(
+    dir: &std::path::Path,
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+) -> std::io::Result<()> {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(path) = stack.pop() {
         nix::unistd::fchownat(
