@@ -43,38 +43,29 @@ fn the_homelab_runs_serves_answers_the_cli_and_stops_cleanly() {
     assert!(err.contains("error: no network is running"), "{err}");
     assert!(err.contains("hint: "), "{err}");
 
-    let mut up = Command::new(example_bin("homelab"))
-        .env("P2F_STATE_DIR", state.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start homelab");
+    // A service that cannot start: the reason is printed, and the run ends with exit code 3.
+    {
+        let squatter = std::net::TcpListener::bind("127.0.0.1:8480").expect("hold port 8480");
+        let (mut up, lines) = start_up(state.path());
+        let guard = Kill(up.id());
+        let failure = wait_line(&lines, |l| l.contains("services failed"));
+        assert!(
+            failure.contains("1 of 4 services failed: wiki: port 8480 is already in use"),
+            "{failure}"
+        );
+        signal(up.id(), 2);
+        let status = wait_exit(&mut up);
+        assert_eq!(status.code(), Some(3), "failed services exit 3");
+        assert!(processes_under(state.path()).is_empty());
+        drop((guard, squatter));
+    }
+
+    let (mut up, rx) = start_up(state.path());
     let pid = up.id();
     let guard = Kill(pid);
-    // Wait for "All services run." on stderr, in a thread (bounded by WAIT).
-    let stderr = up.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + WAIT;
-    let mut seen = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if line.contains("All services run") => break,
-            Ok(line) => seen.push(line),
-            Err(_) => panic!("homelab did not come up:\n{}", seen.join("\n")),
-        }
-    }
-    assert!(
-        seen.iter()
-            .any(|l| l == "wiki: healthy in " || l.starts_with("wiki: healthy in ")),
-        "{seen:?}"
-    );
+    let healthy = wait_line(&rx, |l| l.starts_with("wiki: healthy in "));
+    assert!(healthy.ends_with('s'), "{healthy}");
+    wait_line(&rx, |l| l.contains("All services run"));
 
     // The HTTP service a person can curl.
     let page = Command::new("curl")
@@ -146,14 +137,7 @@ fn the_homelab_runs_serves_answers_the_cli_and_stops_cleanly() {
         "the services run as OS processes: {started:?}"
     );
     signal(pid, 2);
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = up.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "homelab ignored SIGINT");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(&mut up);
     assert!(status.success(), "{status}");
     let rest: Vec<String> = rx.try_iter().collect();
     assert!(
@@ -166,6 +150,51 @@ fn the_homelab_runs_serves_answers_the_cli_and_stops_cleanly() {
         "no process survives Ctrl-C"
     );
     drop(guard);
+}
+
+/// Starts `homelab` (up) and returns it with a channel of its stderr lines.
+fn start_up(state: &std::path::Path) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut up = Command::new(example_bin("homelab"))
+        .env("P2F_STATE_DIR", state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start homelab");
+    let stderr = up.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (up, rx)
+}
+
+/// The first line that `matches`, within [`WAIT`].
+fn wait_line(lines: &std::sync::mpsc::Receiver<String>, matches: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if matches(&line) => return line,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no such line; saw:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+/// Waits (bounded) for a child to exit.
+fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "it did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Kills the example (by pid) if the test fails before it stopped it.
