@@ -9,7 +9,7 @@
 //! ```text
 //! cargo run --release --example bench_agent -- --p2f target/release/p2f \
 //!     [--data-root /var/tmp] [--spins 200] [--restarts 20] [--procs 50] [--idle-secs 30] \
-//!     [--only spin,restart,idle] [--strace]
+//!     [--only spin,restart,idle] [--strace FILE]
 //! ```
 //!
 //! Every process it starts carries `P2F_BENCH=<its temp dir>` in its environment (the agent's
@@ -68,7 +68,8 @@ struct Options {
     procs: usize,
     idle: Duration,
     only: Vec<String>,
-    strace: bool,
+    /// Where `--strace` writes the agent's syscall table; `None`: no strace.
+    strace: Option<PathBuf>,
 }
 
 impl Options {
@@ -81,13 +82,9 @@ impl Options {
             procs: 50,
             idle: Duration::from_secs(30),
             only: vec!["spin".into(), "restart".into(), "idle".into()],
-            strace: false,
+            strace: None,
         };
         while let Some(flag) = args.next() {
-            if flag == "--strace" {
-                options.strace = true;
-                continue;
-            }
             let value = args.next().ok_or_else(|| anyhow!("{flag} needs a value"))?;
             let number = || {
                 value
@@ -102,6 +99,7 @@ impl Options {
                 "--procs" => options.procs = number()?,
                 "--idle-secs" => options.idle = Duration::from_secs(number()? as u64),
                 "--only" => options.only = value.split(',').map(str::to_owned).collect(),
+                "--strace" => options.strace = Some(PathBuf::from(&value)),
                 other => bail!("unknown option {other}"),
             }
         }
@@ -171,12 +169,6 @@ async fn run(options: Options) -> Result<()> {
     );
     let mut report = Report::default();
 
-    if options.runs("idle") {
-        // A fresh agent, so its 0-process figure is the agent as a user starts it.
-        let agent = BenchAgent::start(&p2f, &scratch.path().join("idle")).await?;
-        let result = idle(&agent, &options, &mut report).await;
-        agent.fail_with_log(result)?;
-    }
     if options.runs("spin") || options.runs("restart") {
         let agent = BenchAgent::start(&p2f, &scratch.path().join("spin")).await?;
         if options.runs("spin") {
@@ -192,6 +184,12 @@ async fn run(options: Options) -> Result<()> {
             "agent RSS after the spin and restart runs (0 processes left): {}",
             mib(rss)
         ));
+    }
+    if options.runs("idle") {
+        // A fresh agent, so its 0-process figure is the agent as a user starts it.
+        let agent = BenchAgent::start(&p2f, &scratch.path().join("idle")).await?;
+        let result = idle(&agent, &options, &mut report).await;
+        agent.fail_with_log(result)?;
     }
     report
         .notes
@@ -509,8 +507,10 @@ async fn spin_latency(agent: &BenchAgent, options: &Options, report: &mut Report
     for i in 0..WARM_UP + options.spins {
         ensure!(Instant::now() < deadline, "spin loop exceeded 10 minutes");
         let counted = i >= WARM_UP;
-        if i == WARM_UP && options.strace {
-            strace = Some(attach_strace(agent)?);
+        if i == WARM_UP
+            && let Some(out) = &options.strace
+        {
+            strace = Some(attach_strace(agent, out)?);
         }
 
         // An API round trip that touches no record: GET of an id that does not exist (404).
@@ -582,9 +582,11 @@ async fn spin_latency(agent: &BenchAgent, options: &Options, report: &mut Report
         }
     }
     if let Some(strace) = strace {
-        report
-            .notes
-            .push(detach_strace(strace, agent, options.spins)?);
+        report.notes.push(detach_strace(
+            strace,
+            options.strace.as_deref().context("strace")?,
+            options.spins,
+        )?);
     }
     let _ = std::fs::remove_file(&probe_path);
 
@@ -679,13 +681,14 @@ async fn wait_running(agent: &BenchAgent, id: &ProcessId) -> Result<Process> {
     }
 }
 
-/// `strace -f -c` on the agent, for a count and time of its system calls during the spins.
-fn attach_strace(agent: &BenchAgent) -> Result<Child> {
-    let out = agent.dir.join("strace.txt");
+/// `strace -f -c` on the agent, for a count and time of its system calls during the spins
+/// (it slows the agent down: the latencies of such a run are not the benchmark's).
+fn attach_strace(agent: &BenchAgent, out: &Path) -> Result<Child> {
     let child = Command::new("strace")
         .args(["-f", "-c", "-w", "-o"])
-        .arg(&out)
+        .arg(out)
         .args(["-p", &agent.pid().to_string()])
+        .env(MARKER, &agent.dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -696,36 +699,36 @@ fn attach_strace(agent: &BenchAgent) -> Result<Child> {
     Ok(child)
 }
 
-/// Stops strace (SIGINT makes it write its summary) and returns the sync-related lines.
-fn detach_strace(mut strace: Child, agent: &BenchAgent, spins: usize) -> Result<String> {
-    let _ = Command::new("kill")
-        .args(["-INT", &strace.id().to_string()])
-        .status();
+/// Stops strace (SIGINT makes it write its table) and sums up the calls that make a spin
+/// durable and start its process.
+fn detach_strace(mut strace: Child, out: &Path, iterations: usize) -> Result<String> {
+    const SIGINT: i32 = 2;
+    kill(i32::try_from(strace.id())?, SIGINT);
     strace.wait()?;
-    let text = std::fs::read_to_string(agent.dir.join("strace.txt"))?;
-    let copy = agent.dir.with_file_name("strace-spin.txt");
-    std::fs::write(&copy, &text)?;
-    let lines: Vec<String> = text
-        .lines()
-        .filter(|l| {
-            [
-                "fsync",
-                "fdatasync",
-                "sync_file_range",
-                "clone",
-                "execve",
-                "total",
-            ]
-            .iter()
-            .any(|call| l.ends_with(call))
-        })
-        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        .collect();
+    let text = std::fs::read_to_string(out)?;
+    let calls = |name: &str| -> Option<(u64, f64)> {
+        // % time, seconds, usecs/call, calls, [errors,] syscall
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().last() == Some(name))?;
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        Some((fields.get(3)?.parse().ok()?, fields.get(1)?.parse().ok()?))
+    };
+    let per = |name: &str| match calls(name) {
+        Some((n, seconds)) => format!(
+            "{name} {:.1} calls ({:.0} µs each)",
+            n as f64 / iterations as f64,
+            seconds * 1e6 / n.max(1) as f64
+        ),
+        None => format!("{name} 0 calls"),
+    };
     Ok(format!(
-        "strace -f -c -w of the agent over {spins} × (spin no-wait + remove, spin + remove, GET): \
-         {} [% time, seconds, usecs/call, calls, errors, syscall]; full table in {}",
-        lines.join("; "),
-        copy.display()
+        "strace -f -c -w of the agent, per loop iteration (a spin without wait and its removal, a \
+         spin with wait and its removal, a GET): {}, {}, {}; the table is in {}",
+        per("fdatasync"),
+        per("fsync"),
+        per("clone3"),
+        out.display()
     ))
 }
 
@@ -791,6 +794,8 @@ async fn restart(agent: &BenchAgent, options: &Options, report: &mut Report) -> 
 #[derive(Debug, Clone, Copy)]
 struct Usage {
     rss_kib: u64,
+    /// The anonymous part of it (heap, stacks): what the agent itself allocated.
+    anon_kib: u64,
     /// utime + stime, in clock ticks.
     cpu_ticks: u64,
     threads: u64,
@@ -818,6 +823,7 @@ impl Usage {
         let stime: u64 = fields.get(12).context("stime")?.parse()?;
         Ok(Usage {
             rss_kib: field("VmRSS:")?,
+            anon_kib: field("RssAnon:")?,
             cpu_ticks: utime + stime,
             threads: field("Threads:")?,
         })
@@ -887,6 +893,7 @@ fn clock_ticks() -> u64 {
 struct Idle {
     rss_end_kib: u64,
     rss_max_kib: u64,
+    anon_end_kib: u64,
     cpu_percent: f64,
     ticks: u64,
     threads: u64,
@@ -908,6 +915,7 @@ async fn idle_window(agent: &BenchAgent, length: Duration) -> Result<Idle> {
     Ok(Idle {
         rss_end_kib: last.rss_kib,
         rss_max_kib: rss_max,
+        anon_end_kib: last.anon_kib,
         cpu_percent: ticks as f64 / clock_ticks() as f64 / elapsed * 100.0,
         ticks,
         threads: last.threads,
@@ -1027,6 +1035,13 @@ async fn idle(agent: &BenchAgent, options: &Options, report: &mut Report) -> Res
         "~0 %",
         verdict(busy.cpu_percent < 0.5),
     );
+    report.notes.push(format!(
+        "idle agent: RssAnon (its heap and stacks; the rest of VmRSS is the mapped binary and \
+         libraries) {} with 0 processes, {} with {}",
+        mib(empty.anon_end_kib),
+        mib(busy.anon_end_kib),
+        ids.len()
+    ));
     report.notes.push(format!(
         "idle agent: {} threads with 0 processes, {} with {}; spinning the {} took {:.1} s \
          (sequential, wait=true), removing them {:.1} s",

@@ -10,8 +10,9 @@
 #                        on the filesystem a user's /var/lib/p2f would be on
 #   CARGO_TARGET_DIR=<repo>/target/bench   a target dir of its own (others build in target/)
 #   AGENT_LOG=info       RUST_LOG of the agents (their log goes to DATA_DIR/.../agent.log)
-#   STRACE=0             1: also `strace -f -c` the agent during the spin loop (slows it down;
-#                        the spin figures of such a run are not the benchmark's)
+#   STRACE=0             1: also `strace -f -c` the agent during the spin loop and count its
+#                        fdatasync and clone3 calls (slows the agent down: the spin figures of
+#                        such a run are not the benchmark's)
 #
 # Builds `p2f` (p2f-cli) and the example in release, prints the machine, then runs the example,
 # which prints the table. The output is also written to target/bench-agent/results-*.txt.
@@ -37,13 +38,24 @@ mkdir -p "$out_dir"
 results=$out_dir/results-$(date +%Y%m%d-%H%M%S).txt
 
 extra=()
-[[ $STRACE == 1 ]] && extra+=(--strace)
+if [[ $STRACE == 1 ]]; then
+    extra+=(--strace "$out_dir/strace-$(date +%Y%m%d-%H%M%S).txt")
+fi
 
 # Whatever happens to the example (even SIGKILL), nothing it started outlives this script: every
-# such process carries P2F_BENCH=<a dir under DATA_ROOT/p2f-bench-agent-*>.
+# such process carries P2F_BENCH=<its temp dir DATA_ROOT/p2f-bench-agent-*>, and the example
+# deletes that dir when it ends normally. Dirs that were there before belong to someone else.
+shopt -s nullglob
+before=("$DATA_ROOT"/p2f-bench-agent-*)
 cleanup() {
+    local dir old mine
     for dir in "$DATA_ROOT"/p2f-bench-agent-*; do
-        [[ -d $dir ]] && "$bin" sweep "$dir" >/dev/null || true
+        mine=1
+        for old in "${before[@]}"; do [[ $dir == "$old" ]] && mine=0; done
+        if ((mine)); then
+            "$bin" sweep "$dir" || true
+            rm -rf -- "$dir"
+        fi
     done
 }
 trap cleanup EXIT

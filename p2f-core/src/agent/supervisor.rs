@@ -644,8 +644,12 @@ async fn launch(
     let prepared = match strategy::already_deployed(&inner.bundles, &entry.process) {
         Some(prepared) => prepared,
         None => {
-            entry.process.status = Status::Deploying;
-            inner.commit(entry).await;
+            let spec = &entry.process.spec;
+            if !matches!(spec.strategy(), p2f_model::Strategy::Shell) || !spec.bundle().is_empty() {
+                // Worth a durable write only when there is a step to watch (BENCHMARKS.md).
+                entry.process.status = Status::Deploying;
+                inner.commit(entry).await;
+            }
             let snapshot = entry.process.clone();
             let deploy = strategy::deploy(&inner.bundles, &snapshot, &log, &inner.deploy);
             tokio::pin!(deploy);
