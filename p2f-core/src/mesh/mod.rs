@@ -1,0 +1,513 @@
+//! Membership and replication of small key-values between nodes: chitchat (scuttlebutt gossip,
+//! phi-accrual failure detection) over UDP, every datagram authenticated with the cluster
+//! secret (HMAC-SHA256 tag; `auth.rs`).
+//!
+//! Each node owns its key-values ([`Mesh::set`], [`Mesh::delete`]) and sees everyone's
+//! ([`Mesh::members`], [`Mesh::dead`], [`Mesh::watch`]). Nodes publish a [`ProcessDigest`] per
+//! process under `p/<process-id>`, never whole records.
+//!
+//! Identity: chitchat's `ChitchatId { node_id, generation_id, gossip_advertise_addr }` with the
+//! P2F node name and [`MeshConfig::generation`] (the agent's start time), so a restarted node is
+//! a new incarnation that supersedes the old one.
+//!
+//! Sizes: chitchat sends a datagram of at most 65 507 bytes (the IPv4 UDP limit); ours carry a
+//! 32-byte tag on top, so one that chitchat filled to within 32 bytes of the limit is not sent
+//! ([`MeshStats::oversized`]; deltas are compressed, so only incompressible values get there). A
+//! node's whole state may exceed a datagram: chitchat sends what fits and the rest over the next
+//! rounds. One key is at most [`MAX_KEY_LEN`] bytes and one
+//! value [`MAX_VALUE_LEN`], so that any single change fits in a datagram many times over (a
+//! change that cannot fit would never spread). chitchat zstd-compresses deltas: 500 process
+//! digests (~175 bytes each, 87 KB) travel in one 11 KB datagram and reach 3 nodes in one round;
+//! 5 000 (875 KB) take a few rounds of ~52 KB datagrams (0.7 s).
+
+mod auth;
+mod process;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chitchat::{
+    Chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ProtocolVersion,
+    spawn_chitchat,
+};
+use p2f_model::NodeName;
+use tokio::net::UdpSocket;
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+
+use crate::cluster::Secret;
+use auth::{AuthTransport, Counters, Key};
+
+pub use process::{PROCESS_PREFIX, ProcessDigest, spec_hash};
+
+/// Default [`MeshConfig::gossip_interval`]: 4 rounds a second. Each round a node gossips with
+/// up to 3 peers, so a change reaches every node in one or two rounds at 10 nodes (measured
+/// p50 ~0.4 s, the goal is 1 s) and in a few more at 30, for ~9 small datagrams per node per
+/// round. Slower rounds would also slow failure detection, which counts in heartbeat intervals;
+/// faster ones buy little on a LAN whose nodes change their records a few times a day.
+pub const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_millis(250);
+/// Default [`MeshConfig::phi_threshold`]. chitchat's phi is the silence divided by the mean
+/// interval between fresh heartbeats of that node (heard directly or relayed). With 250 ms
+/// rounds that mean was ~125 ms at 3 nodes and ~130-180 ms at 10, so 16 means "lost after
+/// ~2-2.8 s of silence", noticed at the end of a round: measured 2.2-2.5 s (3 nodes) and
+/// 3.0-3.5 s (10 nodes) from a node's stop to every other node listing it dead
+/// (`mesh::tests`). Short enough for the failover goal (5 s), long enough to ride out a Wi-Fi
+/// stall of a second or so.
+pub const DEFAULT_PHI_THRESHOLD: f64 = 16.0;
+/// Default [`MeshConfig::dead_grace`]: how long a dead node's key-values stay known (and listed
+/// by [`Mesh::dead`]) before they are forgotten.
+pub const DEFAULT_DEAD_GRACE: Duration = Duration::from_secs(60 * 60);
+/// How long a deleted key's tombstone is kept. A node that was away longer gets the owner's
+/// whole state again instead of the deletions.
+const TOMBSTONE_GRACE: Duration = Duration::from_secs(60 * 60);
+/// Heartbeat intervals longer than this are not sampled (a node back from a long silence).
+const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// How many heartbeat intervals the failure detector averages.
+const HEARTBEAT_WINDOW: usize = 1_000;
+/// Longest key [`Mesh::set`] accepts.
+pub const MAX_KEY_LEN: usize = 256;
+/// Longest value [`Mesh::set`] accepts: 4 KiB, 1/16 of a datagram even when incompressible.
+pub const MAX_VALUE_LEN: usize = 4 * 1024;
+
+/// Everything that can go wrong with the mesh.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MeshError {
+    /// The gossip socket could not be bound.
+    #[error("cannot bind gossip socket {addr}/udp: {source}")]
+    Bind {
+        /// The address it was bound to.
+        addr: SocketAddr,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// chitchat refused to start.
+    #[error("cannot start gossip: {0}")]
+    Start(String),
+    /// A setting is out of range.
+    #[error("invalid mesh setting: {0}")]
+    Config(&'static str),
+    /// A key is empty or longer than [`MAX_KEY_LEN`].
+    #[error("mesh key `{key}` must be 1 to {MAX_KEY_LEN} bytes")]
+    BadKey {
+        /// The key (cut to [`MAX_KEY_LEN`] bytes).
+        key: String,
+    },
+    /// A value is longer than [`MAX_VALUE_LEN`].
+    #[error("value of mesh key `{key}` is {len} bytes, more than {MAX_VALUE_LEN}")]
+    ValueTooLarge {
+        /// Its key.
+        key: String,
+        /// Its length in bytes.
+        len: usize,
+    },
+}
+
+/// How a node joins the mesh. [`MeshConfig::new`] fills in the defaults.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// This node's name: its identity in the mesh.
+    pub node: NodeName,
+    /// This incarnation: the agent's start time in milliseconds since the Unix epoch by default.
+    /// A node restarted with a higher generation supersedes its old incarnation.
+    pub generation: u64,
+    /// Nodes with another cluster id answer "bad cluster" and are ignored.
+    pub cluster_id: String,
+    /// Where to listen for gossip (UDP). Port 0 picks a free port.
+    pub gossip_addr: SocketAddr,
+    /// The address peers should send gossip to; defaults to the bound address (required when
+    /// `gossip_addr` is unspecified, such as `0.0.0.0`). A port 0 here means the bound port.
+    pub advertise_addr: Option<SocketAddr>,
+    /// Gossip addresses of nodes to join through (any member will do; several are safer).
+    pub seeds: Vec<SocketAddr>,
+    /// The cluster secret: every datagram is tagged with a key derived from it.
+    pub secret: Secret,
+    /// Time between gossip rounds ([`DEFAULT_GOSSIP_INTERVAL`]).
+    pub gossip_interval: Duration,
+    /// Phi above which a silent node is declared dead ([`DEFAULT_PHI_THRESHOLD`]): roughly the
+    /// number of mean heartbeat intervals of silence tolerated.
+    pub phi_threshold: f64,
+    /// How long a dead node stays known before it is forgotten ([`DEFAULT_DEAD_GRACE`]).
+    pub dead_grace: Duration,
+}
+
+impl MeshConfig {
+    /// A configuration with the defaults, the generation taken from the clock, and no seeds.
+    pub fn new(node: NodeName, gossip_addr: SocketAddr, secret: Secret) -> MeshConfig {
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| {
+                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+            });
+        MeshConfig {
+            node,
+            generation,
+            cluster_id: "p2f".to_owned(),
+            gossip_addr,
+            advertise_addr: None,
+            seeds: Vec::new(),
+            secret,
+            gossip_interval: DEFAULT_GOSSIP_INTERVAL,
+            phi_threshold: DEFAULT_PHI_THRESHOLD,
+            dead_grace: DEFAULT_DEAD_GRACE,
+        }
+    }
+
+    fn check(&self) -> Result<(), MeshError> {
+        if self.gossip_interval < Duration::from_millis(10) {
+            return Err(MeshError::Config("gossip_interval must be at least 10 ms"));
+        }
+        if !(self.phi_threshold.is_finite() && self.phi_threshold > 0.0) {
+            return Err(MeshError::Config("phi_threshold must be a positive number"));
+        }
+        if self.cluster_id.is_empty() {
+            return Err(MeshError::Config("cluster_id must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+/// One incarnation of a node as this mesh last heard of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The node's name.
+    pub node: NodeName,
+    /// Its incarnation ([`MeshConfig::generation`]).
+    pub generation: u64,
+    /// Where it gossips.
+    pub gossip_addr: SocketAddr,
+    /// Its key-values (deleted ones excluded).
+    pub values: BTreeMap<String, String>,
+}
+
+/// Who is live and who is dead, sorted by node name; one entry per name (its newest
+/// incarnation).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Membership {
+    /// Live nodes, this one included.
+    pub live: Vec<Member>,
+    /// Nodes this mesh saw live and whose failure detector has since declared them dead, with
+    /// their last key-values; a name with a live incarnation is never listed here. A node that
+    /// died before this mesh ever saw it live is in neither list (so that peers not yet heard
+    /// twice at start-up are not reported dead).
+    pub dead: Vec<Member>,
+}
+
+/// Gossip traffic counters of one node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MeshStats {
+    /// Datagrams sent.
+    pub sent: u64,
+    /// Bytes sent, tags included.
+    pub sent_bytes: u64,
+    /// The largest datagram sent, tag included.
+    pub largest_sent: u64,
+    /// Datagrams received with a valid tag.
+    pub accepted: u64,
+    /// Datagrams dropped: tag missing or wrong (another secret, garbage, unsigned chitchat).
+    pub rejected: u64,
+    /// Datagrams not sent because they would exceed the UDP limit with their tag.
+    pub oversized: u64,
+}
+
+/// A running node of the mesh. Dropping it leaves the mesh (peers declare it dead); prefer
+/// [`Mesh::stop`], which waits until the socket is closed.
+pub struct Mesh {
+    node: NodeName,
+    id: ChitchatId,
+    handle: ChitchatHandle,
+    chitchat: Arc<Mutex<Chitchat>>,
+    seen: Arc<StdMutex<HashSet<ChitchatId>>>,
+    membership: watch::Receiver<Membership>,
+    counters: Arc<Counters>,
+    _monitor: AbortOnDrop,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mesh {
+    /// Binds the gossip socket and joins the mesh through `config.seeds`.
+    pub async fn start(config: MeshConfig) -> Result<Mesh, MeshError> {
+        config.check()?;
+        let addr = config.gossip_addr;
+        let socket = UdpSocket::bind(addr)
+            .await
+            .map_err(|source| MeshError::Bind { addr, source })?;
+        let bound = socket
+            .local_addr()
+            .map_err(|source| MeshError::Bind { addr, source })?;
+        let advertise = match config.advertise_addr {
+            Some(advertise) if advertise.port() == 0 => {
+                SocketAddr::new(advertise.ip(), bound.port())
+            }
+            Some(advertise) => advertise,
+            None if bound.ip().is_unspecified() => {
+                return Err(MeshError::Config(
+                    "advertise_addr is required when gossip_addr is unspecified",
+                ));
+            }
+            None => bound,
+        };
+        let id = ChitchatId::new(config.node.as_str(), config.generation, advertise);
+        let chitchat_config = ChitchatConfig {
+            chitchat_id: id.clone(),
+            cluster_id: config.cluster_id.clone(),
+            gossip_interval: config.gossip_interval,
+            listen_addr: bound,
+            seed_nodes: config.seeds.iter().map(ToString::to_string).collect(),
+            failure_detector_config: FailureDetectorConfig {
+                phi_threshold: config.phi_threshold,
+                sampling_window_size: HEARTBEAT_WINDOW,
+                max_interval: MAX_HEARTBEAT_INTERVAL,
+                initial_interval: config.gossip_interval,
+                dead_node_grace_period: config.dead_grace,
+            },
+            marked_for_deletion_grace_period: TOMBSTONE_GRACE,
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            // Every P2F node runs chitchat 0.13, which reads both versions; V1 compresses the
+            // digest every SYN carries.
+            protocol_version: ProtocolVersion::V1,
+        };
+        let counters = Arc::new(Counters::default());
+        let key = Key::derive(config.secret.expose().as_bytes());
+        let transport = AuthTransport::new(key, Arc::clone(&counters), socket);
+        let handle = spawn_chitchat(chitchat_config, Vec::new(), &transport)
+            .await
+            .map_err(|error| MeshError::Start(format!("{error:#}")))?;
+
+        let chitchat = handle.chitchat();
+        let seen = Arc::new(StdMutex::new(HashSet::new()));
+        let (first, live) = {
+            let guard = chitchat.lock().await;
+            (snapshot(&guard, &seen), guard.live_nodes_watcher())
+        };
+        let (publish, membership) = watch::channel(first);
+        let monitor = tokio::spawn(monitor(
+            Arc::clone(&chitchat),
+            Arc::clone(&seen),
+            live,
+            publish,
+        ));
+        tracing::debug!(node = %config.node, %advertise, generation = config.generation, "mesh started");
+        Ok(Mesh {
+            node: config.node,
+            id,
+            handle,
+            chitchat,
+            seen,
+            membership,
+            counters,
+            _monitor: AbortOnDrop(monitor),
+        })
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &NodeName {
+        &self.node
+    }
+
+    /// This incarnation's generation.
+    pub fn generation(&self) -> u64 {
+        self.id.generation_id
+    }
+
+    /// The address peers gossip to (with the bound port when port 0 was asked for).
+    pub fn gossip_addr(&self) -> SocketAddr {
+        self.id.gossip_advertise_addr
+    }
+
+    /// Publishes `key` = `value` as this node's; peers see it within a few gossip rounds.
+    pub async fn set(&self, key: &str, value: &str) -> Result<(), MeshError> {
+        check_key(key)?;
+        if value.len() > MAX_VALUE_LEN {
+            return Err(MeshError::ValueTooLarge {
+                key: key.to_owned(),
+                len: value.len(),
+            });
+        }
+        self.chitchat.lock().await.self_node_state().set(key, value);
+        Ok(())
+    }
+
+    /// Deletes this node's `key` (a tombstone spreads; deleting a missing key does nothing).
+    pub async fn delete(&self, key: &str) {
+        let mut chitchat = self.chitchat.lock().await;
+        let state = chitchat.self_node_state();
+        if state.get(key).is_some() {
+            state.delete(key);
+        }
+    }
+
+    /// Live nodes, this one included, with their key-values.
+    pub async fn members(&self) -> Vec<Member> {
+        self.membership().await.live
+    }
+
+    /// Nodes declared dead, with their last key-values (see [`Membership::dead`]).
+    pub async fn dead(&self) -> Vec<Member> {
+        self.membership().await.dead
+    }
+
+    /// Live and dead nodes, read now (one consistent view).
+    pub async fn membership(&self) -> Membership {
+        snapshot(&*self.chitchat.lock().await, &self.seen)
+    }
+
+    /// A receiver that holds the latest [`Membership`] and changes when a node joins, is
+    /// declared dead, or changes its key-values (checked once per gossip round). Do not hold
+    /// its `borrow()` (or the guard `wait_for` returns) across an `.await`: the mesh cannot
+    /// publish while it is held.
+    pub fn watch(&self) -> watch::Receiver<Membership> {
+        self.membership.clone()
+    }
+
+    /// Gossip traffic so far.
+    pub fn stats(&self) -> MeshStats {
+        let c = &self.counters;
+        MeshStats {
+            sent: c.sent.load(Ordering::Relaxed),
+            sent_bytes: c.sent_bytes.load(Ordering::Relaxed),
+            largest_sent: c.largest_sent.load(Ordering::Relaxed),
+            accepted: c.accepted.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            oversized: c.oversized.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Leaves the mesh: stops gossiping and closes the socket before returning. Peers declare
+    /// this node dead after the failure detector's timeout.
+    pub async fn stop(self) {
+        if let Err(error) = self.handle.shutdown().await {
+            tracing::debug!(%error, "gossip stopped with an error");
+        }
+    }
+
+    /// The silence after which each peer would be declared dead now (phi threshold × its
+    /// mean heartbeat interval), for measurements.
+    #[cfg(test)]
+    async fn detection_timeouts(&self) -> Vec<(String, Option<Duration>)> {
+        let chitchat = self.chitchat.lock().await;
+        chitchat
+            .node_states()
+            .keys()
+            .filter(|id| **id != self.id)
+            .map(|id| {
+                (
+                    id.node_id.to_string(),
+                    chitchat.failure_detection_timeout(id),
+                )
+            })
+            .collect()
+    }
+}
+
+fn check_key(key: &str) -> Result<(), MeshError> {
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        let mut cut = key.len().min(MAX_KEY_LEN);
+        while !key.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        return Err(MeshError::BadKey {
+            key: key[..cut].to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Aborts a task when dropped (the monitor holds the chitchat state alive otherwise).
+#[derive(Debug)]
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Republishes the membership each time chitchat's live set (or a live node's version)
+/// changes, which chitchat checks once per gossip round.
+async fn monitor(
+    chitchat: Arc<Mutex<Chitchat>>,
+    seen: Arc<StdMutex<HashSet<ChitchatId>>>,
+    mut live: watch::Receiver<BTreeMap<ChitchatId, chitchat::NodeState>>,
+    publish: watch::Sender<Membership>,
+) {
+    while live.changed().await.is_ok() {
+        let now = snapshot(&*chitchat.lock().await, &seen);
+        publish.send_if_modified(|current| {
+            if *current == now {
+                return false;
+            }
+            *current = now;
+            true
+        });
+    }
+}
+
+/// The membership as `chitchat` sees it; records every incarnation seen live in `seen`.
+fn snapshot(chitchat: &Chitchat, seen: &StdMutex<HashSet<ChitchatId>>) -> Membership {
+    let mut seen = seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut live = BTreeMap::new();
+    for id in chitchat.live_nodes() {
+        seen.insert(id.clone());
+        if let Some(member) = member(chitchat, id) {
+            keep_newest(&mut live, member);
+        }
+    }
+    let mut dead = BTreeMap::new();
+    for id in chitchat.dead_nodes() {
+        if !seen.contains(id) {
+            continue;
+        }
+        if let Some(member) = member(chitchat, id)
+            && !live.contains_key(&member.node)
+        {
+            keep_newest(&mut dead, member);
+        }
+    }
+    // Forget incarnations chitchat itself forgot (after the dead grace).
+    seen.retain(|id| chitchat.node_state(id).is_some());
+    Membership {
+        live: live.into_values().collect(),
+        dead: dead.into_values().collect(),
+    }
+}
+
+fn member(chitchat: &Chitchat, id: &ChitchatId) -> Option<Member> {
+    let state = chitchat.node_state(id)?;
+    let Ok(node) = NodeName::new(&*id.node_id) else {
+        tracing::debug!(node_id = %id.node_id, "mesh: ignoring a member with an invalid node name");
+        return None;
+    };
+    Some(Member {
+        node,
+        generation: id.generation_id,
+        gossip_addr: id.gossip_advertise_addr,
+        values: state
+            .key_values()
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .collect(),
+    })
+}
+
+fn keep_newest(by_name: &mut BTreeMap<NodeName, Member>, member: Member) {
+    match by_name.get(&member.node) {
+        Some(known) if known.generation >= member.generation => {}
+        _ => {
+            by_name.insert(member.node.clone(), member);
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! What a node publishes about each of its processes: a small digest under `p/<process-id>`,
+//! never the record itself (a record holds its spec's bundle, which can be megabytes; peers fetch
+//! it over the control API when they need it).
+
+use p2f_model::{NodeName, Process, ProcessId, ProcessSpec};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// The key prefix of process digests.
+pub const PROCESS_PREFIX: &str = "p/";
+
+/// One process as the mesh spreads it: enough to list the network and to notice that a record
+/// changed, small enough for hundreds per datagram. Its JSON is at most ~600 bytes (ids are at
+/// most 128 bytes, node names 64, domains 253), typically under 200.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessDigest {
+    /// The process id.
+    pub id: ProcessId,
+    /// Its generation: a higher one supersedes every copy with a lower one.
+    pub generation: u64,
+    /// [`Status::name`](p2f_model::Status::name): `running`, `failed`, ...
+    pub status: String,
+    /// The node it runs on.
+    pub node: NodeName,
+    /// Its port, if any.
+    pub port: Option<u16>,
+    /// Its domain, if any.
+    pub domain: Option<String>,
+    /// [`spec_hash`] of its spec: the spec changed when this did.
+    pub spec: String,
+}
+
+impl ProcessDigest {
+    /// The digest of `process`.
+    pub fn of(process: &Process) -> ProcessDigest {
+        ProcessDigest {
+            id: process.id.clone(),
+            generation: process.generation,
+            status: process.status.name().to_owned(),
+            node: process.node.name.clone(),
+            port: process.port.or(process.spec.port()),
+            domain: process.spec.domain().map(str::to_owned),
+            spec: spec_hash(&process.spec),
+        }
+    }
+
+    /// The mesh key of process `id`: `p/<id>`.
+    pub fn key_for(id: &ProcessId) -> String {
+        format!("{PROCESS_PREFIX}{id}")
+    }
+
+    /// This digest's mesh key.
+    pub fn key(&self) -> String {
+        ProcessDigest::key_for(&self.id)
+    }
+
+    /// The mesh value: compact JSON.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("a digest of strings and numbers always serializes")
+    }
+
+    /// Reads a mesh value written by [`ProcessDigest::encode`].
+    pub fn decode(value: &str) -> Result<ProcessDigest, serde_json::Error> {
+        serde_json::from_str(value)
+    }
+}
+
+/// The first 16 hex digits (64 bits) of the SHA-256 of the spec's JSON form, bundle included.
+pub fn spec_hash(spec: &ProcessSpec) -> String {
+    let json = serde_json::to_vec(spec).expect("a spec always serializes");
+    let digest = Sha256::digest(&json);
+    let mut hex = String::with_capacity(16);
+    for byte in &digest[..8] {
+        hex.push_str(&format!("{byte:02x}"));
+    }
+    hex
+}

@@ -1,0 +1,505 @@
+//! In-process meshes on 127.0.0.1: convergence, failure detection, authentication, sizes, and
+//! the propagation figures for BENCHMARKS.md (printed with `--nocapture`).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use chitchat::transport::UdpTransport;
+use chitchat::{ChitchatConfig, ChitchatId, FailureDetectorConfig, ProtocolVersion};
+use p2f_model::{NodeName, ProcessId};
+
+use super::*;
+
+const SECRET: &str = "mesh-test-secret-0123456789abcdef";
+
+fn localhost() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
+}
+
+fn config(name: &str, seeds: &[SocketAddr], secret: &str) -> MeshConfig {
+    let node = NodeName::new(name).expect("test node names are valid");
+    let secret = Secret::parse(secret).expect("test secrets are valid");
+    let mut config = MeshConfig::new(node, localhost(), secret);
+    config.seeds = seeds.to_vec();
+    config
+}
+
+async fn start(name: &str, seeds: &[SocketAddr]) -> Mesh {
+    Mesh::start(config(name, seeds, SECRET))
+        .await
+        .expect("a mesh starts on 127.0.0.1")
+}
+
+/// `n` meshes named `n0..`, every one seeded with the first; waits until all see all.
+async fn cluster(n: usize) -> Vec<Mesh> {
+    let first = start("n0", &[]).await;
+    let seed = [first.gossip_addr()];
+    let mut meshes = vec![first];
+    for i in 1..n {
+        meshes.push(start(&format!("n{i}"), &seed).await);
+    }
+    let converged = wait_until(Duration::from_secs(10), async || {
+        for mesh in &meshes {
+            if mesh.members().await.len() != n {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(converged.is_some(), "{n} meshes did not converge in 10 s");
+    meshes
+}
+
+/// Polls `check` every 5 ms until it holds (the time it took) or `limit` passes (`None`).
+async fn wait_until(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check().await {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+async fn value_on(mesh: &Mesh, node: &str, key: &str) -> Option<String> {
+    mesh.members()
+        .await
+        .into_iter()
+        .find(|m| m.node.as_str() == node)
+        .and_then(|m| m.values.get(key).cloned())
+}
+
+async fn everyone_sees(meshes: &[Mesh], node: &str, key: &str, value: &str) -> bool {
+    for mesh in meshes {
+        if value_on(mesh, node, key).await.as_deref() != Some(value) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Time for one key change on a rotating node to reach every node, `trials` times. Each change
+/// is made at a different point of the gossip round (as real changes are), not right after the
+/// round that delivered the previous one.
+async fn propagation(meshes: &[Mesh], trials: usize) -> Vec<Duration> {
+    let mut times = Vec::new();
+    for trial in 0..trials {
+        let phase = DEFAULT_GOSSIP_INTERVAL.mul_f64(trial as f64 / trials as f64);
+        tokio::time::sleep(phase).await;
+        let owner = &meshes[trial % meshes.len()];
+        let value = format!("v{trial}");
+        let started = Instant::now();
+        owner
+            .set("bench", &value)
+            .await
+            .expect("a small value is accepted");
+        let node = owner.node().as_str().to_owned();
+        let seen = wait_until(Duration::from_secs(10), async || {
+            everyone_sees(meshes, &node, "bench", &value).await
+        })
+        .await;
+        assert!(
+            seen.is_some(),
+            "trial {trial}: the change did not spread in 10 s"
+        );
+        times.push(started.elapsed());
+    }
+    times.sort();
+    times
+}
+
+/// Drops the last mesh; the time until every other one lists it dead.
+async fn time_to_dead(mut meshes: Vec<Mesh>) -> Duration {
+    let lost = meshes.pop().expect("at least two meshes");
+    let name = lost.node().as_str().to_owned();
+    drop(lost);
+    let started = Instant::now();
+    let declared = wait_until(Duration::from_secs(10), async || {
+        for mesh in &meshes {
+            if !mesh.dead().await.iter().any(|m| m.node.as_str() == name) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(
+        declared.is_some(),
+        "{name} was not declared dead everywhere within 10 s"
+    );
+    started.elapsed()
+}
+
+fn describe(times: &[Duration]) -> String {
+    let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+    format!(
+        "p50 {:.0} ms, max {:.0} ms over {} trials",
+        ms(&times[times.len() / 2]),
+        ms(&times[times.len() - 1]),
+        times.len()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_meshes_converge_and_a_key_spreads_within_2_s() {
+    let meshes = cluster(3).await;
+    let started = Instant::now();
+    meshes[2]
+        .set("p/wiki-1", "{\"status\":\"running\"}")
+        .await
+        .expect("set");
+    let took = wait_until(Duration::from_secs(2), async || {
+        everyone_sees(&meshes, "n2", "p/wiki-1", "{\"status\":\"running\"}").await
+    })
+    .await;
+    let took = took.expect("the key reached every node within 2 s");
+    eprintln!(
+        "mesh: one key reached 3 nodes in {:.0} ms",
+        took.as_secs_f64() * 1000.0
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // A deletion spreads too.
+    meshes[2].delete("p/wiki-1").await;
+    let gone = wait_until(Duration::from_secs(2), async || {
+        for mesh in &meshes {
+            if value_on(mesh, "n2", "p/wiki-1").await.is_some() {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(gone.is_some(), "the deletion reached every node within 2 s");
+    for mesh in &meshes {
+        assert_eq!(mesh.stats().rejected, 0, "{:?}", mesh.stats());
+        assert!(mesh.dead().await.is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_is_declared_dead_and_comes_back_with_a_new_generation() {
+    let mut meshes = cluster(3).await;
+    meshes[1].set("p/db-1", "x").await.expect("set");
+    assert!(
+        wait_until(Duration::from_secs(2), async || everyone_sees(
+            &meshes, "n1", "p/db-1", "x"
+        )
+        .await)
+        .await
+        .is_some()
+    );
+    // Let the failure detector learn the heartbeat rate, as it would have in a running network.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut configured = Duration::ZERO;
+    for (name, timeout) in meshes[0].detection_timeouts().await {
+        eprintln!("mesh: n0 would declare {name} dead after {timeout:?} of silence");
+        configured = configured.max(timeout.expect("n0 has heard n1 and n2 for 2 s"));
+    }
+    let mut watch = meshes[0].watch();
+    let lost = meshes.remove(1);
+    let generation = lost.generation();
+    drop(lost);
+    let started = Instant::now();
+
+    let declared = wait_until(Duration::from_secs(10), async || {
+        for mesh in &meshes {
+            let dead = mesh.dead().await;
+            if !dead.iter().any(|m| m.node.as_str() == "n1") {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+    .expect("n1 declared dead by both others within 10 s");
+    eprintln!(
+        "mesh: a dropped node was declared dead by every other node after {:.2} s",
+        declared.as_secs_f64()
+    );
+    // The detector's timeout, plus the round until liveness is next checked, plus slack for a
+    // busy test machine.
+    let bound = configured + 2 * DEFAULT_GOSSIP_INTERVAL + Duration::from_secs(1);
+    assert!(declared < bound, "took {declared:?}, more than {bound:?}");
+    // The dead entry keeps its last key-values; the live list no longer has it.
+    let dead = meshes[0].dead().await;
+    assert_eq!(dead[0].values.get("p/db-1").map(String::as_str), Some("x"));
+    assert!(
+        !meshes[0]
+            .members()
+            .await
+            .iter()
+            .any(|m| m.node.as_str() == "n1")
+    );
+    // The watch saw it too.
+    // (`wait_for` returns a read guard of the watch: it must not be held, or the mesh cannot
+    // publish again.)
+    let reported = tokio::time::timeout(
+        Duration::from_secs(2),
+        watch.wait_for(|m| m.dead.iter().any(|d| d.node.as_str() == "n1")),
+    )
+    .await
+    .is_ok_and(|seen| seen.is_ok());
+    assert!(reported, "the watch reported n1 dead");
+    eprintln!(
+        "mesh: watch reported it {:.2} s after the drop",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Restarted with a later generation, it is live again and no longer dead.
+    let mut again = config("n1", &[meshes[0].gossip_addr()], SECRET);
+    again.generation = generation + 1;
+    let back = Mesh::start(again).await.expect("restart");
+    meshes.push(back);
+    let returned = wait_until(Duration::from_secs(5), async || {
+        for mesh in &meshes {
+            let membership = mesh.membership().await;
+            let live = membership
+                .live
+                .iter()
+                .any(|m| m.node.as_str() == "n1" && m.generation == generation + 1);
+            if !live || membership.dead.iter().any(|m| m.node.as_str() == "n1") {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+    .expect("n1 live again everywhere within 5 s");
+    eprintln!(
+        "mesh: the restarted node was live everywhere after {:.2} s",
+        returned.as_secs_f64()
+    );
+    // Its old incarnation's key-values are not its new ones.
+    assert_eq!(value_on(&meshes[0], "n1", "p/db-1").await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_secret_unsigned_gossip_and_garbage_change_nothing() {
+    let meshes = cluster(2).await;
+    meshes[0]
+        .set("secret-key", "members only")
+        .await
+        .expect("set");
+    let seed = meshes[0].gossip_addr();
+
+    // A mesh with another secret, seeded with n0.
+    let intruder = Mesh::start(config(
+        "intruder",
+        &[seed],
+        "another-secret-0123456789abcdef",
+    ))
+    .await
+    .expect("start");
+    intruder.set("evil", "1").await.expect("set");
+
+    // Plain chitchat (no tag at all), same cluster id, seeded with n0.
+    // (chitchat's UdpTransport binds by itself: find a free port first.)
+    let plain_addr = std::net::UdpSocket::bind(localhost())
+        .and_then(|socket| socket.local_addr())
+        .expect("a free port");
+    let plain = chitchat::spawn_chitchat(
+        ChitchatConfig {
+            chitchat_id: ChitchatId::new("plain", 1, plain_addr),
+            cluster_id: "p2f".to_owned(),
+            gossip_interval: Duration::from_millis(100),
+            listen_addr: plain_addr,
+            seed_nodes: vec![seed.to_string()],
+            failure_detector_config: FailureDetectorConfig::default(),
+            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: ProtocolVersion::V0,
+        },
+        vec![("evil".to_owned(), "2".to_owned())],
+        &UdpTransport,
+    )
+    .await
+    .expect("plain chitchat starts");
+
+    // Garbage: too short for a tag, a tag-sized blob, and a large random-ish datagram.
+    let raw = std::net::UdpSocket::bind(localhost()).expect("bind");
+    let before = meshes[0].stats().rejected;
+    raw.send_to(b"x", seed).expect("send");
+    raw.send_to(&[0u8; 32], seed).expect("send");
+    let junk: Vec<u8> = (0..4000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    raw.send_to(&junk, seed).expect("send");
+    assert!(
+        wait_until(Duration::from_secs(2), async || meshes[0].stats().rejected
+            >= before + 3)
+        .await
+        .is_some(),
+        "the three garbage datagrams were counted as rejected"
+    );
+
+    // Two seconds of attempts: 8 gossip rounds.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for mesh in &meshes {
+        let membership = mesh.membership().await;
+        let names: Vec<&str> = membership.live.iter().map(|m| m.node.as_str()).collect();
+        assert_eq!(names, ["n0", "n1"], "only members are listed");
+        assert!(membership.dead.is_empty());
+    }
+    let rejected = meshes[0].stats().rejected;
+    eprintln!(
+        "mesh: n0 dropped {rejected} unauthenticated datagrams, {:?}",
+        meshes[0].stats()
+    );
+    assert!(
+        rejected > before + 3 + 4,
+        "the intruders' gossip was dropped: {rejected}"
+    );
+    let intruder_view = intruder.members().await;
+    assert_eq!(
+        intruder_view.len(),
+        1,
+        "the intruder learned nothing: {intruder_view:?}"
+    );
+    assert!(!intruder_view[0].values.contains_key("secret-key"));
+    let plain_view = plain.with_chitchat(|c| c.node_states().len()).await;
+    assert_eq!(plain_view, 1, "unsigned chitchat learned nothing");
+
+    // And the mesh still works.
+    meshes[0].set("after", "fine").await.expect("set");
+    assert!(
+        wait_until(Duration::from_secs(2), async || everyone_sees(
+            &meshes, "n0", "after", "fine"
+        )
+        .await)
+        .await
+        .is_some()
+    );
+}
+
+#[tokio::test]
+async fn keys_and_values_are_bounded() {
+    let mesh = start("solo", &[]).await;
+    assert!(matches!(
+        mesh.set("", "v").await,
+        Err(MeshError::BadKey { .. })
+    ));
+    let long_key = "k".repeat(MAX_KEY_LEN + 1);
+    assert!(matches!(
+        mesh.set(&long_key, "v").await,
+        Err(MeshError::BadKey { .. })
+    ));
+    let big = "v".repeat(MAX_VALUE_LEN + 1);
+    assert!(matches!(
+        mesh.set("k", &big).await,
+        Err(MeshError::ValueTooLarge { len, .. }) if len == MAX_VALUE_LEN + 1
+    ));
+    mesh.set("k", &"v".repeat(MAX_VALUE_LEN))
+        .await
+        .expect("the limit itself is fine");
+    mesh.delete("missing").await;
+    mesh.delete("k").await;
+    assert!(mesh.members().await[0].values.is_empty());
+    let mut unspecified = config("x", &[], SECRET);
+    unspecified.gossip_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+    assert!(matches!(
+        Mesh::start(unspecified).await,
+        Err(MeshError::Config(_))
+    ));
+}
+
+/// A digest as a node would publish it, sized like a real one.
+fn digest(i: usize) -> ProcessDigest {
+    ProcessDigest {
+        id: ProcessId::new(format!("service-{i:04}-3f9a1c")).expect("valid id"),
+        generation: 1,
+        status: "running".to_owned(),
+        node: NodeName::new("n0").expect("valid name"),
+        port: Some(10_000 + i as u16),
+        domain: Some(format!("service-{i:04}.home.example.org")),
+        spec: format!("{:016x}", (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_process_digests_converge() {
+    let meshes = cluster(3).await;
+    let digests: Vec<ProcessDigest> = (0..500).map(digest).collect();
+    let value_bytes: usize = digests
+        .iter()
+        .map(|d| d.key().len() + d.encode().len())
+        .sum();
+    let started = Instant::now();
+    for d in &digests {
+        meshes[0].set(&d.key(), &d.encode()).await.expect("set");
+    }
+    let set_time = started.elapsed();
+    let took = wait_until(Duration::from_secs(20), async || {
+        for mesh in &meshes[1..] {
+            let members = mesh.members().await;
+            let Some(n0) = members.iter().find(|m| m.node.as_str() == "n0") else {
+                return false;
+            };
+            if n0.values.len() < 500 {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+    .expect("500 digests reached both peers within 20 s");
+    let last = meshes[1].members().await;
+    let n0 = last.iter().find(|m| m.node.as_str() == "n0").expect("n0");
+    for d in &digests {
+        let got = ProcessDigest::decode(&n0.values[&d.key()]).expect("decodes");
+        assert_eq!(&got, d);
+    }
+    let stats = meshes[0].stats();
+    eprintln!(
+        "mesh: 500 digests ({} bytes of keys+values, {} per digest) reached 3 nodes in {:.2} s \
+         (set took {:.0} ms); largest datagram {} bytes, limit {}, oversized {}",
+        value_bytes,
+        value_bytes / 500,
+        took.as_secs_f64(),
+        set_time.as_secs_f64() * 1000.0,
+        stats.largest_sent,
+        auth::MAX_DATAGRAM,
+        stats.oversized
+    );
+    assert_eq!(stats.oversized, 0);
+    assert!(stats.largest_sent as usize <= auth::MAX_DATAGRAM);
+}
+
+/// The figures for BENCHMARKS.md: propagation of one change and time-to-dead, 3 and 10 nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn propagation_and_failure_detection_at_3_and_10_nodes() {
+    for n in [3, 10] {
+        let meshes = cluster(n).await;
+        let times = propagation(&meshes, 10).await;
+        eprintln!(
+            "mesh: one key change reached all {n} nodes: {}",
+            describe(&times)
+        );
+        // The goal is 1 s at 10 nodes; the bound leaves room for a loaded test machine.
+        assert!(
+            times[times.len() / 2] < Duration::from_secs(2),
+            "{n} nodes: {times:?}"
+        );
+        let timeouts: Vec<f64> = meshes[0]
+            .detection_timeouts()
+            .await
+            .into_iter()
+            .filter_map(|(_, timeout)| timeout.map(|t| t.as_secs_f64()))
+            .collect();
+        let dead_after = time_to_dead(meshes).await;
+        eprintln!(
+            "mesh: {n} nodes: detection timeouts {:.2}-{:.2} s; a dropped node was dead \
+             everywhere after {:.2} s",
+            timeouts.iter().copied().fold(f64::INFINITY, f64::min),
+            timeouts.iter().copied().fold(0.0, f64::max),
+            dead_after.as_secs_f64()
+        );
+        assert!(
+            dead_after < Duration::from_secs(5),
+            "{n} nodes: {dead_after:?}"
+        );
+    }
+}
