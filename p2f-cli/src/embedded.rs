@@ -101,6 +101,7 @@ fn local_name() -> NodeName {
 pub async fn up(deployment: &Deployment) -> Result<()> {
     let dir = state_dir();
     eprintln!("Starting a local P2F network (state in {})", dir.display());
+    let stop = StopSignal::listen()?;
     let embedded = Embedded::start(&dir).await?;
     let network = embedded.network().clone();
     // Records of earlier runs that ended are history, not part of this run.
@@ -112,19 +113,19 @@ pub async fn up(deployment: &Deployment) -> Result<()> {
     let node = network.node().await?;
     let applied = tokio::select! {
         applied = converge::apply(&network, &node, deployment) => Some(applied),
-        () = stop_requested() => None,
+        () = stop.requested() => None,
     };
     let outcome = match applied {
         None => Ok(()),
         Some(Err(e @ crate::Error::Failed { .. })) => {
             eprintln!("\n{e}");
-            watch(&network, deployment).await;
+            watch(&network, deployment, &stop).await;
             Err(e)
         }
         Some(Err(e)) => Err(e),
         Some(Ok(_)) => {
             eprintln!("\nAll services run. Ctrl-C stops them.");
-            watch(&network, deployment).await;
+            watch(&network, deployment, &stop).await;
             Ok(())
         }
     };
@@ -142,26 +143,40 @@ pub async fn up(deployment: &Deployment) -> Result<()> {
     outcome
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn stop_requested() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// Ctrl-C or SIGTERM, caught from the moment `StopSignal::listen` returns: a signal that
+/// arrives between two waits is not lost.
+#[derive(Debug, Clone)]
+struct StopSignal(tokio::sync::watch::Receiver<bool>);
+
+impl StopSignal {
+    fn listen() -> std::io::Result<StopSignal> {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Registered here, before anything else runs, so no signal can slip by.
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            let _ = tx.send(true);
+        });
+        Ok(StopSignal(rx))
+    }
+
+    /// Resolves once a stop signal came (at once if it already did).
+    async fn requested(&self) {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|stop| *stop).await;
     }
 }
 
 /// Shows the live status until Ctrl-C: a table redrawn in place on a terminal, otherwise the
 /// table once and then one line per status change.
-async fn watch(network: &Network, deployment: &Deployment) {
+async fn watch(network: &Network, deployment: &Deployment, stop: &StopSignal) {
     let tty = std::io::stdout().is_terminal();
-    let stop = stop_requested();
+    let stop = stop.requested();
     tokio::pin!(stop);
     let mut drawn_lines = 0;
     let mut last: HashMap<String, String> = HashMap::new();

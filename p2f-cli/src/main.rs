@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use p2f_core::Network;
 use p2f_core::agent::{Agent, AgentConfig, Shutdown};
 use p2f_core::cluster::ClusterFiles;
+use p2f_core::join::{JoinRequest, JoinToken};
 use p2f_core::wire::LogsQuery;
 use p2f_model::{NodeName, ProcessId, ProcessKey};
 use tokio::io::AsyncWriteExt;
@@ -90,6 +91,23 @@ enum NodeCommand {
         /// The node's config file.
         #[arg(long, short, default_value_os_t = default_dir().join("node.toml"))]
         config: PathBuf,
+    },
+    /// Makes this machine a member of a cluster: `p2f node join $(cat ROOT_DATA/join-token)`.
+    Join {
+        /// The root's join token (from its `DATA/join-token`, or what `p2f init` printed).
+        token: String,
+        /// Where this node keeps its config, records and logs.
+        #[arg(long, default_value_os_t = default_dir())]
+        dir: PathBuf,
+        /// This node's name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// The control API's address on this machine.
+        #[arg(long, default_value = "127.0.0.1:7440")]
+        listen: String,
+        /// The address others reach this node at, if not the listen address's.
+        #[arg(long)]
+        advertise: Option<String>,
     },
     /// Writes a systemd unit that runs this node's agent at boot, and says how to enable it.
     Install {
@@ -180,6 +198,16 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Node {
             command: NodeCommand::Install { config, unit },
         } => install(&config, &unit),
+        Command::Node {
+            command:
+                NodeCommand::Join {
+                    token,
+                    dir,
+                    name,
+                    listen,
+                    advertise,
+                },
+        } => join(&token, &dir, name, &listen, advertise).await,
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "p2f", &mut std::io::stdout());
@@ -218,6 +246,74 @@ async fn dispatch(command: Command) -> Result<()> {
 }
 
 fn init(dir: &Path, name: Option<String>, listen: &str) -> Result<()> {
+    let (name, listen, config_path) = new_node(dir, name, listen)?;
+    let cluster = ClusterFiles::new(dir.join("cluster"));
+    cluster.create(name.as_str())?;
+    let mut config = AgentConfig::new(name, ".");
+    config.listen = listen;
+    std::fs::write(&config_path, config.to_toml())
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    println!("Created a cluster in {}", dir.display());
+    println!("  CA and secret: {}", cluster.dir().display());
+    println!("  node config:   {}", config_path.display());
+    println!();
+    println!(
+        "Start this node:  p2f node run --config {}",
+        config_path.display()
+    );
+    println!(
+        "It writes its join token to {}; on each other machine run:",
+        dir.join("join-token").display()
+    );
+    println!("  p2f node join TOKEN --listen THAT_MACHINE_IP:7440");
+    Ok(())
+}
+
+async fn join(
+    token: &str,
+    dir: &Path,
+    name: Option<String>,
+    listen: &str,
+    advertise: Option<String>,
+) -> Result<()> {
+    let token = JoinToken::decode(token)?;
+    let (name, listen, config_path) = new_node(dir, name, listen)?;
+    let mut config = AgentConfig::new(name.clone(), ".");
+    config.listen = listen;
+    config.advertise = advertise;
+    config.root = Some(token.root.clone());
+    let root = Network::connect(&token.root, token.secret.clone(), &token.ca_pem)?;
+    let request = JoinRequest {
+        name: name.clone(),
+        hosts: vec![config.advertised_host()],
+    };
+    let cert = root
+        .join(&request)
+        .await
+        .with_context(|| format!("the root at {} refused to sign this node", token.root))?;
+    ClusterFiles::new(dir.join("cluster")).write_member(&token.ca_pem, &token.secret)?;
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls).with_context(|| format!("cannot create {}", tls.display()))?;
+    write_private(&tls.join("node.pem"), &cert.cert_pem)?;
+    write_private(&tls.join("node.key"), &cert.key_pem)?;
+    std::fs::write(&config_path, config.to_toml())
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    println!("Joined the cluster of {} as {name}", token.root);
+    println!("  node config: {}", config_path.display());
+    println!();
+    println!(
+        "Start this node:  p2f node run --config {}",
+        config_path.display()
+    );
+    Ok(())
+}
+
+/// Checks that `dir` is not a node yet and reads the name and listen address of a new one.
+fn new_node(
+    dir: &Path,
+    name: Option<String>,
+    listen: &str,
+) -> Result<(NodeName, std::net::SocketAddr, PathBuf)> {
     let name = match name {
         Some(name) => name,
         None => hostname().context("cannot read the host name; pass --name")?,
@@ -234,21 +330,21 @@ fn init(dir: &Path, name: Option<String>, listen: &str) -> Result<()> {
             dir.display()
         );
     }
-    let cluster = ClusterFiles::new(dir.join("cluster"));
-    cluster.create(name.as_str())?;
-    let mut config = AgentConfig::new(name, ".");
-    config.listen = listen;
-    std::fs::write(&config_path, config.to_toml())
-        .with_context(|| format!("cannot write {}", config_path.display()))?;
-    println!("Created a cluster in {}", dir.display());
-    println!("  CA and secret: {}", cluster.dir().display());
-    println!("  node config:   {}", config_path.display());
-    println!();
-    println!(
-        "Start this node:  p2f node run --config {}",
-        config_path.display()
-    );
-    Ok(())
+    Ok((name, listen, config_path))
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn install(config: &Path, unit: &Path) -> Result<()> {

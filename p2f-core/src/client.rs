@@ -111,6 +111,14 @@ impl Network {
         }
     }
 
+    /// Asks the root for a member's certificate (`POST /v1/join`).
+    pub async fn join(
+        &self,
+        request: &crate::join::JoinRequest,
+    ) -> Result<crate::join::JoinResponse, ClientError> {
+        self.call(Method::POST, "/v1/join", Some(request)).await
+    }
+
     /// The P2PRC entry of the node this client talks to.
     pub async fn node(&self) -> Result<Node, ClientError> {
         self.call(Method::GET, "/v1/node", None::<&()>).await

@@ -47,7 +47,7 @@ fn the_homelab_runs_serves_answers_the_cli_and_stops_cleanly() {
     {
         let squatter = std::net::TcpListener::bind("127.0.0.1:8480").expect("hold port 8480");
         let (mut up, lines) = start_up(state.path());
-        let guard = Kill(up.id());
+        let guard = Kill(up.id(), state.path().to_owned());
         let failure = wait_line(&lines, |l| l.contains("services failed"));
         assert!(
             failure.contains("1 of 4 services failed: wiki: port 8480 is already in use"),
@@ -62,7 +62,7 @@ fn the_homelab_runs_serves_answers_the_cli_and_stops_cleanly() {
 
     let (mut up, rx) = start_up(state.path());
     let pid = up.id();
-    let guard = Kill(pid);
+    let guard = Kill(pid, state.path().to_owned());
     let healthy = wait_line(&rx, |l| l.starts_with("wiki: healthy in "));
     assert!(healthy.ends_with('s'), "{healthy}");
     wait_line(&rx, |l| l.contains("All services run"));
@@ -197,11 +197,17 @@ fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
     }
 }
 
-/// Kills the example (by pid) if the test fails before it stopped it.
-struct Kill(u32);
+/// Kills the example (by pid), and every process group it started (found under its state
+/// directory), if the test fails before it stopped them.
+struct Kill(u32, std::path::PathBuf);
 
 impl Drop for Kill {
     fn drop(&mut self) {
         signal(self.0, 9);
+        for pid in processes_under(&self.1) {
+            if let Some(pgid) = crate::support::pgid_of(pid) {
+                signal(pgid, -9);
+            }
+        }
     }
 }

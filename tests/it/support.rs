@@ -131,6 +131,41 @@ impl TestAgent {
         agent
     }
 
+    /// A member of `root`'s cluster: `p2f node join` with the root's token, listening on
+    /// `ip` (an address of 127.0.0.0/8), then `p2f node run`.
+    pub(crate) async fn join(root: &TestAgent, name: &str, ip: &str) -> TestAgent {
+        let dir = tempfile::Builder::new()
+            .prefix("p2f-it-")
+            .tempdir()
+            .expect("tempdir");
+        let home = dir.path().join("node");
+        let token = std::fs::read_to_string(root.config.data_dir.join("join-token"))
+            .expect("the root wrote its join token");
+        let out = Command::new(p2f_bin())
+            .args(["node", "join", token.trim(), "--name", name, "--listen"])
+            .arg(format!("{ip}:0"))
+            .arg("--dir")
+            .arg(&home)
+            .output()
+            .expect("run p2f node join");
+        assert!(
+            out.status.success(),
+            "p2f node join: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let config_path = home.join("node.toml");
+        let config = AgentConfig::load(&config_path).expect("load the config join wrote");
+        let mut agent = TestAgent {
+            dir,
+            config_path,
+            config,
+            child: None,
+            network: None,
+        };
+        agent.spawn().await;
+        agent
+    }
+
     /// Starts the agent process (again) and waits until its API answers.
     pub(crate) async fn spawn(&mut self) {
         assert!(self.child.is_none(), "the agent already runs");

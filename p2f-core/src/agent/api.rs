@@ -17,7 +17,8 @@ use axum::{Json, Router};
 use p2f_model::{Node, Process, ProcessId, ProcessKey};
 
 use super::supervisor::{Supervisor, SupervisorError};
-use crate::cluster::Secret;
+use crate::cluster::{ClusterCa, Secret};
+use crate::join::{JoinRequest, JoinResponse};
 use crate::wire::{ErrorBody, LogsQuery, MAX_BODY_BYTES, SpinQuery, SpinRequest};
 
 /// The longest `POST /v1/processes?wait=true` waits for the process to run.
@@ -29,14 +30,18 @@ struct Api {
     supervisor: Supervisor,
     secret: Arc<Secret>,
     node: Arc<Node>,
+    /// The cluster CA with its key, on the root only: it signs members' certificates.
+    ca: Option<Arc<ClusterCa>>,
 }
 
-/// The API's router over `supervisor`, answering only requests that carry `secret`.
-pub fn router(supervisor: Supervisor, secret: Secret, node: Node) -> Router {
+/// The API's router over `supervisor`, answering only requests that carry `secret`. With a
+/// CA that holds its key (the root), it also answers `POST /v1/join`.
+pub fn router(supervisor: Supervisor, secret: Secret, node: Node, ca: Option<ClusterCa>) -> Router {
     let api = Api {
         supervisor,
         secret: Arc::new(secret),
         node: Arc::new(node),
+        ca: ca.filter(|ca| ca.key_pem().is_some()).map(Arc::new),
     };
     Router::new()
         .route("/v1/node", get(node_entry))
@@ -45,6 +50,7 @@ pub fn router(supervisor: Supervisor, secret: Secret, node: Node) -> Router {
         .route("/v1/processes/{id}/kill", post(kill))
         .route("/v1/processes/{id}/logs", get(logs))
         .route("/v1/domains/{domain}", get(by_domain))
+        .route("/v1/join", post(join))
         .fallback(unknown_route)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(api.clone(), authenticate))
@@ -243,4 +249,25 @@ async fn logs(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+async fn join(
+    State(api): State<Api>,
+    body: Result<Json<JoinRequest>, JsonRejection>,
+) -> Result<Json<JoinResponse>, ApiError> {
+    let Json(request) = body?;
+    let ca = api.ca.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "this node is not the root: only the root holds the CA key that signs members",
+        )
+    })?;
+    let cert = ca
+        .issue(request.name.as_str(), &request.hosts)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    tracing::info!(member = %request.name, "issued a node certificate");
+    Ok(Json(JoinResponse {
+        cert_pem: cert.cert_pem,
+        key_pem: cert.key_pem,
+    }))
 }

@@ -58,6 +58,9 @@ pub struct AgentConfig {
     pub advertise: Option<String>,
     /// Records, bundles and logs.
     pub data_dir: PathBuf,
+    /// The root's API address, on members (written by `p2f node join`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
     /// The cluster's trust files; default `DATA_DIR/cluster`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_dir: Option<PathBuf>,
@@ -133,6 +136,7 @@ impl AgentConfig {
             listen: default_listen(),
             advertise: None,
             data_dir: data_dir.into(),
+            root: None,
             cluster_dir: None,
             bare_metal: true,
             unsafe_mode: true,

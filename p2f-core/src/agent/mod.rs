@@ -103,7 +103,18 @@ impl Agent {
         };
         let supervisor =
             Supervisor::start(node_ref, store, data, config.supervisor.clone(), deploy)?;
-        let app = api::router(supervisor.clone(), secret, node.clone());
+        if ca.key_pem().is_some() {
+            let token = crate::join::JoinToken {
+                root: node.api_address().unwrap_or_else(|| address.to_string()),
+                ca_pem: ca.cert_pem().to_owned(),
+                secret: secret.clone(),
+            };
+            write_private(
+                &data.join("join-token"),
+                format!("{}\n", token.encode()).as_bytes(),
+            )?;
+        }
+        let app = api::router(supervisor.clone(), secret, node.clone(), Some(ca));
         let (stop, stopped) = oneshot::channel();
         let server = tokio::spawn(crate::server::serve_tls(listener, tls, app, async move {
             let _ = stopped.await;

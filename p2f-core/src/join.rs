@@ -1,0 +1,128 @@
+//! Joining a cluster: the root's join token (its API address, the cluster CA and the secret,
+//! as one copyable line) and what a new member asks the root for (its node certificate).
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::Secret;
+
+/// The prefix of every join token (and its format version).
+const PREFIX: &str = "p2f-join-v1:";
+
+/// Why a join token could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenError {
+    /// Not a P2F join token at all.
+    #[error("not a p2f join token (it should start with `{PREFIX}`)")]
+    Prefix,
+    /// Damaged on the way (a cut copy, a changed character).
+    #[error("the join token is damaged ({0}); copy it again from the root's DATA/join-token")]
+    Damaged(String),
+}
+
+/// What a new member needs to join: where the root's API is, which CA to trust, the secret.
+#[derive(Debug, Clone)]
+pub struct JoinToken {
+    /// The root's API address (`host:port`).
+    pub root: String,
+    /// The cluster CA certificate (PEM).
+    pub ca_pem: String,
+    /// The cluster secret.
+    pub secret: Secret,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire {
+    root: String,
+    ca: String,
+    secret: String,
+}
+
+impl JoinToken {
+    /// The token as one line of text.
+    pub fn encode(&self) -> String {
+        let wire = Wire {
+            root: self.root.clone(),
+            ca: self.ca_pem.clone(),
+            secret: self.secret.expose().to_owned(),
+        };
+        let json = serde_json::to_vec(&wire).unwrap_or_default();
+        format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(json))
+    }
+
+    /// Reads a token (surrounding whitespace ignored).
+    pub fn decode(text: &str) -> Result<JoinToken, TokenError> {
+        let body = text.trim().strip_prefix(PREFIX).ok_or(TokenError::Prefix)?;
+        let json = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|e| TokenError::Damaged(e.to_string()))?;
+        let wire: Wire =
+            serde_json::from_slice(&json).map_err(|e| TokenError::Damaged(e.to_string()))?;
+        let secret = Secret::parse(&wire.secret).map_err(|e| TokenError::Damaged(e.to_string()))?;
+        Ok(JoinToken {
+            root: wire.root,
+            ca_pem: wire.ca,
+            secret,
+        })
+    }
+}
+
+/// `POST /v1/join` (on the root): a certificate for a new member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The member's node name.
+    pub name: p2f_model::NodeName,
+    /// The addresses and names its API is reached at (IPs or DNS names).
+    pub hosts: Vec<String>,
+}
+
+/// The root's answer: the member's certificate and key (PEM), signed by the cluster CA.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinResponse {
+    /// The certificate.
+    pub cert_pem: String,
+    /// Its private key.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for JoinResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinResponse").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_round_trips_and_damage_is_named() {
+        let token = JoinToken {
+            root: "192.168.1.10:7440".into(),
+            ca_pem: "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into(),
+            secret: Secret::generate(),
+        };
+        let text = token.encode();
+        assert!(text.starts_with(PREFIX));
+        let back = JoinToken::decode(&format!("  {text}\n")).expect("decode");
+        assert_eq!(
+            (back.root.as_str(), back.ca_pem.as_str()),
+            (token.root.as_str(), token.ca_pem.as_str())
+        );
+        assert_eq!(back.secret.expose(), token.secret.expose());
+        let cases = [
+            ("hello", "not a p2f join token"),
+            ("p2f-join-v1:!!!", "damaged"),
+            (&text[..text.len() - 10], "damaged"),
+        ];
+        for (input, says) in cases {
+            let err = JoinToken::decode(input).expect_err(input).to_string();
+            assert!(err.contains(says), "{input}: {err}");
+        }
+    }
+}
