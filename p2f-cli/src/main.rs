@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use p2f_core::Network;
-use p2f_core::agent::{Agent, AgentConfig, Shutdown};
+use p2f_core::agent::{Agent, AgentConfig, MeshSettings, Shutdown};
 use p2f_core::cluster::ClusterFiles;
 use p2f_core::join::{JoinRequest, JoinToken};
 use p2f_core::wire::LogsQuery;
@@ -251,6 +251,10 @@ fn init(dir: &Path, name: Option<String>, listen: &str) -> Result<()> {
     cluster.create(name.as_str())?;
     let mut config = AgentConfig::new(name, ".");
     config.listen = listen;
+    config.mesh = Some(MeshSettings {
+        listen: gossip_address(listen),
+        seeds: Vec::new(),
+    });
     std::fs::write(&config_path, config.to_toml())
         .with_context(|| format!("cannot write {}", config_path.display()))?;
     println!("Created a cluster in {}", dir.display());
@@ -282,6 +286,16 @@ async fn join(
     config.listen = listen;
     config.advertise = advertise;
     config.root = Some(token.root.clone());
+    let seeds = match &token.gossip {
+        Some(gossip) => vec![gossip.parse().with_context(|| {
+            format!("the join token's gossip address {gossip:?} is not IP:PORT")
+        })?],
+        None => Vec::new(),
+    };
+    config.mesh = Some(MeshSettings {
+        listen: gossip_address(listen),
+        seeds,
+    });
     let root = Network::connect(&token.root, token.secret.clone(), &token.ca_pem)?;
     let request = JoinRequest {
         name: name.clone(),
@@ -331,6 +345,15 @@ fn new_node(
         );
     }
     Ok((name, listen, config_path))
+}
+
+/// Gossip listens next to the API: on the same IP, one port up (or any port with port 0).
+fn gossip_address(api: std::net::SocketAddr) -> std::net::SocketAddr {
+    let port = match api.port() {
+        0 => 0,
+        port => port.saturating_add(1),
+    };
+    std::net::SocketAddr::new(api.ip(), port)
 }
 
 fn write_private(path: &Path, text: &str) -> Result<()> {

@@ -187,9 +187,15 @@ impl Network {
         }
     }
 
-    /// Every process record.
+    /// Every process record of the network (as the node this client talks to knows it).
     pub async fn list_processes(&self) -> Result<Vec<Process>, ClientError> {
         self.call(Method::GET, "/v1/processes", None::<&()>).await
+    }
+
+    /// The records of the node this client talks to only.
+    pub async fn list_local(&self) -> Result<Vec<Process>, ClientError> {
+        self.call(Method::GET, "/v1/processes?scope=local", None::<&()>)
+            .await
     }
 
     /// The last `lines` lines of a process's output, then (with `follow`) new output as it is

@@ -27,6 +27,8 @@ pub enum TokenError {
 pub struct JoinToken {
     /// The root's API address (`host:port`).
     pub root: String,
+    /// The root's gossip address (`host:port`), when it gossips.
+    pub gossip: Option<String>,
     /// The cluster CA certificate (PEM).
     pub ca_pem: String,
     /// The cluster secret.
@@ -37,6 +39,8 @@ pub struct JoinToken {
 #[serde(deny_unknown_fields)]
 struct Wire {
     root: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gossip: Option<String>,
     ca: String,
     secret: String,
 }
@@ -46,6 +50,7 @@ impl JoinToken {
     pub fn encode(&self) -> String {
         let wire = Wire {
             root: self.root.clone(),
+            gossip: self.gossip.clone(),
             ca: self.ca_pem.clone(),
             secret: self.secret.expose().to_owned(),
         };
@@ -64,6 +69,7 @@ impl JoinToken {
         let secret = Secret::parse(&wire.secret).map_err(|e| TokenError::Damaged(e.to_string()))?;
         Ok(JoinToken {
             root: wire.root,
+            gossip: wire.gossip,
             ca_pem: wire.ca,
             secret,
         })
@@ -104,6 +110,7 @@ mod tests {
     fn a_token_round_trips_and_damage_is_named() {
         let token = JoinToken {
             root: "192.168.1.10:7440".into(),
+            gossip: Some("192.168.1.10:7441".into()),
             ca_pem: "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into(),
             secret: Secret::generate(),
         };

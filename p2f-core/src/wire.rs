@@ -33,6 +33,26 @@ pub struct SpinQuery {
     pub wait: bool,
 }
 
+/// Query of `GET /v1/processes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// The whole network (the default) or this node only.
+    #[serde(default)]
+    pub scope: Scope,
+}
+
+/// Which records a list covers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Every node's records (what this node knows through the mesh).
+    #[default]
+    Network,
+    /// This node's own records.
+    Local,
+}
+
 /// Query of `GET /v1/processes/{id}/logs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -6,6 +6,7 @@ mod join;
 mod macro_expand;
 mod macro_ui;
 mod model;
+mod network;
 mod p2prc;
 mod rules;
 mod strategies;

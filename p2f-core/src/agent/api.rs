@@ -16,10 +16,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use p2f_model::{Node, Process, ProcessId, ProcessKey};
 
+use super::replica::Replica;
 use super::supervisor::{Supervisor, SupervisorError};
 use crate::cluster::{ClusterCa, Secret};
 use crate::join::{JoinRequest, JoinResponse};
-use crate::wire::{ErrorBody, LogsQuery, MAX_BODY_BYTES, SpinQuery, SpinRequest};
+use crate::wire::{ErrorBody, ListQuery, LogsQuery, MAX_BODY_BYTES, Scope, SpinQuery, SpinRequest};
 
 /// The longest `POST /v1/processes?wait=true` waits for the process to run.
 const SPIN_WAIT: Duration = Duration::from_secs(30 * 60);
@@ -32,16 +33,25 @@ struct Api {
     node: Arc<Node>,
     /// The cluster CA with its key, on the root only: it signs members' certificates.
     ca: Option<Arc<ClusterCa>>,
+    /// The whole network's records, when this node gossips.
+    replica: Option<Replica>,
 }
 
 /// The API's router over `supervisor`, answering only requests that carry `secret`. With a
 /// CA that holds its key (the root), it also answers `POST /v1/join`.
-pub fn router(supervisor: Supervisor, secret: Secret, node: Node, ca: Option<ClusterCa>) -> Router {
+pub fn router(
+    supervisor: Supervisor,
+    secret: Secret,
+    node: Node,
+    ca: Option<ClusterCa>,
+    replica: Option<Replica>,
+) -> Router {
     let api = Api {
         supervisor,
         secret: Arc::new(secret),
         node: Arc::new(node),
         ca: ca.filter(|ca| ca.key_pem().is_some()).map(Arc::new),
+        replica,
     };
     Router::new()
         .route("/v1/node", get(node_entry))
@@ -169,8 +179,25 @@ async fn node_entry(State(api): State<Api>) -> Json<Node> {
     Json((*api.node).clone())
 }
 
-async fn list(State(api): State<Api>) -> Json<Vec<Process>> {
-    Json(api.supervisor.list())
+async fn list(
+    State(api): State<Api>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Vec<Process>>, ApiError> {
+    let Query(query) = query?;
+    Ok(Json(match (&api.replica, query.scope) {
+        (Some(replica), Scope::Network) => replica.list(),
+        _ => api.supervisor.list(),
+    }))
+}
+
+impl Api {
+    /// A record of this node, else of the network.
+    fn find(&self, key: &ProcessKey) -> Option<Process> {
+        match &self.replica {
+            Some(replica) => replica.find(key),
+            None => self.supervisor.find(key),
+        }
+    }
 }
 
 async fn spin(
@@ -197,8 +224,7 @@ async fn spin(
 
 async fn info(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Process>, ApiError> {
     let id = parse_id(&id)?;
-    api.supervisor
-        .find(&ProcessKey::Id(id.clone()))
+    api.find(&ProcessKey::Id(id.clone()))
         .map(Json)
         .ok_or_else(|| SupervisorError::NotFound(id).into())
 }
@@ -207,8 +233,7 @@ async fn by_domain(
     State(api): State<Api>,
     Path(domain): Path<String>,
 ) -> Result<Json<Process>, ApiError> {
-    api.supervisor
-        .find(&ProcessKey::Domain(domain.clone()))
+    api.find(&ProcessKey::Domain(domain.clone()))
         .map(Json)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no process serves {domain}")))
 }

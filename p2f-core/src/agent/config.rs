@@ -73,6 +73,20 @@ pub struct AgentConfig {
     /// Supervisor settings.
     #[serde(default)]
     pub supervisor: SupervisorConfig,
+    /// Gossip with the other nodes; without it the node is alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshSettings>,
+}
+
+/// Where this node gossips, and whom it asks first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshSettings {
+    /// The UDP address for gossip; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// Gossip addresses of nodes to join through (the root's, from the join token).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<SocketAddr>,
 }
 
 /// How the supervisor watches processes.
@@ -141,6 +155,7 @@ impl AgentConfig {
             bare_metal: true,
             unsafe_mode: true,
             supervisor: SupervisorConfig::default(),
+            mesh: None,
         }
     }
 

@@ -8,6 +8,7 @@ pub mod health;
 pub mod lifecycle;
 pub mod logs;
 pub mod os;
+pub mod replica;
 pub mod store;
 pub mod strategy;
 pub mod supervisor;
@@ -20,7 +21,7 @@ use p2f_model::{Node, NodeRef, P2fNodeInfo};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use config::{AgentConfig, ConfigError, SupervisorConfig};
+pub use config::{AgentConfig, ConfigError, MeshSettings, SupervisorConfig};
 pub use supervisor::{Shutdown, Supervisor};
 
 use crate::cluster::{ClusterError, ClusterFiles, NodeCert};
@@ -50,6 +51,9 @@ pub enum AgentError {
         address: SocketAddr,
         source: std::io::Error,
     },
+    /// The mesh could not start.
+    #[error(transparent)]
+    Mesh(#[from] crate::mesh::MeshError),
     /// A member without its certificate.
     #[error(
         "this node has no certificate in {0} and no CA key to make one; join the cluster with `p2f node join TOKEN`"
@@ -65,6 +69,7 @@ pub struct Agent {
     node: Node,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
+    replica: Option<replica::Replica>,
 }
 
 impl Agent {
@@ -103,9 +108,37 @@ impl Agent {
         };
         let supervisor =
             Supervisor::start(node_ref, store, data, config.supervisor.clone(), deploy)?;
+        let api_address = node.api_address().unwrap_or_else(|| address.to_string());
+        let replica = match &config.mesh {
+            None => None,
+            Some(settings) => {
+                let mut mesh_config = crate::mesh::MeshConfig::new(
+                    config.name.clone(),
+                    settings.listen,
+                    secret.clone(),
+                );
+                mesh_config.seeds = settings.seeds.clone();
+                if settings.listen.ip().is_unspecified() {
+                    let ip: std::net::IpAddr = config
+                        .advertised_host()
+                        .parse()
+                        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+                    mesh_config.advertise_addr = Some((ip, 0).into());
+                }
+                let mesh = crate::mesh::Mesh::start(mesh_config).await?;
+                let client = crate::Network::connect(&api_address, secret.clone(), ca.cert_pem())
+                    .map_err(|e| AgentError::Io {
+                    what: "cannot make the mesh's client",
+                    path: data.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                Some(replica::Replica::start(mesh, supervisor.clone(), client, &api_address).await?)
+            }
+        };
         if ca.key_pem().is_some() {
             let token = crate::join::JoinToken {
-                root: node.api_address().unwrap_or_else(|| address.to_string()),
+                root: api_address.clone(),
+                gossip: replica.as_ref().map(|r| r.mesh().gossip_addr().to_string()),
                 ca_pem: ca.cert_pem().to_owned(),
                 secret: secret.clone(),
             };
@@ -114,7 +147,13 @@ impl Agent {
                 format!("{}\n", token.encode()).as_bytes(),
             )?;
         }
-        let app = api::router(supervisor.clone(), secret, node.clone(), Some(ca));
+        let app = api::router(
+            supervisor.clone(),
+            secret,
+            node.clone(),
+            Some(ca),
+            replica.clone(),
+        );
         let (stop, stopped) = oneshot::channel();
         let server = tokio::spawn(crate::server::serve_tls(listener, tls, app, async move {
             let _ = stopped.await;
@@ -132,6 +171,7 @@ impl Agent {
             node,
             stop: Some(stop),
             server,
+            replica,
         })
     }
 
@@ -143,6 +183,11 @@ impl Agent {
     /// This node's P2PRC entry, with the API address in `CustomInformation`.
     pub fn node(&self) -> &Node {
         &self.node
+    }
+
+    /// The network's records as this node sees them (with a mesh).
+    pub fn replica(&self) -> Option<&replica::Replica> {
+        self.replica.as_ref()
     }
 
     /// The supervisor (for the embedded network, which shares the process).
@@ -157,6 +202,9 @@ impl Agent {
         }
         if let Err(e) = (&mut self.server).await {
             tracing::warn!("the API server ended badly: {e}");
+        }
+        if let Some(replica) = self.replica.take() {
+            replica.stop().await;
         }
         self.supervisor.shutdown(how).await;
     }

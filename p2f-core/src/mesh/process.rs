@@ -2,7 +2,7 @@
 //! never the record itself (a record holds its spec's bundle, which can be megabytes; peers fetch
 //! it over the control API when they need it).
 
-use p2f_model::{NodeName, Process, ProcessId, ProcessSpec};
+use p2f_model::{NodeName, Process, ProcessId, ProcessSpec, Status, Timestamp};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -18,8 +18,14 @@ pub struct ProcessDigest {
     pub id: ProcessId,
     /// Its generation: a higher one supersedes every copy with a lower one.
     pub generation: u64,
-    /// [`Status::name`](p2f_model::Status::name): `running`, `failed`, ...
-    pub status: String,
+    /// Where it is in its life (a failure carries its reason).
+    pub status: Status,
+    /// Restarts in place since it was placed.
+    #[serde(default)]
+    pub restarts: u32,
+    /// When its command last started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Timestamp>,
     /// The node it runs on.
     pub node: NodeName,
     /// Its port, if any.
@@ -36,7 +42,9 @@ impl ProcessDigest {
         ProcessDigest {
             id: process.id.clone(),
             generation: process.generation,
-            status: process.status.name().to_owned(),
+            status: process.status.clone(),
+            restarts: process.restarts,
+            started_at: process.started_at,
             node: process.node.name.clone(),
             port: process.port.or(process.spec.port()),
             domain: process.spec.domain().map(str::to_owned),

@@ -411,7 +411,9 @@ fn digest(i: usize) -> ProcessDigest {
     ProcessDigest {
         id: ProcessId::new(format!("service-{i:04}-3f9a1c")).expect("valid id"),
         generation: 1,
-        status: "running".to_owned(),
+        status: p2f_model::Status::Running,
+        restarts: 0,
+        started_at: Some(p2f_model::Timestamp(1_795_000_000_000 + i as u64)),
         node: NodeName::new("n0").expect("valid name"),
         port: Some(10_000 + i as u16),
         domain: Some(format!("service-{i:04}.home.example.org")),

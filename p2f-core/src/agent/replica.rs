@@ -1,0 +1,252 @@
+//! The network's records on this node. It publishes a digest of each local record in the mesh
+//! (`p/<id>`, plus this node's API address under `api`). For every other node's digest it fetches
+//! the full record once per spec change over that node's control API and keeps it. So any node
+//! can list and look up the whole network from memory, also while the owner (or the root) is
+//! down. A dead node's records show as `Lost`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use p2f_model::{NodeName, Process, ProcessId, ProcessKey, Status};
+use tokio::task::JoinHandle;
+
+use super::supervisor::Supervisor;
+use crate::Network;
+use crate::mesh::{Member, Mesh, MeshError, PROCESS_PREFIX, ProcessDigest, spec_hash};
+
+/// The mesh key under which a node publishes its API address.
+pub const API_KEY: &str = "api";
+/// How often other nodes' digests are compared with the copies held here.
+const SYNC_EVERY: Duration = Duration::from_millis(250);
+
+/// A remote record held here, with the spec hash it was fetched for.
+#[derive(Debug, Clone)]
+struct Copy {
+    record: Process,
+    spec: String,
+}
+
+struct Inner {
+    mesh: Mesh,
+    node: NodeName,
+    supervisor: Supervisor,
+    client: Network,
+    copies: Mutex<HashMap<ProcessId, Copy>>,
+    /// The last membership seen: digests of every other node, and whether it is alive.
+    remote: Mutex<Vec<(Member, bool)>>,
+}
+
+/// This node's replica of the network's records.
+#[derive(Clone)]
+pub struct Replica {
+    inner: Arc<Inner>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("node", &self.inner.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Replica {
+    /// Starts publishing `supervisor`'s records in `mesh` and copying the others'. `client`
+    /// (the cluster's CA and secret) fetches records from other nodes; `api` is this node's
+    /// API address.
+    pub async fn start(
+        mesh: Mesh,
+        supervisor: Supervisor,
+        client: Network,
+        api: &str,
+    ) -> Result<Replica, MeshError> {
+        mesh.set(API_KEY, api).await?;
+        let inner = Arc::new(Inner {
+            node: mesh.node().clone(),
+            mesh,
+            supervisor,
+            client,
+            copies: Mutex::new(HashMap::new()),
+            remote: Mutex::new(Vec::new()),
+        });
+        let tasks = vec![
+            tokio::spawn(publish(inner.clone())),
+            tokio::spawn(sync(inner.clone())),
+        ];
+        Ok(Replica {
+            inner,
+            tasks: Arc::new(Mutex::new(tasks)),
+        })
+    }
+
+    /// The mesh this replica gossips in.
+    pub fn mesh(&self) -> &Mesh {
+        &self.inner.mesh
+    }
+
+    /// Every record of the network: this node's, then every other node's as last published
+    /// (`Lost` when that node is dead), sorted by id.
+    pub fn list(&self) -> Vec<Process> {
+        let mut all = self.inner.supervisor.list();
+        let remote = lock(&self.inner.remote);
+        let copies = lock(&self.inner.copies);
+        for (member, alive) in remote.iter() {
+            for (key, value) in &member.values {
+                if !key.starts_with(PROCESS_PREFIX) {
+                    continue;
+                }
+                let Ok(digest) = ProcessDigest::decode(value) else {
+                    continue;
+                };
+                let Some(copy) = copies.get(&digest.id) else {
+                    continue;
+                };
+                all.push(merge(&copy.record, &digest, *alive));
+            }
+        }
+        all.sort_by(|a, b| a.id.cmp(&b.id).then(b.generation.cmp(&a.generation)));
+        all
+    }
+
+    /// The record `key` names anywhere in the network (a live one before a stopped one).
+    pub fn find(&self, key: &ProcessKey) -> Option<Process> {
+        if let Some(local) = self.inner.supervisor.find(key) {
+            return Some(local);
+        }
+        let mut found: Vec<Process> = self.list().into_iter().filter(|p| p.matches(key)).collect();
+        found.sort_by_key(|p| {
+            (
+                p.status.is_final() || p.status == Status::Lost,
+                std::cmp::Reverse(p.generation),
+            )
+        });
+        found.into_iter().next()
+    }
+
+    /// Stops publishing and leaves the mesh.
+    pub async fn stop(self) {
+        let tasks: Vec<JoinHandle<()>> = lock(&self.tasks).drain(..).collect();
+        for task in tasks {
+            task.abort();
+            let _ = task.await;
+        }
+        if let Ok(inner) = Arc::try_unwrap(self.inner) {
+            inner.mesh.stop().await;
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A remote record as its digest says it is now.
+fn merge(copy: &Process, digest: &ProcessDigest, alive: bool) -> Process {
+    let mut record = copy.clone();
+    record.generation = digest.generation;
+    record.node.name = digest.node.clone();
+    record.port = digest.port;
+    record.restarts = digest.restarts;
+    record.started_at = digest.started_at;
+    record.status = if alive {
+        digest.status.clone()
+    } else {
+        Status::Lost
+    };
+    if let Status::Failed(failure) = &record.status {
+        record.last_failure = Some(failure.clone());
+    }
+    record
+}
+
+/// Publishes a digest of every local record whenever one changes.
+async fn publish(inner: Arc<Inner>) {
+    let mut changes = inner.supervisor.changes();
+    let mut published: HashMap<String, String> = HashMap::new();
+    loop {
+        let now: HashMap<String, String> = inner
+            .supervisor
+            .list()
+            .iter()
+            .map(|p| {
+                let digest = ProcessDigest::of(p);
+                (digest.key(), digest.encode())
+            })
+            .collect();
+        for (key, value) in &now {
+            if published.get(key) != Some(value)
+                && let Err(e) = inner.mesh.set(key, value).await
+            {
+                tracing::warn!("cannot publish {key}: {e}");
+            }
+        }
+        for key in published.keys().filter(|k| !now.contains_key(*k)) {
+            inner.mesh.delete(key).await;
+        }
+        published = now;
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Keeps the membership and a copy of every other node's records (fetched when a digest
+/// names a record or spec not held yet).
+async fn sync(inner: Arc<Inner>) {
+    let mut ticker = tokio::time::interval(SYNC_EVERY);
+    loop {
+        ticker.tick().await;
+        let membership = inner.mesh.membership().await;
+        let others: Vec<(Member, bool)> = membership
+            .live
+            .into_iter()
+            .map(|m| (m, true))
+            .chain(membership.dead.into_iter().map(|m| (m, false)))
+            .filter(|(m, _)| m.node != inner.node)
+            .collect();
+        let mut wanted: Vec<(String, ProcessId, String)> = Vec::new();
+        {
+            let copies = lock(&inner.copies);
+            for (member, alive) in &others {
+                let Some(api) = member.values.get(API_KEY) else {
+                    continue;
+                };
+                for (key, value) in &member.values {
+                    let Some(digest) = key
+                        .starts_with(PROCESS_PREFIX)
+                        .then(|| ProcessDigest::decode(value).ok())
+                        .flatten()
+                    else {
+                        continue;
+                    };
+                    let held = copies
+                        .get(&digest.id)
+                        .is_some_and(|c| c.spec == digest.spec);
+                    if *alive && !held {
+                        wanted.push((api.clone(), digest.id, digest.spec));
+                    }
+                }
+            }
+        }
+        *lock(&inner.remote) = others;
+        for (api, id, spec) in wanted {
+            let client = inner.client.at(&api);
+            match client.process_information(ProcessKey::Id(id.clone())).await {
+                Ok(Some(record)) => {
+                    let spec = if spec_hash(&record.spec) == spec {
+                        spec
+                    } else {
+                        spec_hash(&record.spec)
+                    };
+                    lock(&inner.copies).insert(id, Copy { record, spec });
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(%id, "cannot fetch the record from {api}: {e}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Several agents as one network (real `p2f node run` processes on 127.0.0.1–3, joined with
+//! the root's token, gossiping over the mesh): a record written on one node is visible on all,
+//! and a node that dies shows its records as `Lost` everywhere else.
+
+use std::time::{Duration, Instant};
+
+use p2f::model::{ProcessKey, ProcessSpec, Status};
+
+use crate::support::{TestAgent, eventually};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
+    let root = TestAgent::start("root").await;
+    let mut a = TestAgent::join(&root, "node-a", "127.0.0.2").await;
+    let b = TestAgent::join(&root, "node-b", "127.0.0.3").await;
+
+    let node_a = a.network().node().await.expect("node a");
+    let spec = ProcessSpec::new("spread", "exec sleep 1000")
+        .with_port(free_port())
+        .with_domain("spread.home.arpa");
+    let written = Instant::now();
+    let p = root
+        .network()
+        .spin_process(&spec, &node_a)
+        .await
+        .expect("spin on node a");
+    assert_eq!(
+        (p.status.clone(), p.node.name.as_str()),
+        (Status::Running, "node-a")
+    );
+
+    // Every node lists it, with its spec, and finds it by domain.
+    for (name, agent) in [("root", &root), ("node-b", &b), ("node-a", &a)] {
+        let net = agent.network().clone();
+        let id = p.id.clone();
+        let seen = eventually(
+            &format!("{name} to list the record"),
+            Duration::from_secs(10),
+            || {
+                let (net, id) = (net.clone(), id.clone());
+                async move {
+                    let all = net.list_processes().await.ok()?;
+                    all.into_iter().find(|q| q.id == id && q.is_running())
+                }
+            },
+        )
+        .await;
+        assert_eq!(seen.spec, spec, "{name} holds the whole spec");
+        assert_eq!(seen.node.name.as_str(), "node-a");
+        let by_domain = net
+            .process_information(ProcessKey::Domain("spread.home.arpa".into()))
+            .await
+            .expect("lookup")
+            .expect("found by domain");
+        assert_eq!(by_domain.id, p.id, "{name}");
+    }
+    eprintln!("record visible on 3 nodes after {:?}", written.elapsed());
+
+    // Node a dies (the agent; its process keeps running): the others show the record as Lost.
+    a.sigkill();
+    let died = Instant::now();
+    for (name, agent) in [("root", &root), ("node-b", &b)] {
+        let net = agent.network().clone();
+        let id = p.id.clone();
+        eventually(
+            &format!("{name} to see the record lost"),
+            Duration::from_secs(15),
+            || {
+                let (net, id) = (net.clone(), id.clone());
+                async move {
+                    let all = net.list_processes().await.ok()?;
+                    all.into_iter()
+                        .find(|q| q.id == id && q.status == Status::Lost)
+                }
+            },
+        )
+        .await;
+    }
+    eprintln!(
+        "node a's record shown Lost everywhere after {:?}",
+        died.elapsed()
+    );
+    // The local view of a node has only its own records.
+    let local = b.network().list_local().await.expect("local list");
+    assert!(local.is_empty(), "{local:?}");
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
