@@ -41,6 +41,14 @@ enum Command {
         #[command(subcommand)]
         command: NodeCommand,
     },
+    /// Lists the nodes of the network (alive or not).
+    Nodes {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Lists every process.
     Ps {
         #[command(flatten)]
@@ -129,7 +137,7 @@ struct Target {
 }
 
 fn default_dir() -> PathBuf {
-    if nix_is_root() {
+    if running_as_root() {
         return PathBuf::from("/var/lib/p2f");
     }
     match std::env::var_os("XDG_DATA_HOME") {
@@ -140,8 +148,8 @@ fn default_dir() -> PathBuf {
     }
 }
 
-fn nix_is_root() -> bool {
-    std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+fn running_as_root() -> bool {
+    nix::unistd::geteuid().is_root()
 }
 
 fn main() -> ExitCode {
@@ -211,6 +219,15 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "p2f", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Nodes { target, json } => {
+            let nodes = connect(&target)?.nodes().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                println!("{}", p2f_cli::render::nodes_table(&nodes));
+            }
             Ok(())
         }
         Command::Ps { target, json } => ps(&target, json).await,

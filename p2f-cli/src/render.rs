@@ -105,6 +105,37 @@ pub fn status_table(processes: &[Process]) -> Table {
     table
 }
 
+/// The nodes table: name, address, API, alive, processes, unsafe mode.
+pub fn nodes_table(nodes: &[p2f_core::wire::NodeStatus]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(presets::UTF8_BORDERS_ONLY);
+    table.set_header([
+        "NODE",
+        "ADDRESS",
+        "API",
+        "STATUS",
+        "PROCESSES",
+        "UNSAFE MODE",
+    ]);
+    for n in nodes {
+        let address = n
+            .node
+            .ipv4
+            .map(|ip| ip.to_string())
+            .or_else(|| n.node.ipv6.map(|ip| ip.to_string()))
+            .unwrap_or_else(|| "-".into());
+        table.add_row([
+            n.node.name.to_string(),
+            address,
+            n.node.api_address().unwrap_or_else(|| "-".into()),
+            if n.alive { "alive" } else { "dead" }.to_owned(),
+            n.processes.to_string(),
+            n.node.unsafe_mode.to_string(),
+        ]);
+    }
+    table
+}
+
 /// `12.3 MiB`.
 pub fn bytes(n: u64) -> String {
     if n == 0 {

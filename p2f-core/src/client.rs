@@ -111,6 +111,11 @@ impl Network {
         }
     }
 
+    /// Every node of the network as the node this client talks to knows it.
+    pub async fn nodes(&self) -> Result<Vec<crate::wire::NodeStatus>, ClientError> {
+        self.call(Method::GET, "/v1/nodes", None::<&()>).await
+    }
+
     /// Asks the root for a member's certificate (`POST /v1/join`).
     pub async fn join(
         &self,

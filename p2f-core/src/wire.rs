@@ -88,3 +88,16 @@ pub struct ErrorBody {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub findings: Vec<(String, Finding)>,
 }
+
+/// `GET /v1/nodes`: one node of the network as this node knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Its P2PRC IP-table entry (P2F's API address in `CustomInformation`).
+    pub node: p2f_model::Node,
+    /// Whether the mesh hears from it.
+    pub alive: bool,
+    /// Its incarnation (the agent's start time in ms).
+    pub generation: u64,
+    /// How many process records it publishes.
+    pub processes: usize,
+}

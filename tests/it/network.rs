@@ -56,6 +56,23 @@ async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
     }
     eprintln!("record visible on 3 nodes after {:?}", written.elapsed());
 
+    // Every node knows every node, with its P2PRC entry.
+    let nodes = b.network().nodes().await.expect("nodes");
+    let names: Vec<(&str, bool)> = nodes
+        .iter()
+        .map(|n| (n.node.name.as_str(), n.alive))
+        .collect();
+    assert_eq!(names, [("node-a", true), ("node-b", true), ("root", true)]);
+    let entry_a = &nodes[0].node;
+    assert_eq!(
+        entry_a.ipv4.map(|ip| ip.to_string()).as_deref(),
+        Some("127.0.0.2")
+    );
+    assert_eq!(
+        entry_a.api_address().as_deref(),
+        Some(a.network().address())
+    );
+
     // Node a dies (the agent; its process keeps running): the others show the record as Lost.
     a.sigkill();
     let died = Instant::now();

@@ -20,7 +20,9 @@ use super::replica::Replica;
 use super::supervisor::{Supervisor, SupervisorError};
 use crate::cluster::{ClusterCa, Secret};
 use crate::join::{JoinRequest, JoinResponse};
-use crate::wire::{ErrorBody, ListQuery, LogsQuery, MAX_BODY_BYTES, Scope, SpinQuery, SpinRequest};
+use crate::wire::{
+    ErrorBody, ListQuery, LogsQuery, MAX_BODY_BYTES, NodeStatus, Scope, SpinQuery, SpinRequest,
+};
 
 /// The longest `POST /v1/processes?wait=true` waits for the process to run.
 const SPIN_WAIT: Duration = Duration::from_secs(30 * 60);
@@ -55,6 +57,7 @@ pub fn router(
     };
     Router::new()
         .route("/v1/node", get(node_entry))
+        .route("/v1/nodes", get(nodes))
         .route("/v1/processes", get(list).post(spin))
         .route("/v1/processes/{id}", get(info).delete(remove))
         .route("/v1/processes/{id}/kill", post(kill))
@@ -177,6 +180,18 @@ fn parse_id(text: &str) -> Result<ProcessId, ApiError> {
 
 async fn node_entry(State(api): State<Api>) -> Json<Node> {
     Json((*api.node).clone())
+}
+
+async fn nodes(State(api): State<Api>) -> Json<Vec<NodeStatus>> {
+    Json(match &api.replica {
+        Some(replica) => replica.nodes(&api.node).await,
+        None => vec![NodeStatus {
+            node: (*api.node).clone(),
+            alive: true,
+            generation: 0,
+            processes: api.supervisor.list().len(),
+        }],
+    })
 }
 
 async fn list(

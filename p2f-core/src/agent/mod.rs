@@ -132,7 +132,7 @@ impl Agent {
                     path: data.clone(),
                     source: std::io::Error::other(e.to_string()),
                 })?;
-                Some(replica::Replica::start(mesh, supervisor.clone(), client, &api_address).await?)
+                Some(replica::Replica::start(mesh, supervisor.clone(), client, &node).await?)
             }
         };
         if ca.key_pem().is_some() {

@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use p2f_model::{NodeName, Process, ProcessId, ProcessKey, Status};
+use p2f_model::{Node, NodeName, Process, ProcessId, ProcessKey, Status};
+
+pub use crate::wire::NodeStatus;
 use tokio::task::JoinHandle;
 
 use super::supervisor::Supervisor;
@@ -17,6 +19,8 @@ use crate::mesh::{Member, Mesh, MeshError, PROCESS_PREFIX, ProcessDigest, spec_h
 
 /// The mesh key under which a node publishes its API address.
 pub const API_KEY: &str = "api";
+/// The mesh key under which a node publishes its P2PRC IP-table entry (JSON).
+pub const NODE_KEY: &str = "node";
 /// How often other nodes' digests are compared with the copies held here.
 const SYNC_EVERY: Duration = Duration::from_millis(250);
 
@@ -60,9 +64,12 @@ impl Replica {
         mesh: Mesh,
         supervisor: Supervisor,
         client: Network,
-        api: &str,
+        node: &Node,
     ) -> Result<Replica, MeshError> {
-        mesh.set(API_KEY, api).await?;
+        let api = node.api_address().unwrap_or_default();
+        mesh.set(API_KEY, &api).await?;
+        mesh.set(NODE_KEY, &serde_json::to_string(node).unwrap_or_default())
+            .await?;
         let inner = Arc::new(Inner {
             node: mesh.node().clone(),
             mesh,
@@ -79,6 +86,45 @@ impl Replica {
             inner,
             tasks: Arc::new(Mutex::new(tasks)),
         })
+    }
+
+    /// Every node of the network this node knows of (itself included), alive or not.
+    pub async fn nodes(&self, own: &Node) -> Vec<NodeStatus> {
+        let membership = self.inner.mesh.membership().await;
+        let mut nodes: Vec<NodeStatus> = membership
+            .live
+            .into_iter()
+            .map(|m| (m, true))
+            .chain(membership.dead.into_iter().map(|m| (m, false)))
+            .map(|(member, alive)| {
+                let node = member
+                    .values
+                    .get(NODE_KEY)
+                    .and_then(|json| serde_json::from_str::<Node>(json).ok())
+                    .unwrap_or_else(|| Node::named(member.node.clone()));
+                let processes = member
+                    .values
+                    .keys()
+                    .filter(|k| k.starts_with(PROCESS_PREFIX))
+                    .count();
+                NodeStatus {
+                    node,
+                    alive,
+                    generation: member.generation,
+                    processes,
+                }
+            })
+            .collect();
+        if !nodes.iter().any(|n| n.node.name == own.name) {
+            nodes.push(NodeStatus {
+                node: own.clone(),
+                alive: true,
+                generation: self.inner.mesh.generation(),
+                processes: self.inner.supervisor.list().len(),
+            });
+        }
+        nodes.sort_by(|a, b| a.node.name.cmp(&b.node.name));
+        nodes
     }
 
     /// The mesh this replica gossips in.
