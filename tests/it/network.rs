@@ -15,7 +15,7 @@ async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
     let b = TestAgent::join(&root, "node-b", "127.0.0.3").await;
 
     let node_a = a.network().node().await.expect("node a");
-    let spec = ProcessSpec::new("spread", "exec sleep 1000")
+    let spec = ProcessSpec::new("spread", "echo hello from $P2F_NODE; exec sleep 1000")
         .with_port(free_port())
         .with_domain("spread.home.arpa");
     let written = Instant::now();
@@ -73,7 +73,42 @@ async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
         Some(a.network().address())
     );
 
-    // Node a dies (the agent; its process keeps running): the others show the record as Lost.
+    // Any node answers for a process of another node: logs and kill are forwarded to its node.
+    let logs = eventually(
+        "node a's output through the root",
+        Duration::from_secs(10),
+        || {
+            let (net, id) = (root.network().clone(), p.id.clone());
+            async move {
+                use futures_util::StreamExt;
+                let stream = net
+                    .logs(&id, p2f::core::wire::LogsQuery::default())
+                    .await
+                    .ok()?;
+                let chunks: Vec<_> = stream.collect().await;
+                let text: String = chunks
+                    .into_iter()
+                    .filter_map(Result::ok)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .collect();
+                text.contains("hello").then_some(text)
+            }
+        },
+    )
+    .await;
+    assert_eq!(logs.trim(), "hello from node-a");
+    let killed = b
+        .network()
+        .kill_process(&p)
+        .await
+        .expect("kill through node b");
+    assert_eq!(
+        (killed.status, killed.node.name.as_str()),
+        (Status::Stopped, "node-a")
+    );
+    assert!(a.os_processes(&p.id).is_empty(), "stopped on its own node");
+
+    // Node a dies (the agent): the others show its record as Lost.
     a.sigkill();
     let died = Instant::now();
     for (name, agent) in [("root", &root), ("node-b", &b)] {

@@ -206,6 +206,14 @@ async fn list(
 }
 
 impl Api {
+    /// For a process of another node: a client of that node and its record.
+    fn owner(&self, id: &ProcessId) -> Option<(crate::Network, Process)> {
+        if self.supervisor.find(&ProcessKey::Id(id.clone())).is_some() {
+            return None;
+        }
+        self.replica.as_ref()?.owner(id)
+    }
+
     /// A record of this node, else of the network.
     fn find(&self, key: &ProcessKey) -> Option<Process> {
         match &self.replica {
@@ -255,13 +263,38 @@ async fn by_domain(
 
 async fn kill(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Process>, ApiError> {
     let id = parse_id(&id)?;
+    if let Some((owner, record)) = api.owner(&id) {
+        return Ok(Json(owner.kill_process(&record).await.map_err(forwarded)?));
+    }
     Ok(Json(api.supervisor.kill(&id).await?))
 }
 
 async fn remove(State(api): State<Api>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id)?;
+    if let Some((owner, _)) = api.owner(&id) {
+        owner.remove_process(&id).await.map_err(forwarded)?;
+        return Ok(StatusCode::NO_CONTENT);
+    }
     api.supervisor.remove(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// An error from the node a request was forwarded to, answered as that node answered it.
+fn forwarded(error: crate::ClientError) -> ApiError {
+    match error {
+        crate::ClientError::Api {
+            status,
+            message,
+            findings,
+        } => ApiError {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            body: ErrorBody {
+                error: message,
+                findings,
+            },
+        },
+        other => ApiError::new(StatusCode::BAD_GATEWAY, other.to_string()),
+    }
 }
 
 async fn logs(
@@ -271,6 +304,16 @@ async fn logs(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let Query(query) = query?;
+    if let Some((owner, _)) = api.owner(&id) {
+        use futures_util::StreamExt;
+        let stream = owner.logs(&id, query).await.map_err(forwarded)?;
+        let stream = stream.map(|chunk| chunk.map_err(std::io::Error::other));
+        return Ok((
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            Body::from_stream(stream),
+        )
+            .into_response());
+    }
     if api.supervisor.find(&ProcessKey::Id(id.clone())).is_none() {
         return Err(SupervisorError::NotFound(id).into());
     }

@@ -171,6 +171,20 @@ impl Replica {
         found.into_iter().next()
     }
 
+    /// For a process of another node: a client of that node (if it publishes its API) and the
+    /// record as last published.
+    pub fn owner(&self, id: &ProcessId) -> Option<(Network, Process)> {
+        let remote = lock(&self.inner.remote);
+        let copies = lock(&self.inner.copies);
+        remote.iter().find_map(|(member, alive)| {
+            let value = member.values.get(&ProcessDigest::key_for(id))?;
+            let digest = ProcessDigest::decode(value).ok()?;
+            let api = member.values.get(API_KEY)?;
+            let record = merge(&copies.get(id)?.record, &digest, *alive);
+            Some((self.inner.client.at(api), record))
+        })
+    }
+
     /// Stops publishing and leaves the mesh.
     pub async fn stop(self) {
         let tasks: Vec<JoinHandle<()>> = lock(&self.tasks).drain(..).collect();
