@@ -25,7 +25,9 @@ const HOMELAB: Deployment = deployment! {
     }
 
     service backup {
-        start: "mkdir -p $BACKUP_DIR; while true; do tar czf $BACKUP_DIR/wiki-$(date +%s).tgz -C $P2F_BUNDLE/.. . 2>/dev/null; echo backup done: $(ls $BACKUP_DIR | wc -l) archives; sleep 5; done",
+        // Archives every service's bundle on this node (the wiki's pages among them) every
+        // 10 s, keeping the newest five.
+        start: "mkdir -p $BACKUP_DIR; cd $P2F_BUNDLE/../..; while true; do tar czf $BACKUP_DIR/bundles-$(date +%s).tgz . 2>/dev/null; ls -t $BACKUP_DIR/*.tgz | tail -n +6 | xargs -r rm -f; echo backup done: $(ls $BACKUP_DIR | wc -l) archives; sleep 10; done",
         env: { BACKUP_DIR: "/tmp/p2f-homelab-backups" },
         after: [wiki],
         restart: Always,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use p2f_core::Network;
 use p2f_core::wire::{SpinQuery, SpinRequest};
-use p2f_model::{Deployment, EventKind, Health, Node, Process, ProcessKey, ProcessSpec};
+use p2f_model::{Deployment, Health, Node, Process, ProcessKey, ProcessSpec};
 use serde::Serialize;
 
 use crate::{Error, Result, SERVICE_TIMEOUT};
@@ -177,9 +177,7 @@ async fn run_one(
             .await
             .map_err(|e| e.to_string())?
             .ok_or("its record disappeared")?;
-        let healthy = current.is_running()
-            && current.restarts == process.restarts
-            && current.events.iter().any(|e| e.kind == EventKind::Healthy);
+        let healthy = current.is_healthy() && current.restarts == process.restarts;
         if healthy {
             bars.finish(name, &format!("healthy in {}", elapsed(started)), true);
             return Ok(current);

@@ -104,15 +104,8 @@ pub async fn up(deployment: &Deployment) -> Result<()> {
     let stop = StopSignal::listen()?;
     let embedded = Embedded::start(&dir).await?;
     let network = embedded.network().clone();
-    // Records of earlier runs that ended are history, not part of this run.
-    for old in network.list_processes().await? {
-        if old.status.is_final() {
-            network.remove_process(&old.id).await?;
-        }
-    }
-    let node = network.node().await?;
     let applied = tokio::select! {
-        applied = converge::apply(&network, &node, deployment) => Some(applied),
+        applied = start_fresh(&network, deployment) => Some(applied),
         () = stop.requested() => None,
     };
     let outcome = match applied {
@@ -141,6 +134,17 @@ pub async fn up(deployment: &Deployment) -> Result<()> {
         if count == 1 { "" } else { "es" }
     );
     outcome
+}
+
+/// Forgets the records of earlier runs that ended, then applies the deployment.
+async fn start_fresh(network: &Network, deployment: &Deployment) -> Result<Vec<Process>> {
+    for old in network.list_processes().await? {
+        if old.status.is_final() {
+            network.remove_process(&old.id).await?;
+        }
+    }
+    let node = network.node().await?;
+    converge::apply(network, &node, deployment).await
 }
 
 /// Ctrl-C or SIGTERM, caught from the moment `StopSignal::listen` returns: a signal that

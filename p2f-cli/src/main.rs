@@ -384,7 +384,11 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     file.write_all(text.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    // Also when the file existed with a wider mode.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot make {} private", path.display()))
 }
 
 fn install(config: &Path, unit: &Path) -> Result<()> {

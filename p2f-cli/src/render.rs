@@ -77,12 +77,7 @@ pub fn status_table(processes: &[Process]) -> Table {
     ]);
     for p in processes {
         let row = StatusRow::of(p);
-        let healthy = p.is_running()
-            && p.events
-                .iter()
-                .rev()
-                .take_while(|e| !matches!(e.kind, p2f_model::EventKind::Started { .. }))
-                .any(|e| e.kind == p2f_model::EventKind::Healthy);
+        let healthy = p.is_healthy();
         let status = match &p.status {
             Status::Running if healthy => "running (healthy)".to_owned(),
             other => other.name().to_owned(),

@@ -16,6 +16,10 @@ use crate::wire::{ErrorBody, LogsQuery, SpinQuery, SpinRequest};
 
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a call may take (a kill waits for the process's grace period, up to a few minutes).
+const CALL_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// How long a spin that waits for its deploy step may take.
+const SLOW_CALL_TIMEOUT: Duration = Duration::from_secs(35 * 60);
 
 /// Why a call to the network failed.
 #[derive(Debug, thiserror::Error)]
@@ -251,12 +255,27 @@ impl Network {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ClientError> {
-        let response = self.send(method, path, body).await?;
-        let response = expect_success(&self.address, response).await?;
-        response.json().await.map_err(|e| ClientError::Protocol {
-            address: self.address.clone(),
-            detail: error_chain(&e),
-        })
+        // A half-open connection to a node that lost power must not hang the caller; only a
+        // spin that waits for a deploy step (which may build for minutes) waits longer.
+        let limit = if path.contains("wait=true") {
+            SLOW_CALL_TIMEOUT
+        } else {
+            CALL_TIMEOUT
+        };
+        let work = async {
+            let response = self.send(method, path, body).await?;
+            let response = expect_success(&self.address, response).await?;
+            response.json().await.map_err(|e| ClientError::Protocol {
+                address: self.address.clone(),
+                detail: error_chain(&e),
+            })
+        };
+        tokio::time::timeout(limit, work)
+            .await
+            .map_err(|_| ClientError::Unreachable {
+                address: self.address.clone(),
+                detail: format!("no answer within {}", p2f_model::format_duration(limit)),
+            })?
     }
 }
 

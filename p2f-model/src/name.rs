@@ -15,7 +15,9 @@ pub enum NameError {
     )]
     Node(String),
     /// A process id breaks the naming rule.
-    #[error("`{0}` is not a valid process id: use 1-128 letters, digits, '-', '_' or '.'")]
+    #[error(
+        "`{0}` is not a valid process id: use 1-128 letters, digits, '-', '_' or '.', not starting with '.'"
+    )]
     Process(String),
 }
 
@@ -117,7 +119,11 @@ impl ProcessId {
     /// A process id from text.
     pub fn new(id: impl Into<String>) -> Result<ProcessId, NameError> {
         let id = id.into();
-        let ok = !id.is_empty() && id.len() <= 128 && id.bytes().all(is_name_byte);
+        // Ids name files and directories on nodes: `.`, `..` and hidden names must not be ids.
+        let ok = !id.is_empty()
+            && id.len() <= 128
+            && !id.starts_with('.')
+            && id.bytes().all(is_name_byte);
         if ok {
             Ok(ProcessId(id))
         } else {
@@ -182,7 +188,11 @@ mod tests {
     fn process_ids_are_service_plus_suffix() {
         let id = ProcessId::for_service("wiki", 0xabc);
         assert_eq!(id.as_str(), "wiki-000000000abc");
-        assert!(ProcessId::new("bad id").is_err());
+        for bad in ["bad id", "", ".", "..", ".hidden", "a/b"] {
+            assert!(ProcessId::new(bad).is_err(), "{bad:?}");
+        }
+        assert!(serde_json::from_str::<ProcessId>("\"..\"").is_err());
+        assert!(ProcessId::new("wiki-1.2").is_ok());
         let json = serde_json::to_string(&id).expect("serialize");
         assert_eq!(serde_json::from_str::<ProcessId>(&json).expect("parse"), id);
         assert!(serde_json::from_str::<NodeName>("\"a b\"").is_err());

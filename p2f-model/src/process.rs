@@ -304,6 +304,20 @@ impl Process {
         self.status.is_running()
     }
 
+    /// Whether a health check passed since its command last started.
+    pub fn passed_health_check(&self) -> bool {
+        self.events
+            .iter()
+            .rev()
+            .take_while(|e| !matches!(e.kind, EventKind::Started { .. }))
+            .any(|e| e.kind == EventKind::Healthy)
+    }
+
+    /// Running, and its health check passed since it started.
+    pub fn is_healthy(&self) -> bool {
+        self.is_running() && self.passed_health_check()
+    }
+
     /// Whether `key` names this process.
     pub fn matches(&self, key: &ProcessKey) -> bool {
         match key {

@@ -562,6 +562,13 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
             "unknown field `colour`",
         ),
         (
+            "an id that is a path",
+            br#"{"spec":{"name":"a","start":"true"},"id":".."}"#.to_vec(),
+            bearer.clone(),
+            422,
+            "not a valid process id",
+        ),
+        (
             "wrong secret",
             b"{}".to_vec(),
             Some("Bearer nope".into()),
@@ -584,6 +591,20 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
         let message = parsed["error"].as_str().unwrap_or_default();
         assert!(message.contains(says), "{what}: {message}");
     }
+    // A method a route does not take: still a JSON error.
+    let put = http
+        .put(&url)
+        .header("authorization", bearer.clone().unwrap_or_default())
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(put.status().as_u16(), 405);
+    let body: p2f::core::wire::ErrorBody = put.json().await.expect("JSON error");
+    assert!(
+        body.error.contains("PUT is not allowed on /v1/processes"),
+        "{}",
+        body.error
+    );
     // A 10 MiB body, sent by curl (reqwest stops at the broken pipe when the agent refuses to
     // read the rest, and never shows the answer; curl, like most clients, reads it).
     let big = agent.dir.path().join("big.json");

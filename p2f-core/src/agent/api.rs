@@ -65,6 +65,7 @@ pub fn router(
         .route("/v1/domains/{domain}", get(by_domain))
         .route("/v1/join", post(join))
         .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(api.clone(), authenticate))
         .with_state(api)
@@ -168,6 +169,17 @@ async fn unknown_route(request: Request) -> ApiError {
         StatusCode::NOT_FOUND,
         format!(
             "no route {} {} (see docs/api.md)",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+async fn wrong_method(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{} is not allowed on {} (see docs/api.md)",
             request.method(),
             request.uri().path()
         ),

@@ -112,6 +112,42 @@ pub struct SupervisorConfig {
     pub nix_options: BTreeMap<String, String>,
 }
 
+impl SupervisorConfig {
+    /// Intervals the supervisor can live with (a zero interval would spin or panic).
+    fn check(&self) -> Result<(), String> {
+        let at_least = |name: &str, value: Duration, min: Duration| {
+            if value < min {
+                Err(format!(
+                    "supervisor.{name} = \"{}\" is too short: at least {}",
+                    p2f_model::format_duration(value),
+                    p2f_model::format_duration(min)
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        at_least(
+            "health_interval",
+            self.health_interval,
+            Duration::from_millis(50),
+        )?;
+        at_least(
+            "memory_interval",
+            self.memory_interval,
+            Duration::from_millis(100),
+        )?;
+        at_least(
+            "deploy_timeout",
+            self.deploy_timeout,
+            Duration::from_secs(1),
+        )?;
+        if self.health_failures == 0 {
+            return Err("supervisor.health_failures must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 impl Default for SupervisorConfig {
     fn default() -> Self {
         SupervisorConfig {
@@ -175,9 +211,13 @@ impl AgentConfig {
         Ok(config)
     }
 
-    /// Parses TOML text; the error is TOML's message (line, column, what was expected).
+    /// Parses TOML text; the error is TOML's message (line, column, what was expected), or
+    /// names the setting that is out of range.
     pub fn parse(text: &str) -> Result<AgentConfig, String> {
-        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+        let config: AgentConfig =
+            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+        config.supervisor.check()?;
+        Ok(config)
     }
 
     /// The TOML text of this configuration.
@@ -232,6 +272,10 @@ mod tests {
                 "health_interval",
             ),
             ("name = \"bad name!\"\ndata_dir = \"d\"\n", "name"),
+            (
+                "name = \"pi\"\ndata_dir = \"d\"\n[supervisor]\nhealth_interval = \"0s\"\n",
+                "supervisor.health_interval = \"0s\" is too short: at least 50ms",
+            ),
         ];
         for (text, want) in cases {
             let err = AgentConfig::parse(text).expect_err(text);

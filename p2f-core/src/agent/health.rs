@@ -22,12 +22,14 @@ pub fn describe(health: &Health, port: Option<u16>) -> String {
     }
 }
 
-/// Runs one check. `env` and `dir` are the process's variables and bundle directory (for `Cmd`).
+/// Runs one check. `env`, `dir` and `user` (uid, gid) are the process's variables, bundle
+/// directory and identity (for `Cmd`, which runs as the process would).
 pub async fn check(
     health: &Health,
     port: Option<u16>,
     env: &[(String, String)],
     dir: &std::path::Path,
+    user: Option<(u32, u32)>,
 ) -> Result<(), String> {
     let work = async {
         match health {
@@ -44,7 +46,11 @@ pub async fn check(
                 http_get(port, path).await
             }
             Health::Cmd(command) => {
-                let status = tokio::process::Command::new("sh")
+                let mut cmd = tokio::process::Command::new("sh");
+                if let Some((uid, gid)) = user {
+                    cmd.uid(uid).gid(gid);
+                }
+                let status = cmd
                     .arg("-c")
                     .arg(command.as_ref())
                     .current_dir(dir)
@@ -139,16 +145,16 @@ mod tests {
         });
         let dir = std::env::temp_dir();
         assert_eq!(
-            check(&Health::Http("/".into()), Some(port), &[], &dir).await,
+            check(&Health::Http("/".into()), Some(port), &[], &dir, None).await,
             Ok(())
         );
-        let busy = check(&Health::Http("/".into()), Some(port), &[], &dir).await;
+        let busy = check(&Health::Http("/".into()), Some(port), &[], &dir, None).await;
         assert_eq!(busy, Err("GET / answered 503".to_owned()));
         server.await.expect("server");
-        let closed = check(&Health::Tcp, Some(port), &[], &dir).await;
+        let closed = check(&Health::Tcp, Some(port), &[], &dir, None).await;
         assert!(closed.is_err(), "{closed:?}");
         assert_eq!(
-            check(&Health::Cmd("exit 4".into()), None, &[], &dir).await,
+            check(&Health::Cmd("exit 4".into()), None, &[], &dir, None).await,
             Err("exited with code 4".to_owned())
         );
     }

@@ -39,11 +39,18 @@ impl Logs {
     }
 
     /// Opens the log file for a child's stdout/stderr, appending.
+    /// The directory is private to the agent (0700; output may hold secrets): the process
+    /// writes through the descriptor the agent hands it, not by path.
     pub fn open_for_writing(&self, id: &ProcessId) -> io::Result<std::fs::File> {
-        std::fs::create_dir_all(&self.dir)?;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)?;
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(self.path(id))
     }
 

@@ -84,7 +84,10 @@ impl Agent {
         let (ca, secret) = ClusterFiles::new(config.cluster_dir()).load()?;
         let cert = node_certificate(&config, &ca)?;
         let tls = crate::cluster::server_config(&cert)?;
-        let store = Arc::new(Store::open(&data.join("records.redb"))?);
+        let records = data.join("records.redb");
+        let store = Arc::new(Store::open(&records)?);
+        // Records hold specs, and specs hold env values: only the agent reads them.
+        set_private(&records)?;
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -108,62 +111,76 @@ impl Agent {
         };
         let supervisor =
             Supervisor::start(node_ref, store, data, config.supervisor.clone(), deploy)?;
-        let api_address = node.api_address().unwrap_or_else(|| address.to_string());
-        let replica = match &config.mesh {
-            None => None,
-            Some(settings) => {
-                let mut mesh_config = crate::mesh::MeshConfig::new(
-                    config.name.clone(),
-                    settings.listen,
-                    secret.clone(),
-                );
-                mesh_config.seeds = settings.seeds.clone();
-                if settings.listen.ip().is_unspecified() {
-                    let ip: std::net::IpAddr = config
-                        .advertised_host()
-                        .parse()
-                        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
-                    mesh_config.advertise_addr = Some((ip, 0).into());
+        // From here on processes may run: if anything else fails, let go of them (they are
+        // re-adopted by the next start) before saying so.
+        let rest = async {
+            let api_address = node.api_address().unwrap_or_else(|| address.to_string());
+            let replica = match &config.mesh {
+                None => None,
+                Some(settings) => {
+                    let mut mesh_config = crate::mesh::MeshConfig::new(
+                        config.name.clone(),
+                        settings.listen,
+                        secret.clone(),
+                    );
+                    mesh_config.seeds = settings.seeds.clone();
+                    if settings.listen.ip().is_unspecified() {
+                        let ip: std::net::IpAddr = config
+                            .advertised_host()
+                            .parse()
+                            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+                        mesh_config.advertise_addr = Some((ip, 0).into());
+                    }
+                    let mesh = crate::mesh::Mesh::start(mesh_config).await?;
+                    let client =
+                        crate::Network::connect(&api_address, secret.clone(), ca.cert_pem())
+                            .map_err(|e| AgentError::Io {
+                                what: "cannot make the mesh's client",
+                                path: data.clone(),
+                                source: std::io::Error::other(e.to_string()),
+                            })?;
+                    Some(replica::Replica::start(mesh, supervisor.clone(), client, &node).await?)
                 }
-                let mesh = crate::mesh::Mesh::start(mesh_config).await?;
-                let client = crate::Network::connect(&api_address, secret.clone(), ca.cert_pem())
-                    .map_err(|e| AgentError::Io {
-                    what: "cannot make the mesh's client",
-                    path: data.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-                Some(replica::Replica::start(mesh, supervisor.clone(), client, &node).await?)
+            };
+            if ca.key_pem().is_some() {
+                let token = crate::join::JoinToken {
+                    root: api_address.clone(),
+                    gossip: replica.as_ref().map(|r| r.mesh().gossip_addr().to_string()),
+                    ca_pem: ca.cert_pem().to_owned(),
+                    secret: secret.clone(),
+                };
+                write_private(
+                    &data.join("join-token"),
+                    format!("{}\n", token.encode()).as_bytes(),
+                )?;
+            }
+            let app = api::router(
+                supervisor.clone(),
+                secret,
+                node.clone(),
+                Some(ca),
+                replica.clone(),
+            );
+            let (stop, stopped) = oneshot::channel();
+            let server = tokio::spawn(crate::server::serve_tls(listener, tls, app, async move {
+                let _ = stopped.await;
+            }));
+            let addr_file = data.join("api.addr");
+            std::fs::write(&addr_file, address.to_string()).map_err(|source| AgentError::Io {
+                what: "cannot write",
+                path: addr_file,
+                source,
+            })?;
+            Ok::<_, AgentError>((replica, stop, server))
+        }
+        .await;
+        let (replica, stop, server) = match rest {
+            Ok(parts) => parts,
+            Err(e) => {
+                supervisor.shutdown(Shutdown::Detach).await;
+                return Err(e);
             }
         };
-        if ca.key_pem().is_some() {
-            let token = crate::join::JoinToken {
-                root: api_address.clone(),
-                gossip: replica.as_ref().map(|r| r.mesh().gossip_addr().to_string()),
-                ca_pem: ca.cert_pem().to_owned(),
-                secret: secret.clone(),
-            };
-            write_private(
-                &data.join("join-token"),
-                format!("{}\n", token.encode()).as_bytes(),
-            )?;
-        }
-        let app = api::router(
-            supervisor.clone(),
-            secret,
-            node.clone(),
-            Some(ca),
-            replica.clone(),
-        );
-        let (stop, stopped) = oneshot::channel();
-        let server = tokio::spawn(crate::server::serve_tls(listener, tls, app, async move {
-            let _ = stopped.await;
-        }));
-        let addr_file = data.join("api.addr");
-        std::fs::write(&addr_file, address.to_string()).map_err(|source| AgentError::Io {
-            what: "cannot write",
-            path: addr_file,
-            source,
-        })?;
         tracing::info!(node = %config.name, "control API on https://{address}/v1");
         Ok(Agent {
             supervisor,
@@ -255,7 +272,20 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), AgentError>
         .mode(0o600)
         .open(path)
         .map_err(io)?;
-    file.write_all(bytes).map_err(io)
+    file.write_all(bytes).map_err(io)?;
+    set_private(path)
+}
+
+/// Mode 0600, also for a file that existed with a wider mode.
+fn set_private(path: &std::path::Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        AgentError::Io {
+            what: "cannot make private",
+            path: path.to_owned(),
+            source,
+        }
+    })
 }
 
 /// This node's P2PRC entry.

@@ -23,6 +23,8 @@ pub const API_KEY: &str = "api";
 pub const NODE_KEY: &str = "node";
 /// How often other nodes' digests are compared with the copies held here.
 const SYNC_EVERY: Duration = Duration::from_millis(250);
+/// How long fetching one record from its node may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A remote record held here, with the spec hash it was fetched for.
 #[derive(Debug, Clone)]
@@ -158,7 +160,9 @@ impl Replica {
 
     /// The record `key` names anywhere in the network (a live one before a stopped one).
     pub fn find(&self, key: &ProcessKey) -> Option<Process> {
-        if let Some(local) = self.inner.supervisor.find(key) {
+        if let ProcessKey::Id(_) = key
+            && let Some(local) = self.inner.supervisor.find(key)
+        {
             return Some(local);
         }
         let mut found: Vec<Process> = self.list().into_iter().filter(|p| p.matches(key)).collect();
@@ -258,6 +262,7 @@ async fn publish(inner: Arc<Inner>) {
 /// names a record or spec not held yet).
 async fn sync(inner: Arc<Inner>) {
     let mut ticker = tokio::time::interval(SYNC_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         let membership = inner.mesh.membership().await;
@@ -270,7 +275,12 @@ async fn sync(inner: Arc<Inner>) {
             .collect();
         let mut wanted: Vec<(String, ProcessId, String)> = Vec::new();
         {
-            let copies = lock(&inner.copies);
+            let mut copies = lock(&inner.copies);
+            // Keep copies only of records some node still publishes.
+            copies.retain(|id, _| {
+                let key = ProcessDigest::key_for(id);
+                others.iter().any(|(m, _)| m.values.contains_key(&key))
+            });
             for (member, alive) in &others {
                 let Some(api) = member.values.get(API_KEY) else {
                     continue;
@@ -295,7 +305,19 @@ async fn sync(inner: Arc<Inner>) {
         *lock(&inner.remote) = others;
         for (api, id, spec) in wanted {
             let client = inner.client.at(&api);
-            match client.process_information(ProcessKey::Id(id.clone())).await {
+            // One slow node must not hold up copying the others' records for long.
+            let fetched = tokio::time::timeout(
+                FETCH_TIMEOUT,
+                client.process_information(ProcessKey::Id(id.clone())),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::ClientError::Unreachable {
+                    address: api.clone(),
+                    detail: "no answer within 2s".into(),
+                })
+            });
+            match fetched {
                 Ok(Some(record)) => {
                     let spec = if spec_hash(&record.spec) == spec {
                         spec

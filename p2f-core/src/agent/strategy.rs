@@ -17,7 +17,7 @@ use tokio::process::Command;
 use super::os;
 
 /// The marker a successful deploy step leaves in the bundle directory.
-const MARKER: &str = ".p2f-deployed";
+const MARKER: &str = ".deployed";
 /// Where `nix build` links its output.
 const NIX_LINK: &str = ".p2f-nix-result";
 /// How much of a failed deploy step's output the failure keeps.
@@ -71,11 +71,22 @@ pub fn bundle_dir(root: &Path, process: &Process) -> PathBuf {
         .join(format!("g{}", process.generation))
 }
 
+/// The marker of a placement's finished deploy step: next to its bundle directory, not in it,
+/// so a process running as another user (which owns its bundle directory) cannot forge it.
+fn marker(root: &Path, process: &Process) -> PathBuf {
+    root.join(process.id.as_str())
+        .join(format!("g{}{MARKER}", process.generation))
+}
+
 /// A deploy step already done for this placement, if its marker is there.
 pub fn already_deployed(root: &Path, process: &Process) -> Option<Prepared> {
-    let marker = bundle_dir(root, process).join(MARKER);
-    let text = std::fs::read(marker).ok()?;
-    serde_json::from_slice(&text).ok()
+    let text = std::fs::read(marker(root, process)).ok()?;
+    let recorded: Prepared = serde_json::from_slice(&text).ok()?;
+    // Only the Nix output is taken from the marker; the directory is always recomputed.
+    Some(Prepared {
+        bundle_dir: bundle_dir(root, process),
+        nix_out: recorded.nix_out,
+    })
 }
 
 /// Unpacks the bundle and runs the strategy's deploy step, writing its output to `log`.
@@ -147,7 +158,7 @@ pub async fn deploy(
         prepared.nix_out = Some(out);
     }
     let marker = serde_json::to_vec(&prepared).unwrap_or_default();
-    std::fs::write(dir.join(MARKER), marker)
+    std::fs::write(self::marker(root, process), marker)
         .map_err(|e| deploy_failed(None, format!("cannot write {MARKER}: {e}")))?;
     Ok(prepared)
 }
@@ -212,6 +223,9 @@ async fn run_step(
         deploy_failed(None, format!("cannot run {program}: {e}{hint}"))
     })?;
     let pgid = child.id();
+    // Whatever happens to this step (done, timed out, cancelled by a stop), nothing it started
+    // outlives it.
+    let _group = GroupGuard(pgid);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let (log_a, log_b) = match (log.try_clone(), log.try_clone()) {
@@ -231,12 +245,12 @@ async fn run_step(
             None
         }
     };
-    let out_tail = copy_out.await.unwrap_or_default();
-    let err_tail = copy_err.await.unwrap_or_default();
     if let Some(pgid) = pgid {
-        // Nothing the step started outlives it.
+        // A background child of the step would hold the pipes open forever.
         let _ = os::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
     }
+    let out_tail = tail_of(copy_out).await;
+    let err_tail = tail_of(copy_err).await;
     match status {
         Some(status) if status.success() => Ok(()),
         Some(status) => {
@@ -254,6 +268,26 @@ async fn run_step(
                 p2f_model::format_duration(timeout)
             ),
         )),
+    }
+}
+
+/// Kills a deploy step's process group when dropped.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = os::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// What a copy task kept, waiting at most a few seconds (a process that left the group may still
+/// hold the pipe).
+async fn tail_of(copy: tokio::task::JoinHandle<String>) -> String {
+    match tokio::time::timeout(Duration::from_secs(5), copy).await {
+        Ok(Ok(tail)) => tail,
+        _ => String::new(),
     }
 }
 

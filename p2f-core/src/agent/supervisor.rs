@@ -292,11 +292,12 @@ impl Supervisor {
         generation: Option<u64>,
     ) -> Result<Process, SupervisorError> {
         spec.validate()?;
+        let id = id.unwrap_or_else(|| ProcessId::for_service(spec.name(), rand::random()));
+        let mut slots = self.slots();
+        // Under the lock `shutdown` takes to collect the tasks: no task starts after it.
         if self.inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(SupervisorError::ShuttingDown);
         }
-        let id = id.unwrap_or_else(|| ProcessId::for_service(spec.name(), rand::random()));
-        let mut slots = self.slots();
         let mut generation = generation.unwrap_or(1);
         if let Some(old) = slots.get(&id) {
             let old = &old.entry.process;
@@ -390,8 +391,22 @@ impl Supervisor {
 
     /// Stops a process and forgets it: its record, bundle and logs are deleted.
     pub async fn remove(&self, id: &ProcessId) -> Result<(), SupervisorError> {
-        self.kill(id).await?;
-        let slot = self.slots().remove(id);
+        let killed = self.kill(id).await?;
+        let slot = {
+            let mut slots = self.slots();
+            match slots.get(id) {
+                // A spin of the same id came in meanwhile: that one is not ours to delete.
+                Some(slot)
+                    if slot.entry.process.generation != killed.generation
+                        || !slot.entry.process.status.is_final() =>
+                {
+                    return Err(SupervisorError::Conflict(format!(
+                        "process {id} was started again while it was being removed"
+                    )));
+                }
+                _ => slots.remove(id),
+            }
+        };
         if let Some(slot) = slot {
             if let Some(task) = slot.task {
                 let _ = task.await;
@@ -540,7 +555,7 @@ async fn run(inner: Arc<Inner>, entry: Entry, mut desired: watch::Receiver<Desir
             &mut desired,
         )
         .await;
-        if started.elapsed() >= MIN_UPTIME {
+        if started.elapsed() >= MIN_UPTIME || entry.process.passed_health_check() {
             in_a_row = 0;
         }
         let now = now();
@@ -570,7 +585,7 @@ async fn run(inner: Arc<Inner>, entry: Entry, mut desired: watch::Receiver<Desir
                 lifecycle::on_exit(&mut entry.process, exit, cx, in_a_row, now)
             }
             Outcome::Vanished => {
-                let _ = os::signal_group(local.pgid, Signal::SIGKILL);
+                // No SIGKILL to its group here: its pid may already belong to someone else.
                 lifecycle::on_failure(&mut entry.process, Failure::Vanished, in_a_row, now)
             }
             Outcome::HealthFailed(failure) => {
@@ -668,6 +683,14 @@ async fn launch(
                     }
                 }
             };
+            if let Some((uid, gid)) = identity(&entry.process)? {
+                // The process owns its bundle directory (as with systemd's StateDirectory=),
+                // given once, before anything of that user ran in it.
+                chown_tree(&prepared.bundle_dir, uid, gid).map_err(|e| Failure::DeployFailed {
+                    exit: None,
+                    stderr_tail: format!("cannot give the bundle directory to its user: {e}"),
+                })?;
+            }
             entry.process.record(now(), EventKind::Deployed);
             prepared
         }
@@ -696,6 +719,34 @@ async fn launch(
     Ok(Some((Running::Child(child), local, prepared)))
 }
 
+/// The uid and gid a process runs as: its spec's `user`, or `None` for the agent's own.
+fn identity(process: &Process) -> Result<Option<(nix::unistd::Uid, nix::unistd::Gid)>, Failure> {
+    let Some(user) = process.spec.user() else {
+        return Ok(None);
+    };
+    let failed = |message: String| Failure::DeployFailed {
+        exit: None,
+        stderr_tail: message,
+    };
+    let found = nix::unistd::User::from_name(user)
+        .map_err(|e| failed(format!("cannot look up user {user}: {e}")))?
+        .ok_or_else(|| failed(format!("no such user: {user}")))?;
+    let me = nix::unistd::geteuid();
+    if !me.is_root() && me != found.uid {
+        return Err(failed(format!(
+            "cannot run as {user}: the agent does not run as root"
+        )));
+    }
+    Ok(Some((found.uid, found.gid)))
+}
+
+/// Runs `command` as `who` (from [`identity`]).
+fn run_as(command: &mut Command, who: Option<(nix::unistd::Uid, nix::unistd::Gid)>) {
+    if let Some((uid, gid)) = who {
+        command.uid(uid.as_raw()).gid(gid.as_raw());
+    }
+}
+
 /// Starts `sh -c START` as the leader of a new process group.
 fn spawn(
     process: &Process,
@@ -721,20 +772,7 @@ fn spawn(
         .stderr(stderr)
         .process_group(0)
         .kill_on_drop(false);
-    if let Some(user) = process.spec.user() {
-        let found = nix::unistd::User::from_name(user)
-            .map_err(|e| spawn_failed(format!("cannot look up user {user}: {e}")))?
-            .ok_or_else(|| spawn_failed(format!("no such user: {user}")))?;
-        if !nix::unistd::geteuid().is_root() && nix::unistd::geteuid() != found.uid {
-            return Err(spawn_failed(format!(
-                "cannot run as {user}: the agent does not run as root"
-            )));
-        }
-        // The process owns its bundle directory (as systemd's StateDirectory= does).
-        chown_tree(&prepared.bundle_dir, found.uid, found.gid)
-            .map_err(|e| spawn_failed(format!("cannot give {user} its bundle directory: {e}")))?;
-        command.uid(found.uid.as_raw()).gid(found.gid.as_raw());
-    }
+    run_as(&mut command, identity(process)?);
     command.spawn().map_err(|e| {
         let who = process
             .spec
@@ -837,7 +875,8 @@ async fn watch_process(
             }
             _ = ticker.tick(), if health != Health::None && check.is_none() => {
                 let (health, env, dir) = (health.clone(), env.to_vec(), prepared.bundle_dir.clone());
-                check = Some(Box::pin(async move { health::check(&health, port, &env, &dir).await }));
+                let who = identity(&entry.process).ok().flatten().map(|(u, g)| (u.as_raw(), g.as_raw()));
+                check = Some(Box::pin(async move { health::check(&health, port, &env, &dir, who).await }));
             }
             result = poll_check(&mut check) => {
                 check = None;
@@ -918,7 +957,9 @@ async fn stop(
     let mut stopper = None;
     match spec.stop() {
         Some(command) => {
-            let spawned = Command::new("sh")
+            let mut stop_command = Command::new("sh");
+            run_as(&mut stop_command, identity(&entry.process).ok().flatten());
+            let spawned = stop_command
                 .arg("-c")
                 .arg(command)
                 .current_dir(&prepared.bundle_dir)
@@ -982,12 +1023,26 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let running: Vec<(ProcessId, u32)> = inner
-            .slots()
-            .values()
-            .filter(|s| s.entry.process.is_running())
-            .filter_map(|s| s.entry.local.map(|l| (s.entry.process.id.clone(), l.pgid)))
-            .collect();
+        let (running, live): (Vec<(ProcessId, u32)>, Vec<ProcessId>) = {
+            let slots = inner.slots();
+            let running = slots
+                .values()
+                .filter(|s| s.entry.process.is_running())
+                .filter_map(|s| s.entry.local.map(|l| (s.entry.process.id.clone(), l.pgid)))
+                .collect();
+            let live = slots
+                .values()
+                .filter(|s| !s.entry.process.status.is_final())
+                .map(|s| s.entry.process.id.clone())
+                .collect();
+            (running, live)
+        };
+        // Logs of every process that may still write (a flapping one too), not only running ones.
+        for id in &live {
+            if let Err(e) = inner.logs.rotate_if_needed(id) {
+                tracing::warn!(%id, "cannot rotate the log: {e}");
+            }
+        }
         if running.is_empty() {
             continue;
         }
@@ -1003,11 +1058,6 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
                 {
                     slot.entry.process.memory_bytes = rss.get(pgid).copied().unwrap_or(0);
                 }
-            }
-        }
-        for (id, _) in &running {
-            if let Err(e) = inner.logs.rotate_if_needed(id) {
-                tracing::warn!(%id, "cannot rotate the log: {e}");
             }
         }
     }

@@ -42,7 +42,7 @@ impl ProcessDigest {
         ProcessDigest {
             id: process.id.clone(),
             generation: process.generation,
-            status: process.status.clone(),
+            status: short_status(&process.status),
             restarts: process.restarts,
             started_at: process.started_at,
             node: process.node.name.clone(),
@@ -73,6 +73,41 @@ impl ProcessDigest {
     }
 }
 
+/// The longest failure text a digest carries; the whole text is in the record.
+const FAILURE_TEXT: usize = 200;
+
+/// `status` with its failure's free text (a deploy step's output, a health check's answer) cut
+/// to [`FAILURE_TEXT`] bytes, so a digest stays small.
+fn short_status(status: &Status) -> Status {
+    let cut = |text: &str| -> String {
+        let mut end = text.len().min(FAILURE_TEXT);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text[..end].to_owned()
+    };
+    match status {
+        Status::Failed(p2f_model::Failure::DeployFailed { exit, stderr_tail }) => {
+            // The end of a tail says most: keep its last bytes.
+            let mut start = stderr_tail.len().saturating_sub(FAILURE_TEXT);
+            while !stderr_tail.is_char_boundary(start) {
+                start += 1;
+            }
+            Status::Failed(p2f_model::Failure::DeployFailed {
+                exit: *exit,
+                stderr_tail: stderr_tail[start..].to_owned(),
+            })
+        }
+        Status::Failed(p2f_model::Failure::HealthCheckFailed { check, detail }) => {
+            Status::Failed(p2f_model::Failure::HealthCheckFailed {
+                check: cut(check),
+                detail: cut(detail),
+            })
+        }
+        other => other.clone(),
+    }
+}
+
 /// The first 16 hex digits (64 bits) of the SHA-256 of the spec's JSON form, bundle included.
 pub fn spec_hash(spec: &ProcessSpec) -> String {
     let json = serde_json::to_vec(spec).expect("a spec always serializes");
@@ -82,4 +117,34 @@ pub fn spec_hash(spec: &ProcessSpec) -> String {
         hex.push_str(&format!("{byte:02x}"));
     }
     hex
+}
+
+#[cfg(test)]
+mod tests {
+    use p2f_model::Failure;
+
+    use super::*;
+
+    #[test]
+    fn failure_text_is_cut_to_keep_digests_small() {
+        let long = "é".repeat(300);
+        let deploy = short_status(&Status::Failed(Failure::DeployFailed {
+            exit: Some(1),
+            stderr_tail: format!("{long}\nerror: the end"),
+        }));
+        let Status::Failed(Failure::DeployFailed { stderr_tail, .. }) = deploy else {
+            panic!("still a deploy failure");
+        };
+        assert!(stderr_tail.len() <= FAILURE_TEXT && stderr_tail.ends_with("error: the end"));
+        let health = short_status(&Status::Failed(Failure::HealthCheckFailed {
+            check: "tcp :80".into(),
+            detail: long.clone(),
+        }));
+        let Status::Failed(Failure::HealthCheckFailed { check, detail }) = health else {
+            panic!("still a health failure");
+        };
+        assert_eq!(check, "tcp :80");
+        assert!(detail.len() <= FAILURE_TEXT && !detail.is_empty());
+        assert_eq!(short_status(&Status::Running), Status::Running);
+    }
 }
