@@ -28,6 +28,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// How long to keep reading from a plain-HTTP client after answering it (see `answer_plain`).
 const PLAIN_LINGER: Duration = Duration::from_secs(1);
+/// The most connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 512;
 /// The first byte of every TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
@@ -74,6 +76,11 @@ pub async fn serve_tls(
                 }
             }
             accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) if connections.len() >= MAX_CONNECTIONS => {
+                    // Unauthenticated peers must not exhaust tasks and descriptors.
+                    tracing::warn!(%peer, "too many open connections ({MAX_CONNECTIONS}): refused");
+                    drop(stream);
+                }
                 Ok((stream, peer)) => {
                     let conn = Connection {
                         stream,

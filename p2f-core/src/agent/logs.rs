@@ -97,11 +97,6 @@ impl Logs {
         }
     }
 
-    /// The last `lines` lines of the current file (at most 1 MiB), and the offset after them.
-    pub fn tail(&self, id: &ProcessId, lines: usize) -> io::Result<(Vec<u8>, u64)> {
-        tail_file(&self.path(id), lines)
-    }
-
     /// The last `lines` lines, then (with `follow`) every new byte as it is written, until the
     /// receiver goes away.
     pub fn stream(
