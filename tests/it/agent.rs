@@ -8,7 +8,7 @@ use p2f::core::ClientError;
 use p2f::core::wire::{LogsQuery, SpinQuery, SpinRequest};
 use p2f::model::{EventKind, Failure, Health, ProcessKey, ProcessSpec, RestartPolicy, Status};
 
-use crate::support::{TestAgent, eventually, signal};
+use crate::support::{TestAgent, eventually, log_containing, signal};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -358,24 +358,7 @@ async fn script_and_custom_strategies_see_their_bundle_and_variables() {
     let node = net.node().await.expect("node");
     let p = net.spin_process(&spec, &node).await.expect("spin");
     assert!(p.is_running(), "{p:#?}");
-    let text = eventually("scripted output", WAIT, || {
-        let (net, id) = (net.clone(), p.id.clone());
-        async move {
-            let chunks: Vec<_> = net
-                .logs(&id, LogsQuery::default())
-                .await
-                .ok()?
-                .collect()
-                .await;
-            let text: String = chunks
-                .into_iter()
-                .filter_map(Result::ok)
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .collect();
-            text.contains("mode=").then_some(text)
-        }
-    })
-    .await;
+    let text = log_containing(net, &p.id, "mode=", WAIT).await;
     let port = p.port.expect("port");
     assert!(text.contains("installed for scripted gen 1"), "{text}");
     assert!(
@@ -717,23 +700,6 @@ async fn a_service_runs_as_its_user() {
         return;
     }
     assert!(p.is_running(), "{p:#?}");
-    let text = eventually("its output", WAIT, || {
-        let (net, id) = (net.clone(), p.id.clone());
-        async move {
-            let chunks: Vec<_> = net
-                .logs(&id, LogsQuery::default())
-                .await
-                .ok()?
-                .collect()
-                .await;
-            let text: String = chunks
-                .into_iter()
-                .filter_map(Result::ok)
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .collect();
-            text.contains("user=").then_some(text)
-        }
-    })
-    .await;
+    let text = log_containing(net, &p.id, "user=", WAIT).await;
     assert!(text.contains("user=nobody"), "{text}");
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use p2f::model::{ProcessKey, ProcessSpec, Status};
 
-use crate::support::{TestAgent, eventually};
+use crate::support::{TestAgent, eventually, log_containing};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
@@ -74,28 +74,7 @@ async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
     );
 
     // Any node answers for a process of another node: logs and kill are forwarded to its node.
-    let logs = eventually(
-        "node a's output through the root",
-        Duration::from_secs(10),
-        || {
-            let (net, id) = (root.network().clone(), p.id.clone());
-            async move {
-                use futures_util::StreamExt;
-                let stream = net
-                    .logs(&id, p2f::core::wire::LogsQuery::default())
-                    .await
-                    .ok()?;
-                let chunks: Vec<_> = stream.collect().await;
-                let text: String = chunks
-                    .into_iter()
-                    .filter_map(Result::ok)
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .collect();
-                text.contains("hello").then_some(text)
-            }
-        },
-    )
-    .await;
+    let logs = log_containing(root.network(), &p.id, "hello", Duration::from_secs(10)).await;
     assert_eq!(logs.trim(), "hello from node-a");
     let killed = b
         .network()

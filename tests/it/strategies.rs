@@ -4,16 +4,14 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use p2f::core::Network;
 use p2f::core::agent::AgentConfig;
-use p2f::core::wire::{LogsQuery, SpinQuery, SpinRequest};
+use p2f::core::wire::{SpinQuery, SpinRequest};
 use p2f::model::{
-    Bundle, BundleFile, EventKind, Failure, Health, Process, ProcessId, ProcessSpec, RestartPolicy,
-    Status, Strategy,
+    Bundle, BundleFile, EventKind, Failure, Health, Process, ProcessSpec, RestartPolicy, Status,
+    Strategy,
 };
 
-use crate::support::{TestAgent, eventually};
+use crate::support::{TestAgent, log_containing};
 
 /// Generous: the first `nix build` on a machine creates /nix/store and its database (measured
 /// at well under a second here, but CI disks vary), a playbook takes a second or two.
@@ -124,28 +122,6 @@ async fn spin_and_settle(agent: &TestAgent, spec: &ProcessSpec, what: &str) -> P
         .await
 }
 
-/// The process's log once it contains `wanted`.
-async fn log_containing(net: &Network, id: &ProcessId, wanted: &str) -> String {
-    eventually(&format!("{wanted:?} in the log"), DEPLOY_WAIT, || {
-        let (net, id) = (net.clone(), id.clone());
-        async move {
-            let chunks: Vec<_> = net
-                .logs(&id, LogsQuery::default())
-                .await
-                .ok()?
-                .collect()
-                .await;
-            let text: String = chunks
-                .into_iter()
-                .filter_map(Result::ok)
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .collect();
-            text.contains(wanted).then_some(text)
-        }
-    })
-    .await
-}
-
 /// The environment of a running OS process.
 fn environ(pid: u32) -> Vec<String> {
     let raw = std::fs::read(format!("/proc/{pid}/environ")).expect("read the environment");
@@ -182,7 +158,13 @@ async fn a_local_flake_is_built_offline_and_its_output_runs() {
         p.events.iter().any(|e| e.kind == EventKind::Deployed),
         "{p:#?}"
     );
-    log_containing(agent.network(), &p.id, "hello from the nix store").await;
+    log_containing(
+        agent.network(),
+        &p.id,
+        "hello from the nix store",
+        DEPLOY_WAIT,
+    )
+    .await;
 
     // The running process is the built script, now `sleep`, with its output in the store.
     let pid = p.pid.expect("pid");
@@ -233,6 +215,7 @@ async fn a_local_playbook_runs_before_start() {
         agent.network(),
         &p.id,
         "configured by ansible for configured",
+        DEPLOY_WAIT,
     )
     .await;
     // The playbook's own output comes first, in the same log.

@@ -60,6 +60,34 @@ pub(crate) fn processes_under(dir: &Path) -> Vec<u32> {
     started_by(dir).into_iter().map(|(pid, _)| pid).collect()
 }
 
+/// The process's log (through the API) once it contains `wanted`, within `timeout`.
+pub(crate) async fn log_containing(
+    net: &Network,
+    id: &ProcessId,
+    wanted: &str,
+    timeout: Duration,
+) -> String {
+    use futures_util::StreamExt;
+    eventually(&format!("{wanted:?} in the log"), timeout, || {
+        let (net, id) = (net.clone(), id.clone());
+        async move {
+            let chunks: Vec<_> = net
+                .logs(&id, p2f::core::wire::LogsQuery::default())
+                .await
+                .ok()?
+                .collect()
+                .await;
+            let text: String = chunks
+                .into_iter()
+                .filter_map(Result::ok)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .collect();
+            text.contains(wanted).then_some(text)
+        }
+    })
+    .await
+}
+
 /// Polls `probe` every 20 ms until it returns `Some`, at most `timeout`.
 pub(crate) async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
 where
