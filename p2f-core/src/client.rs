@@ -120,6 +120,19 @@ impl Network {
         self.call(Method::GET, "/v1/nodes", None::<&()>).await
     }
 
+    /// Gives the root the services the network should run (`PUT /v1/deployment`); the root
+    /// places and keeps them running.
+    pub async fn deploy(
+        &self,
+        services: &[ProcessSpec],
+    ) -> Result<crate::wire::DesiredState, ClientError> {
+        let request = crate::wire::DeploymentRequest {
+            services: services.to_vec(),
+        };
+        self.call(Method::PUT, "/v1/deployment", Some(&request))
+            .await
+    }
+
     /// Asks the root for a member's certificate (`POST /v1/join`).
     pub async fn join(
         &self,

@@ -101,3 +101,27 @@ pub struct NodeStatus {
     /// How many process records it publishes.
     pub processes: usize,
 }
+
+/// `PUT /v1/deployment` (on the root): the services the network should run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentRequest {
+    /// Every service; one left out is no longer wanted.
+    pub services: Vec<ProcessSpec>,
+}
+
+/// The root's desired state: each service with the process id it keeps across placements.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DesiredState {
+    /// The services, in the order given.
+    pub services: Vec<DesiredService>,
+}
+
+/// One desired service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredService {
+    /// The process id of every placement of this service.
+    pub id: ProcessId,
+    /// What it runs.
+    pub spec: ProcessSpec,
+}

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use p2f::model::{ProcessKey, ProcessSpec, Status};
+use p2f::model::{NodeName, Process, ProcessId, ProcessKey, ProcessSpec, Status};
 
 use crate::support::{TestAgent, eventually, log_containing};
 
@@ -114,6 +114,94 @@ async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
     // The local view of a node has only its own records.
     let local = b.network().list_local().await.expect("local list");
     assert!(local.is_empty(), "{local:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_places_services_and_moves_them_off_a_dead_node() {
+    let root = TestAgent::start("root").await;
+    let a = TestAgent::join(&root, "node-a", "127.0.0.2").await;
+    let b = TestAgent::join(&root, "node-b", "127.0.0.3").await;
+    let mut agents = [a, b];
+    let pins = [
+        NodeName::from_static("node-a"),
+        NodeName::from_static("node-b"),
+    ];
+    let web = ProcessSpec::new("web", "exec sleep 1000")
+        .with_port(free_port())
+        .with_pin(pins.clone());
+    let worker = ProcessSpec::new("worker", "exec sleep 1000").with_pin(pins);
+    let desired = root
+        .network()
+        .deploy(&[web.clone(), worker.clone()])
+        .await
+        .expect("the root takes the deployment");
+    let ids: Vec<ProcessId> = desired.services.iter().map(|s| s.id.clone()).collect();
+    // A member is not the root.
+    let refused = agents[0]
+        .network()
+        .deploy(std::slice::from_ref(&web))
+        .await
+        .expect_err("not the root");
+    assert_eq!(refused.status(), Some(409));
+
+    // Both run, one on each node (the fewest processes first), each exactly once.
+    let running = running_everywhere(&root, &ids, 1).await;
+    let nodes: Vec<&str> = running.iter().map(|p| p.node.name.as_str()).collect();
+    assert_eq!(nodes, ["node-a", "node-b"], "spread over the allowed nodes");
+    for id in &ids {
+        let count: usize = agents.iter().map(|n| n.os_processes(id).len()).sum();
+        assert_eq!(count, 1, "{id} runs once");
+    }
+
+    // The node running `web` dies (agent and processes): web runs again on the other one.
+    let web_id = &ids[0];
+    let died = Instant::now();
+    agents[0].kill_node();
+    let moved = running_everywhere(&root, std::slice::from_ref(web_id), 2).await;
+    let failover = died.elapsed();
+    assert_eq!(moved[0].node.name.as_str(), "node-b");
+    assert_eq!(agents[1].os_processes(web_id).len(), 1);
+    eprintln!("failover: SIGKILL of node-a -> web Running on node-b after {failover:?}");
+
+    // node-a comes back: its stale copy (generation 1) is stopped; exactly one copy remains.
+    agents[0].spawn().await;
+    eventually(
+        "node-a to drop its stale copy",
+        Duration::from_secs(20),
+        || {
+            let (stale, fresh) = (
+                agents[0].os_processes(web_id),
+                agents[1].os_processes(web_id),
+            );
+            let local = agents[0].network().clone();
+            let id = web_id.clone();
+            async move {
+                let records = local.list_local().await.ok()?;
+                (stale.is_empty() && fresh.len() == 1 && !records.iter().any(|p| p.id == id))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+/// Waits until the root lists each of `ids` `Running` with at least `generation`.
+async fn running_everywhere(root: &TestAgent, ids: &[ProcessId], generation: u64) -> Vec<Process> {
+    let net = root.network().clone();
+    eventually("the services to run", Duration::from_secs(20), || {
+        let net = net.clone();
+        async move {
+            let all = net.list_processes().await.ok()?;
+            ids.iter()
+                .map(|id| {
+                    all.iter()
+                        .find(|p| &p.id == id && p.is_running() && p.generation >= generation)
+                        .cloned()
+                })
+                .collect::<Option<Vec<Process>>>()
+        }
+    })
+    .await
 }
 
 fn free_port() -> u16 {

@@ -265,6 +265,14 @@ impl TestAgent {
         self.network = None;
     }
 
+    /// The whole node dies: SIGKILL to the agent and to every process group it started.
+    pub(crate) fn kill_node(&mut self) {
+        self.sigkill();
+        for pgid in self.all_groups() {
+            signal(pgid, -libc_signal::KILL);
+        }
+    }
+
     /// SIGTERMs the agent and waits for it to exit; returns its exit status.
     pub(crate) fn sigterm(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("the agent runs");

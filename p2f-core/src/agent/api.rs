@@ -17,11 +17,13 @@ use axum::{Json, Router};
 use p2f_model::{Node, Process, ProcessId, ProcessKey};
 
 use super::replica::Replica;
+use super::root::{Root, RootError};
 use super::supervisor::{Supervisor, SupervisorError};
 use crate::cluster::{ClusterCa, Secret};
 use crate::join::{JoinRequest, JoinResponse};
 use crate::wire::{
-    ErrorBody, ListQuery, LogsQuery, MAX_BODY_BYTES, NodeStatus, Scope, SpinQuery, SpinRequest,
+    DeploymentRequest, DesiredState, ErrorBody, ListQuery, LogsQuery, MAX_BODY_BYTES, NodeStatus,
+    Scope, SpinQuery, SpinRequest,
 };
 
 /// The longest `POST /v1/processes?wait=true` waits for the process to run.
@@ -37,6 +39,8 @@ struct Api {
     ca: Option<Arc<ClusterCa>>,
     /// The whole network's records, when this node gossips.
     replica: Option<Replica>,
+    /// The root's decisions, on the root.
+    root: Option<Root>,
 }
 
 /// The API's router over `supervisor`, answering only requests that carry `secret`. With a
@@ -47,6 +51,7 @@ pub fn router(
     node: Node,
     ca: Option<ClusterCa>,
     replica: Option<Replica>,
+    root: Option<Root>,
 ) -> Router {
     let api = Api {
         supervisor,
@@ -54,6 +59,7 @@ pub fn router(
         node: Arc::new(node),
         ca: ca.filter(|ca| ca.key_pem().is_some()).map(Arc::new),
         replica,
+        root,
     };
     Router::new()
         .route("/v1/node", get(node_entry))
@@ -64,6 +70,7 @@ pub fn router(
         .route("/v1/processes/{id}/logs", get(logs))
         .route("/v1/domains/{domain}", get(by_domain))
         .route("/v1/join", post(join))
+        .route("/v1/deployment", get(desired).put(set_desired))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -365,4 +372,33 @@ async fn join(
         cert_pem: cert.cert_pem,
         key_pem: cert.key_pem,
     }))
+}
+
+fn the_root(api: &Api) -> Result<&Root, ApiError> {
+    api.root.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "this node is not the root: send the deployment to the root node",
+        )
+    })
+}
+
+async fn desired(State(api): State<Api>) -> Result<Json<DesiredState>, ApiError> {
+    Ok(Json(the_root(&api)?.desired()))
+}
+
+async fn set_desired(
+    State(api): State<Api>,
+    body: Result<Json<DeploymentRequest>, JsonRejection>,
+) -> Result<Json<DesiredState>, ApiError> {
+    let Json(request) = body?;
+    let root = the_root(&api)?;
+    match root.set_desired(request.services) {
+        Ok(state) => Ok(Json(state)),
+        Err(RootError::Invalid(invalid)) => Err(SupervisorError::Invalid(invalid).into()),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+        )),
+    }
 }

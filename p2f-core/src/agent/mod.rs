@@ -9,6 +9,7 @@ pub mod lifecycle;
 pub mod logs;
 pub mod os;
 pub mod replica;
+pub mod root;
 pub mod store;
 pub mod strategy;
 pub mod supervisor;
@@ -70,6 +71,7 @@ pub struct Agent {
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
     replica: Option<replica::Replica>,
+    root: Option<root::Root>,
 }
 
 impl Agent {
@@ -86,6 +88,7 @@ impl Agent {
         let tls = crate::cluster::server_config(&cert)?;
         let records = data.join("records.redb");
         let store = Arc::new(Store::open(&records)?);
+        let root_store = store.clone();
         // Records hold specs, and specs hold env values: only the agent reads them.
         set_private(&records)?;
 
@@ -154,12 +157,29 @@ impl Agent {
                     format!("{}\n", token.encode()).as_bytes(),
                 )?;
             }
+            // The node holding the CA key decides placements (with a mesh to see the others).
+            let root = match (&replica, ca.key_pem()) {
+                (Some(replica), Some(_)) => Some(root::Root::start(
+                    node.clone(),
+                    root_store.clone(),
+                    replica.clone(),
+                    crate::Network::connect(&api_address, secret.clone(), ca.cert_pem()).map_err(
+                        |e| AgentError::Io {
+                            what: "cannot make the root's client",
+                            path: data.clone(),
+                            source: std::io::Error::other(e.to_string()),
+                        },
+                    )?,
+                )?),
+                _ => None,
+            };
             let app = api::router(
                 supervisor.clone(),
                 secret,
                 node.clone(),
                 Some(ca),
                 replica.clone(),
+                root.clone(),
             );
             let (stop, stopped) = oneshot::channel();
             let server = tokio::spawn(crate::server::serve_tls(listener, tls, app, async move {
@@ -171,10 +191,10 @@ impl Agent {
                 path: addr_file,
                 source,
             })?;
-            Ok::<_, AgentError>((replica, stop, server))
+            Ok::<_, AgentError>((replica, root, stop, server))
         }
         .await;
-        let (replica, stop, server) = match rest {
+        let (replica, root, stop, server) = match rest {
             Ok(parts) => parts,
             Err(e) => {
                 supervisor.shutdown(Shutdown::Detach).await;
@@ -189,6 +209,7 @@ impl Agent {
             stop: Some(stop),
             server,
             replica,
+            root,
         })
     }
 
@@ -219,6 +240,9 @@ impl Agent {
         }
         if let Err(e) = (&mut self.server).await {
             tracing::warn!("the API server ended badly: {e}");
+        }
+        if let Some(root) = self.root.take() {
+            root.stop().await;
         }
         if let Some(replica) = self.replica.take() {
             replica.stop().await;

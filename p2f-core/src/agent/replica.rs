@@ -41,6 +41,8 @@ struct Inner {
     copies: Mutex<HashMap<ProcessId, Copy>>,
     /// The last membership seen: digests of every other node, and whether it is alive.
     remote: Mutex<Vec<(Member, bool)>>,
+    /// Stale local copies being removed.
+    fencing: Mutex<std::collections::HashSet<ProcessId>>,
 }
 
 /// This node's replica of the network's records.
@@ -79,6 +81,7 @@ impl Replica {
             client,
             copies: Mutex::new(HashMap::new()),
             remote: Mutex::new(Vec::new()),
+            fencing: Mutex::new(std::collections::HashSet::new()),
         });
         let tasks = vec![
             tokio::spawn(publish(inner.clone())),
@@ -258,6 +261,32 @@ async fn publish(inner: Arc<Inner>) {
     }
 }
 
+/// Stops and forgets local copies that the network has replaced: a live node runs the same
+/// process with a higher generation (this node was lost, and the root placed it elsewhere).
+fn fence(inner: &Arc<Inner>, others: &[(Member, bool)]) {
+    for local in inner.supervisor.list() {
+        let key = ProcessDigest::key_for(&local.id);
+        let newer = others.iter().any(|(member, alive)| {
+            *alive
+                && member
+                    .values
+                    .get(&key)
+                    .and_then(|v| ProcessDigest::decode(v).ok())
+                    .is_some_and(|d| d.generation > local.generation)
+        });
+        if newer && lock(&inner.fencing).insert(local.id.clone()) {
+            tracing::warn!(id = %local.id, generation = local.generation, "a newer generation runs elsewhere: stopping this stale copy");
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                if let Err(e) = inner.supervisor.remove(&local.id).await {
+                    tracing::warn!(id = %local.id, "cannot remove the stale copy: {e}");
+                }
+                lock(&inner.fencing).remove(&local.id);
+            });
+        }
+    }
+}
+
 /// Keeps the membership and a copy of every other node's records (fetched when a digest
 /// names a record or spec not held yet).
 async fn sync(inner: Arc<Inner>) {
@@ -302,6 +331,7 @@ async fn sync(inner: Arc<Inner>) {
                 }
             }
         }
+        fence(&inner, &others);
         *lock(&inner.remote) = others;
         for (api, id, spec) in wanted {
             let client = inner.client.at(&api);

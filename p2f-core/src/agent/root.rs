@@ -1,0 +1,249 @@
+//! The root decides: it holds the desired services (durably, in its store), places each on an
+//! allowed live node (pins, ports already used there, fewest processes), and when a node is
+//! declared dead or a process's restarts are spent there, places it again elsewhere with a
+//! higher generation. Nodes fence their own stale copies (`replica::fence`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use p2f_model::{Deployment, NodeName, Process, ProcessId, ProcessSpec, Status};
+use tokio::task::JoinHandle;
+
+use super::replica::Replica;
+use super::store::{Store, StoreError};
+use crate::Network;
+use crate::wire::{DesiredService, DesiredState, NodeStatus, SpinQuery, SpinRequest};
+
+/// The store key of the desired state.
+const DESIRED_KEY: &str = "desired";
+/// How often the root compares the network with the desired state.
+const RECONCILE_EVERY: Duration = Duration::from_millis(250);
+/// How long a placement is given to show up in the network before it is tried again.
+const PLACEMENT_GRACE: Duration = Duration::from_secs(10);
+
+/// Why the desired state could not be taken.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RootError {
+    /// The services break rules.
+    #[error(transparent)]
+    Invalid(#[from] p2f_model::Invalid),
+    /// It could not be stored.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct Inner {
+    own: p2f_model::Node,
+    store: Arc<Store>,
+    replica: Replica,
+    client: Network,
+    desired: Mutex<DesiredState>,
+    /// The last placement of each process: its generation, node and when.
+    placed: Mutex<HashMap<ProcessId, (u64, NodeName, Instant)>>,
+    /// Nodes each process failed on (placements avoid them while others are allowed).
+    failed_on: Mutex<HashMap<ProcessId, Vec<NodeName>>>,
+}
+
+/// The root's decisions, running on the node that holds the cluster CA key.
+#[derive(Clone)]
+pub struct Root {
+    inner: Arc<Inner>,
+    task: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Root {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Root").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Root {
+    /// Loads the desired state from `store` and starts reconciling.
+    pub fn start(
+        own: p2f_model::Node,
+        store: Arc<Store>,
+        replica: Replica,
+        client: Network,
+    ) -> Result<Root, StoreError> {
+        let desired = match store.meta(DESIRED_KEY)? {
+            Some(json) => serde_json::from_str(&json).unwrap_or_else(|e| {
+                tracing::error!("the stored desired state cannot be read ({e}); starting empty");
+                DesiredState::default()
+            }),
+            None => DesiredState::default(),
+        };
+        let inner = Arc::new(Inner {
+            own,
+            store,
+            replica,
+            client,
+            desired: Mutex::new(desired),
+            placed: Mutex::new(HashMap::new()),
+            failed_on: Mutex::new(HashMap::new()),
+        });
+        let task = tokio::spawn(reconcile_forever(inner.clone()));
+        Ok(Root {
+            inner,
+            task: Arc::new(Mutex::new(Some(task))),
+        })
+    }
+
+    /// The desired services.
+    pub fn desired(&self) -> DesiredState {
+        lock(&self.inner.desired).clone()
+    }
+
+    /// Replaces the desired services (durably). A service keeps its process id across
+    /// calls (matched by name); a new one gets a fresh id.
+    pub fn set_desired(&self, services: Vec<ProcessSpec>) -> Result<DesiredState, RootError> {
+        Deployment::owned(Vec::new(), services.clone()).validate()?;
+        let mut desired = lock(&self.inner.desired);
+        let next = DesiredState {
+            services: services
+                .into_iter()
+                .map(|spec| {
+                    let id = desired
+                        .services
+                        .iter()
+                        .find(|s| s.spec.name() == spec.name())
+                        .map(|s| s.id.clone())
+                        .unwrap_or_else(|| ProcessId::for_service(spec.name(), rand::random()));
+                    DesiredService { id, spec }
+                })
+                .collect(),
+        };
+        let json = serde_json::to_string(&next).unwrap_or_default();
+        self.inner.store.set_meta(DESIRED_KEY, &json)?;
+        *desired = next.clone();
+        Ok(next)
+    }
+
+    /// Stops reconciling.
+    pub async fn stop(&self) {
+        let task = lock(&self.task).take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+async fn reconcile_forever(inner: Arc<Inner>) {
+    let mut ticker = tokio::time::interval(RECONCILE_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        reconcile(&inner).await;
+    }
+}
+
+/// One pass: every desired service that has no live copy is placed.
+async fn reconcile(inner: &Arc<Inner>) {
+    let desired = lock(&inner.desired).clone();
+    if desired.services.is_empty() {
+        return;
+    }
+    let nodes = inner.replica.nodes(&inner.own).await;
+    let records = inner.replica.list();
+    // Placements of this pass, not yet in `records`.
+    let mut placed_now: HashMap<NodeName, usize> = HashMap::new();
+    for service in &desired.services {
+        let copies: Vec<&Process> = records.iter().filter(|p| p.id == service.id).collect();
+        let newest = copies.iter().max_by_key(|p| p.generation).copied();
+        let generation = match newest {
+            None => 1,
+            Some(p) => match &p.status {
+                Status::Lost => p.generation + 1,
+                Status::Failed(_) => {
+                    let mut failed = lock(&inner.failed_on);
+                    let on = failed.entry(service.id.clone()).or_default();
+                    if !on.contains(&p.node.name) {
+                        on.push(p.node.name.clone());
+                    }
+                    p.generation + 1
+                }
+                _ => continue,
+            },
+        };
+        if let Some((placed_gen, node, at)) = lock(&inner.placed).get(&service.id)
+            && *placed_gen >= generation
+            && at.elapsed() < PLACEMENT_GRACE
+            && nodes.iter().any(|n| &n.node.name == node && n.alive)
+        {
+            continue;
+        }
+        let avoid = lock(&inner.failed_on)
+            .get(&service.id)
+            .cloned()
+            .unwrap_or_default();
+        let Some(target) = choose(&service.spec, &nodes, &records, &avoid, &placed_now) else {
+            tracing::warn!(id = %service.id, "no allowed node is alive: it waits");
+            continue;
+        };
+        let Some(api) = target.node.api_address() else {
+            continue;
+        };
+        let request = SpinRequest {
+            spec: service.spec.clone(),
+            id: Some(service.id.clone()),
+            generation: Some(generation),
+        };
+        tracing::info!(id = %service.id, generation, node = %target.node.name, "placing");
+        *placed_now.entry(target.node.name.clone()).or_default() += 1;
+        lock(&inner.placed).insert(
+            service.id.clone(),
+            (generation, target.node.name.clone(), Instant::now()),
+        );
+        let client = inner.client.at(&api);
+        if let Err(e) = client.spin(&request, SpinQuery { wait: false }).await {
+            tracing::warn!(id = %service.id, node = %target.node.name, "placement refused: {e}");
+        }
+    }
+}
+
+/// The node a spec goes to: alive, allowed by its pins, its port free there, not one it failed
+/// on (unless no other is left), with the fewest processes.
+fn choose<'a>(
+    spec: &ProcessSpec,
+    nodes: &'a [NodeStatus],
+    records: &[Process],
+    avoid: &[NodeName],
+    placed_now: &HashMap<NodeName, usize>,
+) -> Option<&'a NodeStatus> {
+    let candidates: Vec<&NodeStatus> = nodes
+        .iter()
+        .filter(|n| n.alive && spec.allows(&n.node.name))
+        .filter(|n| {
+            spec.port().is_none_or(|port| {
+                !records.iter().any(|p| {
+                    p.node.name == n.node.name
+                        && p.port == Some(port)
+                        && !p.status.is_final()
+                        && p.status != Status::Lost
+                })
+            })
+        })
+        .collect();
+    let fresh: Vec<&NodeStatus> = candidates
+        .iter()
+        .copied()
+        .filter(|n| !avoid.contains(&n.node.name))
+        .collect();
+    let pool = if fresh.is_empty() { candidates } else { fresh };
+    pool.into_iter().min_by_key(|n| {
+        let load = records
+            .iter()
+            .filter(|p| p.node.name == n.node.name && !p.status.is_final())
+            .count()
+            + placed_now.get(&n.node.name).copied().unwrap_or(0);
+        (load, n.node.name.clone())
+    })
+}
