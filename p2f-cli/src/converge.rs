@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use p2f_core::Network;
-use p2f_core::wire::{SpinQuery, SpinRequest};
+use p2f_core::wire::{DesiredState, SpinQuery, SpinRequest};
 use p2f_model::{Deployment, Health, Node, Process, ProcessKey, ProcessSpec};
 use serde::Serialize;
 
@@ -25,6 +25,8 @@ pub enum Change {
     },
     /// Runs as declared.
     Keep { service: String },
+    /// The root runs it, and the deployment no longer declares it: stop and forget it.
+    Delete { service: String },
 }
 
 /// The changes that make `current` match `deployment`, in start order. (Deleting records of
@@ -75,6 +77,129 @@ fn differences(old: &ProcessSpec, new: &ProcessSpec) -> Vec<&'static str> {
     fields
 }
 
+/// The changes against a root's desired services: create, update, keep in start order, then
+/// delete for services the root runs that the deployment no longer declares.
+pub fn plan_against_root(deployment: &Deployment, desired: &DesiredState) -> Vec<Change> {
+    let declared: Vec<&ProcessSpec> = desired.services.iter().map(|s| &s.spec).collect();
+    let mut changes: Vec<Change> = deployment
+        .start_order()
+        .into_iter()
+        .map(|spec| {
+            let service = spec.name().to_owned();
+            match declared.iter().find(|d| d.name() == spec.name()) {
+                None => Change::Create { service },
+                Some(d) if *d == spec => Change::Keep { service },
+                Some(d) => Change::Update {
+                    service,
+                    fields: differences(d, spec),
+                },
+            }
+        })
+        .collect();
+    for old in declared {
+        if deployment.service(old.name()).is_none() {
+            changes.push(Change::Delete {
+                service: old.name().to_owned(),
+            });
+        }
+    }
+    changes
+}
+
+/// Gives the deployment to the root of a network and waits until every service runs (and is
+/// healthy when it has a check). Returns `None` when the node is not a root (a lone agent or
+/// the embedded network): then the caller places the services itself.
+pub async fn apply_through_root(
+    network: &Network,
+    deployment: &Deployment,
+) -> Result<Option<Vec<Process>>> {
+    let desired = match network.deploy(deployment.services()).await {
+        Ok(desired) => desired,
+        Err(p2f_core::ClientError::Api { status: 409, .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let bars = Progress::new(deployment);
+    let started = Instant::now();
+    let mut waiting: Vec<(String, p2f_model::ProcessId, bool)> = desired
+        .services
+        .iter()
+        .map(|s| {
+            (
+                s.spec.name().to_owned(),
+                s.id.clone(),
+                s.spec.health() != Health::None,
+            )
+        })
+        .collect();
+    for (name, _, _) in &waiting {
+        bars.stage(name, "given to the root, waiting for its placement");
+    }
+    let mut done = Vec::new();
+    let deadline = Instant::now() + SERVICE_TIMEOUT;
+    while !waiting.is_empty() {
+        let all = network.list_processes().await?;
+        waiting.retain(|(name, id, checked)| {
+            let newest = all
+                .iter()
+                .filter(|p| &p.id == id)
+                .max_by_key(|p| p.generation);
+            match newest {
+                Some(p) if p.is_running() && (!checked || p.is_healthy()) => {
+                    let how = if *checked { "healthy" } else { "running" };
+                    bars.finish(
+                        name,
+                        &format!("{how} on {} in {}", p.node.name, elapsed(started)),
+                        true,
+                    );
+                    done.push(p.clone());
+                    false
+                }
+                Some(p) if p.is_running() => {
+                    bars.stage(
+                        name,
+                        &format!("running on {}, waiting for its health check", p.node.name),
+                    );
+                    true
+                }
+                Some(p) => {
+                    bars.stage(name, &format!("{} on {}", p.status, p.node.name));
+                    true
+                }
+                None => true,
+            }
+        });
+        if waiting.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let failed: Vec<String> = waiting
+                .iter()
+                .map(|(name, id, _)| {
+                    let why = all
+                        .iter()
+                        .filter(|p| &p.id == id)
+                        .max_by_key(|p| p.generation)
+                        .map(|p| {
+                            p.last_failure
+                                .as_ref()
+                                .map(ToString::to_string)
+                                .unwrap_or_else(|| p.status.to_string())
+                        })
+                        .unwrap_or_else(|| "not placed (no allowed node alive?)".into());
+                    bars.finish(name, &format!("failed: {why}"), false);
+                    format!("{name}: {why}")
+                })
+                .collect();
+            return Err(Error::Failed {
+                failed,
+                total: deployment.services().len(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(Some(done))
+}
+
 /// Carries out the plan on `node` and waits until every service runs (and is healthy when it
 /// has a check). Returns the records; fails listing each service that did not make it.
 pub async fn apply(
@@ -105,6 +230,8 @@ pub async fn apply(
                 }
                 continue;
             }
+            // A node's own plan never deletes: only a root knows what it placed.
+            Change::Delete { .. } => continue,
         };
         let Some(spec) = deployment.service(service) else {
             continue;

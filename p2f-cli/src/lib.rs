@@ -159,11 +159,16 @@ pub async fn execute(deployment: &Deployment, args: Args) -> Result<()> {
     match args.command.unwrap_or(Command::Up) {
         Command::Up => embedded::up(deployment).await,
         Command::Plan { json } => {
-            let current = match target()? {
-                Some(network) => network.list_processes().await?,
-                None => Vec::new(),
+            let plan = match target()? {
+                None => converge::plan(deployment, &[]),
+                Some(network) => match network.desired().await {
+                    Ok(desired) => converge::plan_against_root(deployment, &desired),
+                    Err(p2f_core::ClientError::Api { status: 409, .. }) => {
+                        converge::plan(deployment, &network.list_processes().await?)
+                    }
+                    Err(e) => return Err(e.into()),
+                },
             };
-            let plan = converge::plan(deployment, &current);
             if json {
                 println!(
                     "{}",
@@ -178,6 +183,12 @@ pub async fn execute(deployment: &Deployment, args: Args) -> Result<()> {
             let Some(network) = target()? else {
                 return embedded::up(deployment).await;
             };
+            if converge::apply_through_root(&network, deployment)
+                .await?
+                .is_some()
+            {
+                return Ok(());
+            }
             let node = network.node().await?;
             converge::apply(&network, &node, deployment).await.map(drop)
         }
@@ -224,6 +235,21 @@ pub async fn execute(deployment: &Deployment, args: Args) -> Result<()> {
         }
         Command::Down => {
             let network = require_target()?;
+            // On a root, an empty deployment stops and forgets every service it placed.
+            match network.desired().await {
+                Ok(desired) => {
+                    network.deploy(&[]).await?;
+                    for service in &desired.services {
+                        println!("{}: removed", service.spec.name());
+                    }
+                    if desired.services.is_empty() {
+                        println!("nothing to stop");
+                    }
+                    return Ok(());
+                }
+                Err(p2f_core::ClientError::Api { status: 409, .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
             let processes = of_deployment(deployment, network.list_processes().await?);
             for process in &processes {
                 network.remove_process(&process.id).await?;

@@ -71,6 +71,15 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Moves a process (deployed through the root) to another node.
+    Move {
+        /// A process id.
+        id: String,
+        /// The node to run it on.
+        node: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Prints a process's output.
     Logs {
         /// A process id.
@@ -219,6 +228,21 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "p2f", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Move { id, node, target } => {
+            let network = connect(&target)?;
+            let id = ProcessId::new(id)?;
+            let node =
+                NodeName::new(&node).with_context(|| format!("invalid node name {node:?}"))?;
+            let moved = network
+                .move_process(&id, &node)
+                .await
+                .context("the root refused the move (send it to the root node's config)")?;
+            println!(
+                "{} now runs on {} (generation {}): {}",
+                moved.id, moved.node.name, moved.generation, moved.status
+            );
             Ok(())
         }
         Command::Nodes { target, json } => {

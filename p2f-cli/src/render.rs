@@ -164,7 +164,7 @@ pub fn plan(changes: &[Change], colour: bool) -> String {
         }
     };
     let mut out = String::new();
-    let (mut create, mut update, mut keep) = (0, 0, 0);
+    let (mut create, mut update, mut keep, mut delete) = (0, 0, 0, 0);
     for change in changes {
         let line = match change {
             Change::Create { service } => {
@@ -182,12 +182,21 @@ pub fn plan(changes: &[Change], colour: bool) -> String {
                 keep += 1;
                 format!("  keep    {service}")
             }
+            Change::Delete { service } => {
+                delete += 1;
+                paint("31", format!("- delete  {service}"))
+            }
         };
         out.push_str(&line);
         out.push('\n');
     }
+    let deleting = if delete > 0 {
+        format!(", {delete} to delete")
+    } else {
+        String::new()
+    };
     out.push_str(&format!(
-        "\nPlan: {create} to create, {update} to update, {keep} unchanged.\n"
+        "\nPlan: {create} to create, {update} to update{deleting}, {keep} unchanged.\n"
     ));
     out
 }
@@ -226,10 +235,13 @@ mod tests {
             Change::Keep {
                 service: "backup".into(),
             },
+            Change::Delete {
+                service: "old".into(),
+            },
         ];
         assert_eq!(
             plan(&changes, false),
-            "+ create  wiki\n~ update  tube (start, env changed)\n  keep    backup\n\nPlan: 1 to create, 1 to update, 1 unchanged.\n"
+            "+ create  wiki\n~ update  tube (start, env changed)\n  keep    backup\n- delete  old\n\nPlan: 1 to create, 1 to update, 1 to delete, 1 unchanged.\n"
         );
     }
 }

@@ -133,6 +133,22 @@ impl Network {
             .await
     }
 
+    /// Asks the root to move a process to `node`; returns its new record (a higher generation).
+    pub async fn move_process(
+        &self,
+        id: &ProcessId,
+        node: &p2f_model::NodeName,
+    ) -> Result<Process, ClientError> {
+        let request = crate::wire::MoveRequest { node: node.clone() };
+        let path = format!("/v1/processes/{id}/move");
+        self.call(Method::POST, &path, Some(&request)).await
+    }
+
+    /// The root's desired services (`GET /v1/deployment`).
+    pub async fn desired(&self) -> Result<crate::wire::DesiredState, ClientError> {
+        self.call(Method::GET, "/v1/deployment", None::<&()>).await
+    }
+
     /// Asks the root for a member's certificate (`POST /v1/join`).
     pub async fn join(
         &self,

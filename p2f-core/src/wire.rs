@@ -125,3 +125,11 @@ pub struct DesiredService {
     /// What it runs.
     pub spec: ProcessSpec,
 }
+
+/// `POST /v1/processes/{id}/move` (on the root): where to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    /// The node to run it on.
+    pub node: p2f_model::NodeName,
+}

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{example_bin, processes_under, signal};
+use crate::support::{HOMELAB_PORTS, example_bin, processes_under, signal};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -27,6 +27,7 @@ fn homelab(state: &std::path::Path, args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn the_homelab_runs_serves_answers_the_cli_and_stops_cleanly() {
+    let _ports = HOMELAB_PORTS.blocking_lock();
     let state = tempfile::Builder::new()
         .prefix("p2f-homelab-")
         .tempdir()
@@ -210,4 +211,91 @@ impl Drop for Kill {
             }
         }
     }
+}
+
+/// Runs `homelab ARGS` against a real network's node (`P2F_NODE`, `P2F_CLUSTER`).
+fn homelab_on(root: &crate::support::TestAgent, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(example_bin("homelab"))
+        .args(args)
+        .env("P2F_NODE", root.network().address())
+        .env("P2F_CLUSTER", root.config.cluster_dir())
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run homelab");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_homelab_is_applied_through_the_root_of_a_real_network() {
+    let _ports = HOMELAB_PORTS.lock().await;
+    let root = crate::support::TestAgent::start("root").await;
+    let member = crate::support::TestAgent::join(&root, "laptop", "127.0.0.2").await;
+    crate::support::eventually(
+        "the root to see the laptop",
+        std::time::Duration::from_secs(10),
+        || {
+            let net = root.network().clone();
+            async move {
+                let nodes = net.nodes().await.ok()?;
+                (nodes.iter().filter(|n| n.alive).count() == 2).then_some(())
+            }
+        },
+    )
+    .await;
+    let run = |args: &'static [&'static str]| {
+        let root = &root;
+        async move { tokio::task::block_in_place(|| homelab_on(root, args)) }
+    };
+    let (code, out, err) = run(&["plan"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("Plan: 4 to create, 0 to update, 0 unchanged."),
+        "{out}"
+    );
+
+    let (code, _, err) = run(&["apply"]).await;
+    assert_eq!(code, 0, "apply: {err}");
+    assert!(err.contains("wiki: healthy on "), "{err}");
+
+    let (code, out, err) = run(&["status", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(rows.len(), 4, "{out}");
+    assert!(rows.iter().all(|r| r["status"] == "running"), "{out}");
+    let nodes: std::collections::BTreeSet<&str> =
+        rows.iter().filter_map(|r| r["node"].as_str()).collect();
+    assert_eq!(nodes.len(), 2, "spread over both nodes: {nodes:?}");
+    let page = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "http://127.0.0.1:8480/"])
+        .output()
+        .expect("curl");
+    assert!(String::from_utf8_lossy(&page.stdout).contains("<h1>Home wiki</h1>"));
+
+    let (code, out, _) = run(&["plan"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("Plan: 0 to create, 0 to update, 4 unchanged."),
+        "{out}"
+    );
+
+    let (code, out, err) = run(&["down"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.ends_with(": removed")).count(),
+        4,
+        "{out}"
+    );
+    crate::support::eventually(
+        "every process to go",
+        std::time::Duration::from_secs(20),
+        || {
+            let gone = root.all_groups().is_empty() && member.all_groups().is_empty();
+            async move { gone.then_some(()) }
+        },
+    )
+    .await;
 }

@@ -88,6 +88,9 @@ pub(crate) async fn log_containing(
     .await
 }
 
+/// Held by tests that run the homelab example, whose ports (8480, 8481) are fixed.
+pub(crate) static HOMELAB_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Polls `probe` every 20 ms until it returns `Some`, at most `timeout`.
 pub(crate) async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
 where

@@ -17,13 +17,13 @@ use axum::{Json, Router};
 use p2f_model::{Node, Process, ProcessId, ProcessKey};
 
 use super::replica::Replica;
-use super::root::{Root, RootError};
+use super::root::{MoveError, Root, RootError};
 use super::supervisor::{Supervisor, SupervisorError};
 use crate::cluster::{ClusterCa, Secret};
 use crate::join::{JoinRequest, JoinResponse};
 use crate::wire::{
-    DeploymentRequest, DesiredState, ErrorBody, ListQuery, LogsQuery, MAX_BODY_BYTES, NodeStatus,
-    Scope, SpinQuery, SpinRequest,
+    DeploymentRequest, DesiredState, ErrorBody, ListQuery, LogsQuery, MAX_BODY_BYTES, MoveRequest,
+    NodeStatus, Scope, SpinQuery, SpinRequest,
 };
 
 /// The longest `POST /v1/processes?wait=true` waits for the process to run.
@@ -71,6 +71,7 @@ pub fn router(
         .route("/v1/domains/{domain}", get(by_domain))
         .route("/v1/join", post(join))
         .route("/v1/deployment", get(desired).put(set_desired))
+        .route("/v1/processes/{id}/move", post(move_process))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -401,4 +402,22 @@ async fn set_desired(
             e.to_string(),
         )),
     }
+}
+
+async fn move_process(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    body: Result<Json<MoveRequest>, JsonRejection>,
+) -> Result<Json<Process>, ApiError> {
+    let id = parse_id(&id)?;
+    let Json(request) = body?;
+    let root = the_root(&api)?;
+    root.move_to(&id, &request.node)
+        .await
+        .map(Json)
+        .map_err(|e| match e {
+            MoveError::NotManaged(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            MoveError::Refused(inner) => forwarded(inner),
+            _ => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+        })
 }

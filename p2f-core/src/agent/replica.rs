@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use p2f_model::{Node, NodeName, Process, ProcessId, ProcessKey, Status};
+use p2f_model::{EventKind, Node, NodeName, Process, ProcessId, ProcessKey, Status, Timestamp};
 
 pub use crate::wire::NodeStatus;
 use tokio::task::JoinHandle;
@@ -226,6 +226,17 @@ fn merge(copy: &Process, digest: &ProcessDigest, alive: bool) -> Process {
     };
     if let Status::Failed(failure) = &record.status {
         record.last_failure = Some(failure.clone());
+    }
+    // The copy's history is as of its fetch; the digest says what happened since.
+    record.pid = digest.pid;
+    if let (Some(at), Some(pid)) = (digest.started_at, digest.pid)
+        && digest.started_at != copy.started_at
+    {
+        record.record(at, EventKind::Started { pid });
+    }
+    if digest.healthy && !record.passed_health_check() {
+        let at = digest.started_at.unwrap_or(Timestamp(0));
+        record.record(at, EventKind::Healthy);
     }
     record
 }

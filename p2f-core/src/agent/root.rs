@@ -34,6 +34,27 @@ pub enum RootError {
     Store(#[from] StoreError),
 }
 
+/// Why a process could not be moved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MoveError {
+    /// The root does not manage it (it was not deployed through the root).
+    #[error("process {0} is not part of the root's deployment")]
+    NotManaged(ProcessId),
+    /// Its pins do not allow the node.
+    #[error("its pins do not allow node {0}")]
+    NotAllowed(NodeName),
+    /// It already runs there.
+    #[error("it already runs on node {0}")]
+    AlreadyThere(NodeName),
+    /// The node is not a live member.
+    #[error("node {0} is not alive")]
+    NotAlive(NodeName),
+    /// The node refused the placement.
+    #[error("the node refused it: {0}")]
+    Refused(crate::ClientError),
+}
+
 struct Inner {
     own: p2f_model::Node,
     store: Arc<Store>,
@@ -122,8 +143,77 @@ impl Root {
         };
         let json = serde_json::to_string(&next).unwrap_or_default();
         self.inner.store.set_meta(DESIRED_KEY, &json)?;
+        let dropped: Vec<ProcessId> = desired
+            .services
+            .iter()
+            .filter(|old| !next.services.iter().any(|s| s.id == old.id))
+            .map(|old| old.id.clone())
+            .collect();
         *desired = next.clone();
+        drop(desired);
+        // Services no longer wanted are stopped and forgotten wherever they run (the API
+        // forwards each removal to the process's node).
+        for id in dropped {
+            let client = self.inner.client.clone();
+            tokio::spawn(async move {
+                if let Err(e) = client.remove_process(&id).await
+                    && e.status() != Some(404)
+                {
+                    tracing::warn!(%id, "cannot remove a service that left the deployment: {e}");
+                }
+            });
+        }
         Ok(next)
+    }
+
+    /// Moves a desired process to `node` (which its pins must allow and which must be alive):
+    /// it is placed there with a higher generation, and its old node fences the old copy.
+    pub async fn move_to(&self, id: &ProcessId, node: &NodeName) -> Result<Process, MoveError> {
+        let service = lock(&self.inner.desired)
+            .services
+            .iter()
+            .find(|s| &s.id == id)
+            .cloned()
+            .ok_or_else(|| MoveError::NotManaged(id.clone()))?;
+        if !service.spec.allows(node) {
+            return Err(MoveError::NotAllowed(node.clone()));
+        }
+        let nodes = self.inner.replica.nodes(&self.inner.own).await;
+        let target = nodes
+            .iter()
+            .find(|n| &n.node.name == node && n.alive)
+            .ok_or_else(|| MoveError::NotAlive(node.clone()))?;
+        let api = target
+            .node
+            .api_address()
+            .ok_or_else(|| MoveError::NotAlive(node.clone()))?;
+        let newest = self
+            .inner
+            .replica
+            .list()
+            .into_iter()
+            .filter(|p| &p.id == id)
+            .max_by_key(|p| p.generation);
+        if let Some(current) = &newest
+            && &current.node.name == node
+            && !current.status.is_final()
+        {
+            return Err(MoveError::AlreadyThere(node.clone()));
+        }
+        let generation = newest.map_or(0, |p| p.generation) + 1;
+        lock(&self.inner.placed).insert(id.clone(), (generation, node.clone(), Instant::now()));
+        let request = SpinRequest {
+            spec: service.spec,
+            id: Some(id.clone()),
+            generation: Some(generation),
+        };
+        tracing::info!(%id, generation, %node, "moving on request");
+        self.inner
+            .client
+            .at(&api)
+            .spin(&request, SpinQuery { wait: true })
+            .await
+            .map_err(MoveError::Refused)
     }
 
     /// Stops reconciling.

@@ -26,6 +26,12 @@ pub struct ProcessDigest {
     /// When its command last started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Timestamp>,
+    /// Its OS process id on its node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Whether its health check passed since it started.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub healthy: bool,
     /// The node it runs on.
     pub node: NodeName,
     /// Its port, if any.
@@ -45,6 +51,8 @@ impl ProcessDigest {
             status: short_status(&process.status),
             restarts: process.restarts,
             started_at: process.started_at,
+            pid: process.pid,
+            healthy: process.passed_health_check(),
             node: process.node.name.clone(),
             port: process.port.or(process.spec.port()),
             domain: process.spec.domain().map(str::to_owned),

@@ -414,6 +414,8 @@ fn digest(i: usize) -> ProcessDigest {
         status: p2f_model::Status::Running,
         restarts: 0,
         started_at: Some(p2f_model::Timestamp(1_795_000_000_000 + i as u64)),
+        pid: Some(40_000 + i as u32),
+        healthy: true,
         node: NodeName::new("n0").expect("valid name"),
         port: Some(10_000 + i as u16),
         domain: Some(format!("service-{i:04}.home.example.org")),
