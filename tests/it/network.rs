@@ -183,6 +183,45 @@ async fn the_root_places_services_and_moves_them_off_a_dead_node() {
         },
     )
     .await;
+
+    // Moving it back on request: a new generation on node-a, node-b drops its copy.
+    let a_name = NodeName::from_static("node-a");
+    eventually(
+        "the root to see node-a alive again",
+        Duration::from_secs(15),
+        || {
+            let net = root.network().clone();
+            async move {
+                let nodes = net.nodes().await.ok()?;
+                nodes
+                    .iter()
+                    .any(|n| n.node.name.as_str() == "node-a" && n.alive)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let moved = root
+        .network()
+        .move_process(web_id, &a_name)
+        .await
+        .expect("move");
+    assert_eq!((moved.node.name.as_str(), moved.generation), ("node-a", 3));
+    assert!(moved.is_running(), "{moved:?}");
+    let again = root
+        .network()
+        .move_process(web_id, &a_name)
+        .await
+        .expect_err("already there");
+    assert_eq!(again.status(), Some(409), "{again}");
+    eventually("node-b to drop its copy", Duration::from_secs(15), || {
+        let (on_a, on_b) = (
+            agents[0].os_processes(web_id),
+            agents[1].os_processes(web_id),
+        );
+        async move { (on_a.len() == 1 && on_b.is_empty()).then_some(()) }
+    })
+    .await;
 }
 
 /// Waits until the root lists each of `ids` `Running` with at least `generation`.

@@ -194,13 +194,20 @@ impl Root {
             .into_iter()
             .filter(|p| &p.id == id)
             .max_by_key(|p| p.generation);
-        if let Some(current) = &newest
-            && &current.node.name == node
-            && !current.status.is_final()
-        {
+        // The root's own last placement may be newer than what gossip has shown it yet.
+        let last_placed = lock(&self.inner.placed).get(id).cloned();
+        let (current_gen, current_node, current_live) = match (&newest, &last_placed) {
+            (Some(p), Some((placed_gen, placed_on, _))) if *placed_gen > p.generation => {
+                (*placed_gen, placed_on.clone(), true)
+            }
+            (Some(p), _) => (p.generation, p.node.name.clone(), !p.status.is_final()),
+            (None, Some((placed_gen, placed_on, _))) => (*placed_gen, placed_on.clone(), true),
+            (None, None) => (0, node.clone(), false),
+        };
+        if &current_node == node && current_live {
             return Err(MoveError::AlreadyThere(node.clone()));
         }
-        let generation = newest.map_or(0, |p| p.generation) + 1;
+        let generation = current_gen + 1;
         lock(&self.inner.placed).insert(id.clone(), (generation, node.clone(), Instant::now()));
         let request = SpinRequest {
             spec: service.spec,
