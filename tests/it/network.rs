@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use p2f::model::{NodeName, Process, ProcessId, ProcessKey, ProcessSpec, Status};
+use p2f::model::{Failure, NodeName, Process, ProcessId, ProcessKey, ProcessSpec, Status};
 
 use crate::support::{TestAgent, eventually, log_containing};
 
@@ -220,6 +220,53 @@ async fn the_root_places_services_and_moves_them_off_a_dead_node() {
             agents[1].os_processes(web_id),
         );
         async move { (on_a.len() == 1 && on_b.is_empty()).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_pinned_to_a_dead_node_waits_and_returns_with_it() {
+    let root = TestAgent::start("root").await;
+    let mut pi = TestAgent::join(&root, "pi", "127.0.0.4").await;
+    let spec =
+        ProcessSpec::new("only-on-pi", "exec sleep 1000").with_pin([NodeName::from_static("pi")]);
+    let desired = root.network().deploy(&[spec]).await.expect("deploy");
+    let id = desired.services[0].id.clone();
+    running_everywhere(&root, std::slice::from_ref(&id), 1).await;
+
+    pi.kill_node();
+    let held = eventually(
+        "the process to wait for its node",
+        Duration::from_secs(15),
+        || {
+            let net = root.network().clone();
+            let id = id.clone();
+            async move {
+                let all = net.list_processes().await.ok()?;
+                all.into_iter()
+                    .find(|p| p.id == id && p.status == Status::Pending)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        held.last_failure,
+        Some(Failure::NoAllowedNode {
+            pins: vec![NodeName::from_static("pi")]
+        })
+    );
+    assert_eq!(
+        held.generation, 2,
+        "one record per id: the held one replaces the lost one"
+    );
+
+    // pi returns: its stale copy goes, and the process runs there again, once.
+    pi.spawn().await;
+    let back = running_everywhere(&root, std::slice::from_ref(&id), 2).await;
+    assert_eq!(back[0].node.name.as_str(), "pi");
+    eventually("exactly one copy on pi", Duration::from_secs(15), || {
+        let count = pi.os_processes(&id).len();
+        async move { (count == 1).then_some(()) }
     })
     .await;
 }

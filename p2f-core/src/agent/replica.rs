@@ -43,6 +43,9 @@ struct Inner {
     remote: Mutex<Vec<(Member, bool)>>,
     /// Stale local copies being removed.
     fencing: Mutex<std::collections::HashSet<ProcessId>>,
+    /// Records published for processes that run nowhere yet (the root's held ones).
+    held: Mutex<HashMap<ProcessId, Process>>,
+    held_changed: tokio::sync::Notify,
 }
 
 /// This node's replica of the network's records.
@@ -82,6 +85,8 @@ impl Replica {
             copies: Mutex::new(HashMap::new()),
             remote: Mutex::new(Vec::new()),
             fencing: Mutex::new(std::collections::HashSet::new()),
+            held: Mutex::new(HashMap::new()),
+            held_changed: tokio::sync::Notify::new(),
         });
         let tasks = vec![
             tokio::spawn(publish(inner.clone())),
@@ -137,10 +142,12 @@ impl Replica {
         &self.inner.mesh
     }
 
-    /// Every record of the network: this node's, then every other node's as last published
-    /// (`Lost` when that node is dead), sorted by id.
+    /// Every record of the network: this node's, every other node's as last published (`Lost`
+    /// when that node is dead), and the ones this node holds for the root; one per id (the
+    /// highest generation: a copy it replaced is stale), sorted by id.
     pub fn list(&self) -> Vec<Process> {
         let mut all = self.inner.supervisor.list();
+        all.extend(lock(&self.inner.held).values().cloned());
         let remote = lock(&self.inner.remote);
         let copies = lock(&self.inner.copies);
         for (member, alive) in remote.iter() {
@@ -158,7 +165,27 @@ impl Replica {
             }
         }
         all.sort_by(|a, b| a.id.cmp(&b.id).then(b.generation.cmp(&a.generation)));
+        all.dedup_by(|later, first| later.id == first.id);
         all
+    }
+
+    /// Publishes `process` as this node's record although nothing runs it: the root holds a
+    /// process that waits for a node (`Pending`, with the reason).
+    pub fn hold(&self, process: Process) {
+        lock(&self.inner.held).insert(process.id.clone(), process);
+        self.inner.held_changed.notify_one();
+    }
+
+    /// Stops publishing a held record.
+    pub fn release(&self, id: &ProcessId) {
+        if lock(&self.inner.held).remove(id).is_some() {
+            self.inner.held_changed.notify_one();
+        }
+    }
+
+    /// The held record of `id`, if this node holds one.
+    pub fn held(&self, id: &ProcessId) -> Option<Process> {
+        lock(&self.inner.held).get(id).cloned()
     }
 
     /// The record `key` names anywhere in the network (a live one before a stopped one).
@@ -246,9 +273,9 @@ async fn publish(inner: Arc<Inner>) {
     let mut changes = inner.supervisor.changes();
     let mut published: HashMap<String, String> = HashMap::new();
     loop {
-        let now: HashMap<String, String> = inner
-            .supervisor
-            .list()
+        let mut records = inner.supervisor.list();
+        records.extend(lock(&inner.held).values().cloned());
+        let now: HashMap<String, String> = records
             .iter()
             .map(|p| {
                 let digest = ProcessDigest::of(p);
@@ -266,8 +293,13 @@ async fn publish(inner: Arc<Inner>) {
             inner.mesh.delete(key).await;
         }
         published = now;
-        if changes.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = inner.held_changed.notified() => {}
         }
     }
 }

@@ -253,11 +253,13 @@ async fn reconcile(inner: &Arc<Inner>) {
     // Placements of this pass, not yet in `records`.
     let mut placed_now: HashMap<NodeName, usize> = HashMap::new();
     for service in &desired.services {
-        let copies: Vec<&Process> = records.iter().filter(|p| p.id == service.id).collect();
-        let newest = copies.iter().max_by_key(|p| p.generation).copied();
-        let generation = match newest {
-            None => 1,
-            Some(p) => match &p.status {
+        let newest = records.iter().find(|p| p.id == service.id);
+        let held = inner.replica.held(&service.id);
+        let generation = match (newest, &held) {
+            // Waiting for an allowed node: try again with the generation it was held at.
+            (_, Some(h)) => h.generation,
+            (None, None) => 1,
+            (Some(p), None) => match &p.status {
                 Status::Lost => p.generation + 1,
                 Status::Failed(_) => {
                     let mut failed = lock(&inner.failed_on);
@@ -282,7 +284,12 @@ async fn reconcile(inner: &Arc<Inner>) {
             .cloned()
             .unwrap_or_default();
         let Some(target) = choose(&service.spec, &nodes, &records, &avoid, &placed_now) else {
-            tracing::warn!(id = %service.id, "no allowed node is alive: it waits");
+            if held.is_none() {
+                tracing::warn!(id = %service.id, "no allowed node is alive: it waits");
+                inner
+                    .replica
+                    .hold(held_record(&inner.own, service, generation));
+            }
             continue;
         };
         let Some(api) = target.node.api_address() else {
@@ -300,10 +307,42 @@ async fn reconcile(inner: &Arc<Inner>) {
             (generation, target.node.name.clone(), Instant::now()),
         );
         let client = inner.client.at(&api);
-        if let Err(e) = client.spin(&request, SpinQuery { wait: false }).await {
-            tracing::warn!(id = %service.id, node = %target.node.name, "placement refused: {e}");
+        match client.spin(&request, SpinQuery { wait: false }).await {
+            Ok(_) => inner.replica.release(&service.id),
+            Err(e) => {
+                // Tried again next pass (say, once the node removed a stale copy).
+                lock(&inner.placed).remove(&service.id);
+                tracing::warn!(id = %service.id, node = %target.node.name, "placement refused: {e}")
+            }
         }
     }
+}
+
+/// The record of a process that waits for an allowed node: `Pending`, with the reason, on the
+/// root (which publishes it until it is placed).
+fn held_record(own: &p2f_model::Node, service: &DesiredService, generation: u64) -> Process {
+    let at = super::supervisor::now();
+    let node = p2f_model::NodeRef {
+        name: own.name.clone(),
+        address: own
+            .ipv4
+            .map(|ip| ip.to_string())
+            .or_else(|| own.ipv6.map(|ip| ip.to_string()))
+            .unwrap_or_default(),
+    };
+    let mut process = Process::placed(
+        service.id.clone(),
+        generation,
+        service.spec.clone(),
+        node,
+        at,
+    );
+    let failure = p2f_model::Failure::NoAllowedNode {
+        pins: service.spec.pin().to_vec(),
+    };
+    process.last_failure = Some(failure.clone());
+    process.record(at, p2f_model::EventKind::Held { failure });
+    process
 }
 
 /// The node a spec goes to: alive, allowed by its pins, its port free there, not one it failed
