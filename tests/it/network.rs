@@ -271,6 +271,41 @@ async fn a_process_pinned_to_a_dead_node_waits_and_returns_with_it() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spent_restarts_move_a_process_to_a_node_it_has_not_failed_on() {
+    let root = TestAgent::start("root").await;
+    let a = TestAgent::join(&root, "node-a", "127.0.0.5").await;
+    let b = TestAgent::join(&root, "node-b", "127.0.0.6").await;
+    eventually(
+        "the root to see both members",
+        Duration::from_secs(10),
+        || {
+            let net = root.network().clone();
+            async move {
+                let nodes = net.nodes().await.ok()?;
+                (nodes.iter().filter(|n| n.alive).count() == 3).then_some(())
+            }
+        },
+    )
+    .await;
+    // It crashes on node-a (where it is placed first: the fewest processes, then by name).
+    let spec = ProcessSpec::new(
+        "picky",
+        "test \"$P2F_NODE\" = node-b || exit 3; exec sleep 1000",
+    )
+    .with_pin([
+        NodeName::from_static("node-a"),
+        NodeName::from_static("node-b"),
+    ])
+    .with_restart(p2f::model::RestartPolicy::OnFailure(1));
+    let desired = root.network().deploy(&[spec]).await.expect("deploy");
+    let id = desired.services[0].id.clone();
+    let moved = running_everywhere(&root, std::slice::from_ref(&id), 2).await;
+    assert_eq!(moved[0].node.name.as_str(), "node-b");
+    assert_eq!(b.os_processes(&id).len(), 1);
+    assert!(a.os_processes(&id).is_empty());
+}
+
 /// Waits until the root lists each of `ids` `Running` with at least `generation`.
 async fn running_everywhere(root: &TestAgent, ids: &[ProcessId], generation: u64) -> Vec<Process> {
     let net = root.network().clone();
