@@ -122,6 +122,18 @@ async fn the_root_places_services_and_moves_them_off_a_dead_node() {
     let a = TestAgent::join(&root, "node-a", "127.0.0.2").await;
     let b = TestAgent::join(&root, "node-b", "127.0.0.3").await;
     let mut agents = [a, b];
+    eventually(
+        "the root to see both members",
+        Duration::from_secs(10),
+        || {
+            let net = root.network().clone();
+            async move {
+                let nodes = net.nodes().await.ok()?;
+                (nodes.iter().filter(|n| n.alive).count() == 3).then_some(())
+            }
+        },
+    )
+    .await;
     let pins = [
         NodeName::from_static("node-a"),
         NodeName::from_static("node-b"),

@@ -19,6 +19,8 @@ use crate::wire::{DesiredService, DesiredState, NodeStatus, SpinQuery, SpinReque
 const DESIRED_KEY: &str = "desired";
 /// How often the root compares the network with the desired state.
 const RECONCILE_EVERY: Duration = Duration::from_millis(250);
+/// How long the root waits for a node to take a placement.
+const PLACE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a placement is given to show up in the network before it is tried again.
 const PLACEMENT_GRACE: Duration = Duration::from_secs(10);
 
@@ -307,11 +309,30 @@ async fn reconcile(inner: &Arc<Inner>) {
             (generation, target.node.name.clone(), Instant::now()),
         );
         let client = inner.client.at(&api);
-        match client.spin(&request, SpinQuery { wait: false }).await {
+        let spun = tokio::time::timeout(
+            PLACE_TIMEOUT,
+            client.spin(&request, SpinQuery { wait: false }),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::ClientError::Unreachable {
+                address: api.clone(),
+                detail: "no answer in time".into(),
+            })
+        });
+        match spun {
             Ok(_) => inner.replica.release(&service.id),
             Err(e) => {
-                // Tried again next pass (say, once the node removed a stale copy).
+                // Tried again next pass (say, once the node removed a stale copy); a node the
+                // root cannot reach (behind NAT) is avoided while another one is allowed.
                 lock(&inner.placed).remove(&service.id);
+                if matches!(e, crate::ClientError::Unreachable { .. }) {
+                    let mut failed = lock(&inner.failed_on);
+                    let on = failed.entry(service.id.clone()).or_default();
+                    if !on.contains(&target.node.name) {
+                        on.push(target.node.name.clone());
+                    }
+                }
                 tracing::warn!(id = %service.id, node = %target.node.name, "placement refused: {e}")
             }
         }
