@@ -27,6 +27,8 @@ pub enum Change {
     Keep { service: String },
     /// The root runs it, and the deployment no longer declares it: stop and forget it.
     Delete { service: String },
+    /// It runs on a node its new pins no longer allow: it is placed again elsewhere.
+    Move { service: String, from: String },
 }
 
 /// The changes that make `current` match `deployment`, in start order. (Deleting records of
@@ -79,23 +81,43 @@ fn differences(old: &ProcessSpec, new: &ProcessSpec) -> Vec<&'static str> {
 
 /// The changes against a root's desired services: create, update, keep in start order, then
 /// delete for services the root runs that the deployment no longer declares.
-pub fn plan_against_root(deployment: &Deployment, desired: &DesiredState) -> Vec<Change> {
-    let declared: Vec<&ProcessSpec> = desired.services.iter().map(|s| &s.spec).collect();
+pub fn plan_against_root(
+    deployment: &Deployment,
+    desired: &DesiredState,
+    records: &[Process],
+) -> Vec<Change> {
     let mut changes: Vec<Change> = deployment
         .start_order()
         .into_iter()
         .map(|spec| {
             let service = spec.name().to_owned();
-            match declared.iter().find(|d| d.name() == spec.name()) {
-                None => Change::Create { service },
-                Some(d) if *d == spec => Change::Keep { service },
-                Some(d) => Change::Update {
+            let Some(current) = desired
+                .services
+                .iter()
+                .find(|d| d.spec.name() == spec.name())
+            else {
+                return Change::Create { service };
+            };
+            if current.spec == *spec {
+                return Change::Keep { service };
+            }
+            let runs_on = records
+                .iter()
+                .find(|p| p.id == current.id && !p.status.is_final())
+                .map(|p| p.node.name.clone());
+            match runs_on {
+                Some(node) if !spec.allows(&node) => Change::Move {
                     service,
-                    fields: differences(d, spec),
+                    from: node.to_string(),
+                },
+                _ => Change::Update {
+                    service,
+                    fields: differences(&current.spec, spec),
                 },
             }
         })
         .collect();
+    let declared: Vec<&ProcessSpec> = desired.services.iter().map(|s| &s.spec).collect();
     for old in declared {
         if deployment.service(old.name()).is_none() {
             changes.push(Change::Delete {
@@ -230,8 +252,8 @@ pub async fn apply(
                 }
                 continue;
             }
-            // A node's own plan never deletes: only a root knows what it placed.
-            Change::Delete { .. } => continue,
+            // A node's own plan never deletes or moves: only a root knows what it placed.
+            Change::Delete { .. } | Change::Move { .. } => continue,
         };
         let Some(spec) = deployment.service(service) else {
             continue;

@@ -162,7 +162,11 @@ pub async fn execute(deployment: &Deployment, args: Args) -> Result<()> {
             let plan = match target()? {
                 None => converge::plan(deployment, &[]),
                 Some(network) => match network.desired().await {
-                    Ok(desired) => converge::plan_against_root(deployment, &desired),
+                    Ok(desired) => converge::plan_against_root(
+                        deployment,
+                        &desired,
+                        &network.list_processes().await?,
+                    ),
                     Err(p2f_core::ClientError::Api { status: 409, .. }) => {
                         converge::plan(deployment, &network.list_processes().await?)
                     }
@@ -304,10 +308,11 @@ async fn find_service(
     })
 }
 
-/// The network this binary talks to: `P2F_NODE` + `P2F_CLUSTER`, or the embedded network if it
+/// The network this binary talks to: `P2F_ROOT` (or `P2F_NODE`) + `P2F_CLUSTER`, or the embedded network if it
 /// runs; `None` when neither is there.
 fn target() -> Result<Option<Network>> {
-    if let Ok(address) = std::env::var("P2F_NODE") {
+    let configured = std::env::var("P2F_ROOT").or_else(|_| std::env::var("P2F_NODE"));
+    if let Ok(address) = configured {
         let cluster = std::env::var_os("P2F_CLUSTER")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/var/lib/p2f/cluster"));

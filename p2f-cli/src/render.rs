@@ -164,7 +164,7 @@ pub fn plan(changes: &[Change], colour: bool) -> String {
         }
     };
     let mut out = String::new();
-    let (mut create, mut update, mut keep, mut delete) = (0, 0, 0, 0);
+    let (mut create, mut update, mut keep, mut delete, mut moving) = (0, 0, 0, 0, 0);
     for change in changes {
         let line = match change {
             Change::Create { service } => {
@@ -186,17 +186,26 @@ pub fn plan(changes: &[Change], colour: bool) -> String {
                 delete += 1;
                 paint("31", format!("- delete  {service}"))
             }
+            Change::Move { service, from } => {
+                moving += 1;
+                paint(
+                    "36",
+                    format!("> move    {service} (off {from}: its pins no longer allow it)"),
+                )
+            }
         };
         out.push_str(&line);
         out.push('\n');
     }
-    let deleting = if delete > 0 {
-        format!(", {delete} to delete")
-    } else {
-        String::new()
-    };
+    let mut extra = String::new();
+    if moving > 0 {
+        extra.push_str(&format!(", {moving} to move"));
+    }
+    if delete > 0 {
+        extra.push_str(&format!(", {delete} to delete"));
+    }
     out.push_str(&format!(
-        "\nPlan: {create} to create, {update} to update{deleting}, {keep} unchanged.\n"
+        "\nPlan: {create} to create, {update} to update{extra}, {keep} unchanged.\n"
     ));
     out
 }
@@ -238,10 +247,14 @@ mod tests {
             Change::Delete {
                 service: "old".into(),
             },
+            Change::Move {
+                service: "db".into(),
+                from: "pi".into(),
+            },
         ];
         assert_eq!(
             plan(&changes, false),
-            "+ create  wiki\n~ update  tube (start, env changed)\n  keep    backup\n- delete  old\n\nPlan: 1 to create, 1 to update, 1 to delete, 1 unchanged.\n"
+            "+ create  wiki\n~ update  tube (start, env changed)\n  keep    backup\n- delete  old\n> move    db (off pi: its pins no longer allow it)\n\nPlan: 1 to create, 1 to update, 1 to move, 1 to delete, 1 unchanged.\n"
         );
     }
 }

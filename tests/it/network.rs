@@ -318,6 +318,55 @@ async fn spent_restarts_move_a_process_to_a_node_it_has_not_failed_on() {
     assert!(a.os_processes(&id).is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_spec_or_pin_replaces_the_process() {
+    let root = TestAgent::start("root").await;
+    let a = TestAgent::join(&root, "node-a", "127.0.0.7").await;
+    let b = TestAgent::join(&root, "node-b", "127.0.0.8").await;
+    eventually(
+        "the root to see both members",
+        Duration::from_secs(10),
+        || {
+            let net = root.network().clone();
+            async move {
+                let nodes = net.nodes().await.ok()?;
+                (nodes.iter().filter(|n| n.alive).count() == 3).then_some(())
+            }
+        },
+    )
+    .await;
+    let both = [
+        NodeName::from_static("node-a"),
+        NodeName::from_static("node-b"),
+    ];
+    let v1 = ProcessSpec::new("svc", "exec sleep 1000").with_pin(both);
+    let desired = root
+        .network()
+        .deploy(std::slice::from_ref(&v1))
+        .await
+        .expect("deploy");
+    let id = desired.services[0].id.clone();
+    let first = running_everywhere(&root, std::slice::from_ref(&id), 1).await;
+    assert_eq!(first[0].node.name.as_str(), "node-a");
+
+    // Pinned to node-b only now: it moves, keeping its id, with a higher generation.
+    let v2 = v1.with_pin([NodeName::from_static("node-b")]);
+    let again = root
+        .network()
+        .deploy(std::slice::from_ref(&v2))
+        .await
+        .expect("deploy");
+    assert_eq!(again.services[0].id, id, "the id is kept");
+    let moved = running_everywhere(&root, std::slice::from_ref(&id), 2).await;
+    assert_eq!(moved[0].node.name.as_str(), "node-b");
+    assert_eq!(moved[0].spec, v2);
+    eventually("one copy, on node-b", Duration::from_secs(15), || {
+        let (on_a, on_b) = (a.os_processes(&id).len(), b.os_processes(&id).len());
+        async move { (on_a == 0 && on_b == 1).then_some(()) }
+    })
+    .await;
+}
+
 /// Waits until the root lists each of `ids` `Running` with at least `generation`.
 async fn running_everywhere(root: &TestAgent, ids: &[ProcessId], generation: u64) -> Vec<Process> {
     let net = root.network().clone();

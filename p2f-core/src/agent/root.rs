@@ -67,6 +67,8 @@ struct Inner {
     placed: Mutex<HashMap<ProcessId, (u64, NodeName, Instant)>>,
     /// Nodes each process failed on (placements avoid them while others are allowed).
     failed_on: Mutex<HashMap<ProcessId, Vec<NodeName>>>,
+    /// Processes whose old copy is being removed to be placed again with a new spec.
+    replacing: Mutex<std::collections::HashSet<ProcessId>>,
 }
 
 /// The root's decisions, running on the node that holds the cluster CA key.
@@ -111,6 +113,7 @@ impl Root {
             desired: Mutex::new(desired),
             placed: Mutex::new(HashMap::new()),
             failed_on: Mutex::new(HashMap::new()),
+            replacing: Mutex::new(std::collections::HashSet::new()),
         });
         let task = tokio::spawn(reconcile_forever(inner.clone()));
         Ok(Root {
@@ -257,10 +260,38 @@ async fn reconcile(inner: &Arc<Inner>) {
     for service in &desired.services {
         let newest = records.iter().find(|p| p.id == service.id);
         let held = inner.replica.held(&service.id);
+        let floor = lock(&inner.placed)
+            .get(&service.id)
+            .map_or(0, |(generation, _, _)| *generation);
         let generation = match (newest, &held) {
             // Waiting for an allowed node: try again with the generation it was held at.
             (_, Some(h)) => h.generation,
-            (None, None) => 1,
+            // Never placed, or its old copy was removed to be replaced: the next generation.
+            (None, None) => floor + 1,
+            // Running with an older spec, or on a node its pins no longer allow: the old copy
+            // is removed first (its id is reused), then the next pass places the new one.
+            (Some(p), None)
+                if !p.status.is_final()
+                    && p.status != Status::Lost
+                    && (p.spec != service.spec || !service.spec.allows(&p.node.name)) =>
+            {
+                if lock(&inner.replacing).insert(service.id.clone()) {
+                    tracing::info!(id = %service.id, node = %p.node.name, "replacing: its spec or pins changed");
+                    lock(&inner.placed).insert(
+                        service.id.clone(),
+                        (p.generation, p.node.name.clone(), Instant::now()),
+                    );
+                    let (client, id, inner) =
+                        (inner.client.clone(), service.id.clone(), inner.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = client.remove_process(&id).await {
+                            tracing::warn!(%id, "cannot remove the old copy: {e}");
+                        }
+                        lock(&inner.replacing).remove(&id);
+                    });
+                }
+                continue;
+            }
             (Some(p), None) => match &p.status {
                 Status::Lost => p.generation + 1,
                 Status::Failed(_) => {
