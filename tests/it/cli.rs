@@ -6,18 +6,28 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use predicates::prelude::PredicateBooleanExt;
+use predicates::str::contains;
+
 use crate::support::{HOMELAB_PORTS, example_bin, processes_under, signal};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 /// Runs `homelab ARGS` against the state dir and returns (exit code, stdout, stderr).
-fn homelab(state: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(example_bin("homelab"))
+/// `homelab ARGS` against the embedded network whose state is in `state`, for assert_cmd.
+fn homelab_cmd(state: &std::path::Path, args: &[&str]) -> assert_cmd::Command {
+    let mut command = assert_cmd::Command::new(example_bin("homelab"));
+    command
         .args(args)
         .env("P2F_STATE_DIR", state)
         .env("NO_COLOR", "1")
-        .output()
-        .expect("run homelab");
+        .timeout(WAIT);
+    command
+}
+
+/// Runs `homelab ARGS` against the state dir and returns (exit code, stdout, stderr).
+fn homelab(state: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = homelab_cmd(state, args).output().expect("run homelab");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -39,10 +49,10 @@ fn the_homelab_runs_serves_answers_the_cli_and_stops_cleanly() {
         out.contains("Plan: 4 to create, 0 to update, 0 unchanged."),
         "{out}"
     );
-    let (code, _, err) = homelab(state.path(), &["status"]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("error: no network is running"), "{err}");
-    assert!(err.contains("hint: "), "{err}");
+    homelab_cmd(state.path(), &["status"])
+        .assert()
+        .code(1)
+        .stderr(contains("error: no network is running").and(contains("hint: ")));
 
     // A service that cannot start: the reason is printed, and the run ends with exit code 3.
     {
@@ -120,12 +130,12 @@ fn the_homelab_runs_serves_answers_the_cli_and_stops_cleanly() {
         "deploy output is in the log: {out}"
     );
 
-    let (code, _, err) = homelab(state.path(), &["logs", "wikki"]);
-    assert_eq!(code, 2, "a usage mistake exits 2");
-    assert!(
-        err.contains("no service wikki in this deployment (it has: wiki, files, backup, clock)"),
-        "{err}"
-    );
+    homelab_cmd(state.path(), &["logs", "wikki"])
+        .assert()
+        .code(2)
+        .stderr(contains(
+            "no service wikki in this deployment (it has: wiki, files, backup, clock)",
+        ));
 
     let (code, out, err) = homelab(state.path(), &["kill", "clock"]);
     assert_eq!(code, 0, "{err}");

@@ -1,9 +1,10 @@
 //! Joining a cluster: `p2f init` on the root, `p2f node join TOKEN` on a member, and one
 //! client (the cluster CA and secret) that reaches both over TLS.
 
-use std::process::Command;
-
 use p2f::model::{ProcessSpec, Status};
+
+use predicates::prelude::PredicateBooleanExt;
+use predicates::str::{contains, starts_with};
 
 use crate::support::{TestAgent, p2f_bin};
 
@@ -68,7 +69,7 @@ async fn bad_tokens_are_refused_clearly() {
         (forged.encode(), "wrong cluster secret"),
     ];
     for (input, says) in cases {
-        let out = Command::new(p2f_bin())
+        let join = assert_cmd::Command::new(p2f_bin())
             .args([
                 "node",
                 "join",
@@ -80,14 +81,11 @@ async fn bad_tokens_are_refused_clearly() {
                 "--dir",
             ])
             .arg(dir.path().join("node"))
-            .output()
-            .expect("run p2f node join");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{err}");
-        assert!(
-            err.starts_with("error: ") && err.contains(says),
-            "{says}: {err}"
-        );
+            .timeout(std::time::Duration::from_secs(60))
+            .assert()
+            .code(1)
+            .stderr(starts_with("error: ").and(contains(says)));
+        let err = String::from_utf8_lossy(&join.get_output().stderr).into_owned();
         assert_eq!(err.lines().count(), 1, "one line: {err}");
         assert!(
             !dir.path().join("node/node.toml").exists(),
