@@ -1,8 +1,9 @@
 //! The command line of a user's deployment binary, `p2f::cli::run(&DEPLOYMENT)`: `up` (the
 //! default: run the deployment on this machine in the foreground), `plan`, `apply`, `status`,
 //! `logs`, `kill`, `down`. With no network configured, it uses the embedded network, a local
-//! agent whose state lives under the project's `target/p2f/`; with `P2F_NODE` (plus
-//! `P2F_CLUSTER`, the directory holding `ca.pem` and `secret`), it talks to that network.
+//! agent whose state lives under the project's `target/p2f/`; with a network configured — a
+//! node's config file in `P2F_CONFIG`, or `P2F_ROOT` plus `P2F_CLUSTER` (the directory holding
+//! `ca.pem` and `secret`) — it talks to that network.
 
 pub mod converge;
 pub mod embedded;
@@ -308,9 +309,23 @@ async fn find_service(
     })
 }
 
-/// The network this binary talks to: `P2F_ROOT` (or `P2F_NODE`) + `P2F_CLUSTER`, or the embedded network if it
+/// The network this binary talks to: a node's config file (`P2F_CONFIG`), or `P2F_ROOT` (or
+/// `P2F_NODE`) + `P2F_CLUSTER`, or the embedded network if it
 /// runs; `None` when neither is there.
 fn target() -> Result<Option<Network>> {
+    // A node's config file (`p2f init` / `p2f node join` wrote it): its root, or itself.
+    if let Some(path) = std::env::var_os("P2F_CONFIG") {
+        let config = p2f_core::agent::AgentConfig::load(std::path::Path::new(&path))
+            .map_err(|e| Error::NotRunning(e.to_string()))?;
+        let own = if config.listen.ip().is_unspecified() {
+            format!("127.0.0.1:{}", config.listen.port())
+        } else {
+            config.listen.to_string()
+        };
+        let address = config.root.clone().unwrap_or(own);
+        let cluster = ClusterFiles::new(config.cluster_dir());
+        return Ok(Some(Network::with_cluster_files(&address, &cluster)?));
+    }
     let configured = std::env::var("P2F_ROOT").or_else(|_| std::env::var("P2F_NODE"));
     if let Ok(address) = configured {
         let cluster = std::env::var_os("P2F_CLUSTER")

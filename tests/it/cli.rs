@@ -291,6 +291,15 @@ async fn the_homelab_is_applied_through_the_root_of_a_real_network() {
         out.contains("Plan: 0 to create, 0 to update, 4 unchanged."),
         "{out}"
     );
+    // The member's config file names the root: the same binary finds the network through it.
+    let via_config = Command::new(example_bin("homelab"))
+        .args(["status", "--json"])
+        .env("P2F_CONFIG", &member.config_path)
+        .output()
+        .expect("run homelab");
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice(&via_config.stdout).expect("status --json through P2F_CONFIG");
+    assert_eq!(rows.len(), 4);
 
     let (code, out, err) = run(&["down"]).await;
     assert_eq!(code, 0, "{err}");

@@ -444,7 +444,7 @@ impl NsAgent {
         let network = Network::with_cluster_files(address.trim(), &self.cluster())
             .expect("client of the agent");
         if check_api {
-            eventually("the agent's API", Duration::from_secs(10), || {
+            eventually("the agent's API", Duration::from_secs(30), || {
                 let network = network.clone();
                 async move { network.list_processes().await.ok() }
             })

@@ -228,7 +228,7 @@ impl TestAgent {
         let cluster = ClusterFiles::new(self.config.cluster_dir());
         let network =
             Network::with_cluster_files(address.trim(), &cluster).expect("client of the agent");
-        eventually("the agent's API", Duration::from_secs(10), || {
+        eventually("the agent's API", Duration::from_secs(30), || {
             let network = network.clone();
             async move { network.list_processes().await.ok() }
         })
