@@ -100,6 +100,9 @@ pub struct NodeStatus {
     pub generation: u64,
     /// How many process records it publishes.
     pub processes: usize,
+    /// Its available memory (`MemAvailable`), in bytes, as it last published it.
+    #[serde(default)]
+    pub memory_available: Option<u64>,
 }
 
 /// `PUT /v1/deployment` (on the root): the services the network should run.

@@ -63,6 +63,24 @@ async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
         .map(|n| (n.node.name.as_str(), n.alive))
         .collect();
     assert_eq!(names, [("node-a", true), ("node-b", true), ("root", true)]);
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n.memory_available.is_some_and(|m| m > 0)),
+        "every node publishes its free memory: {nodes:?}"
+    );
+    // Without the secret, every node answers 401.
+    let ca = std::fs::read_to_string(root.config.cluster_dir().join("ca.pem")).expect("ca");
+    for agent in [&root, &a, &b] {
+        let stranger = p2f::core::Network::connect(
+            agent.network().address(),
+            p2f::core::cluster::Secret::generate(),
+            &ca,
+        )
+        .expect("client");
+        let refused = stranger.list_processes().await.expect_err("401");
+        assert_eq!(refused.status(), Some(401), "{refused}");
+    }
     let entry_a = &nodes[0].node;
     assert_eq!(
         entry_a.ipv4.map(|ip| ip.to_string()).as_deref(),

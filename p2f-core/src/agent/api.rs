@@ -210,6 +210,7 @@ async fn nodes(State(api): State<Api>) -> Json<Vec<NodeStatus>> {
             alive: true,
             generation: 0,
             processes: api.supervisor.list().len(),
+            memory_available: super::os::memory_available(),
         }],
     })
 }

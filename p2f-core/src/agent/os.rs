@@ -198,6 +198,14 @@ fn oom_kill_field(events: &str) -> Option<u64> {
     })
 }
 
+/// `MemAvailable` of /proc/meminfo, in bytes: what the kernel can give new processes.
+pub fn memory_available() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// How many processes the kernel's OOM killer has ended in this process's cgroup (and below it),
 /// from cgroup v2's `memory.events`, or from v1's `memory.oom_control` on a v1 or hybrid
 /// host; `None` when neither is available.
@@ -447,5 +455,11 @@ mod tests {
         eprintln!("oom_kill_count() on this host: {first:?}");
         let second = oom_kill_count();
         assert!(second >= first, "{first:?} then {second:?}");
+    }
+
+    #[test]
+    fn available_memory_is_read_from_meminfo() {
+        let available = memory_available().expect("MemAvailable");
+        assert!(available > 1024 * 1024, "{available}");
     }
 }

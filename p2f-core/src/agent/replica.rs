@@ -21,6 +21,10 @@ use crate::mesh::{Member, Mesh, MeshError, PROCESS_PREFIX, ProcessDigest, spec_h
 pub const API_KEY: &str = "api";
 /// The mesh key under which a node publishes its P2PRC IP-table entry (JSON).
 pub const NODE_KEY: &str = "node";
+/// The mesh key under which a node publishes its available memory in bytes.
+pub const MEMORY_KEY: &str = "mem";
+/// How often a node republishes its available memory.
+const MEMORY_EVERY: Duration = Duration::from_secs(10);
 /// How often other nodes' digests are compared with the copies held here.
 const SYNC_EVERY: Duration = Duration::from_millis(250);
 /// How long fetching one record from its node may take.
@@ -122,6 +126,7 @@ impl Replica {
                     alive,
                     generation: member.generation,
                     processes,
+                    memory_available: member.values.get(MEMORY_KEY).and_then(|v| v.parse().ok()),
                 }
             })
             .collect();
@@ -131,6 +136,7 @@ impl Replica {
                 alive: true,
                 generation: self.inner.mesh.generation(),
                 processes: self.inner.supervisor.list().len(),
+                memory_available: super::os::memory_available(),
             });
         }
         nodes.sort_by(|a, b| a.node.name.cmp(&b.node.name));
@@ -289,10 +295,24 @@ async fn publish(inner: Arc<Inner>) {
                 tracing::warn!("cannot publish {key}: {e}");
             }
         }
-        for key in published.keys().filter(|k| !now.contains_key(*k)) {
+        for key in published
+            .keys()
+            .filter(|k| !now.contains_key(*k) && k.as_str() != MEMORY_KEY)
+        {
             inner.mesh.delete(key).await;
         }
+        let memory = published.remove(MEMORY_KEY);
         published = now;
+        if let Some(memory) = memory {
+            published.insert(MEMORY_KEY.to_owned(), memory);
+        }
+        if let Some(available) = super::os::memory_available() {
+            let value = available.to_string();
+            if published.get(MEMORY_KEY) != Some(&value) {
+                let _ = inner.mesh.set(MEMORY_KEY, &value).await;
+            }
+            published.insert(MEMORY_KEY.to_owned(), value);
+        }
         tokio::select! {
             changed = changes.changed() => {
                 if changed.is_err() {
@@ -300,6 +320,7 @@ async fn publish(inner: Arc<Inner>) {
                 }
             }
             () = inner.held_changed.notified() => {}
+            () = tokio::time::sleep(MEMORY_EVERY) => {}
         }
     }
 }

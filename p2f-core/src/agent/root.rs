@@ -398,7 +398,7 @@ fn held_record(own: &p2f_model::Node, service: &DesiredService, generation: u64)
 }
 
 /// The node a spec goes to: alive, allowed by its pins, its port free there, not one it failed
-/// on (unless no other is left), with the fewest processes.
+/// on (unless no other is left), with the fewest processes, then the most free memory.
 fn choose<'a>(
     spec: &ProcessSpec,
     nodes: &'a [NodeStatus],
@@ -432,6 +432,8 @@ fn choose<'a>(
             .filter(|p| p.node.name == n.node.name && !p.status.is_final())
             .count()
             + placed_now.get(&n.node.name).copied().unwrap_or(0);
-        (load, n.node.name.clone())
+        // Fewest processes first; among equals, the most free memory.
+        let free = std::cmp::Reverse(n.memory_available.unwrap_or(0));
+        (load, free, n.node.name.clone())
     })
 }
