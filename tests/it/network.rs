@@ -140,18 +140,7 @@ async fn the_root_places_services_and_moves_them_off_a_dead_node() {
     let a = TestAgent::join(&root, "node-a", "127.0.0.2").await;
     let b = TestAgent::join(&root, "node-b", "127.0.0.3").await;
     let mut agents = [a, b];
-    eventually(
-        "the root to see both members",
-        Duration::from_secs(10),
-        || {
-            let net = root.network().clone();
-            async move {
-                let nodes = net.nodes().await.ok()?;
-                (nodes.iter().filter(|n| n.alive).count() == 3).then_some(())
-            }
-        },
-    )
-    .await;
+    all_alive(&root, 3).await;
     let pins = [
         NodeName::from_static("node-a"),
         NodeName::from_static("node-b"),
@@ -306,18 +295,7 @@ async fn spent_restarts_move_a_process_to_a_node_it_has_not_failed_on() {
     let root = TestAgent::start("root").await;
     let a = TestAgent::join(&root, "node-a", "127.0.0.5").await;
     let b = TestAgent::join(&root, "node-b", "127.0.0.6").await;
-    eventually(
-        "the root to see both members",
-        Duration::from_secs(10),
-        || {
-            let net = root.network().clone();
-            async move {
-                let nodes = net.nodes().await.ok()?;
-                (nodes.iter().filter(|n| n.alive).count() == 3).then_some(())
-            }
-        },
-    )
-    .await;
+    all_alive(&root, 3).await;
     // It crashes on node-a (where it is placed first: the fewest processes, then by name).
     let spec = ProcessSpec::new(
         "picky",
@@ -341,18 +319,7 @@ async fn a_changed_spec_or_pin_replaces_the_process() {
     let root = TestAgent::start("root").await;
     let a = TestAgent::join(&root, "node-a", "127.0.0.7").await;
     let b = TestAgent::join(&root, "node-b", "127.0.0.8").await;
-    eventually(
-        "the root to see both members",
-        Duration::from_secs(10),
-        || {
-            let net = root.network().clone();
-            async move {
-                let nodes = net.nodes().await.ok()?;
-                (nodes.iter().filter(|n| n.alive).count() == 3).then_some(())
-            }
-        },
-    )
-    .await;
+    all_alive(&root, 3).await;
     let both = [
         NodeName::from_static("node-a"),
         NodeName::from_static("node-b"),
@@ -382,6 +349,23 @@ async fn a_changed_spec_or_pin_replaces_the_process() {
         let (on_a, on_b) = (a.os_processes(&id).len(), b.os_processes(&id).len());
         async move { (on_a == 0 && on_b == 1).then_some(()) }
     })
+    .await;
+}
+
+/// Waits until the root sees `count` nodes alive (itself included).
+async fn all_alive(root: &TestAgent, count: usize) {
+    let net = root.network().clone();
+    eventually(
+        "the root to see every member",
+        Duration::from_secs(10),
+        || {
+            let net = net.clone();
+            async move {
+                let nodes = net.nodes().await.ok()?;
+                (nodes.iter().filter(|n| n.alive).count() == count).then_some(())
+            }
+        },
+    )
     .await;
 }
 

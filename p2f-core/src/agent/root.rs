@@ -19,6 +19,8 @@ use crate::wire::{DesiredService, DesiredState, NodeStatus, SpinQuery, SpinReque
 const DESIRED_KEY: &str = "desired";
 /// How often the root compares the network with the desired state.
 const RECONCILE_EVERY: Duration = Duration::from_millis(250);
+/// A node with less available memory than this takes no new process.
+const MIN_FREE_MEMORY: u64 = 128 * 1024 * 1024;
 /// How long the root waits for a node to take a placement.
 const PLACE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a placement is given to show up in the network before it is tried again.
@@ -397,8 +399,9 @@ fn held_record(own: &p2f_model::Node, service: &DesiredService, generation: u64)
     process
 }
 
-/// The node a spec goes to: alive, allowed by its pins, its port free there, not one it failed
-/// on (unless no other is left), with the fewest processes, then the most free memory.
+/// The node a spec goes to: alive, allowed by its pins, its port free there, with at least
+/// [`MIN_FREE_MEMORY`] available, not one it failed on (unless no other is left), with the
+/// fewest processes (then by name, so placements are predictable).
 fn choose<'a>(
     spec: &ProcessSpec,
     nodes: &'a [NodeStatus],
@@ -409,6 +412,8 @@ fn choose<'a>(
     let candidates: Vec<&NodeStatus> = nodes
         .iter()
         .filter(|n| n.alive && spec.allows(&n.node.name))
+        // A node nearly out of memory takes nothing new (unknown counts as enough).
+        .filter(|n| n.memory_available.is_none_or(|free| free >= MIN_FREE_MEMORY))
         .filter(|n| {
             spec.port().is_none_or(|port| {
                 !records.iter().any(|p| {
@@ -432,8 +437,6 @@ fn choose<'a>(
             .filter(|p| p.node.name == n.node.name && !p.status.is_final())
             .count()
             + placed_now.get(&n.node.name).copied().unwrap_or(0);
-        // Fewest processes first; among equals, the most free memory.
-        let free = std::cmp::Reverse(n.memory_available.unwrap_or(0));
-        (load, free, n.node.name.clone())
+        (load, n.node.name.clone())
     })
 }
