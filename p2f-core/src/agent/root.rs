@@ -413,7 +413,10 @@ fn choose<'a>(
         .iter()
         .filter(|n| n.alive && spec.allows(&n.node.name))
         // A node nearly out of memory takes nothing new (unknown counts as enough).
-        .filter(|n| n.memory_available.is_none_or(|free| free >= MIN_FREE_MEMORY))
+        .filter(|n| {
+            n.memory_available
+                .is_none_or(|free| free >= MIN_FREE_MEMORY)
+        })
         .filter(|n| {
             spec.port().is_none_or(|port| {
                 !records.iter().any(|p| {
