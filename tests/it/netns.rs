@@ -431,7 +431,9 @@ impl NsAgent {
             .expect("spawn p2f node run");
         self.child = Some(child);
         let address = eventually("the agent's api.addr", Duration::from_secs(20), || {
-            let text = std::fs::read_to_string(&addr_file).ok();
+            let text = std::fs::read_to_string(&addr_file)
+                .ok()
+                .filter(|t| !t.trim().is_empty());
             if text.is_none()
                 && let Some(child) = &mut self.child
                 && let Ok(Some(status)) = child.try_wait()

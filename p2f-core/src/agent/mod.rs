@@ -185,12 +185,16 @@ impl Agent {
             let server = tokio::spawn(crate::server::serve_tls(listener, tls, app, async move {
                 let _ = stopped.await;
             }));
+            // Written whole or not at all (temp file + rename): readers never see it half-done.
             let addr_file = data.join("api.addr");
-            std::fs::write(&addr_file, address.to_string()).map_err(|source| AgentError::Io {
-                what: "cannot write",
-                path: addr_file,
-                source,
-            })?;
+            let temp = data.join("api.addr.tmp");
+            std::fs::write(&temp, address.to_string())
+                .and_then(|()| std::fs::rename(&temp, &addr_file))
+                .map_err(|source| AgentError::Io {
+                    what: "cannot write",
+                    path: addr_file,
+                    source,
+                })?;
             Ok::<_, AgentError>((replica, root, stop, server))
         }
         .await;
