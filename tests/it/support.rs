@@ -91,6 +91,29 @@ pub(crate) async fn log_containing(
 /// Held by tests that run the homelab example, whose ports (8480, 8481) are fixed.
 pub(crate) static HOMELAB_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A temporary directory made a node by `p2f ARGS --dir DIR/node` (`init` or `node join`);
+/// returns it and the node's config path.
+fn node_dir(args: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("p2f-it-")
+        .tempdir()
+        .expect("tempdir");
+    let home = dir.path().join("node");
+    let out = Command::new(p2f_bin())
+        .args(args)
+        .arg("--dir")
+        .arg(&home)
+        .output()
+        .expect("run p2f");
+    assert!(
+        out.status.success(),
+        "p2f {}: {}",
+        args.first().copied().unwrap_or_default(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (dir, home.join("node.toml"))
+}
+
 /// Polls `probe` every 20 ms until it returns `Some`, at most `timeout`.
 pub(crate) async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
 where
@@ -127,22 +150,7 @@ impl TestAgent {
 
     /// Like `start`, with the config adjusted first.
     pub(crate) async fn start_with(name: &str, tweak: impl FnOnce(&mut AgentConfig)) -> TestAgent {
-        let dir = tempfile::Builder::new()
-            .prefix("p2f-it-")
-            .tempdir()
-            .expect("tempdir");
-        let home = dir.path().join("node");
-        let out = Command::new(p2f_bin())
-            .args(["init", "--name", name, "--listen", "127.0.0.1:0", "--dir"])
-            .arg(&home)
-            .output()
-            .expect("run p2f init");
-        assert!(
-            out.status.success(),
-            "p2f init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let config_path = home.join("node.toml");
+        let (dir, config_path) = node_dir(&["init", "--name", name, "--listen", "127.0.0.1:0"]);
         let mut config = AgentConfig::load(&config_path).expect("load the config init wrote");
         config.supervisor.health_interval = Duration::from_millis(200);
         config.supervisor.memory_interval = Duration::from_millis(500);
@@ -151,41 +159,29 @@ impl TestAgent {
         written.data_dir = PathBuf::from(".");
         written.cluster_dir = None;
         std::fs::write(&config_path, written.to_toml()).expect("write config");
-        let mut agent = TestAgent {
-            dir,
-            config_path,
-            config,
-            child: None,
-            network: None,
-        };
-        agent.spawn().await;
-        agent
+        TestAgent::run(dir, config_path, config).await
     }
 
     /// A member of `root`'s cluster: `p2f node join` with the root's token, listening on
     /// `ip` (an address of 127.0.0.0/8), then `p2f node run`.
     pub(crate) async fn join(root: &TestAgent, name: &str, ip: &str) -> TestAgent {
-        let dir = tempfile::Builder::new()
-            .prefix("p2f-it-")
-            .tempdir()
-            .expect("tempdir");
-        let home = dir.path().join("node");
         let token = std::fs::read_to_string(root.config.data_dir.join("join-token"))
             .expect("the root wrote its join token");
-        let out = Command::new(p2f_bin())
-            .args(["node", "join", token.trim(), "--name", name, "--listen"])
-            .arg(format!("{ip}:0"))
-            .arg("--dir")
-            .arg(&home)
-            .output()
-            .expect("run p2f node join");
-        assert!(
-            out.status.success(),
-            "p2f node join: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let config_path = home.join("node.toml");
+        let listen = format!("{ip}:0");
+        let (dir, config_path) = node_dir(&[
+            "node",
+            "join",
+            token.trim(),
+            "--name",
+            name,
+            "--listen",
+            &listen,
+        ]);
         let config = AgentConfig::load(&config_path).expect("load the config join wrote");
+        TestAgent::run(dir, config_path, config).await
+    }
+
+    async fn run(dir: tempfile::TempDir, config_path: PathBuf, config: AgentConfig) -> TestAgent {
         let mut agent = TestAgent {
             dir,
             config_path,
