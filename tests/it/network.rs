@@ -145,9 +145,18 @@ async fn the_root_places_services_and_moves_them_off_a_dead_node() {
         NodeName::from_static("node-a"),
         NodeName::from_static("node-b"),
     ];
-    let web = ProcessSpec::new("web", "exec sleep 1000")
-        .with_port(free_port())
-        .with_pin(pins.clone());
+    // Every start of `web` leaves a line: which node, which generation.
+    let starts_dir = tempfile::tempdir().expect("temp dir");
+    let starts = starts_dir.path().join("starts");
+    let web = ProcessSpec::new(
+        "web",
+        format!(
+            "echo \"$P2F_NODE $P2F_GENERATION\" >> {}; exec sleep 1000",
+            starts.display()
+        ),
+    )
+    .with_port(free_port())
+    .with_pin(pins.clone());
     let worker = ProcessSpec::new("worker", "exec sleep 1000").with_pin(pins);
     let desired = root
         .network()
@@ -182,7 +191,8 @@ async fn the_root_places_services_and_moves_them_off_a_dead_node() {
     assert_eq!(agents[1].os_processes(web_id).len(), 1);
     eprintln!("failover: SIGKILL of node-a -> web Running on node-b after {failover:?}");
 
-    // node-a comes back: its stale copy (generation 1) is stopped; exactly one copy remains.
+    // node-a comes back: its stale copy (generation 1) is dropped without ever starting again;
+    // exactly one copy remains.
     agents[0].spawn().await;
     eventually(
         "node-a to drop its stale copy",
@@ -202,6 +212,17 @@ async fn the_root_places_services_and_moves_them_off_a_dead_node() {
         },
     )
     .await;
+
+    let started: Vec<String> = std::fs::read_to_string(&starts)
+        .expect("starts")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        started,
+        ["node-a 1", "node-b 2"],
+        "the returning node must not start its stale copy again"
+    );
 
     // Moving it back on request: a new generation on node-a, node-b drops its copy.
     let a_name = NodeName::from_static("node-a");

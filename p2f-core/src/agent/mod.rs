@@ -6,6 +6,7 @@ pub mod api;
 pub mod config;
 pub mod health;
 pub mod lifecycle;
+pub mod listing;
 pub mod logs;
 pub mod os;
 pub mod replica;
@@ -23,7 +24,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use config::{AgentConfig, ConfigError, MeshSettings, SupervisorConfig};
-pub use supervisor::{Shutdown, Supervisor};
+pub use supervisor::{Recovery, Shutdown, Supervisor};
 
 use crate::cluster::{ClusterError, ClusterFiles, NodeCert};
 use store::{Store, StoreError};
@@ -112,8 +113,22 @@ impl Agent {
             nix_options: config.supervisor.nix_options.clone(),
             timeout: config.supervisor.deploy_timeout,
         };
-        let supervisor =
-            Supervisor::start(node_ref, store, data, config.supervisor.clone(), deploy)?;
+        // A member that was away may have had its processes placed elsewhere meanwhile: it
+        // starts nothing again until it has heard the network (`unpark` below). The root places
+        // processes itself, and a node without a mesh is on its own.
+        let recovery = if config.mesh.is_some() && ca.key_pem().is_none() {
+            Recovery::Park
+        } else {
+            Recovery::Restart
+        };
+        let supervisor = Supervisor::start(
+            node_ref,
+            store,
+            data,
+            config.supervisor.clone(),
+            deploy,
+            recovery,
+        )?;
         // From here on processes may run: if anything else fails, let go of them (they are
         // re-adopted by the next start) before saying so.
         let rest = async {
@@ -142,7 +157,12 @@ impl Agent {
                                 path: data.clone(),
                                 source: std::io::Error::other(e.to_string()),
                             })?;
-                    Some(replica::Replica::start(mesh, supervisor.clone(), client, &node).await?)
+                    let replica =
+                        replica::Replica::start(mesh, supervisor.clone(), client, &node).await?;
+                    if recovery == Recovery::Park {
+                        tokio::spawn(unpark(replica.clone(), supervisor.clone()));
+                    }
+                    Some(replica)
                 }
             };
             if ca.key_pem().is_some() {
@@ -253,6 +273,29 @@ impl Agent {
         }
         self.supervisor.shutdown(how).await;
     }
+}
+
+/// How long a returning member waits to hear every live node before it starts its processes
+/// again anyway (the network is large, or split).
+const CATCH_UP_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Starts the processes the supervisor parked at start, once this node has heard what every
+/// live node runs: a copy the root placed elsewhere meanwhile (a newer generation) is dropped
+/// without ever starting again here.
+async fn unpark(replica: replica::Replica, supervisor: Supervisor) {
+    let started = std::time::Instant::now();
+    let caught_up = replica.caught_up(CATCH_UP_LIMIT).await;
+    if !caught_up {
+        tracing::warn!(
+            "did not hear every live node within {CATCH_UP_LIMIT:?}: starting this node's processes again with what it knows"
+        );
+    }
+    tracing::debug!(waited = ?started.elapsed(), caught_up, "unparking");
+    supervisor.unpark(|process| {
+        replica
+            .newer_elsewhere(&process.id, process.generation)
+            .map(|(node, generation)| format!("generation {generation} runs on {node}"))
+    });
 }
 
 /// This node's certificate: issued (again) at each start when this node holds the CA key, so

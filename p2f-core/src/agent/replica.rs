@@ -4,7 +4,7 @@
 //! can list and look up the whole network from memory, also while the owner (or the root) is
 //! down. A dead node's records show as `Lost`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use p2f_model::{EventKind, Node, NodeName, Process, ProcessId, ProcessKey, Statu
 pub use crate::wire::NodeStatus;
 use tokio::task::JoinHandle;
 
+use super::listing::{Listed, newest_per_id};
 use super::supervisor::Supervisor;
 use crate::Network;
 use crate::mesh::{Member, Mesh, MeshError, PROCESS_PREFIX, ProcessDigest, spec_hash};
@@ -23,6 +24,14 @@ pub const API_KEY: &str = "api";
 pub const NODE_KEY: &str = "node";
 /// The mesh key under which a node publishes its available memory in bytes.
 pub const MEMORY_KEY: &str = "mem";
+/// The mesh key under which a node counts how many times it published its digests: set after
+/// them, it tells another node that it has all of them (see [`Replica::caught_up`]).
+pub const SEQ_KEY: &str = "seq";
+/// How long the set of live nodes must stay the same, every one caught up, before a returning
+/// node trusts what it heard.
+const SETTLE: Duration = Duration::from_millis(500);
+/// How long a node waits to hear any other before it takes itself to be alone.
+const ALONE_AFTER: Duration = Duration::from_secs(3);
 /// How often a node republishes its available memory.
 const MEMORY_EVERY: Duration = Duration::from_secs(10);
 /// How often other nodes' digests are compared with the copies held here.
@@ -37,14 +46,34 @@ struct Copy {
     spec: String,
 }
 
+/// A digest another node publishes, decoded once per change.
+struct Published {
+    node: NodeName,
+    alive: bool,
+    digest: ProcessDigest,
+    /// The held copy merged with this digest, made when first listed after a change.
+    listed: Option<Listed>,
+}
+
+/// What this node knows of the others, updated from the mesh a change at a time.
+#[derive(Default)]
+struct State {
+    /// Every other node as last seen (its key-values are shared with the mesh's snapshot),
+    /// and whether it is alive.
+    members: Vec<(Member, bool)>,
+    /// Every digest other nodes publish, by process id (usually one node per id; two while
+    /// a returning node still publishes the copy the network replaced).
+    published: BTreeMap<ProcessId, Vec<Published>>,
+    /// Full records fetched from their nodes, by id.
+    copies: HashMap<ProcessId, Copy>,
+}
+
 struct Inner {
     mesh: Mesh,
     node: NodeName,
     supervisor: Supervisor,
     client: Network,
-    copies: Mutex<HashMap<ProcessId, Copy>>,
-    /// The last membership seen: digests of every other node, and whether it is alive.
-    remote: Mutex<Vec<(Member, bool)>>,
+    state: Mutex<State>,
     /// Stale local copies being removed.
     fencing: Mutex<std::collections::HashSet<ProcessId>>,
     /// Records published for processes that run nowhere yet (the root's held ones).
@@ -86,8 +115,7 @@ impl Replica {
             mesh,
             supervisor,
             client,
-            copies: Mutex::new(HashMap::new()),
-            remote: Mutex::new(Vec::new()),
+            state: Mutex::new(State::default()),
             fencing: Mutex::new(std::collections::HashSet::new()),
             held: Mutex::new(HashMap::new()),
             held_changed: tokio::sync::Notify::new(),
@@ -116,16 +144,11 @@ impl Replica {
                     .get(NODE_KEY)
                     .and_then(|json| serde_json::from_str::<Node>(json).ok())
                     .unwrap_or_else(|| Node::named(member.node.clone()));
-                let processes = member
-                    .values
-                    .keys()
-                    .filter(|k| k.starts_with(PROCESS_PREFIX))
-                    .count();
                 NodeStatus {
                     node,
                     alive,
                     generation: member.generation,
-                    processes,
+                    processes: digests(&member).count(),
                     memory_available: member.values.get(MEMORY_KEY).and_then(|v| v.parse().ok()),
                 }
             })
@@ -135,7 +158,7 @@ impl Replica {
                 node: own.clone(),
                 alive: true,
                 generation: self.inner.mesh.generation(),
-                processes: self.inner.supervisor.list().len(),
+                processes: self.inner.supervisor.len(),
                 memory_available: super::os::memory_available(),
             });
         }
@@ -148,31 +171,45 @@ impl Replica {
         &self.inner.mesh
     }
 
-    /// Every record of the network: this node's, every other node's as last published (`Lost`
-    /// when that node is dead), and the ones this node holds for the root; one per id (the
-    /// highest generation: a copy it replaced is stale), sorted by id.
-    pub fn list(&self) -> Vec<Process> {
-        let mut all = self.inner.supervisor.list();
-        all.extend(lock(&self.inner.held).values().cloned());
-        let remote = lock(&self.inner.remote);
-        let copies = lock(&self.inner.copies);
-        for (member, alive) in remote.iter() {
-            for (key, value) in &member.values {
-                if !key.starts_with(PROCESS_PREFIX) {
+    /// Every record of the network as listed: this node's, every other node's as last
+    /// published (`Lost` when that node is dead), and the ones this node holds for the root;
+    /// one per id (the highest generation: a copy it replaced is stale), sorted by id. Each is
+    /// merged and encoded once per change, so a list of thousands costs little more than
+    /// copying their JSON.
+    pub fn listed(&self) -> Vec<Listed> {
+        let mut all = self.inner.supervisor.listed();
+        all.extend(
+            lock(&self.inner.held)
+                .values()
+                .map(|p| Listed::new(p.clone())),
+        );
+        {
+            let mut state = lock(&self.inner.state);
+            let State {
+                published, copies, ..
+            } = &mut *state;
+            for (id, entries) in published.iter_mut() {
+                let Some(copy) = copies.get(id) else {
                     continue;
+                };
+                for entry in entries {
+                    let listed = entry.listed.get_or_insert_with(|| {
+                        Listed::new(merge(&copy.record, &entry.digest, entry.alive))
+                    });
+                    all.push(listed.clone());
                 }
-                let Ok(digest) = ProcessDigest::decode(value) else {
-                    continue;
-                };
-                let Some(copy) = copies.get(&digest.id) else {
-                    continue;
-                };
-                all.push(merge(&copy.record, &digest, *alive));
             }
         }
-        all.sort_by(|a, b| a.id.cmp(&b.id).then(b.generation.cmp(&a.generation)));
-        all.dedup_by(|later, first| later.id == first.id);
+        newest_per_id(&mut all);
         all
+    }
+
+    /// Every record of the network (see [`Replica::listed`]).
+    pub fn list(&self) -> Vec<Arc<Process>> {
+        self.listed()
+            .into_iter()
+            .map(|l| Arc::clone(l.process()))
+            .collect()
     }
 
     /// Publishes `process` as this node's record although nothing runs it: the root holds a
@@ -201,28 +238,84 @@ impl Replica {
         {
             return Some(local);
         }
-        let mut found: Vec<Process> = self.list().into_iter().filter(|p| p.matches(key)).collect();
-        found.sort_by_key(|p| {
-            (
-                p.status.is_final() || p.status == Status::Lost,
-                std::cmp::Reverse(p.generation),
-            )
-        });
-        found.into_iter().next()
+        self.list()
+            .into_iter()
+            .filter(|p| p.matches(key))
+            .min_by_key(|p| {
+                (
+                    p.status.is_final() || p.status == Status::Lost,
+                    std::cmp::Reverse(p.generation),
+                )
+            })
+            .map(|p| (*p).clone())
     }
 
     /// For a process of another node: a client of that node (if it publishes its API) and the
-    /// record as last published.
+    /// record as last published (the newest copy a live node has, if several nodes have one).
     pub fn owner(&self, id: &ProcessId) -> Option<(Network, Process)> {
-        let remote = lock(&self.inner.remote);
-        let copies = lock(&self.inner.copies);
-        remote.iter().find_map(|(member, alive)| {
-            let value = member.values.get(&ProcessDigest::key_for(id))?;
-            let digest = ProcessDigest::decode(value).ok()?;
-            let api = member.values.get(API_KEY)?;
-            let record = merge(&copies.get(id)?.record, &digest, *alive);
-            Some((self.inner.client.at(api), record))
-        })
+        let state = lock(&self.inner.state);
+        let copy = state.copies.get(id)?;
+        state
+            .published
+            .get(id)?
+            .iter()
+            .max_by_key(|e| (e.alive, e.digest.generation))
+            .and_then(|entry| {
+                let (member, _) = state.members.iter().find(|(m, _)| m.node == entry.node)?;
+                let api = member.values.get(API_KEY)?;
+                let record = merge(&copy.record, &entry.digest, entry.alive);
+                Some((self.inner.client.at(api), record))
+            })
+    }
+
+    /// The node and generation of a copy of `id` newer than `generation` that a live node
+    /// runs, if there is one: a copy of `generation` is stale.
+    pub fn newer_elsewhere(&self, id: &ProcessId, generation: u64) -> Option<(NodeName, u64)> {
+        let state = lock(&self.inner.state);
+        newer_copy(&state, id, generation)
+    }
+
+    /// Waits until this node holds what every live node publishes, or `limit` passes (then
+    /// `false`). A node caught up with another once it has that node's `seq` marker: each node
+    /// sets it after its digests, and chitchat delivers a node's key-values in the order they
+    /// were set. Another node must be live for at least [`SETTLE`] first (after a start the
+    /// others become live as their heartbeats arrive); with none after [`ALONE_AFTER`], this
+    /// node is taken to be on its own.
+    pub async fn caught_up(&self, limit: Duration) -> bool {
+        let started = tokio::time::Instant::now();
+        // Since when every live node has been caught up with, and which nodes those were.
+        let mut complete_since: Option<(tokio::time::Instant, Vec<NodeName>)> = None;
+        loop {
+            let membership = self.inner.mesh.membership().await;
+            let others: Vec<&Member> = membership
+                .live
+                .iter()
+                .filter(|m| m.node != self.inner.node)
+                .collect();
+            let names: Vec<NodeName> = others.iter().map(|m| m.node.clone()).collect();
+            let complete =
+                !others.is_empty() && others.iter().all(|m| m.values.contains_key(SEQ_KEY));
+            complete_since = match complete_since {
+                Some((at, known)) if complete && known == names => Some((at, known)),
+                _ if complete => Some((tokio::time::Instant::now(), names)),
+                _ => None,
+            };
+            let settled = complete_since
+                .as_ref()
+                .is_some_and(|(at, _)| at.elapsed() >= SETTLE);
+            let waited = started.elapsed();
+            if settled || waited >= limit || (others.is_empty() && waited >= ALONE_AFTER) {
+                self.refresh().await;
+                return settled;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Reads the mesh now and updates what this node knows of the others; returns the records
+    /// it should fetch.
+    async fn refresh(&self) -> Vec<Wanted> {
+        refresh(&self.inner).await
     }
 
     /// Stops publishing and leaves the mesh.
@@ -242,6 +335,21 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The process digests `member` publishes (mesh key and value).
+fn digests(member: &Member) -> impl Iterator<Item = (&String, &String)> {
+    digests_of(&member.values)
+}
+
+fn newer_copy(state: &State, id: &ProcessId, generation: u64) -> Option<(NodeName, u64)> {
+    state
+        .published
+        .get(id)?
+        .iter()
+        .filter(|e| e.alive && e.digest.generation > generation)
+        .max_by_key(|e| e.digest.generation)
+        .map(|e| (e.node.clone(), e.digest.generation))
 }
 
 /// A remote record as its digest says it is now.
@@ -274,44 +382,68 @@ fn merge(copy: &Process, digest: &ProcessDigest, alive: bool) -> Process {
     record
 }
 
-/// Publishes a digest of every local record whenever one changes.
+/// Publishes a digest of every local record whenever one changes, then bumps [`SEQ_KEY`].
 async fn publish(inner: Arc<Inner>) {
     let mut changes = inner.supervisor.changes();
-    let mut published: HashMap<String, String> = HashMap::new();
+    // What was published per key, with the record it was made from (unchanged records, the
+    // same `Arc`, are not digested again).
+    let mut published: HashMap<String, (Option<Arc<Process>>, String)> = HashMap::new();
+    let mut seq: u64 = 0;
+    let mut memory: Option<String> = None;
     loop {
-        let mut records = inner.supervisor.list();
-        records.extend(lock(&inner.held).values().cloned());
-        let now: HashMap<String, String> = records
-            .iter()
-            .map(|p| {
-                let digest = ProcessDigest::of(p);
-                (digest.key(), digest.encode())
-            })
-            .collect();
-        for (key, value) in &now {
-            if published.get(key) != Some(value)
-                && let Err(e) = inner.mesh.set(key, value).await
-            {
-                tracing::warn!("cannot publish {key}: {e}");
+        let mut records: Vec<(Option<Arc<Process>>, Process)> = Vec::new();
+        let mut now: HashMap<String, (Option<Arc<Process>>, String)> =
+            HashMap::with_capacity(published.len());
+        for listed in inner.supervisor.listed() {
+            let process = listed.process();
+            let key = ProcessDigest::key_for(&process.id);
+            let unchanged = matches!(published.get(&key), Some((Some(from), _)) if Arc::ptr_eq(from, process));
+            match published.remove(&key) {
+                Some(same) if unchanged => {
+                    now.insert(key, same);
+                }
+                old => {
+                    if let Some(old) = old {
+                        // Compared with the new digest below.
+                        published.insert(key, old);
+                    }
+                    records.push((Some(Arc::clone(process)), (**process).clone()));
+                }
             }
         }
-        for key in published
-            .keys()
-            .filter(|k| !now.contains_key(*k) && k.as_str() != MEMORY_KEY)
-        {
-            inner.mesh.delete(key).await;
+        // Held records are few: digest them every time.
+        records.extend(lock(&inner.held).values().map(|p| (None, p.clone())));
+        let mut changed = false;
+        for (from, process) in records {
+            let digest = ProcessDigest::of(&process);
+            let (key, value) = (digest.key(), digest.encode());
+            let old = published.remove(&key).map(|(_, v)| v);
+            if old.as_ref() != Some(&value) {
+                if let Err(e) = inner.mesh.set(&key, &value).await {
+                    tracing::warn!("cannot publish {key}: {e}");
+                }
+                changed = true;
+            }
+            now.insert(key, (from, value));
         }
-        let memory = published.remove(MEMORY_KEY);
+        // What is left was published before and is gone now.
+        for key in published.keys() {
+            inner.mesh.delete(key).await;
+            changed = true;
+        }
         published = now;
-        if let Some(memory) = memory {
-            published.insert(MEMORY_KEY.to_owned(), memory);
+        if changed || seq == 0 {
+            seq += 1;
+            if let Err(e) = inner.mesh.set(SEQ_KEY, &seq.to_string()).await {
+                tracing::warn!("cannot publish {SEQ_KEY}: {e}");
+            }
         }
         if let Some(available) = super::os::memory_available() {
             let value = available.to_string();
-            if published.get(MEMORY_KEY) != Some(&value) {
+            if memory.as_ref() != Some(&value) {
                 let _ = inner.mesh.set(MEMORY_KEY, &value).await;
+                memory = Some(value);
             }
-            published.insert(MEMORY_KEY.to_owned(), value);
         }
         tokio::select! {
             changed = changes.changed() => {
@@ -327,77 +459,184 @@ async fn publish(inner: Arc<Inner>) {
 
 /// Stops and forgets local copies that the network has replaced: a live node runs the same
 /// process with a higher generation (this node was lost, and the root placed it elsewhere).
-fn fence(inner: &Arc<Inner>, others: &[(Member, bool)]) {
-    for local in inner.supervisor.list() {
-        let key = ProcessDigest::key_for(&local.id);
-        let newer = others.iter().any(|(member, alive)| {
-            *alive
-                && member
-                    .values
-                    .get(&key)
-                    .and_then(|v| ProcessDigest::decode(v).ok())
-                    .is_some_and(|d| d.generation > local.generation)
+fn fence(inner: &Arc<Inner>) {
+    let stale: Vec<(ProcessId, u64, NodeName, u64)> = {
+        let state = lock(&inner.state);
+        if state.published.is_empty() {
+            return;
+        }
+        inner
+            .supervisor
+            .listed()
+            .iter()
+            .map(Listed::process)
+            .filter_map(|local| {
+                newer_copy(&state, &local.id, local.generation)
+                    .map(|(node, newer)| (local.id.clone(), local.generation, node, newer))
+            })
+            .collect()
+    };
+    for (id, generation, node, newer) in stale {
+        if inner.supervisor.is_parked(&id) || !lock(&inner.fencing).insert(id.clone()) {
+            // A parked copy is decided when it is unparked.
+            continue;
+        }
+        tracing::warn!(%id, generation, %node, newer, "a newer generation runs elsewhere: stopping this stale copy");
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            if let Err(e) = inner.supervisor.remove(&id).await {
+                tracing::warn!(%id, "cannot remove the stale copy: {e}");
+            }
+            lock(&inner.fencing).remove(&id);
         });
-        if newer && lock(&inner.fencing).insert(local.id.clone()) {
-            tracing::warn!(id = %local.id, generation = local.generation, "a newer generation runs elsewhere: stopping this stale copy");
-            let inner = inner.clone();
-            tokio::spawn(async move {
-                if let Err(e) = inner.supervisor.remove(&local.id).await {
-                    tracing::warn!(id = %local.id, "cannot remove the stale copy: {e}");
+    }
+}
+
+/// A record to fetch: from which API, which id, for which spec hash.
+struct Wanted {
+    api: String,
+    id: ProcessId,
+    spec: String,
+}
+
+/// Reads the membership and applies what changed since the last time: only nodes whose
+/// key-values or liveness changed are looked at, and of those only the digests that changed
+/// are decoded. Returns the records not held yet (or held for an older spec).
+async fn refresh(inner: &Arc<Inner>) -> Vec<Wanted> {
+    let membership = inner.mesh.membership().await;
+    let others: Vec<(Member, bool)> = membership
+        .live
+        .into_iter()
+        .map(|m| (m, true))
+        .chain(membership.dead.into_iter().map(|m| (m, false)))
+        .filter(|(m, _)| m.node != inner.node)
+        .collect();
+    let mut state = lock(&inner.state);
+    let state = &mut *state;
+    let mut changed = false;
+    let before: HashMap<NodeName, (Member, bool)> = std::mem::take(&mut state.members)
+        .into_iter()
+        .map(|(m, alive)| (m.node.clone(), (m, alive)))
+        .collect();
+    let mut gone = before;
+    for (member, alive) in &others {
+        let old = gone.remove(&member.node);
+        let same_incarnation = old
+            .as_ref()
+            .is_some_and(|(o, a)| o.generation == member.generation && a == alive);
+        if same_incarnation
+            && old
+                .as_ref()
+                .is_some_and(|(o, _)| Arc::ptr_eq(&o.values, &member.values))
+        {
+            continue;
+        }
+        changed = true;
+        let old_values = old.map(|(o, _)| o.values);
+        // Digests this node no longer publishes.
+        if let Some(old_values) = &old_values {
+            for (key, _) in digests_of(old_values) {
+                if !member.values.contains_key(key) {
+                    forget(&mut state.published, key, &member.node);
                 }
-                lock(&inner.fencing).remove(&local.id);
+            }
+        }
+        for (key, value) in digests(member) {
+            let unchanged = same_incarnation
+                && old_values
+                    .as_ref()
+                    .and_then(|v| v.get(key))
+                    .is_some_and(|old| old == value);
+            if unchanged {
+                continue;
+            }
+            let Ok(digest) = ProcessDigest::decode(value) else {
+                forget(&mut state.published, key, &member.node);
+                continue;
+            };
+            let entries = state.published.entry(digest.id.clone()).or_default();
+            entries.retain(|e| e.node != member.node);
+            entries.push(Published {
+                node: member.node.clone(),
+                alive: *alive,
+                digest,
+                listed: None,
             });
+        }
+    }
+    // Nodes forgotten by the mesh.
+    for (node, (member, _)) in &gone {
+        changed = true;
+        for (key, _) in digests(member) {
+            forget(&mut state.published, key, node);
+        }
+    }
+    state.members = others;
+    if changed {
+        // Keep copies only of records some node still publishes.
+        let published = &state.published;
+        state.copies.retain(|id, _| published.contains_key(id));
+    }
+    let apis: HashMap<&NodeName, &String> = state
+        .members
+        .iter()
+        .filter_map(|(m, _)| m.values.get(API_KEY).map(|api| (&m.node, api)))
+        .collect();
+    let mut wanted = Vec::new();
+    for (id, entries) in &state.published {
+        for entry in entries.iter().filter(|e| e.alive) {
+            let held = state
+                .copies
+                .get(id)
+                .is_some_and(|c| c.spec == entry.digest.spec);
+            if let (false, Some(api)) = (held, apis.get(&entry.node)) {
+                wanted.push(Wanted {
+                    api: (*api).clone(),
+                    id: id.clone(),
+                    spec: entry.digest.spec.clone(),
+                });
+            }
+        }
+    }
+    wanted
+}
+
+/// The process digests among `values`.
+fn digests_of(values: &BTreeMap<String, String>) -> impl Iterator<Item = (&String, &String)> {
+    values
+        .range::<str, _>((
+            std::ops::Bound::Included(PROCESS_PREFIX),
+            std::ops::Bound::Unbounded,
+        ))
+        .take_while(|(key, _)| key.starts_with(PROCESS_PREFIX))
+}
+
+/// Drops `node`'s digest under mesh key `key`.
+fn forget(published: &mut BTreeMap<ProcessId, Vec<Published>>, key: &str, node: &NodeName) {
+    let Some(id) = key
+        .strip_prefix(PROCESS_PREFIX)
+        .and_then(|id| ProcessId::new(id).ok())
+    else {
+        return;
+    };
+    if let Some(entries) = published.get_mut(&id) {
+        entries.retain(|e| &e.node != node);
+        if entries.is_empty() {
+            published.remove(&id);
         }
     }
 }
 
 /// Keeps the membership and a copy of every other node's records (fetched when a digest
-/// names a record or spec not held yet).
+/// names a record or spec not held yet), and fences stale local copies.
 async fn sync(inner: Arc<Inner>) {
     let mut ticker = tokio::time::interval(SYNC_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let membership = inner.mesh.membership().await;
-        let others: Vec<(Member, bool)> = membership
-            .live
-            .into_iter()
-            .map(|m| (m, true))
-            .chain(membership.dead.into_iter().map(|m| (m, false)))
-            .filter(|(m, _)| m.node != inner.node)
-            .collect();
-        let mut wanted: Vec<(String, ProcessId, String)> = Vec::new();
-        {
-            let mut copies = lock(&inner.copies);
-            // Keep copies only of records some node still publishes.
-            copies.retain(|id, _| {
-                let key = ProcessDigest::key_for(id);
-                others.iter().any(|(m, _)| m.values.contains_key(&key))
-            });
-            for (member, alive) in &others {
-                let Some(api) = member.values.get(API_KEY) else {
-                    continue;
-                };
-                for (key, value) in &member.values {
-                    let Some(digest) = key
-                        .starts_with(PROCESS_PREFIX)
-                        .then(|| ProcessDigest::decode(value).ok())
-                        .flatten()
-                    else {
-                        continue;
-                    };
-                    let held = copies
-                        .get(&digest.id)
-                        .is_some_and(|c| c.spec == digest.spec);
-                    if *alive && !held {
-                        wanted.push((api.clone(), digest.id, digest.spec));
-                    }
-                }
-            }
-        }
-        fence(&inner, &others);
-        *lock(&inner.remote) = others;
-        for (api, id, spec) in wanted {
+        let wanted = refresh(&inner).await;
+        fence(&inner);
+        for Wanted { api, id, spec } in wanted {
             let client = inner.client.at(&api);
             // One slow node must not hold up copying the others' records for long.
             let fetched = tokio::time::timeout(
@@ -418,7 +657,13 @@ async fn sync(inner: Arc<Inner>) {
                     } else {
                         spec_hash(&record.spec)
                     };
-                    lock(&inner.copies).insert(id, Copy { record, spec });
+                    let mut state = lock(&inner.state);
+                    if let Some(entries) = state.published.get_mut(&id) {
+                        for entry in entries {
+                            entry.listed = None;
+                        }
+                    }
+                    state.copies.insert(id, Copy { record, spec });
                 }
                 Ok(None) => {}
                 Err(e) => tracing::debug!(%id, "cannot fetch the record from {api}: {e}"),

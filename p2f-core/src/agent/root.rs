@@ -257,10 +257,13 @@ async fn reconcile(inner: &Arc<Inner>) {
     }
     let nodes = inner.replica.nodes(&inner.own).await;
     let records = inner.replica.list();
+    let newest_of: HashMap<&ProcessId, &Process> =
+        records.iter().map(|p| (&p.id, p.as_ref())).collect();
+    let usage = Usage::of(&records);
     // Placements of this pass, not yet in `records`.
     let mut placed_now: HashMap<NodeName, usize> = HashMap::new();
     for service in &desired.services {
-        let newest = records.iter().find(|p| p.id == service.id);
+        let newest = newest_of.get(&service.id).copied();
         let held = inner.replica.held(&service.id);
         let floor = lock(&inner.placed)
             .get(&service.id)
@@ -318,7 +321,7 @@ async fn reconcile(inner: &Arc<Inner>) {
             .get(&service.id)
             .cloned()
             .unwrap_or_default();
-        let Some(target) = choose(&service.spec, &nodes, &records, &avoid, &placed_now) else {
+        let Some(target) = choose(&service.spec, &nodes, &usage, &avoid, &placed_now) else {
             if held.is_none() {
                 tracing::warn!(id = %service.id, "no allowed node is alive: it waits");
                 inner
@@ -399,13 +402,37 @@ fn held_record(own: &p2f_model::Node, service: &DesiredService, generation: u64)
     process
 }
 
+/// What runs where, counted once per reconcile pass.
+#[derive(Debug, Default)]
+struct Usage<'a> {
+    /// Processes that are not stopped or failed, per node.
+    load: HashMap<&'a NodeName, usize>,
+    /// Ports held on each node (by processes neither final nor lost).
+    ports: std::collections::HashSet<(&'a NodeName, u16)>,
+}
+
+impl<'a> Usage<'a> {
+    fn of(records: &'a [Arc<Process>]) -> Usage<'a> {
+        let mut usage = Usage::default();
+        for p in records.iter().filter(|p| !p.status.is_final()) {
+            *usage.load.entry(&p.node.name).or_default() += 1;
+            if let Some(port) = p.port
+                && p.status != Status::Lost
+            {
+                usage.ports.insert((&p.node.name, port));
+            }
+        }
+        usage
+    }
+}
+
 /// The node a spec goes to: alive, allowed by its pins, its port free there, with at least
 /// [`MIN_FREE_MEMORY`] available, not one it failed on (unless no other is left), with the
 /// fewest processes (then by name, so placements are predictable).
 fn choose<'a>(
     spec: &ProcessSpec,
     nodes: &'a [NodeStatus],
-    records: &[Process],
+    usage: &Usage<'_>,
     avoid: &[NodeName],
     placed_now: &HashMap<NodeName, usize>,
 ) -> Option<&'a NodeStatus> {
@@ -418,14 +445,8 @@ fn choose<'a>(
                 .is_none_or(|free| free >= MIN_FREE_MEMORY)
         })
         .filter(|n| {
-            spec.port().is_none_or(|port| {
-                !records.iter().any(|p| {
-                    p.node.name == n.node.name
-                        && p.port == Some(port)
-                        && !p.status.is_final()
-                        && p.status != Status::Lost
-                })
-            })
+            spec.port()
+                .is_none_or(|port| !usage.ports.contains(&(&n.node.name, port)))
         })
         .collect();
     let fresh: Vec<&NodeStatus> = candidates
@@ -435,10 +456,7 @@ fn choose<'a>(
         .collect();
     let pool = if fresh.is_empty() { candidates } else { fresh };
     pool.into_iter().min_by_key(|n| {
-        let load = records
-            .iter()
-            .filter(|p| p.node.name == n.node.name && !p.status.is_final())
-            .count()
+        let load = usage.load.get(&n.node.name).copied().unwrap_or(0)
             + placed_now.get(&n.node.name).copied().unwrap_or(0);
         (load, n.node.name.clone())
     })

@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use super::config::SupervisorConfig;
 use super::health;
 use super::lifecycle::{self, Action, Exit, ExitContext};
+use super::listing::Listed;
 use super::logs::Logs;
 use super::os;
 use super::store::{Entry, Local, Store, StoreError};
@@ -83,6 +84,16 @@ enum Desired {
     Detach,
 }
 
+/// What [`Supervisor::start`] does with a record that should run but does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Start it again now (a node on its own, or the root, which alone places processes).
+    Restart,
+    /// Wait for [`Supervisor::unpark`]: a member that was away must first hear whether the
+    /// network replaced it, so that a stale copy never runs beside the newer one.
+    Park,
+}
+
 /// How the supervisor lets go of its processes when the agent stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shutdown {
@@ -96,6 +107,23 @@ struct Slot {
     entry: Entry,
     desired: watch::Sender<Desired>,
     task: Option<JoinHandle<()>>,
+    /// Recovered, to be started again once the network has said it was not replaced
+    /// ([`Supervisor::unpark`]); no task runs it yet.
+    parked: bool,
+    /// The record as listed, made when first asked for after a change.
+    listed: Option<Listed>,
+}
+
+impl Slot {
+    fn new(entry: Entry, desired: watch::Sender<Desired>, task: Option<JoinHandle<()>>) -> Slot {
+        Slot {
+            entry,
+            desired,
+            task,
+            parked: false,
+            listed: None,
+        }
+    }
 }
 
 struct Inner {
@@ -136,13 +164,15 @@ enum Begin {
 
 impl Supervisor {
     /// Opens the supervisor over `store`: re-adopts what still runs, starts again what should
-    /// run but does not, and keeps every other record as it is.
+    /// run but does not (or, with [`Recovery::Park`], waits for [`Supervisor::unpark`] to),
+    /// and keeps every other record as it is.
     pub fn start(
         node: NodeRef,
         store: Arc<Store>,
         data_dir: &std::path::Path,
         settings: SupervisorConfig,
         deploy: DeployOptions,
+        recovery: Recovery,
     ) -> Result<Supervisor, StoreError> {
         let logs = Logs::new(
             data_dir.join("logs"),
@@ -164,14 +194,14 @@ impl Supervisor {
             }),
         };
         for entry in supervisor.inner.store.all()? {
-            supervisor.recover(entry)?;
+            supervisor.recover(entry, recovery)?;
         }
         tokio::spawn(housekeeping(Arc::downgrade(&supervisor.inner)));
         Ok(supervisor)
     }
 
     /// Decides what to do with one stored record after a restart of the agent.
-    fn recover(&self, mut entry: Entry) -> Result<(), StoreError> {
+    fn recover(&self, mut entry: Entry, recovery: Recovery) -> Result<(), StoreError> {
         let process = &entry.process;
         let live = entry
             .local
@@ -225,17 +255,72 @@ impl Supervisor {
         } else {
             Desired::Run
         });
-        let task = begin.map(|b| tokio::spawn(run(self.inner.clone(), entry.clone(), rx, b)));
+        let parked = matches!(begin, Some(Begin::Fresh)) && recovery == Recovery::Park;
+        let task = begin
+            .filter(|_| !parked)
+            .map(|b| tokio::spawn(run(self.inner.clone(), entry.clone(), rx, b)));
+        if parked {
+            tracing::info!(id = %entry.process.id, generation = entry.process.generation, "waiting for the network before starting it again");
+        }
         let id = entry.process.id.clone();
-        self.slots().insert(
-            id,
-            Slot {
-                entry,
-                desired,
-                task,
-            },
-        );
+        let mut slot = Slot::new(entry, desired, task);
+        slot.parked = parked;
+        self.slots().insert(id, slot);
         Ok(())
+    }
+
+    /// Starts the processes recovery parked, except those `replaced` names (with the reason):
+    /// another node runs a newer generation, so this copy is forgotten without ever starting
+    /// (its record, bundle and logs are deleted).
+    pub fn unpark(&self, replaced: impl Fn(&Process) -> Option<String>) {
+        let mut forgotten = Vec::new();
+        {
+            let mut slots = self.slots();
+            // Under the lock `shutdown` takes to collect the tasks: no task starts after it.
+            if self.inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let parked: Vec<ProcessId> = slots
+                .iter()
+                .filter(|(_, slot)| slot.parked)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in parked {
+                let Some(slot) = slots.get_mut(&id) else {
+                    continue;
+                };
+                slot.parked = false;
+                if let Some(reason) = replaced(&slot.entry.process) {
+                    tracing::warn!(%id, generation = slot.entry.process.generation, "not started again: {reason}");
+                    slots.remove(&id);
+                    forgotten.push(id);
+                    continue;
+                }
+                tracing::info!(%id, "starting it again");
+                let rx = slot.desired.subscribe();
+                slot.task = Some(tokio::spawn(run(
+                    self.inner.clone(),
+                    slot.entry.clone(),
+                    rx,
+                    Begin::Fresh,
+                )));
+            }
+        }
+        for id in &forgotten {
+            if let Err(e) = self.inner.store.remove(id) {
+                tracing::warn!(%id, "cannot delete the replaced record: {e}");
+            }
+            self.inner.logs.remove(id);
+            let _ = std::fs::remove_dir_all(self.inner.bundles.join(id.as_str()));
+        }
+        if !forgotten.is_empty() {
+            self.inner.bump();
+        }
+    }
+
+    /// Whether a recovered process still waits for [`Supervisor::unpark`].
+    pub fn is_parked(&self, id: &ProcessId) -> bool {
+        self.slots().get(id).is_some_and(|s| s.parked)
     }
 
     fn slots(&self) -> MutexGuard<'_, HashMap<ProcessId, Slot>> {
@@ -250,6 +335,31 @@ impl Supervisor {
     /// Where the process logs are.
     pub fn logs(&self) -> &Logs {
         &self.inner.logs
+    }
+
+    /// Every record of this node as listed (shared, encoded once per change), sorted by id.
+    pub fn listed(&self) -> Vec<Listed> {
+        let mut all: Vec<Listed> = self
+            .slots()
+            .values_mut()
+            .map(|slot| {
+                slot.listed
+                    .get_or_insert_with(|| Listed::new(slot.entry.process.clone()))
+                    .clone()
+            })
+            .collect();
+        all.sort_by(|a, b| a.process().id.cmp(&b.process().id));
+        all
+    }
+
+    /// How many records this node has.
+    pub fn len(&self) -> usize {
+        self.slots().len()
+    }
+
+    /// Whether this node has no record.
+    pub fn is_empty(&self) -> bool {
+        self.slots().is_empty()
     }
 
     /// Every record of this node, sorted by id.
@@ -332,14 +442,8 @@ impl Supervisor {
         self.inner.store.put(&entry)?;
         let (desired, rx) = watch::channel(Desired::Run);
         let task = tokio::spawn(run(self.inner.clone(), entry.clone(), rx, Begin::Fresh));
-        if let Some(old) = slots.insert(
-            id,
-            Slot {
-                entry,
-                desired,
-                task: Some(task),
-            },
-        ) && let Some(task) = old.task
+        if let Some(old) = slots.insert(id, Slot::new(entry, desired, Some(task)))
+            && let Some(task) = old.task
         {
             task.abort();
         }
@@ -373,10 +477,21 @@ impl Supervisor {
     /// its record as `Stopped`. Returns the record once it is stopped.
     pub async fn kill(&self, id: &ProcessId) -> Result<Process, SupervisorError> {
         let grace = {
-            let slots = self.slots();
+            let mut slots = self.slots();
             let slot = slots
-                .get(id)
+                .get_mut(id)
                 .ok_or_else(|| SupervisorError::NotFound(id.clone()))?;
+            if slot.parked {
+                // Never started again: it is stopped where it is.
+                slot.parked = false;
+                lifecycle::on_stopped(&mut slot.entry.process, now());
+                slot.listed = None;
+                self.inner.store.put(&slot.entry)?;
+                let stopped = slot.entry.process.clone();
+                drop(slots);
+                self.inner.bump();
+                return Ok(stopped);
+            }
             if slot.task.as_ref().is_none_or(|t| t.is_finished()) {
                 return Ok(slot.entry.process.clone());
             }
@@ -469,6 +584,7 @@ impl Inner {
             // The memory figure is refreshed on the slot by housekeeping; keep it while running.
             let memory = slot.entry.process.memory_bytes;
             slot.entry = entry.clone();
+            slot.listed = None;
             if entry.process.is_running() && entry.process.memory_bytes == 0 {
                 slot.entry.process.memory_bytes = memory;
             }
@@ -1053,10 +1169,13 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
         {
             let mut slots = inner.slots();
             for (id, pgid) in &running {
+                let memory = rss.get(pgid).copied().unwrap_or(0);
                 if let Some(slot) = slots.get_mut(id)
                     && slot.entry.process.is_running()
+                    && slot.entry.process.memory_bytes != memory
                 {
-                    slot.entry.process.memory_bytes = rss.get(pgid).copied().unwrap_or(0);
+                    slot.entry.process.memory_bytes = memory;
+                    slot.listed = None;
                 }
             }
         }

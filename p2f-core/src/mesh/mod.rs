@@ -25,7 +25,7 @@ mod process;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex as StdMutex};
@@ -181,8 +181,9 @@ pub struct Member {
     pub generation: u64,
     /// Where it gossips.
     pub gossip_addr: SocketAddr,
-    /// Its key-values (deleted ones excluded).
-    pub values: BTreeMap<String, String>,
+    /// Its key-values (deleted ones excluded), shared between snapshots until the node changes
+    /// one: comparing two snapshots of an unchanged node is a pointer comparison.
+    pub values: Arc<BTreeMap<String, String>>,
 }
 
 /// Who is live and who is dead, sorted by node name; one entry per name (its newest
@@ -223,7 +224,7 @@ pub struct Mesh {
     id: ChitchatId,
     handle: ChitchatHandle,
     chitchat: Arc<Mutex<Chitchat>>,
-    seen: Arc<StdMutex<HashSet<ChitchatId>>>,
+    seen: Arc<StdMutex<Seen>>,
     membership: watch::Receiver<Membership>,
     counters: Arc<Counters>,
     _monitor: AbortOnDrop,
@@ -289,7 +290,7 @@ impl Mesh {
             .map_err(|error| MeshError::Start(format!("{error:#}")))?;
 
         let chitchat = handle.chitchat();
-        let seen = Arc::new(StdMutex::new(HashSet::new()));
+        let seen = Arc::new(StdMutex::new(Seen::default()));
         let (first, live) = {
             let guard = chitchat.lock().await;
             (snapshot(&guard, &seen), guard.live_nodes_watcher())
@@ -441,7 +442,7 @@ impl Drop for AbortOnDrop {
 /// changes, which chitchat checks once per gossip round.
 async fn monitor(
     chitchat: Arc<Mutex<Chitchat>>,
-    seen: Arc<StdMutex<HashSet<ChitchatId>>>,
+    seen: Arc<StdMutex<Seen>>,
     mut live: watch::Receiver<BTreeMap<ChitchatId, chitchat::NodeState>>,
     publish: watch::Sender<Membership>,
 ) {
@@ -457,49 +458,78 @@ async fn monitor(
     }
 }
 
+/// What the snapshots remember between calls: every incarnation seen live (so that one that
+/// dies is listed dead), and each node's key-values as of its max version (so that an unchanged
+/// node's values are shared, not copied, by the next snapshot).
+#[derive(Default)]
+struct Seen {
+    live: HashSet<ChitchatId>,
+    values: ValuesCache,
+}
+
+/// Each node's key-values as of its max version.
+type ValuesCache = HashMap<ChitchatId, (u64, Arc<BTreeMap<String, String>>)>;
+
 /// The membership as `chitchat` sees it; records every incarnation seen live in `seen`.
-fn snapshot(chitchat: &Chitchat, seen: &StdMutex<HashSet<ChitchatId>>) -> Membership {
+fn snapshot(chitchat: &Chitchat, seen: &StdMutex<Seen>) -> Membership {
     let mut seen = seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut live = BTreeMap::new();
     for id in chitchat.live_nodes() {
-        seen.insert(id.clone());
-        if let Some(member) = member(chitchat, id) {
+        seen.live.insert(id.clone());
+        if let Some(member) = member(chitchat, id, &mut seen.values) {
             keep_newest(&mut live, member);
         }
     }
     let mut dead = BTreeMap::new();
     for id in chitchat.dead_nodes() {
-        if !seen.contains(id) {
+        if !seen.live.contains(id) {
             continue;
         }
-        if let Some(member) = member(chitchat, id)
+        if let Some(member) = member(chitchat, id, &mut seen.values)
             && !live.contains_key(&member.node)
         {
             keep_newest(&mut dead, member);
         }
     }
     // Forget incarnations chitchat itself forgot (after the dead grace).
-    seen.retain(|id| chitchat.node_state(id).is_some());
+    seen.live.retain(|id| chitchat.node_state(id).is_some());
+    seen.values.retain(|id, _| chitchat.node_state(id).is_some());
     Membership {
         live: live.into_values().collect(),
         dead: dead.into_values().collect(),
     }
 }
 
-fn member(chitchat: &Chitchat, id: &ChitchatId) -> Option<Member> {
+fn member(
+    chitchat: &Chitchat,
+    id: &ChitchatId,
+    cache: &mut ValuesCache,
+) -> Option<Member> {
     let state = chitchat.node_state(id)?;
     let Ok(node) = NodeName::new(&*id.node_id) else {
         tracing::debug!(node_id = %id.node_id, "mesh: ignoring a member with an invalid node name");
         return None;
     };
+    // Every change (a set or a delete) raises the node's max version.
+    let version = state.max_version();
+    let values = match cache.get(id) {
+        Some((cached, values)) if *cached == version => Arc::clone(values),
+        _ => {
+            let values: Arc<BTreeMap<String, String>> = Arc::new(
+                state
+                    .key_values()
+                    .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                    .collect(),
+            );
+            cache.insert(id.clone(), (version, Arc::clone(&values)));
+            values
+        }
+    };
     Some(Member {
         node,
         generation: id.generation_id,
         gossip_addr: id.gossip_advertise_addr,
-        values: state
-            .key_values()
-            .map(|(key, value)| (key.to_owned(), value.to_owned()))
-            .collect(),
+        values,
     })
 }
 
