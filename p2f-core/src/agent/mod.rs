@@ -294,7 +294,9 @@ async fn unpark(replica: replica::Replica, supervisor: Supervisor) {
     supervisor.unpark(|process| {
         replica
             .newer_elsewhere(&process.id, process.generation)
-            .map(|(node, generation)| format!("generation {generation} runs on {node}"))
+            .map(|(node, generation)| {
+                format!("the network has generation {generation} (on {node})")
+            })
     });
 }
 

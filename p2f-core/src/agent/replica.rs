@@ -397,7 +397,8 @@ async fn publish(inner: Arc<Inner>) {
         for listed in inner.supervisor.listed() {
             let process = listed.process();
             let key = ProcessDigest::key_for(&process.id);
-            let unchanged = matches!(published.get(&key), Some((Some(from), _)) if Arc::ptr_eq(from, process));
+            let unchanged =
+                matches!(published.get(&key), Some((Some(from), _)) if Arc::ptr_eq(from, process));
             match published.remove(&key) {
                 Some(same) if unchanged => {
                     now.insert(key, same);

@@ -493,18 +493,15 @@ fn snapshot(chitchat: &Chitchat, seen: &StdMutex<Seen>) -> Membership {
     }
     // Forget incarnations chitchat itself forgot (after the dead grace).
     seen.live.retain(|id| chitchat.node_state(id).is_some());
-    seen.values.retain(|id, _| chitchat.node_state(id).is_some());
+    seen.values
+        .retain(|id, _| chitchat.node_state(id).is_some());
     Membership {
         live: live.into_values().collect(),
         dead: dead.into_values().collect(),
     }
 }
 
-fn member(
-    chitchat: &Chitchat,
-    id: &ChitchatId,
-    cache: &mut ValuesCache,
-) -> Option<Member> {
+fn member(chitchat: &Chitchat, id: &ChitchatId, cache: &mut ValuesCache) -> Option<Member> {
     let state = chitchat.node_state(id)?;
     let Ok(node) = NodeName::new(&*id.node_id) else {
         tracing::debug!(node_id = %id.node_id, "mesh: ignoring a member with an invalid node name");
