@@ -1530,9 +1530,7 @@ async fn list_on(
     let mut member_raw = Vec::new();
     let mut root_raw = Vec::new();
     let mut tiny = Vec::new();
-    // What the serving node and the client do, redone here on the same records.
-    let mut clone_sort = Vec::new();
-    let mut digests = Vec::new();
+    // What the client does (and what the agents did before), redone here on the same records.
     let mut full = Codec::default();
     let mut no_events = Codec::default();
     let mut summary = Codec::default();
@@ -1559,20 +1557,10 @@ async fn list_on(
         let (small, _) = raw.get(&member_addr, "/v1/node").await?;
         let parsed: Vec<Process> =
             full.measure_parse(|| serde_json::from_slice(&body), body.len(), counted)?;
-        let t = Instant::now();
-        let mut copy = parsed.clone();
-        copy.sort_by(|a, b| a.id.cmp(&b.id));
-        let clone_time = t.elapsed();
+        let copy = parsed;
+        // What the agents no longer do per call: encode every record (they encode a record
+        // once per change of it, and join the encodings).
         full.measure_encode(|| serde_json::to_vec(&copy), counted)?;
-        // What the root does on top for records of another node: decode each digest.
-        let values: Vec<String> = copy.iter().map(|p| ProcessDigest::of(p).encode()).collect();
-        let t = Instant::now();
-        let decoded = values
-            .iter()
-            .filter(|v| ProcessDigest::decode(v).is_ok())
-            .count();
-        let digest_time = t.elapsed();
-        ensure!(decoded == values.len(), "digests do not decode");
         // Smaller answers: the records without their event history, and summary rows (the
         // digest: id, generation, status, node, port, domain, restarts, start time).
         let mut lean = copy.clone();
@@ -1591,8 +1579,6 @@ async fn list_on(
             root_calls.push(root_call);
             member_raw.push(member_get);
             root_raw.push(root_get);
-            clone_sort.push(clone_time);
-            digests.push(digest_time);
             tiny.push(small.body);
         }
     }
@@ -1659,8 +1645,8 @@ async fn list_on(
         verdict(root_calls.pct(50.0) <= Duration::from_millis(50)),
     );
     report.row(
-        "  part, member: request → headers (the agent lists, clones, sorts and encodes the whole \
-         body first)",
+        "  part, member: request → headers (the agent joins its records' JSON, each encoded once \
+         per change)",
         pick(&member_raw, |r| r.headers).ms_p99(),
         "",
         "",
@@ -1706,22 +1692,9 @@ async fn list_on(
         "",
     );
     report.row(
-        "  redone in the harness: clone + sort the records (Supervisor::list)",
-        Sample::new(clone_sort).ms_p99(),
-        "",
-        "",
-        "",
-    );
-    report.row(
-        "  redone in the harness: encode the records to JSON (axum's Json)",
+        "  in the harness: encode every record to JSON (what each call cost before records were \
+         encoded once per change)",
         full.encode().ms_p99(),
-        "",
-        "",
-        "",
-    );
-    report.row(
-        &format!("  redone in the harness: decode {n} mesh digests (Replica::list on the root)"),
-        Sample::new(digests).ms_p99(),
         "",
         "",
         "",
@@ -1891,8 +1864,12 @@ impl Perf {
         let inclusive = report(&["--children", "--sort", "symbol", "-g", "none"])?;
         std::fs::write(self.data.with_extension("children.txt"), &inclusive)?;
         let parts = [
-            ("Supervisor::list", "agent::supervisor::Supervisor::list"),
-            ("Replica::list", "agent::replica::Replica::list"),
+            (
+                "Supervisor::listed",
+                "agent::supervisor::Supervisor::listed",
+            ),
+            ("Replica::listed", "agent::replica::Replica::listed"),
+            ("json_array", "agent::listing::json_array"),
             (
                 "Process::clone",
                 "p2f_model::process::Process as core::clone::Clone>::clone",
