@@ -500,9 +500,8 @@ struct Wanted {
     spec: String,
 }
 
-/// Reads the membership and applies what changed since the last time: only nodes whose
-/// key-values or liveness changed are looked at, and of those only the digests that changed
-/// are decoded. Returns the records not held yet (or held for an older spec).
+/// Reads the membership and applies what changed since the last time (see
+/// [`State::absorb`]); returns the records to fetch.
 async fn refresh(inner: &Arc<Inner>) -> Vec<Wanted> {
     let membership = inner.mesh.membership().await;
     let others: Vec<(Member, bool)> = membership
@@ -513,93 +512,105 @@ async fn refresh(inner: &Arc<Inner>) -> Vec<Wanted> {
         .filter(|(m, _)| m.node != inner.node)
         .collect();
     let mut state = lock(&inner.state);
-    let state = &mut *state;
-    let mut changed = false;
-    let before: HashMap<NodeName, (Member, bool)> = std::mem::take(&mut state.members)
-        .into_iter()
-        .map(|(m, alive)| (m.node.clone(), (m, alive)))
-        .collect();
-    let mut gone = before;
-    for (member, alive) in &others {
-        let old = gone.remove(&member.node);
-        let same_incarnation = old
-            .as_ref()
-            .is_some_and(|(o, a)| o.generation == member.generation && a == alive);
-        if same_incarnation
-            && old
+    state.absorb(others);
+    state.wanted()
+}
+
+impl State {
+    /// Takes in the other nodes as the mesh shows them now. Only nodes whose key-values or
+    /// liveness changed are looked at, and of those only the digests that changed are decoded
+    /// (and their listed records made again).
+    fn absorb(&mut self, others: Vec<(Member, bool)>) {
+        let mut changed = false;
+        let mut before: HashMap<NodeName, (Member, bool)> = std::mem::take(&mut self.members)
+            .into_iter()
+            .map(|(m, alive)| (m.node.clone(), (m, alive)))
+            .collect();
+        for (member, alive) in &others {
+            let old = before.remove(&member.node);
+            let same_incarnation = old
                 .as_ref()
-                .is_some_and(|(o, _)| Arc::ptr_eq(&o.values, &member.values))
-        {
-            continue;
-        }
-        changed = true;
-        let old_values = old.map(|(o, _)| o.values);
-        // Digests this node no longer publishes.
-        if let Some(old_values) = &old_values {
-            for (key, _) in digests_of(old_values) {
-                if !member.values.contains_key(key) {
-                    forget(&mut state.published, key, &member.node);
+                .is_some_and(|(o, a)| o.generation == member.generation && a == alive);
+            if same_incarnation
+                && old
+                    .as_ref()
+                    .is_some_and(|(o, _)| Arc::ptr_eq(&o.values, &member.values))
+            {
+                continue;
+            }
+            changed = true;
+            let old_values = old.map(|(o, _)| o.values);
+            // Digests this node no longer publishes.
+            if let Some(old_values) = &old_values {
+                for (key, _) in digests_of(old_values) {
+                    if !member.values.contains_key(key) {
+                        forget(&mut self.published, key, &member.node);
+                    }
                 }
             }
-        }
-        for (key, value) in digests(member) {
-            let unchanged = same_incarnation
-                && old_values
-                    .as_ref()
-                    .and_then(|v| v.get(key))
-                    .is_some_and(|old| old == value);
-            if unchanged {
-                continue;
-            }
-            let Ok(digest) = ProcessDigest::decode(value) else {
-                forget(&mut state.published, key, &member.node);
-                continue;
-            };
-            let entries = state.published.entry(digest.id.clone()).or_default();
-            entries.retain(|e| e.node != member.node);
-            entries.push(Published {
-                node: member.node.clone(),
-                alive: *alive,
-                digest,
-                listed: None,
-            });
-        }
-    }
-    // Nodes forgotten by the mesh.
-    for (node, (member, _)) in &gone {
-        changed = true;
-        for (key, _) in digests(member) {
-            forget(&mut state.published, key, node);
-        }
-    }
-    state.members = others;
-    if changed {
-        // Keep copies only of records some node still publishes.
-        let published = &state.published;
-        state.copies.retain(|id, _| published.contains_key(id));
-    }
-    let apis: HashMap<&NodeName, &String> = state
-        .members
-        .iter()
-        .filter_map(|(m, _)| m.values.get(API_KEY).map(|api| (&m.node, api)))
-        .collect();
-    let mut wanted = Vec::new();
-    for (id, entries) in &state.published {
-        for entry in entries.iter().filter(|e| e.alive) {
-            let held = state
-                .copies
-                .get(id)
-                .is_some_and(|c| c.spec == entry.digest.spec);
-            if let (false, Some(api)) = (held, apis.get(&entry.node)) {
-                wanted.push(Wanted {
-                    api: (*api).clone(),
-                    id: id.clone(),
-                    spec: entry.digest.spec.clone(),
+            for (key, value) in digests(member) {
+                let unchanged = same_incarnation
+                    && old_values
+                        .as_ref()
+                        .and_then(|v| v.get(key))
+                        .is_some_and(|old| old == value);
+                if unchanged {
+                    continue;
+                }
+                let Ok(digest) = ProcessDigest::decode(value) else {
+                    forget(&mut self.published, key, &member.node);
+                    continue;
+                };
+                let entries = self.published.entry(digest.id.clone()).or_default();
+                entries.retain(|e| e.node != member.node);
+                entries.push(Published {
+                    node: member.node.clone(),
+                    alive: *alive,
+                    digest,
+                    listed: None,
                 });
             }
         }
+        // Nodes the mesh forgot.
+        for (node, (member, _)) in &before {
+            changed = true;
+            for (key, _) in digests(member) {
+                forget(&mut self.published, key, node);
+            }
+        }
+        self.members = others;
+        if changed {
+            // Keep copies only of records some node still publishes.
+            let published = &self.published;
+            self.copies.retain(|id, _| published.contains_key(id));
+        }
     }
-    wanted
+
+    /// The records of live nodes not held yet, or held for another spec.
+    fn wanted(&self) -> Vec<Wanted> {
+        let apis: HashMap<&NodeName, &String> = self
+            .members
+            .iter()
+            .filter_map(|(m, _)| m.values.get(API_KEY).map(|api| (&m.node, api)))
+            .collect();
+        let mut wanted = Vec::new();
+        for (id, entries) in &self.published {
+            for entry in entries.iter().filter(|e| e.alive) {
+                let held = self
+                    .copies
+                    .get(id)
+                    .is_some_and(|c| c.spec == entry.digest.spec);
+                if let (false, Some(api)) = (held, apis.get(&entry.node)) {
+                    wanted.push(Wanted {
+                        api: (*api).clone(),
+                        id: id.clone(),
+                        spec: entry.digest.spec.clone(),
+                    });
+                }
+            }
+        }
+        wanted
+    }
 }
 
 /// The process digests among `values`.
@@ -670,5 +681,199 @@ async fn sync(inner: Arc<Inner>) {
                 Err(e) => tracing::debug!(%id, "cannot fetch the record from {api}: {e}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p2f_model::{NodeRef, ProcessSpec};
+
+    fn name(n: &str) -> NodeName {
+        NodeName::new(n).expect("name")
+    }
+
+    fn digest(id: &str, generation: u64, node: &str) -> (String, String) {
+        let process = Process::placed(
+            ProcessId::new(id).expect("id"),
+            generation,
+            ProcessSpec::new("web", "exec sleep 1"),
+            NodeRef {
+                name: name(node),
+                address: "127.0.0.1".into(),
+            },
+            Timestamp(1),
+        );
+        let digest = ProcessDigest::of(&process);
+        (digest.key(), digest.encode())
+    }
+
+    fn member(node: &str, generation: u64, values: &[(String, String)]) -> Member {
+        let mut all: BTreeMap<String, String> = values.iter().cloned().collect();
+        all.insert(API_KEY.into(), format!("{node}:1"));
+        Member {
+            node: name(node),
+            generation,
+            gossip_addr: ([127, 0, 0, 1], 1).into(),
+            values: Arc::new(all),
+        }
+    }
+
+    /// (id, node, generation, alive) of every digest held.
+    fn held(state: &State) -> Vec<(String, String, u64, bool)> {
+        state
+            .published
+            .iter()
+            .flat_map(|(id, entries)| {
+                entries.iter().map(move |e| {
+                    (
+                        id.to_string(),
+                        e.node.to_string(),
+                        e.digest.generation,
+                        e.alive,
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Marks every digest as listed, so that a test can see which ones a change made again.
+    fn list_all(state: &mut State) {
+        for entries in state.published.values_mut() {
+            for e in entries {
+                e.listed = Some(Listed::new(Process::placed(
+                    e.digest.id.clone(),
+                    e.digest.generation,
+                    ProcessSpec::new("web", "exec sleep 1"),
+                    NodeRef {
+                        name: e.node.clone(),
+                        address: String::new(),
+                    },
+                    Timestamp(1),
+                )));
+            }
+        }
+    }
+
+    fn relisted(state: &State) -> Vec<String> {
+        state
+            .published
+            .values()
+            .flatten()
+            .filter(|e| e.listed.is_none())
+            .map(|e| e.digest.id.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn only_what_changed_is_taken_in_again() {
+        let mut state = State::default();
+        let a = member("a", 1, &[digest("web-1", 1, "a"), digest("db-1", 1, "a")]);
+        let b = member("b", 1, &[digest("cron-1", 2, "b")]);
+        state.absorb(vec![(a.clone(), true), (b.clone(), true)]);
+        assert_eq!(
+            held(&state),
+            [
+                ("cron-1".into(), "b".into(), 2, true),
+                ("db-1".into(), "a".into(), 1, true),
+                ("web-1".into(), "a".into(), 1, true),
+            ]
+        );
+        let wanted: Vec<(String, String)> = state
+            .wanted()
+            .into_iter()
+            .map(|w| (w.api, w.id.to_string()))
+            .collect();
+        assert_eq!(
+            wanted,
+            [
+                ("b:1".into(), "cron-1".into()),
+                ("a:1".into(), "db-1".into()),
+                ("a:1".into(), "web-1".into()),
+            ]
+        );
+
+        // Nothing changed: the same shared values, nothing made again.
+        list_all(&mut state);
+        state.absorb(vec![(a.clone(), true), (b.clone(), true)]);
+        assert!(relisted(&state).is_empty());
+
+        // a restarts web-1 (a new digest) and drops db-1: only web-1 is made again.
+        let a2 = member("a", 1, &[digest("web-1", 1, "a")]);
+        let mut changed = (*a2.values).clone();
+        let (key, mut value) = digest("web-1", 1, "a");
+        value = value.replace("\"restarts\":0", "\"restarts\":1");
+        changed.insert(key, value);
+        let a2 = Member {
+            values: Arc::new(changed),
+            ..a2
+        };
+        state.absorb(vec![(a2.clone(), true), (b.clone(), true)]);
+        assert_eq!(relisted(&state), ["web-1"]);
+        assert_eq!(held(&state).len(), 2, "db-1 is gone");
+
+        // b is declared dead: its digests are taken in again, not alive; no fetch from it.
+        list_all(&mut state);
+        state.absorb(vec![(a2.clone(), true), (b.clone(), false)]);
+        assert_eq!(relisted(&state), ["cron-1"]);
+        assert!(!state.published[&ProcessId::new("cron-1").expect("id")][0].alive);
+        assert!(state.wanted().iter().all(|w| w.id.as_str() != "cron-1"));
+
+        // The mesh forgets b: its digests go, and so does the copy of its record.
+        state.copies.insert(
+            ProcessId::new("cron-1").expect("id"),
+            Copy {
+                record: Process::placed(
+                    ProcessId::new("cron-1").expect("id"),
+                    2,
+                    ProcessSpec::new("cron", "exec sleep 1"),
+                    NodeRef {
+                        name: name("b"),
+                        address: String::new(),
+                    },
+                    Timestamp(1),
+                ),
+                spec: String::new(),
+            },
+        );
+        state.absorb(vec![(a2, true)]);
+        assert_eq!(held(&state), [("web-1".into(), "a".into(), 1, true)]);
+        assert!(state.copies.is_empty());
+    }
+
+    #[test]
+    fn a_new_incarnation_replaces_the_old_ones_digests_and_two_nodes_may_hold_one_id() {
+        let mut state = State::default();
+        let a = member("a", 1, &[digest("web-1", 1, "a"), digest("db-1", 1, "a")]);
+        let b = member("b", 1, &[digest("web-1", 2, "b")]);
+        state.absorb(vec![(a, true), (b.clone(), true)]);
+        // While a still publishes its stale copy, both are held; the newer one is on b.
+        assert_eq!(
+            newer_copy(&state, &ProcessId::new("web-1").expect("id"), 1),
+            Some((name("b"), 2))
+        );
+        assert_eq!(
+            newer_copy(&state, &ProcessId::new("web-1").expect("id"), 2),
+            None
+        );
+        // a comes back as a new incarnation that publishes only db-1.
+        let a2 = member("a", 2, &[digest("db-1", 1, "a")]);
+        state.absorb(vec![(a2, true), (b, true)]);
+        assert_eq!(
+            held(&state),
+            [
+                ("db-1".into(), "a".into(), 1, true),
+                ("web-1".into(), "b".into(), 2, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_undecodable_digest_is_skipped() {
+        let mut state = State::default();
+        let mut values = vec![digest("web-1", 1, "a")];
+        values.push(("p/junk".into(), "{not json".into()));
+        state.absorb(vec![(member("a", 1, &values), true)]);
+        assert_eq!(held(&state), [("web-1".into(), "a".into(), 1, true)]);
     }
 }

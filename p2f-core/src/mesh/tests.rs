@@ -507,3 +507,24 @@ async fn propagation_and_failure_detection_at_3_and_10_nodes() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_unchanged_nodes_values_are_shared_between_snapshots_and_a_change_makes_new_ones() {
+    let mesh = start("solo", &[]).await;
+    mesh.set("p/web-1", "a").await.expect("set");
+    let first = mesh.membership().await;
+    let second = mesh.membership().await;
+    assert!(Arc::ptr_eq(&first.live[0].values, &second.live[0].values));
+    mesh.set("p/web-1", "b").await.expect("set");
+    let third = mesh.membership().await;
+    assert!(!Arc::ptr_eq(&second.live[0].values, &third.live[0].values));
+    assert_eq!(
+        third.live[0].values.get("p/web-1").map(String::as_str),
+        Some("b")
+    );
+    // A delete is a change too.
+    mesh.delete("p/web-1").await;
+    let fourth = mesh.membership().await;
+    assert!(fourth.live[0].values.get("p/web-1").is_none());
+    mesh.stop().await;
+}
