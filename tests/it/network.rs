@@ -1,6 +1,7 @@
 //! Several agents as one network (real `p2f node run` processes on 127.0.0.1–3, joined with
 //! the root's token, gossiping over the mesh): a record written on one node is visible on all,
-//! and a node that dies shows its records as `Lost` everywhere else.
+//! a node that dies shows its records as `Lost` everywhere else, and the others still answer
+//! for the whole network while the root is down.
 
 use std::time::{Duration, Instant};
 
@@ -132,6 +133,48 @@ async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
     // The local view of a node has only its own records.
     let local = b.network().list_local().await.expect("local list");
     assert!(local.is_empty(), "{local:?}");
+
+    // The root dies too: node b still lists the network and finds records by id and domain.
+    let mut root = root;
+    root.sigkill();
+    eventually(
+        "node-b to see the root dead",
+        Duration::from_secs(15),
+        || {
+            let net = b.network().clone();
+            async move {
+                let nodes = net.nodes().await.ok()?;
+                nodes
+                    .iter()
+                    .any(|n| n.node.name.as_str() == "root" && !n.alive)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let all = b
+        .network()
+        .list_processes()
+        .await
+        .expect("list without the root");
+    assert!(
+        all.iter().any(|q| q.id == p.id && q.status == Status::Lost),
+        "{all:?}"
+    );
+    let by_id = b
+        .network()
+        .process_information(ProcessKey::Id(p.id.clone()))
+        .await
+        .expect("lookup without the root")
+        .expect("found by id");
+    assert_eq!((by_id.status, by_id.spec), (Status::Lost, spec.clone()));
+    let by_domain = b
+        .network()
+        .process_information(ProcessKey::Domain("spread.home.arpa".into()))
+        .await
+        .expect("lookup without the root")
+        .expect("found by domain");
+    assert_eq!(by_domain.id, p.id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
