@@ -160,7 +160,7 @@ impl Agent {
                     let replica =
                         replica::Replica::start(mesh, supervisor.clone(), client, &node).await?;
                     if recovery == Recovery::Park {
-                        tokio::spawn(unpark(replica.clone(), supervisor.clone()));
+                        replica.track(tokio::spawn(unpark(replica.clone(), supervisor.clone())));
                     }
                     Some(replica)
                 }
@@ -284,13 +284,17 @@ const CATCH_UP_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// without ever starting again here.
 async fn unpark(replica: replica::Replica, supervisor: Supervisor) {
     let started = std::time::Instant::now();
-    let caught_up = replica.caught_up(CATCH_UP_LIMIT).await;
-    if !caught_up {
-        tracing::warn!(
+    let outcome = replica.caught_up(CATCH_UP_LIMIT).await;
+    match outcome {
+        replica::CatchUp::Heard => {}
+        replica::CatchUp::Alone => {
+            tracing::warn!("no other node answers: starting this node's processes again")
+        }
+        replica::CatchUp::TimedOut => tracing::warn!(
             "did not hear every live node within {CATCH_UP_LIMIT:?}: starting this node's processes again with what it knows"
-        );
+        ),
     }
-    tracing::debug!(waited = ?started.elapsed(), caught_up, "unparking");
+    tracing::debug!(waited = ?started.elapsed(), ?outcome, "unparking");
     supervisor.unpark(|process| {
         replica
             .newer_elsewhere(&process.id, process.generation)

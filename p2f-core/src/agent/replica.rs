@@ -39,6 +39,17 @@ const SYNC_EVERY: Duration = Duration::from_millis(250);
 /// How long fetching one record from its node may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How [`Replica::caught_up`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchUp {
+    /// Every live node's records have arrived.
+    Heard,
+    /// No other node answered: this node is on its own.
+    Alone,
+    /// Live nodes were heard, but not all of their records within the limit.
+    TimedOut,
+}
+
 /// A remote record held here, with the spec hash it was fetched for.
 #[derive(Debug, Clone)]
 struct Copy {
@@ -74,6 +85,9 @@ struct Inner {
     supervisor: Supervisor,
     client: Network,
     state: Mutex<State>,
+    /// Held while the membership is read and taken in, so that an older read is never taken in
+    /// after a newer one.
+    refreshing: tokio::sync::Mutex<()>,
     /// Stale local copies being removed.
     fencing: Mutex<std::collections::HashSet<ProcessId>>,
     /// Records published for processes that run nowhere yet (the root's held ones).
@@ -116,6 +130,7 @@ impl Replica {
             supervisor,
             client,
             state: Mutex::new(State::default()),
+            refreshing: tokio::sync::Mutex::new(()),
             fencing: Mutex::new(std::collections::HashSet::new()),
             held: Mutex::new(HashMap::new()),
             held_changed: tokio::sync::Notify::new(),
@@ -275,13 +290,12 @@ impl Replica {
         newer_copy(&state, id, generation)
     }
 
-    /// Waits until this node holds what every live node publishes, or `limit` passes (then
-    /// `false`). A node caught up with another once it has that node's `seq` marker: each node
+    /// Waits until this node holds what every live node publishes, or `limit` passes. A node caught up with another once it has that node's `seq` marker: each node
     /// sets it after its digests, and chitchat delivers a node's key-values in the order they
     /// were set. Another node must be live for at least [`SETTLE`] first (after a start the
     /// others become live as their heartbeats arrive); with none after [`ALONE_AFTER`], this
     /// node is taken to be on its own.
-    pub async fn caught_up(&self, limit: Duration) -> bool {
+    pub async fn caught_up(&self, limit: Duration) -> CatchUp {
         let started = tokio::time::Instant::now();
         // Since when every live node has been caught up with, and which nodes those were.
         let mut complete_since: Option<(tokio::time::Instant, Vec<NodeName>)> = None;
@@ -304,9 +318,18 @@ impl Replica {
                 .as_ref()
                 .is_some_and(|(at, _)| at.elapsed() >= SETTLE);
             let waited = started.elapsed();
-            if settled || waited >= limit || (others.is_empty() && waited >= ALONE_AFTER) {
+            let outcome = if settled {
+                Some(CatchUp::Heard)
+            } else if others.is_empty() && waited >= ALONE_AFTER {
+                Some(CatchUp::Alone)
+            } else if waited >= limit {
+                Some(CatchUp::TimedOut)
+            } else {
+                None
+            };
+            if let Some(outcome) = outcome {
                 self.refresh().await;
-                return settled;
+                return outcome;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -316,6 +339,12 @@ impl Replica {
     /// it should fetch.
     async fn refresh(&self) -> Vec<Wanted> {
         refresh(&self.inner).await
+    }
+
+    /// Ties a task that holds this replica to it: [`Replica::stop`] aborts it first (else the
+    /// mesh could not be stopped while the task lives).
+    pub fn track(&self, task: JoinHandle<()>) {
+        lock(&self.tasks).push(task);
     }
 
     /// Stops publishing and leaves the mesh.
@@ -382,50 +411,79 @@ fn merge(copy: &Process, digest: &ProcessDigest, alive: bool) -> Process {
     record
 }
 
+/// Where a published digest comes from.
+enum Source {
+    /// A record of this node (unchanged while the `Arc` is the same).
+    Local(Arc<Process>),
+    /// A record held for the root: few, digested every time.
+    Held(Box<Process>),
+}
+
+/// What was published under one key.
+struct Sent {
+    /// The local record it was made from.
+    from: Option<Arc<Process>>,
+    /// The spec hash in it (kept, so that a record whose spec did not change is not hashed
+    /// again: a spec holds its bundle).
+    spec: String,
+    value: String,
+}
+
 /// Publishes a digest of every local record whenever one changes, then bumps [`SEQ_KEY`].
 async fn publish(inner: Arc<Inner>) {
     let mut changes = inner.supervisor.changes();
-    // What was published per key, with the record it was made from (unchanged records, the
-    // same `Arc`, are not digested again).
-    let mut published: HashMap<String, (Option<Arc<Process>>, String)> = HashMap::new();
+    let mut published: HashMap<String, Sent> = HashMap::new();
     let mut seq: u64 = 0;
     let mut memory: Option<String> = None;
     loop {
-        let mut records: Vec<(Option<Arc<Process>>, Process)> = Vec::new();
-        let mut now: HashMap<String, (Option<Arc<Process>>, String)> =
-            HashMap::with_capacity(published.len());
+        let mut current: HashMap<String, Source> = HashMap::with_capacity(published.len());
         for listed in inner.supervisor.listed() {
-            let process = listed.process();
-            let key = ProcessDigest::key_for(&process.id);
-            let unchanged =
-                matches!(published.get(&key), Some((Some(from), _)) if Arc::ptr_eq(from, process));
-            match published.remove(&key) {
-                Some(same) if unchanged => {
-                    now.insert(key, same);
-                }
-                old => {
-                    if let Some(old) = old {
-                        // Compared with the new digest below.
-                        published.insert(key, old);
-                    }
-                    records.push((Some(Arc::clone(process)), (**process).clone()));
-                }
-            }
+            let process = Arc::clone(listed.process());
+            current.insert(ProcessDigest::key_for(&process.id), Source::Local(process));
         }
-        // Held records are few: digest them every time.
-        records.extend(lock(&inner.held).values().map(|p| (None, p.clone())));
+        // A held record wins over a local one of the same id (the root's own copy failed and
+        // no node can take it): it is the newer generation.
+        for held in lock(&inner.held).values() {
+            current.insert(
+                ProcessDigest::key_for(&held.id),
+                Source::Held(Box::new(held.clone())),
+            );
+        }
+        let mut now: HashMap<String, Sent> = HashMap::with_capacity(current.len());
         let mut changed = false;
-        for (from, process) in records {
-            let digest = ProcessDigest::of(&process);
-            let (key, value) = (digest.key(), digest.encode());
-            let old = published.remove(&key).map(|(_, v)| v);
-            if old.as_ref() != Some(&value) {
+        for (key, source) in current {
+            let old = published.remove(&key);
+            let unchanged = matches!(
+                (&source, &old),
+                (Source::Local(process), Some(Sent { from: Some(from), .. }))
+                    if Arc::ptr_eq(from, process)
+            );
+            if unchanged {
+                if let Some(old) = old {
+                    now.insert(key, old);
+                }
+                continue;
+            }
+            let (process, from) = match source {
+                Source::Local(process) => ((*process).clone(), Some(process)),
+                Source::Held(process) => (*process, None),
+            };
+            let spec = match &old {
+                Some(Sent {
+                    from: Some(before),
+                    spec,
+                    ..
+                }) if before.spec == process.spec => spec.clone(),
+                _ => spec_hash(&process.spec),
+            };
+            let value = ProcessDigest::with_spec_hash(&process, spec.clone()).encode();
+            if old.as_ref().map(|o| &o.value) != Some(&value) {
                 if let Err(e) = inner.mesh.set(&key, &value).await {
                     tracing::warn!("cannot publish {key}: {e}");
                 }
                 changed = true;
             }
-            now.insert(key, (from, value));
+            now.insert(key, Sent { from, spec, value });
         }
         // What is left was published before and is gone now.
         for key in published.keys() {
@@ -461,14 +519,17 @@ async fn publish(inner: Arc<Inner>) {
 /// Stops and forgets local copies that the network has replaced: a live node runs the same
 /// process with a higher generation (this node was lost, and the root placed it elsewhere).
 fn fence(inner: &Arc<Inner>) {
+    if lock(&inner.state).published.is_empty() {
+        return;
+    }
+    // Never with the state lock held: the supervisor's lock is taken first elsewhere.
+    let local = inner.supervisor.listed();
     let stale: Vec<(ProcessId, u64, NodeName, u64)> = {
         let state = lock(&inner.state);
         if state.published.is_empty() {
             return;
         }
-        inner
-            .supervisor
-            .listed()
+        local
             .iter()
             .map(Listed::process)
             .filter_map(|local| {
@@ -503,6 +564,7 @@ struct Wanted {
 /// Reads the membership and applies what changed since the last time (see
 /// [`State::absorb`]); returns the records to fetch.
 async fn refresh(inner: &Arc<Inner>) -> Vec<Wanted> {
+    let _one_at_a_time = inner.refreshing.lock().await;
     let membership = inner.mesh.membership().await;
     let others: Vec<(Member, bool)> = membership
         .live

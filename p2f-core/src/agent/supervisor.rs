@@ -273,47 +273,59 @@ impl Supervisor {
     /// another node runs a newer generation, so this copy is forgotten without ever starting
     /// (its record, bundle and logs are deleted).
     pub fn unpark(&self, replaced: impl Fn(&Process) -> Option<String>) {
-        let mut forgotten = Vec::new();
-        {
-            let mut slots = self.slots();
-            // Under the lock `shutdown` takes to collect the tasks: no task starts after it.
-            if self.inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
-                return;
-            }
-            let parked: Vec<ProcessId> = slots
-                .iter()
-                .filter(|(_, slot)| slot.parked)
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in parked {
-                let Some(slot) = slots.get_mut(&id) else {
-                    continue;
-                };
-                slot.parked = false;
-                if let Some(reason) = replaced(&slot.entry.process) {
-                    tracing::warn!(%id, generation = slot.entry.process.generation, "not started again: {reason}");
-                    slots.remove(&id);
-                    forgotten.push(id);
-                    continue;
+        // Decided without the slots lock (`replaced` may take other locks), then applied to
+        // the slots still parked at the same generation.
+        let parked: Vec<Process> = self
+            .slots()
+            .values()
+            .filter(|slot| slot.parked)
+            .map(|slot| slot.entry.process.clone())
+            .collect();
+        let verdicts: Vec<(Process, Option<String>)> = parked
+            .into_iter()
+            .map(|process| {
+                let reason = replaced(&process);
+                (process, reason)
+            })
+            .collect();
+        let mut forgotten = false;
+        let mut slots = self.slots();
+        // Under the lock `shutdown` takes to collect the tasks: no task starts after it.
+        if self.inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        for (process, reason) in verdicts {
+            let id = &process.id;
+            let Some(slot) = slots
+                .get_mut(id)
+                .filter(|s| s.parked && s.entry.process.generation == process.generation)
+            else {
+                continue;
+            };
+            slot.parked = false;
+            if let Some(reason) = reason {
+                tracing::warn!(%id, generation = process.generation, "not started again: {reason}");
+                // Deleted under the lock, so that a spin of the same id cannot come in between.
+                slots.remove(id);
+                if let Err(e) = self.inner.store.remove(id) {
+                    tracing::warn!(%id, "cannot delete the replaced record: {e}");
                 }
-                tracing::info!(%id, "starting it again");
-                let rx = slot.desired.subscribe();
-                slot.task = Some(tokio::spawn(run(
-                    self.inner.clone(),
-                    slot.entry.clone(),
-                    rx,
-                    Begin::Fresh,
-                )));
+                self.inner.logs.remove(id);
+                let _ = std::fs::remove_dir_all(self.inner.bundles.join(id.as_str()));
+                forgotten = true;
+                continue;
             }
+            tracing::info!(%id, "starting it again");
+            let rx = slot.desired.subscribe();
+            slot.task = Some(tokio::spawn(run(
+                self.inner.clone(),
+                slot.entry.clone(),
+                rx,
+                Begin::Fresh,
+            )));
         }
-        for id in &forgotten {
-            if let Err(e) = self.inner.store.remove(id) {
-                tracing::warn!(%id, "cannot delete the replaced record: {e}");
-            }
-            self.inner.logs.remove(id);
-            let _ = std::fs::remove_dir_all(self.inner.bundles.join(id.as_str()));
-        }
-        if !forgotten.is_empty() {
+        drop(slots);
+        if forgotten {
             self.inner.bump();
         }
     }

@@ -467,8 +467,8 @@ struct Seen {
     values: ValuesCache,
 }
 
-/// Each node's key-values as of its max version.
-type ValuesCache = HashMap<ChitchatId, (u64, Arc<BTreeMap<String, String>>)>;
+/// Each node's key-values as of its (last GC version, max version).
+type ValuesCache = HashMap<ChitchatId, ((u64, u64), Arc<BTreeMap<String, String>>)>;
 
 /// The membership as `chitchat` sees it; records every incarnation seen live in `seen`.
 fn snapshot(chitchat: &Chitchat, seen: &StdMutex<Seen>) -> Membership {
@@ -507,8 +507,9 @@ fn member(chitchat: &Chitchat, id: &ChitchatId, cache: &mut ValuesCache) -> Opti
         tracing::debug!(node_id = %id.node_id, "mesh: ignoring a member with an invalid node name");
         return None;
     };
-    // Every change (a set or a delete) raises the node's max version.
-    let version = state.max_version();
+    // Every change (a set or a delete) raises the node's max version; a reset (after tombstones
+    // were collected) raises its last GC version.
+    let version = (state.last_gc_version(), state.max_version());
     let values = match cache.get(id) {
         Some((cached, values)) if *cached == version => Arc::clone(values),
         _ => {

@@ -45,6 +45,11 @@ pub struct ProcessDigest {
 impl ProcessDigest {
     /// The digest of `process`.
     pub fn of(process: &Process) -> ProcessDigest {
+        ProcessDigest::with_spec_hash(process, spec_hash(&process.spec))
+    }
+
+    /// The digest of `process` whose [`spec_hash`] is already known to be `spec`.
+    pub fn with_spec_hash(process: &Process, spec: String) -> ProcessDigest {
         ProcessDigest {
             id: process.id.clone(),
             generation: process.generation,
@@ -56,7 +61,7 @@ impl ProcessDigest {
             node: process.node.name.clone(),
             port: process.port.or(process.spec.port()),
             domain: process.spec.domain().map(str::to_owned),
-            spec: spec_hash(&process.spec),
+            spec,
         }
     }
 
