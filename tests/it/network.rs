@@ -308,6 +308,58 @@ async fn the_root_places_services_and_moves_them_off_a_dead_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_member_starts_again_what_nobody_replaced() {
+    let mut root = TestAgent::start("root").await;
+    let mut a = TestAgent::join(&root, "node-a", "127.0.0.9").await;
+    all_alive(&root, 2).await;
+    // Spun on node-a directly: the root does not manage it, so nobody replaces it.
+    let node_a = a.network().node().await.expect("node a");
+    let spec = ProcessSpec::new("keeper", "exec sleep 1000");
+    let p = root
+        .network()
+        .spin_process(&spec, &node_a)
+        .await
+        .expect("spin on node a");
+    all_alive(&root, 2).await;
+
+    // The node dies and comes back before anyone could act: it waits to hear the root, then
+    // starts the same generation again.
+    a.kill_node();
+    assert!(a.os_processes(&p.id).is_empty());
+    let back = Instant::now();
+    a.spawn().await;
+    let again = a
+        .wait_for(&p.id, Duration::from_secs(15), "running again", |q| {
+            q.is_running()
+        })
+        .await;
+    let waited = back.elapsed();
+    assert_eq!(again.generation, 1);
+    assert_eq!(a.os_processes(&p.id).len(), 1);
+    let log = a.agent_log();
+    assert!(log.contains("waiting for the network"), "{log}");
+    assert!(!log.contains("no other node answers"), "{log}");
+    assert!(!log.contains("did not hear every live node"), "{log}");
+    assert!(
+        waited < Duration::from_secs(8),
+        "heard the root in {waited:?}"
+    );
+
+    // With the root gone too, the node finds itself alone and starts it anyway.
+    root.sigkill();
+    a.kill_node();
+    a.spawn().await;
+    let again = a
+        .wait_for(&p.id, Duration::from_secs(20), "running again alone", |q| {
+            q.is_running()
+        })
+        .await;
+    assert_eq!(again.generation, 1);
+    assert_eq!(a.os_processes(&p.id).len(), 1);
+    assert!(a.agent_log().contains("no other node answers"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_pinned_to_a_dead_node_waits_and_returns_with_it() {
     let root = TestAgent::start("root").await;
     let mut pi = TestAgent::join(&root, "pi", "127.0.0.4").await;
