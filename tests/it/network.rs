@@ -357,6 +357,28 @@ async fn a_returning_member_starts_again_what_nobody_replaced() {
     assert_eq!(again.generation, 1);
     assert_eq!(a.os_processes(&p.id).len(), 1);
     assert!(a.agent_log().contains("no other node answers"));
+
+    // Killed while it waits (alone, for 3 s): it is stopped where it is and never starts.
+    a.kill_node();
+    a.spawn().await;
+    let parked = a
+        .network()
+        .process_information(ProcessKey::Id(p.id.clone()))
+        .await
+        .expect("info")
+        .expect("the record");
+    assert_eq!(parked.status, Status::Pending, "parked: {parked:?}");
+    let killed = a.network().kill_process(&parked).await.expect("kill");
+    assert_eq!(killed.status, Status::Stopped);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = a
+        .network()
+        .process_information(ProcessKey::Id(p.id.clone()))
+        .await
+        .expect("info")
+        .expect("the record");
+    assert_eq!(after.status, Status::Stopped, "{after:?}");
+    assert!(a.os_processes(&p.id).is_empty(), "never started again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
