@@ -272,6 +272,15 @@ impl TestAgent {
         for pgid in self.all_groups() {
             signal(pgid, -libc_signal::KILL);
         }
+        // SIGKILL is delivered asynchronously: the node is dead once its processes are gone.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.all_groups().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "processes outlived SIGKILL for 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// SIGTERMs the agent and waits for it to exit; returns its exit status.
