@@ -347,10 +347,7 @@ async fn join(
         .await
         .with_context(|| format!("the root at {} refused to sign this node", token.root))?;
     ClusterFiles::new(dir.join("cluster")).write_member(&token.ca_pem, &token.secret)?;
-    let tls = dir.join("tls");
-    std::fs::create_dir_all(&tls).with_context(|| format!("cannot create {}", tls.display()))?;
-    write_private(&tls.join("node.pem"), &cert.cert_pem)?;
-    write_private(&tls.join("node.key"), &cert.key_pem)?;
+    cert.save(&dir.join("tls"))?;
     std::fs::write(&config_path, config.to_toml())
         .with_context(|| format!("cannot write {}", config_path.display()))?;
     println!("Joined the cluster of {} as {name}", token.root);
@@ -395,24 +392,6 @@ fn gossip_address(api: std::net::SocketAddr) -> std::net::SocketAddr {
         port => port.saturating_add(1),
     };
     std::net::SocketAddr::new(api.ip(), port)
-}
-
-fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    file.write_all(text.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    // Also when the file existed with a wider mode.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot make {} private", path.display()))
 }
 
 fn install(config: &Path, unit: &Path) -> Result<()> {

@@ -269,6 +269,36 @@ impl fmt::Debug for ClusterCa {
     }
 }
 
+/// Writes `dir/name` with `mode` through a temporary file and a rename, so readers never see
+/// half a file.
+fn write_file(dir: &Path, name: &str, contents: &str, mode: u32) -> Result<PathBuf, ClusterError> {
+    let path = dir.join(name);
+    let mut suffix = [0u8; 6];
+    rand::rng().fill_bytes(&mut suffix);
+    let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = dir.join(format!(".{name}.{suffix}.tmp"));
+    let result = (|| {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // The umask may have removed bits from `mode`; a key must never end up wider.
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        file.write_all(contents.as_bytes())?;
+        file.sync_all()
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(ClusterError::io("write", &tmp, e));
+    }
+    if let Err(e) = fs::rename(&tmp, &path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(ClusterError::io("write", &path, e));
+    }
+    Ok(path)
+}
+
 /// A node's TLS certificate and private key, both PEM.
 #[derive(Clone)]
 pub struct NodeCert {
@@ -276,6 +306,32 @@ pub struct NodeCert {
     pub cert_pem: String,
     /// The private key (PKCS#8).
     pub key_pem: String,
+}
+
+impl NodeCert {
+    /// The certificate's file in a node's TLS directory (`DATA/tls`).
+    pub const CERT_FILE: &'static str = "node.pem";
+    /// The private key's file in a node's TLS directory.
+    pub const KEY_FILE: &'static str = "node.key";
+
+    /// Writes both into `dir` (created if missing), readable by the owner only.
+    pub fn save(&self, dir: &Path) -> Result<(), ClusterError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| ClusterError::io("create directory", dir, e))?;
+        write_file(dir, NodeCert::CERT_FILE, &self.cert_pem, 0o600)?;
+        write_file(dir, NodeCert::KEY_FILE, &self.key_pem, 0o600)?;
+        Ok(())
+    }
+
+    /// Reads what [`NodeCert::save`] wrote in `dir`; `None` when either file is missing.
+    pub fn load(dir: &Path) -> Option<NodeCert> {
+        let cert_pem = fs::read_to_string(dir.join(NodeCert::CERT_FILE)).ok()?;
+        let key_pem = fs::read_to_string(dir.join(NodeCert::KEY_FILE)).ok()?;
+        Some(NodeCert { cert_pem, key_pem })
+    }
 }
 
 impl fmt::Debug for NodeCert {
@@ -466,31 +522,7 @@ impl ClusterFiles {
 
     /// Writes `name` through a temporary file and a rename, so readers never see half a file.
     fn write_file(&self, name: &str, contents: &str, mode: u32) -> Result<PathBuf, ClusterError> {
-        let path = self.dir.join(name);
-        let mut suffix = [0u8; 6];
-        rand::rng().fill_bytes(&mut suffix);
-        let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
-        let tmp = self.dir.join(format!(".{name}.{suffix}.tmp"));
-        let result = (|| {
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(mode)
-                .open(&tmp)?;
-            // The umask may have removed bits from `mode`; a key must never end up wider.
-            file.set_permissions(fs::Permissions::from_mode(mode))?;
-            file.write_all(contents.as_bytes())?;
-            file.sync_all()
-        })();
-        if let Err(e) = result {
-            let _ = fs::remove_file(&tmp);
-            return Err(ClusterError::io("write", &tmp, e));
-        }
-        if let Err(e) = fs::rename(&tmp, &path) {
-            let _ = fs::remove_file(&tmp);
-            return Err(ClusterError::io("write", &path, e));
-        }
-        Ok(path)
+        write_file(&self.dir, name, contents, mode)
     }
 
     fn read_required(&self, name: &str) -> Result<String, ClusterError> {
@@ -876,6 +908,32 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_node_certificate_is_saved_private_and_loaded_back() {
+        let ca = ClusterCa::generate("home").expect("ca");
+        let cert = ca.issue("pi", &["127.0.0.1".into()]).expect("issue");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tls = dir.path().join("tls");
+        assert!(NodeCert::load(&tls).is_none(), "nothing saved yet");
+        cert.save(&tls).expect("save");
+        assert_eq!(mode(&tls), 0o700);
+        assert_eq!(mode(&tls.join(NodeCert::CERT_FILE)), 0o600);
+        assert_eq!(mode(&tls.join(NodeCert::KEY_FILE)), 0o600);
+        let loaded = NodeCert::load(&tls).expect("load");
+        assert_eq!(
+            (loaded.cert_pem, loaded.key_pem),
+            (cert.cert_pem.clone(), cert.key_pem.clone())
+        );
+        // Saving again replaces both, also over a file that was made wider meanwhile.
+        fs::set_permissions(
+            tls.join(NodeCert::KEY_FILE),
+            fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+        cert.save(&tls).expect("save again");
+        assert_eq!(mode(&tls.join(NodeCert::KEY_FILE)), 0o600);
     }
 
     #[test]

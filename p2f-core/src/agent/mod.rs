@@ -311,27 +311,14 @@ fn node_certificate(
     ca: &crate::cluster::ClusterCa,
 ) -> Result<NodeCert, AgentError> {
     let dir = config.data_dir.join("tls");
-    let (cert_path, key_path) = (dir.join("node.pem"), dir.join("node.key"));
     if ca.key_pem().is_some() {
         let mut hosts = vec![config.advertised_host(), config.listen.ip().to_string()];
         hosts.dedup();
         let cert = ca.issue(config.name.as_str(), &hosts)?;
-        std::fs::create_dir_all(&dir).map_err(|source| AgentError::Io {
-            what: "cannot create",
-            path: dir.clone(),
-            source,
-        })?;
-        write_private(&cert_path, cert.cert_pem.as_bytes())?;
-        write_private(&key_path, cert.key_pem.as_bytes())?;
+        cert.save(&dir)?;
         return Ok(cert);
     }
-    match (
-        std::fs::read_to_string(&cert_path),
-        std::fs::read_to_string(&key_path),
-    ) {
-        (Ok(cert_pem), Ok(key_pem)) => Ok(NodeCert { cert_pem, key_pem }),
-        _ => Err(AgentError::NoCertificate(dir)),
-    }
+    NodeCert::load(&dir).ok_or(AgentError::NoCertificate(dir))
 }
 
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), AgentError> {

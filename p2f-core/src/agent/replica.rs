@@ -163,7 +163,7 @@ impl Replica {
                     node,
                     alive,
                     generation: member.generation,
-                    processes: digests(&member).count(),
+                    processes: digests_of(&member.values).count(),
                     memory_available: member.values.get(MEMORY_KEY).and_then(|v| v.parse().ok()),
                 }
             })
@@ -364,11 +364,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// The process digests `member` publishes (mesh key and value).
-fn digests(member: &Member) -> impl Iterator<Item = (&String, &String)> {
-    digests_of(&member.values)
 }
 
 fn newer_copy(state: &State, id: &ProcessId, generation: u64) -> Option<(NodeName, u64)> {
@@ -610,7 +605,7 @@ impl State {
                     }
                 }
             }
-            for (key, value) in digests(member) {
+            for (key, value) in digests_of(&member.values) {
                 let unchanged = same_incarnation
                     && old_values
                         .as_ref()
@@ -636,7 +631,7 @@ impl State {
         // Nodes the mesh forgot.
         for (node, (member, _)) in &before {
             changed = true;
-            for (key, _) in digests(member) {
+            for (key, _) in digests_of(&member.values) {
                 forget(&mut self.published, key, node);
             }
         }

@@ -307,11 +307,9 @@ impl Supervisor {
                 tracing::warn!(%id, generation = process.generation, "not started again: {reason}");
                 // Deleted under the lock, so that a spin of the same id cannot come in between.
                 slots.remove(id);
-                if let Err(e) = self.inner.store.remove(id) {
+                if let Err(e) = self.inner.forget(id) {
                     tracing::warn!(%id, "cannot delete the replaced record: {e}");
                 }
-                self.inner.logs.remove(id);
-                let _ = std::fs::remove_dir_all(self.inner.bundles.join(id.as_str()));
                 forgotten = true;
                 continue;
             }
@@ -538,9 +536,7 @@ impl Supervisor {
             if let Some(task) = slot.task {
                 let _ = task.await;
             }
-            self.inner.store.remove(id)?;
-            self.inner.logs.remove(id);
-            let _ = std::fs::remove_dir_all(self.inner.bundles.join(id.as_str()));
+            self.inner.forget(id)?;
             self.inner.bump();
         }
         Ok(())
@@ -576,6 +572,14 @@ impl Inner {
         self.slots
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Deletes what this node keeps of `id`: its record, logs and bundle.
+    fn forget(&self, id: &ProcessId) -> Result<(), StoreError> {
+        self.store.remove(id)?;
+        self.logs.remove(id);
+        let _ = std::fs::remove_dir_all(self.bundles.join(id.as_str()));
+        Ok(())
     }
 
     fn bump(&self) {
