@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use p2f_core::Network;
 use p2f_core::agent::{Agent, AgentConfig, MeshSettings, Shutdown};
-use p2f_core::cluster::ClusterFiles;
+use p2f_core::cluster::{ClusterFiles, NodeCert};
 use p2f_core::join::{JoinRequest, JoinToken};
 use p2f_core::wire::LogsQuery;
 use p2f_model::{NodeName, ProcessId, ProcessKey};
@@ -347,6 +347,10 @@ async fn join(
         .await
         .with_context(|| format!("the root at {} refused to sign this node", token.root))?;
     ClusterFiles::new(dir.join("cluster")).write_member(&token.ca_pem, &token.secret)?;
+    let cert = NodeCert {
+        cert_pem: cert.cert_pem,
+        key_pem: cert.key_pem,
+    };
     cert.save(&dir.join("tls"))?;
     std::fs::write(&config_path, config.to_toml())
         .with_context(|| format!("cannot write {}", config_path.display()))?;
