@@ -292,10 +292,7 @@ fn init(dir: &Path, name: Option<String>, listen: &str) -> Result<()> {
     cluster.create(name.as_str())?;
     let mut config = AgentConfig::new(name, ".");
     config.listen = listen;
-    config.mesh = Some(MeshSettings {
-        listen: gossip_address(listen),
-        seeds: Vec::new(),
-    });
+    config.mesh = Some(MeshSettings::new(gossip_address(listen), Vec::new()));
     std::fs::write(&config_path, config.to_toml())
         .with_context(|| format!("cannot write {}", config_path.display()))?;
     println!("Created a cluster in {}", dir.display());
@@ -333,10 +330,7 @@ async fn join(
         })?],
         None => Vec::new(),
     };
-    config.mesh = Some(MeshSettings {
-        listen: gossip_address(listen),
-        seeds,
-    });
+    config.mesh = Some(MeshSettings::new(gossip_address(listen), seeds));
     let root = Network::connect(&token.root, token.secret.clone(), &token.ca_pem)?;
     let request = JoinRequest {
         name: name.clone(),

@@ -15,6 +15,12 @@
 //! log_keep = 3                     # rotated files kept
 //! deploy_timeout = "30m"           # the longest a deploy step may take
 //! nix_options = { substituters = "" }  # `nix build --option NAME VALUE` pairs
+//!
+//! [mesh]                           # gossip with other nodes (written by `p2f init` / `join`)
+//! listen = "127.0.0.1:7441"        # UDP
+//! seeds = ["192.168.1.10:7441"]    # the root's gossip address
+//! gossip_interval = "250ms"        # between gossip rounds
+//! phi_threshold = 16.0             # silence that makes a node lost: ~2.5-3.5 s by default
 //! ```
 
 use std::collections::BTreeMap;
@@ -78,7 +84,7 @@ pub struct AgentConfig {
     pub mesh: Option<MeshSettings>,
 }
 
-/// Where this node gossips, and whom it asks first.
+/// Where this node gossips, whom it asks first, and how soon a silent node counts as lost.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeshSettings {
@@ -87,6 +93,57 @@ pub struct MeshSettings {
     /// Gossip addresses of nodes to join through (the root's, from the join token).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub seeds: Vec<SocketAddr>,
+    /// Time between gossip rounds (default 250ms). Failure detection counts in these rounds.
+    #[serde(
+        default = "default_gossip_interval",
+        with = "p2f_model::duration::serde_str"
+    )]
+    pub gossip_interval: Duration,
+    /// How much silence makes a node lost, as phi-accrual's threshold (default 16): roughly
+    /// the number of mean heartbeat intervals tolerated, about half a gossip round each. With
+    /// the defaults a silent node is lost after 2.2-2.5 s at 3 nodes and 3.0-3.5 s at 10
+    /// (BENCHMARKS.md); 32 doubles that, for a flaky Wi-Fi. The root's setting decides
+    /// failover: it is the root that declares a node lost and re-places its processes.
+    #[serde(default = "default_phi_threshold")]
+    pub phi_threshold: f64,
+}
+
+impl MeshSettings {
+    /// Gossip on `listen` through `seeds`, with the default timings.
+    pub fn new(listen: SocketAddr, seeds: Vec<SocketAddr>) -> MeshSettings {
+        MeshSettings {
+            listen,
+            seeds,
+            gossip_interval: default_gossip_interval(),
+            phi_threshold: default_phi_threshold(),
+        }
+    }
+
+    /// Timings the mesh can live with.
+    fn check(&self) -> Result<(), String> {
+        let interval = self.gossip_interval;
+        if !(Duration::from_millis(10)..=Duration::from_secs(10)).contains(&interval) {
+            return Err(format!(
+                "mesh.gossip_interval = \"{}\" is out of range: 10ms to 10s",
+                p2f_model::format_duration(interval)
+            ));
+        }
+        if !(self.phi_threshold.is_finite() && (1.0..=1000.0).contains(&self.phi_threshold)) {
+            return Err(format!(
+                "mesh.phi_threshold = {} is out of range: 1 to 1000",
+                self.phi_threshold
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_gossip_interval() -> Duration {
+    crate::mesh::DEFAULT_GOSSIP_INTERVAL
+}
+
+fn default_phi_threshold() -> f64 {
+    crate::mesh::DEFAULT_PHI_THRESHOLD
 }
 
 /// How the supervisor watches processes.
@@ -217,6 +274,9 @@ impl AgentConfig {
         let config: AgentConfig =
             toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
         config.supervisor.check()?;
+        if let Some(mesh) = &config.mesh {
+            mesh.check()?;
+        }
         Ok(config)
     }
 
@@ -256,6 +316,26 @@ mod tests {
     }
 
     #[test]
+    fn mesh_timings_default_and_round_trip() {
+        let text = "name = \"pi\"\ndata_dir = \"d\"\n[mesh]\nlisten = \"127.0.0.1:7441\"\n";
+        let config = AgentConfig::parse(text).expect("parse");
+        let mesh = config.mesh.clone().expect("mesh");
+        assert_eq!(mesh, MeshSettings::new(mesh.listen, Vec::new()));
+        assert_eq!(mesh.gossip_interval, Duration::from_millis(250));
+        let tuned = "name = \"pi\"\ndata_dir = \"d\"\n[mesh]\nlisten = \"127.0.0.1:7441\"\n\
+                     gossip_interval = \"500ms\"\nphi_threshold = 32\n";
+        let tuned = AgentConfig::parse(tuned)
+            .expect("parse")
+            .mesh
+            .expect("mesh");
+        assert_eq!(
+            (tuned.gossip_interval, tuned.phi_threshold),
+            (Duration::from_millis(500), 32.0)
+        );
+        assert_eq!(AgentConfig::parse(&config.to_toml()), Ok(config));
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let cases = [
             ("name = \"pi\"\n", "missing field `data_dir`"),
@@ -275,6 +355,14 @@ mod tests {
             (
                 "name = \"pi\"\ndata_dir = \"d\"\n[supervisor]\nhealth_interval = \"0s\"\n",
                 "supervisor.health_interval = \"0s\" is too short: at least 50ms",
+            ),
+            (
+                "name = \"pi\"\ndata_dir = \"d\"\n[mesh]\nlisten = \"127.0.0.1:1\"\ngossip_interval = \"1ms\"\n",
+                "mesh.gossip_interval = \"1ms\" is out of range: 10ms to 10s",
+            ),
+            (
+                "name = \"pi\"\ndata_dir = \"d\"\n[mesh]\nlisten = \"127.0.0.1:1\"\nphi_threshold = 0\n",
+                "mesh.phi_threshold = 0 is out of range: 1 to 1000",
             ),
         ];
         for (text, want) in cases {

@@ -142,6 +142,8 @@ impl Agent {
                         secret.clone(),
                     );
                     mesh_config.seeds = settings.seeds.clone();
+                    mesh_config.gossip_interval = settings.gossip_interval;
+                    mesh_config.phi_threshold = settings.phi_threshold;
                     if settings.listen.ip().is_unspecified() {
                         let ip: std::net::IpAddr = config
                             .advertised_host()

@@ -67,7 +67,11 @@ struct Inner {
     desired: Mutex<DesiredState>,
     /// The last placement of each process: its generation, node and when.
     placed: Mutex<HashMap<ProcessId, (u64, NodeName, Instant)>>,
-    /// Nodes each process failed on (placements avoid them while others are allowed).
+    /// The highest generation of each process ever sent to a node. A placement whose answer
+    /// never came may still have landed, so a generation is never sent twice.
+    sent: Mutex<HashMap<ProcessId, u64>>,
+    /// Nodes each process failed on or could not be placed on, the most recent last
+    /// (placements avoid them while others are allowed, then take the least recent).
     failed_on: Mutex<HashMap<ProcessId, Vec<NodeName>>>,
     /// Processes whose old copy is being removed to be placed again with a new spec.
     replacing: Mutex<std::collections::HashSet<ProcessId>>,
@@ -114,6 +118,7 @@ impl Root {
             client,
             desired: Mutex::new(desired),
             placed: Mutex::new(HashMap::new()),
+            sent: Mutex::new(HashMap::new()),
             failed_on: Mutex::new(HashMap::new()),
             replacing: Mutex::new(std::collections::HashSet::new()),
         });
@@ -214,7 +219,7 @@ impl Root {
         if &current_node == node && current_live {
             return Err(MoveError::AlreadyThere(node.clone()));
         }
-        let generation = current_gen + 1;
+        let generation = self.inner.next_generation(id, current_gen + 1);
         lock(&self.inner.placed).insert(id.clone(), (generation, node.clone(), Instant::now()));
         let request = SpinRequest {
             spec: service.spec,
@@ -237,6 +242,38 @@ impl Root {
             task.abort();
             let _ = task.await;
         }
+    }
+}
+
+impl Inner {
+    /// The generation to send for `id`: `wanted`, or more if a higher one was sent before.
+    fn next_generation(&self, id: &ProcessId, wanted: u64) -> u64 {
+        let mut sent = lock(&self.sent);
+        let last = sent.entry(id.clone()).or_default();
+        *last = generation_after(*last, wanted);
+        *last
+    }
+
+    /// Notes that `id` failed on `node` (or could not be placed there).
+    fn failed(&self, id: &ProcessId, node: &NodeName) {
+        note_failure(lock(&self.failed_on).entry(id.clone()).or_default(), node);
+    }
+}
+
+/// The generation to send when `last_sent` was sent before (0: none) and `wanted` is asked.
+fn generation_after(last_sent: u64, wanted: u64) -> u64 {
+    if last_sent == 0 {
+        wanted
+    } else {
+        wanted.max(last_sent + 1)
+    }
+}
+
+/// Adds `node` to the nodes a process failed on, the most recent last.
+fn note_failure(failed_on: &mut Vec<NodeName>, node: &NodeName) {
+    if failed_on.last() != Some(node) {
+        failed_on.retain(|n| n != node);
+        failed_on.push(node.clone());
     }
 }
 
@@ -300,11 +337,7 @@ async fn reconcile(inner: &Arc<Inner>) {
             (Some(p), None) => match &p.status {
                 Status::Lost => p.generation + 1,
                 Status::Failed(_) => {
-                    let mut failed = lock(&inner.failed_on);
-                    let on = failed.entry(service.id.clone()).or_default();
-                    if !on.contains(&p.node.name) {
-                        on.push(p.node.name.clone());
-                    }
+                    inner.failed(&service.id, &p.node.name);
                     p.generation + 1
                 }
                 _ => continue,
@@ -333,6 +366,7 @@ async fn reconcile(inner: &Arc<Inner>) {
         let Some(api) = target.node.api_address() else {
             continue;
         };
+        let generation = inner.next_generation(&service.id, generation);
         let request = SpinRequest {
             spec: service.spec.clone(),
             id: Some(service.id.clone()),
@@ -349,27 +383,31 @@ async fn reconcile(inner: &Arc<Inner>) {
             PLACE_TIMEOUT,
             client.spin(&request, SpinQuery { wait: false }),
         )
-        .await
-        .unwrap_or_else(|_| {
-            Err(crate::ClientError::Unreachable {
-                address: api.clone(),
-                detail: "no answer in time".into(),
-            })
-        });
+        .await;
         match spun {
-            Ok(_) => inner.replica.release(&service.id),
-            Err(e) => {
-                // Tried again next pass (say, once the node removed a stale copy); a node the
-                // root cannot reach (behind NAT) is avoided while another one is allowed.
+            Ok(Ok(_)) => inner.replica.release(&service.id),
+            Ok(Err(e)) => {
+                // Tried again next pass (say, once the node removed a stale copy), with the
+                // next generation; a node the root cannot reach (behind NAT) is avoided while
+                // another one is allowed.
                 lock(&inner.placed).remove(&service.id);
                 if matches!(e, crate::ClientError::Unreachable { .. }) {
-                    let mut failed = lock(&inner.failed_on);
-                    let on = failed.entry(service.id.clone()).or_default();
-                    if !on.contains(&target.node.name) {
-                        on.push(target.node.name.clone());
-                    }
+                    inner.failed(&service.id, &target.node.name);
                 }
                 tracing::warn!(id = %service.id, node = %target.node.name, "placement refused: {e}")
+            }
+            Err(_) => {
+                // In doubt: the node may still take it (a slow disk, a stalled machine). The
+                // placement stands for PLACEMENT_GRACE; if the copy has not shown up by then,
+                // the next one goes elsewhere with a higher generation, which fences this one
+                // should it start late.
+                inner.failed(&service.id, &target.node.name);
+                tracing::warn!(
+                    id = %service.id,
+                    node = %target.node.name,
+                    "placement not answered within {}: waiting for it to show up",
+                    p2f_model::format_duration(PLACE_TIMEOUT)
+                )
             }
         }
     }
@@ -427,8 +465,9 @@ impl<'a> Usage<'a> {
 }
 
 /// The node a spec goes to: alive, allowed by its pins, its port free there, with at least
-/// [`MIN_FREE_MEMORY`] available, not one it failed on (unless no other is left), with the
-/// fewest processes (then by name, so placements are predictable).
+/// [`MIN_FREE_MEMORY`] available, not one it failed on (when only those are left, the one it
+/// failed on least recently), with the fewest processes (then by name, so placements are
+/// predictable).
 fn choose<'a>(
     spec: &ProcessSpec,
     nodes: &'a [NodeStatus],
@@ -449,15 +488,119 @@ fn choose<'a>(
                 .is_none_or(|port| !usage.ports.contains(&(&n.node.name, port)))
         })
         .collect();
-    let fresh: Vec<&NodeStatus> = candidates
-        .iter()
-        .copied()
-        .filter(|n| !avoid.contains(&n.node.name))
-        .collect();
-    let pool = if fresh.is_empty() { candidates } else { fresh };
-    pool.into_iter().min_by_key(|n| {
+    let failed_at = |n: &NodeStatus| avoid.iter().position(|a| a == &n.node.name);
+    candidates.into_iter().min_by_key(|n| {
         let load = usage.load.get(&n.node.name).copied().unwrap_or(0)
             + placed_now.get(&n.node.name).copied().unwrap_or(0);
-        (load, n.node.name.clone())
+        // `None` (never failed there) sorts before any position.
+        (failed_at(n), load, n.node.name.clone())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &'static str, alive: bool, free_mib: Option<u64>) -> NodeStatus {
+        NodeStatus {
+            node: p2f_model::Node::named(NodeName::from_static(name)),
+            alive,
+            generation: 1,
+            processes: 0,
+            memory_available: free_mib.map(|mib| mib * 1024 * 1024),
+        }
+    }
+
+    fn running_on(name: &'static str, port: Option<u16>) -> Arc<Process> {
+        let spec = match port {
+            Some(port) => ProcessSpec::new("other", "true").with_port(port),
+            None => ProcessSpec::new("other", "true"),
+        };
+        let at = super::super::supervisor::now();
+        let node = p2f_model::NodeRef {
+            name: NodeName::from_static(name),
+            address: String::new(),
+        };
+        let mut p = Process::placed(ProcessId::for_service("other", 1), 1, spec, node, at);
+        p.status = Status::Running;
+        Arc::new(p)
+    }
+
+    /// Where `spec` goes among a, b, c (all alive, plenty of memory unless `nodes` says
+    /// otherwise), given what runs and where it failed (least recent first).
+    fn check(
+        spec: &ProcessSpec,
+        nodes: &[NodeStatus],
+        running: &[Arc<Process>],
+        avoid: &[&'static str],
+        expected: Option<&str>,
+    ) {
+        let usage = Usage::of(running);
+        let avoid: Vec<NodeName> = avoid.iter().map(|n| NodeName::from_static(n)).collect();
+        let chosen = choose(spec, nodes, &usage, &avoid, &HashMap::new());
+        assert_eq!(
+            chosen.map(|n| n.node.name.as_str()),
+            expected,
+            "avoid {avoid:?}"
+        );
+    }
+
+    #[test]
+    fn placement_weighs_pins_liveness_ports_memory_load_and_failures() {
+        let abc = [
+            node("a", true, Some(4096)),
+            node("b", true, Some(4096)),
+            node("c", true, Some(4096)),
+        ];
+        let any = ProcessSpec::new("web", "true");
+        let web = any.with_port(8080);
+        let a_b = any.with_pin([NodeName::from_static("a"), NodeName::from_static("b")]);
+        // The fewest processes, then the name.
+        check(&any, &abc, &[], &[], Some("a"));
+        check(&any, &abc, &[running_on("a", None)], &[], Some("b"));
+        // A port held on a node rules it out.
+        check(&web, &abc, &[running_on("a", Some(8080))], &[], Some("b"));
+        // Pins, and dead nodes.
+        check(&a_b, &abc, &[running_on("a", None)], &[], Some("b"));
+        let b_dead = [
+            node("a", true, None),
+            node("b", false, None),
+            node("c", true, None),
+        ];
+        check(
+            &a_b,
+            &b_dead,
+            &[running_on("a", None), running_on("a", None)],
+            &[],
+            Some("a"),
+        );
+        check(&a_b, &[node("c", true, None)], &[], &[], None);
+        // Under 128 MiB free takes nothing new; unknown memory counts as enough.
+        let low = [node("a", true, Some(100)), node("b", true, None)];
+        check(&any, &low, &[], &[], Some("b"));
+        // A node it failed on is avoided while another is allowed, even a busier one.
+        check(&a_b, &abc, &[running_on("b", None)], &["a"], Some("b"));
+        // When it failed everywhere allowed, the node it failed on least recently.
+        check(&a_b, &abc, &[], &["a", "b"], Some("a"));
+        check(&a_b, &abc, &[], &["b", "a"], Some("b"));
+    }
+
+    #[test]
+    fn a_generation_is_never_sent_twice() {
+        // (last sent, wanted) → sent
+        let cases = [(0, 1, 1), (1, 2, 2), (2, 2, 3), (5, 2, 6), (2, 7, 7)];
+        for (last, wanted, sent) in cases {
+            assert_eq!(generation_after(last, wanted), sent, "{last} {wanted}");
+        }
+    }
+
+    #[test]
+    fn failures_are_kept_most_recent_last() {
+        let [a, b] = [NodeName::from_static("a"), NodeName::from_static("b")];
+        let mut on = Vec::new();
+        for node in [&a, &b, &b, &a] {
+            note_failure(&mut on, node);
+        }
+        assert_eq!(on, [b, a]);
+    }
 }
