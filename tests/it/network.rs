@@ -223,6 +223,10 @@ async fn the_root_places_services_and_moves_them_off_a_dead_node() {
         let count: usize = agents.iter().map(|n| n.os_processes(id).len()).sum();
         assert_eq!(count, 1, "{id} runs once");
     }
+    // Each was placed once: the root waited for its placements to show up instead of sending
+    // them again (which the nodes would have refused).
+    let log = root.agent_log();
+    assert!(!log.contains("placement refused"), "root log:\n{log}");
 
     // The node running `web` dies (agent and processes): web runs again on the other one.
     let web_id = &ids[0];
@@ -264,7 +268,8 @@ async fn the_root_places_services_and_moves_them_off_a_dead_node() {
     assert_eq!(
         started,
         ["node-a 1", "node-b 2"],
-        "the returning node must not start its stale copy again"
+        "the returning node must not start its stale copy again; root log:\n{}",
+        root.agent_log()
     );
 
     // Moving it back on request: a new generation on node-a, node-b drops its copy.

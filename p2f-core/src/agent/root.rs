@@ -219,7 +219,8 @@ impl Root {
         if &current_node == node && current_live {
             return Err(MoveError::AlreadyThere(node.clone()));
         }
-        let generation = self.inner.next_generation(id, current_gen + 1);
+        let generation = generation_after(self.inner.last_sent(id), current_gen + 1);
+        self.inner.mark_sent(id, generation);
         lock(&self.inner.placed).insert(id.clone(), (generation, node.clone(), Instant::now()));
         let request = SpinRequest {
             spec: service.spec,
@@ -246,12 +247,16 @@ impl Root {
 }
 
 impl Inner {
-    /// The generation to send for `id`: `wanted`, or more if a higher one was sent before.
-    fn next_generation(&self, id: &ProcessId, wanted: u64) -> u64 {
+    /// The highest generation of `id` sent to a node (or seen replaced), 0 if none.
+    fn last_sent(&self, id: &ProcessId) -> u64 {
+        lock(&self.sent).get(id).copied().unwrap_or(0)
+    }
+
+    /// Notes that `generation` of `id` was sent to a node.
+    fn mark_sent(&self, id: &ProcessId, generation: u64) {
         let mut sent = lock(&self.sent);
         let last = sent.entry(id.clone()).or_default();
-        *last = generation_after(*last, wanted);
-        *last
+        *last = (*last).max(generation);
     }
 
     /// Notes that `id` failed on `node` (or could not be placed there).
@@ -302,14 +307,22 @@ async fn reconcile(inner: &Arc<Inner>) {
     for service in &desired.services {
         let newest = newest_of.get(&service.id).copied();
         let held = inner.replica.held(&service.id);
-        let floor = lock(&inner.placed)
-            .get(&service.id)
-            .map_or(0, |(generation, _, _)| *generation);
-        let generation = match (newest, &held) {
+        // A placement of this root's that has not shown up in the network yet is waited for,
+        // unless its node died meanwhile or PLACEMENT_GRACE passed (a refused one is forgotten
+        // at once).
+        if let Some((placed_gen, node, at)) = lock(&inner.placed).get(&service.id)
+            && newest.is_none_or(|p| p.generation < *placed_gen)
+            && at.elapsed() < PLACEMENT_GRACE
+            && nodes.iter().any(|n| &n.node.name == node && n.alive)
+        {
+            continue;
+        }
+        let wanted = match (newest, &held) {
             // Waiting for an allowed node: try again with the generation it was held at.
             (_, Some(h)) => h.generation,
-            // Never placed, or its old copy was removed to be replaced: the next generation.
-            (None, None) => floor + 1,
+            // Never placed, or its old copy was removed to be replaced (the generation is
+            // still above every one sent: `generation_after`).
+            (None, None) => 1,
             // Running with an older spec, or on a node its pins no longer allow: the old copy
             // is removed first (its id is reused), then the next pass places the new one.
             (Some(p), None)
@@ -319,10 +332,7 @@ async fn reconcile(inner: &Arc<Inner>) {
             {
                 if lock(&inner.replacing).insert(service.id.clone()) {
                     tracing::info!(id = %service.id, node = %p.node.name, "replacing: its spec or pins changed");
-                    lock(&inner.placed).insert(
-                        service.id.clone(),
-                        (p.generation, p.node.name.clone(), Instant::now()),
-                    );
+                    inner.mark_sent(&service.id, p.generation);
                     let (client, id, inner) =
                         (inner.client.clone(), service.id.clone(), inner.clone());
                     tokio::spawn(async move {
@@ -343,13 +353,9 @@ async fn reconcile(inner: &Arc<Inner>) {
                 _ => continue,
             },
         };
-        if let Some((placed_gen, node, at)) = lock(&inner.placed).get(&service.id)
-            && *placed_gen >= generation
-            && at.elapsed() < PLACEMENT_GRACE
-            && nodes.iter().any(|n| &n.node.name == node && n.alive)
-        {
-            continue;
-        }
+        // A placement whose answer never came may still have landed: a generation is never
+        // used twice, so such a late copy is fenced by the next.
+        let generation = generation_after(inner.last_sent(&service.id), wanted);
         let avoid = lock(&inner.failed_on)
             .get(&service.id)
             .cloned()
@@ -366,7 +372,7 @@ async fn reconcile(inner: &Arc<Inner>) {
         let Some(api) = target.node.api_address() else {
             continue;
         };
-        let generation = inner.next_generation(&service.id, generation);
+        inner.mark_sent(&service.id, generation);
         let request = SpinRequest {
             spec: service.spec.clone(),
             id: Some(service.id.clone()),
