@@ -12,9 +12,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::Rng as _;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
-    SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType,
 };
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -74,6 +74,9 @@ pub enum ClusterError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A member's certificate signing request that cannot be signed.
+    #[error("invalid certificate request: {0}")]
+    BadRequest(String),
     /// Certificate or key generation failed.
     #[error("certificate generation failed: {0}")]
     Certificate(#[from] rcgen::Error),
@@ -162,19 +165,15 @@ impl fmt::Debug for Secret {
 pub struct ClusterCa {
     cert_pem: String,
     key_pem: Option<String>,
-    /// The certificate's subject, which becomes the issuer of every node certificate.
-    subject: DistinguishedName,
+    /// The certificate's common name (for `Debug`).
+    common_name: String,
 }
 
 impl ClusterCa {
     /// A new self-signed CA (ECDSA P-256, CN "P2F cluster CA <name>", valid 10 years).
     pub fn generate(cluster_name: &str) -> Result<ClusterCa, ClusterError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("P2F cluster CA {cluster_name}"));
+        let mut params = named(&format!("P2F cluster CA {cluster_name}"));
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = ca_key_usages();
         set_validity(&mut params, CA_VALID_YEARS);
@@ -195,23 +194,28 @@ impl ClusterCa {
         if certs.next().is_some() {
             return Err(ClusterError::pem(WHAT, "more than one CERTIFICATE block"));
         }
-        let parts = der::tbs_parts(&der)
-            .ok_or_else(|| ClusterError::pem(WHAT, "not a well-formed X.509 certificate"))?;
-        let subject =
-            der::distinguished_name(parts.subject).map_err(|e| ClusterError::pem(WHAT, e))?;
+        let (_, x509) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| ClusterError::pem(WHAT, format!("not a well-formed certificate ({e})")))?;
         if let Some(key_pem) = &key_pem {
             let key = KeyPair::from_pem(key_pem).map_err(|e| ClusterError::pem("CA key", e))?;
-            if der::spki_public_key(parts.spki) != Some(key.public_key_raw()) {
+            if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
                 return Err(ClusterError::pem(
                     "CA key",
                     "it does not belong to the CA certificate",
                 ));
             }
         }
+        let common_name = x509
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .unwrap_or("?")
+            .to_owned();
         Ok(ClusterCa {
             cert_pem,
             key_pem,
-            subject,
+            common_name,
         })
     }
 
@@ -225,20 +229,36 @@ impl ClusterCa {
         self.key_pem.as_deref()
     }
 
-    /// Issues a node certificate (ECDSA P-256, CN = `node`, valid 5 years) for `hosts` plus
-    /// `localhost`, `127.0.0.1` and `::1`. IP literals become IP SANs, other names DNS SANs.
+    /// Issues a node certificate with a new key made here (the root's own certificate; a
+    /// member makes its key itself and sends a [`CertRequest`] to [`ClusterCa::sign`]).
     pub fn issue(&self, node: &str, hosts: &[String]) -> Result<NodeCert, ClusterError> {
+        let request = CertRequest::new(node)?;
+        let cert_pem = self.sign(node, hosts, request.csr_pem())?;
+        request.complete(cert_pem)
+    }
+
+    /// Signs a member's certificate request: a certificate (CN = `node`, valid 5 years) for
+    /// `hosts` plus `localhost`, `127.0.0.1` and `::1` (IP literals become IP SANs, other names
+    /// DNS SANs), for the request's key, which must be ECDSA P-256. Only the key and the proof
+    /// that the member holds it are taken from the request; names and usages are the CA's.
+    pub fn sign(
+        &self,
+        node: &str,
+        hosts: &[String],
+        csr_pem: &str,
+    ) -> Result<String, ClusterError> {
         let ca_key_pem = self.key_pem.as_deref().ok_or(ClusterError::NoCaKey)?;
         let ca_key = KeyPair::from_pem(ca_key_pem).map_err(|e| ClusterError::pem("CA key", e))?;
-        let mut ca_params = CertificateParams::default();
-        ca_params.distinguished_name = self.subject.clone();
-        ca_params.key_usages = ca_key_usages();
-        let issuer = Issuer::new(ca_params, ca_key);
-
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, node);
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key)
+            .map_err(|e| ClusterError::pem("CA certificate", e))?;
+        let request = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| ClusterError::BadRequest(e.to_string()))?;
+        if request.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+            return Err(ClusterError::BadRequest(
+                "the key must be ECDSA P-256 (what `p2f node join` makes)".into(),
+            ));
+        }
+        let mut params = named(node);
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -247,23 +267,61 @@ impl ClusterCa {
         ];
         params.subject_alt_names = subject_alt_names(hosts)?;
         set_validity(&mut params, NODE_VALID_YEARS);
-        let cert = params.signed_by(&key, &issuer)?;
+        Ok(params.signed_by(&request.public_key, &issuer)?.pem())
+    }
+}
+
+/// A node's new private key and its request for a certificate (PKCS#10, signed with that key):
+/// the key stays on the node, only the request travels to the root.
+pub struct CertRequest {
+    key: KeyPair,
+    csr_pem: String,
+}
+
+impl CertRequest {
+    /// A new ECDSA P-256 key and a request naming `node`.
+    pub fn new(node: &str) -> Result<CertRequest, ClusterError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let csr_pem = named(node).serialize_request(&key)?.pem()?;
+        Ok(CertRequest { key, csr_pem })
+    }
+
+    /// The request in PEM form (`CERTIFICATE REQUEST`).
+    pub fn csr_pem(&self) -> &str {
+        &self.csr_pem
+    }
+
+    /// The node's certificate and key, once the root signed the request; the certificate must
+    /// certify this request's key.
+    pub fn complete(self, cert_pem: String) -> Result<NodeCert, ClusterError> {
+        const WHAT: &str = "node certificate";
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| ClusterError::pem(WHAT, e))?;
+        let (_, x509) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| ClusterError::pem(WHAT, format!("not a well-formed certificate ({e})")))?;
+        if x509.public_key().subject_public_key.data.as_ref() != self.key.public_key_raw() {
+            return Err(ClusterError::pem(
+                WHAT,
+                "it certifies another key than the one this node made",
+            ));
+        }
         Ok(NodeCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            cert_pem,
+            key_pem: self.key.serialize_pem(),
         })
+    }
+}
+
+impl fmt::Debug for CertRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertRequest").finish_non_exhaustive()
     }
 }
 
 impl fmt::Debug for ClusterCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let subject = match self.subject.get(&DnType::CommonName) {
-            Some(DnValue::Utf8String(cn)) => cn.as_str(),
-            Some(DnValue::PrintableString(cn)) => cn.as_str(),
-            _ => "?",
-        };
         f.debug_struct("ClusterCa")
-            .field("subject", &subject)
+            .field("subject", &self.common_name)
             .field("has_key", &self.key_pem.is_some())
             .finish_non_exhaustive()
     }
@@ -553,6 +611,14 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Certificate parameters whose subject is only the common name `cn`.
+fn named(cn: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params
+}
+
 fn ca_key_usages() -> Vec<KeyUsagePurpose> {
     vec![
         KeyUsagePurpose::KeyCertSign,
@@ -612,154 +678,6 @@ fn civil_from_days(days: i64) -> (i32, u8, u8) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     (year as i32, month as u8, day as u8)
-}
-
-/// Just enough DER reading to take the subject and public key out of a certificate (rcgen's own
-/// parser needs its `x509-parser` feature, which this crate does not enable).
-mod der {
-    use rcgen::{DistinguishedName, DnType, DnValue};
-
-    const SEQUENCE: u8 = 0x30;
-    const SET: u8 = 0x31;
-    const OID: u8 = 0x06;
-    const BIT_STRING: u8 = 0x03;
-    const UTF8_STRING: u8 = 0x0c;
-    const PRINTABLE_STRING: u8 = 0x13;
-    const IA5_STRING: u8 = 0x16;
-    const VERSION: u8 = 0xa0;
-
-    /// One element: its tag, its contents, and the input after it.
-    struct Element<'a> {
-        tag: u8,
-        contents: &'a [u8],
-        /// The whole encoding, header included.
-        encoding: &'a [u8],
-    }
-
-    fn next(input: &[u8]) -> Option<(Element<'_>, &[u8])> {
-        let (&tag, rest) = input.split_first()?;
-        let (&first, rest) = rest.split_first()?;
-        let (len, rest) = if first < 0x80 {
-            (usize::from(first), rest)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 {
-                return None;
-            }
-            let (bytes, rest) = rest.split_at_checked(n)?;
-            let len = bytes
-                .iter()
-                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-            (len, rest)
-        };
-        let (contents, rest) = rest.split_at_checked(len)?;
-        let encoding = input.get(..input.len() - rest.len())?;
-        Some((
-            Element {
-                tag,
-                contents,
-                encoding,
-            },
-            rest,
-        ))
-    }
-
-    fn expect(input: &[u8], tag: u8) -> Option<(Element<'_>, &[u8])> {
-        next(input).filter(|(e, _)| e.tag == tag)
-    }
-
-    /// Raw encodings of the fields of a certificate that trust decisions rest on.
-    pub(super) struct TbsParts<'a> {
-        /// The issuer `Name`.
-        #[cfg_attr(not(test), allow(dead_code))]
-        pub(super) issuer: &'a [u8],
-        /// The subject `Name`.
-        pub(super) subject: &'a [u8],
-        /// The `SubjectPublicKeyInfo`.
-        pub(super) spki: &'a [u8],
-    }
-
-    pub(super) fn tbs_parts(cert: &[u8]) -> Option<TbsParts<'_>> {
-        let (cert, _) = expect(cert, SEQUENCE)?;
-        let (tbs, _) = expect(cert.contents, SEQUENCE)?;
-        let mut rest = tbs.contents;
-        if rest.first() == Some(&VERSION) {
-            rest = next(rest)?.1;
-        }
-        let (_serial, rest) = next(rest)?;
-        let (_signature, rest) = expect(rest, SEQUENCE)?;
-        let (issuer, rest) = expect(rest, SEQUENCE)?;
-        let (_validity, rest) = expect(rest, SEQUENCE)?;
-        let (subject, rest) = expect(rest, SEQUENCE)?;
-        let (spki, _) = expect(rest, SEQUENCE)?;
-        Some(TbsParts {
-            issuer: issuer.encoding,
-            subject: subject.encoding,
-            spki: spki.encoding,
-        })
-    }
-
-    /// The key bits of a `SubjectPublicKeyInfo`.
-    pub(super) fn spki_public_key(spki: &[u8]) -> Option<&[u8]> {
-        let (spki, _) = expect(spki, SEQUENCE)?;
-        let (_algorithm, rest) = expect(spki.contents, SEQUENCE)?;
-        let (bits, _) = expect(rest, BIT_STRING)?;
-        match bits.contents.split_first()? {
-            (0, key) => Some(key),
-            _ => None,
-        }
-    }
-
-    /// A `Name` as rcgen's `DistinguishedName`, re-encoding to the same bytes (so the issuer of
-    /// the certificates we sign matches the CA's subject exactly).
-    pub(super) fn distinguished_name(name: &[u8]) -> Result<DistinguishedName, &'static str> {
-        const BAD: &str = "malformed subject name";
-        let (name, _) = expect(name, SEQUENCE).ok_or(BAD)?;
-        let mut dn = DistinguishedName::new();
-        let mut rdns = name.contents;
-        while !rdns.is_empty() {
-            let (rdn, rest) = expect(rdns, SET).ok_or(BAD)?;
-            rdns = rest;
-            let (attribute, rest) = expect(rdn.contents, SEQUENCE).ok_or(BAD)?;
-            if !rest.is_empty() {
-                return Err("multi-valued names in the subject are not supported");
-            }
-            let (oid, rest) = expect(attribute.contents, OID).ok_or(BAD)?;
-            let (value, _) = next(rest).ok_or(BAD)?;
-            let ty = DnType::from_oid(&oid_arcs(oid.contents).ok_or(BAD)?);
-            let text = std::str::from_utf8(value.contents).map_err(|_| BAD)?;
-            let value = match value.tag {
-                UTF8_STRING => DnValue::Utf8String(text.to_owned()),
-                PRINTABLE_STRING => DnValue::PrintableString(text.try_into().map_err(|_| BAD)?),
-                IA5_STRING => DnValue::Ia5String(text.try_into().map_err(|_| BAD)?),
-                _ => return Err("unsupported string type in the subject name"),
-            };
-            if dn.get(&ty).is_some() {
-                return Err("repeated attributes in the subject are not supported");
-            }
-            dn.push(ty, value);
-        }
-        Ok(dn)
-    }
-
-    fn oid_arcs(bytes: &[u8]) -> Option<Vec<u64>> {
-        let mut arcs = Vec::new();
-        let mut value: u64 = 0;
-        for &b in bytes {
-            value = value.checked_mul(128)? | u64::from(b & 0x7f);
-            if b & 0x80 == 0 {
-                if arcs.is_empty() {
-                    let first = (value / 40).min(2);
-                    arcs.push(first);
-                    arcs.push(value - first * 40);
-                } else {
-                    arcs.push(value);
-                }
-                value = 0;
-            }
-        }
-        (!arcs.is_empty() && bytes.last().is_some_and(|b| b & 0x80 == 0)).then_some(arcs)
-    }
 }
 
 #[cfg(test)]
@@ -866,10 +784,70 @@ mod tests {
         let cert = ca.issue("n1", &["10.0.0.7".to_owned()]).expect("issue");
         let ca_der = CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).expect("ca der");
         let leaf_der = CertificateDer::from_pem_slice(cert.cert_pem.as_bytes()).expect("leaf der");
-        let ca_parts = der::tbs_parts(&ca_der).expect("ca parts");
-        let leaf_parts = der::tbs_parts(&leaf_der).expect("leaf parts");
-        assert_eq!(leaf_parts.issuer, ca_parts.subject);
-        assert_eq!(ca_parts.issuer, ca_parts.subject);
+        let (_, ca_x509) = x509_parser::parse_x509_certificate(&ca_der).expect("ca");
+        let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der).expect("leaf");
+        assert_eq!(leaf.issuer().as_raw(), ca_x509.subject().as_raw());
+        assert_eq!(ca_x509.issuer().as_raw(), ca_x509.subject().as_raw());
+        let cn = leaf.subject().iter_common_name().next().expect("a CN");
+        assert_eq!(cn.as_str().ok(), Some("n1"));
+        assert!(!leaf.is_ca());
+    }
+
+    #[test]
+    fn the_ca_signs_a_members_request_for_the_members_own_key() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        let request = CertRequest::new("laptop").expect("request");
+        assert!(
+            request
+                .csr_pem()
+                .starts_with("-----BEGIN CERTIFICATE REQUEST-----")
+        );
+        let cert_pem = ca
+            .sign("laptop", &["10.0.0.8".to_owned()], request.csr_pem())
+            .expect("sign");
+        let cert = request.complete(cert_pem.clone()).expect("complete");
+        // The pair works for TLS (key and certificate belong together).
+        server_config(&cert).expect("a server config from the pair");
+
+        // Another node's key: the certificate is refused by the wrong request.
+        let other = CertRequest::new("laptop").expect("request");
+        let err = other.complete(cert_pem).expect_err("another key");
+        assert!(err.to_string().contains("another key"), "{err}");
+
+        // Garbage, a tampered request (the signature no longer matches), a foreign key type.
+        let good = CertRequest::new("x").expect("request");
+        let body: String = good
+            .csr_pem()
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        let mut der = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, body)
+            .expect("base64");
+        let last = der.len() - 1;
+        der[last] ^= 0x01;
+        let tampered = format!(
+            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &der)
+        );
+        let ed25519 = KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519 key");
+        let foreign = CertificateParams::default()
+            .serialize_request(&ed25519)
+            .and_then(|csr| csr.pem())
+            .expect("ed25519 request");
+        for (csr, says) in [
+            ("not a request", "invalid certificate request"),
+            (tampered.as_str(), "invalid certificate request"),
+            (foreign.as_str(), "ECDSA P-256"),
+        ] {
+            let err = ca.sign("x", &[], csr).expect_err(csr).to_string();
+            assert!(err.contains(says), "{err}");
+        }
+        // A member cannot sign.
+        let member = ClusterCa::from_pem(ca.cert_pem().to_owned(), None).expect("member");
+        assert!(matches!(
+            member.sign("x", &[], good.csr_pem()),
+            Err(ClusterError::NoCaKey)
+        ));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Joining a cluster: the root's join token (its API address, the cluster CA and the secret,
-//! as one copyable line) and what a new member asks the root for (its node certificate).
+//! as one copyable line) and what a new member asks the root for (its node certificate, for a
+//! key the member made and keeps).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -80,26 +81,21 @@ impl JoinToken {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JoinRequest {
-    /// The member's node name.
+    /// The member's node name: no live member may have it already.
     pub name: p2f_model::NodeName,
     /// The addresses and names its API is reached at (IPs or DNS names).
     pub hosts: Vec<String>,
+    /// Its certificate signing request (PEM, from [`crate::cluster::CertRequest`]): the
+    /// member's private key never leaves the member.
+    pub csr_pem: String,
 }
 
-/// The root's answer: the member's certificate and key (PEM), signed by the cluster CA.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The root's answer: the member's certificate (PEM), signed by the cluster CA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JoinResponse {
     /// The certificate.
     pub cert_pem: String,
-    /// Its private key.
-    pub key_pem: String,
-}
-
-impl std::fmt::Debug for JoinResponse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JoinResponse").finish_non_exhaustive()
-    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,16 @@
 //! Joining a cluster: `p2f init` on the root, `p2f node join TOKEN` on a member, and one
 //! client (the cluster CA and secret) that reaches both over TLS.
 
-use p2f::model::{ProcessSpec, Status};
+use std::time::Duration;
+
+use p2f::core::cluster::CertRequest;
+use p2f::core::join::JoinRequest;
+use p2f::model::{NodeName, ProcessSpec, Status};
 
 use predicates::prelude::PredicateBooleanExt;
 use predicates::str::{contains, starts_with};
 
-use crate::support::{TestAgent, p2f_bin};
+use crate::support::{TestAgent, eventually, p2f_bin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_joins_with_the_roots_token_and_is_reachable() {
@@ -41,15 +45,84 @@ async fn a_member_joins_with_the_roots_token_and_is_reachable() {
 
     // A member holds no CA key: it cannot sign other members.
     assert!(!member.config.cluster_dir().join("ca.key").exists());
-    let request = p2f::core::join::JoinRequest {
-        name: p2f::model::NodeName::from_static("intruder"),
+    let key = CertRequest::new("intruder").expect("a key");
+    let request = JoinRequest {
+        name: NodeName::from_static("intruder"),
         hosts: vec!["127.0.0.3".into()],
+        csr_pem: key.csr_pem().to_owned(),
     };
     let refused = at_member
         .join(&request)
         .await
         .expect_err("a member refuses");
     assert_eq!(refused.status(), Some(409), "{refused}");
+
+    // The member's key was made on the member: the root signed a request and kept nothing, so
+    // the certificate the root answered fits only the key of the request that asked for it.
+    let signed = root.network().join(&request).await.expect("the root signs");
+    let other = CertRequest::new("intruder").expect("another key");
+    assert!(other.complete(signed.cert_pem.clone()).is_err());
+    key.complete(signed.cert_pem)
+        .expect("the certificate is for this key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_members_name_is_not_given_twice_and_bad_requests_change_nothing() {
+    let root = TestAgent::start("root3").await;
+    let _member = TestAgent::join(&root, "pi", "127.0.0.3").await;
+    let net = root.network().clone();
+    eventually("the root to hear pi", Duration::from_secs(10), || {
+        let net = net.clone();
+        async move {
+            let nodes = net.nodes().await.ok()?;
+            nodes
+                .iter()
+                .any(|n| n.node.name.as_str() == "pi" && n.alive)
+                .then_some(())
+        }
+    })
+    .await;
+
+    // Through the CLI: a second "pi", and the root's own name, are refused in one line; nothing
+    // is written.
+    let token = std::fs::read_to_string(root.config.data_dir.join("join-token")).expect("token");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for name in ["pi", "root3"] {
+        let join = assert_cmd::Command::new(p2f_bin())
+            .args(["node", "join", token.trim(), "--name", name])
+            .args(["--listen", "127.0.0.4:0", "--dir"])
+            .arg(dir.path().join("node"))
+            .timeout(Duration::from_secs(60))
+            .assert()
+            .code(1)
+            .stderr(
+                starts_with("error: ")
+                    .and(contains(format!("a live node is already called {name}"))),
+            );
+        let err = String::from_utf8_lossy(&join.get_output().stderr).into_owned();
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(!dir.path().join("node").exists(), "nothing written");
+    }
+
+    // Through the API: requests that cannot be signed get 422 and a reason.
+    let key = CertRequest::new("lan-box").expect("key");
+    let cases = [
+        ("not a request".to_owned(), "invalid certificate request"),
+        (tamper(key.csr_pem()), "invalid certificate request"),
+    ];
+    for (csr_pem, says) in cases {
+        let request = JoinRequest {
+            name: NodeName::from_static("lan-box"),
+            hosts: vec!["127.0.0.5".into()],
+            csr_pem,
+        };
+        let err = net.join(&request).await.expect_err("refused");
+        assert_eq!(err.status(), Some(422), "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+    }
+    // The root still answers, and still knows exactly two nodes.
+    let nodes = net.nodes().await.expect("nodes");
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,4 +165,22 @@ async fn bad_tokens_are_refused_clearly() {
             "nothing written"
         );
     }
+}
+
+/// The PEM with one character of its signature (the last base64 line) changed.
+fn tamper(pem: &str) -> String {
+    let mut lines: Vec<String> = pem.lines().map(str::to_owned).collect();
+    let last = lines.len() - 2;
+    let flipped: String = lines[last]
+        .chars()
+        .enumerate()
+        .map(|(i, c)| match (i, c) {
+            (4, 'A') => 'B',
+            (4, _) => 'A',
+            _ => c,
+        })
+        .collect();
+    assert_ne!(flipped, lines[last]);
+    lines[last] = flipped;
+    lines.join("\n") + "\n"
 }

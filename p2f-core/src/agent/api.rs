@@ -377,14 +377,33 @@ async fn join(
             "this node is not the root: only the root holds the CA key that signs members",
         )
     })?;
-    let cert = ca
-        .issue(request.name.as_str(), &request.hosts)
+    // Members are identified by name: a second live node with the same one would take over
+    // the first one's records. A dead member's name may be taken again (a reinstalled machine).
+    let taken = request.name == api.node.name
+        || match &api.replica {
+            Some(replica) => replica
+                .mesh()
+                .membership()
+                .await
+                .live
+                .iter()
+                .any(|member| member.node == request.name),
+            None => false,
+        };
+    if taken {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "a live node is already called {}: pick another name with --name, or stop that node first",
+                request.name
+            ),
+        ));
+    }
+    let cert_pem = ca
+        .sign(request.name.as_str(), &request.hosts, &request.csr_pem)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    tracing::info!(member = %request.name, "issued a node certificate");
-    Ok(Json(JoinResponse {
-        cert_pem: cert.cert_pem,
-        key_pem: cert.key_pem,
-    }))
+    tracing::info!(member = %request.name, "signed a member's certificate");
+    Ok(Json(JoinResponse { cert_pem }))
 }
 
 fn the_root(api: &Api) -> Result<&Root, ApiError> {
