@@ -8,8 +8,8 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use p2f_core::Network;
 use p2f_core::agent::{Agent, AgentConfig, MeshSettings, Shutdown};
-use p2f_core::cluster::{CertRequest, ClusterFiles};
-use p2f_core::join::{JoinRequest, JoinToken};
+use p2f_core::cluster::ClusterFiles;
+use p2f_core::join::{JoinToken, request_certificate};
 use p2f_core::wire::LogsQuery;
 use p2f_model::{NodeName, ProcessId, ProcessKey};
 use tokio::io::AsyncWriteExt;
@@ -333,17 +333,9 @@ async fn join(
     config.mesh = Some(MeshSettings::new(gossip_address(listen), seeds));
     let root = Network::connect(&token.root, token.secret.clone(), &token.ca_pem)?;
     // This node's key is made here and stays here; the root signs a request for it.
-    let key = CertRequest::new(name.as_str())?;
-    let request = JoinRequest {
-        name: name.clone(),
-        hosts: vec![config.advertised_host()],
-        csr_pem: key.csr_pem().to_owned(),
-    };
-    let signed = root
-        .join(&request)
+    let cert = request_certificate(&root, &name, vec![config.advertised_host()])
         .await
         .with_context(|| format!("the root at {} refused to sign this node", token.root))?;
-    let cert = key.complete(signed.cert_pem)?;
     ClusterFiles::new(dir.join("cluster")).write_member(&token.ca_pem, &token.secret)?;
     cert.save(&dir.join("tls"))?;
     std::fs::write(&config_path, config.to_toml())

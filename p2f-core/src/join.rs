@@ -6,7 +6,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::Secret;
+use crate::cluster::{CertRequest, ClusterError, NodeCert, Secret};
+use crate::{ClientError, Network};
 
 /// The prefix of every join token (and its format version).
 const PREFIX: &str = "p2f-join-v1:";
@@ -21,6 +22,36 @@ pub enum TokenError {
     /// Damaged on the way (a cut copy, a changed character).
     #[error("the join token is damaged ({0}); copy it again from the root's DATA/join-token")]
     Damaged(String),
+}
+
+/// Why a member did not get its certificate.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JoinError {
+    /// Making the key or request, or the answer's certificate, failed.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    /// The root refused or could not be reached.
+    #[error(transparent)]
+    Root(#[from] ClientError),
+}
+
+/// Gets this node's certificate from the root (`root`, a client with the cluster's CA and
+/// secret): a new key is made here and stays here, the root signs a request for it, and the
+/// answer must certify that key. Save it with [`NodeCert::save`].
+pub async fn request_certificate(
+    root: &Network,
+    name: &p2f_model::NodeName,
+    hosts: Vec<String>,
+) -> Result<NodeCert, JoinError> {
+    let key = CertRequest::new(name.as_str())?;
+    let request = JoinRequest {
+        name: name.clone(),
+        hosts,
+        csr_pem: key.csr_pem().to_owned(),
+    };
+    let signed = root.join(&request).await?;
+    Ok(key.complete(signed.cert_pem)?)
 }
 
 /// What a new member needs to join: where the root's API is, which CA to trust, the secret.

@@ -1,10 +1,11 @@
-//! Joining a cluster: `p2f init` on the root, `p2f node join TOKEN` on a member, and one
-//! client (the cluster CA and secret) that reaches both over TLS.
+//! Joining a cluster: `p2f init` on the root, `p2f node join TOKEN` (or a config naming the
+//! root) on a member, and one client (the cluster CA and secret) that reaches both over TLS.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
-use p2f::core::cluster::CertRequest;
-use p2f::core::join::JoinRequest;
+use p2f::core::cluster::{CertRequest, ClusterFiles};
+use p2f::core::join::{JoinRequest, JoinToken};
 use p2f::model::{NodeName, ProcessSpec, Status};
 
 use predicates::prelude::PredicateBooleanExt;
@@ -123,6 +124,59 @@ async fn a_live_members_name_is_not_given_twice_and_bad_requests_change_nothing(
     // The root still answers, and still knows exactly two nodes.
     let nodes = net.nodes().await.expect("nodes");
     assert_eq!(nodes.len(), 2, "{nodes:?}");
+}
+
+/// Joining by config (a provisioning tool writes `node.toml` naming the root, next to the
+/// cluster's `ca.pem` and `secret`): the first `p2f node run` gets the node's certificate from
+/// the root, for a key made on the node, and the node becomes a member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joins_by_config_alone() {
+    let root = TestAgent::start("root4").await;
+    let token = std::fs::read_to_string(root.config.data_dir.join("join-token")).expect("token");
+    let token = JoinToken::decode(&token).expect("token");
+    let dir = tempfile::Builder::new()
+        .prefix("p2f-it-")
+        .tempdir()
+        .expect("tempdir");
+    let home = dir.path().join("node");
+    ClusterFiles::new(home.join("cluster"))
+        .write_member(&token.ca_pem, &token.secret)
+        .expect("cluster files");
+    let gossip = token.gossip.as_deref().expect("the root gossips");
+    let config = format!(
+        "name = \"nas\"\nlisten = \"127.0.0.6:0\"\ndata_dir = \".\"\nroot = \"{}\"\n\
+         [mesh]\nlisten = \"127.0.0.6:0\"\nseeds = [\"{gossip}\"]\n",
+        token.root
+    );
+    std::fs::write(home.join("node.toml"), config).expect("write node.toml");
+    assert!(!home.join("tls").exists());
+
+    let nas = TestAgent::from_dir(dir).await;
+    let node = nas
+        .network()
+        .node()
+        .await
+        .expect("the member answers over TLS");
+    assert_eq!(node.name.as_str(), "nas");
+    let key = home.join("tls/node.key");
+    let mode = std::fs::metadata(&key)
+        .expect("its key")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "the key is private");
+    let net = root.network().clone();
+    eventually("the root to hear nas", Duration::from_secs(10), || {
+        let net = net.clone();
+        async move {
+            let nodes = net.nodes().await.ok()?;
+            nodes
+                .iter()
+                .any(|n| n.node.name.as_str() == "nas" && n.alive)
+                .then_some(())
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -181,6 +181,13 @@ impl TestAgent {
         TestAgent::run(dir, config_path, config).await
     }
 
+    /// `p2f node run` on a node directory made by hand: `DIR/node/node.toml` and what it names.
+    pub(crate) async fn from_dir(dir: tempfile::TempDir) -> TestAgent {
+        let config_path = dir.path().join("node/node.toml");
+        let config = AgentConfig::load(&config_path).expect("load the config");
+        TestAgent::run(dir, config_path, config).await
+    }
+
     async fn run(dir: tempfile::TempDir, config_path: PathBuf, config: AgentConfig) -> TestAgent {
         let mut agent = TestAgent {
             dir,

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 pub use config::{AgentConfig, ConfigError, MeshSettings, SupervisorConfig};
 pub use supervisor::{Recovery, Shutdown, Supervisor};
 
-use crate::cluster::{ClusterError, ClusterFiles, NodeCert};
+use crate::cluster::{ClusterError, ClusterFiles, NodeCert, Secret};
 use store::{Store, StoreError};
 use strategy::DeployOptions;
 
@@ -56,9 +56,15 @@ pub enum AgentError {
     /// The mesh could not start.
     #[error(transparent)]
     Mesh(#[from] crate::mesh::MeshError),
+    /// A member could not get its certificate from the root.
+    #[error("cannot get this node's certificate from the root at {root}: {source}")]
+    Join {
+        root: String,
+        source: crate::join::JoinError,
+    },
     /// A member without its certificate.
     #[error(
-        "this node has no certificate in {0} and no CA key to make one; join the cluster with `p2f node join TOKEN`"
+        "this node has no certificate in {0}, no CA key to make one and no root in its config to ask; join the cluster with `p2f node join TOKEN`"
     )]
     NoCertificate(PathBuf),
 }
@@ -85,7 +91,7 @@ impl Agent {
             source,
         })?;
         let (ca, secret) = ClusterFiles::new(config.cluster_dir()).load()?;
-        let cert = node_certificate(&config, &ca)?;
+        let cert = node_certificate(&config, &ca, &secret).await?;
         let tls = crate::cluster::server_config(&cert)?;
         let records = data.join("records.redb");
         let store = Arc::new(Store::open(&records)?);
@@ -307,20 +313,40 @@ async fn unpark(replica: replica::Replica, supervisor: Supervisor) {
 }
 
 /// This node's certificate: issued (again) at each start when this node holds the CA key, so
-/// it always names the current address; read from `DATA/tls` on members.
-fn node_certificate(
+/// it always names the current address; read from `DATA/tls` on members. A member without one
+/// whose config names its root (a config written by hand or by a provisioning tool, next to
+/// the cluster's `ca.pem` and `secret`) asks the root for it, as `p2f node join` does.
+async fn node_certificate(
     config: &AgentConfig,
     ca: &crate::cluster::ClusterCa,
+    secret: &Secret,
 ) -> Result<NodeCert, AgentError> {
     let dir = config.data_dir.join("tls");
+    let mut hosts = vec![config.advertised_host(), config.listen.ip().to_string()];
+    hosts.dedup();
     if ca.key_pem().is_some() {
-        let mut hosts = vec![config.advertised_host(), config.listen.ip().to_string()];
-        hosts.dedup();
         let cert = ca.issue(config.name.as_str(), &hosts)?;
         cert.save(&dir)?;
         return Ok(cert);
     }
-    NodeCert::load(&dir).ok_or(AgentError::NoCertificate(dir))
+    if let Some(cert) = NodeCert::load(&dir) {
+        return Ok(cert);
+    }
+    let Some(root) = &config.root else {
+        return Err(AgentError::NoCertificate(dir));
+    };
+    let join = |source| AgentError::Join {
+        root: root.clone(),
+        source,
+    };
+    let client =
+        crate::Network::connect(root, secret.clone(), ca.cert_pem()).map_err(|e| join(e.into()))?;
+    let cert = crate::join::request_certificate(&client, &config.name, hosts)
+        .await
+        .map_err(join)?;
+    cert.save(&dir)?;
+    tracing::info!(%root, "joined: the root signed this node's certificate");
+    Ok(cert)
 }
 
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), AgentError> {
