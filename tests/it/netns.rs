@@ -20,7 +20,9 @@ use p2f::core::agent::AgentConfig;
 use p2f::core::cluster::ClusterFiles;
 use p2f::model::ProcessId;
 
-use crate::support::{eventually, libc_signal, p2f_bin, pgid_of, processes_under, signal};
+use crate::support::{
+    api_address, eventually, libc_signal, node_run, p2f_bin, pgid_of, processes_under, signal,
+};
 
 /// How long one `ip`/`nft`/`p2f init|join` command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -414,37 +416,13 @@ impl NsAgent {
     /// also waits until the API answers from where this runs.
     pub(crate) async fn start(&mut self, check_api: bool) {
         assert!(self.child.is_none(), "the agent already runs");
-        let addr_file = self.config.data_dir.join("api.addr");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("agent.log"))
-            .expect("agent log");
-        let child = NsAgent::p2f(&self.ns)
-            .args(["node", "run", "--config"])
-            .arg(&self.config_path)
-            .env("RUST_LOG", "info,p2f_core=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn p2f node run");
-        self.child = Some(child);
-        let address = eventually("the agent's api.addr", Duration::from_secs(20), || {
-            let text = std::fs::read_to_string(&addr_file)
-                .ok()
-                .filter(|t| !t.trim().is_empty());
-            if text.is_none()
-                && let Some(child) = &mut self.child
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                panic!("the agent exited ({status}):\n{}", self.log());
-            }
-            async move { text }
-        })
-        .await;
-        let network = Network::with_cluster_files(address.trim(), &self.cluster())
-            .expect("client of the agent");
+        let log = self.dir.path().join("agent.log");
+        let child = self
+            .child
+            .insert(node_run(NsAgent::p2f(&self.ns), &self.config_path, &log));
+        let address = api_address(&self.config, child, &log).await;
+        let network =
+            Network::with_cluster_files(&address, &self.cluster()).expect("client of the agent");
         if check_api {
             eventually("the agent's API", Duration::from_secs(30), || {
                 let network = network.clone();

@@ -114,6 +114,44 @@ fn node_dir(args: &[&str]) -> (tempfile::TempDir, PathBuf) {
     (dir, home.join("node.toml"))
 }
 
+/// Starts `p2f node run --config CONFIG` through `p2f` (the binary, or `ip netns exec NS p2f`),
+/// its output appended to `log`.
+pub(crate) fn node_run(mut p2f: Command, config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("agent log");
+    p2f.args(["node", "run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info,p2f_core=debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn p2f node run")
+}
+
+/// The API address the agent of `config` writes once it listens (`DATA/api.addr`); panics with
+/// its `log` if it exits first.
+pub(crate) async fn api_address(config: &AgentConfig, child: &mut Child, log: &Path) -> String {
+    let addr_file = config.data_dir.join("api.addr");
+    let address = eventually("the agent's api.addr", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&addr_file)
+            .ok()
+            .filter(|t| !t.trim().is_empty());
+        if text.is_none()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("the agent exited ({status}):\n{log}");
+        }
+        async move { text }
+    })
+    .await;
+    address.trim().to_owned()
+}
+
 /// Polls `probe` every 20 ms until it returns `Some`, at most `timeout`.
 pub(crate) async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
 where
@@ -203,33 +241,13 @@ impl TestAgent {
     /// Starts the agent process (again) and waits until its API answers.
     pub(crate) async fn spawn(&mut self) {
         assert!(self.child.is_none(), "the agent already runs");
-        let addr_file = self.config.data_dir.join("api.addr");
-        let _ = std::fs::remove_file(&addr_file);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("agent.log"))
-            .expect("agent log");
-        let child = Command::new(p2f_bin())
-            .args(["node", "run", "--config"])
-            .arg(&self.config_path)
-            .env("RUST_LOG", "info,p2f_core=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn p2f node run");
-        self.child = Some(child);
-        let address = eventually("the agent's api.addr", Duration::from_secs(20), || {
-            let text = std::fs::read_to_string(&addr_file)
-                .ok()
-                .filter(|t| !t.trim().is_empty());
-            if text.is_none() {
-                self.assert_alive();
-            }
-            async move { text }
-        })
-        .await;
+        let _ = std::fs::remove_file(self.config.data_dir.join("api.addr"));
+        let child = self.child.insert(node_run(
+            Command::new(p2f_bin()),
+            &self.config_path,
+            &self.dir.path().join("agent.log"),
+        ));
+        let address = api_address(&self.config, child, &self.dir.path().join("agent.log")).await;
         let cluster = ClusterFiles::new(self.config.cluster_dir());
         let network =
             Network::with_cluster_files(address.trim(), &cluster).expect("client of the agent");
@@ -239,14 +257,6 @@ impl TestAgent {
         })
         .await;
         self.network = Some(network);
-    }
-
-    fn assert_alive(&mut self) {
-        if let Some(child) = &mut self.child
-            && let Ok(Some(status)) = child.try_wait()
-        {
-            panic!("the agent exited ({status}):\n{}", self.agent_log());
-        }
     }
 
     /// The agent's own log (for failure messages).
