@@ -26,39 +26,24 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use comfy_table::{Cell, Table, presets::ASCII_MARKDOWN};
 use p2f::core::Network;
 use p2f::core::agent::AgentConfig;
 use p2f::core::cluster::ClusterFiles;
 use p2f::core::wire::{SpinQuery, SpinRequest};
 use p2f::model::{EventKind, Health, Process, ProcessId, ProcessKey, ProcessSpec, Status};
 
-/// The environment variable that marks every process of a run (value: the run's temp dir).
-const MARKER: &str = "P2F_BENCH";
+mod bench_common;
+use bench_common::{
+    CALL_TIMEOUT, MARKER, Report, Sample, kill, load_average, ms, run_interruptible, sigkill,
+    sweep, verdict,
+};
+
 /// Spins (and direct spawns) done first and not counted: TLS handshake, page cache, allocator.
 const WARM_UP: usize = 5;
-/// The longest any one API call may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// The longest a restart may take before the trial counts as failed.
 const RESTART_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the restart trial polls the record.
 const POLL: Duration = Duration::from_millis(1);
-const SIGKILL: i32 = 9;
-
-unsafe extern "C" {
-    /// `kill(2)` from the C library std already links; a negative pid signals a process group.
-    safe fn kill(pid: i32, signal: i32) -> i32;
-}
-
-/// Sends SIGKILL to `pid` (or to the group `-pid`); refuses 0 and ±1.
-fn sigkill(pid: i64) {
-    if pid.abs() > 1
-        && let Ok(pid) = i32::try_from(pid)
-    {
-        kill(pid, SIGKILL);
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Options {
     p2f: PathBuf,
@@ -128,22 +113,8 @@ fn main() -> Result<()> {
         }
         first => {
             let options = Options::parse(first.map(str::to_owned).into_iter().chain(args))?;
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?
-                .block_on(interruptible(options))
+            run_interruptible(run(options))
         }
-    }
-}
-
-/// The benchmark, ended (and so cleaned up, by the guards' `Drop`) on Ctrl-C or SIGTERM.
-async fn interruptible(options: Options) -> Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        result = run(options) => result,
-        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-        _ = term.recv() => bail!("terminated"),
     }
 }
 
@@ -167,7 +138,7 @@ async fn run(options: Options) -> Result<()> {
         scratch.path().display(),
         load_average()
     );
-    let mut report = Report::default();
+    let mut report = Report::new("agent", "baseline (same run)");
 
     if options.runs("spin") || options.runs("restart") {
         let agent = BenchAgent::start(&p2f, &scratch.path().join("spin")).await?;
@@ -198,93 +169,8 @@ async fn run(options: Options) -> Result<()> {
     Ok(())
 }
 
-/// Nearest-rank percentiles of a sample of durations.
-#[derive(Debug, Clone)]
-struct Sample(Vec<Duration>);
-
-impl Sample {
-    fn new(mut values: Vec<Duration>) -> Sample {
-        values.sort_unstable();
-        Sample(values)
-    }
-
-    fn pct(&self, p: f64) -> Duration {
-        let n = self.0.len();
-        if n == 0 {
-            return Duration::ZERO;
-        }
-        let rank = ((p / 100.0) * n as f64).ceil() as usize;
-        self.0[rank.clamp(1, n) - 1]
-    }
-
-    fn max(&self) -> Duration {
-        self.0.last().copied().unwrap_or_default()
-    }
-
-    /// `p50 / p99 / max` in ms.
-    fn summary(&self) -> String {
-        format!(
-            "{} / {} / {} ms (n={})",
-            ms(self.pct(50.0)),
-            ms(self.pct(99.0)),
-            ms(self.max()),
-            self.0.len()
-        )
-    }
-}
-
-fn ms(d: Duration) -> String {
-    let ms = d.as_secs_f64() * 1e3;
-    if ms < 10.0 {
-        format!("{ms:.2}")
-    } else {
-        format!("{ms:.1}")
-    }
-}
-
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
-}
-
-/// The rows of the final table and the lines printed under it.
-#[derive(Debug, Default)]
-struct Report {
-    rows: Vec<[String; 5]>,
-    notes: Vec<String>,
-}
-
-impl Report {
-    fn row(&mut self, figure: &str, agent: String, baseline: String, goal: &str, verdict: &str) {
-        self.rows.push([
-            figure.to_owned(),
-            agent,
-            baseline,
-            goal.to_owned(),
-            verdict.to_owned(),
-        ]);
-    }
-
-    fn print(&self) {
-        let mut table = Table::new();
-        table.load_preset(ASCII_MARKDOWN).set_header(vec![
-            "figure",
-            "agent",
-            "baseline (same run)",
-            "goal",
-            "verdict",
-        ]);
-        for row in &self.rows {
-            table.add_row(row.iter().map(Cell::new));
-        }
-        println!("\n{table}");
-        for note in &self.notes {
-            println!("- {note}");
-        }
-    }
-}
-
-fn verdict(met: bool) -> &'static str {
-    if met { "met" } else { "MISSED" }
 }
 
 /// A `p2f node run` process in its own directory; dropping it SIGKILLs the agent and every
@@ -436,32 +322,6 @@ fn spin_request(spec: &ProcessSpec) -> SpinRequest {
     }
 }
 
-/// SIGKILLs every process whose `P2F_BENCH` lies under `dir`; returns how many.
-fn sweep(dir: &Path) -> usize {
-    let marker = format!("{MARKER}={}", dir.display());
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    let mine = std::process::id();
-    let mut killed = 0;
-    for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
-        if pid == mine {
-            continue;
-        }
-        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        let marked = environ
-            .split(|b| *b == 0)
-            .any(|var| var.starts_with(marker.as_bytes()));
-        if marked {
-            sigkill(i64::from(pid));
-            killed += 1;
-        }
-    }
-    killed
-}
-
 /// Children this run spawned itself (the direct-spawn baseline): each is killed (its whole
 /// group) and reaped on drop.
 #[derive(Default)]
@@ -594,8 +454,8 @@ async fn spin_latency(agent: &BenchAgent, options: &Options, report: &mut Report
     let overhead = wait.pct(50.0).saturating_sub(direct.pct(50.0));
     report.row(
         "spin latency, API call → Running (p50 / p99 / max)",
-        wait.summary(),
-        format!("direct spawn: {}", direct.summary()),
+        wait.ms_p99(),
+        format!("direct spawn: {}", direct.ms_p99()),
         "overhead ≤ 5 ms p50",
         &format!(
             "{} (overhead {} ms)",
@@ -605,49 +465,49 @@ async fn spin_latency(agent: &BenchAgent, options: &Options, report: &mut Report
     );
     report.row(
         "  part: spin without wait (record Pending on disk)",
-        Sample::new(no_wait).summary(),
+        Sample::new(no_wait).ms_p99(),
         String::new(),
         "",
         "",
     );
     report.row(
         "  part: API round trip, no write (GET, 404)",
-        Sample::new(round_trip).summary(),
+        Sample::new(round_trip).ms_p99(),
         String::new(),
         "",
         "",
     );
     report.row(
         "  part: one 4 KiB write + fdatasync in the data dir",
-        Sample::new(fsync).summary(),
+        Sample::new(fsync).ms_p99(),
         String::new(),
         "",
         "",
     );
     report.row(
         "  during a spin: agent threads on a CPU",
-        Sample::new(agent_cpu).summary(),
+        Sample::new(agent_cpu).ms_p99(),
         String::new(),
         "",
         "",
     );
     report.row(
         "  during a spin: agent threads runnable, waiting for a CPU",
-        Sample::new(agent_wait).summary(),
+        Sample::new(agent_wait).ms_p99(),
         String::new(),
         "",
         "",
     );
     report.row(
         "  during a spin: the new sh waiting for a CPU (before it ran)",
-        Sample::new(child_wait).summary(),
-        format!("direct: {}", Sample::new(direct_child_wait).summary()),
+        Sample::new(child_wait).ms_p99(),
+        format!("direct: {}", Sample::new(direct_child_wait).ms_p99()),
         "",
         "",
     );
     report.row(
         "  during a spin: this client's threads waiting for a CPU",
-        Sample::new(client_wait).summary(),
+        Sample::new(client_wait).ms_p99(),
         String::new(),
         "",
         "",
@@ -771,14 +631,14 @@ async fn restart(agent: &BenchAgent, options: &Options, report: &mut Report) -> 
     let noticed = Sample::new(noticed);
     report.row(
         "restart after SIGKILL → Running, new pid (p50 / p99 / max)",
-        back.summary(),
+        back.ms_p99(),
         String::new(),
         "first restart ≤ 150 ms",
         verdict(back.max() <= Duration::from_millis(150)),
     );
     report.row(
         "  part: SIGKILL → record no longer Running",
-        noticed.summary(),
+        noticed.ms_p99(),
         String::new(),
         "",
         "",
@@ -1053,11 +913,4 @@ async fn idle(agent: &BenchAgent, options: &Options, report: &mut Report) -> Res
         remove_all.as_secs_f64()
     ));
     Ok(())
-}
-
-/// The 1-, 5- and 15-minute load averages.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }

@@ -38,7 +38,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use comfy_table::{Cell, Table, presets::ASCII_MARKDOWN};
 use futures_util::StreamExt;
 use p2f::core::Network;
 use p2f::core::agent::AgentConfig;
@@ -49,10 +48,12 @@ use p2f::model::{
     Health, NodeName, Process, ProcessId, ProcessSpec, RestartPolicy, Status, Timestamp,
 };
 
-/// The environment variable that marks every process of a run (value: the agent's dir).
-const MARKER: &str = "P2F_BENCH";
-/// The longest any one API call may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+mod bench_common;
+use bench_common::{
+    CALL_TIMEOUT, MARKER, Report, Sample, call, kill, load_average, marked, ms, pgid_of,
+    run_interruptible, sigkill, stat_fields, sweep, sweep_exact, verdict,
+};
+
 /// How often the failover trial polls the APIs.
 const POLL: Duration = Duration::from_millis(10);
 /// The longest a failover may take before the trial counts as failed.
@@ -66,22 +67,6 @@ const PAUSE: Duration = Duration::from_secs(2);
 const DIGESTS_PER_NODE: usize = 5;
 /// How often the propagation benchmark reads the meshes.
 const MESH_POLL: Duration = Duration::from_millis(5);
-const SIGKILL: i32 = 9;
-
-unsafe extern "C" {
-    /// `kill(2)` from the C library std already links; a negative pid signals a process group.
-    safe fn kill(pid: i32, signal: i32) -> i32;
-}
-
-/// Sends SIGKILL to `pid` (or to the group `-pid`); refuses 0 and ±1.
-fn sigkill(pid: i64) {
-    if pid.abs() > 1
-        && let Ok(pid) = i32::try_from(pid)
-    {
-        kill(pid, SIGKILL);
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Options {
     p2f: PathBuf,
@@ -176,22 +161,8 @@ fn main() -> Result<()> {
         }
         first => {
             let options = Options::parse(first.map(str::to_owned).into_iter().chain(args))?;
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?
-                .block_on(interruptible(options))
+            run_interruptible(run(options))
         }
-    }
-}
-
-/// The benchmark, ended (and so cleaned up, by the guards' `Drop`) on Ctrl-C or SIGTERM.
-async fn interruptible(options: Options) -> Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        result = run(options) => result,
-        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-        _ = term.recv() => bail!("terminated"),
     }
 }
 
@@ -233,7 +204,7 @@ async fn run(options: Options) -> Result<()> {
         scratch.path().display(),
         load_average()
     );
-    let mut report = Report::default();
+    let mut report = Report::new("P2F", "baseline / anchor");
     if options.runs("failover") {
         let started = Instant::now();
         failover(
@@ -269,134 +240,6 @@ async fn run(options: Options) -> Result<()> {
     }
     report.print();
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Statistics and the report
-
-/// Nearest-rank percentiles of a sample of durations.
-#[derive(Debug, Clone)]
-struct Sample(Vec<Duration>);
-
-impl Sample {
-    fn new(mut values: Vec<Duration>) -> Sample {
-        values.sort_unstable();
-        Sample(values)
-    }
-
-    fn pct(&self, p: f64) -> Duration {
-        let n = self.0.len();
-        if n == 0 {
-            return Duration::ZERO;
-        }
-        let rank = ((p / 100.0) * n as f64).ceil() as usize;
-        self.0[rank.clamp(1, n) - 1]
-    }
-
-    fn max(&self) -> Duration {
-        self.0.last().copied().unwrap_or_default()
-    }
-
-    /// `p50 / max` in seconds.
-    fn secs(&self) -> String {
-        format!(
-            "{:.2} / {:.2} s (n={})",
-            self.pct(50.0).as_secs_f64(),
-            self.max().as_secs_f64(),
-            self.0.len()
-        )
-    }
-
-    /// `p50 / max` in ms.
-    fn ms_max(&self) -> String {
-        format!(
-            "{} / {} ms (n={})",
-            ms(self.pct(50.0)),
-            ms(self.max()),
-            self.0.len()
-        )
-    }
-
-    /// `p50 / p99 / max` in ms.
-    fn ms_p99(&self) -> String {
-        format!(
-            "{} / {} / {} ms (n={})",
-            ms(self.pct(50.0)),
-            ms(self.pct(99.0)),
-            ms(self.max()),
-            self.0.len()
-        )
-    }
-
-    /// Every value in seconds, in order of size.
-    fn all_secs(&self) -> String {
-        self.0
-            .iter()
-            .map(|d| format!("{:.2}", d.as_secs_f64()))
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-}
-
-fn ms(d: Duration) -> String {
-    let ms = d.as_secs_f64() * 1e3;
-    if ms < 10.0 {
-        format!("{ms:.2}")
-    } else {
-        format!("{ms:.1}")
-    }
-}
-
-/// The rows of the final table and the lines printed under it.
-#[derive(Debug, Default)]
-struct Report {
-    rows: Vec<[String; 5]>,
-    notes: Vec<String>,
-}
-
-impl Report {
-    fn row(&mut self, figure: &str, p2f: String, baseline: &str, goal: &str, verdict: &str) {
-        self.rows.push([
-            figure.to_owned(),
-            p2f,
-            baseline.to_owned(),
-            goal.to_owned(),
-            verdict.to_owned(),
-        ]);
-    }
-
-    fn print(&self) {
-        let mut table = Table::new();
-        table.load_preset(ASCII_MARKDOWN).set_header(vec![
-            "figure",
-            "P2F",
-            "baseline / anchor",
-            "goal",
-            "verdict",
-        ]);
-        for row in &self.rows {
-            table.add_row(row.iter().map(Cell::new));
-        }
-        println!("\n{table}");
-        for note in &self.notes {
-            println!("- {note}");
-        }
-    }
-}
-
-fn verdict(met: bool) -> &'static str {
-    if met { "met" } else { "MISSED" }
-}
-
-/// One API call, bounded by [`CALL_TIMEOUT`].
-async fn call<T, E: std::error::Error + Send + Sync + 'static>(
-    what: &str,
-    work: impl Future<Output = Result<T, E>>,
-) -> Result<T> {
-    tokio::time::timeout(CALL_TIMEOUT, work)
-        .await
-        .with_context(|| format!("{what}: no answer within {CALL_TIMEOUT:?}"))?
-        .with_context(|| what.to_owned())
 }
 
 /// Polls `probe` every `every` until it returns `Some`, at most `limit`.
@@ -632,69 +475,6 @@ fn with_logs<T>(result: Result<T>, agents: &[&Agent]) -> Result<T> {
         let logs: Vec<String> = agents.iter().map(|a| a.log_tail(25)).collect();
         e.context(logs.join("\n"))
     })
-}
-
-/// Processes (pid, environment) whose `P2F_BENCH` is exactly `dir`.
-fn marked(dir: &Path) -> Vec<(u32, Vec<String>)> {
-    let marker = format!("{MARKER}={}", dir.display());
-    processes_where(|var| var == marker.as_bytes())
-}
-
-/// Processes (pid, environment) with an environment variable for which `test` holds.
-fn processes_where(test: impl Fn(&[u8]) -> bool) -> Vec<(u32, Vec<String>)> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mine = std::process::id();
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != mine)
-        .filter_map(|pid| {
-            let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-            if !environ.split(|b| *b == 0).any(&test) {
-                return None;
-            }
-            let vars = environ
-                .split(|b| *b == 0)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .collect();
-            Some((pid, vars))
-        })
-        .filter(|(pid, _)| !is_zombie(*pid))
-        .collect()
-}
-
-/// SIGKILLs every process whose `P2F_BENCH` is exactly `dir`; returns how many.
-fn sweep_exact(dir: &Path) -> usize {
-    let found = marked(dir);
-    for (pid, _) in &found {
-        sigkill(i64::from(*pid));
-    }
-    found.len()
-}
-
-/// SIGKILLs every process whose `P2F_BENCH` lies under `dir`; returns how many.
-fn sweep(dir: &Path) -> usize {
-    let prefix = format!("{MARKER}={}", dir.display());
-    let found = processes_where(|var| var.starts_with(prefix.as_bytes()));
-    for (pid, _) in &found {
-        sigkill(i64::from(*pid));
-    }
-    found.len()
-}
-
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    Some(rest.split_whitespace().map(str::to_owned).collect())
-}
-
-fn is_zombie(pid: u32) -> bool {
-    stat_fields(pid).is_none_or(|f| f.first().is_some_and(|s| s == "Z"))
-}
-
-fn pgid_of(pid: u32) -> Option<u32> {
-    stat_fields(pid)?.get(2)?.parse().ok()
 }
 
 /// utime + stime of `pid` in clock ticks (10 ms).
@@ -1655,7 +1435,7 @@ async fn list_on(
     report.row(
         "  part, member: request → last byte of the body",
         pick(&member_raw, |r| r.body).ms_p99(),
-        &format!(
+        format!(
             "{:.1} MB, {} B per record",
             bytes as f64 / 1e6,
             bytes / n.max(1)
@@ -1673,7 +1453,7 @@ async fn list_on(
     report.row(
         "  part, root: request → last byte of the body",
         pick(&root_raw, |r| r.body).ms_p99(),
-        &format!("{:.1} MB", root_bytes as f64 / 1e6),
+        format!("{:.1} MB", root_bytes as f64 / 1e6),
         "",
         "",
     );
@@ -1714,7 +1494,7 @@ async fn list_on(
                 ms(codec.encode().pct(50.0)),
                 ms(codec.parse().pct(50.0))
             ),
-            &format!(
+            format!(
                 "{:.1} MB, {} B per record (full: {} + {} ms)",
                 codec.bytes as f64 / 1e6,
                 codec.bytes / n.max(1),
@@ -1923,11 +1703,4 @@ impl Drop for Perf {
             let _ = child.wait();
         }
     }
-}
-
-/// The 1-, 5- and 15-minute load averages.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
