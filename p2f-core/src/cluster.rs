@@ -251,11 +251,13 @@ impl ClusterCa {
         let ca_key = KeyPair::from_pem(ca_key_pem).map_err(|e| ClusterError::pem("CA key", e))?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key)
             .map_err(|e| ClusterError::pem("CA certificate", e))?;
+        // rcgen checks the request's signature (the member holds the key) but takes the key's
+        // type from the signature algorithm: the key itself is checked here.
         let request = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| ClusterError::BadRequest(e.to_string()))?;
-        if request.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+        if request.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 || !is_p256_key(csr_pem) {
             return Err(ClusterError::BadRequest(
-                "the key must be ECDSA P-256 (what `p2f node join` makes)".into(),
+                "the key must be ECDSA P-256, the request signed with SHA-256 (what `p2f node join` makes)".into(),
             ));
         }
         let mut params = named(node);
@@ -611,6 +613,32 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Whether the request's public key is an uncompressed ECDSA P-256 point.
+fn is_p256_key(csr_pem: &str) -> bool {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
+    use x509_parser::prelude::FromDer as _;
+    let Ok(der) =
+        rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+    else {
+        return false;
+    };
+    let Ok((_, request)) = X509CertificationRequest::from_der(der.as_ref()) else {
+        return false;
+    };
+    let spki = &request.certification_request_info.subject_pki;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    let point = spki.subject_public_key.data.as_ref();
+    spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY
+        && curve == Some(OID_EC_P256)
+        && point.len() == 65
+        && point.first() == Some(&0x04)
+}
+
 /// Certificate parameters whose subject is only the common name `cn`.
 fn named(cn: &str) -> CertificateParams {
     let mut params = CertificateParams::default();
@@ -829,15 +857,20 @@ mod tests {
             "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
             base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &der)
         );
-        let ed25519 = KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519 key");
-        let foreign = CertificateParams::default()
-            .serialize_request(&ed25519)
-            .and_then(|csr| csr.pem())
-            .expect("ed25519 request");
+        let foreign = |alg| {
+            let key = KeyPair::generate_for(alg).expect("a key");
+            CertificateParams::default()
+                .serialize_request(&key)
+                .and_then(|csr| csr.pem())
+                .expect("a request")
+        };
+        let ed25519 = foreign(&rcgen::PKCS_ED25519);
+        let p384 = foreign(&rcgen::PKCS_ECDSA_P384_SHA384);
         for (csr, says) in [
             ("not a request", "invalid certificate request"),
             (tampered.as_str(), "invalid certificate request"),
-            (foreign.as_str(), "ECDSA P-256"),
+            (ed25519.as_str(), "ECDSA P-256"),
+            (p384.as_str(), "ECDSA P-256"),
         ] {
             let err = ca.sign("x", &[], csr).expect_err(csr).to_string();
             assert!(err.contains(says), "{err}");

@@ -394,7 +394,7 @@ async fn join(
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
-                "a live node is already called {}: pick another name with --name, or stop that node first",
+                "a live node is already called {}: choose another node name (`--name`, or `name` in node.toml), or wait until that node has been gone for a few seconds",
                 request.name
             ),
         ));

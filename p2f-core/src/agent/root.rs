@@ -67,12 +67,9 @@ struct Inner {
     desired: Mutex<DesiredState>,
     /// The last placement of each process: its generation, node and when.
     placed: Mutex<HashMap<ProcessId, (u64, NodeName, Instant)>>,
-    /// The highest generation of each process ever sent to a node. A placement whose answer
-    /// never came may still have landed, so a generation is never sent twice.
-    sent: Mutex<HashMap<ProcessId, u64>>,
-    /// Nodes each process failed on or could not be placed on, the most recent last
-    /// (placements avoid them while others are allowed, then take the least recent).
-    failed_on: Mutex<HashMap<ProcessId, Vec<NodeName>>>,
+    /// What was sent where, and where each process failed (in memory: a restarted root starts
+    /// from the records).
+    history: Mutex<HashMap<ProcessId, History>>,
     /// Processes whose old copy is being removed to be placed again with a new spec.
     replacing: Mutex<std::collections::HashSet<ProcessId>>,
 }
@@ -118,8 +115,7 @@ impl Root {
             client,
             desired: Mutex::new(desired),
             placed: Mutex::new(HashMap::new()),
-            sent: Mutex::new(HashMap::new()),
-            failed_on: Mutex::new(HashMap::new()),
+            history: Mutex::new(HashMap::new()),
             replacing: Mutex::new(std::collections::HashSet::new()),
         });
         let task = tokio::spawn(reconcile_forever(inner.clone()));
@@ -219,8 +215,7 @@ impl Root {
         if &current_node == node && current_live {
             return Err(MoveError::AlreadyThere(node.clone()));
         }
-        let generation = generation_after(self.inner.last_sent(id), current_gen + 1);
-        self.inner.mark_sent(id, generation);
+        let generation = self.inner.reserve(id, current_gen + 1, node);
         lock(&self.inner.placed).insert(id.clone(), (generation, node.clone(), Instant::now()));
         let request = SpinRequest {
             spec: service.spec,
@@ -228,12 +223,23 @@ impl Root {
             generation: Some(generation),
         };
         tracing::info!(%id, generation, %node, "moving on request");
-        self.inner
+        let placed = self
+            .inner
             .client
             .at(&api)
             .spin(&request, SpinQuery { wait: true })
-            .await
-            .map_err(MoveError::Refused)
+            .await;
+        match placed {
+            // Not waiting for a node any more (if it was).
+            Ok(process) => {
+                self.inner.replica.release(id);
+                Ok(process)
+            }
+            Err(e) => {
+                self.inner.forget_placement(id, generation);
+                Err(MoveError::Refused(e))
+            }
+        }
     }
 
     /// Stops reconciling.
@@ -247,38 +253,81 @@ impl Root {
 }
 
 impl Inner {
-    /// The highest generation of `id` sent to a node (or seen replaced), 0 if none.
-    fn last_sent(&self, id: &ProcessId) -> u64 {
-        lock(&self.sent).get(id).copied().unwrap_or(0)
+    /// The generation to send `id` to `node` with ([`History::reserve`]), noted as sent.
+    fn reserve(&self, id: &ProcessId, wanted: u64, node: &NodeName) -> u64 {
+        lock(&self.history)
+            .entry(id.clone())
+            .or_default()
+            .reserve(wanted, node)
     }
 
-    /// Notes that `generation` of `id` was sent to a node.
-    fn mark_sent(&self, id: &ProcessId, generation: u64) {
-        let mut sent = lock(&self.sent);
-        let last = sent.entry(id.clone()).or_default();
-        *last = (*last).max(generation);
+    /// Notes that `generation` of `id` failed on `node` (or could not be placed there).
+    fn failed(&self, id: &ProcessId, generation: u64, node: &NodeName) {
+        lock(&self.history)
+            .entry(id.clone())
+            .or_default()
+            .failed(generation, node);
     }
 
-    /// Notes that `id` failed on `node` (or could not be placed there).
-    fn failed(&self, id: &ProcessId, node: &NodeName) {
-        note_failure(lock(&self.failed_on).entry(id.clone()).or_default(), node);
-    }
-}
-
-/// The generation to send when `last_sent` was sent before (0: none) and `wanted` is asked.
-fn generation_after(last_sent: u64, wanted: u64) -> u64 {
-    if last_sent == 0 {
-        wanted
-    } else {
-        wanted.max(last_sent + 1)
+    /// Forgets the placement of `generation` of `id` (refused), unless a newer one was made.
+    fn forget_placement(&self, id: &ProcessId, generation: u64) {
+        let mut placed = lock(&self.placed);
+        if placed.get(id).is_some_and(|(g, _, _)| *g == generation) {
+            placed.remove(id);
+        }
     }
 }
 
-/// Adds `node` to the nodes a process failed on, the most recent last.
-fn note_failure(failed_on: &mut Vec<NodeName>, node: &NodeName) {
-    if failed_on.last() != Some(node) {
-        failed_on.retain(|n| n != node);
-        failed_on.push(node.clone());
+/// What the root remembers of one process's placements.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct History {
+    /// The highest generation sent (or superseded), 0 if none.
+    sent: u64,
+    /// The node it went to, while sending it there again is a harmless repeat.
+    sent_to: Option<NodeName>,
+    /// Nodes it failed on or could not be placed on, the most recent last: placements avoid
+    /// them while another node is allowed, then take the one failed on least recently.
+    failed_on: Vec<NodeName>,
+    /// The generation of the last failure noted (a failed record is seen on every pass).
+    noted: u64,
+}
+
+impl History {
+    /// The generation to send `wanted` to `node` with. The same node may get the generation it
+    /// was last sent again (it answers a repeat with the copy it has); any other node gets one
+    /// above every generation sent, so a copy that landed unanswered is fenced, never doubled.
+    fn reserve(&mut self, wanted: u64, node: &NodeName) -> u64 {
+        let generation = self.peek(wanted, Some(node));
+        self.sent = generation;
+        self.sent_to = Some(node.clone());
+        generation
+    }
+
+    /// What [`History::reserve`] would give, without noting it (`None`: no node yet).
+    fn peek(&self, wanted: u64, node: Option<&NodeName>) -> u64 {
+        if self.sent == 0 {
+            wanted
+        } else if node.is_some() && self.sent_to.as_ref() == node && wanted <= self.sent {
+            self.sent
+        } else {
+            wanted.max(self.sent + 1)
+        }
+    }
+
+    /// Notes that `generation` is replaced: whatever comes next is above it, on any node.
+    fn supersede(&mut self, generation: u64) {
+        self.sent = self.sent.max(generation);
+        self.sent_to = None;
+    }
+
+    /// Notes that `generation` failed on `node`; a generation noted already changes nothing.
+    fn failed(&mut self, generation: u64, node: &NodeName) {
+        if generation <= self.noted {
+            return;
+        }
+        self.noted = generation;
+        self.failed_on.retain(|n| n != node);
+        self.failed_on.push(node.clone());
     }
 }
 
@@ -310,18 +359,24 @@ async fn reconcile(inner: &Arc<Inner>) {
         // A placement of this root's that has not shown up in the network yet is waited for,
         // unless its node died meanwhile or PLACEMENT_GRACE passed (a refused one is forgotten
         // at once).
-        if let Some((placed_gen, node, at)) = lock(&inner.placed).get(&service.id)
-            && newest.is_none_or(|p| p.generation < *placed_gen)
-            && at.elapsed() < PLACEMENT_GRACE
-            && nodes.iter().any(|n| &n.node.name == node && n.alive)
+        let waiting = lock(&inner.placed).get(&service.id).cloned();
+        if let Some((placed_gen, node, at)) = waiting
+            && newest.is_none_or(|p| p.generation < placed_gen)
+            && nodes.iter().any(|n| n.node.name == node && n.alive)
         {
-            continue;
+            if at.elapsed() < PLACEMENT_GRACE {
+                continue;
+            }
+            // It never showed up: that node is avoided for the next placement.
+            tracing::warn!(id = %service.id, %node, generation = placed_gen, "placement did not show up");
+            inner.failed(&service.id, placed_gen, &node);
+            inner.forget_placement(&service.id, placed_gen);
         }
         let wanted = match (newest, &held) {
             // Waiting for an allowed node: try again with the generation it was held at.
             (_, Some(h)) => h.generation,
             // Never placed, or its old copy was removed to be replaced (the generation is
-            // still above every one sent: `generation_after`).
+            // still above every one sent: `History::reserve`).
             (None, None) => 1,
             // Running with an older spec, or on a node its pins no longer allow: the old copy
             // is removed first (its id is reused), then the next pass places the new one.
@@ -332,7 +387,10 @@ async fn reconcile(inner: &Arc<Inner>) {
             {
                 if lock(&inner.replacing).insert(service.id.clone()) {
                     tracing::info!(id = %service.id, node = %p.node.name, "replacing: its spec or pins changed");
-                    inner.mark_sent(&service.id, p.generation);
+                    lock(&inner.history)
+                        .entry(service.id.clone())
+                        .or_default()
+                        .supersede(p.generation);
                     let (client, id, inner) =
                         (inner.client.clone(), service.id.clone(), inner.clone());
                     tokio::spawn(async move {
@@ -347,22 +405,26 @@ async fn reconcile(inner: &Arc<Inner>) {
             (Some(p), None) => match &p.status {
                 Status::Lost => p.generation + 1,
                 Status::Failed(_) => {
-                    inner.failed(&service.id, &p.node.name);
+                    inner.failed(&service.id, p.generation, &p.node.name);
                     p.generation + 1
                 }
                 _ => continue,
             },
         };
-        // A placement whose answer never came may still have landed: a generation is never
-        // used twice, so such a late copy is fenced by the next.
-        let generation = generation_after(inner.last_sent(&service.id), wanted);
-        let avoid = lock(&inner.failed_on)
+        let history = lock(&inner.history)
             .get(&service.id)
             .cloned()
             .unwrap_or_default();
-        let Some(target) = choose(&service.spec, &nodes, &usage, &avoid, &placed_now) else {
+        let Some(target) = choose(
+            &service.spec,
+            &nodes,
+            &usage,
+            &history.failed_on,
+            &placed_now,
+        ) else {
             if held.is_none() {
                 tracing::warn!(id = %service.id, "no allowed node is alive: it waits");
+                let generation = history.peek(wanted, None);
                 inner
                     .replica
                     .hold(held_record(&inner.own, service, generation));
@@ -372,7 +434,9 @@ async fn reconcile(inner: &Arc<Inner>) {
         let Some(api) = target.node.api_address() else {
             continue;
         };
-        inner.mark_sent(&service.id, generation);
+        // A placement whose answer never came may still have landed: another node never gets
+        // the same generation, so such a late copy is fenced by the next.
+        let generation = inner.reserve(&service.id, wanted, &target.node.name);
         let request = SpinRequest {
             spec: service.spec.clone(),
             id: Some(service.id.clone()),
@@ -391,23 +455,24 @@ async fn reconcile(inner: &Arc<Inner>) {
         )
         .await;
         match spun {
+            // The placement stands: the held record (if it waited for a node) goes.
             Ok(Ok(_)) => inner.replica.release(&service.id),
             Ok(Err(e)) => {
-                // Tried again next pass (say, once the node removed a stale copy), with the
-                // next generation; a node the root cannot reach (behind NAT) is avoided while
-                // another one is allowed.
-                lock(&inner.placed).remove(&service.id);
+                // Tried again next pass (say, once the node removed a stale copy); a node the
+                // root cannot reach (behind NAT) is avoided while another one is allowed.
+                inner.forget_placement(&service.id, generation);
                 if matches!(e, crate::ClientError::Unreachable { .. }) {
-                    inner.failed(&service.id, &target.node.name);
+                    inner.failed(&service.id, generation, &target.node.name);
                 }
                 tracing::warn!(id = %service.id, node = %target.node.name, "placement refused: {e}")
             }
             Err(_) => {
                 // In doubt: the node may still take it (a slow disk, a stalled machine). The
                 // placement stands for PLACEMENT_GRACE; if the copy has not shown up by then,
-                // the next one goes elsewhere with a higher generation, which fences this one
-                // should it start late.
-                inner.failed(&service.id, &target.node.name);
+                // the node is avoided and the next copy goes elsewhere with a higher
+                // generation, which fences this one should it start late. The held record (if
+                // it waited for a node) goes, so that the wait sees the real copies.
+                inner.replica.release(&service.id);
                 tracing::warn!(
                     id = %service.id,
                     node = %target.node.name,
@@ -592,21 +657,39 @@ mod tests {
     }
 
     #[test]
-    fn a_generation_is_never_sent_twice() {
-        // (last sent, wanted) → sent
-        let cases = [(0, 1, 1), (1, 2, 2), (2, 2, 3), (5, 2, 6), (2, 7, 7)];
-        for (last, wanted, sent) in cases {
-            assert_eq!(generation_after(last, wanted), sent, "{last} {wanted}");
+    fn another_node_never_gets_a_generation_sent_before() {
+        let [a, b] = [NodeName::from_static("a"), NodeName::from_static("b")];
+        let mut history = History::default();
+        // (wanted, to) → sent
+        let steps = [
+            (1, &a, 1), // first placement
+            (1, &a, 1), // the same node again (a repeat it answers with its copy)
+            (1, &b, 2), // another node: above what a may hold
+            (2, &b, 2),
+            (3, &b, 3), // its copy failed: the next generation
+            (2, &a, 4), // back to a with an old wish: still above everything sent
+            (9, &a, 9),
+        ];
+        for (i, (wanted, to, sent)) in steps.into_iter().enumerate() {
+            assert_eq!(history.reserve(wanted, to), sent, "step {i}");
         }
+        assert_eq!(history.peek(1, None), 10, "a held record's generation");
+        // A replaced copy (new spec): the next one is above it, on the same node too.
+        history.supersede(9);
+        assert_eq!(history.reserve(1, &a), 10);
     }
 
     #[test]
-    fn failures_are_kept_most_recent_last() {
+    fn failures_are_noted_once_per_generation_most_recent_last() {
         let [a, b] = [NodeName::from_static("a"), NodeName::from_static("b")];
-        let mut on = Vec::new();
-        for node in [&a, &b, &b, &a] {
-            note_failure(&mut on, node);
-        }
-        assert_eq!(on, [b, a]);
+        let mut history = History::default();
+        history.failed(1, &a);
+        history.failed(2, &b);
+        // The failed record of generation 1 is seen again on the next pass: nothing changes,
+        // so a (failed on least recently) is tried next.
+        history.failed(1, &a);
+        assert_eq!(history.failed_on, [a.clone(), b.clone()]);
+        history.failed(3, &a);
+        assert_eq!(history.failed_on, [b, a]);
     }
 }
