@@ -283,11 +283,11 @@ impl Replica {
             })
     }
 
-    /// The node and generation of a copy of `id` newer than `generation` that a live node
-    /// runs, if there is one: a copy of `generation` is stale.
+    /// The node and generation of a copy of `id` on a live node that wins over this node's
+    /// copy of `generation` ([`newer_copy`]), if there is one: this node's copy is stale.
     pub fn newer_elsewhere(&self, id: &ProcessId, generation: u64) -> Option<(NodeName, u64)> {
         let state = lock(&self.inner.state);
-        newer_copy(&state, id, generation)
+        newer_copy(&state, id, generation, &self.inner.node)
     }
 
     /// Waits until this node holds what every live node publishes, or `limit` passes. A node caught up with another once it has that node's `seq` marker: each node
@@ -366,12 +366,27 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn newer_copy(state: &State, id: &ProcessId, generation: u64) -> Option<(NodeName, u64)> {
+/// A copy of `id` on a live node that wins over `own`'s copy of `generation`: a higher
+/// generation, or the same one on a node whose name sorts first while that copy has not
+/// stopped. Two nodes hold the same generation only by mistake (a root restarted while a
+/// placement was in doubt, a spin by hand); the rule is the same on both, so one copy stays.
+fn newer_copy(
+    state: &State,
+    id: &ProcessId,
+    generation: u64,
+    own: &NodeName,
+) -> Option<(NodeName, u64)> {
     state
         .published
         .get(id)?
         .iter()
-        .filter(|e| e.alive && e.digest.generation > generation)
+        .filter(|e| e.alive && e.node != *own)
+        .filter(|e| {
+            e.digest.generation > generation
+                || (e.digest.generation == generation
+                    && e.node < *own
+                    && !e.digest.status.is_final())
+        })
         .max_by_key(|e| e.digest.generation)
         .map(|e| (e.node.clone(), e.digest.generation))
 }
@@ -528,7 +543,7 @@ fn fence(inner: &Arc<Inner>) {
             .iter()
             .map(Listed::process)
             .filter_map(|local| {
-                newer_copy(&state, &local.id, local.generation)
+                newer_copy(&state, &local.id, local.generation, &inner.node)
                     .map(|(node, newer)| (local.id.clone(), local.generation, node, newer))
             })
             .collect()
@@ -538,7 +553,7 @@ fn fence(inner: &Arc<Inner>) {
             // A parked copy is decided when it is unparked.
             continue;
         }
-        tracing::warn!(%id, generation, %node, newer, "a newer generation runs elsewhere: stopping this stale copy");
+        tracing::warn!(%id, generation, %node, newer, "a copy that wins runs elsewhere: stopping this stale one");
         let inner = inner.clone();
         tokio::spawn(async move {
             if let Err(e) = inner.supervisor.remove(&id).await {
@@ -905,14 +920,41 @@ mod tests {
         let b = member("b", 1, &[digest("web-1", 2, "b")]);
         state.absorb(vec![(a, true), (b.clone(), true)]);
         // While a still publishes its stale copy, both are held; the newer one is on b.
+        let web = ProcessId::new("web-1").expect("id");
         assert_eq!(
-            newer_copy(&state, &ProcessId::new("web-1").expect("id"), 1),
+            newer_copy(&state, &web, 1, &name("a")),
             Some((name("b"), 2))
         );
+        // The same generation on two nodes: the name that sorts first wins, seen from either.
+        assert_eq!(newer_copy(&state, &web, 2, &name("a")), None);
         assert_eq!(
-            newer_copy(&state, &ProcessId::new("web-1").expect("id"), 2),
-            None
+            newer_copy(&state, &web, 2, &name("c")),
+            Some((name("b"), 2))
         );
+        assert_eq!(newer_copy(&state, &web, 3, &name("c")), None);
+        // A stopped copy of the same generation wins nothing, whatever its name.
+        let mut stopped = Process::placed(
+            web.clone(),
+            2,
+            ProcessSpec::new("web", "exec sleep 1"),
+            NodeRef {
+                name: name("0"),
+                address: "127.0.0.1".into(),
+            },
+            Timestamp(1),
+        );
+        stopped.status = Status::Stopped;
+        let digest0 = ProcessDigest::of(&stopped);
+        let mut with_stopped = State::default();
+        with_stopped.absorb(vec![
+            (member("0", 1, &[(digest0.key(), digest0.encode())]), true),
+            (b.clone(), true),
+        ]);
+        assert_eq!(
+            newer_copy(&with_stopped, &web, 2, &name("c")),
+            Some((name("b"), 2))
+        );
+        assert_eq!(newer_copy(&with_stopped, &web, 2, &name("a")), None);
         // a comes back as a new incarnation that publishes only db-1.
         let a2 = member("a", 2, &[digest("db-1", 1, "a")]);
         state.absorb(vec![(a2, true), (b, true)]);
