@@ -367,9 +367,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// A copy of `id` on a live node that wins over `own`'s copy of `generation`: a higher
-/// generation, or the same one on a node whose name sorts first while that copy has not
-/// stopped. Two nodes hold the same generation only by mistake (a root restarted while a
-/// placement was in doubt, a spin by hand); the rule is the same on both, so one copy stays.
+/// generation, or the same one running (or deploying) on a node whose name sorts first. Two
+/// nodes run the same generation only by mistake (a root restarted while a placement was in
+/// doubt, a spin by hand); the rule is the same on both, so one copy stays. The root's record
+/// of a process waiting for a node (`Pending`, the generation it will be placed with) never
+/// wins that way.
 fn newer_copy(
     state: &State,
     id: &ProcessId,
@@ -385,7 +387,7 @@ fn newer_copy(
             e.digest.generation > generation
                 || (e.digest.generation == generation
                     && e.node < *own
-                    && !e.digest.status.is_final())
+                    && matches!(e.digest.status, Status::Running | Status::Deploying))
         })
         .max_by_key(|e| e.digest.generation)
         .map(|e| (e.node.clone(), e.digest.generation))
@@ -766,7 +768,11 @@ mod tests {
     }
 
     fn digest(id: &str, generation: u64, node: &str) -> (String, String) {
-        let process = Process::placed(
+        digest_in(id, generation, node, Status::Pending)
+    }
+
+    fn digest_in(id: &str, generation: u64, node: &str, status: Status) -> (String, String) {
+        let mut process = Process::placed(
             ProcessId::new(id).expect("id"),
             generation,
             ProcessSpec::new("web", "exec sleep 1"),
@@ -776,6 +782,7 @@ mod tests {
             },
             Timestamp(1),
         );
+        process.status = status;
         let digest = ProcessDigest::of(&process);
         (digest.key(), digest.encode())
     }
@@ -925,36 +932,7 @@ mod tests {
             newer_copy(&state, &web, 1, &name("a")),
             Some((name("b"), 2))
         );
-        // The same generation on two nodes: the name that sorts first wins, seen from either.
         assert_eq!(newer_copy(&state, &web, 2, &name("a")), None);
-        assert_eq!(
-            newer_copy(&state, &web, 2, &name("c")),
-            Some((name("b"), 2))
-        );
-        assert_eq!(newer_copy(&state, &web, 3, &name("c")), None);
-        // A stopped copy of the same generation wins nothing, whatever its name.
-        let mut stopped = Process::placed(
-            web.clone(),
-            2,
-            ProcessSpec::new("web", "exec sleep 1"),
-            NodeRef {
-                name: name("0"),
-                address: "127.0.0.1".into(),
-            },
-            Timestamp(1),
-        );
-        stopped.status = Status::Stopped;
-        let digest0 = ProcessDigest::of(&stopped);
-        let mut with_stopped = State::default();
-        with_stopped.absorb(vec![
-            (member("0", 1, &[(digest0.key(), digest0.encode())]), true),
-            (b.clone(), true),
-        ]);
-        assert_eq!(
-            newer_copy(&with_stopped, &web, 2, &name("c")),
-            Some((name("b"), 2))
-        );
-        assert_eq!(newer_copy(&with_stopped, &web, 2, &name("a")), None);
         // a comes back as a new incarnation that publishes only db-1.
         let a2 = member("a", 2, &[digest("db-1", 1, "a")]);
         state.absorb(vec![(a2, true), (b, true)]);
@@ -965,6 +943,40 @@ mod tests {
                 ("web-1".into(), "b".into(), 2, true),
             ]
         );
+    }
+
+    #[test]
+    fn equal_generations_are_settled_by_name_and_a_held_record_never_wins() {
+        let web = ProcessId::new("web-1").expect("id");
+        let mut state = State::default();
+        state.absorb(vec![
+            // The root's record of web waiting for a node: the generation it will place.
+            (
+                member("a", 1, &[digest_in("web-1", 2, "a", Status::Pending)]),
+                true,
+            ),
+            (
+                member("b", 1, &[digest_in("web-1", 2, "b", Status::Running)]),
+                true,
+            ),
+            (
+                member("bb", 1, &[digest_in("web-1", 2, "bb", Status::Stopped)]),
+                true,
+            ),
+        ]);
+        // c runs generation 2 too: b's copy wins (b sorts first); a's held record and bb's
+        // stopped copy do not.
+        assert_eq!(
+            newer_copy(&state, &web, 2, &name("c")),
+            Some((name("b"), 2))
+        );
+        assert_eq!(newer_copy(&state, &web, 2, &name("b")), None);
+        assert_eq!(
+            newer_copy(&state, &web, 2, &name("bb")),
+            Some((name("b"), 2))
+        );
+        // Generation 3 anywhere wins over all of them.
+        assert_eq!(newer_copy(&state, &web, 3, &name("c")), None);
     }
 
     #[test]
