@@ -193,11 +193,6 @@ impl Replica {
     /// copying their JSON.
     pub fn listed(&self) -> Vec<Listed> {
         let mut all = self.inner.supervisor.listed();
-        all.extend(
-            lock(&self.inner.held)
-                .values()
-                .map(|p| Listed::new(p.clone())),
-        );
         {
             let mut state = lock(&self.inner.state);
             let State {
@@ -215,6 +210,12 @@ impl Replica {
                 }
             }
         }
+        // Held records last: a real copy of the same generation is listed instead.
+        all.extend(
+            lock(&self.inner.held)
+                .values()
+                .map(|p| Listed::new(p.clone())),
+        );
         newest_per_id(&mut all);
         all
     }
@@ -283,11 +284,12 @@ impl Replica {
             })
     }
 
-    /// The node and generation of a copy of `id` on a live node that wins over this node's
-    /// copy of `generation` ([`newer_copy`]), if there is one: this node's copy is stale.
+    /// The node and generation of a copy of `id` on a live node that a parked copy of
+    /// `generation` must give way to: a higher generation, or the same one running anywhere
+    /// else (a parked copy has not proven itself).
     pub fn newer_elsewhere(&self, id: &ProcessId, generation: u64) -> Option<(NodeName, u64)> {
         let state = lock(&self.inner.state);
-        newer_copy(&state, id, generation, &self.inner.node)
+        newer_copy(&state, id, generation, &self.inner.node, Tie::GiveWay)
     }
 
     /// Waits until this node holds what every live node publishes, or `limit` passes. A node caught up with another once it has that node's `seq` marker: each node
@@ -366,17 +368,27 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// How a copy of the same generation elsewhere is weighed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tie {
+    /// A running copy on a node whose name sorts first wins (the same rule on both sides).
+    ByName,
+    /// Any running copy wins (this one is parked: it has not run since its node came back).
+    GiveWay,
+}
+
 /// A copy of `id` on a live node that wins over `own`'s copy of `generation`: a higher
-/// generation, or the same one running (or deploying) on a node whose name sorts first. Two
-/// nodes run the same generation only by mistake (a root restarted while a placement was in
-/// doubt, a spin by hand); the rule is the same on both, so one copy stays. The root's record
-/// of a process waiting for a node (`Pending`, the generation it will be placed with) never
-/// wins that way.
+/// generation, or the same one `Running` elsewhere as `tie` says. Two nodes hold the same
+/// generation only by mistake (a root restarted while a placement was in doubt, a spin by
+/// hand), and then one copy stays. The root's record of a process waiting for a node
+/// (`Pending`, the generation it will be placed with) never wins a tie, nor does a copy that
+/// is still deploying.
 fn newer_copy(
     state: &State,
     id: &ProcessId,
     generation: u64,
     own: &NodeName,
+    tie: Tie,
 ) -> Option<(NodeName, u64)> {
     state
         .published
@@ -386,8 +398,8 @@ fn newer_copy(
         .filter(|e| {
             e.digest.generation > generation
                 || (e.digest.generation == generation
-                    && e.node < *own
-                    && matches!(e.digest.status, Status::Running | Status::Deploying))
+                    && e.digest.status == Status::Running
+                    && (tie == Tie::GiveWay || e.node < *own))
         })
         .max_by_key(|e| e.digest.generation)
         .map(|e| (e.node.clone(), e.digest.generation))
@@ -545,8 +557,14 @@ fn fence(inner: &Arc<Inner>) {
             .iter()
             .map(Listed::process)
             .filter_map(|local| {
-                newer_copy(&state, &local.id, local.generation, &inner.node)
-                    .map(|(node, newer)| (local.id.clone(), local.generation, node, newer))
+                newer_copy(
+                    &state,
+                    &local.id,
+                    local.generation,
+                    &inner.node,
+                    Tie::ByName,
+                )
+                .map(|(node, newer)| (local.id.clone(), local.generation, node, newer))
             })
             .collect()
     };
@@ -929,10 +947,10 @@ mod tests {
         // While a still publishes its stale copy, both are held; the newer one is on b.
         let web = ProcessId::new("web-1").expect("id");
         assert_eq!(
-            newer_copy(&state, &web, 1, &name("a")),
+            newer_copy(&state, &web, 1, &name("a"), Tie::ByName),
             Some((name("b"), 2))
         );
-        assert_eq!(newer_copy(&state, &web, 2, &name("a")), None);
+        assert_eq!(newer_copy(&state, &web, 2, &name("a"), Tie::ByName), None);
         // a comes back as a new incarnation that publishes only db-1.
         let a2 = member("a", 2, &[digest("db-1", 1, "a")]);
         state.absorb(vec![(a2, true), (b, true)]);
@@ -949,34 +967,30 @@ mod tests {
     fn equal_generations_are_settled_by_name_and_a_held_record_never_wins() {
         let web = ProcessId::new("web-1").expect("id");
         let mut state = State::default();
+        let with = |node, status| {
+            (
+                member(node, 1, &[digest_in("web-1", 2, node, status)]),
+                true,
+            )
+        };
         state.absorb(vec![
             // The root's record of web waiting for a node: the generation it will place.
-            (
-                member("a", 1, &[digest_in("web-1", 2, "a", Status::Pending)]),
-                true,
-            ),
-            (
-                member("b", 1, &[digest_in("web-1", 2, "b", Status::Running)]),
-                true,
-            ),
-            (
-                member("bb", 1, &[digest_in("web-1", 2, "bb", Status::Stopped)]),
-                true,
-            ),
+            with("a", Status::Pending),
+            with("b", Status::Running),
+            with("b0", Status::Deploying),
+            with("bb", Status::Stopped),
         ]);
-        // c runs generation 2 too: b's copy wins (b sorts first); a's held record and bb's
-        // stopped copy do not.
-        assert_eq!(
-            newer_copy(&state, &web, 2, &name("c")),
-            Some((name("b"), 2))
-        );
-        assert_eq!(newer_copy(&state, &web, 2, &name("b")), None);
-        assert_eq!(
-            newer_copy(&state, &web, 2, &name("bb")),
-            Some((name("b"), 2))
-        );
+        let wins = |generation, own, tie| newer_copy(&state, &web, generation, &name(own), tie);
+        // c runs generation 2 too: b's copy wins (b sorts first); a's held record, b0's copy
+        // that is still deploying and bb's stopped copy do not.
+        assert_eq!(wins(2, "c", Tie::ByName), Some((name("b"), 2)));
+        assert_eq!(wins(2, "b", Tie::ByName), None);
+        assert_eq!(wins(2, "bb", Tie::ByName), Some((name("b"), 2)));
+        // A parked copy gives way to a running one of its generation, whatever the names.
+        assert_eq!(wins(2, "0", Tie::ByName), None);
+        assert_eq!(wins(2, "0", Tie::GiveWay), Some((name("b"), 2)));
         // Generation 3 anywhere wins over all of them.
-        assert_eq!(newer_copy(&state, &web, 3, &name("c")), None);
+        assert_eq!(wins(3, "c", Tie::GiveWay), None);
     }
 
     #[test]

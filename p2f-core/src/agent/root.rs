@@ -162,6 +162,7 @@ impl Root {
         // Services no longer wanted are stopped and forgotten wherever they run (the API
         // forwards each removal to the process's node).
         for id in dropped {
+            self.inner.forget(&id);
             let client = self.inner.client.clone();
             tokio::spawn(async move {
                 if let Err(e) = client.remove_process(&id).await
@@ -216,7 +217,7 @@ impl Root {
             return Err(MoveError::AlreadyThere(node.clone()));
         }
         let generation = self.inner.reserve(id, current_gen + 1, node);
-        lock(&self.inner.placed).insert(id.clone(), (generation, node.clone(), Instant::now()));
+        self.inner.note_placement(id, generation, node);
         let request = SpinRequest {
             spec: service.spec,
             id: Some(id.clone()),
@@ -269,6 +270,22 @@ impl Inner {
             .failed(generation, node);
     }
 
+    /// Notes a placement of `generation` of `id` on `node`, unless a newer one was made
+    /// meanwhile (a move and a reconcile pass may place at once).
+    fn note_placement(&self, id: &ProcessId, generation: u64, node: &NodeName) {
+        let mut placed = lock(&self.placed);
+        if placed.get(id).is_none_or(|(g, _, _)| *g <= generation) {
+            placed.insert(id.clone(), (generation, node.clone(), Instant::now()));
+        }
+    }
+
+    /// Forgets everything about `id` (it left the deployment).
+    fn forget(&self, id: &ProcessId) {
+        lock(&self.placed).remove(id);
+        lock(&self.history).remove(id);
+        self.replica.release(id);
+    }
+
     /// Forgets the placement of `generation` of `id` (refused), unless a newer one was made.
     fn forget_placement(&self, id: &ProcessId, generation: u64) {
         let mut placed = lock(&self.placed);
@@ -279,7 +296,7 @@ impl Inner {
 }
 
 /// What the root remembers of one process's placements.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone)]
 struct History {
     /// The highest generation sent (or superseded), 0 if none.
     sent: u64,
@@ -288,8 +305,9 @@ struct History {
     /// Nodes it failed on or could not be placed on, the most recent last: placements avoid
     /// them while another node is allowed, then take the one failed on least recently.
     failed_on: Vec<NodeName>,
-    /// The generation of the last failure noted (a failed record is seen on every pass).
-    noted: u64,
+    /// The generation of the last failure noted on each node (a failed record is seen on
+    /// every pass).
+    noted: HashMap<NodeName, u64>,
 }
 
 impl History {
@@ -322,10 +340,11 @@ impl History {
 
     /// Notes that `generation` failed on `node`; a generation noted already changes nothing.
     fn failed(&mut self, generation: u64, node: &NodeName) {
-        if generation <= self.noted {
+        let noted = self.noted.entry(node.clone()).or_default();
+        if generation <= *noted {
             return;
         }
-        self.noted = generation;
+        *noted = generation;
         self.failed_on.retain(|n| n != node);
         self.failed_on.push(node.clone());
     }
@@ -354,23 +373,33 @@ async fn reconcile(inner: &Arc<Inner>) {
     // Placements of this pass, not yet in `records`.
     let mut placed_now: HashMap<NodeName, usize> = HashMap::new();
     for service in &desired.services {
-        let newest = newest_of.get(&service.id).copied();
-        let held = inner.replica.held(&service.id);
+        let listed = newest_of.get(&service.id).copied();
+        let mut held = inner.replica.held(&service.id);
+        // The newest real copy (the root's own held record is listed only when there is none
+        // of its generation or above).
+        let newest = listed.filter(|p| held.as_ref().is_none_or(|h| *p != h));
+        // A real copy at or above the held generation (its node came back with it, or the
+        // root restarted meanwhile): it no longer waits.
+        if held.is_some() && newest.is_some_and(|p| p.status != Status::Lost) {
+            inner.replica.release(&service.id);
+            held = None;
+        }
         // A placement of this root's that has not shown up in the network yet is waited for,
         // unless its node died meanwhile or PLACEMENT_GRACE passed (a refused one is forgotten
-        // at once).
+        // at once, one that showed up too).
         let waiting = lock(&inner.placed).get(&service.id).cloned();
-        if let Some((placed_gen, node, at)) = waiting
-            && newest.is_none_or(|p| p.generation < placed_gen)
-            && nodes.iter().any(|n| n.node.name == node && n.alive)
-        {
-            if at.elapsed() < PLACEMENT_GRACE {
-                continue;
+        if let Some((placed_gen, node, at)) = waiting {
+            if newest.is_some_and(|p| p.generation >= placed_gen) {
+                inner.forget_placement(&service.id, placed_gen);
+            } else if nodes.iter().any(|n| n.node.name == node && n.alive) {
+                if at.elapsed() < PLACEMENT_GRACE {
+                    continue;
+                }
+                // It never showed up: that node is avoided for the next placement.
+                tracing::warn!(id = %service.id, %node, generation = placed_gen, "placement did not show up");
+                inner.failed(&service.id, placed_gen, &node);
+                inner.forget_placement(&service.id, placed_gen);
             }
-            // It never showed up: that node is avoided for the next placement.
-            tracing::warn!(id = %service.id, %node, generation = placed_gen, "placement did not show up");
-            inner.failed(&service.id, placed_gen, &node);
-            inner.forget_placement(&service.id, placed_gen);
         }
         let wanted = match (newest, &held) {
             // Waiting for an allowed node: try again with the generation it was held at.
@@ -391,6 +420,7 @@ async fn reconcile(inner: &Arc<Inner>) {
                         .entry(service.id.clone())
                         .or_default()
                         .supersede(p.generation);
+                    lock(&inner.placed).remove(&service.id);
                     let (client, id, inner) =
                         (inner.client.clone(), service.id.clone(), inner.clone());
                     tokio::spawn(async move {
@@ -444,10 +474,7 @@ async fn reconcile(inner: &Arc<Inner>) {
         };
         tracing::info!(id = %service.id, generation, node = %target.node.name, "placing");
         *placed_now.entry(target.node.name.clone()).or_default() += 1;
-        lock(&inner.placed).insert(
-            service.id.clone(),
-            (generation, target.node.name.clone(), Instant::now()),
-        );
+        inner.note_placement(&service.id, generation, &target.node.name);
         let client = inner.client.at(&api);
         let spun = tokio::time::timeout(
             PLACE_TIMEOUT,
@@ -690,6 +717,11 @@ mod tests {
         history.failed(1, &a);
         assert_eq!(history.failed_on, [a.clone(), b.clone()]);
         history.failed(3, &a);
+        assert_eq!(history.failed_on, [b.clone(), a.clone()]);
+        // Marks are per node: a later failure of an older generation elsewhere still counts
+        // (a move's copy that never showed up, then the old copy failing).
+        history.failed(5, &b);
+        history.failed(4, &a);
         assert_eq!(history.failed_on, [b, a]);
     }
 }
