@@ -11,7 +11,7 @@ use p2f::model::{NodeName, ProcessSpec, Status};
 use predicates::prelude::PredicateBooleanExt;
 use predicates::str::{contains, starts_with};
 
-use crate::support::{TestAgent, eventually, p2f_bin};
+use crate::support::{TestAgent, p2f_bin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_joins_with_the_roots_token_and_is_reachable() {
@@ -72,17 +72,7 @@ async fn a_live_members_name_is_not_given_twice_and_bad_requests_change_nothing(
     let root = TestAgent::start("root3").await;
     let _member = TestAgent::join(&root, "pi", "127.0.0.3").await;
     let net = root.network().clone();
-    eventually("the root to hear pi", Duration::from_secs(10), || {
-        let net = net.clone();
-        async move {
-            let nodes = net.nodes().await.ok()?;
-            nodes
-                .iter()
-                .any(|n| n.node.name.as_str() == "pi" && n.alive)
-                .then_some(())
-        }
-    })
-    .await;
+    root.hears("pi").await;
 
     // Through the CLI: a second "pi", and the root's own name, are refused in one line; nothing
     // is written.
@@ -165,18 +155,7 @@ async fn a_member_joins_by_config_alone() {
         .mode()
         & 0o777;
     assert_eq!(mode, 0o600, "the key is private");
-    let net = root.network().clone();
-    eventually("the root to hear nas", Duration::from_secs(10), || {
-        let net = net.clone();
-        async move {
-            let nodes = net.nodes().await.ok()?;
-            nodes
-                .iter()
-                .any(|n| n.node.name.as_str() == "nas" && n.alive)
-                .then_some(())
-        }
-    })
-    .await;
+    root.hears("nas").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

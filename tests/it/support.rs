@@ -264,6 +264,22 @@ impl TestAgent {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
 
+    /// Waits until this agent's node list shows `name` alive (within 10 s).
+    pub(crate) async fn hears(&self, name: &str) {
+        let net = self.network().clone();
+        eventually(&format!("{name} alive"), Duration::from_secs(10), || {
+            let net = net.clone();
+            async move {
+                let nodes = net.nodes().await.ok()?;
+                nodes
+                    .iter()
+                    .any(|n| n.node.name.as_str() == name && n.alive)
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+
     /// A client of this agent.
     pub(crate) fn network(&self) -> &Network {
         self.network.as_ref().expect("the agent runs")

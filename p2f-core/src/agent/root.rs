@@ -216,7 +216,7 @@ impl Root {
         if &current_node == node && current_live {
             return Err(MoveError::AlreadyThere(node.clone()));
         }
-        let generation = self.inner.reserve(id, current_gen + 1, node);
+        let generation = self.inner.history(id, |h| h.reserve(current_gen + 1, node));
         self.inner.note_placement(id, generation, node);
         let request = SpinRequest {
             spec: service.spec,
@@ -254,20 +254,9 @@ impl Root {
 }
 
 impl Inner {
-    /// The generation to send `id` to `node` with ([`History::reserve`]), noted as sent.
-    fn reserve(&self, id: &ProcessId, wanted: u64, node: &NodeName) -> u64 {
-        lock(&self.history)
-            .entry(id.clone())
-            .or_default()
-            .reserve(wanted, node)
-    }
-
-    /// Notes that `generation` of `id` failed on `node` (or could not be placed there).
-    fn failed(&self, id: &ProcessId, generation: u64, node: &NodeName) {
-        lock(&self.history)
-            .entry(id.clone())
-            .or_default()
-            .failed(generation, node);
+    /// `change` applied to the history of `id`, under one lock.
+    fn history<T>(&self, id: &ProcessId, change: impl FnOnce(&mut History) -> T) -> T {
+        change(lock(&self.history).entry(id.clone()).or_default())
     }
 
     /// Notes a placement of `generation` of `id` on `node`, unless a newer one was made
@@ -397,7 +386,7 @@ async fn reconcile(inner: &Arc<Inner>) {
                 }
                 // It never showed up: that node is avoided for the next placement.
                 tracing::warn!(id = %service.id, %node, generation = placed_gen, "placement did not show up");
-                inner.failed(&service.id, placed_gen, &node);
+                inner.history(&service.id, |h| h.failed(placed_gen, &node));
                 inner.forget_placement(&service.id, placed_gen);
             }
         }
@@ -416,10 +405,7 @@ async fn reconcile(inner: &Arc<Inner>) {
             {
                 if lock(&inner.replacing).insert(service.id.clone()) {
                     tracing::info!(id = %service.id, node = %p.node.name, "replacing: its spec or pins changed");
-                    lock(&inner.history)
-                        .entry(service.id.clone())
-                        .or_default()
-                        .supersede(p.generation);
+                    inner.history(&service.id, |h| h.supersede(p.generation));
                     lock(&inner.placed).remove(&service.id);
                     let (client, id, inner) =
                         (inner.client.clone(), service.id.clone(), inner.clone());
@@ -435,16 +421,13 @@ async fn reconcile(inner: &Arc<Inner>) {
             (Some(p), None) => match &p.status {
                 Status::Lost => p.generation + 1,
                 Status::Failed(_) => {
-                    inner.failed(&service.id, p.generation, &p.node.name);
+                    inner.history(&service.id, |h| h.failed(p.generation, &p.node.name));
                     p.generation + 1
                 }
                 _ => continue,
             },
         };
-        let history = lock(&inner.history)
-            .get(&service.id)
-            .cloned()
-            .unwrap_or_default();
+        let history = inner.history(&service.id, |h| h.clone());
         let Some(target) = choose(
             &service.spec,
             &nodes,
@@ -466,7 +449,7 @@ async fn reconcile(inner: &Arc<Inner>) {
         };
         // A placement whose answer never came may still have landed: another node never gets
         // the same generation, so such a late copy is fenced by the next.
-        let generation = inner.reserve(&service.id, wanted, &target.node.name);
+        let generation = inner.history(&service.id, |h| h.reserve(wanted, &target.node.name));
         let request = SpinRequest {
             spec: service.spec.clone(),
             id: Some(service.id.clone()),
@@ -489,7 +472,7 @@ async fn reconcile(inner: &Arc<Inner>) {
                 // root cannot reach (behind NAT) is avoided while another one is allowed.
                 inner.forget_placement(&service.id, generation);
                 if matches!(e, crate::ClientError::Unreachable { .. }) {
-                    inner.failed(&service.id, generation, &target.node.name);
+                    inner.history(&service.id, |h| h.failed(generation, &target.node.name));
                 }
                 tracing::warn!(id = %service.id, node = %target.node.name, "placement refused: {e}")
             }
