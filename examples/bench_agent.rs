@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use p2f::core::Network;
-use p2f::core::agent::AgentConfig;
 use p2f::core::cluster::ClusterFiles;
+use p2f::core::node::AgentConfig;
 use p2f::core::wire::{SpinQuery, SpinRequest};
 use p2f::model::{EventKind, Health, Process, ProcessId, ProcessKey, ProcessSpec, Status};
 

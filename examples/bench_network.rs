@@ -40,9 +40,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures_util::StreamExt;
 use p2f::core::Network;
-use p2f::core::agent::AgentConfig;
 use p2f::core::cluster::{ClusterFiles, Secret};
 use p2f::core::mesh::{DEFAULT_GOSSIP_INTERVAL, Mesh, MeshConfig, ProcessDigest};
+use p2f::core::node::AgentConfig;
 use p2f::core::wire::{NodeStatus, SpinQuery, SpinRequest};
 use p2f::model::{
     Health, NodeName, Process, ProcessId, ProcessSpec, RestartPolicy, Status, Timestamp,
@@ -1644,12 +1644,9 @@ impl Perf {
         let inclusive = report(&["--children", "--sort", "symbol", "-g", "none"])?;
         std::fs::write(self.data.with_extension("children.txt"), &inclusive)?;
         let parts = [
-            (
-                "Supervisor::listed",
-                "agent::supervisor::Supervisor::listed",
-            ),
-            ("Replica::listed", "agent::replica::Replica::listed"),
-            ("json_array", "agent::listing::json_array"),
+            ("Supervisor::listed", "node::supervisor::Supervisor::listed"),
+            ("Records::listed", "records::Records::listed"),
+            ("json_array", "records::listing::json_array"),
             (
                 "Process::clone",
                 "p2f_model::process::Process as core::clone::Clone>::clone",
@@ -1665,8 +1662,8 @@ impl Perf {
                 "free",
                 "drop_in_place<alloc::vec::Vec<p2f_model::process::Process>>",
             ),
-            ("background: replica::sync", "agent::replica::sync"),
-            ("background: replica::publish", "agent::replica::publish"),
+            ("background: records::sync", "records::sync"),
+            ("background: records::publish", "records::publish"),
         ];
         let shares: Vec<String> = parts
             .iter()

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use p2f_core::Network;
-use p2f_core::agent::{Agent, AgentConfig, Shutdown};
 use p2f_core::cluster::ClusterFiles;
+use p2f_core::node::{Agent, AgentConfig, Shutdown};
 use p2f_model::{Deployment, NodeName, Process};
 
 use crate::{Result, converge, render};

@@ -31,7 +31,7 @@ pub enum Error {
     Client(#[from] p2f_core::ClientError),
     /// The embedded network could not start.
     #[error(transparent)]
-    Agent(#[from] p2f_core::agent::AgentError),
+    Agent(#[from] p2f_core::node::AgentError),
     /// The cluster's trust files.
     #[error(transparent)]
     Cluster(#[from] p2f_core::cluster::ClusterError),
@@ -315,7 +315,7 @@ async fn find_service(
 fn target() -> Result<Option<Network>> {
     // A node's config file (`p2f init` / `p2f node join` wrote it): its root, or itself.
     if let Some(path) = std::env::var_os("P2F_CONFIG") {
-        let config = p2f_core::agent::AgentConfig::load(std::path::Path::new(&path))
+        let config = p2f_core::node::AgentConfig::load(std::path::Path::new(&path))
             .map_err(|e| Error::NotRunning(e.to_string()))?;
         let own = if config.listen.ip().is_unspecified() {
             format!("127.0.0.1:{}", config.listen.port())

@@ -1,11 +1,13 @@
 //! P2F's runtime: the node agent (control API, supervisor, store), cluster trust (CA, secret,
 //! TLS), and the `Network` client. The mesh and the root build on the agent.
 
-pub mod agent;
 pub mod client;
 pub mod cluster;
 pub mod join;
 pub mod mesh;
+pub mod node;
+pub mod records;
+pub mod root;
 pub mod server;
 pub mod wire;
 

@@ -16,8 +16,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use p2f::core::Network;
-use p2f::core::agent::AgentConfig;
 use p2f::core::cluster::ClusterFiles;
+use p2f::core::node::AgentConfig;
 use p2f::model::ProcessId;
 
 use crate::support::{

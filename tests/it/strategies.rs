@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use p2f::core::agent::AgentConfig;
+use p2f::core::node::AgentConfig;
 use p2f::core::wire::{SpinQuery, SpinRequest};
 use p2f::model::{
     Bundle, BundleFile, EventKind, Failure, Health, Process, ProcessSpec, RestartPolicy, Status,

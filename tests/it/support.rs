@@ -8,8 +8,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use p2f::core::Network;
-use p2f::core::agent::AgentConfig;
 use p2f::core::cluster::ClusterFiles;
+use p2f::core::node::AgentConfig;
 use p2f::model::{Process, ProcessId};
 
 /// The `p2f` binary, built once per test run (it lives in another package of the workspace, so

@@ -6,11 +6,8 @@ pub mod api;
 pub mod config;
 pub mod health;
 pub mod lifecycle;
-pub mod listing;
 pub mod logs;
 pub mod os;
-pub mod replica;
-pub mod root;
 pub mod store;
 pub mod strategy;
 pub mod supervisor;
@@ -77,8 +74,8 @@ pub struct Agent {
     node: Node,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
-    replica: Option<replica::Replica>,
-    root: Option<root::Root>,
+    records: Option<crate::records::Records>,
+    root: Option<crate::root::Root>,
 }
 
 impl Agent {
@@ -93,11 +90,11 @@ impl Agent {
         let (ca, secret) = ClusterFiles::new(config.cluster_dir()).load()?;
         let cert = node_certificate(&config, &ca, &secret).await?;
         let tls = crate::cluster::server_config(&cert)?;
-        let records = data.join("records.redb");
-        let store = Arc::new(Store::open(&records)?);
+        let db_path = data.join("records.redb");
+        let store = Arc::new(Store::open(&db_path)?);
         let root_store = store.clone();
         // Records hold specs, and specs hold env values: only the agent reads them.
-        set_private(&records)?;
+        set_private(&db_path)?;
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -139,7 +136,7 @@ impl Agent {
         // re-adopted by the next start) before saying so.
         let rest = async {
             let api_address = node.api_address().unwrap_or_else(|| address.to_string());
-            let replica = match &config.mesh {
+            let records = match &config.mesh {
                 None => None,
                 Some(settings) => {
                     let mut mesh_config = crate::mesh::MeshConfig::new(
@@ -165,18 +162,19 @@ impl Agent {
                                 path: data.clone(),
                                 source: std::io::Error::other(e.to_string()),
                             })?;
-                    let replica =
-                        replica::Replica::start(mesh, supervisor.clone(), client, &node).await?;
+                    let records =
+                        crate::records::Records::start(mesh, supervisor.clone(), client, &node)
+                            .await?;
                     if recovery == Recovery::Park {
-                        replica.track(tokio::spawn(unpark(replica.clone(), supervisor.clone())));
+                        records.track(tokio::spawn(unpark(records.clone(), supervisor.clone())));
                     }
-                    Some(replica)
+                    Some(records)
                 }
             };
             if ca.key_pem().is_some() {
                 let token = crate::join::JoinToken {
                     root: api_address.clone(),
-                    gossip: replica.as_ref().map(|r| r.mesh().gossip_addr().to_string()),
+                    gossip: records.as_ref().map(|r| r.mesh().gossip_addr().to_string()),
                     ca_pem: ca.cert_pem().to_owned(),
                     secret: secret.clone(),
                 };
@@ -186,11 +184,11 @@ impl Agent {
                 )?;
             }
             // The node holding the CA key decides placements (with a mesh to see the others).
-            let root = match (&replica, ca.key_pem()) {
-                (Some(replica), Some(_)) => Some(root::Root::start(
+            let root = match (&records, ca.key_pem()) {
+                (Some(records), Some(_)) => Some(crate::root::Root::start(
                     node.clone(),
                     root_store.clone(),
-                    replica.clone(),
+                    records.clone(),
                     crate::Network::connect(&api_address, secret.clone(), ca.cert_pem()).map_err(
                         |e| AgentError::Io {
                             what: "cannot make the root's client",
@@ -206,7 +204,7 @@ impl Agent {
                 secret,
                 node.clone(),
                 Some(ca),
-                replica.clone(),
+                records.clone(),
                 root.clone(),
             );
             let (stop, stopped) = oneshot::channel();
@@ -223,10 +221,10 @@ impl Agent {
                     path: addr_file,
                     source,
                 })?;
-            Ok::<_, AgentError>((replica, root, stop, server))
+            Ok::<_, AgentError>((records, root, stop, server))
         }
         .await;
-        let (replica, root, stop, server) = match rest {
+        let (records, root, stop, server) = match rest {
             Ok(parts) => parts,
             Err(e) => {
                 supervisor.shutdown(Shutdown::Detach).await;
@@ -240,7 +238,7 @@ impl Agent {
             node,
             stop: Some(stop),
             server,
-            replica,
+            records,
             root,
         })
     }
@@ -256,8 +254,8 @@ impl Agent {
     }
 
     /// The network's records as this node sees them (with a mesh).
-    pub fn replica(&self) -> Option<&replica::Replica> {
-        self.replica.as_ref()
+    pub fn records(&self) -> Option<&crate::records::Records> {
+        self.records.as_ref()
     }
 
     /// The supervisor (for the embedded network, which shares the process).
@@ -276,8 +274,8 @@ impl Agent {
         if let Some(root) = self.root.take() {
             root.stop().await;
         }
-        if let Some(replica) = self.replica.take() {
-            replica.stop().await;
+        if let Some(records) = self.records.take() {
+            records.stop().await;
         }
         self.supervisor.shutdown(how).await;
     }
@@ -290,21 +288,21 @@ const CATCH_UP_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Starts the processes the supervisor parked at start, once this node has heard what every
 /// live node runs: a copy the root placed elsewhere meanwhile (a newer generation) is dropped
 /// without ever starting again here.
-async fn unpark(replica: replica::Replica, supervisor: Supervisor) {
+async fn unpark(records: crate::records::Records, supervisor: Supervisor) {
     let started = std::time::Instant::now();
-    let outcome = replica.caught_up(CATCH_UP_LIMIT).await;
+    let outcome = records.caught_up(CATCH_UP_LIMIT).await;
     match outcome {
-        replica::CatchUp::Heard => {}
-        replica::CatchUp::Alone => {
+        crate::records::CatchUp::Heard => {}
+        crate::records::CatchUp::Alone => {
             tracing::warn!("no other node answers: starting this node's processes again")
         }
-        replica::CatchUp::TimedOut => tracing::warn!(
+        crate::records::CatchUp::TimedOut => tracing::warn!(
             "did not hear every live node within {CATCH_UP_LIMIT:?}: starting this node's processes again with what it knows"
         ),
     }
     tracing::debug!(waited = ?started.elapsed(), ?outcome, "unparking");
     supervisor.unpark(|process| {
-        replica
+        records
             .newer_elsewhere(&process.id, process.generation)
             .map(|(node, generation)| {
                 format!("the network has generation {generation} (on {node})")

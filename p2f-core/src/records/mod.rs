@@ -13,10 +13,12 @@ use p2f_model::{EventKind, Node, NodeName, Process, ProcessId, ProcessKey, Statu
 pub use crate::wire::NodeStatus;
 use tokio::task::JoinHandle;
 
-use super::listing::{Listed, newest_per_id};
-use super::supervisor::Supervisor;
+pub mod listing;
+
 use crate::Network;
 use crate::mesh::{Member, Mesh, MeshError, PROCESS_PREFIX, ProcessDigest, spec_hash};
+use crate::node::supervisor::Supervisor;
+use listing::{Listed, newest_per_id};
 
 /// The mesh key under which a node publishes its API address.
 pub const API_KEY: &str = "api";
@@ -25,7 +27,7 @@ pub const NODE_KEY: &str = "node";
 /// The mesh key under which a node publishes its available memory in bytes.
 pub const MEMORY_KEY: &str = "mem";
 /// The mesh key under which a node counts how many times it published its digests: set after
-/// them, it tells another node that it has all of them (see [`Replica::caught_up`]).
+/// them, it tells another node that it has all of them (see [`Records::caught_up`]).
 pub const SEQ_KEY: &str = "seq";
 /// How long the set of live nodes must stay the same, every one caught up, before a returning
 /// node trusts what it heard.
@@ -39,7 +41,7 @@ const SYNC_EVERY: Duration = Duration::from_millis(250);
 /// How long fetching one record from its node may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How [`Replica::caught_up`] ended.
+/// How [`Records::caught_up`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CatchUp {
     /// Every live node's records have arrived.
@@ -95,22 +97,22 @@ struct Inner {
     held_changed: tokio::sync::Notify,
 }
 
-/// This node's replica of the network's records.
+/// This node's records of the network's records.
 #[derive(Clone)]
-pub struct Replica {
+pub struct Records {
     inner: Arc<Inner>,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
-impl std::fmt::Debug for Replica {
+impl std::fmt::Debug for Records {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Replica")
+        f.debug_struct("Records")
             .field("node", &self.inner.node)
             .finish_non_exhaustive()
     }
 }
 
-impl Replica {
+impl Records {
     /// Starts publishing `supervisor`'s records in `mesh` and copying the others'. `client`
     /// (the cluster's CA and secret) fetches records from other nodes; `api` is this node's
     /// API address.
@@ -119,7 +121,7 @@ impl Replica {
         supervisor: Supervisor,
         client: Network,
         node: &Node,
-    ) -> Result<Replica, MeshError> {
+    ) -> Result<Records, MeshError> {
         let api = node.api_address().unwrap_or_default();
         mesh.set(API_KEY, &api).await?;
         mesh.set(NODE_KEY, &serde_json::to_string(node).unwrap_or_default())
@@ -139,7 +141,7 @@ impl Replica {
             tokio::spawn(publish(inner.clone())),
             tokio::spawn(sync(inner.clone())),
         ];
-        Ok(Replica {
+        Ok(Records {
             inner,
             tasks: Arc::new(Mutex::new(tasks)),
         })
@@ -174,14 +176,14 @@ impl Replica {
                 alive: true,
                 generation: self.inner.mesh.generation(),
                 processes: self.inner.supervisor.len(),
-                memory_available: super::os::memory_available(),
+                memory_available: crate::node::os::memory_available(),
             });
         }
         nodes.sort_by(|a, b| a.node.name.cmp(&b.node.name));
         nodes
     }
 
-    /// The mesh this replica gossips in.
+    /// The mesh this records gossips in.
     pub fn mesh(&self) -> &Mesh {
         &self.inner.mesh
     }
@@ -220,7 +222,7 @@ impl Replica {
         all
     }
 
-    /// Every record of the network (see [`Replica::listed`]).
+    /// Every record of the network (see [`Records::listed`]).
     pub fn list(&self) -> Vec<Arc<Process>> {
         self.listed()
             .into_iter()
@@ -343,7 +345,7 @@ impl Replica {
         refresh(&self.inner).await
     }
 
-    /// Ties a task that holds this replica to it: [`Replica::stop`] aborts it first (else the
+    /// Ties a task that holds this records to it: [`Records::stop`] aborts it first (else the
     /// mesh could not be stopped while the task lives).
     pub fn track(&self, task: JoinHandle<()>) {
         lock(&self.tasks).push(task);
@@ -521,7 +523,7 @@ async fn publish(inner: Arc<Inner>) {
                 tracing::warn!("cannot publish {SEQ_KEY}: {e}");
             }
         }
-        if let Some(available) = super::os::memory_available() {
+        if let Some(available) = crate::node::os::memory_available() {
             let value = available.to_string();
             if memory.as_ref() != Some(&value) {
                 let _ = inner.mesh.set(MEMORY_KEY, &value).await;

@@ -1,7 +1,7 @@
 //! The root decides: it holds the desired services (durably, in its store), places each on an
 //! allowed live node (pins, ports already used there, fewest processes), and when a node is
 //! declared dead or a process's restarts are spent there, places it again elsewhere with a
-//! higher generation. Nodes fence their own stale copies (`replica::fence`).
+//! higher generation. Nodes fence their own stale copies (`records::fence`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use p2f_model::{Deployment, NodeName, Process, ProcessId, ProcessSpec, Status};
 use tokio::task::JoinHandle;
 
-use super::replica::Replica;
-use super::store::{Store, StoreError};
 use crate::Network;
+use crate::node::store::{Store, StoreError};
+use crate::records::Records;
 use crate::wire::{DesiredService, DesiredState, NodeStatus, SpinQuery, SpinRequest};
 
 /// The store key of the desired state.
@@ -62,7 +62,7 @@ pub enum MoveError {
 struct Inner {
     own: p2f_model::Node,
     store: Arc<Store>,
-    replica: Replica,
+    records: Records,
     client: Network,
     desired: Mutex<DesiredState>,
     /// The last placement of each process: its generation, node and when.
@@ -98,7 +98,7 @@ impl Root {
     pub fn start(
         own: p2f_model::Node,
         store: Arc<Store>,
-        replica: Replica,
+        records: Records,
         client: Network,
     ) -> Result<Root, StoreError> {
         let desired = match store.meta(DESIRED_KEY)? {
@@ -111,7 +111,7 @@ impl Root {
         let inner = Arc::new(Inner {
             own,
             store,
-            replica,
+            records,
             client,
             desired: Mutex::new(desired),
             placed: Mutex::new(HashMap::new()),
@@ -187,7 +187,7 @@ impl Root {
         if !service.spec.allows(node) {
             return Err(MoveError::NotAllowed(node.clone()));
         }
-        let nodes = self.inner.replica.nodes(&self.inner.own).await;
+        let nodes = self.inner.records.nodes(&self.inner.own).await;
         let target = nodes
             .iter()
             .find(|n| &n.node.name == node && n.alive)
@@ -198,7 +198,7 @@ impl Root {
             .ok_or_else(|| MoveError::NotAlive(node.clone()))?;
         let newest = self
             .inner
-            .replica
+            .records
             .list()
             .into_iter()
             .filter(|p| &p.id == id)
@@ -233,7 +233,7 @@ impl Root {
         match placed {
             // Not waiting for a node any more (if it was).
             Ok(process) => {
-                self.inner.replica.release(id);
+                self.inner.records.release(id);
                 Ok(process)
             }
             Err(e) => {
@@ -272,7 +272,7 @@ impl Inner {
     fn forget(&self, id: &ProcessId) {
         lock(&self.placed).remove(id);
         lock(&self.history).remove(id);
-        self.replica.release(id);
+        self.records.release(id);
     }
 
     /// Forgets the placement of `generation` of `id` (refused), unless a newer one was made.
@@ -354,8 +354,8 @@ async fn reconcile(inner: &Arc<Inner>) {
     if desired.services.is_empty() {
         return;
     }
-    let nodes = inner.replica.nodes(&inner.own).await;
-    let records = inner.replica.list();
+    let nodes = inner.records.nodes(&inner.own).await;
+    let records = inner.records.list();
     let newest_of: HashMap<&ProcessId, &Process> =
         records.iter().map(|p| (&p.id, p.as_ref())).collect();
     let usage = Usage::of(&records);
@@ -363,14 +363,14 @@ async fn reconcile(inner: &Arc<Inner>) {
     let mut placed_now: HashMap<NodeName, usize> = HashMap::new();
     for service in &desired.services {
         let listed = newest_of.get(&service.id).copied();
-        let mut held = inner.replica.held(&service.id);
+        let mut held = inner.records.held(&service.id);
         // The newest real copy (the root's own held record is listed only when there is none
         // of its generation or above).
         let newest = listed.filter(|p| held.as_ref().is_none_or(|h| *p != h));
         // A real copy at or above the held generation (its node came back with it, or the
         // root restarted meanwhile): it no longer waits.
         if held.is_some() && newest.is_some_and(|p| p.status != Status::Lost) {
-            inner.replica.release(&service.id);
+            inner.records.release(&service.id);
             held = None;
         }
         // A placement of this root's that has not shown up in the network yet is waited for,
@@ -439,7 +439,7 @@ async fn reconcile(inner: &Arc<Inner>) {
                 tracing::warn!(id = %service.id, "no allowed node is alive: it waits");
                 let generation = history.peek(wanted, None);
                 inner
-                    .replica
+                    .records
                     .hold(held_record(&inner.own, service, generation));
             }
             continue;
@@ -466,7 +466,7 @@ async fn reconcile(inner: &Arc<Inner>) {
         .await;
         match spun {
             // The placement stands: the held record (if it waited for a node) goes.
-            Ok(Ok(_)) => inner.replica.release(&service.id),
+            Ok(Ok(_)) => inner.records.release(&service.id),
             Ok(Err(e)) => {
                 // Tried again next pass (say, once the node removed a stale copy); a node the
                 // root cannot reach (behind NAT) is avoided while another one is allowed.
@@ -482,7 +482,7 @@ async fn reconcile(inner: &Arc<Inner>) {
                 // the node is avoided and the next copy goes elsewhere with a higher
                 // generation, which fences this one should it start late. The held record (if
                 // it waited for a node) goes, so that the wait sees the real copies.
-                inner.replica.release(&service.id);
+                inner.records.release(&service.id);
                 tracing::warn!(
                     id = %service.id,
                     node = %target.node.name,
@@ -497,7 +497,7 @@ async fn reconcile(inner: &Arc<Inner>) {
 /// The record of a process that waits for an allowed node: `Pending`, with the reason, on the
 /// root (which publishes it until it is placed).
 fn held_record(own: &p2f_model::Node, service: &DesiredService, generation: u64) -> Process {
-    let at = super::supervisor::now();
+    let at = crate::node::supervisor::now();
     let node = p2f_model::NodeRef {
         name: own.name.clone(),
         address: own
@@ -597,7 +597,7 @@ mod tests {
             Some(port) => ProcessSpec::new("other", "true").with_port(port),
             None => ProcessSpec::new("other", "true"),
         };
-        let at = super::super::supervisor::now();
+        let at = crate::node::supervisor::now();
         let node = p2f_model::NodeRef {
             name: NodeName::from_static(name),
             address: String::new(),

@@ -27,11 +27,11 @@ use tokio::task::JoinHandle;
 use super::config::SupervisorConfig;
 use super::health;
 use super::lifecycle::{self, Action, Exit, ExitContext};
-use super::listing::Listed;
 use super::logs::Logs;
 use super::os;
 use super::store::{Entry, Local, Store, StoreError};
 use super::strategy::{self, DeployOptions, Prepared};
+use crate::records::listing::Listed;
 
 /// A process that ran this long without a health check counts as healthy again (its restarts in
 /// a row start over).

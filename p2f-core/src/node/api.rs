@@ -16,11 +16,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use p2f_model::{Node, Process, ProcessId, ProcessKey};
 
-use super::replica::Replica;
-use super::root::{MoveError, Root, RootError};
 use super::supervisor::{Supervisor, SupervisorError};
 use crate::cluster::{ClusterCa, Secret};
 use crate::join::{JoinRequest, JoinResponse};
+use crate::records::Records;
+use crate::root::{MoveError, Root, RootError};
 use crate::wire::{
     DeploymentRequest, DesiredState, ErrorBody, ListQuery, LogsQuery, MAX_BODY_BYTES, MoveRequest,
     NodeStatus, Scope, SpinQuery, SpinRequest,
@@ -38,7 +38,7 @@ struct Api {
     /// The cluster CA with its key, on the root only: it signs members' certificates.
     ca: Option<Arc<ClusterCa>>,
     /// The whole network's records, when this node gossips.
-    replica: Option<Replica>,
+    records: Option<Records>,
     /// The root's decisions, on the root.
     root: Option<Root>,
 }
@@ -50,7 +50,7 @@ pub fn router(
     secret: Secret,
     node: Node,
     ca: Option<ClusterCa>,
-    replica: Option<Replica>,
+    records: Option<Records>,
     root: Option<Root>,
 ) -> Router {
     let api = Api {
@@ -58,7 +58,7 @@ pub fn router(
         secret: Arc::new(secret),
         node: Arc::new(node),
         ca: ca.filter(|ca| ca.key_pem().is_some()).map(Arc::new),
-        replica,
+        records,
         root,
     };
     Router::new()
@@ -203,8 +203,8 @@ async fn node_entry(State(api): State<Api>) -> Json<Node> {
 }
 
 async fn nodes(State(api): State<Api>) -> Json<Vec<NodeStatus>> {
-    Json(match &api.replica {
-        Some(replica) => replica.nodes(&api.node).await,
+    Json(match &api.records {
+        Some(records) => records.nodes(&api.node).await,
         None => vec![NodeStatus {
             node: (*api.node).clone(),
             alive: true,
@@ -222,11 +222,11 @@ async fn list(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
-    let records = match (&api.replica, query.scope) {
-        (Some(replica), Scope::Network) => replica.listed(),
+    let records = match (&api.records, query.scope) {
+        (Some(records), Scope::Network) => records.listed(),
         _ => api.supervisor.listed(),
     };
-    let body = super::listing::json_array(&records);
+    let body = crate::records::listing::json_array(&records);
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -243,13 +243,13 @@ impl Api {
         if self.supervisor.find(&ProcessKey::Id(id.clone())).is_some() {
             return None;
         }
-        self.replica.as_ref()?.owner(id)
+        self.records.as_ref()?.owner(id)
     }
 
     /// A record of this node, else of the network.
     fn find(&self, key: &ProcessKey) -> Option<Process> {
-        match &self.replica {
-            Some(replica) => replica.find(key),
+        match &self.records {
+            Some(records) => records.find(key),
             None => self.supervisor.find(key),
         }
     }
@@ -380,8 +380,8 @@ async fn join(
     // Members are identified by name: a second live node with the same one would take over
     // the first one's records. A dead member's name may be taken again (a reinstalled machine).
     let taken = request.name == api.node.name
-        || match &api.replica {
-            Some(replica) => replica
+        || match &api.records {
+            Some(records) => records
                 .mesh()
                 .membership()
                 .await
