@@ -14,7 +14,9 @@ pub mod validate;
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use name::{NameError, NodeName, ProcessId};
 pub use node::{IpTable, MapPortResponse, Node, NodeError, P2fNodeInfo, P2prcConfig, ServerInfo};
-pub use process::{Event, EventKind, Failure, NodeRef, Process, ProcessKey, Status, Timestamp};
+pub use process::{
+    Event, EventKind, Failure, NodeRef, Process, ProcessKey, Rejection, Status, Timestamp, Unfit,
+};
 pub use spec::{
     Bundle, BundleFile, DEFAULT_GRACE, Deployment, EnvVar, Health, ProcessSpec, RestartPolicy,
     SpecParts, Strategy, is_local_nix_path, normalize_bundle_path,

@@ -13,6 +13,18 @@ use crate::{NodeName, ProcessId, ProcessSpec};
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
 
+impl Timestamp {
+    /// The current wall-clock time (milliseconds since the Unix epoch; 0 if the clock is set
+    /// before it).
+    pub fn now() -> Timestamp {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        Timestamp(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+}
+
 /// The formal reason a process is not running.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", deny_unknown_fields)]
@@ -37,8 +49,13 @@ pub enum Failure {
     HealthCheckFailed { check: String, detail: String },
     /// Its node left the network.
     NodeLost { node: NodeName },
-    /// No node it may run on is alive.
-    NoAllowedNode { pins: Vec<NodeName> },
+    /// No node can take it: `pins` are the nodes it may run on (empty: any), `rejected` says
+    /// why each known node did not take it (empty in records written before P2F said so).
+    NoAllowedNode {
+        pins: Vec<NodeName>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        rejected: Vec<Rejection>,
+    },
     /// It did not stop within its grace period and was killed.
     StopTimedOut,
     /// It ended while the agent watching it was not its parent (it was re-adopted after an
@@ -68,7 +85,7 @@ impl fmt::Display for Failure {
                 write!(f, "health check {check} failed: {detail}")
             }
             Failure::NodeLost { node } => write!(f, "node {node} was lost"),
-            Failure::NoAllowedNode { pins } => {
+            Failure::NoAllowedNode { pins, rejected } if rejected.is_empty() => {
                 let names: Vec<&str> = pins.iter().map(NodeName::as_str).collect();
                 if names.is_empty() {
                     f.write_str("no node is alive")
@@ -76,18 +93,73 @@ impl fmt::Display for Failure {
                     write!(f, "none of its nodes is alive ({})", names.join(", "))
                 }
             }
+            Failure::NoAllowedNode { rejected, .. } => {
+                f.write_str("no node can take it: ")?;
+                for (i, r) in rejected.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{} {}", r.node, r.why)?;
+                }
+                Ok(())
+            }
             Failure::StopTimedOut => f.write_str("did not stop within its grace period"),
             Failure::Vanished => f.write_str("ended with an unknown exit status (re-adopted)"),
         }
     }
 }
 
+/// Why one node did not take a process (placement's feasibility filters, in the order they
+/// run).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Unfit {
+    /// The node is not alive.
+    Dead,
+    /// The process's pins do not name it.
+    PinnedOut,
+    /// Another process holds the port there.
+    PortTaken { port: u16 },
+    /// It has less memory available than a new process needs (bytes available).
+    LowMemory { available: u64 },
+}
+
+impl fmt::Display for Unfit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unfit::Dead => f.write_str("is dead"),
+            Unfit::PinnedOut => f.write_str("is not in its pins"),
+            Unfit::PortTaken { port } => write!(f, "has port {port} taken"),
+            Unfit::LowMemory { available } => {
+                write!(f, "has too little memory ({} MiB free)", available >> 20)
+            }
+        }
+    }
+}
+
+/// A node that did not take a process, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Rejection {
+    /// The node.
+    pub node: NodeName,
+    /// Why it did not take the process.
+    #[serde(flatten)]
+    pub why: Unfit,
+}
+
 /// Where a process is in its life.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Status {
-    /// Waiting to be placed or started (with the reason, if it is held).
+    /// Accepted by its node, waiting to start (first start, or a restart's backoff).
     Pending,
+    /// Recovered after its agent restarted; waits to hear the network before starting again
+    /// (the root may have placed it elsewhere meanwhile).
+    Parked,
+    /// Desired, but no node can take it; `last_failure` says why. The root places it as soon
+    /// as a node can.
+    Unplaced,
     /// Its strategy's deploy step is running.
     Deploying,
     /// Its command runs.
@@ -117,6 +189,8 @@ impl Status {
     pub fn name(&self) -> &'static str {
         match self {
             Status::Pending => "pending",
+            Status::Parked => "parked",
+            Status::Unplaced => "unplaced",
             Status::Deploying => "deploying",
             Status::Running => "running",
             Status::Stopping => "stopping",
@@ -157,8 +231,9 @@ pub enum EventKind {
     Moved { from: NodeName, to: NodeName },
     /// It was stopped on request.
     Killed,
-    /// It was held, for this reason.
-    Held { failure: Failure },
+    /// No node could take it, for this reason (the root keeps it unplaced).
+    #[serde(alias = "Held")]
+    Unplaced { failure: Failure },
 }
 
 impl fmt::Display for EventKind {
@@ -176,7 +251,7 @@ impl fmt::Display for EventKind {
             }
             EventKind::Moved { from, to } => write!(f, "moved from {from} to {to}"),
             EventKind::Killed => f.write_str("killed on request"),
-            EventKind::Held { failure } => write!(f, "held: {failure}"),
+            EventKind::Unplaced { failure } => write!(f, "unplaced: {failure}"),
         }
     }
 }
@@ -357,8 +432,31 @@ mod tests {
             (
                 Failure::NoAllowedNode {
                     pins: vec![NodeName::from_static("pi")],
+                    rejected: Vec::new(),
                 },
                 "none of its nodes is alive (pi)",
+            ),
+            (
+                Failure::NoAllowedNode {
+                    pins: Vec::new(),
+                    rejected: vec![
+                        Rejection {
+                            node: NodeName::from_static("a"),
+                            why: Unfit::Dead,
+                        },
+                        Rejection {
+                            node: NodeName::from_static("b"),
+                            why: Unfit::PortTaken { port: 80 },
+                        },
+                        Rejection {
+                            node: NodeName::from_static("c"),
+                            why: Unfit::LowMemory {
+                                available: 64 << 20,
+                            },
+                        },
+                    ],
+                },
+                "no node can take it: a is dead, b has port 80 taken, c has too little memory (64 MiB free)",
             ),
         ];
         for (failure, text) in cases {

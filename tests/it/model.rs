@@ -80,6 +80,7 @@ fn process_records_round_trip_in_every_status() -> anyhow::Result<()> {
         }),
         Status::Failed(Failure::NoAllowedNode {
             pins: vec![NodeName::new("pi-4b")?],
+            rejected: Vec::new(),
         }),
         Status::Failed(Failure::DeployFailed {
             exit: None,

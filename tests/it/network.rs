@@ -414,7 +414,8 @@ async fn a_process_pinned_to_a_dead_node_waits_and_returns_with_it() {
     assert_eq!(
         held.last_failure,
         Some(Failure::NoAllowedNode {
-            pins: vec![NodeName::from_static("pi")]
+            pins: vec![NodeName::from_static("pi")],
+            rejected: Vec::new(),
         })
     );
     assert_eq!(

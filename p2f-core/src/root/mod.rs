@@ -497,7 +497,7 @@ async fn reconcile(inner: &Arc<Inner>) {
 /// The record of a process that waits for an allowed node: `Pending`, with the reason, on the
 /// root (which publishes it until it is placed).
 fn held_record(own: &p2f_model::Node, service: &DesiredService, generation: u64) -> Process {
-    let at = crate::node::supervisor::now();
+    let at = p2f_model::Timestamp::now();
     let node = p2f_model::NodeRef {
         name: own.name.clone(),
         address: own
@@ -515,9 +515,10 @@ fn held_record(own: &p2f_model::Node, service: &DesiredService, generation: u64)
     );
     let failure = p2f_model::Failure::NoAllowedNode {
         pins: service.spec.pin().to_vec(),
+        rejected: Vec::new(),
     };
     process.last_failure = Some(failure.clone());
-    process.record(at, p2f_model::EventKind::Held { failure });
+    process.record(at, p2f_model::EventKind::Unplaced { failure });
     process
 }
 
@@ -597,7 +598,7 @@ mod tests {
             Some(port) => ProcessSpec::new("other", "true").with_port(port),
             None => ProcessSpec::new("other", "true"),
         };
-        let at = crate::node::supervisor::now();
+        let at = p2f_model::Timestamp::now();
         let node = p2f_model::NodeRef {
             name: NodeName::from_static(name),
             address: String::new(),

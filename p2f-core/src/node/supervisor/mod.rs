@@ -44,12 +44,8 @@ const ADOPTED_POLL: Duration = Duration::from_millis(500);
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// The current time as a record timestamp.
-pub fn now() -> Timestamp {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    Timestamp(u64::try_from(ms).unwrap_or(u64::MAX))
+fn now() -> Timestamp {
+    Timestamp::now()
 }
 
 /// Why a request to the supervisor was refused.
