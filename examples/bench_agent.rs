@@ -319,6 +319,7 @@ fn spin_request(spec: &ProcessSpec) -> SpinRequest {
         spec: spec.clone(),
         id: None,
         generation: None,
+        moved_from: None,
     }
 }
 

@@ -611,7 +611,7 @@ async fn failover_on(
             .await?
             .iter()
             .find(|n| n.node.name.as_str() == victim_name)
-            .map(|n| n.generation)
+            .map(|n| n.incarnation)
             .context("the root does not know the victim")?;
         // A different point of the gossip round each trial, as real failures come.
         let phase = DEFAULT_GOSSIP_INTERVAL.mul_f64(trial as f64 / options.trials as f64);
@@ -728,7 +728,7 @@ async fn failover_on(
                 call("victim list", victim_net.list_local()),
             );
             let back = nodes?.iter().any(|n| {
-                n.node.name.as_str() == victim_name && n.alive && n.generation != old_incarnation
+                n.node.name.as_str() == victim_name && n.alive && n.incarnation != old_incarnation
             });
             let all = all?;
             let records: Vec<&Process> = all.iter().filter(|p| p.id == id).collect();
@@ -890,6 +890,7 @@ async fn spread_between_agents(
             spec,
             id: None,
             generation: None,
+            moved_from: None,
         };
         let process = call(
             "spin on a member",
@@ -1229,6 +1230,7 @@ async fn list_on(
                     spec,
                     id: None,
                     generation: None,
+                    moved_from: None,
                 };
                 call("spin", net.spin(&request, SpinQuery { wait: false })).await
             }

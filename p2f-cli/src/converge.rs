@@ -298,6 +298,7 @@ async fn run_one(
         spec: spec.clone(),
         id: None,
         generation: None,
+        moved_from: None,
     };
     let process = network
         .spin(&request, SpinQuery { wait: true })

@@ -176,6 +176,7 @@ impl Network {
             spec: spec.clone(),
             id: None,
             generation: None,
+            moved_from: None,
         };
         self.at(&address)
             .spin(&request, SpinQuery { wait: true })
@@ -218,6 +219,17 @@ impl Network {
             ProcessKey::Id(id) => format!("/v1/processes/{id}"),
             ProcessKey::Domain(domain) => format!("/v1/domains/{domain}"),
         };
+        match self.call(Method::GET, &path, None::<&()>).await {
+            Ok(process) => Ok(Some(process)),
+            Err(ClientError::Api { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The record of `id` that the node this client talks to keeps itself (`None` when it
+    /// keeps none): what other nodes fetch to copy a record.
+    pub async fn local_record(&self, id: &ProcessId) -> Result<Option<Process>, ClientError> {
+        let path = format!("/v1/processes/{id}?scope=local");
         match self.call(Method::GET, &path, None::<&()>).await {
             Ok(process) => Ok(Some(process)),
             Err(ClientError::Api { status: 404, .. }) => Ok(None),

@@ -1,6 +1,7 @@
 //! P2F's runtime: the node agent (control API, supervisor, store), cluster trust (CA, secret,
 //! TLS), and the `Network` client. The mesh and the root build on the agent.
 
+pub mod api_error;
 pub mod client;
 pub mod cluster;
 pub mod join;
@@ -9,6 +10,7 @@ pub mod node;
 pub mod records;
 pub mod root;
 pub mod server;
+pub mod store;
 pub mod wire;
 
 pub use client::{ClientError, Network};

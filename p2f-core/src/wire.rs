@@ -22,6 +22,10 @@ pub struct SpinRequest {
     /// The placement's generation; 1 when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+    /// The node its previous copy ran on, when the root moves it (a migration or a failover):
+    /// the new record's history then says `moved`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_from: Option<p2f_model::NodeName>,
 }
 
 /// Query of `POST /v1/processes`.
@@ -96,8 +100,10 @@ pub struct NodeStatus {
     pub node: p2f_model::Node,
     /// Whether the mesh hears from it.
     pub alive: bool,
-    /// Its incarnation (the agent's start time in ms).
-    pub generation: u64,
+    /// Its incarnation (the agent's start time in ms): a node restarted after a crash comes
+    /// back with a higher one.
+    #[serde(alias = "generation")]
+    pub incarnation: u64,
     /// How many process records it publishes.
     pub processes: usize,
     /// Its available memory (`MemAvailable`), in bytes, as it last published it.

@@ -13,7 +13,9 @@ pub mod validate;
 
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use name::{NameError, NodeName, ProcessId};
-pub use node::{IpTable, MapPortResponse, Node, NodeError, P2fNodeInfo, P2prcConfig, ServerInfo};
+pub use node::{
+    IpTable, MapPortResponse, Node, NodeError, NodeRole, P2fNodeInfo, P2prcConfig, ServerInfo,
+};
 pub use process::{
     Event, EventKind, Failure, NodeRef, Process, ProcessKey, Rejection, Status, Timestamp, Unfit,
 };

@@ -38,6 +38,31 @@ pub struct P2fNodeInfo {
     /// The P2F version it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// Its role in the network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<NodeRole>,
+}
+
+/// What a node is in its network, computed once when its agent starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// It holds the cluster CA key: it places processes and admits nodes.
+    Root,
+    /// It gossips with the others and runs what the root places on it.
+    Member,
+    /// No mesh and no CA key: it runs what it is given and knows no other node.
+    Alone,
+}
+
+impl std::fmt::Display for NodeRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeRole::Root => "root",
+            NodeRole::Member => "member",
+            NodeRole::Alone => "alone",
+        })
+    }
 }
 
 /// One entry of P2PRC's IP table: a node of the network.

@@ -17,6 +17,7 @@ fn spin_request(spec: ProcessSpec) -> SpinRequest {
         spec,
         id: None,
         generation: None,
+        moved_from: None,
     }
 }
 

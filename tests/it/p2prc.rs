@@ -168,6 +168,7 @@ fn p2f_facts_ride_in_custom_information() -> anyhow::Result<()> {
     let info = P2fNodeInfo {
         api: Some("127.0.0.2:7300".into()),
         version: Some("0.1.0".into()),
+        role: Some(p2f::model::NodeRole::Member),
     };
     let plain = Node::named(NodeName::new("laptop")?);
     assert_eq!(plain.with_p2f_info(&info).p2f_info(), Some(info.clone()));

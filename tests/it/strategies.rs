@@ -109,6 +109,7 @@ async fn spin_and_settle(agent: &TestAgent, spec: &ProcessSpec, what: &str) -> P
         spec: spec.clone(),
         id: None,
         generation: None,
+        moved_from: None,
     };
     let recorded = agent
         .network()

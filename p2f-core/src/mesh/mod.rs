@@ -43,6 +43,8 @@ use tokio::task::JoinHandle;
 use crate::cluster::Secret;
 use auth::{AuthTransport, Counters, Key};
 
+pub mod keys;
+
 pub use process::{PROCESS_PREFIX, ProcessDigest, spec_hash};
 
 /// Default [`MeshConfig::gossip_interval`]: 4 rounds a second. Each round a node gossips with

@@ -17,13 +17,11 @@ use axum::{Json, Router};
 use p2f_model::{Node, Process, ProcessId, ProcessKey};
 
 use super::supervisor::{Supervisor, SupervisorError};
-use crate::cluster::{ClusterCa, Secret};
-use crate::join::{JoinRequest, JoinResponse};
-use crate::records::Records;
-use crate::root::{MoveError, Root, RootError};
+use crate::api_error::{ApiError, forwarded, parse_id};
+use crate::cluster::Secret;
+use crate::records::{LocalRecords, Records};
 use crate::wire::{
-    DeploymentRequest, DesiredState, ErrorBody, ListQuery, LogsQuery, MAX_BODY_BYTES, MoveRequest,
-    NodeStatus, Scope, SpinQuery, SpinRequest,
+    ListQuery, LogsQuery, MAX_BODY_BYTES, NodeStatus, Scope, SpinQuery, SpinRequest,
 };
 
 /// The longest `POST /v1/processes?wait=true` waits for the process to run.
@@ -35,33 +33,39 @@ struct Api {
     supervisor: Supervisor,
     secret: Arc<Secret>,
     node: Arc<Node>,
-    /// The cluster CA with its key, on the root only: it signs members' certificates.
-    ca: Option<Arc<ClusterCa>>,
     /// The whole network's records, when this node gossips.
     records: Option<Records>,
-    /// The root's decisions, on the root.
-    root: Option<Root>,
+    /// Sources of this node's records that run nothing (the root's unplaced records).
+    unrun: Arc<[Arc<dyn LocalRecords>]>,
 }
 
-/// The API's router over `supervisor`, answering only requests that carry `secret`. With a
-/// CA that holds its key (the root), it also answers `POST /v1/join`.
-pub fn router(
-    supervisor: Supervisor,
-    secret: Secret,
-    node: Node,
-    ca: Option<ClusterCa>,
-    records: Option<Records>,
-    root: Option<Root>,
-) -> Router {
+/// The parts of a node's control API.
+#[derive(Clone)]
+#[allow(missing_debug_implementations)] // `dyn LocalRecords` has no Debug; nothing to show.
+pub struct ApiParts {
+    /// What runs here.
+    pub supervisor: Supervisor,
+    /// The cluster secret every request must carry.
+    pub secret: Secret,
+    /// This node's directory entry (`GET /v1/node`).
+    pub node: Node,
+    /// The network's records, when this node gossips.
+    pub records: Option<Records>,
+    /// Sources of this node's records that run nothing (the root's unplaced records).
+    pub unrun: Vec<Arc<dyn LocalRecords>>,
+}
+
+/// The API's router: the node's routes and `features` (routers with their own state, such as
+/// the root's), every route answering only requests that carry the cluster secret.
+pub fn router(parts: ApiParts, features: Vec<Router>) -> Router {
     let api = Api {
-        supervisor,
-        secret: Arc::new(secret),
-        node: Arc::new(node),
-        ca: ca.filter(|ca| ca.key_pem().is_some()).map(Arc::new),
-        records,
-        root,
+        supervisor: parts.supervisor,
+        secret: Arc::new(parts.secret),
+        node: Arc::new(parts.node),
+        records: parts.records,
+        unrun: parts.unrun.into(),
     };
-    Router::new()
+    let node = Router::new()
         .route("/v1/node", get(node_entry))
         .route("/v1/nodes", get(nodes))
         .route("/v1/processes", get(list).post(spin))
@@ -69,61 +73,20 @@ pub fn router(
         .route("/v1/processes/{id}/kill", post(kill))
         .route("/v1/processes/{id}/logs", get(logs))
         .route("/v1/domains/{domain}", get(by_domain))
-        .route("/v1/join", post(join))
-        .route("/v1/deployment", get(desired).put(set_desired))
-        .route("/v1/processes/{id}/move", post(move_process))
+        .with_state(api.clone());
+    features
+        .into_iter()
+        .fold(node, Router::merge)
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(api.clone(), authenticate))
-        .with_state(api)
-}
-
-/// An error answer: a status and a one-line JSON body.
-#[derive(Debug)]
-struct ApiError {
-    status: StatusCode,
-    body: ErrorBody,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, error: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            body: ErrorBody {
-                error: error.into(),
-                findings: Vec::new(),
-            },
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status, Json(self.body)).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
-    }
+        .layer(middleware::from_fn_with_state(api, authenticate))
 }
 
 impl From<SupervisorError> for ApiError {
     fn from(e: SupervisorError) -> ApiError {
         match e {
-            SupervisorError::Invalid(invalid) => ApiError {
-                status: StatusCode::UNPROCESSABLE_ENTITY,
-                body: ErrorBody {
-                    error: format!(
-                        "invalid spec: {} finding{}",
-                        invalid.findings.len(),
-                        if invalid.findings.len() == 1 { "" } else { "s" }
-                    ),
-                    findings: invalid.findings,
-                },
-            },
+            SupervisorError::Invalid(invalid) => invalid.into(),
             SupervisorError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
             SupervisorError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
             SupervisorError::ShuttingDown => {
@@ -131,28 +94,6 @@ impl From<SupervisorError> for ApiError {
             }
             other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         }
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> ApiError {
-        let status = rejection.status();
-        let message = match status {
-            StatusCode::PAYLOAD_TOO_LARGE => {
-                format!("request body is larger than {} MiB", MAX_BODY_BYTES >> 20)
-            }
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-                "expected a JSON body (Content-Type: application/json)".to_owned()
-            }
-            _ => rejection.body_text(),
-        };
-        ApiError::new(status, message)
-    }
-}
-
-impl From<QueryRejection> for ApiError {
-    fn from(rejection: QueryRejection) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text())
     }
 }
 
@@ -194,21 +135,17 @@ async fn wrong_method(request: Request) -> ApiError {
     )
 }
 
-fn parse_id(text: &str) -> Result<ProcessId, ApiError> {
-    ProcessId::new(text).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
-}
-
 async fn node_entry(State(api): State<Api>) -> Json<Node> {
     Json((*api.node).clone())
 }
 
 async fn nodes(State(api): State<Api>) -> Json<Vec<NodeStatus>> {
     Json(match &api.records {
-        Some(records) => records.nodes(&api.node).await,
+        Some(records) => records.nodes(),
         None => vec![NodeStatus {
             node: (*api.node).clone(),
             alive: true,
-            generation: 0,
+            incarnation: 0,
             processes: api.supervisor.len(),
             memory_available: super::os::memory_available(),
         }],
@@ -224,7 +161,7 @@ async fn list(
     let Query(query) = query?;
     let records = match (&api.records, query.scope) {
         (Some(records), Scope::Network) => records.listed(),
-        _ => api.supervisor.listed(),
+        _ => api.local_listed(),
     };
     let body = crate::records::listing::json_array(&records);
     Ok((
@@ -238,19 +175,43 @@ async fn list(
 }
 
 impl Api {
+    /// This node's own records: what runs here, and what it keeps without running.
+    fn local_listed(&self) -> Vec<crate::records::listing::Listed> {
+        let mut all = self.supervisor.listed();
+        for source in self.unrun.iter() {
+            all.extend(source.listed());
+        }
+        all
+    }
+
+    /// This node's own record of `id`.
+    fn local(&self, id: &ProcessId) -> Option<Process> {
+        let key = ProcessKey::Id(id.clone());
+        self.supervisor.find(&key).or_else(|| {
+            self.unrun.iter().find_map(|source| {
+                source
+                    .listed()
+                    .into_iter()
+                    .find(|l| &l.process().id == id)
+                    .map(|l| (**l.process()).clone())
+            })
+        })
+    }
+
     /// For a process of another node: a client of that node and its record.
     fn owner(&self, id: &ProcessId) -> Option<(crate::Network, Process)> {
-        if self.supervisor.find(&ProcessKey::Id(id.clone())).is_some() {
+        if self.local(id).is_some() {
             return None;
         }
         self.records.as_ref()?.owner(id)
     }
 
-    /// A record of this node, else of the network.
-    fn find(&self, key: &ProcessKey) -> Option<Process> {
-        match &self.records {
-            Some(records) => records.find(key),
-            None => self.supervisor.find(key),
+    /// A record of the network (`scope=network`) or of this node.
+    fn find(&self, key: &ProcessKey, scope: Scope) -> Option<Process> {
+        match (&self.records, scope, key) {
+            (Some(records), Scope::Network, _) => records.find(key),
+            (_, _, ProcessKey::Id(id)) => self.local(id),
+            (_, _, key) => self.supervisor.find(key),
         }
     }
 }
@@ -277,9 +238,14 @@ async fn spin(
     Ok((StatusCode::CREATED, Json(process)))
 }
 
-async fn info(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Process>, ApiError> {
+async fn info(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Process>, ApiError> {
     let id = parse_id(&id)?;
-    api.find(&ProcessKey::Id(id.clone()))
+    let Query(query) = query?;
+    api.find(&ProcessKey::Id(id.clone()), query.scope)
         .map(Json)
         .ok_or_else(|| SupervisorError::NotFound(id).into())
 }
@@ -288,7 +254,7 @@ async fn by_domain(
     State(api): State<Api>,
     Path(domain): Path<String>,
 ) -> Result<Json<Process>, ApiError> {
-    api.find(&ProcessKey::Domain(domain.clone()))
+    api.find(&ProcessKey::Domain(domain.clone()), Scope::Network)
         .map(Json)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no process serves {domain}")))
 }
@@ -297,6 +263,9 @@ async fn kill(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Pro
     let id = parse_id(&id)?;
     if let Some((owner, record)) = api.owner(&id) {
         return Ok(Json(owner.kill_process(&record).await.map_err(forwarded)?));
+    }
+    if let Some(stopped) = api.unrun.iter().find_map(|s| s.kill_unrun(&id)) {
+        return Ok(Json(stopped));
     }
     Ok(Json(api.supervisor.kill(&id).await?))
 }
@@ -307,26 +276,16 @@ async fn remove(State(api): State<Api>, Path(id): Path<String>) -> Result<Status
         owner.remove_process(&id).await.map_err(forwarded)?;
         return Ok(StatusCode::NO_CONTENT);
     }
+    if api.supervisor.find(&ProcessKey::Id(id.clone())).is_none() && api.local(&id).is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "process {id} runs nowhere: the root keeps its record while the deployment wants it; give the deployment without it (`down`, or `apply`), or kill it"
+            ),
+        ));
+    }
     api.supervisor.remove(&id).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// An error from the node a request was forwarded to, answered as that node answered it.
-fn forwarded(error: crate::ClientError) -> ApiError {
-    match error {
-        crate::ClientError::Api {
-            status,
-            message,
-            findings,
-        } => ApiError {
-            status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
-            body: ErrorBody {
-                error: message,
-                findings,
-            },
-        },
-        other => ApiError::new(StatusCode::BAD_GATEWAY, other.to_string()),
-    }
 }
 
 async fn logs(
@@ -364,91 +323,4 @@ async fn logs(
         Body::from_stream(stream),
     )
         .into_response())
-}
-
-async fn join(
-    State(api): State<Api>,
-    body: Result<Json<JoinRequest>, JsonRejection>,
-) -> Result<Json<JoinResponse>, ApiError> {
-    let Json(request) = body?;
-    let ca = api.ca.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "this node is not the root: only the root holds the CA key that signs members",
-        )
-    })?;
-    // Members are identified by name: a second live node with the same one would take over
-    // the first one's records. A dead member's name may be taken again (a reinstalled machine).
-    let taken = request.name == api.node.name
-        || match &api.records {
-            Some(records) => records
-                .mesh()
-                .membership()
-                .await
-                .live
-                .iter()
-                .any(|member| member.node == request.name),
-            None => false,
-        };
-    if taken {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "a live node is already called {}: choose another node name (`--name`, or `name` in node.toml), or wait until that node has been gone for a few seconds",
-                request.name
-            ),
-        ));
-    }
-    let cert_pem = ca
-        .sign(request.name.as_str(), &request.hosts, &request.csr_pem)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    tracing::info!(member = %request.name, "signed a member's certificate");
-    Ok(Json(JoinResponse { cert_pem }))
-}
-
-fn the_root(api: &Api) -> Result<&Root, ApiError> {
-    api.root.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "this node is not the root: send the deployment to the root node",
-        )
-    })
-}
-
-async fn desired(State(api): State<Api>) -> Result<Json<DesiredState>, ApiError> {
-    Ok(Json(the_root(&api)?.desired()))
-}
-
-async fn set_desired(
-    State(api): State<Api>,
-    body: Result<Json<DeploymentRequest>, JsonRejection>,
-) -> Result<Json<DesiredState>, ApiError> {
-    let Json(request) = body?;
-    let root = the_root(&api)?;
-    match root.set_desired(request.services) {
-        Ok(state) => Ok(Json(state)),
-        Err(RootError::Invalid(invalid)) => Err(SupervisorError::Invalid(invalid).into()),
-        Err(e) => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-        )),
-    }
-}
-
-async fn move_process(
-    State(api): State<Api>,
-    Path(id): Path<String>,
-    body: Result<Json<MoveRequest>, JsonRejection>,
-) -> Result<Json<Process>, ApiError> {
-    let id = parse_id(&id)?;
-    let Json(request) = body?;
-    let root = the_root(&api)?;
-    root.move_to(&id, &request.node)
-        .await
-        .map(Json)
-        .map_err(|e| match e {
-            MoveError::NotManaged(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
-            MoveError::Refused(inner) => forwarded(inner),
-            _ => ApiError::new(StatusCode::CONFLICT, e.to_string()),
-        })
 }

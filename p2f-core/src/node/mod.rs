@@ -1,6 +1,8 @@
-//! The node agent: one per machine. It loads the cluster's trust files and its own
-//! certificate, opens the record store, starts the supervisor (which re-adopts what still runs)
-//! and serves the control API over TLS. `lifecycle` decides; the rest is the OS edge.
+//! What every node runs: the agent, one per machine. [`Agent::start`] is the composition root:
+//! it loads the cluster's trust files and this node's certificate, computes the node's role
+//! once (root, member, alone), opens the record store, starts the supervisor (which re-adopts
+//! what still runs), then by role the records, the root, and the control API over TLS.
+//! `lifecycle` decides; the rest is the OS edge.
 
 pub mod api;
 pub mod config;
@@ -8,7 +10,6 @@ pub mod health;
 pub mod lifecycle;
 pub mod logs;
 pub mod os;
-pub mod store;
 pub mod strategy;
 pub mod supervisor;
 
@@ -16,15 +17,20 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use p2f_model::{Node, NodeRef, P2fNodeInfo};
+use futures_util::future::BoxFuture;
+use p2f_model::{Node, NodeRef, NodeRole, P2fNodeInfo, ProcessId};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use config::{AgentConfig, ConfigError, MeshSettings, SupervisorConfig};
 pub use supervisor::{Recovery, Shutdown, Supervisor};
 
-use crate::cluster::{ClusterError, ClusterFiles, NodeCert, Secret};
-use store::{Store, StoreError};
+use crate::cluster::{ClusterCa, ClusterError, ClusterFiles, NodeCert, Secret};
+use crate::records::listing::Listed;
+use crate::records::{CatchUp, LocalRecords, Origin, Records};
+use crate::root::Root;
+use crate::root::unplaced::Unplaced;
+use crate::store::{Store, StoreError};
 use strategy::DeployOptions;
 
 /// Why the agent could not start.
@@ -69,17 +75,39 @@ pub enum AgentError {
 /// A running agent.
 #[derive(Debug)]
 pub struct Agent {
+    role: NodeRole,
     supervisor: Supervisor,
     address: SocketAddr,
     node: Node,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
-    records: Option<crate::records::Records>,
-    root: Option<crate::root::Root>,
+    records: Option<Records>,
+    root: Option<Root>,
+}
+
+/// This node's role: the holder of the CA key is the root (with a mesh on loopback if its
+/// config has none, so one machine is a network of one); a node with a mesh is a member; one
+/// without is alone.
+fn role_of(config: &AgentConfig, ca: &ClusterCa) -> NodeRole {
+    match (ca.key_pem().is_some(), config.mesh.is_some()) {
+        (true, _) => NodeRole::Root,
+        (false, true) => NodeRole::Member,
+        (false, false) => NodeRole::Alone,
+    }
+}
+
+/// The network parts a node runs beside its supervisor.
+struct Network {
+    records: Option<Records>,
+    root: Option<Root>,
+    features: Vec<axum::Router>,
+    unrun: Vec<Arc<dyn LocalRecords>>,
 }
 
 impl Agent {
-    /// Starts an agent with `config`.
+    /// Starts an agent with `config`: trust files and certificate, record store, supervisor
+    /// (which re-adopts what still runs), then by role the records, the root, and the control
+    /// API.
     pub async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
         let data = &config.data_dir;
         std::fs::create_dir_all(data).map_err(|source| AgentError::Io {
@@ -88,14 +116,13 @@ impl Agent {
             source,
         })?;
         let (ca, secret) = ClusterFiles::new(config.cluster_dir()).load()?;
+        let role = role_of(&config, &ca);
         let cert = node_certificate(&config, &ca, &secret).await?;
         let tls = crate::cluster::server_config(&cert)?;
         let db_path = data.join("records.redb");
         let store = Arc::new(Store::open(&db_path)?);
-        let root_store = store.clone();
         // Records hold specs, and specs hold env values: only the agent reads them.
         set_private(&db_path)?;
-
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| AgentError::Listen {
@@ -107,7 +134,7 @@ impl Agent {
             source,
         })?;
         let host = config.advertised_host();
-        let node = node_entry(&config, &host, address);
+        let node = node_entry(&config, &host, address, role);
         let node_ref = NodeRef {
             name: config.name.clone(),
             address: host,
@@ -117,16 +144,15 @@ impl Agent {
             timeout: config.supervisor.deploy_timeout,
         };
         // A member that was away may have had its processes placed elsewhere meanwhile: it
-        // starts nothing again until it has heard the network (`unpark` below). The root places
-        // processes itself, and a node without a mesh is on its own.
-        let recovery = if config.mesh.is_some() && ca.key_pem().is_none() {
-            Recovery::Park
-        } else {
-            Recovery::Restart
+        // starts nothing again until it has heard the network (`unpark` below). The root
+        // places processes itself, and a node alone is on its own.
+        let recovery = match role {
+            NodeRole::Member => Recovery::Park,
+            _ => Recovery::Restart,
         };
         let supervisor = Supervisor::start(
-            node_ref,
-            store,
+            node_ref.clone(),
+            store.clone(),
             data,
             config.supervisor.clone(),
             deploy,
@@ -135,93 +161,26 @@ impl Agent {
         // From here on processes may run: if anything else fails, let go of them (they are
         // re-adopted by the next start) before saying so.
         let rest = async {
-            let api_address = node.api_address().unwrap_or_else(|| address.to_string());
-            let records = match &config.mesh {
-                None => None,
-                Some(settings) => {
-                    let mut mesh_config = crate::mesh::MeshConfig::new(
-                        config.name.clone(),
-                        settings.listen,
-                        secret.clone(),
-                    );
-                    mesh_config.seeds = settings.seeds.clone();
-                    mesh_config.gossip_interval = settings.gossip_interval;
-                    mesh_config.phi_threshold = settings.phi_threshold;
-                    if settings.listen.ip().is_unspecified() {
-                        let ip: std::net::IpAddr = config
-                            .advertised_host()
-                            .parse()
-                            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
-                        mesh_config.advertise_addr = Some((ip, 0).into());
-                    }
-                    let mesh = crate::mesh::Mesh::start(mesh_config).await?;
-                    let client =
-                        crate::Network::connect(&api_address, secret.clone(), ca.cert_pem())
-                            .map_err(|e| AgentError::Io {
-                                what: "cannot make the mesh's client",
-                                path: data.clone(),
-                                source: std::io::Error::other(e.to_string()),
-                            })?;
-                    let records =
-                        crate::records::Records::start(mesh, supervisor.clone(), client, &node)
-                            .await?;
-                    if recovery == Recovery::Park {
-                        records.track(tokio::spawn(unpark(records.clone(), supervisor.clone())));
-                    }
-                    Some(records)
-                }
-            };
-            if ca.key_pem().is_some() {
-                let token = crate::join::JoinToken {
-                    root: api_address.clone(),
-                    gossip: records.as_ref().map(|r| r.mesh().gossip_addr().to_string()),
-                    ca_pem: ca.cert_pem().to_owned(),
-                    secret: secret.clone(),
-                };
-                write_private(
-                    &data.join("join-token"),
-                    format!("{}\n", token.encode()).as_bytes(),
-                )?;
+            let network =
+                start_network(&config, role, &ca, &secret, &node, &supervisor, store).await?;
+            if role == NodeRole::Root {
+                write_join_token(&config, &node, &ca, &secret, network.records.as_ref())?;
             }
-            // The node holding the CA key decides placements (with a mesh to see the others).
-            let root = match (&records, ca.key_pem()) {
-                (Some(records), Some(_)) => Some(crate::root::Root::start(
-                    node.clone(),
-                    root_store.clone(),
-                    records.clone(),
-                    crate::Network::connect(&api_address, secret.clone(), ca.cert_pem()).map_err(
-                        |e| AgentError::Io {
-                            what: "cannot make the root's client",
-                            path: data.clone(),
-                            source: std::io::Error::other(e.to_string()),
-                        },
-                    )?,
-                )?),
-                _ => None,
-            };
-            let app = api::router(
-                supervisor.clone(),
+            let parts = api::ApiParts {
+                supervisor: supervisor.clone(),
                 secret,
-                node.clone(),
-                Some(ca),
-                records.clone(),
-                root.clone(),
-            );
+                node: node.clone(),
+                records: network.records.clone(),
+                unrun: network.unrun,
+            };
+            let app = api::router(parts, network.features);
             let (stop, stopped) = oneshot::channel();
             let server = tokio::spawn(crate::server::serve_tls(listener, tls, app, async move {
                 let _ = stopped.await;
             }));
-            // Written whole or not at all (temp file + rename): readers never see it half-done.
-            let addr_file = data.join("api.addr");
-            let temp = data.join("api.addr.tmp");
-            std::fs::write(&temp, address.to_string())
-                .and_then(|()| std::fs::rename(&temp, &addr_file))
-                .map_err(|source| AgentError::Io {
-                    what: "cannot write",
-                    path: addr_file,
-                    source,
-                })?;
-            Ok::<_, AgentError>((records, root, stop, server))
+            // Written whole or not at all: readers never see it half-done.
+            write_private(&data.join("api.addr"), address.to_string().as_bytes())?;
+            Ok::<_, AgentError>((network.records, network.root, stop, server))
         }
         .await;
         let (records, root, stop, server) = match rest {
@@ -231,8 +190,9 @@ impl Agent {
                 return Err(e);
             }
         };
-        tracing::info!(node = %config.name, "control API on https://{address}/v1");
+        tracing::info!(node = %config.name, %role, "control API on https://{address}/v1");
         Ok(Agent {
+            role,
             supervisor,
             address,
             node,
@@ -241,6 +201,11 @@ impl Agent {
             records,
             root,
         })
+    }
+
+    /// This node's role.
+    pub fn role(&self) -> NodeRole {
+        self.role
     }
 
     /// Where the control API listens.
@@ -254,7 +219,7 @@ impl Agent {
     }
 
     /// The network's records as this node sees them (with a mesh).
-    pub fn records(&self) -> Option<&crate::records::Records> {
+    pub fn records(&self) -> Option<&Records> {
         self.records.as_ref()
     }
 
@@ -281,6 +246,166 @@ impl Agent {
     }
 }
 
+/// Starts what this node's role runs beside the supervisor: the mesh and the records (root and
+/// members), the root's decisions and routes (root), and the unpark task (members).
+async fn start_network(
+    config: &AgentConfig,
+    role: NodeRole,
+    ca: &ClusterCa,
+    secret: &Secret,
+    node: &Node,
+    supervisor: &Supervisor,
+    store: Arc<Store>,
+) -> Result<Network, AgentError> {
+    let settings = match (&config.mesh, role) {
+        (Some(settings), _) => settings.clone(),
+        // A root without peers configured gossips on loopback only: a network of one.
+        (None, NodeRole::Root) => MeshSettings::new((config.listen.ip(), 0).into(), Vec::new()),
+        (None, _) => {
+            return Ok(Network {
+                records: None,
+                root: None,
+                features: Vec::new(),
+                unrun: Vec::new(),
+            });
+        }
+    };
+    let mesh = crate::mesh::Mesh::start(mesh_config(config, &settings, secret)).await?;
+    let client = client_of(node, secret, ca, &config.data_dir)?;
+    let unplaced = Arc::new(Unplaced::new(supervisor.node().clone()));
+    let mut sources: Vec<Arc<dyn LocalRecords>> = vec![Arc::new(supervisor.clone())];
+    if role == NodeRole::Root {
+        sources.push(unplaced.clone());
+    }
+    let records = Records::start(mesh, sources, client, node).await?;
+    records.track(tokio::spawn(publish_memory(records.clone())));
+    if role == NodeRole::Member {
+        records.track(tokio::spawn(unpark(records.clone(), supervisor.clone())));
+    }
+    if role != NodeRole::Root {
+        return Ok(Network {
+            records: Some(records),
+            root: None,
+            features: vec![crate::root::api::elsewhere()],
+            unrun: Vec::new(),
+        });
+    }
+    let root = Root::start(store, records.clone(), unplaced.clone())?;
+    let routes = crate::root::api::routes(
+        root.clone(),
+        ca.clone(),
+        records.clone(),
+        config.name.clone(),
+    );
+    Ok(Network {
+        records: Some(records),
+        root: Some(root),
+        features: vec![routes],
+        unrun: vec![unplaced],
+    })
+}
+
+/// The mesh's configuration from the node's.
+fn mesh_config(
+    config: &AgentConfig,
+    settings: &MeshSettings,
+    secret: &Secret,
+) -> crate::mesh::MeshConfig {
+    let mut mesh =
+        crate::mesh::MeshConfig::new(config.name.clone(), settings.listen, secret.clone());
+    mesh.seeds = settings.seeds.clone();
+    mesh.gossip_interval = settings.gossip_interval;
+    mesh.phi_threshold = settings.phi_threshold;
+    if settings.listen.ip().is_unspecified() {
+        let ip: std::net::IpAddr = config
+            .advertised_host()
+            .parse()
+            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+        mesh.advertise_addr = Some((ip, 0).into());
+    }
+    mesh
+}
+
+/// A client of the cluster (its CA and secret), pointed at this node's API.
+fn client_of(
+    node: &Node,
+    secret: &Secret,
+    ca: &ClusterCa,
+    data: &std::path::Path,
+) -> Result<crate::Network, AgentError> {
+    let api = node.api_address().unwrap_or_default();
+    crate::Network::connect(&api, secret.clone(), ca.cert_pem()).map_err(|e| AgentError::Io {
+        what: "cannot make the cluster's client for",
+        path: data.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+/// On the root: the join token (`DATA/join-token`, 0600) that `p2f node join` takes.
+fn write_join_token(
+    config: &AgentConfig,
+    node: &Node,
+    ca: &ClusterCa,
+    secret: &Secret,
+    records: Option<&Records>,
+) -> Result<(), AgentError> {
+    let token = crate::join::JoinToken {
+        root: node.api_address().unwrap_or_default(),
+        gossip: records.map(|r| r.mesh().gossip_addr().to_string()),
+        ca_pem: ca.cert_pem().to_owned(),
+        secret: secret.clone(),
+    };
+    write_private(
+        &config.data_dir.join("join-token"),
+        format!("{}\n", token.encode()).as_bytes(),
+    )
+}
+
+/// How often a node republishes its available memory.
+const MEMORY_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Publishes this node's available memory (the root's placement reads it) when it changes.
+async fn publish_memory(records: Records) {
+    let mut last: Option<u64> = None;
+    let mut ticker = tokio::time::interval(MEMORY_EVERY);
+    loop {
+        ticker.tick().await;
+        let Some(available) = os::memory_available() else {
+            continue;
+        };
+        if last != Some(available) {
+            let key = crate::mesh::keys::MEMORY;
+            if let Err(e) = records.mesh().set(key, &available.to_string()).await {
+                tracing::warn!("cannot publish {key}: {e}");
+            }
+            last = Some(available);
+        }
+    }
+}
+
+impl LocalRecords for Supervisor {
+    fn origin(&self) -> Origin {
+        Origin::Local
+    }
+
+    fn listed(&self) -> Vec<Listed> {
+        Supervisor::listed(self)
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        Supervisor::changes(self)
+    }
+
+    fn fence(&self, id: &ProcessId) -> BoxFuture<'static, ()> {
+        let (supervisor, id) = (self.clone(), id.clone());
+        Box::pin(async move {
+            if let Err(e) = supervisor.remove(&id).await {
+                tracing::warn!(%id, "cannot remove the stale copy: {e}");
+            }
+        })
+    }
+}
+
 /// How long a returning member waits to hear every live node before it starts its processes
 /// again anyway (the network is large, or split).
 const CATCH_UP_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -288,25 +413,23 @@ const CATCH_UP_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Starts the processes the supervisor parked at start, once this node has heard what every
 /// live node runs: a copy the root placed elsewhere meanwhile (a newer generation) is dropped
 /// without ever starting again here.
-async fn unpark(records: crate::records::Records, supervisor: Supervisor) {
+async fn unpark(records: Records, supervisor: Supervisor) {
     let started = std::time::Instant::now();
     let outcome = records.caught_up(CATCH_UP_LIMIT).await;
     match outcome {
-        crate::records::CatchUp::Heard => {}
-        crate::records::CatchUp::Alone => {
+        CatchUp::Heard => {}
+        CatchUp::Alone => {
             tracing::warn!("no other node answers: starting this node's processes again")
         }
-        crate::records::CatchUp::TimedOut => tracing::warn!(
+        CatchUp::TimedOut => tracing::warn!(
             "did not hear every live node within {CATCH_UP_LIMIT:?}: starting this node's processes again with what it knows"
         ),
     }
     tracing::debug!(waited = ?started.elapsed(), ?outcome, "unparking");
     supervisor.unpark(|process| {
-        records
-            .newer_elsewhere(&process.id, process.generation)
-            .map(|(node, generation)| {
-                format!("the network has generation {generation} (on {node})")
-            })
+        records.newer_elsewhere(process).map(|(node, generation)| {
+            format!("the network has generation {generation} (on {node})")
+        })
     });
 }
 
@@ -347,6 +470,8 @@ async fn node_certificate(
     Ok(cert)
 }
 
+/// Writes `path` whole or not at all, private (0600): a temporary file beside it, synced,
+/// then renamed over it.
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), AgentError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -355,14 +480,21 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), AgentError>
         path: path.to_owned(),
         source,
     };
+    let temp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)
+        .open(&temp)
         .map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&temp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&temp);
+            io(e)
+        })?;
     set_private(path)
 }
 
@@ -379,7 +511,7 @@ fn set_private(path: &std::path::Path) -> Result<(), AgentError> {
 }
 
 /// This node's P2PRC entry.
-fn node_entry(config: &AgentConfig, host: &str, address: SocketAddr) -> Node {
+fn node_entry(config: &AgentConfig, host: &str, address: SocketAddr, role: NodeRole) -> Node {
     let mut node = Node::named(config.name.clone());
     match host.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V4(ip)) => node.ipv4 = Some(ip),
@@ -396,5 +528,6 @@ fn node_entry(config: &AgentConfig, host: &str, address: SocketAddr) -> Node {
     node.with_p2f_info(&P2fNodeInfo {
         api: Some(api),
         version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+        role: Some(role),
     })
 }

@@ -29,9 +29,9 @@ use super::health;
 use super::lifecycle::{self, Action, Exit, ExitContext};
 use super::logs::Logs;
 use super::os;
-use super::store::{Entry, Local, Store, StoreError};
 use super::strategy::{self, DeployOptions, Prepared};
 use crate::records::listing::Listed;
+use crate::store::{Entry, Local, Store, StoreError};
 
 /// A process that ran this long without a health check counts as healthy again (its restarts in
 /// a row start over).

@@ -1,0 +1,134 @@
+//! Keeping up with the other nodes: every sync round the membership is read and taken in,
+//! stale local copies are fenced, and records not held yet are fetched from their nodes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use p2f_model::{NodeName, ProcessId, Status};
+
+use super::precedence::{Candidate, Origin};
+use super::state::{Copy, Wanted};
+use super::{Inner, lock};
+use crate::mesh::{Member, spec_hash};
+
+/// How often other nodes' digests are compared with the copies held here.
+const SYNC_EVERY: Duration = Duration::from_millis(250);
+/// How long fetching one record from its node may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Keeps the membership and a copy of every other node's records (fetched when a digest
+/// names a record or spec not held yet), and fences stale local copies.
+pub(super) async fn sync(inner: Arc<Inner>) {
+    let mut ticker = tokio::time::interval(SYNC_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let wanted = refresh(&inner).await;
+        fence(&inner);
+        for Wanted { api, id, spec } in wanted {
+            let client = inner.client.at(&api);
+            // One slow node must not hold up copying the others' records for long.
+            let fetched = tokio::time::timeout(FETCH_TIMEOUT, client.local_record(&id))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(crate::ClientError::Unreachable {
+                        address: api.clone(),
+                        detail: format!(
+                            "no answer within {}",
+                            p2f_model::format_duration(FETCH_TIMEOUT)
+                        ),
+                    })
+                });
+            match fetched {
+                Ok(Some(record)) => {
+                    let spec = if spec_hash(&record.spec) == spec {
+                        spec
+                    } else {
+                        spec_hash(&record.spec)
+                    };
+                    let mut state = lock(&inner.state);
+                    if let Some(entries) = state.published.get_mut(&id) {
+                        for entry in entries {
+                            entry.listed = None;
+                        }
+                    }
+                    state.copies.insert(id, Copy { record, spec });
+                    drop(state);
+                    inner.bump();
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(%id, "cannot fetch the record from {api}: {e}"),
+            }
+        }
+    }
+}
+
+/// Stops and forgets local copies that the network has replaced: a copy on a live node wins
+/// over them ([`super::precedence`]; in practice a higher generation: this node was lost, and
+/// the root placed the process elsewhere). A parked copy is decided when it is unparked.
+fn fence(inner: &Arc<Inner>) {
+    if lock(&inner.state).published.is_empty() {
+        return;
+    }
+    // Never with the state lock held: a source's lock is taken first elsewhere.
+    let local: Vec<(usize, Arc<p2f_model::Process>)> = inner
+        .sources
+        .iter()
+        .enumerate()
+        .flat_map(|(i, source)| {
+            source
+                .listed()
+                .into_iter()
+                .map(move |l| (i, Arc::clone(l.process())))
+        })
+        .filter(|(_, p)| p.status != Status::Parked)
+        .collect();
+    let stale: Vec<(usize, ProcessId, u64, NodeName, u64)> = {
+        let state = lock(&inner.state);
+        local
+            .iter()
+            .filter_map(|(i, local)| {
+                let origin = inner.sources[*i].origin();
+                state
+                    .winner_elsewhere(&local.id, &Candidate::of(local, origin), &inner.node)
+                    .map(|(node, newer)| (*i, local.id.clone(), local.generation, node, newer))
+            })
+            .collect()
+    };
+    for (i, id, generation, node, newer) in stale {
+        if inner.sources[i].origin() != Origin::Local || !lock(&inner.fencing).insert(id.clone()) {
+            continue;
+        }
+        tracing::warn!(%id, generation, %node, newer, "a copy that wins runs elsewhere: stopping this stale one");
+        let fenced = inner.sources[i].fence(&id);
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            fenced.await;
+            lock(&inner.fencing).remove(&id);
+        });
+    }
+}
+
+/// Reads the membership and applies what changed since the last time (see
+/// [`State::absorb`]); returns the records to fetch.
+pub(super) async fn refresh(inner: &Arc<Inner>) -> Vec<Wanted> {
+    let _one_at_a_time = inner.refreshing.lock().await;
+    let membership = inner.mesh.membership().await;
+    let others: Vec<(Member, bool)> = membership
+        .live
+        .into_iter()
+        .map(|m| (m, true))
+        .chain(membership.dead.into_iter().map(|m| (m, false)))
+        .collect();
+    let (own, others): (Vec<_>, Vec<_>) =
+        others.into_iter().partition(|(m, _)| m.node == inner.node);
+    let mut state = lock(&inner.state);
+    state.own = own.into_iter().next().map(|(m, _)| m);
+    let changed = state.absorb(others);
+    let wanted = state.wanted();
+    drop(state);
+    if changed {
+        inner.bump();
+    }
+    wanted
+}
