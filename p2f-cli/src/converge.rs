@@ -1,13 +1,14 @@
-//! Desired against running: `plan` computes the difference (create, update, delete, keep) as a
-//! value; `apply` carries it out on a node in the deployment's start order, showing one
-//! progress line per service (placed → deployed → running → healthy), and waits.
+//! Desired against running, through the root (the one control plane): `plan` computes the
+//! difference between a deployment and the root's desired state (create, update, move,
+//! delete, keep) as a value; `apply` gives the deployment to the root and follows each
+//! service to running and healthy, one progress line per service.
 
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use p2f_core::Network;
-use p2f_core::wire::{DesiredState, SpinQuery, SpinRequest};
-use p2f_model::{Deployment, Health, Node, Process, ProcessKey, ProcessSpec};
+use p2f_core::wire::DesiredState;
+use p2f_model::{Deployment, Health, Process, ProcessSpec};
 use serde::Serialize;
 
 use crate::{Error, Result, SERVICE_TIMEOUT};
@@ -31,61 +32,9 @@ pub enum Change {
     Move { service: String, from: String },
 }
 
-/// The changes that make `current` match `deployment`, in start order. (Deleting records of
-/// services that left the deployment needs records to name their deployment: not yet.)
-pub fn plan(deployment: &Deployment, current: &[Process]) -> Vec<Change> {
-    deployment
-        .start_order()
-        .into_iter()
-        .map(|spec| {
-            let live = current
-                .iter()
-                .find(|p| p.name() == spec.name() && !p.status.is_final());
-            let service = spec.name().to_owned();
-            match live {
-                None => Change::Create { service },
-                Some(p) if &p.spec == spec => Change::Keep { service },
-                Some(p) => Change::Update {
-                    service,
-                    fields: differences(&p.spec, spec),
-                },
-            }
-        })
-        .collect()
-}
-
-fn differences(old: &ProcessSpec, new: &ProcessSpec) -> Vec<&'static str> {
-    let mut fields = Vec::new();
-    let mut check = |name, differs: bool| {
-        if differs {
-            fields.push(name);
-        }
-    };
-    check("start", old.start() != new.start());
-    check("stop", old.stop() != new.stop());
-    check("port", old.port() != new.port());
-    check("strategy", old.strategy() != new.strategy());
-    check("domain", old.domain() != new.domain());
-    check("pin", old.pin() != new.pin());
-    check("health", old.health() != new.health());
-    check("restart", old.restart() != new.restart());
-    check("grace", old.grace() != new.grace());
-    check("env", old.env() != new.env());
-    check("user", old.user() != new.user());
-    check("bundle", old.bundle() != new.bundle());
-    if fields.is_empty() {
-        fields.push("after");
-    }
-    fields
-}
-
 /// The changes against a root's desired services: create, update, keep in start order, then
 /// delete for services the root runs that the deployment no longer declares.
-pub fn plan_against_root(
-    deployment: &Deployment,
-    desired: &DesiredState,
-    records: &[Process],
-) -> Vec<Change> {
+pub fn plan(deployment: &Deployment, desired: &DesiredState, records: &[Process]) -> Vec<Change> {
     let mut changes: Vec<Change> = deployment
         .start_order()
         .into_iter()
@@ -112,7 +61,12 @@ pub fn plan_against_root(
                 },
                 _ => Change::Update {
                     service,
-                    fields: differences(&current.spec, spec),
+                    fields: current
+                        .spec
+                        .changed_fields(spec)
+                        .into_iter()
+                        .map(|f| f.name())
+                        .collect(),
                 },
             }
         })
@@ -129,17 +83,10 @@ pub fn plan_against_root(
 }
 
 /// Gives the deployment to the root of a network and waits until every service runs (and is
-/// healthy when it has a check). Returns `None` when the node is not a root (a lone agent or
-/// the embedded network): then the caller places the services itself.
-pub async fn apply_through_root(
-    network: &Network,
-    deployment: &Deployment,
-) -> Result<Option<Vec<Process>>> {
-    let desired = match network.deploy(deployment.services()).await {
-        Ok(desired) => desired,
-        Err(p2f_core::ClientError::Api { status: 409, .. }) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
+/// healthy when it has a check), showing one progress line per service. Fails listing each
+/// service that did not make it within [`SERVICE_TIMEOUT`], with its formal reason.
+pub async fn apply(network: &Network, deployment: &Deployment) -> Result<Vec<Process>> {
+    let desired = network.deploy(deployment.services()).await?;
     let bars = Progress::new(deployment);
     let started = Instant::now();
     let mut waiting: Vec<(String, p2f_model::ProcessId, bool)> = desired
@@ -207,7 +154,7 @@ pub async fn apply_through_root(
                                 .map(ToString::to_string)
                                 .unwrap_or_else(|| p.status.to_string())
                         })
-                        .unwrap_or_else(|| "not placed (no allowed node alive?)".into());
+                        .unwrap_or_else(|| "not placed yet".into());
                     bars.finish(name, &format!("failed: {why}"), false);
                     format!("{name}: {why}")
                 })
@@ -219,131 +166,7 @@ pub async fn apply_through_root(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(Some(done))
-}
-
-/// Carries out the plan on `node` and waits until every service runs (and is healthy when it
-/// has a check). Returns the records; fails listing each service that did not make it.
-pub async fn apply(
-    network: &Network,
-    node: &Node,
-    deployment: &Deployment,
-) -> Result<Vec<Process>> {
-    let current = network.list_processes().await?;
-    let changes = plan(deployment, &current);
-    let bars = Progress::new(deployment);
-    let target = match node.api_address() {
-        Some(address) => network.at(&address),
-        None => network.clone(),
-    };
-    let mut done = Vec::new();
-    let mut failed = Vec::new();
-    for change in &changes {
-        let (service, replace) = match change {
-            Change::Create { service } => (service, false),
-            Change::Update { service, .. } => (service, true),
-            Change::Keep { service } => {
-                bars.finish(service, "running (unchanged)", true);
-                if let Some(p) = current
-                    .iter()
-                    .find(|p| p.name() == service && !p.status.is_final())
-                {
-                    done.push(p.clone());
-                }
-                continue;
-            }
-            // A node's own plan never deletes or moves: only a root knows what it placed.
-            Change::Delete { .. } | Change::Move { .. } => continue,
-        };
-        let Some(spec) = deployment.service(service) else {
-            continue;
-        };
-        if replace {
-            for old in current
-                .iter()
-                .filter(|p| p.name() == service && !p.status.is_final())
-            {
-                bars.stage(service, "replacing the old process");
-                network.remove_process(&old.id).await?;
-            }
-        }
-        match run_one(&target, spec, &bars).await {
-            Ok(process) => done.push(process),
-            Err(reason) => {
-                bars.finish(service, &format!("failed: {reason}"), false);
-                failed.push(format!("{service}: {reason}"));
-            }
-        }
-    }
-    if failed.is_empty() {
-        Ok(done)
-    } else {
-        Err(Error::Failed {
-            failed,
-            total: deployment.services().len(),
-        })
-    }
-}
-
-/// Spins one service and follows it to `Running` and, with a health check, to healthy.
-async fn run_one(
-    network: &Network,
-    spec: &ProcessSpec,
-    bars: &Progress,
-) -> Result<Process, String> {
-    let name = spec.name();
-    let started = Instant::now();
-    bars.stage(name, "placed, deploying");
-    let request = SpinRequest {
-        spec: spec.clone(),
-        id: None,
-        generation: None,
-        moved_from: None,
-    };
-    let process = network
-        .spin(&request, SpinQuery { wait: true })
-        .await
-        .map_err(|e| e.to_string())?;
-    if let Some(failure) = &process.last_failure
-        && !process.is_running()
-    {
-        return Err(failure.to_string());
-    }
-    if process.restarts > 0 && !process.is_running() {
-        return Err(process
-            .last_failure
-            .map(|f| f.to_string())
-            .unwrap_or_else(|| "it did not start".into()));
-    }
-    if spec.health() == Health::None {
-        bars.finish(name, &format!("running in {}", elapsed(started)), true);
-        return Ok(process);
-    }
-    bars.stage(name, "running, waiting for its health check");
-    let deadline = Instant::now() + SERVICE_TIMEOUT;
-    loop {
-        let current = network
-            .process_information(ProcessKey::Id(process.id.clone()))
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("its record disappeared")?;
-        let healthy = current.is_healthy() && current.restarts == process.restarts;
-        if healthy {
-            bars.finish(name, &format!("healthy in {}", elapsed(started)), true);
-            return Ok(current);
-        }
-        if current.status.is_final() || current.restarts > process.restarts {
-            let reason = current
-                .last_failure
-                .map(|f| f.to_string())
-                .unwrap_or_else(|| current.status.to_string());
-            return Err(reason);
-        }
-        if Instant::now() > deadline {
-            return Err(format!("not healthy after {}", elapsed(started)));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    Ok(done)
 }
 
 fn elapsed(since: Instant) -> String {

@@ -143,8 +143,7 @@ async fn start_fresh(network: &Network, deployment: &Deployment) -> Result<Vec<P
             network.remove_process(&old.id).await?;
         }
     }
-    let node = network.node().await?;
-    converge::apply(network, &node, deployment).await
+    converge::apply(network, deployment).await
 }
 
 /// Ctrl-C or SIGTERM, caught from the moment `StopSignal::listen` returns: a signal that

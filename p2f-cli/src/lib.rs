@@ -16,8 +16,8 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use p2f_core::Network;
 use p2f_core::cluster::ClusterFiles;
-use p2f_core::wire::LogsQuery;
-use p2f_model::{Deployment, Process};
+use p2f_core::wire::{DesiredState, LogsQuery};
+use p2f_model::{Deployment, NodeRole, Process};
 use tokio::io::AsyncWriteExt;
 
 pub use embedded::Embedded;
@@ -47,6 +47,9 @@ pub enum Error {
     /// Some services did not reach `Running`.
     #[error("{} of {total} services failed: {}", .failed.len(), .failed.join("; "))]
     Failed { failed: Vec<String>, total: usize },
+    /// The node this binary talks to is not the root (only the root takes a deployment).
+    #[error("the node at {address} is {role}, not the root: deployments go to the root")]
+    NotRoot { address: String, role: String },
     /// Writing to the terminal or a file.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -70,6 +73,9 @@ impl Error {
             Error::Failed { .. } => {
                 Some("see why with `cargo run -- status` and `cargo run -- logs SERVICE`")
             }
+            Error::NotRoot { .. } => Some(
+                "point P2F_ROOT at the root's API address (or P2F_CONFIG at a node.toml that names its root)",
+            ),
             Error::Client(p2f_core::ClientError::Api { status: 401, .. }) => {
                 Some("the cluster secret does not match: check P2F_CLUSTER")
             }
@@ -161,18 +167,12 @@ pub async fn execute(deployment: &Deployment, args: Args) -> Result<()> {
         Command::Up => embedded::up(deployment).await,
         Command::Plan { json } => {
             let plan = match target()? {
-                None => converge::plan(deployment, &[]),
-                Some(network) => match network.desired().await {
-                    Ok(desired) => converge::plan_against_root(
-                        deployment,
-                        &desired,
-                        &network.list_processes().await?,
-                    ),
-                    Err(p2f_core::ClientError::Api { status: 409, .. }) => {
-                        converge::plan(deployment, &network.list_processes().await?)
-                    }
-                    Err(e) => return Err(e.into()),
-                },
+                None => converge::plan(deployment, &DesiredState::default(), &[]),
+                Some(network) => {
+                    let root = root_of(network).await?;
+                    let desired = root.desired().await?;
+                    converge::plan(deployment, &desired, &root.list_processes().await?)
+                }
             };
             if json {
                 println!(
@@ -188,14 +188,8 @@ pub async fn execute(deployment: &Deployment, args: Args) -> Result<()> {
             let Some(network) = target()? else {
                 return embedded::up(deployment).await;
             };
-            if converge::apply_through_root(&network, deployment)
-                .await?
-                .is_some()
-            {
-                return Ok(());
-            }
-            let node = network.node().await?;
-            converge::apply(&network, &node, deployment).await.map(drop)
+            let root = root_of(network).await?;
+            converge::apply(&root, deployment).await.map(drop)
         }
         Command::Status { json } => {
             let network = require_target()?;
@@ -239,32 +233,33 @@ pub async fn execute(deployment: &Deployment, args: Args) -> Result<()> {
             Ok(())
         }
         Command::Down => {
-            let network = require_target()?;
-            // On a root, an empty deployment stops and forgets every service it placed.
-            match network.desired().await {
-                Ok(desired) => {
-                    network.deploy(&[]).await?;
-                    for service in &desired.services {
-                        println!("{}: removed", service.spec.name());
-                    }
-                    if desired.services.is_empty() {
-                        println!("nothing to stop");
-                    }
-                    return Ok(());
-                }
-                Err(p2f_core::ClientError::Api { status: 409, .. }) => {}
-                Err(e) => return Err(e.into()),
+            // An empty deployment stops and forgets every service the root placed.
+            let root = root_of(require_target()?).await?;
+            let desired = root.desired().await?;
+            root.deploy(&[]).await?;
+            for service in &desired.services {
+                println!("{}: removed", service.spec.name());
             }
-            let processes = of_deployment(deployment, network.list_processes().await?);
-            for process in &processes {
-                network.remove_process(&process.id).await?;
-                println!("{}: removed", process.name());
-            }
-            if processes.is_empty() {
+            if desired.services.is_empty() {
                 println!("nothing to stop");
             }
             Ok(())
         }
+    }
+}
+
+/// `network` if it talks to the root (its node says so in `GET /v1/node`), else why not.
+async fn root_of(network: Network) -> Result<Network> {
+    let node = network.node().await?;
+    match node.p2f_info().and_then(|info| info.role) {
+        Some(NodeRole::Root) => Ok(network),
+        role => Err(Error::NotRoot {
+            address: network.address().to_owned(),
+            role: role.map_or_else(
+                || "a node of an older version".to_owned(),
+                |r| r.to_string(),
+            ),
+        }),
     }
 }
 

@@ -427,6 +427,31 @@ impl ProcessSpec {
         ProcessSpec::from_parts(parts)
     }
 
+    /// The fields whose value differs in `other`, in the language's order. The embedded files
+    /// count as part of `strategy` (they are what it deploys).
+    pub fn changed_fields(&self, other: &ProcessSpec) -> Vec<crate::Field> {
+        use crate::Field;
+        Field::ALL
+            .into_iter()
+            .filter(|field| match field {
+                Field::Start => self.start() != other.start(),
+                Field::Port => self.port() != other.port(),
+                Field::Stop => self.stop() != other.stop(),
+                Field::Strategy => {
+                    self.strategy() != other.strategy() || self.bundle() != other.bundle()
+                }
+                Field::Domain => self.domain() != other.domain(),
+                Field::Pin => self.pin() != other.pin(),
+                Field::After => !self.after().eq(other.after()),
+                Field::Health => self.declared_health() != other.declared_health(),
+                Field::Restart => self.restart() != other.restart(),
+                Field::Grace => self.grace() != other.grace(),
+                Field::Env => self.env() != other.env(),
+                Field::User => self.user() != other.user(),
+            })
+            .collect()
+    }
+
     /// The service name.
     pub fn name(&self) -> &str {
         &self.name
