@@ -3,9 +3,9 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write as _};
+use std::io;
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,6 +19,8 @@ use rcgen::{
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use subtle::ConstantTimeEq as _;
+
+use crate::fsutil;
 
 /// How long the cluster CA is valid, in years.
 const CA_VALID_YEARS: i32 = 10;
@@ -83,6 +85,16 @@ pub enum ClusterError {
     /// rustls rejected the configuration.
     #[error("tls configuration failed: {0}")]
     Tls(#[from] rustls::Error),
+}
+
+impl From<fsutil::WriteError> for ClusterError {
+    fn from(e: fsutil::WriteError) -> ClusterError {
+        ClusterError::Io {
+            action: e.action,
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 impl ClusterError {
@@ -329,36 +341,6 @@ impl fmt::Debug for ClusterCa {
     }
 }
 
-/// Writes `dir/name` with `mode` through a temporary file and a rename, so readers never see
-/// half a file.
-fn write_file(dir: &Path, name: &str, contents: &str, mode: u32) -> Result<PathBuf, ClusterError> {
-    let path = dir.join(name);
-    let mut suffix = [0u8; 6];
-    rand::rng().fill_bytes(&mut suffix);
-    let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = dir.join(format!(".{name}.{suffix}.tmp"));
-    let result = (|| {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The umask may have removed bits from `mode`; a key must never end up wider.
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.write_all(contents.as_bytes())?;
-        file.sync_all()
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(ClusterError::io("write", &tmp, e));
-    }
-    if let Err(e) = fs::rename(&tmp, &path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(ClusterError::io("write", &path, e));
-    }
-    Ok(path)
-}
-
 /// A node's TLS certificate and private key, both PEM.
 #[derive(Clone)]
 pub struct NodeCert {
@@ -381,8 +363,8 @@ impl NodeCert {
             .mode(0o700)
             .create(dir)
             .map_err(|e| ClusterError::io("create directory", dir, e))?;
-        write_file(dir, NodeCert::CERT_FILE, &self.cert_pem, 0o600)?;
-        write_file(dir, NodeCert::KEY_FILE, &self.key_pem, 0o600)?;
+        fsutil::write_private(&dir.join(NodeCert::CERT_FILE), &self.cert_pem)?;
+        fsutil::write_private(&dir.join(NodeCert::KEY_FILE), &self.key_pem)?;
         Ok(())
     }
 
@@ -494,23 +476,27 @@ impl ClusterFiles {
         self.ensure_dir()?;
         // `ca.pem` goes last: `exists()` looks at it, so a half-written cluster never looks done.
         let files: [(&str, &str, u32); 3] = [
-            (CA_KEY_FILE, key_pem, 0o600),
-            (SECRET_FILE, &format!("{}\n", secret.expose()), 0o600),
+            (CA_KEY_FILE, key_pem, fsutil::PRIVATE),
+            (
+                SECRET_FILE,
+                &format!("{}\n", secret.expose()),
+                fsutil::PRIVATE,
+            ),
             (CA_CERT_FILE, ca.cert_pem(), 0o644),
         ];
         let mut written = Vec::new();
         for (name, contents, mode) in files {
-            match self.write_file(name, contents, mode) {
-                Ok(path) => written.push(path),
+            let path = self.dir.join(name);
+            match fsutil::write_atomic(&path, contents, mode) {
+                Ok(()) => written.push(path),
                 Err(e) => {
                     for path in written {
                         let _ = fs::remove_file(path);
                     }
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
         }
-        self.sync_dir()?;
         Ok((ca, secret))
     }
 
@@ -539,9 +525,9 @@ impl ClusterFiles {
         ClusterCa::from_pem(ca_pem.to_owned(), None)?;
         self.refuse_existing(&[CA_KEY_FILE])?;
         self.ensure_dir()?;
-        self.write_file(SECRET_FILE, &format!("{}\n", secret.expose()), 0o600)?;
-        self.write_file(CA_CERT_FILE, ca_pem, 0o644)?;
-        self.sync_dir()
+        fsutil::write_private(&self.secret_path(), format!("{}\n", secret.expose()))?;
+        fsutil::write_atomic(&self.ca_cert_path(), ca_pem, 0o644)?;
+        Ok(())
     }
 
     fn refuse_existing(&self, names: &[&str]) -> Result<(), ClusterError> {
@@ -572,17 +558,6 @@ impl ClusterFiles {
             .mode(0o700)
             .create(&self.dir)
             .map_err(|e| ClusterError::io("create directory", &self.dir, e))
-    }
-
-    fn sync_dir(&self) -> Result<(), ClusterError> {
-        fs::File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(|e| ClusterError::io("sync directory", &self.dir, e))
-    }
-
-    /// Writes `name` through a temporary file and a rename, so readers never see half a file.
-    fn write_file(&self, name: &str, contents: &str, mode: u32) -> Result<PathBuf, ClusterError> {
-        write_file(&self.dir, name, contents, mode)
     }
 
     fn read_required(&self, name: &str) -> Result<String, ClusterError> {
