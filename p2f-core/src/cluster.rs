@@ -16,6 +16,8 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     PKCS_ECDSA_P256_SHA256, SanType,
 };
+use rustls::server::ResolvesServerCert;
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use subtle::ConstantTimeEq as _;
@@ -182,7 +184,7 @@ pub struct ClusterCa {
 }
 
 impl ClusterCa {
-    /// A new self-signed CA (ECDSA P-256, CN "P2F cluster CA <name>", valid 10 years).
+    /// A new self-signed CA (ECDSA P-256, CN `P2F cluster CA <name>`, valid 10 years).
     pub fn generate(cluster_name: &str) -> Result<ClusterCa, ClusterError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = named(&format!("P2F cluster CA {cluster_name}"));
@@ -385,25 +387,64 @@ impl fmt::Debug for NodeCert {
     }
 }
 
-/// The rustls server configuration of the control API: `cert`, no client certificates, HTTP/1.1.
+/// ALPN offering HTTP/1.1 only: what [`crate::server::serve`] speaks, and the control API's.
+pub const ALPN_HTTP1: &[&[u8]] = &[b"http/1.1"];
+
+/// The rustls server configuration of the control API: always `cert` (a single-certificate
+/// resolver), no client certificates, [`ALPN_HTTP1`].
 pub fn server_config(cert: &NodeCert) -> Result<Arc<rustls::ServerConfig>, ClusterError> {
-    let chain = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ClusterError::pem("node certificate", e))?;
-    if chain.is_empty() {
-        return Err(ClusterError::pem(
-            "node certificate",
-            "no CERTIFICATE block found",
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
-        .map_err(|e| ClusterError::pem("node key", e))?;
+    let key = load_certified_key(
+        &cert.cert_pem,
+        &cert.key_pem,
+        ["node certificate", "node key"],
+    )?;
+    resolving_server_config(Arc::new(SingleCertAndKey::from(key)), ALPN_HTTP1)
+}
+
+/// A rustls server configuration that presents, in each handshake, the certificate `resolver`
+/// picks (say, a [`crate::server::SniResolver`]), and offers the `alpn` protocols in order of
+/// preference (the first the client also offers wins; a client offering only others is
+/// refused).
+///
+/// The protocol versions and cipher suites are the crate's usual ones (ring, TLS 1.2 and 1.3).
+/// No client certificate is asked for: mutual TLS would pass a `ClientCertVerifier` in place
+/// of `with_no_client_auth` here. [`crate::server::serve`] speaks HTTP/1.1 only, so `alpn`
+/// must not offer `h2` yet.
+pub fn resolving_server_config(
+    resolver: Arc<dyn ResolvesServerCert>,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, ClusterError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
     Ok(Arc::new(config))
+}
+
+/// A certificate chain (PEM, the server's certificate first) and its private key (PEM: PKCS#8,
+/// SEC1 or PKCS#1), ready for a certificate resolver; checks that the key belongs to the first
+/// certificate.
+pub fn certified_key(cert_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>, ClusterError> {
+    load_certified_key(cert_pem, key_pem, ["certificate", "private key"])
+}
+
+/// [`certified_key`], naming the certificate and the key `what` in errors.
+fn load_certified_key(
+    cert_pem: &str,
+    key_pem: &str,
+    what: [&'static str; 2],
+) -> Result<Arc<CertifiedKey>, ClusterError> {
+    let [cert_what, key_what] = what;
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClusterError::pem(cert_what, e))?;
+    if chain.is_empty() {
+        return Err(ClusterError::pem(cert_what, "no CERTIFICATE block found"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| ClusterError::pem(key_what, e))?;
+    Ok(Arc::new(CertifiedKey::from_der(chain, key, &provider())?))
 }
 
 /// The rustls client configuration for talking to cluster nodes: trusts only the CA in `ca_pem`.
@@ -856,6 +897,44 @@ mod tests {
             member.sign("x", &[], good.csr_pem()),
             Err(ClusterError::NoCaKey)
         ));
+    }
+
+    #[test]
+    fn certified_keys_need_a_certificate_and_its_own_key() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        let a = ca.issue("a", &[]).expect("issue a");
+        let b = ca.issue("b", &[]).expect("issue b");
+        let key = certified_key(&a.cert_pem, &a.key_pem).expect("a's pair");
+        assert_eq!(key.cert.len(), 1);
+        // A chain keeps its order: the server's certificate first.
+        let chain = format!("{}{}", a.cert_pem, ca.cert_pem());
+        let key = certified_key(&chain, &a.key_pem).expect("a chain");
+        assert_eq!(key.cert.len(), 2);
+
+        let err = certified_key(&a.cert_pem, &b.key_pem).expect_err("b's key");
+        assert!(
+            matches!(err, ClusterError::Tls(rustls::Error::InconsistentKeys(_))),
+            "{err}"
+        );
+        for (cert_pem, key_pem, says) in [
+            (
+                "junk",
+                a.key_pem.as_str(),
+                "invalid certificate: no CERTIFICATE block found",
+            ),
+            (a.cert_pem.as_str(), "junk", "invalid private key: "),
+        ] {
+            let err = certified_key(cert_pem, key_pem)
+                .expect_err(says)
+                .to_string();
+            assert!(err.starts_with(says), "{err}");
+        }
+        let err = server_config(&NodeCert {
+            cert_pem: a.cert_pem.clone(),
+            key_pem: "junk".to_owned(),
+        })
+        .expect_err("a node's junk key");
+        assert!(err.to_string().starts_with("invalid node key: "), "{err}");
     }
 
     #[test]
