@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::Rng as _;
 use rcgen::{
@@ -701,27 +701,29 @@ fn subject_alt_names(hosts: &[String]) -> Result<Vec<SanType>, ClusterError> {
 fn set_validity(params: &mut CertificateParams, years: i32) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let today = i64::try_from(now / 86_400).unwrap_or(0);
-    let (y, m, d) = civil_from_days(today - 1);
-    params.not_before = rcgen::date_time_ymd(y, m, d);
-    let (y, m, d) = civil_from_days(today);
-    // 28 exists in every month, so a 29 February start never produces an invalid date.
-    params.not_after = rcgen::date_time_ymd(y + years, m, d.min(28));
+        .unwrap_or_default();
+    set_validity_at(params, now, years);
 }
 
-/// The proleptic Gregorian date `days` days after 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i32, u8, u8) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year as i32, month as u8, day as u8)
+/// [`set_validity`] for a certificate made `now` after the Unix epoch; both bounds are at
+/// midnight UTC.
+fn set_validity_at(params: &mut CertificateParams, now: Duration, years: i32) {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    let date = |since_epoch: Duration| {
+        // Fails only after the year 9999.
+        let when = since_epoch
+            .try_into()
+            .ok()
+            .and_then(|since_epoch| epoch.checked_add(since_epoch))
+            .unwrap_or(epoch);
+        (when.year(), u8::from(when.month()), when.day())
+    };
+    let (y, m, d) = date(now.saturating_sub(DAY));
+    params.not_before = rcgen::date_time_ymd(y, m, d);
+    let (y, m, d) = date(now);
+    // 28 exists in every month, so a 29 February start never produces an invalid date.
+    params.not_after = rcgen::date_time_ymd(y + years, m, d.min(28));
 }
 
 #[cfg(test)]
@@ -963,12 +965,28 @@ mod tests {
     }
 
     #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert_eq!(civil_from_days(20_454), (2026, 1, 1));
+    fn validity_runs_from_yesterday_to_the_same_day_years_later() {
+        let check = |days: u64, years, from: (i32, u8, u8), to: (i32, u8, u8)| {
+            // Noon on the day `days` after the epoch.
+            let now = Duration::from_secs(days * 86_400 + 43_200);
+            let mut params = CertificateParams::default();
+            set_validity_at(&mut params, now, years);
+            let expected = (
+                rcgen::date_time_ymd(from.0, from.1, from.2),
+                rcgen::date_time_ymd(to.0, to.1, to.2),
+            );
+            assert_eq!(
+                (params.not_before, params.not_after),
+                expected,
+                "day {days}"
+            );
+        };
+        check(0, 5, (1970, 1, 1), (1975, 1, 1));
+        check(1, 10, (1970, 1, 1), (1980, 1, 2));
+        check(11_016, 5, (2000, 2, 28), (2005, 2, 28));
+        check(11_017, 5, (2000, 2, 29), (2005, 3, 1));
+        check(19_782, 10, (2024, 2, 28), (2034, 2, 28));
+        check(20_454, 5, (2025, 12, 31), (2031, 1, 1));
     }
 
     fn mode(path: &Path) -> u32 {
