@@ -3,12 +3,12 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write as _};
+use std::io;
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::Rng as _;
 use rcgen::{
@@ -16,9 +16,13 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     PKCS_ECDSA_P256_SHA256, SanType,
 };
+use rustls::server::ResolvesServerCert;
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use subtle::ConstantTimeEq as _;
+
+use crate::fsutil;
 
 /// How long the cluster CA is valid, in years.
 const CA_VALID_YEARS: i32 = 10;
@@ -83,6 +87,16 @@ pub enum ClusterError {
     /// rustls rejected the configuration.
     #[error("tls configuration failed: {0}")]
     Tls(#[from] rustls::Error),
+}
+
+impl From<fsutil::WriteError> for ClusterError {
+    fn from(e: fsutil::WriteError) -> ClusterError {
+        ClusterError::Io {
+            action: e.action,
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 impl ClusterError {
@@ -170,7 +184,7 @@ pub struct ClusterCa {
 }
 
 impl ClusterCa {
-    /// A new self-signed CA (ECDSA P-256, CN "P2F cluster CA <name>", valid 10 years).
+    /// A new self-signed CA (ECDSA P-256, CN `P2F cluster CA <name>`, valid 10 years).
     pub fn generate(cluster_name: &str) -> Result<ClusterCa, ClusterError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = named(&format!("P2F cluster CA {cluster_name}"));
@@ -329,36 +343,6 @@ impl fmt::Debug for ClusterCa {
     }
 }
 
-/// Writes `dir/name` with `mode` through a temporary file and a rename, so readers never see
-/// half a file.
-fn write_file(dir: &Path, name: &str, contents: &str, mode: u32) -> Result<PathBuf, ClusterError> {
-    let path = dir.join(name);
-    let mut suffix = [0u8; 6];
-    rand::rng().fill_bytes(&mut suffix);
-    let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = dir.join(format!(".{name}.{suffix}.tmp"));
-    let result = (|| {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The umask may have removed bits from `mode`; a key must never end up wider.
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.write_all(contents.as_bytes())?;
-        file.sync_all()
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(ClusterError::io("write", &tmp, e));
-    }
-    if let Err(e) = fs::rename(&tmp, &path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(ClusterError::io("write", &path, e));
-    }
-    Ok(path)
-}
-
 /// A node's TLS certificate and private key, both PEM.
 #[derive(Clone)]
 pub struct NodeCert {
@@ -381,8 +365,8 @@ impl NodeCert {
             .mode(0o700)
             .create(dir)
             .map_err(|e| ClusterError::io("create directory", dir, e))?;
-        write_file(dir, NodeCert::CERT_FILE, &self.cert_pem, 0o600)?;
-        write_file(dir, NodeCert::KEY_FILE, &self.key_pem, 0o600)?;
+        fsutil::write_private(&dir.join(NodeCert::CERT_FILE), &self.cert_pem)?;
+        fsutil::write_private(&dir.join(NodeCert::KEY_FILE), &self.key_pem)?;
         Ok(())
     }
 
@@ -403,25 +387,64 @@ impl fmt::Debug for NodeCert {
     }
 }
 
-/// The rustls server configuration of the control API: `cert`, no client certificates, HTTP/1.1.
+/// ALPN offering HTTP/1.1 only: what [`crate::server::serve`] speaks, and the control API's.
+pub const ALPN_HTTP1: &[&[u8]] = &[b"http/1.1"];
+
+/// The rustls server configuration of the control API: always `cert` (a single-certificate
+/// resolver), no client certificates, [`ALPN_HTTP1`].
 pub fn server_config(cert: &NodeCert) -> Result<Arc<rustls::ServerConfig>, ClusterError> {
-    let chain = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ClusterError::pem("node certificate", e))?;
-    if chain.is_empty() {
-        return Err(ClusterError::pem(
-            "node certificate",
-            "no CERTIFICATE block found",
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
-        .map_err(|e| ClusterError::pem("node key", e))?;
+    let key = load_certified_key(
+        &cert.cert_pem,
+        &cert.key_pem,
+        ["node certificate", "node key"],
+    )?;
+    resolving_server_config(Arc::new(SingleCertAndKey::from(key)), ALPN_HTTP1)
+}
+
+/// A rustls server configuration that presents, in each handshake, the certificate `resolver`
+/// picks (say, a [`crate::server::SniResolver`]), and offers the `alpn` protocols in order of
+/// preference (the first the client also offers wins; a client offering only others is
+/// refused).
+///
+/// The protocol versions and cipher suites are the crate's usual ones (ring, TLS 1.2 and 1.3).
+/// No client certificate is asked for: mutual TLS would pass a `ClientCertVerifier` in place
+/// of `with_no_client_auth` here. [`crate::server::serve`] speaks HTTP/1.1 only, so `alpn`
+/// must not offer `h2` yet.
+pub fn resolving_server_config(
+    resolver: Arc<dyn ResolvesServerCert>,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, ClusterError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
     Ok(Arc::new(config))
+}
+
+/// A certificate chain (PEM, the server's certificate first) and its private key (PEM: PKCS#8,
+/// SEC1 or PKCS#1), ready for a certificate resolver; checks that the key belongs to the first
+/// certificate.
+pub fn certified_key(cert_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>, ClusterError> {
+    load_certified_key(cert_pem, key_pem, ["certificate", "private key"])
+}
+
+/// [`certified_key`], naming the certificate and the key `what` in errors.
+fn load_certified_key(
+    cert_pem: &str,
+    key_pem: &str,
+    what: [&'static str; 2],
+) -> Result<Arc<CertifiedKey>, ClusterError> {
+    let [cert_what, key_what] = what;
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClusterError::pem(cert_what, e))?;
+    if chain.is_empty() {
+        return Err(ClusterError::pem(cert_what, "no CERTIFICATE block found"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| ClusterError::pem(key_what, e))?;
+    Ok(Arc::new(CertifiedKey::from_der(chain, key, &provider())?))
 }
 
 /// The rustls client configuration for talking to cluster nodes: trusts only the CA in `ca_pem`.
@@ -494,23 +517,27 @@ impl ClusterFiles {
         self.ensure_dir()?;
         // `ca.pem` goes last: `exists()` looks at it, so a half-written cluster never looks done.
         let files: [(&str, &str, u32); 3] = [
-            (CA_KEY_FILE, key_pem, 0o600),
-            (SECRET_FILE, &format!("{}\n", secret.expose()), 0o600),
+            (CA_KEY_FILE, key_pem, fsutil::PRIVATE),
+            (
+                SECRET_FILE,
+                &format!("{}\n", secret.expose()),
+                fsutil::PRIVATE,
+            ),
             (CA_CERT_FILE, ca.cert_pem(), 0o644),
         ];
         let mut written = Vec::new();
         for (name, contents, mode) in files {
-            match self.write_file(name, contents, mode) {
-                Ok(path) => written.push(path),
+            let path = self.dir.join(name);
+            match fsutil::write_atomic(&path, contents, mode) {
+                Ok(()) => written.push(path),
                 Err(e) => {
                     for path in written {
                         let _ = fs::remove_file(path);
                     }
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
         }
-        self.sync_dir()?;
         Ok((ca, secret))
     }
 
@@ -539,9 +566,9 @@ impl ClusterFiles {
         ClusterCa::from_pem(ca_pem.to_owned(), None)?;
         self.refuse_existing(&[CA_KEY_FILE])?;
         self.ensure_dir()?;
-        self.write_file(SECRET_FILE, &format!("{}\n", secret.expose()), 0o600)?;
-        self.write_file(CA_CERT_FILE, ca_pem, 0o644)?;
-        self.sync_dir()
+        fsutil::write_private(&self.secret_path(), format!("{}\n", secret.expose()))?;
+        fsutil::write_atomic(&self.ca_cert_path(), ca_pem, 0o644)?;
+        Ok(())
     }
 
     fn refuse_existing(&self, names: &[&str]) -> Result<(), ClusterError> {
@@ -572,17 +599,6 @@ impl ClusterFiles {
             .mode(0o700)
             .create(&self.dir)
             .map_err(|e| ClusterError::io("create directory", &self.dir, e))
-    }
-
-    fn sync_dir(&self) -> Result<(), ClusterError> {
-        fs::File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(|e| ClusterError::io("sync directory", &self.dir, e))
-    }
-
-    /// Writes `name` through a temporary file and a rename, so readers never see half a file.
-    fn write_file(&self, name: &str, contents: &str, mode: u32) -> Result<PathBuf, ClusterError> {
-        write_file(&self.dir, name, contents, mode)
     }
 
     fn read_required(&self, name: &str) -> Result<String, ClusterError> {
@@ -685,27 +701,29 @@ fn subject_alt_names(hosts: &[String]) -> Result<Vec<SanType>, ClusterError> {
 fn set_validity(params: &mut CertificateParams, years: i32) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let today = i64::try_from(now / 86_400).unwrap_or(0);
-    let (y, m, d) = civil_from_days(today - 1);
-    params.not_before = rcgen::date_time_ymd(y, m, d);
-    let (y, m, d) = civil_from_days(today);
-    // 28 exists in every month, so a 29 February start never produces an invalid date.
-    params.not_after = rcgen::date_time_ymd(y + years, m, d.min(28));
+        .unwrap_or_default();
+    set_validity_at(params, now, years);
 }
 
-/// The proleptic Gregorian date `days` days after 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i32, u8, u8) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year as i32, month as u8, day as u8)
+/// [`set_validity`] for a certificate made `now` after the Unix epoch; both bounds are at
+/// midnight UTC.
+fn set_validity_at(params: &mut CertificateParams, now: Duration, years: i32) {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    let date = |since_epoch: Duration| {
+        // Fails only after the year 9999.
+        let when = since_epoch
+            .try_into()
+            .ok()
+            .and_then(|since_epoch| epoch.checked_add(since_epoch))
+            .unwrap_or(epoch);
+        (when.year(), u8::from(when.month()), when.day())
+    };
+    let (y, m, d) = date(now.saturating_sub(DAY));
+    params.not_before = rcgen::date_time_ymd(y, m, d);
+    let (y, m, d) = date(now);
+    // 28 exists in every month, so a 29 February start never produces an invalid date.
+    params.not_after = rcgen::date_time_ymd(y + years, m, d.min(28));
 }
 
 #[cfg(test)]
@@ -884,6 +902,44 @@ mod tests {
     }
 
     #[test]
+    fn certified_keys_need_a_certificate_and_its_own_key() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        let a = ca.issue("a", &[]).expect("issue a");
+        let b = ca.issue("b", &[]).expect("issue b");
+        let key = certified_key(&a.cert_pem, &a.key_pem).expect("a's pair");
+        assert_eq!(key.cert.len(), 1);
+        // A chain keeps its order: the server's certificate first.
+        let chain = format!("{}{}", a.cert_pem, ca.cert_pem());
+        let key = certified_key(&chain, &a.key_pem).expect("a chain");
+        assert_eq!(key.cert.len(), 2);
+
+        let err = certified_key(&a.cert_pem, &b.key_pem).expect_err("b's key");
+        assert!(
+            matches!(err, ClusterError::Tls(rustls::Error::InconsistentKeys(_))),
+            "{err}"
+        );
+        for (cert_pem, key_pem, says) in [
+            (
+                "junk",
+                a.key_pem.as_str(),
+                "invalid certificate: no CERTIFICATE block found",
+            ),
+            (a.cert_pem.as_str(), "junk", "invalid private key: "),
+        ] {
+            let err = certified_key(cert_pem, key_pem)
+                .expect_err(says)
+                .to_string();
+            assert!(err.starts_with(says), "{err}");
+        }
+        let err = server_config(&NodeCert {
+            cert_pem: a.cert_pem.clone(),
+            key_pem: "junk".to_owned(),
+        })
+        .expect_err("a node's junk key");
+        assert!(err.to_string().starts_with("invalid node key: "), "{err}");
+    }
+
+    #[test]
     fn subject_alt_names_cover_hosts_and_local_names() {
         let sans = subject_alt_names(&[
             "node1.lan".to_owned(),
@@ -909,12 +965,28 @@ mod tests {
     }
 
     #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert_eq!(civil_from_days(20_454), (2026, 1, 1));
+    fn validity_runs_from_yesterday_to_the_same_day_years_later() {
+        let check = |days: u64, years, from: (i32, u8, u8), to: (i32, u8, u8)| {
+            // Noon on the day `days` after the epoch.
+            let now = Duration::from_secs(days * 86_400 + 43_200);
+            let mut params = CertificateParams::default();
+            set_validity_at(&mut params, now, years);
+            let expected = (
+                rcgen::date_time_ymd(from.0, from.1, from.2),
+                rcgen::date_time_ymd(to.0, to.1, to.2),
+            );
+            assert_eq!(
+                (params.not_before, params.not_after),
+                expected,
+                "day {days}"
+            );
+        };
+        check(0, 5, (1970, 1, 1), (1975, 1, 1));
+        check(1, 10, (1970, 1, 1), (1980, 1, 2));
+        check(11_016, 5, (2000, 2, 28), (2005, 2, 28));
+        check(11_017, 5, (2000, 2, 29), (2005, 3, 1));
+        check(19_782, 10, (2024, 2, 28), (2034, 2, 28));
+        check(20_454, 5, (2025, 12, 31), (2031, 1, 1));
     }
 
     fn mode(path: &Path) -> u32 {

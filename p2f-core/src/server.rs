@@ -1,15 +1,24 @@
-//! Serves an axum `Router` over TLS on a TCP listener, answering plain-HTTP clients with a clear
-//! 400 instead of garbage, and shutting down gracefully.
+//! Serves an axum `Router` on a TCP listener, over TLS or plain HTTP, from one accept loop:
+//! timeouts for silent clients and slow handshakes, a cap on open connections, and a graceful
+//! shutdown that lets requests in flight finish. Also [`SniResolver`], which picks a TLS
+//! certificate by the name the client asks for.
+//!
+//! A TLS listener tells plain-HTTP clients apart by their first byte; it can answer them with a
+//! clear `400` ([`PlainHttp::CONTROL_API`]) instead of letting them read garbage.
 
+use std::collections::HashMap;
+use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -33,22 +42,82 @@ const MAX_CONNECTIONS: usize = 512;
 /// The first byte of every TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
-/// The body of the answer to a client speaking plain HTTP to the TLS port.
-const PLAIN_HTTP_BODY: &str =
-    "this port speaks HTTPS only: use https:// and the cluster CA (p2f's control API)\n";
+/// How a listener's connections are accepted.
+#[derive(Debug, Clone)]
+pub enum Accept {
+    /// TLS with `config` (its certificate resolver picks the certificate, its ALPN must offer
+    /// HTTP/1.1 only: see [`serve`]); `plain` says what to do with clients that speak plain
+    /// HTTP instead.
+    Tls {
+        /// The rustls configuration, say from [`crate::cluster::resolving_server_config`].
+        config: Arc<rustls::ServerConfig>,
+        /// What a plain-HTTP client gets.
+        plain: PlainHttp,
+    },
+    /// Plain HTTP (P2PRC's endpoints, the ingress's port 80).
+    Plain,
+}
 
-/// Serves `app` on `listener` over TLS until `shutdown` resolves; then stops accepting and gives
-/// open connections up to 5 s to finish.
-///
-/// Plain-HTTP clients get a `400 Bad Request` saying to use HTTPS. Errors accepting or serving
-/// single connections are logged and never end the server.
+/// What a TLS listener does with a client whose first byte is not a TLS handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlainHttp {
+    /// Answer `400 Bad Request` with this text as the body, then close.
+    Reject(&'static str),
+    /// Close the connection without answering.
+    Close,
+}
+
+impl PlainHttp {
+    /// The control API's answer: use HTTPS and the cluster CA.
+    pub const CONTROL_API: PlainHttp = PlainHttp::Reject(
+        "this port speaks HTTPS only: use https:// and the cluster CA (p2f's control API)\n",
+    );
+}
+
+/// Serves `app` on `listener` over TLS until `shutdown` resolves, answering plain-HTTP clients
+/// with [`PlainHttp::CONTROL_API`]: [`serve`] with [`Accept::Tls`].
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let acceptor = TlsAcceptor::from(tls);
+    let accept = Accept::Tls {
+        config: tls,
+        plain: PlainHttp::CONTROL_API,
+    };
+    serve(listener, accept, app, shutdown).await
+}
+
+/// Serves `app` on `listener` as `accept` says until `shutdown` resolves; then stops accepting
+/// and gives open connections up to 5 s to finish their request in flight.
+///
+/// A connection is closed if it sends nothing for 10 s after connecting, takes over 10 s for
+/// its TLS handshake or 30 s for a request's headers; beyond 512 open connections new ones are
+/// closed at once.
+///
+/// Connections speak HTTP/1.1 (hyper-util's `http2` feature is off): a TLS configuration whose
+/// ALPN offers `h2` is refused with `InvalidInput` before anything is served. Errors accepting
+/// or serving single connections are logged and never end the server.
+pub async fn serve(
+    listener: TcpListener,
+    accept: Accept,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let (handshake, what) = match accept {
+        Accept::Tls { config, plain } => {
+            if config.alpn_protocols.iter().any(|p| p.as_slice() == b"h2") {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the TLS configuration offers h2, but this server speaks HTTP/1.1 only",
+                ));
+            }
+            let acceptor = TlsAcceptor::from(config);
+            (Handshake::Tls { acceptor, plain }, "TLS")
+        }
+        Accept::Plain => (Handshake::Plain, "plain HTTP"),
+    };
     let mut http = auto::Builder::new(TokioExecutor::new()).http1_only();
     http.http1()
         .timer(TokioTimer::new())
@@ -62,7 +131,7 @@ pub async fn serve_tls(
     let mut connections = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     if let Ok(addr) = listener.local_addr() {
-        tracing::debug!(%addr, "serving TLS");
+        tracing::debug!(%addr, "serving {what}");
     }
 
     loop {
@@ -85,7 +154,7 @@ pub async fn serve_tls(
                     let conn = Connection {
                         stream,
                         peer,
-                        acceptor: acceptor.clone(),
+                        handshake: handshake.clone(),
                         http: Arc::clone(&http),
                         service: service.clone(),
                         stopping: stopping_rx.clone(),
@@ -117,11 +186,29 @@ pub async fn serve_tls(
     Ok(())
 }
 
+/// What happens between accepting a connection and serving HTTP on it.
+#[derive(Clone)]
+enum Handshake {
+    /// A TLS handshake; plain-HTTP clients are handled as `plain` says.
+    Tls {
+        acceptor: TlsAcceptor,
+        plain: PlainHttp,
+    },
+    /// Nothing: HTTP starts at once.
+    Plain,
+}
+
+/// A connection ready for HTTP.
+enum Ready {
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Plain(TcpStream),
+}
+
 /// One accepted connection, with everything needed to serve it.
 struct Connection {
     stream: TcpStream,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
+    handshake: Handshake,
     http: Arc<auto::Builder<TokioExecutor>>,
     service: TowerToHyperService<axum::Router>,
     stopping: watch::Receiver<bool>,
@@ -132,7 +219,7 @@ impl Connection {
         let Connection {
             stream,
             peer,
-            acceptor,
+            handshake,
             http,
             service,
             mut stopping,
@@ -142,33 +229,20 @@ impl Connection {
         }
 
         // Until HTTP serving starts, shutdown simply drops the connection.
-        let tls = tokio::select! {
+        let ready = tokio::select! {
             () = stopped(&mut stopping) => return,
-            tls = Self::start(stream, peer, acceptor) => tls,
+            ready = Self::start(stream, peer, handshake) => ready,
         };
-        let Some(tls) = tls else { return };
-
-        let conn = http.serve_connection(TokioIo::new(tls), service);
-        let mut conn = std::pin::pin!(conn);
-        let result = tokio::select! {
-            result = conn.as_mut() => result,
-            () = stopped(&mut stopping) => {
-                // Finish the request in flight (if any), then close.
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        if let Err(e) = result {
-            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        match ready {
+            None => {}
+            Some(Ready::Tls(tls)) => serve_http(&http, *tls, service, stopping, peer).await,
+            Some(Ready::Plain(tcp)) => serve_http(&http, tcp, service, stopping, peer).await,
         }
     }
 
-    /// Reads the first byte: a TLS client gets its handshake, anyone else the plain answer.
-    async fn start(
-        stream: TcpStream,
-        peer: SocketAddr,
-        acceptor: TlsAcceptor,
-    ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    /// Waits for the first byte; then a TLS client gets its handshake, and a plain-HTTP client
+    /// is served (plain listener) or handled as [`PlainHttp`] says (TLS listener).
+    async fn start(stream: TcpStream, peer: SocketAddr, handshake: Handshake) -> Option<Ready> {
         let mut first = [0u8; 1];
         match tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut first)).await {
             Err(_) => {
@@ -182,12 +256,21 @@ impl Connection {
             Ok(Ok(0)) => return None,
             Ok(Ok(_)) => {}
         }
+        let (acceptor, plain) = match handshake {
+            Handshake::Plain => return Some(Ready::Plain(stream)),
+            Handshake::Tls { acceptor, plain } => (acceptor, plain),
+        };
         if first[0] != TLS_HANDSHAKE_RECORD {
-            answer_plain(stream, peer).await;
+            match plain {
+                PlainHttp::Reject(body) => answer_plain(stream, peer, body).await,
+                PlainHttp::Close => {
+                    tracing::debug!(%peer, "plain-text client on the TLS port; closing");
+                }
+            }
             return None;
         }
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => Some(tls),
+            Ok(Ok(tls)) => Some(Ready::Tls(Box::new(tls))),
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                 None
@@ -200,33 +283,61 @@ impl Connection {
     }
 }
 
+/// Serves HTTP on `io` until the client closes or, once shutdown begins, until the request in
+/// flight (if any) is answered.
+async fn serve_http<I>(
+    http: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: TowerToHyperService<axum::Router>,
+    mut stopping: watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = http.serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = stopped(&mut stopping) => {
+            // Finish the request in flight (if any), then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
 /// Resolves once shutdown has begun (or the server is gone).
 async fn stopped(stopping: &mut watch::Receiver<bool>) {
     let _ = stopping.wait_for(|stop| *stop).await;
 }
 
-/// The complete HTTP/1.1 response for plain-text clients.
-fn plain_http_response() -> String {
+/// The complete HTTP/1.1 `400` response with `body`, for plain-text clients.
+fn plain_http_response(body: &str) -> String {
     format!(
         "HTTP/1.1 400 Bad Request\r\n\
          Content-Type: text/plain; charset=utf-8\r\n\
          Content-Length: {}\r\n\
          Connection: close\r\n\
          \r\n\
-         {PLAIN_HTTP_BODY}",
-        PLAIN_HTTP_BODY.len()
+         {body}",
+        body.len()
     )
 }
 
-/// Tells a plain-HTTP client to use HTTPS, then closes.
+/// Answers a plain-HTTP client `400` with `body` (telling it to use HTTPS), then closes.
 ///
 /// After writing, the socket is half-closed and whatever the client sent is read and discarded
 /// for a moment: closing with unread data makes the kernel send a reset, which can destroy the
 /// response before the client reads it.
-async fn answer_plain(mut stream: TcpStream, peer: SocketAddr) {
+async fn answer_plain(mut stream: TcpStream, peer: SocketAddr, body: &str) {
     tracing::debug!(%peer, "plain-text client on the TLS port; answering 400");
     let written = async {
-        stream.write_all(plain_http_response().as_bytes()).await?;
+        stream
+            .write_all(plain_http_response(body).as_bytes())
+            .await?;
         stream.shutdown().await
     };
     if let Err(e) = tokio::time::timeout(PLAIN_LINGER, written)
@@ -245,10 +356,116 @@ async fn answer_plain(mut stream: TcpStream, peer: SocketAddr) {
     let _ = tokio::time::timeout(PLAIN_LINGER, drain).await;
 }
 
+/// Picks the certificate for each TLS handshake by the name the client asks for (SNI): one
+/// certificate per domain, for the ingress. Give it to
+/// [`crate::cluster::resolving_server_config`].
+///
+/// Names match exactly, ignoring ASCII case and a trailing dot; there are no wildcards, and a
+/// certificate is not checked against the name it is stored under. A client asking for a name
+/// without a certificate, or for no name at all (as clients connecting to an IP address do),
+/// gets the default certificate if one is set; without one the handshake is refused (rustls
+/// sends an `access_denied` alert).
+///
+/// Certificates can be added, replaced and removed while servers use it: keep an
+/// `Arc<SniResolver>` and hand a clone to the configuration. Handshakes under way keep the
+/// certificate they picked.
+#[derive(Default)]
+pub struct SniResolver {
+    table: RwLock<SniTable>,
+}
+
+/// What [`SniResolver`] picks from.
+#[derive(Default)]
+struct SniTable {
+    /// Certificates by normalised name (see [`normalise`]).
+    by_name: HashMap<String, Arc<CertifiedKey>>,
+    /// The certificate for every other client.
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl SniResolver {
+    /// A resolver without certificates: it refuses every handshake until some are added.
+    pub fn new() -> SniResolver {
+        SniResolver::default()
+    }
+
+    /// Presents `key` to clients asking for `name`; returns the certificate it replaces.
+    pub fn insert(&self, name: &str, key: Arc<CertifiedKey>) -> Option<Arc<CertifiedKey>> {
+        self.write().by_name.insert(normalise(name), key)
+    }
+
+    /// Stops presenting a certificate for `name`; returns it.
+    pub fn remove(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        self.write().by_name.remove(&normalise(name))
+    }
+
+    /// Sets (or with `None` removes) the certificate for clients asking for no name or an
+    /// unknown one; returns the one it replaces.
+    pub fn set_default(&self, key: Option<Arc<CertifiedKey>>) -> Option<Arc<CertifiedKey>> {
+        std::mem::replace(&mut self.write().default, key)
+    }
+
+    /// The certificate a client asking for `server_name` (`None`: no SNI) gets; `None` refuses
+    /// the handshake.
+    pub fn find(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let table = self.read();
+        server_name
+            .and_then(|name| table.by_name.get(&normalise(name)))
+            .or(table.default.as_ref())
+            .cloned()
+    }
+
+    /// The names with a certificate, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.read().by_name.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    // Nothing panics while holding the lock, but a poisoned table is still a whole one.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, SniTable> {
+        self.table.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, SniTable> {
+        self.table.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let key = self.find(client_hello.server_name());
+        if key.is_none() {
+            tracing::debug!(
+                server_name = client_hello.server_name().unwrap_or("(none)"),
+                "no certificate for this name; refusing the handshake"
+            );
+        }
+        key
+    }
+}
+
+impl fmt::Debug for SniResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let table = self.read();
+        f.debug_struct("SniResolver")
+            .field("names", &table.by_name.len())
+            .field("default", &table.default.is_some())
+            .finish()
+    }
+}
+
+/// A host name as [`SniResolver`] stores it: ASCII lower case, without a trailing dot.
+fn normalise(name: &str) -> String {
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::{ClusterCa, client_config, server_config};
+    use crate::cluster::{
+        ALPN_HTTP1, ClusterCa, certified_key, client_config, resolving_server_config, server_config,
+    };
     use std::time::Instant;
     use tokio::sync::oneshot;
     use tokio::task::JoinHandle;
@@ -262,10 +479,33 @@ mod tests {
         server: JoinHandle<io::Result<()>>,
     }
 
+    /// The control API's way: `serve_tls` with a node certificate.
     async fn start() -> Running {
         let ca = ClusterCa::generate("test").expect("ca");
         let cert = ca.issue("n1", &[]).expect("issue");
         let tls = server_config(&cert).expect("server config");
+        start_with(ca, |listener, app, stopped| {
+            tokio::spawn(serve_tls(listener, tls, app, stopped))
+        })
+        .await
+    }
+
+    /// `serve` with `accept`.
+    async fn start_serving(ca: ClusterCa, accept: Accept) -> Running {
+        start_with(ca, |listener, app, stopped| {
+            tokio::spawn(serve(listener, accept, app, stopped))
+        })
+        .await
+    }
+
+    async fn start_with(
+        ca: ClusterCa,
+        spawn: impl FnOnce(
+            TcpListener,
+            axum::Router,
+            std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+        ) -> JoinHandle<io::Result<()>>,
+    ) -> Running {
         let app = axum::Router::new()
             .route("/ping", axum::routing::get(|| async { "pong" }))
             .route(
@@ -278,9 +518,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(serve_tls(listener, tls, app, async {
-            let _ = stopped.await;
-        }));
+        let server = spawn(
+            listener,
+            app,
+            Box::pin(async {
+                let _ = stopped.await;
+            }),
+        );
         Running {
             addr,
             ca,
@@ -290,14 +534,58 @@ mod tests {
     }
 
     fn client(ca_pem: &str, addr: SocketAddr) -> reqwest::Client {
-        reqwest::Client::builder()
+        // Pin `localhost` to the listener's address: it may resolve to ::1 first.
+        client_resolving(ca_pem, addr, &["localhost"])
+    }
+
+    /// A client trusting `ca_pem` that finds each of `names` at `addr`.
+    fn client_resolving(ca_pem: &str, addr: SocketAddr, names: &[&str]) -> reqwest::Client {
+        let mut builder = reqwest::Client::builder()
             .tls_backend_preconfigured(client_config(ca_pem).expect("client config"))
             .no_proxy()
-            // Pin `localhost` to the listener's address: it may resolve to ::1 first.
-            .resolve("localhost", addr)
-            .timeout(WAIT)
-            .build()
-            .expect("client")
+            .timeout(WAIT);
+        for name in names {
+            builder = builder.resolve(name, addr);
+        }
+        builder.build().expect("client")
+    }
+
+    /// Sends `request` on a new plain TCP connection and reads until the server closes.
+    async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> io::Result<Vec<u8>> {
+        let exchange = async {
+            let mut stream = TcpStream::connect(addr).await?;
+            stream.write_all(request).await?;
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).await?;
+            Ok(answer)
+        };
+        tokio::time::timeout(WAIT, exchange)
+            .await
+            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+    }
+
+    async fn stop(mut running: Running) {
+        let started = Instant::now();
+        running
+            .stop
+            .take()
+            .expect("stop")
+            .send(())
+            .expect("send stop");
+        tokio::time::timeout(Duration::from_secs(6), running.server)
+            .await
+            .expect("serve did not return within 6 s")
+            .expect("server task")
+            .expect("serve result");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            TcpStream::connect(running.addr).await.is_err(),
+            "listener still open"
+        );
     }
 
     async fn get(client: &reqwest::Client, url: &str) -> reqwest::Result<(u16, String)> {
@@ -342,14 +630,16 @@ mod tests {
         let answer = tokio::time::timeout(WAIT, exchange)
             .await
             .expect("timed out");
+        let body =
+            "this port speaks HTTPS only: use https:// and the cluster CA (p2f's control API)\n";
         let expected = format!(
             "HTTP/1.1 400 Bad Request\r\n\
              Content-Type: text/plain; charset=utf-8\r\n\
              Content-Length: {}\r\n\
              Connection: close\r\n\
              \r\n\
-             this port speaks HTTPS only: use https:// and the cluster CA (p2f's control API)\n",
-            PLAIN_HTTP_BODY.len()
+             {body}",
+            body.len()
         );
         assert_eq!(answer, expected);
 
@@ -442,9 +732,187 @@ mod tests {
 
     #[test]
     fn plain_response_has_the_right_length() {
-        let response = plain_http_response();
-        let (head, body) = response.split_once("\r\n\r\n").expect("head and body");
-        assert_eq!(body, PLAIN_HTTP_BODY);
-        assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())));
+        for text in ["use https://\n", "", "ünïcode\n"] {
+            let response = plain_http_response(text);
+            let (head, body) = response.split_once("\r\n\r\n").expect("head and body");
+            assert_eq!(body, text);
+            assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())));
+        }
+    }
+
+    #[tokio::test]
+    async fn serves_plain_http_and_shuts_down() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        let running = start_serving(ca, Accept::Plain).await;
+        // (reqwest wants a TLS backend even for plain URLs.)
+        let client = client(running.ca.cert_pem(), running.addr);
+        let url = format!("http://127.0.0.1:{}/ping", running.addr.port());
+        for _ in 0..2 {
+            assert_eq!(
+                get(&client, &url).await.expect("plain http"),
+                (200, "pong".to_owned())
+            );
+        }
+        // A connection that never says anything does not hold up shutdown.
+        let _silent = TcpStream::connect(running.addr).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop(running).await;
+    }
+
+    #[tokio::test]
+    async fn a_tls_port_can_close_on_plain_http_without_a_word() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        let cert = ca.issue("n1", &[]).expect("issue");
+        let config = server_config(&cert).expect("server config");
+        let accept = Accept::Tls {
+            config,
+            plain: PlainHttp::Close,
+        };
+        let running = start_serving(ca, accept).await;
+        // Closed with unread data, the socket may end in a reset: either way, no answer.
+        let answer = raw_exchange(running.addr, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(
+            matches!(&answer, Ok(bytes) if bytes.is_empty())
+                || matches!(&answer, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{answer:?}"
+        );
+        let client = client(running.ca.cert_pem(), running.addr);
+        let url = format!("https://127.0.0.1:{}/ping", running.addr.port());
+        assert_eq!(
+            get(&client, &url).await.expect("https after plain"),
+            (200, "pong".to_owned())
+        );
+        stop(running).await;
+    }
+
+    #[tokio::test]
+    async fn refuses_a_configuration_offering_h2() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        let cert = ca.issue("n1", &[]).expect("issue");
+        let key = certified_key(&cert.cert_pem, &cert.key_pem).expect("key");
+        let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(key));
+        let config =
+            resolving_server_config(resolver, &[b"h2", b"http/1.1"]).expect("server config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let accept = Accept::Tls {
+            config,
+            plain: PlainHttp::Close,
+        };
+        let err = serve(
+            listener,
+            accept,
+            axum::Router::new(),
+            std::future::pending(),
+        )
+        .await
+        .expect_err("h2 is not served");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("h2"), "{err}");
+    }
+
+    /// Certificates from one CA for `a.lan`, `b.lan` and (the fallback) `fallback.lan` +
+    /// `c.lan`; each also covers `localhost` and the loopback addresses.
+    fn sni_keys(ca: &ClusterCa) -> [Arc<CertifiedKey>; 3] {
+        let key = |node: &str, hosts: &[&str]| {
+            let hosts: Vec<String> = hosts.iter().map(|h| (*h).to_owned()).collect();
+            let cert = ca.issue(node, &hosts).expect("issue");
+            certified_key(&cert.cert_pem, &cert.key_pem).expect("key")
+        };
+        [
+            key("a", &["a.lan"]),
+            key("b", &["b.lan"]),
+            key("fallback", &["fallback.lan", "c.lan"]),
+        ]
+    }
+
+    #[test]
+    fn sni_resolver_picks_by_name_then_the_default() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        let [a, b, fallback] = sni_keys(&ca);
+        let sni = SniResolver::new();
+        let check = |name: Option<&str>, expected: Option<&Arc<CertifiedKey>>| {
+            let found = sni.find(name);
+            let same = match (&found, expected) {
+                (Some(found), Some(expected)) => Arc::ptr_eq(found, expected),
+                (None, None) => true,
+                _ => false,
+            };
+            assert!(same, "{name:?}: found {:?}", found.map(|k| k.cert.len()));
+        };
+        check(Some("a.lan"), None);
+        check(None, None);
+
+        assert!(sni.insert("A.Lan.", Arc::clone(&a)).is_none());
+        assert!(sni.insert("b.lan", Arc::clone(&a)).is_none());
+        let replaced = sni.insert("b.lan", Arc::clone(&b)).expect("replaced");
+        assert!(Arc::ptr_eq(&replaced, &a));
+        assert_eq!(sni.names(), ["a.lan", "b.lan"]);
+        check(Some("a.lan"), Some(&a));
+        check(Some("A.LAN"), Some(&a));
+        check(Some("a.lan."), Some(&a));
+        check(Some("b.lan"), Some(&b));
+        // Unknown names and clients without SNI are refused while there is no default.
+        check(Some("c.lan"), None);
+        check(Some("sub.a.lan"), None);
+        check(None, None);
+
+        assert!(sni.set_default(Some(Arc::clone(&fallback))).is_none());
+        check(Some("c.lan"), Some(&fallback));
+        check(None, Some(&fallback));
+        check(Some("a.lan"), Some(&a));
+
+        assert!(sni.remove("A.LAN").is_some());
+        check(Some("a.lan"), Some(&fallback));
+        assert!(sni.set_default(None).is_some());
+        check(Some("a.lan"), None);
+        assert_eq!(
+            format!("{sni:?}"),
+            "SniResolver { names: 1, default: false }"
+        );
+    }
+
+    #[tokio::test]
+    async fn serves_each_name_its_certificate() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        let [a, b, fallback] = sni_keys(&ca);
+        let sni = Arc::new(SniResolver::new());
+        sni.insert("a.lan", a);
+        sni.insert("b.lan", b);
+        let config = resolving_server_config(Arc::clone(&sni) as _, ALPN_HTTP1).expect("config");
+        let accept = Accept::Tls {
+            config,
+            plain: PlainHttp::Close,
+        };
+        let running = start_serving(ca, accept).await;
+        let port = running.addr.port();
+        let client = client_resolving(
+            running.ca.cert_pem(),
+            running.addr,
+            &["a.lan", "b.lan", "c.lan"],
+        );
+        // Each certificate is valid for its own name only: a wrong pick fails verification.
+        for name in ["a.lan", "B.LAN"] {
+            let url = format!("https://{name}:{port}/ping");
+            assert_eq!(
+                get(&client, &url).await.expect(&url),
+                (200, "pong".to_owned())
+            );
+        }
+        // No certificate for c.lan, nor for a client sending no name (an IP address): refused.
+        let c = format!("https://c.lan:{port}/ping");
+        let ip = format!("https://127.0.0.1:{port}/ping");
+        for url in [&c, &ip] {
+            let err = get(&client, url).await.expect_err(url);
+            assert!(err.is_connect(), "{url}: {err:?}");
+        }
+        // A default set while serving answers both (it covers c.lan and 127.0.0.1).
+        sni.set_default(Some(fallback));
+        for url in [&c, &ip] {
+            assert_eq!(
+                get(&client, url).await.expect(url),
+                (200, "pong".to_owned())
+            );
+        }
+        stop(running).await;
     }
 }
