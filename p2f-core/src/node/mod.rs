@@ -30,6 +30,7 @@ use crate::records::listing::Listed;
 use crate::records::{CatchUp, LocalRecords, Origin, Records};
 use crate::root::Root;
 use crate::root::unplaced::Unplaced;
+use crate::server::{Accept, PlainHttp};
 use crate::store::{Store, StoreError};
 use strategy::DeployOptions;
 
@@ -50,6 +51,9 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A file of the agent could not be written.
+    #[error(transparent)]
+    Write(#[from] crate::fsutil::WriteError),
     /// The listen address.
     #[error("cannot listen on {address}: {source}")]
     Listen {
@@ -175,7 +179,11 @@ impl Agent {
             };
             let app = api::router(parts, network.features);
             let (stop, stopped) = oneshot::channel();
-            let server = tokio::spawn(crate::server::serve_tls(listener, tls, app, async move {
+            let accept = Accept::Tls {
+                config: tls,
+                plain: PlainHttp::CONTROL_API,
+            };
+            let server = tokio::spawn(crate::server::serve(listener, accept, app, async move {
                 let _ = stopped.await;
             }));
             // Written whole or not at all: readers never see it half-done.
@@ -470,32 +478,9 @@ async fn node_certificate(
     Ok(cert)
 }
 
-/// Writes `path` whole or not at all, private (0600): a temporary file beside it, synced,
-/// then renamed over it.
+/// Writes `path` whole or not at all, private (0600).
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), AgentError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |source| AgentError::Io {
-        what: "cannot write",
-        path: path.to_owned(),
-        source,
-    };
-    let temp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)
-        .map_err(io)?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .and_then(|()| std::fs::rename(&temp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&temp);
-            io(e)
-        })?;
-    set_private(path)
+    Ok(crate::fsutil::write_private(path, bytes)?)
 }
 
 /// Mode 0600, also for a file that existed with a wider mode.
