@@ -10,6 +10,7 @@ mod netns;
 mod network;
 mod p2prc;
 mod partition;
+mod root;
 mod rules;
 mod strategies;
 mod support;

@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use p2f::model::{Failure, NodeName, Process, ProcessId, ProcessKey, ProcessSpec, Status};
+use p2f::model::{
+    Failure, NodeName, Process, ProcessId, ProcessKey, ProcessSpec, Rejection, Status, Unfit,
+};
 
 use crate::support::{TestAgent, eventually, log_containing};
 
@@ -406,7 +408,7 @@ async fn a_process_pinned_to_a_dead_node_waits_and_returns_with_it() {
             async move {
                 let all = net.list_processes().await.ok()?;
                 all.into_iter()
-                    .find(|p| p.id == id && p.status == Status::Pending)
+                    .find(|p| p.id == id && p.status == Status::Unplaced)
             }
         },
     )
@@ -415,7 +417,16 @@ async fn a_process_pinned_to_a_dead_node_waits_and_returns_with_it() {
         held.last_failure,
         Some(Failure::NoAllowedNode {
             pins: vec![NodeName::from_static("pi")],
-            rejected: Vec::new(),
+            rejected: vec![
+                Rejection {
+                    node: NodeName::from_static("pi"),
+                    why: Unfit::Dead,
+                },
+                Rejection {
+                    node: NodeName::from_static("root"),
+                    why: Unfit::PinnedOut,
+                },
+            ],
         })
     );
     assert_eq!(
