@@ -125,7 +125,11 @@ impl From<SupervisorError> for ApiError {
                 },
             },
             SupervisorError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
-            SupervisorError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            SupervisorError::Exists { .. }
+            | SupervisorError::PortTaken { .. }
+            | SupervisorError::StartedAgain { .. } => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
             SupervisorError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
