@@ -521,7 +521,7 @@ mod tests {
         let mut child = Command::new(exe)
             .args([
                 "--exact",
-                "agent::store::tests::writer_child",
+                "node::store::tests::writer_child",
                 "--nocapture",
                 "--test-threads=1",
             ])
