@@ -372,7 +372,7 @@ async fn a_returning_member_starts_again_what_nobody_replaced() {
         .await
         .expect("info")
         .expect("the record");
-    assert_eq!(parked.status, Status::Pending, "parked: {parked:?}");
+    assert_eq!(parked.status, Status::Parked, "parked: {parked:?}");
     let killed = a.network().kill_process(&parked).await.expect("kill");
     assert_eq!(killed.status, Status::Stopped);
     tokio::time::sleep(Duration::from_secs(4)).await;
