@@ -185,6 +185,47 @@ impl Status {
         matches!(self, Status::Stopped | Status::Failed(_))
     }
 
+    /// Whether a record in this status may move to `next`: the lifecycle's transition table.
+    /// Staying where it is (the very same status) is always allowed. A final status moves
+    /// nowhere: a process stopped or failed comes back only as a new record (a new spin, a new
+    /// placement).
+    ///
+    /// | from | to |
+    /// | --- | --- |
+    /// | `Pending` | `Parked`, `Unplaced`, `Deploying`, `Running`, `Stopped`, `Failed`, `Lost` |
+    /// | `Parked` | `Pending` (unparked), `Running` (found running at recovery), `Stopped`, `Lost` |
+    /// | `Unplaced` | `Pending` (a node can take it), `Stopped`, `Lost` |
+    /// | `Deploying` | `Pending` (deploy failed, restarts), `Parked`, `Running`, `Stopped`, `Failed`, `Lost` |
+    /// | `Running` | `Pending` (restarts), `Parked`, `Stopping`, `Stopped`, `Failed`, `Lost` |
+    /// | `Stopping` | `Stopped`, `Lost` |
+    /// | `Stopped`, `Failed` | nothing |
+    /// | `Lost` | anything but `Unplaced` and `Lost`: its node came back and says where it is |
+    pub fn can_become(&self, next: &Status) -> bool {
+        use Status::*;
+        if self == next {
+            return true;
+        }
+        match self {
+            Pending => matches!(
+                next,
+                Parked | Unplaced | Deploying | Running | Stopped | Failed(_) | Lost
+            ),
+            Parked => matches!(next, Pending | Running | Stopped | Lost),
+            Unplaced => matches!(next, Pending | Stopped | Lost),
+            Deploying => matches!(
+                next,
+                Pending | Parked | Running | Stopped | Failed(_) | Lost
+            ),
+            Running => matches!(
+                next,
+                Pending | Parked | Stopping | Stopped | Failed(_) | Lost
+            ),
+            Stopping => matches!(next, Stopped | Lost),
+            Stopped | Failed(_) => false,
+            Lost => !matches!(next, Unplaced | Lost),
+        }
+    }
+
     /// A short lower-case name (`running`, `failed`, ...).
     pub fn name(&self) -> &'static str {
         match self {
@@ -467,6 +508,84 @@ mod tests {
                 failure
             );
         }
+    }
+
+    #[test]
+    fn status_transitions_follow_the_table() {
+        use Status::*;
+        let failed = || Failed(Failure::Exited { code: 1 });
+        let check = |from: Status, to: Status, allowed: bool| {
+            assert_eq!(from.can_become(&to), allowed, "{from} -> {to}");
+        };
+        // Staying is not a move.
+        check(Pending, Pending, true);
+        check(Running, Running, true);
+        check(Stopped, Stopped, true);
+        check(failed(), failed(), true);
+        check(failed(), Failed(Failure::Exited { code: 2 }), false);
+        // Pending: accepted, waiting to start.
+        check(Pending, Parked, true);
+        check(Pending, Unplaced, true);
+        check(Pending, Deploying, true);
+        check(Pending, Running, true);
+        check(Pending, Stopping, false);
+        check(Pending, Stopped, true);
+        check(Pending, failed(), true);
+        check(Pending, Lost, true);
+        // Parked: recovered, waiting to hear the network.
+        check(Parked, Pending, true);
+        check(Parked, Running, true);
+        check(Parked, Stopped, true);
+        check(Parked, Lost, true);
+        check(Parked, Deploying, false);
+        check(Parked, Stopping, false);
+        check(Parked, failed(), false);
+        check(Parked, Unplaced, false);
+        // Unplaced: the root's record of a process no node can take.
+        check(Unplaced, Pending, true);
+        check(Unplaced, Stopped, true);
+        check(Unplaced, Lost, true);
+        check(Unplaced, Running, false);
+        check(Unplaced, Deploying, false);
+        check(Unplaced, Parked, false);
+        check(Unplaced, failed(), false);
+        // Deploying: its deploy step runs.
+        check(Deploying, Running, true);
+        check(Deploying, Pending, true);
+        check(Deploying, Parked, true);
+        check(Deploying, Stopped, true);
+        check(Deploying, failed(), true);
+        check(Deploying, Lost, true);
+        check(Deploying, Stopping, false);
+        check(Deploying, Unplaced, false);
+        // Running.
+        check(Running, Stopping, true);
+        check(Running, Pending, true);
+        check(Running, Parked, true);
+        check(Running, Stopped, true);
+        check(Running, failed(), true);
+        check(Running, Lost, true);
+        check(Running, Deploying, false);
+        check(Running, Unplaced, false);
+        // Stopping: only its end.
+        check(Stopping, Stopped, true);
+        check(Stopping, Lost, true);
+        check(Stopping, Running, false);
+        check(Stopping, Pending, false);
+        check(Stopping, failed(), false);
+        // Final: nowhere.
+        check(Stopped, Pending, false);
+        check(Stopped, Running, false);
+        check(Stopped, Lost, false);
+        check(failed(), Pending, false);
+        check(failed(), Stopped, false);
+        check(failed(), Lost, false);
+        // Lost: its node came back and says where the process is.
+        check(Lost, Running, true);
+        check(Lost, Pending, true);
+        check(Lost, Stopped, true);
+        check(Lost, failed(), true);
+        check(Lost, Unplaced, false);
     }
 
     #[test]

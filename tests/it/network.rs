@@ -298,6 +298,15 @@ async fn the_root_places_services_and_moves_them_off_a_dead_node() {
         .expect("move");
     assert_eq!((moved.node.name.as_str(), moved.generation), ("node-a", 3));
     assert!(moved.is_running(), "{moved:?}");
+    assert!(
+        moved.events.iter().any(|e| e.kind
+            == p2f::model::EventKind::Moved {
+                from: NodeName::from_static("node-b"),
+                to: NodeName::from_static("node-a"),
+            }),
+        "the history says it moved: {:?}",
+        moved.events
+    );
     let again = root
         .network()
         .move_process(web_id, &a_name)
@@ -374,7 +383,7 @@ async fn a_returning_member_starts_again_what_nobody_replaced() {
         .await
         .expect("info")
         .expect("the record");
-    assert_eq!(parked.status, Status::Pending, "parked: {parked:?}");
+    assert_eq!(parked.status, Status::Parked, "parked: {parked:?}");
     let killed = a.network().kill_process(&parked).await.expect("kill");
     assert_eq!(killed.status, Status::Stopped);
     tokio::time::sleep(Duration::from_secs(4)).await;

@@ -13,8 +13,8 @@ async fn an_unplaced_process_says_why_and_is_killed_through_any_node() {
     let member = TestAgent::join(&root, "member", "127.0.0.6").await;
     member.hears("root").await;
     // Pinned to a node that is not in the network.
-    let spec = ProcessSpec::new("nowhere", "exec sleep 1000")
-        .with_pin([NodeName::from_static("ghost")]);
+    let spec =
+        ProcessSpec::new("nowhere", "exec sleep 1000").with_pin([NodeName::from_static("ghost")]);
     let desired = root.network().deploy(&[spec]).await.expect("deploy");
     let id = desired.services[0].id.clone();
 
@@ -24,7 +24,12 @@ async fn an_unplaced_process_says_why_and_is_killed_through_any_node() {
         || {
             let (net, id) = (member.network().clone(), id.clone());
             async move {
-                let p = net.list_processes().await.ok()?.into_iter().find(|p| p.id == id)?;
+                let p = net
+                    .list_processes()
+                    .await
+                    .ok()?
+                    .into_iter()
+                    .find(|p| p.id == id)?;
                 let rejected = match &p.last_failure {
                     Some(Failure::NoAllowedNode { rejected, .. }) => rejected.len(),
                     _ => 0,
@@ -46,7 +51,11 @@ async fn an_unplaced_process_says_why_and_is_killed_through_any_node() {
         })
     );
     assert_eq!(
-        unplaced.last_failure.as_ref().map(ToString::to_string).as_deref(),
+        unplaced
+            .last_failure
+            .as_ref()
+            .map(ToString::to_string)
+            .as_deref(),
         Some("no node can take it: member is not in its pins, root is not in its pins")
     );
 
@@ -57,13 +66,22 @@ async fn an_unplaced_process_says_why_and_is_killed_through_any_node() {
         .await
         .expect("an unplaced process can be killed");
     assert_eq!(killed.status, Status::Stopped, "{killed:?}");
-    eventually("the member to see it stopped", Duration::from_secs(20), || {
-        let (net, id) = (member.network().clone(), id.clone());
-        async move {
-            let p = net.list_processes().await.ok()?.into_iter().find(|p| p.id == id)?;
-            (p.status == Status::Stopped).then_some(())
-        }
-    })
+    eventually(
+        "the member to see it stopped",
+        Duration::from_secs(20),
+        || {
+            let (net, id) = (member.network().clone(), id.clone());
+            async move {
+                let p = net
+                    .list_processes()
+                    .await
+                    .ok()?
+                    .into_iter()
+                    .find(|p| p.id == id)?;
+                (p.status == Status::Stopped).then_some(())
+            }
+        },
+    )
     .await;
     // A record that runs nowhere cannot be removed by id: the deployment decides.
     let refused = member

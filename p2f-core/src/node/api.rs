@@ -88,7 +88,11 @@ impl From<SupervisorError> for ApiError {
         match e {
             SupervisorError::Invalid(invalid) => invalid.into(),
             SupervisorError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
-            SupervisorError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            SupervisorError::Exists { .. }
+            | SupervisorError::PortTaken { .. }
+            | SupervisorError::StartedAgain { .. } => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
             SupervisorError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
@@ -223,9 +227,12 @@ async fn spin(
 ) -> Result<(StatusCode, Json<Process>), ApiError> {
     let Query(query) = query?;
     let Json(request) = body?;
-    let process = api
-        .supervisor
-        .spin(request.spec, request.id, request.generation)?;
+    let process = api.supervisor.spin_moved(
+        request.spec,
+        request.id,
+        request.generation,
+        request.moved_from,
+    )?;
     if !query.wait {
         return Ok((StatusCode::CREATED, Json(process)));
     }

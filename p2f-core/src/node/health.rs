@@ -1,12 +1,13 @@
 //! Health checks: a TCP connect to the port, an HTTP `GET` answering 2xx/3xx, or a command
 //! exiting 0 — each bounded in time, each failing with a one-line reason.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use p2f_model::Health;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use super::supervisor::spawn::Shell;
 
 /// A check that is not done after this long failed.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -22,15 +23,8 @@ pub fn describe(health: &Health, port: Option<u16>) -> String {
     }
 }
 
-/// Runs one check. `env`, `dir` and `user` (uid, gid) are the process's variables, bundle
-/// directory and identity (for `Cmd`, which runs as the process would).
-pub async fn check(
-    health: &Health,
-    port: Option<u16>,
-    env: &[(String, String)],
-    dir: &std::path::Path,
-    user: Option<(u32, u32)>,
-) -> Result<(), String> {
+/// Runs one check. A `Cmd` runs in `shell`: the process's bundle directory, variables and user.
+pub(crate) async fn check(health: &Health, port: Option<u16>, shell: &Shell) -> Result<(), String> {
     let work = async {
         match health {
             Health::None => Ok(()),
@@ -46,19 +40,8 @@ pub async fn check(
                 http_get(port, path).await
             }
             Health::Cmd(command) => {
-                let mut cmd = tokio::process::Command::new("sh");
-                if let Some((uid, gid)) = user {
-                    cmd.uid(uid).gid(gid);
-                }
-                let status = cmd
-                    .arg("-c")
-                    .arg(command.as_ref())
-                    .current_dir(dir)
-                    .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .kill_on_drop(true)
+                let status = shell
+                    .quiet(command)
                     .status()
                     .await
                     .map_err(|e| format!("cannot run it: {e}"))?;
@@ -143,18 +126,18 @@ mod tests {
                 let _ = s.write_all(answer.as_bytes()).await;
             }
         });
-        let dir = std::env::temp_dir();
+        let shell = Shell::plain(&std::env::temp_dir(), &[("CODE".into(), "4".into())]);
         assert_eq!(
-            check(&Health::Http("/".into()), Some(port), &[], &dir, None).await,
+            check(&Health::Http("/".into()), Some(port), &shell).await,
             Ok(())
         );
-        let busy = check(&Health::Http("/".into()), Some(port), &[], &dir, None).await;
+        let busy = check(&Health::Http("/".into()), Some(port), &shell).await;
         assert_eq!(busy, Err("GET / answered 503".to_owned()));
         server.await.expect("server");
-        let closed = check(&Health::Tcp, Some(port), &[], &dir, None).await;
+        let closed = check(&Health::Tcp, Some(port), &shell).await;
         assert!(closed.is_err(), "{closed:?}");
         assert_eq!(
-            check(&Health::Cmd("exit 4".into()), None, &[], &dir, None).await,
+            check(&Health::Cmd("exit $CODE".into()), None, &shell).await,
             Err("exited with code 4".to_owned())
         );
     }

@@ -102,13 +102,112 @@ pub fn on_exit(
     }
 }
 
+/// Moves `process` to `next`, checked against [`Status::can_become`]. An illegal move is a bug
+/// of the supervisor: it is logged and trips an assertion in debug builds; in release the
+/// record still takes the status, so that it says what the supervisor did.
+fn set_status(process: &mut Process, next: Status) {
+    if !process.status.can_become(&next) {
+        tracing::error!(
+            id = %process.id,
+            from = %process.status,
+            to = %next,
+            "illegal status transition (a bug in the supervisor)"
+        );
+        debug_assert!(
+            false,
+            "illegal status transition of {}: {} -> {next}",
+            process.id, process.status
+        );
+    }
+    process.status = next;
+}
+
+/// Its deploy step starts: `Deploying`.
+pub fn on_deploying(process: &mut Process) {
+    set_status(process, Status::Deploying);
+}
+
+/// Its deploy step finished (the status stays until it starts).
+pub fn on_deployed(process: &mut Process, now: Timestamp) {
+    process.record(now, EventKind::Deployed);
+}
+
+/// Its command started as `pid`: `Running`, with a `Started` event.
+pub fn on_started(process: &mut Process, pid: u32, now: Timestamp) {
+    set_status(process, Status::Running);
+    process.pid = Some(pid);
+    process.started_at = Some(now);
+    process.record(now, EventKind::Started { pid });
+}
+
+/// Its health check passed for the first time since it started.
+pub fn on_healthy(process: &mut Process, now: Timestamp) {
+    process.record(now, EventKind::Healthy);
+}
+
+/// A stop was asked for while it runs: `Stopping` until it is gone.
+pub fn on_stopping(process: &mut Process) {
+    set_status(process, Status::Stopping);
+}
+
 /// Records a requested stop: `Stopped`, with a `Killed` event.
 pub fn on_stopped(process: &mut Process, now: Timestamp) -> Action {
     process.pid = None;
     process.memory_bytes = 0;
-    process.status = Status::Stopped;
+    set_status(process, Status::Stopped);
     process.record(now, EventKind::Killed);
     Action::Rest
+}
+
+/// A requested stop that outlived its grace period: `Stopped` (it was killed), with
+/// `StopTimedOut` as its last failure.
+pub fn on_stop_timed_out(process: &mut Process, now: Timestamp) -> Action {
+    let action = on_stopped(process, now);
+    process.last_failure = Some(Failure::StopTimedOut);
+    action
+}
+
+/// After an agent restart, the process was found running as `pid`: it is watched again. A
+/// record that did not say so yet (the agent died between starting it and recording that) says
+/// `Running` now; one being stopped stays `Stopping` (the stop goes on).
+pub fn on_readopted(process: &mut Process, pid: u32, now: Timestamp) {
+    if matches!(process.status, Status::Running | Status::Stopping) {
+        process.pid = Some(pid);
+    } else {
+        on_started(process, pid, now);
+    }
+}
+
+/// After an agent restart, the process should run but does not: `Pending`, to start again now.
+/// One that was `Running` ended while nobody watched it (`Vanished`).
+pub fn on_recovered(process: &mut Process, now: Timestamp) {
+    vanished_while_down(process, now);
+    set_status(process, Status::Pending);
+}
+
+/// Like [`on_recovered`], but it waits to hear the network before starting again: `Parked`.
+pub fn on_parked(process: &mut Process, now: Timestamp) {
+    vanished_while_down(process, now);
+    set_status(process, Status::Parked);
+}
+
+/// A parked process may start again (the network did not replace it): `Pending`.
+pub fn on_unparked(process: &mut Process) {
+    set_status(process, Status::Pending);
+}
+
+fn vanished_while_down(process: &mut Process, now: Timestamp) {
+    if process.status == Status::Running {
+        process.last_failure = Some(Failure::Vanished);
+        process.record(
+            now,
+            EventKind::Exited {
+                failure: Failure::Vanished,
+            },
+        );
+    }
+    process.pid = None;
+    process.memory_bytes = 0;
 }
 
 /// Applies a failure (an exit, or one found before or without an exit: the deploy step, a
@@ -131,17 +230,18 @@ pub fn on_failure(
     if may_restart(process.spec.restart(), &failure, in_a_row) {
         let attempt = in_a_row + 1;
         let delay = backoff(attempt);
-        process.status = Status::Pending;
+        set_status(process, Status::Pending);
         process.restarts += 1;
         let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         process.record(now, EventKind::Restarted { attempt, delay_ms });
         Action::RestartAfter(delay)
     } else {
-        process.status = if matches!(failure, Failure::Exited { code: 0 }) {
+        let next = if matches!(failure, Failure::Exited { code: 0 }) {
             Status::Stopped
         } else {
             Status::Failed(failure)
         };
+        set_status(process, next);
         Action::GiveUp
     }
 }
@@ -308,5 +408,112 @@ mod tests {
             p.events.last().map(|e| e.kind.clone()),
             Some(EventKind::Killed)
         );
+    }
+
+    fn last_event(p: &Process) -> Option<EventKind> {
+        p.events.last().map(|e| e.kind.clone())
+    }
+
+    #[test]
+    fn a_launch_goes_deploying_then_running() {
+        let mut p = process(RestartPolicy::Never);
+        on_deploying(&mut p);
+        assert_eq!(p.status, Status::Deploying);
+        on_deployed(&mut p, Timestamp(1));
+        assert_eq!(
+            (p.status.clone(), last_event(&p)),
+            (Status::Deploying, Some(EventKind::Deployed))
+        );
+        on_started(&mut p, 42, Timestamp(2));
+        assert_eq!(
+            (p.status.clone(), p.pid, p.started_at),
+            (Status::Running, Some(42), Some(Timestamp(2)))
+        );
+        assert_eq!(last_event(&p), Some(EventKind::Started { pid: 42 }));
+        on_healthy(&mut p, Timestamp(3));
+        assert!(p.is_healthy());
+    }
+
+    #[test]
+    fn a_stop_goes_stopping_then_stopped() {
+        let mut p = process(RestartPolicy::Always);
+        on_started(&mut p, 42, Timestamp(1));
+        on_stopping(&mut p);
+        assert_eq!((p.status.clone(), p.pid), (Status::Stopping, Some(42)));
+        assert_eq!(on_stop_timed_out(&mut p, Timestamp(2)), Action::Rest);
+        assert_eq!(
+            (p.status.clone(), p.pid, p.last_failure.clone()),
+            (Status::Stopped, None, Some(Failure::StopTimedOut))
+        );
+        assert_eq!(last_event(&p), Some(EventKind::Killed));
+    }
+
+    #[test]
+    fn recovery_readopts_or_waits_to_start_again() {
+        // Found running although the record said Pending: it runs.
+        let mut p = process(RestartPolicy::Always);
+        on_readopted(&mut p, 7, Timestamp(1));
+        assert_eq!((p.status.clone(), p.pid), (Status::Running, Some(7)));
+        assert_eq!(last_event(&p), Some(EventKind::Started { pid: 7 }));
+        // Found running and recorded so: only the pid is taken.
+        let events = p.events.len();
+        on_readopted(&mut p, 8, Timestamp(2));
+        assert_eq!((p.status.clone(), p.pid), (Status::Running, Some(8)));
+        assert_eq!(p.events.len(), events);
+        // Found being stopped: the stop goes on.
+        on_stopping(&mut p);
+        on_readopted(&mut p, 9, Timestamp(3));
+        assert_eq!((p.status.clone(), p.pid), (Status::Stopping, Some(9)));
+        // Running, then gone while the agent was down: it vanished, and waits.
+        let mut p = process(RestartPolicy::Always);
+        on_started(&mut p, 7, Timestamp(1));
+        on_parked(&mut p, Timestamp(2));
+        assert_eq!(
+            (p.status.clone(), p.pid, p.last_failure.clone()),
+            (Status::Parked, None, Some(Failure::Vanished))
+        );
+        assert_eq!(
+            last_event(&p),
+            Some(EventKind::Exited {
+                failure: Failure::Vanished
+            })
+        );
+        // Parked again by the next restart: nothing new happened to it.
+        let events = p.events.len();
+        on_parked(&mut p, Timestamp(3));
+        assert_eq!((p.status.clone(), p.events.len()), (Status::Parked, events));
+        on_unparked(&mut p);
+        assert_eq!(p.status, Status::Pending);
+        // Never started: it waits to start, without a failure.
+        let mut p = process(RestartPolicy::Always);
+        on_recovered(&mut p, Timestamp(1));
+        assert_eq!(
+            (p.status.clone(), p.last_failure.clone()),
+            (Status::Pending, None)
+        );
+        // A parked process killed where it is.
+        let mut p = process(RestartPolicy::Always);
+        on_parked(&mut p, Timestamp(1));
+        assert_eq!(on_stopped(&mut p, Timestamp(2)), Action::Rest);
+        assert_eq!(p.status, Status::Stopped);
+    }
+
+    #[test]
+    fn every_decision_moves_along_the_table() {
+        // Each function from each status it is used in; an illegal move would trip the
+        // debug assertion in `set_status`.
+        let cx = ExitContext::default();
+        for from in [Status::Pending, Status::Deploying, Status::Running] {
+            let mut p = process(RestartPolicy::OnFailure(1));
+            p.status = from.clone();
+            on_failure(&mut p, Failure::PortInUse { port: 1 }, 0, Timestamp(1));
+            assert_eq!(p.status, Status::Pending, "from {from}");
+            p.status = from.clone();
+            on_exit(&mut p, Exit::Code(0), cx, 0, Timestamp(2));
+            assert_eq!(p.status, Status::Stopped, "from {from}");
+            p.status = from.clone();
+            on_exit(&mut p, Exit::Code(2), cx, 1, Timestamp(3));
+            assert_eq!(p.status, Status::Failed(Failure::Exited { code: 2 }));
+        }
     }
 }

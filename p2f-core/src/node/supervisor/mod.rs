@@ -6,40 +6,40 @@
 //! a process outlives the agent; when the agent starts again it re-adopts what still runs (same
 //! pid and start time, or found by its `P2F_PROCESS_ID` and `P2F_GENERATION`), and starts again,
 //! with the same id and port, what should run but does not.
+//!
+//! Here: the [`Supervisor`] handle and its registry of slots (spin, kill, remove, find, list).
+//! `task` is one process's life, `spawn` the one `sh -c` builder, `recover` what happens to the
+//! records when the agent starts again.
+//!
+//! No durable write happens under the slots lock, so that reads (the API's list, the mesh
+//! publisher) never wait for an fsync: a write about an id claims the id under the lock, runs
+//! off it, and is applied under the lock again (`Claim`).
+
+mod recover;
+pub(super) mod spawn;
+mod task;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
-use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
-use nix::sys::signal::Signal;
-use p2f_model::{
-    EventKind, Failure, Health, Invalid, NodeRef, Process, ProcessId, ProcessKey, ProcessSpec,
-    Status, Timestamp,
-};
-use tokio::process::{Child, Command};
+use p2f_model::{Invalid, NodeRef, Process, ProcessId, ProcessKey, ProcessSpec, Status, Timestamp};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::config::SupervisorConfig;
-use super::health;
-use super::lifecycle::{self, Action, Exit, ExitContext};
+use super::lifecycle;
 use super::logs::Logs;
 use super::os;
-use super::strategy::{self, DeployOptions, Prepared};
+use super::strategy::DeployOptions;
 use crate::records::listing::Listed;
-use crate::store::{Entry, Local, Store, StoreError};
+use crate::store::{Entry, Store, StoreError};
+use task::Begin;
 
-/// A process that ran this long without a health check counts as healthy again (its restarts in
-/// a row start over).
-const MIN_UPTIME: Duration = Duration::from_secs(10);
-/// How often a process is checked until it is first healthy.
-const STARTUP_CHECK: Duration = Duration::from_millis(250);
-/// How often a re-adopted process (not our child) is looked at.
-const ADOPTED_POLL: Duration = Duration::from_millis(500);
 /// How long after SIGKILL a process group may take to disappear.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
@@ -58,9 +58,20 @@ pub enum SupervisorError {
     /// No process has this id.
     #[error("no process {0}")]
     NotFound(ProcessId),
-    /// The request conflicts with what runs.
-    #[error("{0}")]
-    Conflict(String),
+    /// A process with this id is not stopped or failed here, with another generation or spec
+    /// (a spin of the same generation and spec answers the existing record instead).
+    #[error("process {id} is {} here; kill it first", status.name())]
+    Exists { id: ProcessId, status: Status },
+    /// Another process of this node that is not stopped or failed has the port.
+    #[error("port {port} is used by {by} ({service}) on this node")]
+    PortTaken {
+        port: u16,
+        by: ProcessId,
+        service: String,
+    },
+    /// The process was spun again while it was being removed; the new one stays.
+    #[error("process {id} was started again while it was being removed")]
+    StartedAgain { id: ProcessId },
     /// The record could not be written.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -99,25 +110,196 @@ pub enum Shutdown {
     StopAll,
 }
 
+/// Who looks after a slot's process.
+#[derive(Debug)]
+enum Runner {
+    /// Its task (a finished handle once the task returned).
+    Task(JoinHandle<()>),
+    /// Recovered, to be started again once the network has said it was not replaced
+    /// ([`Supervisor::unpark`]); no task runs it yet. Its record says `Parked`.
+    Parked,
+    /// Nobody: it ended, or [`Supervisor::shutdown`] took its task.
+    Idle,
+}
+
+/// One process of this node.
+#[derive(Debug)]
 struct Slot {
+    /// The record as it is on disk; changed only through [`Slot::update`].
     entry: Entry,
     desired: watch::Sender<Desired>,
-    task: Option<JoinHandle<()>>,
-    /// Recovered, to be started again once the network has said it was not replaced
-    /// ([`Supervisor::unpark`]); no task runs it yet.
-    parked: bool,
+    runner: Runner,
     /// The record as listed, made when first asked for after a change.
     listed: Option<Listed>,
 }
 
 impl Slot {
-    fn new(entry: Entry, desired: watch::Sender<Desired>, task: Option<JoinHandle<()>>) -> Slot {
+    fn new(entry: Entry, desired: watch::Sender<Desired>, runner: Runner) -> Slot {
         Slot {
             entry,
             desired,
-            task,
-            parked: false,
+            runner,
             listed: None,
+        }
+    }
+
+    fn process(&self) -> &Process {
+        &self.entry.process
+    }
+
+    /// Changes the record; the listed copy is made again when next asked for.
+    fn update(&mut self, change: impl FnOnce(&mut Entry)) {
+        change(&mut self.entry);
+        self.listed = None;
+    }
+
+    /// The record as listed (shared, encoded once per change).
+    fn listed(&mut self) -> Listed {
+        let process = &self.entry.process;
+        self.listed
+            .get_or_insert_with(|| Listed::new(process.clone()))
+            .clone()
+    }
+
+    /// Takes its task, if it has one (the slot is left `Idle`).
+    fn take_task(&mut self) -> Option<JoinHandle<()>> {
+        match std::mem::replace(&mut self.runner, Runner::Idle) {
+            Runner::Task(task) => Some(task),
+            other => {
+                self.runner = other;
+                None
+            }
+        }
+    }
+}
+
+/// A durable write about an id, running off the lock.
+#[derive(Debug)]
+enum Writing {
+    /// A spin's new record: no slot shows it yet (reads see only what is on disk), but its port
+    /// is already taken.
+    Placing(Box<Process>),
+    /// A change of the slot's own record: a parked process is stopped, or a record forgotten.
+    Changing,
+}
+
+/// The slots and the writes in flight, under one lock.
+#[derive(Debug, Default)]
+struct Registry {
+    slots: HashMap<ProcessId, Slot>,
+    /// While an id is here nothing else changes it: a spin, kill or remove of it waits
+    /// ([`Inner::lock_settled`]), unpark skips it, shutdown waits for all to end.
+    writing: HashMap<ProcessId, Writing>,
+}
+
+/// What a spin meets in the registry.
+#[derive(Debug, Clone, PartialEq)]
+enum Admission {
+    /// The same generation and spec is already here: the spin answers this record.
+    Existing(Box<Process>),
+    /// A new record, with this generation.
+    New { generation: u64 },
+}
+
+impl Registry {
+    /// What a spin of `id` for `spec` at `generation` (default 1) meets: the existing record, a
+    /// conflict, or a new record's generation (above any stopped or failed one of the same id).
+    fn admit(
+        &self,
+        id: &ProcessId,
+        spec: &ProcessSpec,
+        generation: Option<u64>,
+    ) -> Result<Admission, SupervisorError> {
+        let mut generation = generation.unwrap_or(1);
+        if let Some(old) = self.slots.get(id).map(Slot::process) {
+            if !old.status.is_final() {
+                if old.generation == generation && old.spec == *spec {
+                    return Ok(Admission::Existing(Box::new(old.clone())));
+                }
+                return Err(SupervisorError::Exists {
+                    id: id.clone(),
+                    status: old.status.clone(),
+                });
+            }
+            generation = generation.max(old.generation + 1);
+        }
+        if let Some(port) = spec.port()
+            && let Some(user) = self.port_user(port, id)
+        {
+            return Err(SupervisorError::PortTaken {
+                port,
+                by: user.id.clone(),
+                service: user.name().to_owned(),
+            });
+        }
+        Ok(Admission::New { generation })
+    }
+
+    /// A process other than `id`, not stopped or failed, that has `port`: in a slot, or being
+    /// placed.
+    fn port_user(&self, port: u16, id: &ProcessId) -> Option<&Process> {
+        let placing = self.writing.values().filter_map(|w| match w {
+            Writing::Placing(process) => Some(&**process),
+            Writing::Changing => None,
+        });
+        self.slots
+            .values()
+            .map(Slot::process)
+            .chain(placing)
+            .find(|p| p.id != *id && p.port == Some(port) && !p.status.is_final())
+    }
+
+    /// Whether `id` waits for [`Supervisor::unpark`] (and no write about it is in flight).
+    fn is_parked(&self, id: &ProcessId) -> bool {
+        !self.writing.contains_key(id)
+            && self
+                .slots
+                .get(id)
+                .is_some_and(|s| matches!(s.runner, Runner::Parked))
+    }
+}
+
+/// An id in [`Registry::writing`] while its durable write runs off the lock. It is released
+/// under the lock together with the change it made ([`Claim::release`]) or, should its holder
+/// unwind, when dropped; either way every waiter is woken. No claim is held across an `.await`,
+/// so a wait for one lasts at most one write and cannot stall a current-thread runtime.
+struct Claim<'a> {
+    inner: &'a Inner,
+    id: ProcessId,
+    released: bool,
+}
+
+impl<'a> Claim<'a> {
+    fn take(
+        inner: &'a Inner,
+        registry: &mut Registry,
+        id: ProcessId,
+        writing: Writing,
+    ) -> Claim<'a> {
+        registry.writing.insert(id.clone(), writing);
+        Claim {
+            inner,
+            id,
+            released: false,
+        }
+    }
+
+    fn id(&self) -> &ProcessId {
+        &self.id
+    }
+
+    fn release(mut self, registry: &mut Registry) {
+        registry.writing.remove(&self.id);
+        self.inner.settled.notify_all();
+        self.released = true;
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if !self.released {
+            self.inner.lock().writing.remove(&self.id);
+            self.inner.settled.notify_all();
         }
     }
 }
@@ -129,10 +311,12 @@ struct Inner {
     bundles: PathBuf,
     settings: SupervisorConfig,
     deploy: DeployOptions,
-    slots: Mutex<HashMap<ProcessId, Slot>>,
-    /// Bumped after every record change; waiters and (later) the mesh watch it.
+    registry: Mutex<Registry>,
+    /// Signalled whenever a [`Claim`] is released.
+    settled: Condvar,
+    /// Bumped after every record change; waiters and the mesh watch it.
     version: watch::Sender<u64>,
-    closing: std::sync::atomic::AtomicBool,
+    closing: AtomicBool,
 }
 
 /// The supervisor of one node's processes.
@@ -147,15 +331,6 @@ impl std::fmt::Debug for Supervisor {
             .field("node", &self.inner.node)
             .finish_non_exhaustive()
     }
-}
-
-/// How a process's task begins.
-#[derive(Debug, Clone, Copy)]
-enum Begin {
-    /// Deploy (unless done) and start it.
-    Fresh,
-    /// It already runs: watch it.
-    Adopt(Local),
 }
 
 impl Supervisor {
@@ -184,9 +359,10 @@ impl Supervisor {
                 bundles: data_dir.join("bundles"),
                 settings,
                 deploy,
-                slots: Mutex::new(HashMap::new()),
+                registry: Mutex::new(Registry::default()),
+                settled: Condvar::new(),
                 version,
-                closing: std::sync::atomic::AtomicBool::new(false),
+                closing: AtomicBool::new(false),
             }),
         };
         for entry in supervisor.inner.store.all()? {
@@ -196,141 +372,9 @@ impl Supervisor {
         Ok(supervisor)
     }
 
-    /// Decides what to do with one stored record after a restart of the agent.
-    fn recover(&self, mut entry: Entry, recovery: Recovery) -> Result<(), StoreError> {
-        let process = &entry.process;
-        let live = entry
-            .local
-            .filter(|l| os::is_same_process(l.pgid, l.start_ticks))
-            .or_else(|| find_orphan(process));
-        let begin = match (&process.status, live) {
-            (Status::Stopped | Status::Failed(_), _) => None,
-            (Status::Stopping, None) => {
-                lifecycle::on_stopped(&mut entry.process, now());
-                entry.local = None;
-                self.inner.store.put(&entry)?;
-                None
-            }
-            (_, Some(local)) => {
-                tracing::info!(id = %process.id, pid = local.pgid, "re-adopted a running process");
-                if matches!(entry.process.status, Status::Pending | Status::Deploying) {
-                    // The agent died between starting it and recording that it runs.
-                    let at = now();
-                    entry.process.status = Status::Running;
-                    entry.process.started_at = Some(at);
-                    entry
-                        .process
-                        .record(at, EventKind::Started { pid: local.pgid });
-                }
-                entry.process.pid = Some(local.pgid);
-                entry.local = Some(local);
-                self.inner.store.put(&entry)?;
-                Some(Begin::Adopt(local))
-            }
-            (_, None) => {
-                if process.status == Status::Running {
-                    tracing::warn!(id = %process.id, "ended while the agent was down; starting it again");
-                    entry.process.last_failure = Some(Failure::Vanished);
-                    entry.process.record(
-                        now(),
-                        EventKind::Exited {
-                            failure: Failure::Vanished,
-                        },
-                    );
-                }
-                entry.process.status = Status::Pending;
-                entry.process.pid = None;
-                entry.local = None;
-                self.inner.store.put(&entry)?;
-                Some(Begin::Fresh)
-            }
-        };
-        let stopping = entry.process.status == Status::Stopping;
-        let (desired, rx) = watch::channel(if stopping {
-            Desired::Stop
-        } else {
-            Desired::Run
-        });
-        let parked = matches!(begin, Some(Begin::Fresh)) && recovery == Recovery::Park;
-        let task = begin
-            .filter(|_| !parked)
-            .map(|b| tokio::spawn(run(self.inner.clone(), entry.clone(), rx, b)));
-        if parked {
-            tracing::info!(id = %entry.process.id, generation = entry.process.generation, "waiting for the network before starting it again");
-        }
-        let id = entry.process.id.clone();
-        let mut slot = Slot::new(entry, desired, task);
-        slot.parked = parked;
-        self.slots().insert(id, slot);
-        Ok(())
-    }
-
-    /// Starts the processes recovery parked, except those `replaced` names (with the reason):
-    /// another node runs a newer generation, so this copy is forgotten without ever starting
-    /// (its record, bundle and logs are deleted).
-    pub fn unpark(&self, replaced: impl Fn(&Process) -> Option<String>) {
-        // Decided without the slots lock (`replaced` may take other locks), then applied to
-        // the slots still parked at the same generation.
-        let parked: Vec<Process> = self
-            .slots()
-            .values()
-            .filter(|slot| slot.parked)
-            .map(|slot| slot.entry.process.clone())
-            .collect();
-        let verdicts: Vec<(Process, Option<String>)> = parked
-            .into_iter()
-            .map(|process| {
-                let reason = replaced(&process);
-                (process, reason)
-            })
-            .collect();
-        let mut forgotten = false;
-        let mut slots = self.slots();
-        // Under the lock `shutdown` takes to collect the tasks: no task starts after it.
-        if self.inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
-        }
-        for (process, reason) in verdicts {
-            let id = &process.id;
-            let Some(slot) = slots
-                .get_mut(id)
-                .filter(|s| s.parked && s.entry.process.generation == process.generation)
-            else {
-                continue;
-            };
-            slot.parked = false;
-            if let Some(reason) = reason {
-                tracing::warn!(%id, generation = process.generation, "not started again: {reason}");
-                // Deleted under the lock, so that a spin of the same id cannot come in between.
-                slots.remove(id);
-                if let Err(e) = self.inner.forget(id) {
-                    tracing::warn!(%id, "cannot delete the replaced record: {e}");
-                }
-                forgotten = true;
-                continue;
-            }
-            tracing::info!(%id, "starting it again");
-            let rx = slot.desired.subscribe();
-            slot.task = Some(tokio::spawn(run(
-                self.inner.clone(),
-                slot.entry.clone(),
-                rx,
-                Begin::Fresh,
-            )));
-        }
-        drop(slots);
-        if forgotten {
-            self.inner.bump();
-        }
-    }
-
     /// Whether a recovered process still waits for [`Supervisor::unpark`].
     pub fn is_parked(&self, id: &ProcessId) -> bool {
-        self.slots().get(id).is_some_and(|s| s.parked)
-    }
-
-    fn slots(&self) -> MutexGuard<'_, HashMap<ProcessId, Slot>> {
-        self.inner.slots()
+        self.inner.lock().is_parked(id)
     }
 
     /// The node this supervisor runs on.
@@ -346,13 +390,11 @@ impl Supervisor {
     /// Every record of this node as listed (shared, encoded once per change), sorted by id.
     pub fn listed(&self) -> Vec<Listed> {
         let mut all: Vec<Listed> = self
-            .slots()
+            .inner
+            .lock()
+            .slots
             .values_mut()
-            .map(|slot| {
-                slot.listed
-                    .get_or_insert_with(|| Listed::new(slot.entry.process.clone()))
-                    .clone()
-            })
+            .map(Slot::listed)
             .collect();
         all.sort_by(|a, b| a.process().id.cmp(&b.process().id));
         all
@@ -360,20 +402,22 @@ impl Supervisor {
 
     /// How many records this node has.
     pub fn len(&self) -> usize {
-        self.slots().len()
+        self.inner.lock().slots.len()
     }
 
     /// Whether this node has no record.
     pub fn is_empty(&self) -> bool {
-        self.slots().is_empty()
+        self.inner.lock().slots.is_empty()
     }
 
     /// Every record of this node, sorted by id.
     pub fn list(&self) -> Vec<Process> {
         let mut all: Vec<Process> = self
-            .slots()
+            .inner
+            .lock()
+            .slots
             .values()
-            .map(|s| s.entry.process.clone())
+            .map(|s| s.process().clone())
             .collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         all
@@ -381,14 +425,15 @@ impl Supervisor {
 
     /// The record that `key` names.
     pub fn find(&self, key: &ProcessKey) -> Option<Process> {
-        let slots = self.slots();
+        let registry = self.inner.lock();
         if let ProcessKey::Id(id) = key {
-            return slots.get(id).map(|s| s.entry.process.clone());
+            return registry.slots.get(id).map(|s| s.process().clone());
         }
         // A domain may have old stopped records too: prefer the live one.
-        let mut found: Vec<&Process> = slots
+        let mut found: Vec<&Process> = registry
+            .slots
             .values()
-            .map(|s| &s.entry.process)
+            .map(Slot::process)
             .filter(|p| p.matches(key))
             .collect();
         found.sort_by_key(|p| (p.status.is_final(), std::cmp::Reverse(p.generation)));
@@ -407,53 +452,68 @@ impl Supervisor {
         id: Option<ProcessId>,
         generation: Option<u64>,
     ) -> Result<Process, SupervisorError> {
+        self.spin_moved(spec, id, generation, None)
+    }
+
+    /// [`Supervisor::spin`] of a process the root moved here from node `from` (a migration or
+    /// a failover): its history says so after `placed`.
+    pub fn spin_moved(
+        &self,
+        spec: ProcessSpec,
+        id: Option<ProcessId>,
+        generation: Option<u64>,
+        from: Option<p2f_model::NodeName>,
+    ) -> Result<Process, SupervisorError> {
         spec.validate()?;
         let id = id.unwrap_or_else(|| ProcessId::for_service(spec.name(), rand::random()));
-        let mut slots = self.slots();
-        // Under the lock `shutdown` takes to collect the tasks: no task starts after it.
-        if self.inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(SupervisorError::ShuttingDown);
-        }
-        let mut generation = generation.unwrap_or(1);
-        if let Some(old) = slots.get(&id) {
-            let old = &old.entry.process;
-            if !old.status.is_final() {
-                if old.generation == generation && old.spec == spec {
-                    return Ok(old.clone());
-                }
-                return Err(SupervisorError::Conflict(format!(
-                    "process {id} is {} here; kill it first",
-                    old.status.name()
-                )));
+        let (claim, entry) = {
+            let mut registry = self.inner.lock_settled(&id);
+            // Checked under the lock: once `shutdown` has waited for the placements already
+            // claimed, none is admitted any more.
+            if self.inner.closing.load(Ordering::SeqCst) {
+                return Err(SupervisorError::ShuttingDown);
             }
-            generation = generation.max(old.generation + 1);
-        }
-        if let Some(port) = spec.port()
-            && let Some(user) = slots
-                .values()
-                .map(|s| &s.entry.process)
-                .find(|p| p.id != id && p.port == Some(port) && !p.status.is_final())
-        {
-            return Err(SupervisorError::Conflict(format!(
-                "port {port} is used by {} ({}) on this node",
-                user.id,
-                user.name()
-            )));
-        }
-        let process = Process::placed(id.clone(), generation, spec, self.inner.node.clone(), now());
-        let entry = Entry {
-            process: process.clone(),
-            local: None,
+            let generation = match registry.admit(&id, &spec, generation)? {
+                Admission::Existing(process) => return Ok(*process),
+                Admission::New { generation } => generation,
+            };
+            let at = now();
+            let mut process =
+                Process::placed(id.clone(), generation, spec, self.inner.node.clone(), at);
+            if let Some(from) = from {
+                let to = self.inner.node.name.clone();
+                process.record(at, p2f_model::EventKind::Moved { from, to });
+            }
+            let placing = Writing::Placing(Box::new(process.clone()));
+            let claim = Claim::take(&self.inner, &mut registry, id.clone(), placing);
+            (
+                claim,
+                Entry {
+                    process,
+                    local: None,
+                },
+            )
         };
-        self.inner.store.put(&entry)?;
+        // On disk before the slot shows it and before the caller answers; off the lock.
+        let written = self.inner.store.put(&entry);
+        let mut registry = self.inner.lock();
+        claim.release(&mut registry);
+        written?;
         let (desired, rx) = watch::channel(Desired::Run);
-        let task = tokio::spawn(run(self.inner.clone(), entry.clone(), rx, Begin::Fresh));
-        if let Some(old) = slots.insert(id, Slot::new(entry, desired, Some(task)))
-            && let Some(task) = old.task
+        let task = tokio::spawn(task::run(
+            self.inner.clone(),
+            entry.clone(),
+            rx,
+            Begin::Fresh,
+        ));
+        let process = entry.process.clone();
+        let slot = Slot::new(entry, desired, Runner::Task(task));
+        if let Some(mut old) = registry.slots.insert(id, slot)
+            && let Some(task) = old.take_task()
         {
             task.abort();
         }
-        drop(slots);
+        drop(registry);
         self.inner.bump();
         Ok(process)
     }
@@ -483,26 +543,18 @@ impl Supervisor {
     /// its record as `Stopped`. Returns the record once it is stopped.
     pub async fn kill(&self, id: &ProcessId) -> Result<Process, SupervisorError> {
         let grace = {
-            let mut slots = self.slots();
-            let slot = slots
+            let mut registry = self.inner.lock_settled(id);
+            let slot = registry
+                .slots
                 .get_mut(id)
                 .ok_or_else(|| SupervisorError::NotFound(id.clone()))?;
-            if slot.parked {
-                // Never started again: it is stopped where it is.
-                slot.parked = false;
-                lifecycle::on_stopped(&mut slot.entry.process, now());
-                slot.listed = None;
-                self.inner.store.put(&slot.entry)?;
-                let stopped = slot.entry.process.clone();
-                drop(slots);
-                self.inner.bump();
-                return Ok(stopped);
-            }
-            if slot.task.as_ref().is_none_or(|t| t.is_finished()) {
-                return Ok(slot.entry.process.clone());
+            match &slot.runner {
+                Runner::Parked => return self.stop_parked(registry, id),
+                Runner::Task(task) if !task.is_finished() => {}
+                Runner::Task(_) | Runner::Idle => return Ok(slot.process().clone()),
             }
             slot.desired.send_replace(Desired::Stop);
-            slot.entry.process.spec.grace()
+            slot.process().spec.grace()
         };
         let wait = grace + KILL_WAIT + Duration::from_secs(1);
         self.wait_for(id, wait, |p| p.status.is_final())
@@ -510,50 +562,92 @@ impl Supervisor {
             .ok_or_else(|| SupervisorError::NotFound(id.clone()))
     }
 
+    /// Stops a parked process where it is (it never started again): `Stopped`, written off the
+    /// lock; it stays parked if the write fails.
+    fn stop_parked(
+        &self,
+        mut registry: MutexGuard<'_, Registry>,
+        id: &ProcessId,
+    ) -> Result<Process, SupervisorError> {
+        let Some(slot) = registry.slots.get(id) else {
+            return Err(SupervisorError::NotFound(id.clone()));
+        };
+        let mut stopped = slot.entry.clone();
+        lifecycle::on_stopped(&mut stopped.process, now());
+        let claim = Claim::take(&self.inner, &mut registry, id.clone(), Writing::Changing);
+        drop(registry);
+        let written = self.inner.store.put(&stopped);
+        let mut registry = self.inner.lock();
+        claim.release(&mut registry);
+        written?;
+        if let Some(slot) = registry.slots.get_mut(id) {
+            slot.runner = Runner::Idle;
+            slot.update(|entry| *entry = stopped.clone());
+        }
+        drop(registry);
+        self.inner.bump();
+        Ok(stopped.process)
+    }
+
     /// Stops a process and forgets it: its record, bundle and logs are deleted.
     pub async fn remove(&self, id: &ProcessId) -> Result<(), SupervisorError> {
         let killed = self.kill(id).await?;
-        let slot = {
-            let mut slots = self.slots();
-            match slots.get(id) {
-                // A spin of the same id came in meanwhile: that one is not ours to delete.
-                Some(slot)
-                    if slot.entry.process.generation != killed.generation
-                        || !slot.entry.process.status.is_final() =>
-                {
-                    return Err(SupervisorError::Conflict(format!(
-                        "process {id} was started again while it was being removed"
-                    )));
+        // Still the record that was killed (not a new spin of the same id meanwhile)?
+        let ours = |slot: &Slot| {
+            slot.process().generation == killed.generation && slot.process().status.is_final()
+        };
+        let task = {
+            let mut registry = self.inner.lock_settled(id);
+            match registry.slots.get_mut(id) {
+                None => return Ok(()),
+                Some(slot) if !ours(slot) => {
+                    return Err(SupervisorError::StartedAgain { id: id.clone() });
                 }
-                _ => slots.remove(id),
+                Some(slot) => slot.take_task(),
             }
         };
-        if let Some(slot) = slot {
-            if let Some(task) = slot.task {
-                let _ = task.await;
-            }
-            self.inner.forget(id)?;
-            self.inner.bump();
+        if let Some(task) = task {
+            let _ = task.await;
         }
+        // Deleted off the lock under a claim: a spin of the same id waits for it, so its new
+        // record is never the one deleted.
+        let claim = {
+            let mut registry = self.inner.lock_settled(id);
+            match registry.slots.get(id) {
+                None => return Ok(()),
+                Some(slot) if !ours(slot) => {
+                    return Err(SupervisorError::StartedAgain { id: id.clone() });
+                }
+                Some(_) => Claim::take(&self.inner, &mut registry, id.clone(), Writing::Changing),
+            }
+        };
+        let forgotten = self.inner.forget(id);
+        let mut registry = self.inner.lock();
+        claim.release(&mut registry);
+        forgotten?;
+        registry.slots.remove(id);
+        drop(registry);
+        self.inner.bump();
         Ok(())
     }
 
     /// Lets go of every process: leaves them running for the next agent, or stops them.
     pub async fn shutdown(&self, how: Shutdown) {
-        self.inner
-            .closing
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.closing.store(true, Ordering::SeqCst);
         let desired = match how {
             Shutdown::Detach => Desired::Detach,
             Shutdown::StopAll => Desired::Stop,
         };
         let tasks: Vec<JoinHandle<()>> = {
-            let mut slots = self.slots();
-            slots
+            // Spins admitted before `closing` was set finish first (their tasks are told here
+            // too); no spin is admitted after, and `unpark` starts nothing after this lock.
+            let mut registry = self.inner.lock_all_settled();
+            registry
+                .slots
                 .values_mut()
                 .filter_map(|slot| {
                     slot.desired.send_replace(desired);
-                    slot.task.take()
+                    slot.take_task()
                 })
                 .collect()
         };
@@ -564,9 +658,23 @@ impl Supervisor {
 }
 
 impl Inner {
-    fn slots(&self) -> MutexGuard<'_, HashMap<ProcessId, Slot>> {
-        self.slots
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        self.registry
             .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The lock, once no write about `id` is in flight.
+    fn lock_settled(&self, id: &ProcessId) -> MutexGuard<'_, Registry> {
+        self.settled
+            .wait_while(self.lock(), |registry| registry.writing.contains_key(id))
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The lock, once no write is in flight.
+    fn lock_all_settled(&self) -> MutexGuard<'_, Registry> {
+        self.settled
+            .wait_while(self.lock(), |registry| !registry.writing.is_empty())
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -582,7 +690,7 @@ impl Inner {
         self.version.send_modify(|v| *v += 1);
     }
 
-    /// Writes `entry` durably, then makes it what the API answers.
+    /// Writes `entry` durably (off the runtime's threads), then makes it what the API answers.
     async fn commit(self: &Arc<Self>, entry: &Entry) {
         let store = self.store.clone();
         let copy = entry.clone();
@@ -592,551 +700,25 @@ impl Inner {
             Ok(Err(e)) => tracing::error!(id = %entry.process.id, "record not saved: {e}"),
             Err(e) => tracing::error!(id = %entry.process.id, "record not saved: {e}"),
         }
-        if let Some(slot) = self.slots().get_mut(&entry.process.id) {
-            // The memory figure is refreshed on the slot by housekeeping; keep it while running.
-            let memory = slot.entry.process.memory_bytes;
-            slot.entry = entry.clone();
-            slot.listed = None;
-            if entry.process.is_running() && entry.process.memory_bytes == 0 {
-                slot.entry.process.memory_bytes = memory;
-            }
+        let mut registry = self.lock();
+        let slot = registry
+            .slots
+            .get_mut(&entry.process.id)
+            .filter(|s| s.process().generation == entry.process.generation);
+        if let Some(slot) = slot {
+            slot.update(|current| {
+                // The memory figure is refreshed on the slot by housekeeping; keep it while
+                // running.
+                let memory = current.process.memory_bytes;
+                *current = entry.clone();
+                if entry.process.is_running() && entry.process.memory_bytes == 0 {
+                    current.process.memory_bytes = memory;
+                }
+            });
         }
+        drop(registry);
         self.bump();
     }
-}
-
-/// A running process as its task sees it.
-enum Running {
-    /// Started by this agent: `wait` reports its exit status.
-    Child(Child),
-    /// Re-adopted: only its liveness can be seen.
-    Adopted,
-}
-
-/// How watching a running process ended.
-enum Outcome {
-    Exited(ExitStatus),
-    Vanished,
-    HealthFailed(Failure),
-    Stopped { timed_out: bool },
-    Detached,
-}
-
-/// The life of one process, until it is stopped, given up on, or the agent lets go.
-async fn run(inner: Arc<Inner>, entry: Entry, mut desired: watch::Receiver<Desired>, begin: Begin) {
-    let mut entry = entry;
-    let mut begin = begin;
-    let mut in_a_row: u32 = 0;
-    loop {
-        let wanted = *desired.borrow();
-        match wanted {
-            Desired::Detach => return,
-            Desired::Stop if matches!(begin, Begin::Fresh) => {
-                lifecycle::on_stopped(&mut entry.process, now());
-                entry.local = None;
-                inner.commit(&entry).await;
-                return;
-            }
-            _ => {}
-        }
-        let (mut running, local, prepared) = match begin {
-            Begin::Adopt(local) => {
-                let prepared = strategy::already_deployed(&inner.bundles, &entry.process)
-                    .unwrap_or_else(|| Prepared {
-                        bundle_dir: strategy::bundle_dir(&inner.bundles, &entry.process),
-                        nix_out: None,
-                    });
-                (Running::Adopted, local, prepared)
-            }
-            Begin::Fresh => match launch(&inner, &mut entry, &mut desired).await {
-                Ok(Some(started)) => started,
-                Ok(None) => return,
-                Err(failure) => {
-                    let action =
-                        lifecycle::on_failure(&mut entry.process, failure, in_a_row, now());
-                    entry.local = None;
-                    inner.commit(&entry).await;
-                    match pause(action, &mut desired).await {
-                        Some(()) => {
-                            in_a_row += 1;
-                            begin = Begin::Fresh;
-                            continue;
-                        }
-                        None => {
-                            finish_if_stop_requested(&inner, &mut entry, &desired).await;
-                            return;
-                        }
-                    }
-                }
-            },
-        };
-        let oom_before = os::oom_kill_count();
-        let started = Instant::now();
-        let env = strategy::environment(&entry.process, &prepared);
-        let outcome = watch_process(
-            &inner,
-            &mut entry,
-            &mut running,
-            local,
-            &env,
-            &prepared,
-            &mut desired,
-        )
-        .await;
-        if started.elapsed() >= MIN_UPTIME || entry.process.passed_health_check() {
-            in_a_row = 0;
-        }
-        let now = now();
-        let action = match outcome {
-            Outcome::Detached => return,
-            Outcome::Stopped { timed_out } => {
-                let action = lifecycle::on_stopped(&mut entry.process, now);
-                if timed_out {
-                    entry.process.last_failure = Some(Failure::StopTimedOut);
-                }
-                action
-            }
-            Outcome::Exited(status) => {
-                // Nothing of the group outlives its leader: a half-dead service would hold the port.
-                let _ = os::signal_group(local.pgid, Signal::SIGKILL);
-                let exit = exit_of(status);
-                let port_taken = entry.process.port.filter(|port| {
-                    exit != Exit::Code(0)
-                        && started.elapsed() < MIN_UPTIME
-                        && os::port_in_use(*port)
-                });
-                let cx = ExitContext {
-                    stopping: false,
-                    oom_killed: os::oom_kill_count() > oom_before,
-                    port_taken,
-                };
-                lifecycle::on_exit(&mut entry.process, exit, cx, in_a_row, now)
-            }
-            Outcome::Vanished => {
-                // No SIGKILL to its group here: its pid may already belong to someone else.
-                lifecycle::on_failure(&mut entry.process, Failure::Vanished, in_a_row, now)
-            }
-            Outcome::HealthFailed(failure) => {
-                lifecycle::on_failure(&mut entry.process, failure, in_a_row, now)
-            }
-        };
-        entry.local = None;
-        inner.commit(&entry).await;
-        match pause(action, &mut desired).await {
-            Some(()) => {
-                in_a_row += 1;
-                begin = Begin::Fresh;
-            }
-            None => {
-                finish_if_stop_requested(&inner, &mut entry, &desired).await;
-                return;
-            }
-        }
-    }
-}
-
-/// After giving up, a pending stop request still ends in `Stopped`... only if it was not
-/// already final; a failed process stays failed.
-async fn finish_if_stop_requested(
-    inner: &Arc<Inner>,
-    entry: &mut Entry,
-    desired: &watch::Receiver<Desired>,
-) {
-    let wanted = *desired.borrow();
-    if wanted == Desired::Stop && !entry.process.status.is_final() {
-        lifecycle::on_stopped(&mut entry.process, now());
-        inner.commit(entry).await;
-    }
-}
-
-/// Waits out a restart delay; `None` when the process should not start again (given up, or a
-/// stop or detach came in meanwhile).
-async fn pause(action: Action, desired: &mut watch::Receiver<Desired>) -> Option<()> {
-    let Action::RestartAfter(delay) = action else {
-        return None;
-    };
-    let sleep = tokio::time::sleep(delay);
-    tokio::pin!(sleep);
-    loop {
-        tokio::select! {
-            () = &mut sleep => return Some(()),
-            changed = desired.changed() => {
-                let wanted = if changed.is_err() { Desired::Detach } else { *desired.borrow() };
-                if wanted != Desired::Run {
-                    return None;
-                }
-            }
-        }
-    }
-}
-
-/// Deploys (once per generation) and starts the process. `Ok(None)`: a stop or detach came in
-/// during the deploy step.
-async fn launch(
-    inner: &Arc<Inner>,
-    entry: &mut Entry,
-    desired: &mut watch::Receiver<Desired>,
-) -> Result<Option<(Running, Local, Prepared)>, Failure> {
-    let log = inner
-        .logs
-        .open_for_writing(&entry.process.id)
-        .map_err(|e| Failure::DeployFailed {
-            exit: None,
-            stderr_tail: format!("cannot open the log file: {e}"),
-        })?;
-    let prepared = match strategy::already_deployed(&inner.bundles, &entry.process) {
-        Some(prepared) => prepared,
-        None => {
-            let spec = &entry.process.spec;
-            if !matches!(spec.strategy(), p2f_model::Strategy::Shell) || !spec.bundle().is_empty() {
-                // Worth a durable write only when there is a step to watch (BENCHMARKS.md).
-                entry.process.status = Status::Deploying;
-                inner.commit(entry).await;
-            }
-            let snapshot = entry.process.clone();
-            let deploy = strategy::deploy(&inner.bundles, &snapshot, &log, &inner.deploy);
-            tokio::pin!(deploy);
-            let prepared = loop {
-                tokio::select! {
-                    result = &mut deploy => break result?,
-                    changed = desired.changed() => {
-                        let wanted = if changed.is_err() { Desired::Detach } else { *desired.borrow() };
-                        if wanted != Desired::Run {
-                            if wanted == Desired::Stop {
-                                lifecycle::on_stopped(&mut entry.process, now());
-                                inner.commit(entry).await;
-                            }
-                            return Ok(None);
-                        }
-                    }
-                }
-            };
-            if let Some((uid, gid)) = identity(&entry.process)? {
-                // The process owns its bundle directory (as with systemd's StateDirectory=),
-                // given once, before anything of that user ran in it.
-                chown_tree(&prepared.bundle_dir, uid, gid).map_err(|e| Failure::DeployFailed {
-                    exit: None,
-                    stderr_tail: format!("cannot give the bundle directory to its user: {e}"),
-                })?;
-            }
-            entry.process.record(now(), EventKind::Deployed);
-            prepared
-        }
-    };
-    if let Some(port) = entry.process.port
-        && os::port_in_use(port)
-    {
-        return Err(Failure::PortInUse { port });
-    }
-    let env = strategy::environment(&entry.process, &prepared);
-    let child = spawn(&entry.process, &prepared, &env, log)?;
-    let Some(pid) = child.id() else {
-        return Err(Failure::Vanished);
-    };
-    let local = Local {
-        pgid: pid,
-        start_ticks: os::start_ticks(pid).unwrap_or(0),
-    };
-    let at = now();
-    entry.process.status = Status::Running;
-    entry.process.pid = Some(pid);
-    entry.process.started_at = Some(at);
-    entry.process.record(at, EventKind::Started { pid });
-    entry.local = Some(local);
-    inner.commit(entry).await;
-    Ok(Some((Running::Child(child), local, prepared)))
-}
-
-/// The uid and gid a process runs as: its spec's `user`, or `None` for the agent's own.
-fn identity(process: &Process) -> Result<Option<(nix::unistd::Uid, nix::unistd::Gid)>, Failure> {
-    let Some(user) = process.spec.user() else {
-        return Ok(None);
-    };
-    let failed = |message: String| Failure::DeployFailed {
-        exit: None,
-        stderr_tail: message,
-    };
-    let found = nix::unistd::User::from_name(user)
-        .map_err(|e| failed(format!("cannot look up user {user}: {e}")))?
-        .ok_or_else(|| failed(format!("no such user: {user}")))?;
-    let me = nix::unistd::geteuid();
-    if !me.is_root() && me != found.uid {
-        return Err(failed(format!(
-            "cannot run as {user}: the agent does not run as root"
-        )));
-    }
-    Ok(Some((found.uid, found.gid)))
-}
-
-/// Runs `command` as `who` (from [`identity`]).
-fn run_as(command: &mut Command, who: Option<(nix::unistd::Uid, nix::unistd::Gid)>) {
-    if let Some((uid, gid)) = who {
-        command.uid(uid.as_raw()).gid(gid.as_raw());
-    }
-}
-
-/// Starts `sh -c START` as the leader of a new process group.
-fn spawn(
-    process: &Process,
-    prepared: &Prepared,
-    env: &[(String, String)],
-    log: std::fs::File,
-) -> Result<Child, Failure> {
-    let spawn_failed = |message: String| Failure::DeployFailed {
-        exit: None,
-        stderr_tail: message,
-    };
-    let stderr = log
-        .try_clone()
-        .map_err(|e| spawn_failed(format!("cannot open the log file: {e}")))?;
-    let mut command = Command::new("sh");
-    command
-        .arg("-c")
-        .arg(process.spec.start())
-        .current_dir(&prepared.bundle_dir)
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(stderr)
-        .process_group(0)
-        .kill_on_drop(false);
-    run_as(&mut command, identity(process)?);
-    command.spawn().map_err(|e| {
-        let who = process
-            .spec
-            .user()
-            .map(|u| format!(" as {u}"))
-            .unwrap_or_default();
-        spawn_failed(format!(
-            "cannot start sh{who} in {}: {e}",
-            prepared.bundle_dir.display()
-        ))
-    })
-}
-
-/// Gives `dir` and everything in it to `uid:gid` (not following symlinks).
-fn chown_tree(
-    dir: &std::path::Path,
-    uid: nix::unistd::Uid,
-    gid: nix::unistd::Gid,
-) -> std::io::Result<()> {
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(path) = stack.pop() {
-        nix::unistd::fchownat(
-            nix::fcntl::AT_FDCWD,
-            &path,
-            Some(uid),
-            Some(gid),
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(std::io::Error::from)?;
-        if path.is_dir() && !path.is_symlink() {
-            for entry in std::fs::read_dir(&path)? {
-                stack.push(entry?.path());
-            }
-        }
-    }
-    Ok(())
-}
-
-fn exit_of(status: ExitStatus) -> Exit {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => Exit::Code(code),
-        (None, Some(signal)) => Exit::Signal(signal),
-        (None, None) => Exit::Code(-1),
-    }
-}
-
-type Check = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
-
-/// Watches a running process until it ends, fails its health check, or is asked to stop or
-/// let go.
-async fn watch_process(
-    inner: &Arc<Inner>,
-    entry: &mut Entry,
-    running: &mut Running,
-    local: Local,
-    env: &[(String, String)],
-    prepared: &Prepared,
-    desired: &mut watch::Receiver<Desired>,
-) -> Outcome {
-    let health = entry.process.spec.health();
-    let port = entry.process.port;
-    // Until it is first healthy, check often and give it `interval × failures` to get there
-    // (a slow start is not a failure); after that, every `interval`, failing after `failures`
-    // in a row.
-    let interval = inner.settings.health_interval;
-    let threshold = inner.settings.health_failures.max(1);
-    let startup = tokio::time::Instant::now() + interval * threshold;
-    let fast = interval.min(STARTUP_CHECK);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + fast, fast);
-    let mut check: Option<Check> = None;
-    let mut failures = 0;
-    let mut healthy = false;
-    let wanted = *desired.borrow_and_update();
-    if wanted == Desired::Stop {
-        // Re-adopted while it was being stopped: finish the stop.
-        let timed_out = stop(entry, running, local, env, prepared).await;
-        return Outcome::Stopped { timed_out };
-    }
-    loop {
-        tokio::select! {
-            status = wait_exit(running, local) => {
-                return match status {
-                    Some(status) => Outcome::Exited(status),
-                    None => Outcome::Vanished,
-                };
-            }
-            changed = desired.changed() => {
-                let wanted = if changed.is_err() { Desired::Detach } else { *desired.borrow() };
-                match wanted {
-                    Desired::Run => {}
-                    Desired::Detach => return Outcome::Detached,
-                    Desired::Stop => {
-                        entry.process.status = Status::Stopping;
-                        inner.commit(entry).await;
-                        let timed_out = stop(entry, running, local, env, prepared).await;
-                        return Outcome::Stopped { timed_out };
-                    }
-                }
-            }
-            _ = ticker.tick(), if health != Health::None && check.is_none() => {
-                let (health, env, dir) = (health.clone(), env.to_vec(), prepared.bundle_dir.clone());
-                let who = identity(&entry.process).ok().flatten().map(|(u, g)| (u.as_raw(), g.as_raw()));
-                check = Some(Box::pin(async move { health::check(&health, port, &env, &dir, who).await }));
-            }
-            result = poll_check(&mut check) => {
-                check = None;
-                match result {
-                    Ok(()) => {
-                        failures = 0;
-                        if !healthy {
-                            healthy = true;
-                            ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-                            entry.process.record(now(), EventKind::Healthy);
-                            inner.commit(entry).await;
-                        }
-                    }
-                    Err(detail) => {
-                        failures += 1;
-                        tracing::debug!(id = %entry.process.id, failures, "health check failed: {detail}");
-                        let spent = if healthy {
-                            failures >= threshold
-                        } else {
-                            tokio::time::Instant::now() >= startup
-                        };
-                        if spent {
-                            let failure = Failure::HealthCheckFailed {
-                                check: health::describe(&health, port),
-                                detail,
-                            };
-                            stop(entry, running, local, env, prepared).await;
-                            return Outcome::HealthFailed(failure);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-async fn poll_check(check: &mut Option<Check>) -> Result<(), String> {
-    match check {
-        Some(check) => check.await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Waits for the process to end: `Some(status)` for our child, `None` for a re-adopted one.
-async fn wait_exit(running: &mut Running, local: Local) -> Option<ExitStatus> {
-    match running {
-        Running::Child(child) => match child.wait().await {
-            Ok(status) => Some(status),
-            Err(e) => {
-                tracing::warn!(pid = local.pgid, "cannot wait for the process: {e}");
-                wait_gone(local).await;
-                None
-            }
-        },
-        Running::Adopted => {
-            wait_gone(local).await;
-            None
-        }
-    }
-}
-
-async fn wait_gone(local: Local) {
-    while os::is_same_process(local.pgid, local.start_ticks) {
-        tokio::time::sleep(ADOPTED_POLL).await;
-    }
-}
-
-/// Stops the process group: its stop command (with `PID`) or SIGTERM, then SIGKILL after the
-/// grace period. Returns whether it had to be killed.
-async fn stop(
-    entry: &Entry,
-    running: &mut Running,
-    local: Local,
-    env: &[(String, String)],
-    prepared: &Prepared,
-) -> bool {
-    let spec = &entry.process.spec;
-    let mut stopper = None;
-    match spec.stop() {
-        Some(command) => {
-            let mut stop_command = Command::new("sh");
-            run_as(&mut stop_command, identity(&entry.process).ok().flatten());
-            let spawned = stop_command
-                .arg("-c")
-                .arg(command)
-                .current_dir(&prepared.bundle_dir)
-                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .env("PID", local.pgid.to_string())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn();
-            match spawned {
-                Ok(child) => stopper = Some(child),
-                Err(e) => {
-                    tracing::warn!(id = %entry.process.id, "stop command did not start: {e}; sending SIGTERM");
-                    let _ = os::signal_group(local.pgid, Signal::SIGTERM);
-                }
-            }
-        }
-        None => {
-            let _ = os::signal_group(local.pgid, Signal::SIGTERM);
-        }
-    }
-    let ended = tokio::time::timeout(spec.grace(), wait_exit(running, local))
-        .await
-        .is_ok();
-    if let Some(mut stopper) = stopper {
-        let _ = stopper.start_kill();
-        let _ = stopper.wait().await;
-    }
-    let _ = os::signal_group(local.pgid, Signal::SIGKILL);
-    if !ended {
-        let _ = tokio::time::timeout(KILL_WAIT, wait_exit(running, local)).await;
-    }
-    !ended
-}
-
-/// A process of this placement that runs although the record does not say so (the agent died
-/// between starting it and writing its pid).
-fn find_orphan(process: &Process) -> Option<Local> {
-    let found = os::find_by_env(process.id.as_str(), process.generation);
-    found
-        .into_iter()
-        .find(|(pid, pgid)| pid == pgid)
-        .and_then(|(pid, _)| {
-            os::start_ticks(pid).map(|start_ticks| Local {
-                pgid: pid,
-                start_ticks,
-            })
-        })
 }
 
 /// Refreshes memory usage and rotates logs, every `memory_interval`, while the supervisor lives.
@@ -1152,16 +734,18 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
             return;
         };
         let (running, live): (Vec<(ProcessId, u32)>, Vec<ProcessId>) = {
-            let slots = inner.slots();
-            let running = slots
+            let registry = inner.lock();
+            let running = registry
+                .slots
                 .values()
-                .filter(|s| s.entry.process.is_running())
-                .filter_map(|s| s.entry.local.map(|l| (s.entry.process.id.clone(), l.pgid)))
+                .filter(|s| s.process().is_running())
+                .filter_map(|s| s.entry.local.map(|l| (s.process().id.clone(), l.pgid)))
                 .collect();
-            let live = slots
+            let live = registry
+                .slots
                 .values()
-                .filter(|s| !s.entry.process.status.is_final())
-                .map(|s| s.entry.process.id.clone())
+                .filter(|s| !s.process().status.is_final())
+                .map(|s| s.process().id.clone())
                 .collect();
             (running, live)
         };
@@ -1178,17 +762,14 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
         let rss = tokio::task::spawn_blocking(move || os::group_rss(&pgids))
             .await
             .unwrap_or_default();
-        {
-            let mut slots = inner.slots();
-            for (id, pgid) in &running {
-                let memory = rss.get(pgid).copied().unwrap_or(0);
-                if let Some(slot) = slots.get_mut(id)
-                    && slot.entry.process.is_running()
-                    && slot.entry.process.memory_bytes != memory
-                {
-                    slot.entry.process.memory_bytes = memory;
-                    slot.listed = None;
-                }
+        let mut registry = inner.lock();
+        for (id, pgid) in &running {
+            let memory = rss.get(pgid).copied().unwrap_or(0);
+            if let Some(slot) = registry.slots.get_mut(id)
+                && slot.process().is_running()
+                && slot.process().memory_bytes != memory
+            {
+                slot.update(|entry| entry.process.memory_bytes = memory);
             }
         }
     }

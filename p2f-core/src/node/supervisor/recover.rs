@@ -1,0 +1,178 @@
+//! What happens to this node's records when the agent starts again: what still runs is
+//! re-adopted, what should run but does not starts again (or, on a member that was away, is
+//! parked until [`Supervisor::unpark`] hears the network), the rest is kept as it is.
+
+use p2f_model::{Process, Status};
+use tokio::sync::watch;
+
+use super::task::{self, Begin};
+use super::{Claim, Desired, Recovery, Runner, Slot, Supervisor, Writing, now};
+use crate::node::lifecycle;
+use crate::node::os;
+use crate::store::{Entry, Local, StoreError};
+
+/// What becomes of a recovered record.
+enum Next {
+    /// Nothing runs it: it is stopped or failed.
+    Rest,
+    /// It waits for [`Supervisor::unpark`].
+    Park,
+    /// Its task starts now.
+    Run(Begin),
+}
+
+impl Supervisor {
+    /// Decides what to do with one stored record after a restart of the agent (before the
+    /// supervisor is shared: the record is written without contention).
+    pub(super) fn recover(&self, mut entry: Entry, recovery: Recovery) -> Result<(), StoreError> {
+        let stored = entry.clone();
+        let live = entry
+            .local
+            .filter(|l| os::is_same_process(l.pgid, l.start_ticks))
+            .or_else(|| find_orphan(&entry.process));
+        let process = &mut entry.process;
+        let at = now();
+        let next = match (&process.status, live) {
+            (Status::Stopped | Status::Failed(_), _) => Next::Rest,
+            (Status::Stopping, None) => {
+                lifecycle::on_stopped(process, at);
+                entry.local = None;
+                Next::Rest
+            }
+            (_, Some(local)) => {
+                tracing::info!(id = %process.id, pid = local.pgid, "re-adopted a running process");
+                lifecycle::on_readopted(process, local.pgid, at);
+                entry.local = Some(local);
+                Next::Run(Begin::Adopt(local))
+            }
+            (status, None) => {
+                if *status == Status::Running {
+                    tracing::warn!(id = %process.id, "ended while the agent was down; starting it again");
+                }
+                entry.local = None;
+                match recovery {
+                    Recovery::Restart => {
+                        lifecycle::on_recovered(process, at);
+                        Next::Run(Begin::Fresh)
+                    }
+                    Recovery::Park => {
+                        tracing::info!(id = %process.id, generation = process.generation, "waiting for the network before starting it again");
+                        lifecycle::on_parked(process, at);
+                        Next::Park
+                    }
+                }
+            }
+        };
+        if entry != stored {
+            self.inner.store.put(&entry)?;
+        }
+        let stopping = entry.process.status == Status::Stopping;
+        let (desired, rx) = watch::channel(if stopping {
+            Desired::Stop
+        } else {
+            Desired::Run
+        });
+        let runner = match next {
+            Next::Rest => Runner::Idle,
+            Next::Park => Runner::Parked,
+            Next::Run(begin) => Runner::Task(tokio::spawn(task::run(
+                self.inner.clone(),
+                entry.clone(),
+                rx,
+                begin,
+            ))),
+        };
+        let id = entry.process.id.clone();
+        self.inner
+            .lock()
+            .slots
+            .insert(id, Slot::new(entry, desired, runner));
+        Ok(())
+    }
+
+    /// Starts the processes recovery parked (each says `Pending`, then runs), except those
+    /// `replaced` names (with the reason): another node runs a newer generation, so this copy
+    /// is forgotten without ever starting (its record, bundle and logs are deleted).
+    pub fn unpark(&self, replaced: impl Fn(&Process) -> Option<String>) {
+        // Decided without the slots lock (`replaced` may take other locks), then applied to
+        // the slots still parked at the same generation.
+        let parked: Vec<Process> = {
+            let registry = self.inner.lock();
+            registry
+                .slots
+                .iter()
+                .filter(|(id, _)| registry.is_parked(id))
+                .map(|(_, slot)| slot.process().clone())
+                .collect()
+        };
+        let verdicts: Vec<(Process, Option<String>)> = parked
+            .into_iter()
+            .map(|process| {
+                let reason = replaced(&process);
+                (process, reason)
+            })
+            .collect();
+        let mut forget = Vec::new();
+        {
+            let mut registry = self.inner.lock();
+            // Under the lock `shutdown` takes to collect the tasks: no task starts after it.
+            if self.inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            for (process, reason) in verdicts {
+                let id = &process.id;
+                let still = registry.is_parked(id)
+                    && registry.slots.get(id).map(|s| s.process().generation)
+                        == Some(process.generation);
+                if !still {
+                    continue;
+                }
+                if let Some(reason) = reason {
+                    tracing::warn!(%id, generation = process.generation, "not started again: {reason}");
+                    // Deleted off the lock under a claim: a spin of the same id waits for it,
+                    // so its new record is never the one deleted.
+                    let claim =
+                        Claim::take(&self.inner, &mut registry, id.clone(), Writing::Changing);
+                    forget.push(claim);
+                    continue;
+                }
+                tracing::info!(%id, "starting it again");
+                let Some(slot) = registry.slots.get_mut(id) else {
+                    continue;
+                };
+                let rx = slot.desired.subscribe();
+                let run = task::run(self.inner.clone(), slot.entry.clone(), rx, Begin::Unparked);
+                slot.runner = Runner::Task(tokio::spawn(run));
+            }
+        }
+        if forget.is_empty() {
+            return;
+        }
+        for claim in forget {
+            if let Err(e) = self.inner.forget(claim.id()) {
+                tracing::warn!(id = %claim.id(), "cannot delete the replaced record: {e}");
+            }
+            // Gone either way: the network has a newer copy. (A record left on disk is parked
+            // again by the next start, and asked about again.)
+            let mut registry = self.inner.lock();
+            registry.slots.remove(claim.id());
+            claim.release(&mut registry);
+        }
+        self.inner.bump();
+    }
+}
+
+/// A process of this placement that runs although the record does not say so (the agent died
+/// between starting it and writing its pid).
+fn find_orphan(process: &Process) -> Option<Local> {
+    let found = os::find_by_env(process.id.as_str(), process.generation);
+    found
+        .into_iter()
+        .find(|(pid, pgid)| pid == pgid)
+        .and_then(|(pid, _)| {
+            os::start_ticks(pid).map(|start_ticks| Local {
+                pgid: pid,
+                start_ticks,
+            })
+        })
+}
