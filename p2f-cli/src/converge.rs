@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use p2f_core::Network;
 use p2f_core::wire::DesiredState;
-use p2f_model::{Deployment, Health, Process, ProcessSpec};
+use p2f_model::{Deployment, Health, Process, ProcessSpec, Status};
 use serde::Serialize;
 
 use crate::{Error, Result, SERVICE_TIMEOUT};
@@ -104,69 +104,93 @@ pub async fn apply(network: &Network, deployment: &Deployment) -> Result<Vec<Pro
         bars.stage(name, "given to the root, waiting for its placement");
     }
     let mut done = Vec::new();
+    let mut failed = Vec::new();
     let deadline = Instant::now() + SERVICE_TIMEOUT;
     while !waiting.is_empty() {
         let all = network.list_processes().await?;
+        let timed_out = Instant::now() > deadline;
         waiting.retain(|(name, id, checked)| {
-            let newest = all
-                .iter()
-                .filter(|p| &p.id == id)
-                .max_by_key(|p| p.generation);
-            match newest {
-                Some(p) if p.is_running() && (!checked || p.is_healthy()) => {
+            let newest = all.iter().find(|p| &p.id == id);
+            match outcome(newest, *checked, timed_out) {
+                Outcome::Done(p) => {
                     let how = if *checked { "healthy" } else { "running" };
+                    let on = &p.node.name;
                     bars.finish(
                         name,
-                        &format!("{how} on {} in {}", p.node.name, elapsed(started)),
+                        &format!("{how} on {on} in {}", elapsed(started)),
                         true,
                     );
                     done.push(p.clone());
                     false
                 }
-                Some(p) if p.is_running() => {
-                    bars.stage(
-                        name,
-                        &format!("running on {}, waiting for its health check", p.node.name),
-                    );
+                Outcome::Waiting(what) => {
+                    bars.stage(name, &what);
                     true
                 }
-                Some(p) => {
-                    bars.stage(name, &format!("{} on {}", p.status, p.node.name));
-                    true
+                Outcome::Failed(why) => {
+                    bars.finish(name, &format!("failed: {why}"), false);
+                    failed.push(format!("{name}: {why}"));
+                    false
                 }
-                None => true,
             }
         });
-        if waiting.is_empty() {
-            break;
+        if !waiting.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        if Instant::now() > deadline {
-            let failed: Vec<String> = waiting
-                .iter()
-                .map(|(name, id, _)| {
-                    let why = all
-                        .iter()
-                        .filter(|p| &p.id == id)
-                        .max_by_key(|p| p.generation)
-                        .map(|p| {
-                            p.last_failure
-                                .as_ref()
-                                .map(ToString::to_string)
-                                .unwrap_or_else(|| p.status.to_string())
-                        })
-                        .unwrap_or_else(|| "not placed yet".into());
-                    bars.finish(name, &format!("failed: {why}"), false);
-                    format!("{name}: {why}")
-                })
-                .collect();
-            return Err(Error::Failed {
-                failed,
-                total: deployment.services().len(),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(done)
+    if failed.is_empty() {
+        Ok(done)
+    } else {
+        Err(Error::Failed {
+            failed,
+            total: deployment.services().len(),
+        })
+    }
+}
+
+/// Where one service of an `apply` stands.
+enum Outcome<'a> {
+    /// Running (and healthy, when it has a check).
+    Done(&'a Process),
+    /// On its way: what it is doing.
+    Waiting(String),
+    /// It failed, is being restarted after a failure, or no node can take it: why.
+    Failed(String),
+}
+
+/// Where the service whose record is `newest` stands; `checked` when it has a health check.
+/// A process being restarted after a failure is reported failed at once, with its reason (the
+/// node keeps restarting it; `status` shows how it goes).
+fn outcome(newest: Option<&Process>, checked: bool, timed_out: bool) -> Outcome<'_> {
+    let reason = |p: &Process| {
+        p.last_failure
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_else(|| p.status.to_string())
+    };
+    match newest {
+        Some(p) if p.is_running() && (!checked || p.is_healthy()) => Outcome::Done(p),
+        Some(p) if matches!(p.status, Status::Failed(_) | Status::Unplaced) => {
+            Outcome::Failed(reason(p))
+        }
+        Some(p) if !p.is_running() && p.restarts > 0 && p.last_failure.is_some() => {
+            Outcome::Failed(reason(p))
+        }
+        Some(p) if timed_out => Outcome::Failed(format!(
+            "not {} after {} ({} on {})",
+            if checked { "healthy" } else { "running" },
+            p2f_model::format_duration(SERVICE_TIMEOUT),
+            p.status,
+            p.node.name
+        )),
+        None if timed_out => Outcome::Failed("not placed".into()),
+        Some(p) if p.is_running() => Outcome::Waiting(format!(
+            "running on {}, waiting for its health check",
+            p.node.name
+        )),
+        Some(p) => Outcome::Waiting(format!("{} on {}", p.status, p.node.name)),
+        None => Outcome::Waiting("given to the root, waiting for its placement".into()),
+    }
 }
 
 fn elapsed(since: Instant) -> String {
@@ -252,5 +276,111 @@ impl Progress {
 
     fn width(&self) -> usize {
         self.bars.iter().map(|(n, _)| n.len()).max().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p2f_model::{EventKind, Failure, NodeName, NodeRef, ProcessId, Timestamp};
+
+    fn record(status: Status, restarts: u32, failure: Option<Failure>, healthy: bool) -> Process {
+        let mut p = Process::placed(
+            ProcessId::for_service("web", 1),
+            1,
+            ProcessSpec::new("web", "true"),
+            NodeRef {
+                name: NodeName::from_static("pi"),
+                address: String::new(),
+            },
+            Timestamp(1),
+        );
+        p.status = status;
+        p.restarts = restarts;
+        p.last_failure = failure;
+        if healthy {
+            p.record(Timestamp(2), EventKind::Healthy);
+        }
+        p
+    }
+
+    /// `(record, checked, timed out)` → what `apply` says of the service.
+    fn check(newest: Option<Process>, checked: bool, timed_out: bool, expected: &str) {
+        let got = match outcome(newest.as_ref(), checked, timed_out) {
+            Outcome::Done(p) => format!("done on {}", p.node.name),
+            Outcome::Waiting(what) => format!("waiting: {what}"),
+            Outcome::Failed(why) => format!("failed: {why}"),
+        };
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn apply_says_of_each_service_whether_it_runs_waits_or_failed() {
+        let port = || Some(Failure::PortInUse { port: 80 });
+        let no_node = Some(Failure::NoAllowedNode {
+            pins: Vec::new(),
+            rejected: Vec::new(),
+        });
+        check(
+            None,
+            false,
+            false,
+            "waiting: given to the root, waiting for its placement",
+        );
+        check(None, false, true, "failed: not placed");
+        check(
+            Some(record(Status::Running, 0, None, false)),
+            false,
+            false,
+            "done on pi",
+        );
+        check(
+            Some(record(Status::Running, 0, None, false)),
+            true,
+            false,
+            "waiting: running on pi, waiting for its health check",
+        );
+        check(
+            Some(record(Status::Running, 0, None, true)),
+            true,
+            false,
+            "done on pi",
+        );
+        check(
+            Some(record(Status::Pending, 0, None, false)),
+            false,
+            false,
+            "waiting: pending on pi",
+        );
+        // Restarting after a failure, failed, or no node for it: said at once, with why.
+        check(
+            Some(record(Status::Pending, 1, port(), false)),
+            false,
+            false,
+            "failed: port 80 is already in use",
+        );
+        check(
+            Some(record(
+                Status::Failed(Failure::CommandNotFound),
+                0,
+                Some(Failure::CommandNotFound),
+                false,
+            )),
+            false,
+            false,
+            "failed: command not found",
+        );
+        check(
+            Some(record(Status::Unplaced, 0, no_node, false)),
+            false,
+            false,
+            "failed: no node is alive",
+        );
+        check(
+            Some(record(Status::Deploying, 0, None, false)),
+            true,
+            true,
+            "failed: not healthy after 2m (deploying on pi)",
+        );
     }
 }
