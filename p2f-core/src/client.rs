@@ -152,8 +152,8 @@ impl Network {
     /// Asks the root for a member's certificate (`POST /v1/join`).
     pub async fn join(
         &self,
-        request: &crate::join::JoinRequest,
-    ) -> Result<crate::join::JoinResponse, ClientError> {
+        request: &crate::wire::JoinRequest,
+    ) -> Result<crate::wire::JoinResponse, ClientError> {
         self.call(Method::POST, "/v1/join", Some(request)).await
     }
 

@@ -6,6 +6,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 
+pub use crate::wire::{JoinRequest, JoinResponse};
+
 use crate::cluster::{CertRequest, ClusterError, NodeCert, Secret};
 use crate::{ClientError, Network};
 
@@ -106,27 +108,6 @@ impl JoinToken {
             secret,
         })
     }
-}
-
-/// `POST /v1/join` (on the root): a certificate for a new member.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JoinRequest {
-    /// The member's node name: no live member may have it already.
-    pub name: p2f_model::NodeName,
-    /// The addresses and names its API is reached at (IPs or DNS names).
-    pub hosts: Vec<String>,
-    /// Its certificate signing request (PEM, from [`crate::cluster::CertRequest`]): the
-    /// member's private key never leaves the member.
-    pub csr_pem: String,
-}
-
-/// The root's answer: the member's certificate (PEM), signed by the cluster CA.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JoinResponse {
-    /// The certificate.
-    pub cert_pem: String,
 }
 
 #[cfg(test)]

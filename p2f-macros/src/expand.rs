@@ -181,6 +181,10 @@ fn opt(text: Option<&str>) -> TokenStream {
 }
 
 /// One service: `__spec(..)` with the fields of `SpecParts` in order.
+///
+/// Longer than 100 lines on purpose: it is one `quote!` arm per field and per variant of
+/// `Strategy`, `Health` and `RestartPolicy`, read top to bottom against `SpecParts`; split up,
+/// the order that must match `__spec`'s parameters would no longer be visible in one place.
 fn service(service: &Service, consts: &mut Consts) -> TokenStream {
     let SpecParts {
         name,
