@@ -74,7 +74,7 @@ fn the_homelab_runs_serves_answers_the_cli_and_stops_cleanly() {
     let (mut up, rx) = start_up(state.path());
     let pid = up.id();
     let guard = Kill(pid, state.path().to_owned());
-    let healthy = wait_line(&rx, |l| l.starts_with("wiki: healthy in "));
+    let healthy = wait_line(&rx, |l| l.starts_with("wiki: healthy on "));
     assert!(healthy.ends_with('s'), "{healthy}");
     wait_line(&rx, |l| l.contains("All services run"));
 

@@ -51,6 +51,9 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The cluster's client (the records fetch through it) could not be made.
+    #[error("cannot make the cluster's client: {0}")]
+    Client(#[from] crate::ClientError),
     /// A file of the agent could not be written.
     #[error(transparent)]
     Write(#[from] crate::fsutil::WriteError),
@@ -279,7 +282,7 @@ async fn start_network(
         }
     };
     let mesh = crate::mesh::Mesh::start(mesh_config(config, &settings, secret)).await?;
-    let client = client_of(node, secret, ca, &config.data_dir)?;
+    let client = client_of(node, secret, ca)?;
     let unplaced = Arc::new(Unplaced::new(supervisor.node().clone()));
     let mut sources: Vec<Arc<dyn LocalRecords>> = vec![Arc::new(supervisor.clone())];
     if role == NodeRole::Root {
@@ -335,18 +338,13 @@ fn mesh_config(
 }
 
 /// A client of the cluster (its CA and secret), pointed at this node's API.
-fn client_of(
-    node: &Node,
-    secret: &Secret,
-    ca: &ClusterCa,
-    data: &std::path::Path,
-) -> Result<crate::Network, AgentError> {
+fn client_of(node: &Node, secret: &Secret, ca: &ClusterCa) -> Result<crate::Network, AgentError> {
     let api = node.api_address().unwrap_or_default();
-    crate::Network::connect(&api, secret.clone(), ca.cert_pem()).map_err(|e| AgentError::Io {
-        what: "cannot make the cluster's client for",
-        path: data.to_owned(),
-        source: std::io::Error::other(e.to_string()),
-    })
+    Ok(crate::Network::connect(
+        &api,
+        secret.clone(),
+        ca.cert_pem(),
+    )?)
 }
 
 /// On the root: the join token (`DATA/join-token`, 0600) that `p2f node join` takes.
