@@ -116,6 +116,40 @@ fn the_homelab_runs_serves_answers_the_cli_and_stops_cleanly() {
     assert_eq!(wiki["address"], "127.0.0.1:8480");
     assert_eq!(wiki["domain"], "wiki.home.arpa");
 
+    // `up` went through the root: the embedded network is a root, and its desired state names
+    // the very processes that run (placed by it: their ids are the ones it gave).
+    let network = p2f::core::Network::with_cluster_files(
+        std::fs::read_to_string(state.path().join("api.addr"))
+            .expect("api.addr")
+            .trim(),
+        &p2f::core::cluster::ClusterFiles::new(state.path().join("cluster")),
+    )
+    .expect("client of the embedded network");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (node, desired) = runtime.block_on(async {
+        let node = network.node().await.expect("GET /v1/node");
+        (node, network.desired().await.expect("GET /v1/deployment"))
+    });
+    assert_eq!(
+        node.p2f_info().and_then(|i| i.role),
+        Some(p2f::model::NodeRole::Root)
+    );
+    let mut placed: Vec<(String, String)> = desired
+        .services
+        .iter()
+        .map(|s| (s.spec.name().to_owned(), s.id.to_string()))
+        .collect();
+    let mut running: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            let field = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+            (field("service"), field("id"))
+        })
+        .collect();
+    placed.sort();
+    running.sort();
+    assert_eq!(placed, running, "every process is one the root placed");
+
     let (code, out, _) = homelab(state.path(), &["plan"]);
     assert_eq!(code, 0);
     assert!(

@@ -50,18 +50,6 @@ pub fn json_array(items: &[Listed]) -> Vec<u8> {
     out
 }
 
-/// Sorts `items` by id and keeps one record per id: the highest generation (a copy it replaced
-/// is stale).
-pub fn newest_per_id(items: &mut Vec<Listed>) {
-    items.sort_by(|a, b| {
-        a.process
-            .id
-            .cmp(&b.process.id)
-            .then(b.process.generation.cmp(&a.process.generation))
-    });
-    items.dedup_by(|later, first| later.process.id == first.process.id);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,21 +78,5 @@ mod tests {
             serde_json::from_slice(&json_array(&items)).expect("valid JSON");
         assert_eq!(decoded, vec![record("web-2", 1), record("web-1", 3)]);
         assert_eq!(json_array(&[]), b"[]");
-    }
-
-    #[test]
-    fn one_record_per_id_the_highest_generation() {
-        let mut items = vec![
-            Listed::new(record("web-2", 1)),
-            Listed::new(record("web-1", 2)),
-            Listed::new(record("web-1", 5)),
-            Listed::new(record("web-1", 4)),
-        ];
-        newest_per_id(&mut items);
-        let kept: Vec<(&str, u64)> = items
-            .iter()
-            .map(|l| (l.process().id.as_str(), l.process().generation))
-            .collect();
-        assert_eq!(kept, [("web-1", 5), ("web-2", 1)]);
     }
 }
