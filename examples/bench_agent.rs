@@ -12,9 +12,11 @@
 //!     [--only spin,restart,idle] [--strace FILE]
 //! ```
 //!
-//! Every process it starts carries `P2F_BENCH=<its temp dir>` in its environment (the agent's
-//! children inherit it) and is killed by pid when the run ends, also on error, panic, Ctrl-C or
-//! SIGTERM. `bench_agent sweep DIR` kills whatever a SIGKILLed run left under `DIR`.
+//! The agents are `p2f_testkit::Agent`s, the harness the integration tests use, with the
+//! default settings a user gets. Every process the run starts carries
+//! `P2F_TESTKIT_RUN=<a dir under its temp dir>` in its environment (the agent's children inherit
+//! it) and is killed by pid when the run ends, also on error, panic, Ctrl-C or SIGTERM.
+//! `bench_agent sweep DIR` kills whatever a SIGKILLed run left under `DIR`.
 //! `bench_agent listen PORT` is the tiny TCP listener the idle benchmark supervises.
 
 use std::collections::BTreeMap;
@@ -26,16 +28,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use p2f::core::Network;
-use p2f::core::cluster::ClusterFiles;
-use p2f::core::node::AgentConfig;
 use p2f::core::wire::{SpinQuery, SpinRequest};
 use p2f::model::{EventKind, Health, Process, ProcessId, ProcessKey, ProcessSpec, Status};
+use p2f_testkit::procs::{self, MARKER, Signal, Stat, sweep};
+use p2f_testkit::{Agent, service_port};
 
 mod bench_common;
 use bench_common::{
-    CALL_TIMEOUT, MARKER, Report, Sample, kill, load_average, ms, run_interruptible, sigkill,
-    sweep, verdict,
+    CALL_TIMEOUT, Report, Sample, call, load_average, ms, run_interruptible, verdict,
 };
 
 /// Spins (and direct spawns) done first and not counted: TLS handshake, page cache, allocator.
@@ -141,16 +141,16 @@ async fn run(options: Options) -> Result<()> {
     let mut report = Report::new("agent", "baseline (same run)");
 
     if options.runs("spin") || options.runs("restart") {
-        let agent = BenchAgent::start(&p2f, &scratch.path().join("spin")).await?;
+        let agent = start_agent(&p2f, &scratch.path().join("spin")).await?;
         if options.runs("spin") {
             let result = spin_latency(&agent, &options, &mut report).await;
-            agent.fail_with_log(result)?;
+            with_log(&agent, result)?;
         }
         if options.runs("restart") {
             let result = restart(&agent, &options, &mut report).await;
-            agent.fail_with_log(result)?;
+            with_log(&agent, result)?;
         }
-        let rss = agent.usage().map(|u| u.rss_kib).unwrap_or(0);
+        let rss = usage(&agent).map(|u| u.rss_kib).unwrap_or(0);
         report.notes.push(format!(
             "agent RSS after the spin and restart runs (0 processes left): {}",
             mib(rss)
@@ -158,9 +158,9 @@ async fn run(options: Options) -> Result<()> {
     }
     if options.runs("idle") {
         // A fresh agent, so its 0-process figure is the agent as a user starts it.
-        let agent = BenchAgent::start(&p2f, &scratch.path().join("idle")).await?;
+        let agent = start_agent(&p2f, &scratch.path().join("idle")).await?;
         let result = idle(&agent, &options, &mut report).await;
-        agent.fail_with_log(result)?;
+        with_log(&agent, result)?;
     }
     report
         .notes
@@ -173,145 +173,60 @@ fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
-/// A `p2f node run` process in its own directory; dropping it SIGKILLs the agent and every
-/// process the run started under that directory.
-struct BenchAgent {
-    dir: PathBuf,
-    child: Child,
-    network: Network,
-    config: AgentConfig,
+/// `p2f init` then `p2f node run` with the default configuration in `dir`; its API answers.
+/// Dropping it SIGKILLs the agent and every process it started.
+async fn start_agent(p2f: &Path, dir: &Path) -> Result<Agent> {
+    Agent::builder("bench")
+        .p2f(p2f)
+        .dir(dir)
+        .init()?
+        .started()
+        .await
 }
 
-impl BenchAgent {
-    /// `p2f init` then `p2f node run` with the default configuration; waits until the API answers.
-    async fn start(p2f: &Path, dir: &Path) -> Result<BenchAgent> {
-        let home = dir.join("node");
-        std::fs::create_dir_all(dir)?;
-        let out = Command::new(p2f)
-            .args([
-                "init",
-                "--name",
-                "bench",
-                "--listen",
-                "127.0.0.1:0",
-                "--dir",
-            ])
-            .arg(&home)
-            .output()
-            .context("run p2f init")?;
-        ensure!(
-            out.status.success(),
-            "p2f init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let config_path = home.join("node.toml");
-        let config = AgentConfig::load(&config_path)?;
-        let log = File::create(dir.join("agent.log"))?;
-        let child = Command::new(p2f)
-            .args(["node", "run", "--config"])
-            .arg(&config_path)
-            .env(MARKER, dir)
-            .env(
-                "RUST_LOG",
-                std::env::var("AGENT_LOG").unwrap_or("info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn p2f node run")?;
-        let addr_file = config.data_dir.join("api.addr");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut agent = loop {
-            if let Ok(text) = std::fs::read_to_string(&addr_file)
-                && !text.trim().is_empty()
-            {
-                let cluster = ClusterFiles::new(config.cluster_dir());
-                let network = Network::with_cluster_files(text.trim(), &cluster)?;
-                break BenchAgent {
-                    dir: dir.to_owned(),
-                    child,
-                    network,
-                    config,
-                };
-            }
-            if Instant::now() > deadline {
-                let mut child = child;
-                let _ = child.kill();
-                bail!("the agent wrote no api.addr within 20 s");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        if let Some(status) = agent.child.try_wait()? {
-            bail!("the agent exited: {status}");
-        }
+/// The agent's pid (it runs).
+fn pid(agent: &Agent) -> Result<u32> {
+    agent.pid().context("the agent does not run")
+}
+
+/// Spins `spec` and waits until it runs; fails unless it does.
+async fn spin_running(agent: &Agent, spec: &ProcessSpec) -> Result<Process> {
+    let process = call(
+        "spin",
         agent
-            .call(agent.network.list_processes())
-            .await
-            .context("the agent's API does not answer")?;
-        Ok(agent)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// One API call, bounded by [`CALL_TIMEOUT`].
-    async fn call<T, E: std::error::Error + Send + Sync + 'static>(
-        &self,
-        call: impl Future<Output = Result<T, E>>,
-    ) -> Result<T> {
-        Ok(tokio::time::timeout(CALL_TIMEOUT, call)
-            .await
-            .context("API call timed out")??)
-    }
-
-    /// Spins `spec` and waits until it runs; fails unless it does.
-    async fn spin_running(&self, spec: &ProcessSpec) -> Result<Process> {
-        let process = self
-            .call(
-                self.network
-                    .spin(&spin_request(spec), SpinQuery { wait: true }),
-            )
-            .await?;
-        ensure!(
-            process.status == Status::Running && process.pid.is_some(),
-            "spin did not reach Running: {process:?}"
-        );
-        Ok(process)
-    }
-
-    async fn remove(&self, id: &ProcessId) -> Result<()> {
-        self.call(self.network.remove_process(id)).await
-    }
-
-    async fn info(&self, id: &ProcessId) -> Result<Option<Process>> {
-        self.call(self.network.process_information(ProcessKey::Id(id.clone())))
-            .await
-    }
-
-    /// The agent's RSS and CPU time now.
-    fn usage(&self) -> Result<Usage> {
-        Usage::of(self.pid())
-    }
-
-    /// `result`, with the end of the agent's log added to an error.
-    fn fail_with_log<T>(&self, result: Result<T>) -> Result<T> {
-        result.map_err(|e| {
-            let log = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            e.context(format!("agent log (last lines):\n{}", tail.join("\n")))
-        })
-    }
+            .try_network()?
+            .spin(&spin_request(spec), SpinQuery { wait: true }),
+    )
+    .await?;
+    ensure!(
+        process.status == Status::Running && process.pid.is_some(),
+        "spin did not reach Running: {process:?}"
+    );
+    Ok(process)
 }
 
-impl Drop for BenchAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        sweep(&self.dir);
-    }
+async fn remove(agent: &Agent, id: &ProcessId) -> Result<()> {
+    call("remove", agent.try_network()?.remove_process(id)).await
+}
+
+async fn info(agent: &Agent, id: &ProcessId) -> Result<Option<Process>> {
+    call(
+        "info",
+        agent
+            .try_network()?
+            .process_information(ProcessKey::Id(id.clone())),
+    )
+    .await
+}
+
+/// The agent's RSS and CPU time now.
+fn usage(agent: &Agent) -> Result<Usage> {
+    Usage::of(pid(agent)?)
+}
+
+/// `result`, with the end of the agent's log added to an error.
+fn with_log<T>(agent: &Agent, result: Result<T>) -> Result<T> {
+    result.map_err(|e| e.context(agent.log_tail(30)))
 }
 
 fn spin_request(spec: &ProcessSpec) -> SpinRequest {
@@ -331,7 +246,7 @@ struct Children(Vec<Child>);
 impl Children {
     fn reap_all(&mut self) {
         for mut child in self.0.drain(..) {
-            sigkill(-i64::from(child.id()));
+            procs::signal_group(child.id(), Signal::SIGKILL);
             let _ = child.wait();
         }
     }
@@ -345,14 +260,14 @@ impl Drop for Children {
 
 /// Figure 1: API call → `Running`, against spawning `sh -c 'exec sleep 1000'` directly, with
 /// the parts it is made of measured in the same loop (interleaved, so load hits all alike).
-async fn spin_latency(agent: &BenchAgent, options: &Options, report: &mut Report) -> Result<()> {
+async fn spin_latency(agent: &Agent, options: &Options, report: &mut Report) -> Result<()> {
     let spec = ProcessSpec::new("spin", "exec sleep 1000").with_health(Health::None);
     let missing = ProcessId::for_service("absent", 1);
-    let probe_path = agent.config.data_dir.join("fsync-probe");
+    let probe_path = agent.config().data_dir.join("fsync-probe");
     let mut probe = File::create(&probe_path)?;
     let block = vec![7u8; 4096];
     let mut children = Children::default();
-    let direct_log = File::create(agent.dir.join("direct.log"))?;
+    let direct_log = File::create(agent.dir().join("direct.log"))?;
 
     let mut wait = Vec::new();
     let mut no_wait = Vec::new();
@@ -376,41 +291,41 @@ async fn spin_latency(agent: &BenchAgent, options: &Options, report: &mut Report
 
         // An API round trip that touches no record: GET of an id that does not exist (404).
         let t = Instant::now();
-        let found = agent.info(&missing).await?;
+        let found = info(agent, &missing).await?;
         let rtt = t.elapsed();
         ensure!(found.is_none(), "{missing} exists");
 
         // The record is on disk (`Pending`): spin without `wait`.
         let t = Instant::now();
-        let pending = agent
-            .call(
-                agent
-                    .network
-                    .spin(&spin_request(&spec), SpinQuery { wait: false }),
-            )
-            .await?;
+        let pending = call(
+            "spin",
+            agent
+                .try_network()?
+                .spin(&spin_request(&spec), SpinQuery { wait: false }),
+        )
+        .await?;
         let recorded = t.elapsed();
         wait_running(agent, &pending.id).await?;
-        agent.remove(&pending.id).await?;
+        remove(agent, &pending.id).await?;
 
         // The figure: API call → `Running`, with what the scheduler saw meanwhile (read
         // outside the timed span).
-        let (agent_before, me_before) = (Sched::of_process(agent.pid()), Sched::of_process(me));
+        let (agent_before, me_before) = (Sched::of_process(pid(agent)?), Sched::of_process(me));
         let t = Instant::now();
-        let running = agent.spin_running(&spec).await?;
+        let running = spin_running(agent, &spec).await?;
         let spun = t.elapsed();
         let (agent_sched, me_sched) = (
-            Sched::of_process(agent.pid()).since(agent_before),
+            Sched::of_process(pid(agent)?).since(agent_before),
             Sched::of_process(me).since(me_before),
         );
         let child_sched = Sched::of_thread(running.pid.context("no pid")?);
-        agent.remove(&running.id).await?;
+        remove(agent, &running.id).await?;
 
         // Baseline: the same command spawned directly, the way the agent does it.
         let t = Instant::now();
         let child = Command::new("sh")
             .args(["-c", "exec sleep 1000"])
-            .env(MARKER, &agent.dir)
+            .env(MARKER, agent.dir())
             .stdin(Stdio::null())
             .stdout(direct_log.try_clone()?)
             .stderr(direct_log.try_clone()?)
@@ -529,10 +444,10 @@ async fn spin_latency(agent: &BenchAgent, options: &Options, report: &mut Report
 }
 
 /// Polls the record until it is `Running`.
-async fn wait_running(agent: &BenchAgent, id: &ProcessId) -> Result<Process> {
+async fn wait_running(agent: &Agent, id: &ProcessId) -> Result<Process> {
     let deadline = Instant::now() + CALL_TIMEOUT;
     loop {
-        if let Some(process) = agent.info(id).await?
+        if let Some(process) = info(agent, id).await?
             && process.status == Status::Running
         {
             return Ok(process);
@@ -544,12 +459,12 @@ async fn wait_running(agent: &BenchAgent, id: &ProcessId) -> Result<Process> {
 
 /// `strace -f -c` on the agent, for a count and time of its system calls during the spins
 /// (it slows the agent down: the latencies of such a run are not the benchmark's).
-fn attach_strace(agent: &BenchAgent, out: &Path) -> Result<Child> {
+fn attach_strace(agent: &Agent, out: &Path) -> Result<Child> {
     let child = Command::new("strace")
         .args(["-f", "-c", "-w", "-o"])
         .arg(out)
-        .args(["-p", &agent.pid().to_string()])
-        .env(MARKER, &agent.dir)
+        .args(["-p", &pid(agent)?.to_string()])
+        .env(MARKER, agent.dir())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -563,8 +478,7 @@ fn attach_strace(agent: &BenchAgent, out: &Path) -> Result<Child> {
 /// Stops strace (SIGINT makes it write its table) and sums up the calls that make a spin
 /// durable and start its process.
 fn detach_strace(mut strace: Child, out: &Path, iterations: usize) -> Result<String> {
-    const SIGINT: i32 = 2;
-    kill(i32::try_from(strace.id())?, SIGINT);
+    procs::signal(strace.id(), Signal::SIGINT);
     strace.wait()?;
     let text = std::fs::read_to_string(out)?;
     let calls = |name: &str| -> Option<(u64, f64)> {
@@ -594,19 +508,19 @@ fn detach_strace(mut strace: Child, out: &Path, iterations: usize) -> Result<Str
 }
 
 /// Figure 2: SIGKILL a running process; time until its record is `Running` with a new pid.
-async fn restart(agent: &BenchAgent, options: &Options, report: &mut Report) -> Result<()> {
+async fn restart(agent: &Agent, options: &Options, report: &mut Report) -> Result<()> {
     let spec = ProcessSpec::new("crashy", "exec sleep 1000").with_health(Health::None);
     let mut noticed = Vec::new();
     let mut back = Vec::new();
     let mut delays = BTreeMap::<u64, usize>::new();
     for _ in 0..options.restarts {
-        let process = agent.spin_running(&spec).await?;
+        let process = spin_running(agent, &spec).await?;
         let old = process.pid.context("no pid")?;
         let t = Instant::now();
-        sigkill(i64::from(old));
+        procs::signal(old, Signal::SIGKILL);
         let mut seen_down = None;
         let record = loop {
-            let record = agent.info(&process.id).await?.context("record vanished")?;
+            let record = info(agent, &process.id).await?.context("record vanished")?;
             if record.status != Status::Running && seen_down.is_none() {
                 seen_down = Some(t.elapsed());
             }
@@ -626,7 +540,7 @@ async fn restart(agent: &BenchAgent, options: &Options, report: &mut Report) -> 
                 *delays.entry(delay_ms).or_default() += 1;
             }
         }
-        agent.remove(&process.id).await?;
+        remove(agent, &process.id).await?;
     }
     let back = Sample::new(back);
     let noticed = Sample::new(noticed);
@@ -676,16 +590,11 @@ impl Usage {
                 .context("empty field")?
                 .parse()?)
         };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let rest = &stat[stat.rfind(')').context("stat")? + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the command name.
-        let utime: u64 = fields.get(11).context("utime")?.parse()?;
-        let stime: u64 = fields.get(12).context("stime")?.parse()?;
+        let stat = Stat::of(pid).with_context(|| format!("no /proc/{pid}/stat"))?;
         Ok(Usage {
             rss_kib: field("VmRSS:")?,
             anon_kib: field("RssAnon:")?,
-            cpu_ticks: utime + stime,
+            cpu_ticks: stat.cpu_ticks,
             threads: field("Threads:")?,
         })
     }
@@ -761,14 +670,14 @@ struct Idle {
 }
 
 /// Samples the agent every second for `length` without calling its API.
-async fn idle_window(agent: &BenchAgent, length: Duration) -> Result<Idle> {
-    let start = agent.usage()?;
+async fn idle_window(agent: &Agent, length: Duration) -> Result<Idle> {
+    let start = usage(agent)?;
     let t = Instant::now();
     let mut rss_max = start.rss_kib;
     let mut last = start;
     while t.elapsed() < length {
         tokio::time::sleep(Duration::from_secs(1).min(length)).await;
-        last = agent.usage()?;
+        last = usage(agent)?;
         rss_max = rss_max.max(last.rss_kib);
     }
     let elapsed = t.elapsed().as_secs_f64();
@@ -783,16 +692,10 @@ async fn idle_window(agent: &BenchAgent, length: Duration) -> Result<Idle> {
     })
 }
 
-/// A free TCP port on loopback (bound and released).
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
 /// Figure 3: the agent's RSS and CPU with 0 processes (baseline), then with `procs` of them,
 /// half of them TCP listeners checked by the default Tcp health check.
-async fn idle(agent: &BenchAgent, options: &Options, report: &mut Report) -> Result<()> {
-    let settings = &agent.config.supervisor;
+async fn idle(agent: &Agent, options: &Options, report: &mut Report) -> Result<()> {
+    let settings = &agent.config().supervisor;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let empty = idle_window(agent, options.idle).await?;
 
@@ -809,9 +712,9 @@ async fn idle(agent: &BenchAgent, options: &Options, report: &mut Report) -> Res
                 format!("listener{i}"),
                 format!("exec '{}' listen $PORT", me.display()),
             )
-            .with_port(free_port()?)
+            .with_port(service_port())
         };
-        let process = agent.spin_running(&spec).await?;
+        let process = spin_running(agent, &spec).await?;
         if spec.port().is_some() {
             listeners.push(process.id.clone());
         }
@@ -821,7 +724,7 @@ async fn idle(agent: &BenchAgent, options: &Options, report: &mut Report) -> Res
     // Settle: every listener passed a health check, every process has a memory figure.
     let deadline = Instant::now() + settings.health_interval * 4 + Duration::from_secs(10);
     loop {
-        let all = agent.call(agent.network.list_processes()).await?;
+        let all = call("list", agent.try_network()?.list_processes()).await?;
         let healthy = all
             .iter()
             .filter(|p| p.events.iter().any(|e| e.kind == EventKind::Healthy))
@@ -845,14 +748,14 @@ async fn idle(agent: &BenchAgent, options: &Options, report: &mut Report) -> Res
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let busy = idle_window(agent, options.idle).await?;
-    let all = agent.call(agent.network.list_processes()).await?;
+    let all = call("list", agent.try_network()?.list_processes()).await?;
     ensure!(
         all.iter().filter(|p| p.is_running()).count() == ids.len(),
         "a process stopped running during the idle window"
     );
     let t = Instant::now();
     for id in &ids {
-        agent.remove(id).await?;
+        remove(agent, id).await?;
     }
     let remove_all = t.elapsed();
 

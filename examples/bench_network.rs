@@ -26,12 +26,12 @@
 //!     [--records 10000] [--calls 50] [--only failover,propagation,list]
 //! ```
 //!
-//! Every process it starts carries `P2F_BENCH=<a dir under its temp dir>` in its environment
-//! (the agents' children inherit it) and is killed by pid when the run ends, also on error,
-//! panic, Ctrl-C or SIGTERM. `bench_network sweep DIR` kills whatever a SIGKILLed run left
-//! under `DIR`.
+//! The agents are `p2f_testkit::Agent`s, the harness the integration tests use, with the
+//! default settings a user gets. Every process the run starts carries
+//! `P2F_TESTKIT_RUN=<a dir under its temp dir>` in its environment (the agents' children inherit
+//! it) and is killed by pid when the run ends, also on error, panic, Ctrl-C or SIGTERM.
+//! `bench_network sweep DIR` kills whatever a SIGKILLed run left under `DIR`.
 
-use std::fs::OpenOptions;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,16 +42,16 @@ use futures_util::StreamExt;
 use p2f::core::Network;
 use p2f::core::cluster::{ClusterFiles, Secret};
 use p2f::core::mesh::{DEFAULT_GOSSIP_INTERVAL, Mesh, MeshConfig, ProcessDigest};
-use p2f::core::node::AgentConfig;
-use p2f::core::wire::{NodeStatus, SpinQuery, SpinRequest};
+use p2f::core::wire::{SpinQuery, SpinRequest};
 use p2f::model::{
     Health, NodeName, Process, ProcessId, ProcessSpec, RestartPolicy, Status, Timestamp,
 };
+use p2f_testkit::procs::{self, Signal, Stat, sweep};
+use p2f_testkit::{Agent, Killed, poll as wait_for};
 
 mod bench_common;
 use bench_common::{
-    CALL_TIMEOUT, MARKER, Report, Sample, call, kill, load_average, marked, ms, pgid_of,
-    run_interruptible, sigkill, stat_fields, sweep, sweep_exact, verdict,
+    CALL_TIMEOUT, Report, Sample, call, load_average, ms, run_interruptible, verdict,
 };
 
 /// How often the failover trial polls the APIs.
@@ -178,7 +178,8 @@ impl Scratch {
             .prefix("p2f-bench-network-")
             .tempdir_in(parent)?;
         Ok(Scratch {
-            path: dir.path().to_owned(),
+            // As the agents name their directories in their marker (canonical).
+            path: std::fs::canonicalize(dir.path())?,
             dir: Some(dir),
         })
     }
@@ -242,231 +243,28 @@ async fn run(options: Options) -> Result<()> {
     Ok(())
 }
 
-/// Polls `probe` every `every` until it returns `Some`, at most `limit`.
-async fn wait_for<T, F, Fut>(
-    what: &str,
-    limit: Duration,
-    every: Duration,
-    mut probe: F,
-) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = probe().await? {
-            return Ok(value);
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(every).await;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Real agents
 
-/// A `p2f node run` process with its own data directory. It and everything it starts carry
-/// `P2F_BENCH=<dir>`; dropping it SIGKILLs them all.
-struct Agent {
-    name: String,
-    p2f: PathBuf,
-    /// This agent's directory: the marker value, the log, and the node's home.
-    dir: PathBuf,
-    config_path: PathBuf,
-    config: AgentConfig,
-    child: Option<Child>,
-    network: Option<Network>,
+/// A root of a new cluster (`p2f init`) with the default settings, started, in `dir`.
+async fn root_agent(p2f: &Path, dir: &Path, name: &str) -> Result<Agent> {
+    Agent::builder(name)
+        .p2f(p2f)
+        .dir(dir)
+        .init()?
+        .started()
+        .await
 }
 
-impl Agent {
-    /// `p2f init` (a new cluster, this node its root) then `p2f node run`.
-    async fn root(p2f: &Path, dir: &Path, name: &str) -> Result<Agent> {
-        std::fs::create_dir_all(dir)?;
-        let home = dir.join("node");
-        let out = Command::new(p2f)
-            .args(["init", "--name", name, "--listen", "127.0.0.1:0", "--dir"])
-            .arg(&home)
-            .output()
-            .context("run p2f init")?;
-        ensure!(
-            out.status.success(),
-            "p2f init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Agent::configured(p2f, dir, name, home.join("node.toml")).await
-    }
-
-    /// `p2f node join` with `root`'s token, listening on `ip`, then `p2f node run`.
-    async fn join(p2f: &Path, root: &Agent, dir: &Path, name: &str, ip: &str) -> Result<Agent> {
-        std::fs::create_dir_all(dir)?;
-        let home = dir.join("node");
-        let token = std::fs::read_to_string(root.config.data_dir.join("join-token"))
-            .context("the root's join token")?;
-        let out = Command::new(p2f)
-            .args(["node", "join", token.trim(), "--name", name, "--listen"])
-            .arg(format!("{ip}:0"))
-            .arg("--dir")
-            .arg(&home)
-            .output()
-            .context("run p2f node join")?;
-        ensure!(
-            out.status.success(),
-            "p2f node join failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Agent::configured(p2f, dir, name, home.join("node.toml")).await
-    }
-
-    async fn configured(p2f: &Path, dir: &Path, name: &str, config_path: PathBuf) -> Result<Agent> {
-        let config = AgentConfig::load(&config_path)?;
-        let mut agent = Agent {
-            name: name.to_owned(),
-            p2f: p2f.to_owned(),
-            dir: dir.to_owned(),
-            config_path,
-            config,
-            child: None,
-            network: None,
-        };
-        agent.spawn().await?;
-        Ok(agent)
-    }
-
-    /// Starts the agent process (again) and waits until its API answers.
-    async fn spawn(&mut self) -> Result<()> {
-        ensure!(self.child.is_none(), "{} already runs", self.name);
-        let addr_file = self.config.data_dir.join("api.addr");
-        let _ = std::fs::remove_file(&addr_file);
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))?;
-        let child = Command::new(&self.p2f)
-            .args(["node", "run", "--config"])
-            .arg(&self.config_path)
-            .env(MARKER, &self.dir)
-            .env(
-                "RUST_LOG",
-                std::env::var("AGENT_LOG").unwrap_or("info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn p2f node run")?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let address = loop {
-            if let Ok(text) = std::fs::read_to_string(&addr_file)
-                && !text.trim().is_empty()
-            {
-                break text.trim().to_owned();
-            }
-            if let Some(child) = &mut self.child
-                && let Some(status) = child.try_wait()?
-            {
-                self.child = None;
-                bail!("{} exited: {status}\n{}", self.name, self.log_tail(20));
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{} wrote no api.addr within 20 s",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        let cluster = ClusterFiles::new(self.config.cluster_dir());
-        let network = Network::with_cluster_files(&address, &cluster)?;
-        wait_for(
-            &format!("{}'s API", self.name),
-            Duration::from_secs(10),
-            Duration::from_millis(20),
-            || {
-                let network = network.clone();
-                async move { Ok(network.list_local().await.ok()) }
-            },
-        )
-        .await?;
-        self.network = Some(network);
-        Ok(())
-    }
-
-    fn net(&self) -> Result<&Network> {
-        self.network
-            .as_ref()
-            .with_context(|| format!("{} does not run", self.name))
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// The whole node dies: SIGKILL to the agent and to every process group it started (found
-    /// beforehand by their marker, so that the kills follow each other at once). Returns the
-    /// instant of the first kill and how many groups were killed.
-    fn kill_node(&mut self) -> Result<(Instant, usize)> {
-        let mut child = self
-            .child
-            .take()
-            .with_context(|| format!("{} does not run", self.name))?;
-        let agent = child.id();
-        // Groups led by a marked process other than the agent (the agent starts each process
-        // as the leader of a new group); never this harness's own group.
-        let own = pgid_of(std::process::id());
-        let found: Vec<u32> = marked(&self.dir).into_iter().map(|(pid, _)| pid).collect();
-        let mut groups: Vec<u32> = found
-            .iter()
-            .filter(|&&pid| pid != agent)
-            .filter_map(|&pid| pgid_of(pid))
-            .filter(|pgid| *pgid != agent && found.contains(pgid) && Some(*pgid) != own)
-            .collect();
-        groups.sort_unstable();
-        groups.dedup();
-        let killed = Instant::now();
-        sigkill(i64::from(agent));
-        for &pgid in &groups {
-            sigkill(-i64::from(pgid));
-        }
-        let _ = child.wait();
-        self.network = None;
-        // Anything that was being started at that very moment.
-        sweep_exact(&self.dir);
-        Ok((killed, groups.len()))
-    }
-
-    /// OS processes (group leaders, not zombies) this agent started for `id`.
-    fn os_copies(&self, id: &ProcessId) -> usize {
-        let wanted = format!("P2F_PROCESS_ID={id}");
-        marked(&self.dir)
-            .into_iter()
-            .filter(|(pid, env)| env.iter().any(|v| v == &wanted) && pgid_of(*pid) == Some(*pid))
-            .count()
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let log = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        format!(
-            "--- {} agent log (last lines) ---\n{}",
-            self.name,
-            tail.join("\n")
-        )
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        sweep_exact(&self.dir);
-    }
+/// A member of `root`'s cluster listening on `ip`, with the default settings, started, in `dir`.
+async fn member_agent(p2f: &Path, root: &Agent, dir: &Path, name: &str, ip: &str) -> Result<Agent> {
+    Agent::builder(name)
+        .p2f(p2f)
+        .dir(dir)
+        .ip(ip)
+        .join(root)?
+        .started()
+        .await
 }
 
 /// Adds the end of every agent's log to an error.
@@ -479,39 +277,11 @@ fn with_logs<T>(result: Result<T>, agents: &[&Agent]) -> Result<T> {
 
 /// utime + stime of `pid` in clock ticks (10 ms).
 fn cpu_ticks(pid: u32) -> Option<u64> {
-    let fields = stat_fields(pid)?;
-    // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the command name.
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    Stat::of(pid).map(|s| s.cpu_ticks)
 }
 
 fn node_name(name: &str) -> Result<NodeName> {
     NodeName::new(name).map_err(|e| anyhow!("node name {name}: {e}"))
-}
-
-/// Waits until `agent`'s `nodes()` lists exactly `names`, all alive.
-async fn all_alive(agent: &Agent, names: &[&str], limit: Duration) -> Result<Vec<NodeStatus>> {
-    let net = agent.net()?.clone();
-    wait_for(
-        &format!("{} to see {names:?} alive", agent.name),
-        limit,
-        Duration::from_millis(50),
-        || {
-            let net = net.clone();
-            async move {
-                let nodes = call("nodes", net.nodes()).await?;
-                let mut alive: Vec<&str> = nodes
-                    .iter()
-                    .filter(|n| n.alive)
-                    .map(|n| n.node.name.as_str())
-                    .collect();
-                alive.sort_unstable();
-                let mut wanted = names.to_vec();
-                wanted.sort_unstable();
-                Ok((alive == wanted).then_some(nodes))
-            }
-        },
-    )
-    .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -533,9 +303,9 @@ struct Trial {
 }
 
 async fn failover(p2f: &Path, dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
-    let root = Agent::root(p2f, &dir.join("root"), "root").await?;
-    let a = Agent::join(p2f, &root, &dir.join("node-a"), "node-a", "127.0.0.2").await?;
-    let b = Agent::join(p2f, &root, &dir.join("node-b"), "node-b", "127.0.0.3").await?;
+    let root = root_agent(p2f, &dir.join("root"), "root").await?;
+    let a = member_agent(p2f, &root, &dir.join("node-a"), "node-a", "127.0.0.2").await?;
+    let b = member_agent(p2f, &root, &dir.join("node-b"), "node-b", "127.0.0.3").await?;
     let mut members = [a, b];
     let result = failover_on(&root, &mut members, options, report).await;
     with_logs(result, &[&root, &members[0], &members[1]])
@@ -549,21 +319,25 @@ async fn failover_on(
 ) -> Result<()> {
     let names = ["root", "node-a", "node-b"];
     for agent in [root, &members[0], &members[1]] {
-        all_alive(agent, &names, Duration::from_secs(30)).await?;
+        agent.all_alive(&names).await?;
     }
     spread_between_agents(root, members, options, report).await?;
 
     let spec = ProcessSpec::new("web", "exec sleep 100000")
         .with_pin([node_name("node-a")?, node_name("node-b")?])
         .with_health(Health::None);
-    let desired = call("deploy", root.net()?.deploy(std::slice::from_ref(&spec))).await?;
+    let desired = call(
+        "deploy",
+        root.try_network()?.deploy(std::slice::from_ref(&spec)),
+    )
+    .await?;
     let id = desired
         .services
         .first()
         .context("the root returned no service")?
         .id
         .clone();
-    let root_net = root.net()?.clone();
+    let root_net = root.try_network()?.clone();
     let first = wait_for(
         "the service to run",
         Duration::from_secs(30),
@@ -602,11 +376,11 @@ async fn failover_on(
         let generation = current.generation;
         let victim = members
             .iter()
-            .position(|m| m.name == current.node.name.as_str())
+            .position(|m| m.name() == current.node.name.as_str())
             .with_context(|| format!("{id} runs on {}, not a member", current.node.name))?;
         let survivor = 1 - victim;
-        let victim_name = members[victim].name.clone();
-        let survivor_name = members[survivor].name.clone();
+        let victim_name = members[victim].name().to_owned();
+        let survivor_name = members[survivor].name().to_owned();
         let old_incarnation = call("nodes", root_net.nodes())
             .await?
             .iter()
@@ -622,7 +396,7 @@ async fn failover_on(
             .as_ref()
             .is_none_or(|p| p.generation != generation || p.node.name != current.node.name)
         {
-            let log = std::fs::read_to_string(root.dir.join("agent.log")).unwrap_or_default();
+            let log = root.log();
             let lines: Vec<&str> = log
                 .lines()
                 .filter(|l| l.contains(id.as_str()))
@@ -644,8 +418,8 @@ async fn failover_on(
             continue;
         }
 
-        let survivor_net = members[survivor].net()?.clone();
-        let (killed, groups) = members[victim].kill_node()?;
+        let survivor_net = members[survivor].try_network()?.clone();
+        let Killed { at: killed, groups } = members[victim].kill_node()?;
         let mut seen = Trial::default();
         loop {
             let (nodes, all, local) = tokio::join!(
@@ -696,8 +470,8 @@ async fn failover_on(
             tokio::time::sleep(POLL).await;
         }
         let copies = (
-            members[survivor].os_copies(&id),
-            members[victim].os_copies(&id),
+            members[survivor].os_copies(&id).len(),
+            members[victim].os_copies(&id).len(),
         );
         if copies == (1, 0) {
             once += 1;
@@ -717,8 +491,8 @@ async fn failover_on(
 
         // The killed node comes back; wait until the network has settled.
         let restarted = Instant::now();
-        members[victim].spawn().await?;
-        let victim_net = members[victim].net()?.clone();
+        members[victim].start().await?;
+        let victim_net = members[victim].try_network()?.clone();
         let (mut listed, mut running, mut os_seen) = (false, false, false);
         let deadline = Instant::now() + SETTLE_LIMIT;
         loop {
@@ -743,8 +517,8 @@ async fn failover_on(
             }
             let dropped = !local.iter().any(|p| p.id == id);
             let os = (
-                members[survivor].os_copies(&id),
-                members[victim].os_copies(&id),
+                members[survivor].os_copies(&id).len(),
+                members[victim].os_copies(&id).len(),
             );
             os_seen |= os.1 > 0;
             if back && one && dropped && os == (1, 0) {
@@ -894,12 +668,14 @@ async fn spread_between_agents(
         };
         let process = call(
             "spin on a member",
-            owner.net()?.spin(&request, SpinQuery { wait: true }),
+            owner
+                .try_network()?
+                .spin(&request, SpinQuery { wait: true }),
         )
         .await?;
         ensure!(process.is_running(), "spin did not run: {process:?}");
         let written = Instant::now();
-        let (root_net, other_net) = (root.net()?.clone(), other.net()?.clone());
+        let (root_net, other_net) = (root.try_network()?.clone(), other.try_network()?.clone());
         let id = process.id.clone();
         wait_for(
             "the record to be listed by the other two nodes",
@@ -920,13 +696,13 @@ async fn spread_between_agents(
         )
         .await?;
         times.push(written.elapsed());
-        call("remove", owner.net()?.remove_process(&process.id)).await?;
+        call("remove", owner.try_network()?.remove_process(&process.id)).await?;
         wait_for(
             "the removed record to leave the root's list",
             Duration::from_secs(20),
             Duration::from_millis(50),
             || {
-                let (root_net, id) = (root.net().cloned(), id.clone());
+                let (root_net, id) = (root.try_network().cloned(), id.clone());
                 async move {
                     let all = call("root list", root_net?.list_processes()).await?;
                     Ok((!all.iter().any(|p| p.id == id)).then_some(()))
@@ -1140,8 +916,8 @@ async fn list_records(
     options: &Options,
     report: &mut Report,
 ) -> Result<()> {
-    let root = Agent::root(p2f, &dir.join("root"), "lroot").await?;
-    let member = Agent::join(p2f, &root, &dir.join("member"), "lmember", "127.0.0.2").await?;
+    let root = root_agent(p2f, &dir.join("root"), "lroot").await?;
+    let member = member_agent(p2f, &root, &dir.join("member"), "lmember", "127.0.0.2").await?;
     let result = list_on(&root, &member, options, report).await;
     with_logs(result, &[&root, &member])
 }
@@ -1164,7 +940,7 @@ struct Raw {
 
 impl Raw {
     fn new(agent: &Agent) -> Result<Raw> {
-        let (ca, secret) = ClusterFiles::new(agent.config.cluster_dir()).load()?;
+        let (ca, secret) = ClusterFiles::new(agent.config().cluster_dir()).load()?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(p2f::core::cluster::client_config(ca.cert_pem())?)
             .no_proxy()
@@ -1210,10 +986,10 @@ async fn list_on(
     options: &Options,
     report: &mut Report,
 ) -> Result<()> {
-    all_alive(root, &["lroot", "lmember"], Duration::from_secs(30)).await?;
+    root.all_alive(&["lroot", "lmember"]).await?;
     let n = options.records;
-    let member_net = member.net()?.clone();
-    let root_net = root.net()?.clone();
+    let member_net = member.try_network()?.clone();
+    let root_net = root.try_network()?.clone();
 
     // Create the records: `exit 0`, never restarted, so each ends `Stopped` at once.
     let created = Instant::now();
@@ -1615,9 +1391,8 @@ impl Perf {
     /// Stops recording (SIGINT makes perf write its file) and returns the top symbols; the
     /// whole report goes next to the data file.
     fn finish(mut self) -> Result<String> {
-        const SIGINT: i32 = 2;
         let mut child = self.child.take().context("perf already finished")?;
-        kill(i32::try_from(child.id())?, SIGINT);
+        procs::signal(child.id(), Signal::SIGINT);
         child.wait()?;
         let report = |args: &[&str]| -> Result<String> {
             let out = Command::new("perf")
@@ -1664,8 +1439,8 @@ impl Perf {
                 "free",
                 "drop_in_place<alloc::vec::Vec<p2f_model::process::Process>>",
             ),
-            ("background: records::sync", "records::sync"),
-            ("background: records::publish", "records::publish"),
+            ("background: records::sync", "records::sync::sync"),
+            ("background: records::publish", "records::publish::publish"),
         ];
         let shares: Vec<String> = parts
             .iter()

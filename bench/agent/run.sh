@@ -43,7 +43,7 @@ if [[ $STRACE == 1 ]]; then
 fi
 
 # Whatever happens to the example (even SIGKILL), nothing it started outlives this script: every
-# such process carries P2F_BENCH=<its temp dir DATA_ROOT/p2f-bench-agent-*>, and the example
+# such process carries P2F_TESTKIT_RUN=<a dir under DATA_ROOT/p2f-bench-agent-*>, and the example
 # deletes that dir when it ends normally. Dirs that were there before belong to someone else.
 shopt -s nullglob
 before=("$DATA_ROOT"/p2f-bench-agent-*)

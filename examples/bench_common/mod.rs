@@ -1,33 +1,16 @@
-//! What the benchmark examples (`bench_agent`, `bench_network`) share: marking and sweeping
-//! the processes of a run, running until Ctrl-C or SIGTERM, nearest-rank percentiles, and the
-//! report table. Each example uses a part of it.
+//! What the benchmark examples (`bench_agent`, `bench_network`) share beyond `p2f_testkit`
+//! (which runs their agents, marks and sweeps their processes, and reads `/proc`): running
+//! until Ctrl-C or SIGTERM, bounded API calls, nearest-rank percentiles, and the report table.
+//! Each example uses a part of it.
 #![allow(dead_code)]
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use comfy_table::{Cell, Table, presets::ASCII_MARKDOWN};
 
-/// The environment variable that marks every process of a run (value: a dir of the run).
-pub(crate) const MARKER: &str = "P2F_BENCH";
 /// The longest any one API call may take.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(15);
-const SIGKILL: i32 = 9;
-
-unsafe extern "C" {
-    /// `kill(2)` from the C library std already links; a negative pid signals a process group.
-    pub(crate) safe fn kill(pid: i32, signal: i32) -> i32;
-}
-
-/// Sends SIGKILL to `pid` (or to the group `-pid`); refuses 0 and ±1.
-pub(crate) fn sigkill(pid: i64) {
-    if pid.abs() > 1
-        && let Ok(pid) = i32::try_from(pid)
-    {
-        kill(pid, SIGKILL);
-    }
-}
 
 /// Runs `benchmark` on a 2-worker runtime; Ctrl-C or SIGTERM ends it (and so cleans up, by the
 /// guards' `Drop`).
@@ -56,74 +39,6 @@ pub(crate) async fn call<T, E: std::error::Error + Send + Sync + 'static>(
         .await
         .with_context(|| format!("{what}: no answer within {CALL_TIMEOUT:?}"))?
         .with_context(|| what.to_owned())
-}
-
-// ---------------------------------------------------------------------------------------------
-// The processes of a run
-
-/// Processes (pid, environment) whose `P2F_BENCH` is exactly `dir`.
-pub(crate) fn marked(dir: &Path) -> Vec<(u32, Vec<String>)> {
-    let marker = format!("{MARKER}={}", dir.display());
-    processes_where(|var| var == marker.as_bytes())
-}
-
-/// Processes (pid, environment) with an environment variable for which `test` holds; not this
-/// one, not zombies.
-pub(crate) fn processes_where(test: impl Fn(&[u8]) -> bool) -> Vec<(u32, Vec<String>)> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mine = std::process::id();
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != mine)
-        .filter_map(|pid| {
-            let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-            if !environ.split(|b| *b == 0).any(&test) {
-                return None;
-            }
-            let vars = environ
-                .split(|b| *b == 0)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .collect();
-            Some((pid, vars))
-        })
-        .filter(|(pid, _)| !is_zombie(*pid))
-        .collect()
-}
-
-/// SIGKILLs every process whose `P2F_BENCH` is exactly `dir`; returns how many.
-pub(crate) fn sweep_exact(dir: &Path) -> usize {
-    let found = marked(dir);
-    for (pid, _) in &found {
-        sigkill(i64::from(*pid));
-    }
-    found.len()
-}
-
-/// SIGKILLs every process whose `P2F_BENCH` lies under `dir`; returns how many.
-pub(crate) fn sweep(dir: &Path) -> usize {
-    let prefix = format!("{MARKER}={}", dir.display());
-    let found = processes_where(|var| var.starts_with(prefix.as_bytes()));
-    for (pid, _) in &found {
-        sigkill(i64::from(*pid));
-    }
-    found.len()
-}
-
-/// The fields of `/proc/PID/stat` after the command name.
-pub(crate) fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    Some(rest.split_whitespace().map(str::to_owned).collect())
-}
-
-pub(crate) fn is_zombie(pid: u32) -> bool {
-    stat_fields(pid).is_none_or(|f| f.first().is_some_and(|s| s == "Z"))
-}
-
-pub(crate) fn pgid_of(pid: u32) -> Option<u32> {
-    stat_fields(pid)?.get(2)?.parse().ok()
 }
 
 /// The 1-, 5- and 15-minute load averages.

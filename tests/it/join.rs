@@ -11,12 +11,14 @@ use p2f::model::{NodeName, ProcessSpec, Status};
 use predicates::prelude::PredicateBooleanExt;
 use predicates::str::{contains, starts_with};
 
-use crate::support::{TestAgent, p2f_bin};
+use p2f_testkit::p2f_bin;
+
+use crate::support::{agent, member, root};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_joins_with_the_roots_token_and_is_reachable() {
-    let root = TestAgent::start("root").await;
-    let member = TestAgent::join(&root, "laptop", "127.0.0.2").await;
+async fn a_member_joins_with_the_roots_token_and_is_reachable() -> anyhow::Result<()> {
+    let root = root("root").await?;
+    let member = member(&root, "laptop", "127.0.0.2").await?;
 
     // The root's client, with the cluster's CA and secret, reaches the member on another address.
     let at_member = root.network().at(member.network().address());
@@ -24,7 +26,7 @@ async fn a_member_joins_with_the_roots_token_and_is_reachable() {
     let node = at_member.node().await.expect("the member's node entry");
     assert_eq!(node.name.as_str(), "laptop");
     assert_eq!(
-        member.config.root.as_deref(),
+        member.config().root.as_deref(),
         root.network()
             .node()
             .await
@@ -42,10 +44,10 @@ async fn a_member_joins_with_the_roots_token_and_is_reachable() {
         (p.status, p.node.name.as_str()),
         (Status::Running, "laptop")
     );
-    assert_eq!(member.os_processes(&p.id), [p.pid.expect("pid")]);
+    assert_eq!(member.os_copies(&p.id), [p.pid.expect("pid")]);
 
     // A member holds no CA key: it cannot sign other members.
-    assert!(!member.config.cluster_dir().join("ca.key").exists());
+    assert!(!member.config().cluster_dir().join("ca.key").exists());
     let key = CertRequest::new("intruder").expect("a key");
     let request = JoinRequest {
         name: NodeName::from_static("intruder"),
@@ -65,22 +67,24 @@ async fn a_member_joins_with_the_roots_token_and_is_reachable() {
     assert!(other.complete(signed.cert_pem.clone()).is_err());
     key.complete(signed.cert_pem)
         .expect("the certificate is for this key");
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_live_members_name_is_not_given_twice_and_bad_requests_change_nothing() {
-    let root = TestAgent::start("root3").await;
-    let _member = TestAgent::join(&root, "pi", "127.0.0.3").await;
+async fn a_live_members_name_is_not_given_twice_and_bad_requests_change_nothing()
+-> anyhow::Result<()> {
+    let root = root("root3").await?;
+    let _member = member(&root, "pi", "127.0.0.3").await?;
     let net = root.network().clone();
-    root.hears("pi").await;
+    root.hears("pi").await?;
 
     // Through the CLI: a second "pi", and the root's own name, are refused in one line; nothing
     // is written.
-    let token = std::fs::read_to_string(root.config.data_dir.join("join-token")).expect("token");
+    let token = root.join_token()?;
     let dir = tempfile::tempdir().expect("tempdir");
     for name in ["pi", "root3"] {
-        let join = assert_cmd::Command::new(p2f_bin())
-            .args(["node", "join", token.trim(), "--name", name])
+        let join = assert_cmd::Command::new(p2f_bin()?)
+            .args(["node", "join", &token, "--name", name])
             .args(["--listen", "127.0.0.4:0", "--dir"])
             .arg(dir.path().join("node"))
             .timeout(Duration::from_secs(60))
@@ -114,34 +118,32 @@ async fn a_live_members_name_is_not_given_twice_and_bad_requests_change_nothing(
     // The root still answers, and still knows exactly two nodes.
     let nodes = net.nodes().await.expect("nodes");
     assert_eq!(nodes.len(), 2, "{nodes:?}");
+    Ok(())
 }
 
 /// Joining by config (a provisioning tool writes `node.toml` naming the root, next to the
 /// cluster's `ca.pem` and `secret`): the first `p2f node run` gets the node's certificate from
 /// the root, for a key made on the node, and the node becomes a member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_joins_by_config_alone() {
-    let root = TestAgent::start("root4").await;
-    let token = std::fs::read_to_string(root.config.data_dir.join("join-token")).expect("token");
-    let token = JoinToken::decode(&token).expect("token");
-    let dir = tempfile::Builder::new()
-        .prefix("p2f-it-")
-        .tempdir()
-        .expect("tempdir");
-    let home = dir.path().join("node");
-    ClusterFiles::new(home.join("cluster"))
-        .write_member(&token.ca_pem, &token.secret)
-        .expect("cluster files");
-    let gossip = token.gossip.as_deref().expect("the root gossips");
-    let config = format!(
-        "name = \"nas\"\nlisten = \"127.0.0.6:0\"\ndata_dir = \".\"\nroot = \"{}\"\n\
-         [mesh]\nlisten = \"127.0.0.6:0\"\nseeds = [\"{gossip}\"]\n",
-        token.root
-    );
-    std::fs::write(home.join("node.toml"), config).expect("write node.toml");
-    assert!(!home.join("tls").exists());
-
-    let nas = TestAgent::from_dir(dir).await;
+async fn a_member_joins_by_config_alone() -> anyhow::Result<()> {
+    let root = root("root4").await?;
+    let token = JoinToken::decode(&root.join_token()?).expect("token");
+    let nas = agent("nas")
+        .prepared(|home| {
+            ClusterFiles::new(home.join("cluster")).write_member(&token.ca_pem, &token.secret)?;
+            let gossip = token.gossip.as_deref().expect("the root gossips");
+            let config = format!(
+                "name = \"nas\"\nlisten = \"127.0.0.6:0\"\ndata_dir = \".\"\nroot = \"{}\"\n\
+                 [mesh]\nlisten = \"127.0.0.6:0\"\nseeds = [\"{gossip}\"]\n",
+                token.root
+            );
+            std::fs::write(home.join("node.toml"), config)?;
+            assert!(!home.join("tls").exists());
+            Ok(())
+        })?
+        .started()
+        .await?;
+    let home = nas.config().data_dir.clone();
     let node = nas
         .network()
         .node()
@@ -155,13 +157,14 @@ async fn a_member_joins_by_config_alone() {
         .mode()
         & 0o777;
     assert_eq!(mode, 0o600, "the key is private");
-    root.hears("nas").await;
+    root.hears("nas").await?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_tokens_are_refused_clearly() {
-    let root = TestAgent::start("root2").await;
-    let token = std::fs::read_to_string(root.config.data_dir.join("join-token")).expect("token");
+async fn bad_tokens_are_refused_clearly() -> anyhow::Result<()> {
+    let root = root("root2").await?;
+    let token = root.join_token()?;
     let dir = tempfile::tempdir().expect("tempdir");
     // A forged token: the right CA and address, a wrong secret.
     let mut forged = p2f::core::join::JoinToken::decode(&token).expect("decode");
@@ -175,7 +178,7 @@ async fn bad_tokens_are_refused_clearly() {
         (forged.encode(), "wrong cluster secret"),
     ];
     for (input, says) in cases {
-        let join = assert_cmd::Command::new(p2f_bin())
+        let join = assert_cmd::Command::new(p2f_bin()?)
             .args([
                 "node",
                 "join",
@@ -198,6 +201,7 @@ async fn bad_tokens_are_refused_clearly() {
             "nothing written"
         );
     }
+    Ok(())
 }
 
 /// The PEM with one character of its signature (the last base64 line) changed.

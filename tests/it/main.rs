@@ -6,7 +6,6 @@ mod join;
 mod macro_expand;
 mod macro_ui;
 mod model;
-mod netns;
 mod network;
 mod p2prc;
 mod partition;

@@ -6,21 +6,34 @@
 use std::time::{Duration, Instant};
 
 use p2f::model::{
-    Failure, NodeName, Process, ProcessId, ProcessKey, ProcessSpec, Rejection, Status, Unfit,
+    Failure, Health, NodeName, Process, ProcessId, ProcessKey, ProcessSpec, Rejection, Status,
+    Unfit,
 };
 
-use crate::support::{TestAgent, eventually, log_containing};
+use p2f::model::EventKind;
+use p2f_testkit::eventually;
+
+use crate::support::{log_containing, member, root, running, service_port};
+
+/// How long the network may take to see a node dead, a record lost or a process moved: the
+/// test settings declare a silent node lost after about 5 s; the rest is margin for a loaded
+/// machine.
+const FAILOVER: Duration = Duration::from_secs(40);
+/// How long a record may take to reach another node (well under a second when idle).
+const SPREAD: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
-    let root = TestAgent::start("root").await;
-    let mut a = TestAgent::join(&root, "node-a", "127.0.0.2").await;
-    let b = TestAgent::join(&root, "node-b", "127.0.0.3").await;
+async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() -> anyhow::Result<()> {
+    let root = root("root").await?;
+    let mut a = member(&root, "node-a", "127.0.0.2").await?;
+    let b = member(&root, "node-b", "127.0.0.3").await?;
+    root.all_alive(&["node-a", "node-b", "root"]).await?;
 
     let node_a = a.network().node().await.expect("node a");
     let spec = ProcessSpec::new("spread", "echo hello from $P2F_NODE; exec sleep 1000")
-        .with_port(free_port())
-        .with_domain("spread.home.arpa");
+        .with_port(service_port())
+        .with_domain("spread.home.arpa")
+        .with_health(Health::None); // nothing listens on the port
     let written = Instant::now();
     let p = root
         .network()
@@ -36,18 +49,14 @@ async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
     for (name, agent) in [("root", &root), ("node-b", &b), ("node-a", &a)] {
         let net = agent.network().clone();
         let id = p.id.clone();
-        let seen = eventually(
-            &format!("{name} to list the record"),
-            Duration::from_secs(10),
-            || {
-                let (net, id) = (net.clone(), id.clone());
-                async move {
-                    let all = net.list_processes().await.ok()?;
-                    all.into_iter().find(|q| q.id == id && q.is_running())
-                }
-            },
-        )
-        .await;
+        let seen = eventually(&format!("{name} to list the record"), SPREAD, || {
+            let (net, id) = (net.clone(), id.clone());
+            async move {
+                let all = net.list_processes().await.ok()?;
+                all.into_iter().find(|q| q.id == id && q.is_running())
+            }
+        })
+        .await?;
         assert_eq!(seen.spec, spec, "{name} holds the whole spec");
         assert_eq!(seen.node.name.as_str(), "node-a");
         let by_domain = net
@@ -73,7 +82,7 @@ async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
         "every node publishes its free memory: {nodes:?}"
     );
     // Without the secret, every node answers 401.
-    let ca = std::fs::read_to_string(root.config.cluster_dir().join("ca.pem")).expect("ca");
+    let ca = std::fs::read_to_string(root.config().cluster_dir().join("ca.pem")).expect("ca");
     for agent in [&root, &a, &b] {
         let stranger = p2f::core::Network::connect(
             agent.network().address(),
@@ -95,7 +104,7 @@ async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
     );
 
     // Any node answers for a process of another node: logs and kill are forwarded to its node.
-    let logs = log_containing(root.network(), &p.id, "hello", Duration::from_secs(10)).await;
+    let logs = log_containing(root.network(), &p.id, "hello", SPREAD).await?;
     assert_eq!(logs.trim(), "hello from node-a");
     let killed = b
         .network()
@@ -106,7 +115,7 @@ async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
         (killed.status, killed.node.name.as_str()),
         (Status::Stopped, "node-a")
     );
-    assert!(a.os_processes(&p.id).is_empty(), "stopped on its own node");
+    assert!(a.os_copies(&p.id).is_empty(), "stopped on its own node");
 
     // Node a dies (the agent): the others show its record as Lost.
     a.sigkill();
@@ -114,19 +123,15 @@ async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
     for (name, agent) in [("root", &root), ("node-b", &b)] {
         let net = agent.network().clone();
         let id = p.id.clone();
-        eventually(
-            &format!("{name} to see the record lost"),
-            Duration::from_secs(15),
-            || {
-                let (net, id) = (net.clone(), id.clone());
-                async move {
-                    let all = net.list_processes().await.ok()?;
-                    all.into_iter()
-                        .find(|q| q.id == id && q.status == Status::Lost)
-                }
-            },
-        )
-        .await;
+        eventually(&format!("{name} to see the record lost"), FAILOVER, || {
+            let (net, id) = (net.clone(), id.clone());
+            async move {
+                let all = net.list_processes().await.ok()?;
+                all.into_iter()
+                    .find(|q| q.id == id && q.status == Status::Lost)
+            }
+        })
+        .await?;
     }
     eprintln!(
         "node a's record shown Lost everywhere after {:?}",
@@ -139,21 +144,17 @@ async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
     // The root dies too: node b still lists the network and finds records by id and domain.
     let mut root = root;
     root.sigkill();
-    eventually(
-        "node-b to see the root dead",
-        Duration::from_secs(15),
-        || {
-            let net = b.network().clone();
-            async move {
-                let nodes = net.nodes().await.ok()?;
-                nodes
-                    .iter()
-                    .any(|n| n.node.name.as_str() == "root" && !n.alive)
-                    .then_some(())
-            }
-        },
-    )
-    .await;
+    eventually("node-b to see the root dead", FAILOVER, || {
+        let net = b.network().clone();
+        async move {
+            let nodes = net.nodes().await.ok()?;
+            nodes
+                .iter()
+                .any(|n| n.node.name.as_str() == "root" && !n.alive)
+                .then_some(())
+        }
+    })
+    .await?;
     let all = b
         .network()
         .list_processes()
@@ -177,15 +178,16 @@ async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() {
         .expect("lookup without the root")
         .expect("found by domain");
     assert_eq!(by_domain.id, p.id);
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_root_places_services_and_moves_them_off_a_dead_node() {
-    let root = TestAgent::start("root").await;
-    let a = TestAgent::join(&root, "node-a", "127.0.0.2").await;
-    let b = TestAgent::join(&root, "node-b", "127.0.0.3").await;
+async fn the_root_places_services_and_moves_them_off_a_dead_node() -> anyhow::Result<()> {
+    let root = root("root").await?;
+    let a = member(&root, "node-a", "127.0.0.2").await?;
+    let b = member(&root, "node-b", "127.0.0.3").await?;
     let mut agents = [a, b];
-    all_alive(&root, 3).await;
+    root.all_alive(&["node-a", "node-b", "root"]).await?;
     let pins = [
         NodeName::from_static("node-a"),
         NodeName::from_static("node-b"),
@@ -200,7 +202,8 @@ async fn the_root_places_services_and_moves_them_off_a_dead_node() {
             starts.display()
         ),
     )
-    .with_port(free_port())
+    .with_port(service_port())
+    .with_health(Health::None) // nothing listens on the port
     .with_pin(pins.clone());
     let worker = ProcessSpec::new("worker", "exec sleep 1000").with_pin(pins);
     let desired = root
@@ -218,79 +221,63 @@ async fn the_root_places_services_and_moves_them_off_a_dead_node() {
     assert_eq!(refused.status(), Some(409));
 
     // Both run, one on each node (the fewest processes first), each exactly once.
-    let running = running_everywhere(&root, &ids, 1).await;
-    let nodes: Vec<&str> = running.iter().map(|p| p.node.name.as_str()).collect();
+    let first = running(root.network(), &ids, 1).await?;
+    let nodes: Vec<&str> = first.iter().map(|p| p.node.name.as_str()).collect();
     assert_eq!(nodes, ["node-a", "node-b"], "spread over the allowed nodes");
     for id in &ids {
-        let count: usize = agents.iter().map(|n| n.os_processes(id).len()).sum();
+        let count: usize = agents.iter().map(|n| n.os_copies(id).len()).sum();
         assert_eq!(count, 1, "{id} runs once");
     }
-    // Each was placed once: the root waited for its placements to show up instead of sending
-    // them again (which the nodes would have refused).
-    let log = root.agent_log();
-    assert!(!log.contains("placement refused"), "root log:\n{log}");
+    // Each was placed once: generation 1, one placement event, one start (the root waited for
+    // its placements to show up instead of sending them again).
+    for p in &first {
+        let placed = p
+            .events
+            .iter()
+            .filter(|e| matches!(e.kind, EventKind::Placed { .. }))
+            .count();
+        assert_eq!((p.generation, placed), (1, 1), "{p:#?}");
+    }
 
     // The node running `web` dies (agent and processes): web runs again on the other one.
     let web_id = &ids[0];
     let died = Instant::now();
-    agents[0].kill_node();
-    let moved = running_everywhere(&root, std::slice::from_ref(web_id), 2).await;
+    agents[0].kill_node()?;
+    let moved = running(root.network(), std::slice::from_ref(web_id), 2).await?;
     let failover = died.elapsed();
     assert_eq!(moved[0].node.name.as_str(), "node-b");
-    assert_eq!(agents[1].os_processes(web_id).len(), 1);
+    assert_eq!(agents[1].os_copies(web_id).len(), 1);
     eprintln!("failover: SIGKILL of node-a -> web Running on node-b after {failover:?}");
 
     // node-a comes back: its stale copy (generation 1) is dropped without ever starting again;
     // exactly one copy remains.
-    agents[0].spawn().await;
-    eventually(
-        "node-a to drop its stale copy",
-        Duration::from_secs(20),
-        || {
-            let (stale, fresh) = (
-                agents[0].os_processes(web_id),
-                agents[1].os_processes(web_id),
-            );
-            let local = agents[0].network().clone();
-            let id = web_id.clone();
-            async move {
-                let records = local.list_local().await.ok()?;
-                (stale.is_empty() && fresh.len() == 1 && !records.iter().any(|p| p.id == id))
-                    .then_some(())
-            }
-        },
-    )
-    .await;
+    agents[0].start().await?;
+    eventually("node-a to drop its stale copy", FAILOVER, || {
+        let (stale, fresh) = (agents[0].os_copies(web_id), agents[1].os_copies(web_id));
+        let local = agents[0].network().clone();
+        let id = web_id.clone();
+        async move {
+            let records = local.list_local().await.ok()?;
+            (stale.is_empty() && fresh.len() == 1 && !records.iter().any(|p| p.id == id))
+                .then_some(())
+        }
+    })
+    .await?;
 
-    let started: Vec<String> = std::fs::read_to_string(&starts)
-        .expect("starts")
+    let started: Vec<String> = std::fs::read_to_string(&starts)?
         .lines()
         .map(str::to_owned)
         .collect();
     assert_eq!(
         started,
         ["node-a 1", "node-b 2"],
-        "the returning node must not start its stale copy again; root log:\n{}",
-        root.agent_log()
+        "the returning node must not start its stale copy again; {}",
+        root.log_tail(60)
     );
 
     // Moving it back on request: a new generation on node-a, node-b drops its copy.
     let a_name = NodeName::from_static("node-a");
-    eventually(
-        "the root to see node-a alive again",
-        Duration::from_secs(15),
-        || {
-            let net = root.network().clone();
-            async move {
-                let nodes = net.nodes().await.ok()?;
-                nodes
-                    .iter()
-                    .any(|n| n.node.name.as_str() == "node-a" && n.alive)
-                    .then_some(())
-            }
-        },
-    )
-    .await;
+    root.hears("node-a").await?;
     let moved = root
         .network()
         .move_process(web_id, &a_name)
@@ -313,80 +300,110 @@ async fn the_root_places_services_and_moves_them_off_a_dead_node() {
         .await
         .expect_err("already there");
     assert_eq!(again.status(), Some(409), "{again}");
-    eventually("node-b to drop its copy", Duration::from_secs(15), || {
-        let (on_a, on_b) = (
-            agents[0].os_processes(web_id),
-            agents[1].os_processes(web_id),
-        );
+    eventually("node-b to drop its copy", FAILOVER, || {
+        let (on_a, on_b) = (agents[0].os_copies(web_id), agents[1].os_copies(web_id));
         async move { (on_a.len() == 1 && on_b.is_empty()).then_some(()) }
     })
-    .await;
+    .await?;
+    Ok(())
+}
+
+/// The last `Exited { Vanished }` event of `p` (recorded when the agent found the process gone
+/// at its start) and the first `Started` after it: when the agent noticed, and when it started
+/// the process again.
+fn vanished_then_started(p: &Process) -> Option<(u64, u64)> {
+    let vanished = p.events.iter().rposition(|e| {
+        e.kind
+            == EventKind::Exited {
+                failure: Failure::Vanished,
+            }
+    })?;
+    let started = p.events[vanished..]
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::Started { .. }))?;
+    Some((p.events[vanished].at.0, started.at.0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_returning_member_starts_again_what_nobody_replaced() {
-    let mut root = TestAgent::start("root").await;
-    let mut a = TestAgent::join(&root, "node-a", "127.0.0.9").await;
-    all_alive(&root, 2).await;
-    // Spun on node-a directly: the root does not manage it, so nobody replaces it.
+async fn a_returning_member_starts_again_what_nobody_replaced() -> anyhow::Result<()> {
+    let mut root = root("root").await?;
+    let mut a = member(&root, "node-a", "127.0.0.9").await?;
+    root.all_alive(&["node-a", "root"]).await?;
+    // Spun on node-a directly: the root does not manage them, so nobody replaces them.
+    // `canary` is only there to show when node-a has decided what to start again.
     let node_a = a.network().node().await.expect("node a");
-    let spec = ProcessSpec::new("keeper", "exec sleep 1000");
-    let p = root
-        .network()
-        .spin_process(&spec, &node_a)
-        .await
-        .expect("spin on node a");
-    all_alive(&root, 2).await;
+    let mut spun = Vec::new();
+    for name in ["keeper", "canary"] {
+        let spec = ProcessSpec::new(name, "exec sleep 1000");
+        let p = root
+            .network()
+            .spin_process(&spec, &node_a)
+            .await
+            .expect("spin on node a");
+        spun.push(p);
+    }
+    let [p, canary] = <[Process; 2]>::try_from(spun).expect("two");
+    root.all_alive(&["node-a", "root"]).await?;
 
     // The node dies and comes back before anyone could act: it waits to hear the root, then
     // starts the same generation again.
-    a.kill_node();
-    assert!(a.os_processes(&p.id).is_empty());
-    let back = Instant::now();
-    a.spawn().await;
+    a.kill_node()?;
+    assert!(a.os_copies(&p.id).is_empty());
+    a.start().await?;
     let again = a
-        .wait_for(&p.id, Duration::from_secs(15), "running again", |q| {
-            q.is_running()
-        })
-        .await;
-    let waited = back.elapsed();
+        .wait_for(&p.id, FAILOVER, "running again", |q| q.is_running())
+        .await?;
     assert_eq!(again.generation, 1);
-    assert_eq!(a.os_processes(&p.id).len(), 1);
-    let log = a.agent_log();
-    assert!(log.contains("waiting for the network"), "{log}");
-    assert!(!log.contains("no other node answers"), "{log}");
-    assert!(!log.contains("did not hear every live node"), "{log}");
+    assert_eq!(a.os_copies(&p.id).len(), 1);
+    // It did not start it at once: it waited until it had heard the others and the set of
+    // live nodes had been stable for a while (the replica's settle time, 500 ms). A lower
+    // bound: load only makes the wait longer.
+    let (noticed, restarted) = vanished_then_started(&again).expect("vanished, then started");
     assert!(
-        waited < Duration::from_secs(8),
-        "heard the root in {waited:?}"
+        restarted >= noticed + 500,
+        "started again {} ms after the agent found it gone: it did not wait for the network; {again:#?}",
+        restarted.saturating_sub(noticed)
     );
 
-    // With the root gone too, the node finds itself alone and starts it anyway.
+    // With the root gone too, the node finds itself alone and starts it anyway, once nobody
+    // answered for 3 s.
     root.sigkill();
-    a.kill_node();
-    a.spawn().await;
+    a.kill_node()?;
+    a.start().await?;
     let again = a
-        .wait_for(&p.id, Duration::from_secs(20), "running again alone", |q| {
-            q.is_running()
-        })
-        .await;
+        .wait_for(&p.id, FAILOVER, "running again alone", |q| q.is_running())
+        .await?;
     assert_eq!(again.generation, 1);
-    assert_eq!(a.os_processes(&p.id).len(), 1);
-    assert!(a.agent_log().contains("no other node answers"));
+    assert_eq!(a.os_copies(&p.id).len(), 1);
+    let (noticed, restarted) = vanished_then_started(&again).expect("vanished, then started");
+    assert!(
+        restarted >= noticed + 3_000,
+        "started again {} ms after the agent found it gone, before it could know it was alone",
+        restarted.saturating_sub(noticed)
+    );
 
     // Killed while it waits (alone, for 3 s): it is stopped where it is and never starts.
-    a.kill_node();
-    a.spawn().await;
+    a.kill_node()?;
+    a.start().await?;
     let parked = a
         .network()
         .process_information(ProcessKey::Id(p.id.clone()))
         .await
         .expect("info")
         .expect("the record");
-    assert_eq!(parked.status, Status::Parked, "parked: {parked:?}");
+    assert_eq!(
+        parked.status,
+        Status::Parked,
+        "not parked any more: the agent took longer to answer than the 3 s it waits when alone; \
+         {parked:?}"
+    );
     let killed = a.network().kill_process(&parked).await.expect("kill");
     assert_eq!(killed.status, Status::Stopped);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The wait ends: the canary, parked alike, runs again. The killed one did not start.
+    a.wait_for(&canary.id, FAILOVER, "the canary to run again", |q| {
+        q.is_running()
+    })
+    .await?;
     let after = a
         .network()
         .process_information(ProcessKey::Id(p.id.clone()))
@@ -394,34 +411,32 @@ async fn a_returning_member_starts_again_what_nobody_replaced() {
         .expect("info")
         .expect("the record");
     assert_eq!(after.status, Status::Stopped, "{after:?}");
-    assert!(a.os_processes(&p.id).is_empty(), "never started again");
+    assert!(a.os_copies(&p.id).is_empty(), "never started again");
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_process_pinned_to_a_dead_node_waits_and_returns_with_it() {
-    let root = TestAgent::start("root").await;
-    let mut pi = TestAgent::join(&root, "pi", "127.0.0.4").await;
+async fn a_process_pinned_to_a_dead_node_waits_and_returns_with_it() -> anyhow::Result<()> {
+    let root = root("root").await?;
+    let mut pi = member(&root, "pi", "127.0.0.4").await?;
+    root.all_alive(&["pi", "root"]).await?;
     let spec =
         ProcessSpec::new("only-on-pi", "exec sleep 1000").with_pin([NodeName::from_static("pi")]);
     let desired = root.network().deploy(&[spec]).await.expect("deploy");
     let id = desired.services[0].id.clone();
-    running_everywhere(&root, std::slice::from_ref(&id), 1).await;
+    running(root.network(), std::slice::from_ref(&id), 1).await?;
 
-    pi.kill_node();
-    let held = eventually(
-        "the process to wait for its node",
-        Duration::from_secs(15),
-        || {
-            let net = root.network().clone();
-            let id = id.clone();
-            async move {
-                let all = net.list_processes().await.ok()?;
-                all.into_iter()
-                    .find(|p| p.id == id && p.status == Status::Unplaced)
-            }
-        },
-    )
-    .await;
+    pi.kill_node()?;
+    let held = eventually("the process to wait for its node", FAILOVER, || {
+        let net = root.network().clone();
+        let id = id.clone();
+        async move {
+            let all = net.list_processes().await.ok()?;
+            all.into_iter()
+                .find(|p| p.id == id && p.status == Status::Unplaced)
+        }
+    })
+    .await?;
     assert_eq!(
         held.last_failure,
         Some(Failure::NoAllowedNode {
@@ -444,22 +459,23 @@ async fn a_process_pinned_to_a_dead_node_waits_and_returns_with_it() {
     );
 
     // pi returns: its stale copy goes, and the process runs there again, once.
-    pi.spawn().await;
-    let back = running_everywhere(&root, std::slice::from_ref(&id), 2).await;
+    pi.start().await?;
+    let back = running(root.network(), std::slice::from_ref(&id), 2).await?;
     assert_eq!(back[0].node.name.as_str(), "pi");
-    eventually("exactly one copy on pi", Duration::from_secs(15), || {
-        let count = pi.os_processes(&id).len();
+    eventually("exactly one copy on pi", FAILOVER, || {
+        let count = pi.os_copies(&id).len();
         async move { (count == 1).then_some(()) }
     })
-    .await;
+    .await?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spent_restarts_move_a_process_to_a_node_it_has_not_failed_on() {
-    let root = TestAgent::start("root").await;
-    let a = TestAgent::join(&root, "node-a", "127.0.0.5").await;
-    let b = TestAgent::join(&root, "node-b", "127.0.0.6").await;
-    all_alive(&root, 3).await;
+async fn spent_restarts_move_a_process_to_a_node_it_has_not_failed_on() -> anyhow::Result<()> {
+    let root = root("root").await?;
+    let a = member(&root, "node-a", "127.0.0.5").await?;
+    let b = member(&root, "node-b", "127.0.0.6").await?;
+    root.all_alive(&["node-a", "node-b", "root"]).await?;
     // It crashes on node-a (where it is placed first: the fewest processes, then by name).
     let spec = ProcessSpec::new(
         "picky",
@@ -475,7 +491,7 @@ async fn spent_restarts_move_a_process_to_a_node_it_has_not_failed_on() {
     // Its restart on node-a is spent: the root places it on node-b, the node it has not
     // failed on (or, if node-b looked dead for a moment under load, after one more failure on
     // node-a: the node failed on least recently comes next).
-    let moved = eventually("it runs on node-b", Duration::from_secs(30), || {
+    let moved = eventually("it runs on node-b", FAILOVER, || {
         let net = root.network().clone();
         let id = id.clone();
         async move {
@@ -488,24 +504,25 @@ async fn spent_restarts_move_a_process_to_a_node_it_has_not_failed_on() {
             })
         }
     })
-    .await;
+    .await?;
     if moved.generation > 2 {
         eprintln!(
-            "moved to node-b only with generation {}; root log:\n{}",
+            "moved to node-b only with generation {}; {}",
             moved.generation,
-            root.agent_log()
+            root.log_tail(80)
         );
     }
-    assert_eq!(b.os_processes(&id).len(), 1);
-    assert!(a.os_processes(&id).is_empty());
+    assert_eq!(b.os_copies(&id).len(), 1);
+    assert!(a.os_copies(&id).is_empty());
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_changed_spec_or_pin_replaces_the_process() {
-    let root = TestAgent::start("root").await;
-    let a = TestAgent::join(&root, "node-a", "127.0.0.7").await;
-    let b = TestAgent::join(&root, "node-b", "127.0.0.8").await;
-    all_alive(&root, 3).await;
+async fn a_changed_spec_or_pin_replaces_the_process() -> anyhow::Result<()> {
+    let root = root("root").await?;
+    let a = member(&root, "node-a", "127.0.0.7").await?;
+    let b = member(&root, "node-b", "127.0.0.8").await?;
+    root.all_alive(&["node-a", "node-b", "root"]).await?;
     let both = [
         NodeName::from_static("node-a"),
         NodeName::from_static("node-b"),
@@ -517,7 +534,7 @@ async fn a_changed_spec_or_pin_replaces_the_process() {
         .await
         .expect("deploy");
     let id = desired.services[0].id.clone();
-    let first = running_everywhere(&root, std::slice::from_ref(&id), 1).await;
+    let first = running(root.network(), std::slice::from_ref(&id), 1).await?;
     assert_eq!(first[0].node.name.as_str(), "node-a");
 
     // Pinned to node-b only now: it moves, keeping its id, with a higher generation.
@@ -528,53 +545,13 @@ async fn a_changed_spec_or_pin_replaces_the_process() {
         .await
         .expect("deploy");
     assert_eq!(again.services[0].id, id, "the id is kept");
-    let moved = running_everywhere(&root, std::slice::from_ref(&id), 2).await;
+    let moved = running(root.network(), std::slice::from_ref(&id), 2).await?;
     assert_eq!(moved[0].node.name.as_str(), "node-b");
     assert_eq!(moved[0].spec, v2);
-    eventually("one copy, on node-b", Duration::from_secs(15), || {
-        let (on_a, on_b) = (a.os_processes(&id).len(), b.os_processes(&id).len());
+    eventually("one copy, on node-b", FAILOVER, || {
+        let (on_a, on_b) = (a.os_copies(&id).len(), b.os_copies(&id).len());
         async move { (on_a == 0 && on_b == 1).then_some(()) }
     })
-    .await;
-}
-
-/// Waits until the root sees `count` nodes alive (itself included).
-async fn all_alive(root: &TestAgent, count: usize) {
-    let net = root.network().clone();
-    eventually(
-        "the root to see every member",
-        Duration::from_secs(10),
-        || {
-            let net = net.clone();
-            async move {
-                let nodes = net.nodes().await.ok()?;
-                (nodes.iter().filter(|n| n.alive).count() == count).then_some(())
-            }
-        },
-    )
-    .await;
-}
-
-/// Waits until the root lists each of `ids` `Running` with at least `generation`.
-async fn running_everywhere(root: &TestAgent, ids: &[ProcessId], generation: u64) -> Vec<Process> {
-    let net = root.network().clone();
-    eventually("the services to run", Duration::from_secs(20), || {
-        let net = net.clone();
-        async move {
-            let all = net.list_processes().await.ok()?;
-            ids.iter()
-                .map(|id| {
-                    all.iter()
-                        .find(|p| &p.id == id && p.is_running() && p.generation >= generation)
-                        .cloned()
-                })
-                .collect::<Option<Vec<Process>>>()
-        }
-    })
-    .await
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
+    .await?;
+    Ok(())
 }

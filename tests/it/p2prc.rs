@@ -1,5 +1,5 @@
-//! P2PRC compatibility: every sample in `../shared/p2prc/` parses, writing gives the current
-//! format, unknown fields are ignored, and a broken file names the broken field.
+//! P2PRC compatibility: every sample in `tests/fixtures/p2prc/` parses, writing gives the
+//! current format, unknown fields are ignored, and a broken file names the broken field.
 
 use std::path::PathBuf;
 
@@ -8,7 +8,7 @@ use p2f::model::{IpTable, MapPortResponse, Node, NodeName, P2fNodeInfo, P2prcCon
 use serde_json::{Value, json};
 
 fn samples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/p2prc")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/p2prc")
 }
 
 fn read(name: &str) -> anyhow::Result<String> {
@@ -30,6 +30,9 @@ fn every_sample_file_parses() -> anyhow::Result<()> {
             .and_then(|n| n.to_str())
             .unwrap_or_default()
             .to_owned();
+        if name == "README.md" {
+            continue;
+        }
         let text = std::fs::read_to_string(&path)?;
         let parsed: Result<(), serde_json::Error> = if name.starts_with("ip_table") {
             serde_json::from_str::<IpTable>(&text).map(drop)
@@ -54,9 +57,9 @@ fn historical_formats_read_leniently() -> anyhow::Result<()> {
     let legacy = table("ip_table.legacy-2023.json")?;
     assert_eq!(legacy.ip_address.len(), 1);
     let root = &legacy.ip_address[0];
-    assert_eq!(root.name.as_str(), "Node1");
-    assert_eq!(root.ipv4, Some("139.59.162.154".parse()?));
-    assert_eq!(root.server_port, Some(8078));
+    assert_eq!(root.name.as_str(), "bootstrap");
+    assert_eq!(root.ipv4, Some("192.0.2.61".parse()?));
+    assert_eq!(root.server_port, Some(8090));
     assert!(!root.nat, "\"False\" is false");
     assert_eq!(
         root.custom_information, "",
@@ -64,20 +67,23 @@ fn historical_formats_read_leniently() -> anyhow::Result<()> {
     );
 
     let strings = table("ip_table.2024-strings.json")?;
-    let desk = &strings.ip_address[1];
-    assert_eq!(desk.name.as_str(), "desk-9QwErTy");
-    assert_eq!(desk.bare_metal_ssh_port, Some(50232));
+    let attic = &strings.ip_address[1];
+    assert_eq!(attic.name.as_str(), "attic-box-Jm3sV9e");
+    assert_eq!(attic.bare_metal_ssh_port, Some(47121));
     assert!(strings.ip_address[0].proxy_server, "\"True\" is true");
-    assert_eq!(desk.latency.as_nanos(), 20_410_000);
-    assert_eq!(desk.custom_information, "hello");
-    assert_eq!(desk.p2f_info(), None);
+    assert!(!attic.proxy_server, "\"False\" is false");
+    assert_eq!(attic.latency.as_nanos(), 31_250_000);
+    assert_eq!(attic.custom_information, "under the stairs");
+    assert_eq!(attic.p2f_info(), None);
 
     let current = table("ip_table.current.json")?;
     let pi = &current.ip_address[2];
-    assert_eq!(pi.ipv6, Some("2001:db8::42".parse()?));
+    assert_eq!(pi.ipv6, Some("2001:db8:7:1::9".parse()?));
     assert_eq!(pi.ipv4, None);
     assert!(pi.unsafe_mode);
-    assert_eq!(pi.api_address().as_deref(), Some("[2001:db8::42]:7300"));
+    assert_eq!(pi.api_address().as_deref(), Some("[2001:db8:7:1::9]:7440"));
+    let laptop = &current.ip_address[1];
+    assert!(laptop.public_key.ends_with(" sam@den-laptop\n"));
     Ok(())
 }
 
@@ -151,8 +157,8 @@ fn a_broken_entry_names_its_field() {
 #[test]
 fn config_defaults_bare_metal_and_unsafe_mode_to_true() -> anyhow::Result<()> {
     let sample: P2prcConfig = serde_json::from_str(&read("config.json")?)?;
-    assert_eq!(sample.machine_name, "homelaptop-Xk3Pq9Z");
-    assert_eq!(sample.server_port, "8088");
+    assert_eq!(sample.machine_name, "den-laptop-Rb4wQ8t");
+    assert_eq!(sample.server_port, "8089");
     assert!(sample.behind_nat && sample.bare_metal && sample.unsafe_mode);
     let empty: P2prcConfig = serde_json::from_str("{}")?;
     assert!(empty.bare_metal && empty.unsafe_mode);
@@ -195,8 +201,9 @@ fn p2f_facts_ride_in_custom_information() -> anyhow::Result<()> {
 #[test]
 fn responses_parse() -> anyhow::Result<()> {
     let info: ServerInfo = serde_json::from_str(&read("server_info.json")?)?;
-    assert_eq!((info.hostname.as_str(), info.ram), ("homelaptop", 7856));
+    assert_eq!((info.hostname.as_str(), info.ram), ("den-laptop", 15731));
     let mapped: MapPortResponse = serde_json::from_str(&read("map_port_response.json")?)?;
-    assert_eq!(mapped.entire_address, "217.76.63.222:61582");
+    assert_eq!(mapped.entire_address, "203.0.113.17:52417");
+    assert_eq!(mapped.port_no, "52417");
     Ok(())
 }

@@ -5,13 +5,16 @@ use std::time::Duration;
 
 use p2f::model::{Failure, NodeName, ProcessSpec, Rejection, Status, Unfit};
 
-use crate::support::{TestAgent, eventually};
+use p2f_testkit::eventually;
+
+use crate::support::{member, root};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unplaced_process_says_why_and_is_killed_through_any_node() {
-    let root = TestAgent::start("root").await;
-    let member = TestAgent::join(&root, "member", "127.0.0.6").await;
-    member.hears("root").await;
+async fn an_unplaced_process_says_why_and_is_killed_through_any_node() -> anyhow::Result<()> {
+    let root = root("root").await?;
+    let member = member(&root, "member", "127.0.0.6").await?;
+    root.all_alive(&["member", "root"]).await?;
+    member.all_alive(&["member", "root"]).await?;
     // Pinned to a node that is not in the network.
     let spec =
         ProcessSpec::new("nowhere", "exec sleep 1000").with_pin([NodeName::from_static("ghost")]);
@@ -38,7 +41,7 @@ async fn an_unplaced_process_says_why_and_is_killed_through_any_node() {
             }
         },
     )
-    .await;
+    .await?;
     let pinned_out = |node| Rejection {
         node: NodeName::from_static(node),
         why: Unfit::PinnedOut,
@@ -82,7 +85,7 @@ async fn an_unplaced_process_says_why_and_is_killed_through_any_node() {
             }
         },
     )
-    .await;
+    .await?;
     // A record that runs nowhere cannot be removed by id: the deployment decides.
     let refused = member
         .network()
@@ -100,14 +103,15 @@ async fn an_unplaced_process_says_why_and_is_killed_through_any_node() {
             (!on_root && !on_member).then_some(())
         }
     })
-    .await;
+    .await?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_node_says_its_role_and_only_the_root_takes_a_deployment() {
+async fn every_node_says_its_role_and_only_the_root_takes_a_deployment() -> anyhow::Result<()> {
     use p2f::model::NodeRole;
-    let root = TestAgent::start("root").await;
-    let member = TestAgent::join(&root, "member", "127.0.0.7").await;
+    let root = root("root").await?;
+    let member = member(&root, "member", "127.0.0.7").await?;
     let role = |node: p2f::model::Node| node.p2f_info().and_then(|i| i.role);
     let root_node = root.network().node().await.expect("root's node");
     let member_node = member.network().node().await.expect("member's node");
@@ -119,4 +123,5 @@ async fn every_node_says_its_role_and_only_the_root_takes_a_deployment() {
         .await
         .expect_err("a member has no deployment");
     assert_eq!(refused.status(), Some(409), "{refused}");
+    Ok(())
 }

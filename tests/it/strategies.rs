@@ -11,7 +11,10 @@ use p2f::model::{
     Strategy,
 };
 
-use crate::support::{TestAgent, log_containing};
+use p2f_testkit::Agent;
+use p2f_testkit::procs::require;
+
+use crate::support::{agent, log_containing};
 
 /// Generous: the first `nix build` on a machine creates /nix/store and its database (measured
 /// at well under a second here, but CI disks vary), a playbook takes a second or two.
@@ -68,21 +71,6 @@ const FAILING_PLAYBOOK: &str = r#"- hosts: localhost
         msg: "this node is not ready: no disk for the cache"
 "#;
 
-/// Panics unless `command` is on `PATH` (the agent inherits this process's environment, so it
-/// finds the same tools): a missing tool fails its test, naming the Debian package.
-fn require(command: &str, package: &str) {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path).any(|dir| {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(dir.join(command))
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    });
-    assert!(
-        found,
-        "`{command}` not found: install the Debian package {package} (scripts/test does)"
-    );
-}
-
 /// `nix build` offline as root with Debian's Nix 2.8 (`nix-bin`), whether or not its
 /// recommended `nix-setup-systemd` (which writes /etc/nix/nix.conf and creates the build users)
 /// is installed.
@@ -104,7 +92,7 @@ fn build_offline(config: &mut AgentConfig) {
 }
 
 /// Spins `spec` on the agent without waiting, then waits until it runs or has failed for good.
-async fn spin_and_settle(agent: &TestAgent, spec: &ProcessSpec, what: &str) -> Process {
+async fn spin_and_settle(agent: &Agent, spec: &ProcessSpec, what: &str) -> anyhow::Result<Process> {
     let request = SpinRequest {
         spec: spec.clone(),
         id: None,
@@ -140,9 +128,13 @@ fn deploy_failure(p: &Process) -> (Option<i32>, &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_local_flake_is_built_offline_and_its_output_runs() {
-    require("nix", "nix-bin");
-    let agent = TestAgent::start_with("nixer", build_offline).await;
+async fn a_local_flake_is_built_offline_and_its_output_runs() -> anyhow::Result<()> {
+    require("nix", "nix-bin")?;
+    let agent = agent("nixer")
+        .configure(build_offline)
+        .init()?
+        .started()
+        .await?;
     let spec = ProcessSpec::new("hello", "exec $P2F_NIX_OUT/bin/hello")
         .with_strategy(Strategy::Nix("./flake".into()))
         .with_bundle(Bundle::owned(vec![BundleFile::owned(
@@ -151,9 +143,9 @@ async fn a_local_flake_is_built_offline_and_its_output_runs() {
         )]))
         .with_health(Health::None);
     let started = std::time::Instant::now();
-    let p = spin_and_settle(&agent, &spec, "the flake to build and run").await;
+    let p = spin_and_settle(&agent, &spec, "the flake to build and run").await?;
     let took = started.elapsed();
-    assert!(p.is_running(), "{p:#?}\nagent log:\n{}", agent.agent_log());
+    assert!(p.is_running(), "{p:#?}\nagent log:\n{}", agent.log());
     eprintln!("nix build and start took {took:?}");
     assert!(
         p.events.iter().any(|e| e.kind == EventKind::Deployed),
@@ -165,7 +157,7 @@ async fn a_local_flake_is_built_offline_and_its_output_runs() {
         "hello from the nix store",
         DEPLOY_WAIT,
     )
-    .await;
+    .await?;
 
     // The running process is the built script, now `sleep`, with its output in the store.
     let pid = p.pid.expect("pid");
@@ -182,16 +174,18 @@ async fn a_local_flake_is_built_offline_and_its_output_runs() {
         std::path::Path::new(out).join("bin/hello").is_file(),
         "{out}"
     );
-    assert_eq!(agent.os_processes(&p.id), vec![pid]);
+    assert_eq!(agent.os_copies(&p.id), vec![pid]);
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_local_playbook_runs_before_start() {
-    require("ansible-playbook", "ansible-core");
-    let agent = TestAgent::start_with("ansibler", |config| {
-        config.supervisor.deploy_timeout = DEPLOY_WAIT;
-    })
-    .await;
+async fn a_local_playbook_runs_before_start() -> anyhow::Result<()> {
+    require("ansible-playbook", "ansible-core")?;
+    let agent = agent("ansibler")
+        .configure(|config| config.supervisor.deploy_timeout = DEPLOY_WAIT)
+        .init()?
+        .started()
+        .await?;
     let spec = ProcessSpec::new("configured", "cat configured.txt; exec sleep 1000")
         .with_strategy(Strategy::Ansible("deploy/site.yml".into()))
         .with_bundle(Bundle::owned(vec![BundleFile::owned(
@@ -204,9 +198,9 @@ async fn a_local_playbook_runs_before_start() {
         .with_env("ANSIBLE_PYTHON_INTERPRETER", "/usr/bin/python3")
         .with_env("ANSIBLE_PIPELINING", "1");
     let started = std::time::Instant::now();
-    let p = spin_and_settle(&agent, &spec, "the playbook to run").await;
+    let p = spin_and_settle(&agent, &spec, "the playbook to run").await?;
     let took = started.elapsed();
-    assert!(p.is_running(), "{p:#?}\nagent log:\n{}", agent.agent_log());
+    assert!(p.is_running(), "{p:#?}\nagent log:\n{}", agent.log());
     eprintln!("ansible-playbook and start took {took:?}");
     assert!(
         p.events.iter().any(|e| e.kind == EventKind::Deployed),
@@ -218,15 +212,20 @@ async fn a_local_playbook_runs_before_start() {
         "configured by ansible for configured",
         DEPLOY_WAIT,
     )
-    .await;
+    .await?;
     // The playbook's own output comes first, in the same log.
     assert!(log.contains("TASK [write the configuration]"), "{log}");
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broken_flake_fails_with_deploy_failed() {
-    require("nix", "nix-bin");
-    let agent = TestAgent::start_with("broken-nix", build_offline).await;
+async fn a_broken_flake_fails_with_deploy_failed() -> anyhow::Result<()> {
+    require("nix", "nix-bin")?;
+    let agent = agent("broken-nix")
+        .configure(build_offline)
+        .init()?
+        .started()
+        .await?;
     let spec = ProcessSpec::new("broken", "exec $P2F_NIX_OUT/bin/hello")
         .with_strategy(Strategy::Nix("./flake".into()))
         .with_bundle(Bundle::owned(vec![BundleFile::owned(
@@ -234,7 +233,7 @@ async fn a_broken_flake_fails_with_deploy_failed() {
             BROKEN_FLAKE.as_bytes().to_vec(),
         )]))
         .with_restart(RestartPolicy::Never);
-    let p = spin_and_settle(&agent, &spec, "the broken flake to fail").await;
+    let p = spin_and_settle(&agent, &spec, "the broken flake to fail").await?;
     let (exit, tail) = deploy_failure(&p);
     assert_eq!(exit, Some(1), "{tail}");
     assert!(
@@ -247,15 +246,17 @@ async fn a_broken_flake_fails_with_deploy_failed() {
         "{p:#?}"
     );
     assert_eq!(p.pid, None, "{p:#?}");
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_playbook_fails_with_deploy_failed() {
-    require("ansible-playbook", "ansible-core");
-    let agent = TestAgent::start_with("broken-ansible", |config| {
-        config.supervisor.deploy_timeout = DEPLOY_WAIT;
-    })
-    .await;
+async fn a_failing_playbook_fails_with_deploy_failed() -> anyhow::Result<()> {
+    require("ansible-playbook", "ansible-core")?;
+    let agent = agent("broken-ansible")
+        .configure(|config| config.supervisor.deploy_timeout = DEPLOY_WAIT)
+        .init()?
+        .started()
+        .await?;
     let spec = ProcessSpec::new("refused", "exec sleep 1000")
         .with_strategy(Strategy::Ansible("deploy/site.yml".into()))
         .with_bundle(Bundle::owned(vec![BundleFile::owned(
@@ -264,7 +265,7 @@ async fn a_failing_playbook_fails_with_deploy_failed() {
         )]))
         .with_restart(RestartPolicy::Never)
         .with_env("ANSIBLE_NOCOLOR", "1");
-    let p = spin_and_settle(&agent, &spec, "the failing playbook to fail").await;
+    let p = spin_and_settle(&agent, &spec, "the failing playbook to fail").await?;
     let (exit, tail) = deploy_failure(&p);
     // ansible-playbook exits 2 when a task failed on a host.
     assert_eq!(exit, Some(2), "{tail}");
@@ -273,4 +274,5 @@ async fn a_failing_playbook_fails_with_deploy_failed() {
         "{tail}"
     );
     assert_eq!(p.pid, None, "{p:#?}");
+    Ok(())
 }
