@@ -7,7 +7,7 @@
 //! process under `p/<process-id>`, never whole records.
 //!
 //! Identity: chitchat's `ChitchatId { node_id, generation_id, gossip_advertise_addr }` with the
-//! P2F node name and [`MeshConfig::generation`] (the agent's start time), so a restarted node is
+//! P2F node name and [`MeshConfig::incarnation`] (the agent's start time, chitchat's generation), so a restarted node is
 //! a new incarnation that supersedes the old one.
 //!
 //! Sizes: chitchat sends a datagram of at most 65 507 bytes (the IPv4 UDP limit); ours carry a
@@ -116,8 +116,9 @@ pub struct MeshConfig {
     /// This node's name: its identity in the mesh.
     pub node: NodeName,
     /// This incarnation: the agent's start time in milliseconds since the Unix epoch by default.
-    /// A node restarted with a higher generation supersedes its old incarnation.
-    pub generation: u64,
+    /// A node restarted with a higher incarnation supersedes its old one (chitchat's
+    /// `generation_id`).
+    pub incarnation: u64,
     /// Nodes with another cluster id answer "bad cluster" and are ignored.
     pub cluster_id: String,
     /// Where to listen for gossip (UDP). Port 0 picks a free port.
@@ -139,16 +140,16 @@ pub struct MeshConfig {
 }
 
 impl MeshConfig {
-    /// A configuration with the defaults, the generation taken from the clock, and no seeds.
+    /// A configuration with the defaults, the incarnation taken from the clock, and no seeds.
     pub fn new(node: NodeName, gossip_addr: SocketAddr, secret: Secret) -> MeshConfig {
-        let generation = SystemTime::now()
+        let incarnation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |since| {
                 u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
             });
         MeshConfig {
             node,
-            generation,
+            incarnation,
             cluster_id: "p2f".to_owned(),
             gossip_addr,
             advertise_addr: None,
@@ -179,8 +180,8 @@ impl MeshConfig {
 pub struct Member {
     /// The node's name.
     pub node: NodeName,
-    /// Its incarnation ([`MeshConfig::generation`]).
-    pub generation: u64,
+    /// Its incarnation ([`MeshConfig::incarnation`]).
+    pub incarnation: u64,
     /// Where it gossips.
     pub gossip_addr: SocketAddr,
     /// Its key-values (deleted ones excluded), shared between snapshots until the node changes
@@ -263,7 +264,7 @@ impl Mesh {
             }
             None => bound,
         };
-        let id = ChitchatId::new(config.node.as_str(), config.generation, advertise);
+        let id = ChitchatId::new(config.node.as_str(), config.incarnation, advertise);
         let chitchat_config = ChitchatConfig {
             chitchat_id: id.clone(),
             cluster_id: config.cluster_id.clone(),
@@ -304,7 +305,7 @@ impl Mesh {
             live,
             publish,
         ));
-        tracing::debug!(node = %config.node, %advertise, generation = config.generation, "mesh started");
+        tracing::debug!(node = %config.node, %advertise, generation = config.incarnation, "mesh started");
         Ok(Mesh {
             node: config.node,
             id,
@@ -322,8 +323,8 @@ impl Mesh {
         &self.node
     }
 
-    /// This incarnation's generation.
-    pub fn generation(&self) -> u64 {
+    /// This node's incarnation.
+    pub fn incarnation(&self) -> u64 {
         self.id.generation_id
     }
 
@@ -527,7 +528,7 @@ fn member(chitchat: &Chitchat, id: &ChitchatId, cache: &mut ValuesCache) -> Opti
     };
     Some(Member {
         node,
-        generation: id.generation_id,
+        incarnation: id.generation_id,
         gossip_addr: id.gossip_advertise_addr,
         values,
     })
@@ -535,7 +536,7 @@ fn member(chitchat: &Chitchat, id: &ChitchatId, cache: &mut ValuesCache) -> Opti
 
 fn keep_newest(by_name: &mut BTreeMap<NodeName, Member>, member: Member) {
     match by_name.get(&member.node) {
-        Some(known) if known.generation >= member.generation => {}
+        Some(known) if known.incarnation >= member.incarnation => {}
         _ => {
             by_name.insert(member.node.clone(), member);
         }

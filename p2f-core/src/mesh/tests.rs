@@ -189,7 +189,7 @@ async fn three_meshes_converge_and_a_key_and_its_deletion_spread() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_node_is_declared_dead_and_comes_back_with_a_new_generation() {
+async fn a_stopped_node_is_declared_dead_and_comes_back_with_a_new_incarnation() {
     let mut meshes = cluster(3).await;
     meshes[1].set("p/db-1", "x").await.expect("set");
     assert!(
@@ -215,7 +215,7 @@ async fn a_stopped_node_is_declared_dead_and_comes_back_with_a_new_generation() 
     }
     let mut watch = meshes[0].watch();
     let lost = meshes.remove(1);
-    let generation = lost.generation();
+    let incarnation = lost.incarnation();
     drop(lost);
     let started = Instant::now();
 
@@ -264,9 +264,9 @@ async fn a_stopped_node_is_declared_dead_and_comes_back_with_a_new_generation() 
         started.elapsed().as_secs_f64()
     );
 
-    // Restarted with a later generation, it is live again and no longer dead.
+    // Restarted with a later incarnation, it is live again and no longer dead.
     let mut again = config("n1", &[meshes[0].gossip_addr()], SECRET);
-    again.generation = generation + 1;
+    again.incarnation = incarnation + 1;
     let back = Mesh::start(again).await.expect("restart");
     meshes.push(back);
     let returned = wait_until(SPREAD * 2, async || {
@@ -275,7 +275,7 @@ async fn a_stopped_node_is_declared_dead_and_comes_back_with_a_new_generation() 
             let live = membership
                 .live
                 .iter()
-                .any(|m| m.node.as_str() == "n1" && m.generation == generation + 1);
+                .any(|m| m.node.as_str() == "n1" && m.incarnation == incarnation + 1);
             if !live || membership.dead.iter().any(|m| m.node.as_str() == "n1") {
                 return false;
             }

@@ -193,7 +193,7 @@ impl Records {
                     .cloned()
                     .unwrap_or_else(|| Node::named(member.node.clone())),
                 alive: *alive,
-                incarnation: member.generation,
+                incarnation: member.incarnation,
                 processes: count(member),
                 memory_available: memory_of(member),
             })
@@ -201,7 +201,7 @@ impl Records {
         nodes.push(NodeStatus {
             node: self.inner.own.clone(),
             alive: true,
-            incarnation: self.inner.mesh.generation(),
+            incarnation: self.inner.mesh.incarnation(),
             processes: local,
             memory_available: state.own.as_ref().and_then(memory_of),
         });

@@ -128,7 +128,7 @@ impl State {
             let old = before.remove(&member.node);
             let same_incarnation = old
                 .as_ref()
-                .is_some_and(|(o, a)| o.generation == member.generation && a == alive);
+                .is_some_and(|(o, a)| o.incarnation == member.incarnation && a == alive);
             if same_incarnation
                 && old
                     .as_ref()
@@ -311,12 +311,12 @@ mod tests {
         (digest.key(), digest.encode())
     }
 
-    fn member(node: &str, generation: u64, values: &[(String, String)]) -> Member {
+    fn member(node: &str, incarnation: u64, values: &[(String, String)]) -> Member {
         let mut all: BTreeMap<String, String> = values.iter().cloned().collect();
         all.insert(keys::API.into(), format!("{node}:1"));
         Member {
             node: name(node),
-            generation,
+            incarnation,
             gossip_addr: ([127, 0, 0, 1], 1).into(),
             values: Arc::new(all),
         }
