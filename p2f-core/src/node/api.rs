@@ -181,10 +181,11 @@ async fn list(
 impl Api {
     /// This node's own records: what runs here, and what it keeps without running.
     fn local_listed(&self) -> Vec<crate::records::listing::Listed> {
-        let mut all = self.supervisor.listed();
+        let mut all = self.supervisor.listed_in_any_order();
         for source in self.unrun.iter() {
             all.extend(source.listed());
         }
+        all.sort_by(|a, b| a.process().id.cmp(&b.process().id));
         all
     }
 

@@ -395,7 +395,11 @@ impl LocalRecords for Supervisor {
     }
 
     fn listed(&self) -> Vec<Listed> {
-        Supervisor::listed(self)
+        Supervisor::listed_in_any_order(self)
+    }
+
+    fn count(&self) -> usize {
+        Supervisor::len(self)
     }
 
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {

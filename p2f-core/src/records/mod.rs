@@ -41,8 +41,12 @@ const ALONE_AFTER: Duration = Duration::from_secs(3);
 pub trait LocalRecords: Send + Sync + 'static {
     /// What kind of copies these are.
     fn origin(&self) -> Origin;
-    /// Every record of this source (each encoded once per change).
+    /// Every record of this source (each encoded once per change), in any order.
     fn listed(&self) -> Vec<Listed>;
+    /// How many records this source has.
+    fn count(&self) -> usize {
+        self.listed().len()
+    }
     /// Changes after every change of a record.
     fn changes(&self) -> watch::Receiver<u64>;
     /// Stops and forgets the copy of `id`: a copy that wins runs on another live node (see
@@ -180,7 +184,7 @@ impl Records {
     /// Every node of the network this node knows of (itself included), alive or not, sorted
     /// by name. Each node's entry is decoded once per change of it.
     pub fn nodes(&self) -> Vec<NodeStatus> {
-        let local = self.inner.local().len();
+        let local: usize = self.inner.sources.iter().map(|s| s.count()).sum();
         let state = lock(&self.inner.state);
         let count = |member: &Member| state::digests_of(&member.values).count();
         let mut nodes: Vec<NodeStatus> = state
@@ -216,6 +220,7 @@ impl Records {
     pub fn view(&self) -> Vec<Copy> {
         let mut all = self.inner.local();
         lock(&self.inner.state).remote_listed(&mut all);
+        // The one sort of the whole view (sources list in any order).
         all.sort_by(|(a, ao), (b, bo)| {
             a.process().id.cmp(&b.process().id).then_with(|| {
                 precedence::order(
