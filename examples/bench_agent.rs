@@ -260,6 +260,10 @@ impl Drop for Children {
 
 /// Figure 1: API call → `Running`, against spawning `sh -c 'exec sleep 1000'` directly, with
 /// the parts it is made of measured in the same loop (interleaved, so load hits all alike).
+///
+/// Longer than 100 lines on purpose: one benchmark's protocol, step by step (set up, measure
+/// the figure and its parts interleaved, clean up), read top to bottom against BENCHMARKS.md;
+/// split up, the order of the measurements would no longer be visible in one place.
 async fn spin_latency(agent: &Agent, options: &Options, report: &mut Report) -> Result<()> {
     let spec = ProcessSpec::new("spin", "exec sleep 1000").with_health(Health::None);
     let missing = ProcessId::for_service("absent", 1);
@@ -694,6 +698,10 @@ async fn idle_window(agent: &Agent, length: Duration) -> Result<Idle> {
 
 /// Figure 3: the agent's RSS and CPU with 0 processes (baseline), then with `procs` of them,
 /// half of them TCP listeners checked by the default Tcp health check.
+///
+/// Longer than 100 lines on purpose: one benchmark's protocol, step by step (set up, measure
+/// the figure and its parts interleaved, clean up), read top to bottom against BENCHMARKS.md;
+/// split up, the order of the measurements would no longer be visible in one place.
 async fn idle(agent: &Agent, options: &Options, report: &mut Report) -> Result<()> {
     let settings = &agent.config().supervisor;
     tokio::time::sleep(Duration::from_secs(3)).await;

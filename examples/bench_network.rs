@@ -311,6 +311,12 @@ async fn failover(p2f: &Path, dir: &Path, options: &Options, report: &mut Report
     with_logs(result, &[&root, &members[0], &members[1]])
 }
 
+/// Failover trials on a running root and two members: SIGKILL one, time each step until the
+/// service runs on the other, bring the killed one back.
+///
+/// Longer than 100 lines on purpose: one benchmark's protocol, step by step (set up, measure
+/// the figure and its parts interleaved, clean up), read top to bottom against BENCHMARKS.md;
+/// split up, the order of the measurements would no longer be visible in one place.
 async fn failover_on(
     root: &Agent,
     members: &mut [Agent; 2],
@@ -753,6 +759,11 @@ async fn value_on(mesh: &Mesh, node: &NodeName, key: &str) -> Option<String> {
         .and_then(|m| m.values.get(key).cloned())
 }
 
+/// Record propagation through in-process meshes of each size.
+///
+/// Longer than 100 lines on purpose: one benchmark's protocol, step by step (set up, measure
+/// the figure and its parts interleaved, clean up), read top to bottom against BENCHMARKS.md;
+/// split up, the order of the measurements would no longer be visible in one place.
 async fn propagation(options: &Options, report: &mut Report) -> Result<()> {
     for &n in &options.sizes {
         let secret = Secret::generate();
@@ -980,6 +991,11 @@ impl Raw {
     }
 }
 
+/// `list_processes` with many records on a member and on the root.
+///
+/// Longer than 100 lines on purpose: one benchmark's protocol, step by step (set up, measure
+/// the figure and its parts interleaved, clean up), read top to bottom against BENCHMARKS.md;
+/// split up, the order of the measurements would no longer be visible in one place.
 async fn list_on(
     root: &Agent,
     member: &Agent,
