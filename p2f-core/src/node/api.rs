@@ -228,12 +228,18 @@ async fn spin(
 ) -> Result<(StatusCode, Json<Process>), ApiError> {
     let Query(query) = query?;
     let Json(request) = body?;
-    let process = api.supervisor.spin_moved(
-        request.spec,
-        request.id,
-        request.generation,
-        request.moved_from,
-    )?;
+    // The record's fsync happens in `spin`: on a blocking thread, not a runtime worker.
+    let supervisor = api.supervisor.clone();
+    let process = tokio::task::spawn_blocking(move || {
+        supervisor.spin_moved(
+            request.spec,
+            request.id,
+            request.generation,
+            request.moved_from,
+        )
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("spin: {e}")))??;
     if !query.wait {
         return Ok((StatusCode::CREATED, Json(process)));
     }
