@@ -248,10 +248,15 @@ impl Progress {
             .map(|(_, bar)| bar)
     }
 
+    /// Shows where `service` is; a line is printed (without a terminal) only when it changed.
     fn stage(&self, service: &str, message: &str) {
-        if let Some(bar) = self.bar(service) {
-            bar.set_message(message.to_owned());
+        let Some(bar) = self.bar(service) else {
+            return;
+        };
+        if bar.message() == message {
+            return;
         }
+        bar.set_message(message.to_owned());
         if !self.tty {
             eprintln!("{service}: {message}");
         }
