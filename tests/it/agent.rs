@@ -223,6 +223,71 @@ async fn exit_3_is_recorded_exactly_and_restarted_per_policy() -> anyhow::Result
     Ok(())
 }
 
+/// A service that answers its health check and then crashes every 2 s spends its budget: one
+/// passing check does not start the count over (only a stable period does), and a clean exit of
+/// a server is a failure too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_server_spends_its_restart_budget() -> anyhow::Result<()> {
+    let agent = root("flappy").await?;
+    let net = agent.network();
+    let listen_then_crash = "exec python3 -c 'import os,socket,sys,time; s=socket.socket(); \
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); \
+        s.bind((\"127.0.0.1\", int(os.environ[\"PORT\"]))); s.listen(); time.sleep(2); sys.exit(70)'";
+    let spec = ProcessSpec::new("flappy", listen_then_crash)
+        .with_port(service_port())
+        .with_restart(RestartPolicy::OnFailure(3));
+    let p = net
+        .spin(&spin_request(spec), SpinQuery::default())
+        .await
+        .expect("spin");
+    let p = agent
+        .wait_for(&p.id, Duration::from_secs(60), "flappy to give up", |p| {
+            p.status.is_final()
+        })
+        .await?;
+    assert_eq!(
+        p.status,
+        Status::Failed(Failure::Exited { code: 70 }),
+        "{p:#?}"
+    );
+    assert_eq!(p.restarts, 3);
+    let healthy = p
+        .events
+        .iter()
+        .filter(|e| e.kind == EventKind::Healthy)
+        .count();
+    assert!(
+        healthy >= 1,
+        "it passed its check before crashing: {:?}",
+        p.events
+    );
+    let restarts: Vec<(u32, u64)> = p
+        .events
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Restarted { attempt, delay_ms } => Some((attempt, delay_ms)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(restarts, [(1, 100), (2, 200), (3, 400)]);
+
+    // A server (it has a port) that exits 0 did not stop cleanly.
+    let clean = ProcessSpec::new("clean", "sleep 0.2")
+        .with_port(service_port())
+        .with_health(Health::None)
+        .with_restart(RestartPolicy::OnFailure(1));
+    let p = net
+        .spin(&spin_request(clean), SpinQuery::default())
+        .await
+        .expect("spin");
+    let p = agent
+        .wait_for(&p.id, WAIT, "clean to give up", |p| p.status.is_final())
+        .await?;
+    assert_eq!(p.status, Status::Failed(Failure::Exited { code: 0 }));
+    assert_eq!(p.restarts, 1);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_process_is_recorded_and_restarted() -> anyhow::Result<()> {
     let agent = root("victim").await?;

@@ -5,12 +5,41 @@
 
 use std::time::Duration;
 
-use p2f_model::{EventKind, Failure, Process, RestartPolicy, Status, Timestamp};
+use p2f_model::{EventKind, Failure, Health, Process, RestartPolicy, Status, Timestamp};
 
 /// The first restart waits this long; each further one in a row waits twice as long.
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
 /// No restart waits longer than this.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// How long a process must stay up — and healthy, when it has a check — before its restarts in
+/// a row start over (systemd's `StartLimitIntervalSec` default, 10 s). One passing check is not
+/// enough: a service that answers and then crashes every 2 s would never spend its budget.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// Whether `process`, which ran `uptime` since it last started, proved stable: its restarts in
+/// a row (and so its backoff) start over. With a health check, the time counts from its first
+/// passing check since it started, at `now`.
+pub fn stable(process: &Process, uptime: Duration, now: Timestamp) -> bool {
+    if process.spec.health() == Health::None {
+        return uptime >= STABLE_AFTER;
+    }
+    process
+        .events
+        .iter()
+        .rev()
+        .take_while(|e| !matches!(e.kind, EventKind::Started { .. }))
+        .find(|e| e.kind == EventKind::Healthy)
+        .is_some_and(|healthy| {
+            Duration::from_millis(now.0.saturating_sub(healthy.at.0)) >= STABLE_AFTER
+        })
+}
+
+/// Whether a process of `spec` is expected to keep running (it has a port or a health check):
+/// then even a clean exit (code 0) is a failure, not a stop.
+pub fn keeps_running(spec: &p2f_model::ProcessSpec) -> bool {
+    spec.port().is_some() || spec.health() != Health::None
+}
 
 /// How long to wait before the `attempt`-th restart in a row (1-based): 100 ms doubling, capped
 /// at 30 s.
@@ -72,11 +101,16 @@ pub enum Action {
     Rest,
 }
 
-/// Whether the policy allows another restart, given the restarts in a row so far. A clean exit
-/// (`code 0`) counts as a failure for `Always` only. A command that does not exist will not
+/// Whether `failure` of a process of `spec` is a clean end: exit code 0 of a process that is not
+/// expected to keep running ([`keeps_running`]).
+fn clean_end(spec: &p2f_model::ProcessSpec, failure: &Failure) -> bool {
+    matches!(failure, Failure::Exited { code: 0 }) && !keeps_running(spec)
+}
+
+/// Whether the policy allows another restart, given the restarts in a row so far. A clean end
+/// ([`clean_end`]) counts as a failure for `Always` only. A command that does not exist will not
 /// appear by waiting, so it is never retried in place (the root may still move the process).
-fn may_restart(policy: RestartPolicy, failure: &Failure, in_a_row: u32) -> bool {
-    let clean = matches!(failure, Failure::Exited { code: 0 });
+fn may_restart(policy: RestartPolicy, clean: bool, failure: &Failure, in_a_row: u32) -> bool {
     if matches!(failure, Failure::CommandNotFound) {
         return false;
     }
@@ -227,7 +261,8 @@ pub fn on_failure(
             failure: failure.clone(),
         },
     );
-    if may_restart(process.spec.restart(), &failure, in_a_row) {
+    let clean = clean_end(&process.spec, &failure);
+    if may_restart(process.spec.restart(), clean, &failure, in_a_row) {
         let attempt = in_a_row + 1;
         let delay = backoff(attempt);
         set_status(process, Status::Pending);
@@ -236,7 +271,7 @@ pub fn on_failure(
         process.record(now, EventKind::Restarted { attempt, delay_ms });
         Action::RestartAfter(delay)
     } else {
-        let next = if matches!(failure, Failure::Exited { code: 0 }) {
+        let next = if clean {
             Status::Stopped
         } else {
             Status::Failed(failure)
@@ -344,6 +379,60 @@ mod tests {
             Action::GiveUp
         );
         assert_eq!(clean.status, Status::Stopped);
+        // A service expected to keep running (a port, or a health check) that exits 0 failed.
+        let mut server = process(RestartPolicy::OnFailure(1));
+        server.spec = server.spec.with_port(8080);
+        assert_eq!(
+            on_exit(&mut server, Exit::Code(0), cx, 0, Timestamp(1)),
+            Action::RestartAfter(backoff(1))
+        );
+        assert_eq!(
+            on_exit(&mut server, Exit::Code(0), cx, 1, Timestamp(2)),
+            Action::GiveUp
+        );
+        assert_eq!(server.status, Status::Failed(Failure::Exited { code: 0 }));
+        let mut checked = process(RestartPolicy::Never);
+        checked.spec = checked.spec.with_health(Health::Cmd("true".into()));
+        on_exit(&mut checked, Exit::Code(0), cx, 0, Timestamp(1));
+        assert_eq!(checked.status, Status::Failed(Failure::Exited { code: 0 }));
+    }
+
+    /// `(health check?, uptime s, healthy s before now or none)` → stable.
+    #[test]
+    fn restarts_start_over_only_after_a_stable_period() {
+        let check = |checked: bool, uptime: u64, healthy_for: Option<u64>, expected: bool| {
+            let mut p = process(RestartPolicy::OnFailure(3));
+            if checked {
+                p.spec = p.spec.with_health(Health::Cmd("true".into()));
+            }
+            let now = Timestamp(100_000);
+            p.record(
+                Timestamp(now.0 - uptime * 1000),
+                EventKind::Started { pid: 7 },
+            );
+            if let Some(s) = healthy_for {
+                p.record(Timestamp(now.0 - s * 1000), EventKind::Healthy);
+            }
+            assert_eq!(
+                stable(&p, Duration::from_secs(uptime), now),
+                expected,
+                "checked {checked}, up {uptime} s, healthy for {healthy_for:?} s"
+            );
+        };
+        check(false, 2, None, false);
+        check(false, 10, None, true);
+        check(false, 60, None, true);
+        // With a check: one pass is not enough; healthy for the whole period is.
+        check(true, 2, Some(1), false);
+        check(true, 30, None, false);
+        check(true, 30, Some(9), false);
+        check(true, 30, Some(10), true);
+        // A Healthy event from before the last start does not count.
+        let mut p = process(RestartPolicy::OnFailure(3));
+        p.spec = p.spec.with_health(Health::Cmd("true".into()));
+        p.record(Timestamp(1_000), EventKind::Healthy);
+        p.record(Timestamp(90_000), EventKind::Started { pid: 8 });
+        assert!(!stable(&p, Duration::from_secs(10), Timestamp(100_000)));
     }
 
     #[test]

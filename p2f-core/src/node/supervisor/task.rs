@@ -22,9 +22,9 @@ use crate::node::os;
 use crate::node::strategy::{self, Prepared};
 use crate::store::{Entry, Local};
 
-/// A process that ran this long without a health check counts as healthy again (its restarts in
-/// a row start over).
-const MIN_UPTIME: std::time::Duration = std::time::Duration::from_secs(10);
+/// A process that exits within this long of its start while another program holds its port
+/// never got to listen: `PortInUse`.
+const MIN_UPTIME: std::time::Duration = lifecycle::STABLE_AFTER;
 /// How often a process is checked until it is first healthy.
 const STARTUP_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 /// How often a re-adopted process (not our child) is looked at.
@@ -289,7 +289,7 @@ impl Task {
         let oom_before = os::oom_kill_count();
         let since = Instant::now();
         let outcome = self.watch_process(&mut started).await;
-        if since.elapsed() >= MIN_UPTIME || self.entry.process.passed_health_check() {
+        if lifecycle::stable(&self.entry.process, since.elapsed(), now()) {
             self.in_a_row = 0;
         }
         let (process, in_a_row, now) = (&mut self.entry.process, self.in_a_row, now());
