@@ -293,8 +293,8 @@ fn init(dir: &Path, name: Option<String>, listen: &str) -> Result<()> {
     let mut config = AgentConfig::new(name, ".");
     config.listen = listen;
     config.mesh = Some(MeshSettings::new(gossip_address(listen), Vec::new()));
-    std::fs::write(&config_path, config.to_toml())
-        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    // Whole or not at all: a node never starts from half a config.
+    p2f_core::fsutil::write_atomic(&config_path, config.to_toml(), 0o644)?;
     println!("Created a cluster in {}", dir.display());
     println!("  CA and secret: {}", cluster.dir().display());
     println!("  node config:   {}", config_path.display());
@@ -338,8 +338,8 @@ async fn join(
         .with_context(|| format!("the root at {} refused to sign this node", token.root))?;
     ClusterFiles::new(dir.join("cluster")).write_member(&token.ca_pem, &token.secret)?;
     cert.save(&dir.join("tls"))?;
-    std::fs::write(&config_path, config.to_toml())
-        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    // Whole or not at all: a node never starts from half a config.
+    p2f_core::fsutil::write_atomic(&config_path, config.to_toml(), 0o644)?;
     println!("Joined the cluster of {} as {name}", token.root);
     println!("  node config: {}", config_path.display());
     println!();
