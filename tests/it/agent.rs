@@ -407,6 +407,44 @@ async fn stop_command_and_grace() -> anyhow::Result<()> {
     let said = std::fs::read_to_string(bundle.join("stop.txt"))
         .expect("stop command ran in the bundle dir");
     assert_eq!(said.trim(), format!("stopping {polite_pid}"));
+
+    // A stop command that fails at once falls through to SIGTERM at once: no 30 s wait, and
+    // the service did not outlive its grace.
+    let failing = ProcessSpec::new("failing-stop", "exec sleep 1000")
+        .with_stop("exit 1")
+        .with_grace(Duration::from_secs(30));
+    let failing = net.spin_process(&failing, &node).await.expect("spin");
+    let started = std::time::Instant::now();
+    let failing = net.kill_process(&failing).await.expect("kill");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "SIGTERM came at once, not after the grace: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(failing.status, Status::Stopped);
+    assert_eq!(failing.last_failure, None);
+
+    // Whatever the stop command started is killed with it.
+    let lingering = ProcessSpec::new("lingering-stop", "exec sleep 1000")
+        .with_stop("sleep 600")
+        .with_grace(Duration::from_millis(500));
+    let lingering = net.spin_process(&lingering, &node).await.expect("spin");
+    let lingering = net.kill_process(&lingering).await.expect("kill");
+    assert_eq!(lingering.status, Status::Stopped);
+    assert_eq!(lingering.last_failure, Some(Failure::StopTimedOut));
+    let id = lingering.id.clone();
+    let left = || {
+        p2f_testkit::procs::marked(agent.dir())
+            .into_iter()
+            .filter(|p| p.var("P2F_PROCESS_ID") == Some(id.as_str()))
+            .map(|p| p.pid)
+            .collect::<Vec<u32>>()
+    };
+    eventually("nothing of it or its stop command to be left", WAIT, || {
+        let left = left();
+        async move { left.is_empty().then_some(()) }
+    })
+    .await?;
     Ok(())
 }
 

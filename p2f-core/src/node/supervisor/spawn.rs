@@ -155,7 +155,11 @@ impl Shell {
 
     /// Starts the stop command of the process group `pgid` (which it gets as `PID`).
     pub(crate) fn stop(&self, command: &str, pgid: u32) -> std::io::Result<Child> {
-        self.quiet(command).env("PID", pgid.to_string()).spawn()
+        // A group of its own: whatever it starts is killed with it.
+        self.quiet(command)
+            .env("PID", pgid.to_string())
+            .process_group(0)
+            .spawn()
     }
 }
 

@@ -450,30 +450,56 @@ async fn wait_gone(local: Local) {
     }
 }
 
-/// Stops the process group: its stop command (with `PID`) or SIGTERM, then SIGKILL after the
-/// grace period. Returns whether it had to be killed.
+/// Stops the process group: its stop command (with `PID`; SIGTERM as soon as that command ends,
+/// or at once without one), then SIGKILL after the grace period; the stop command's own group
+/// is killed with it. Returns whether the service outlived its grace (it had to be killed).
 async fn stop(entry: &Entry, started: &mut Started) -> bool {
     let spec = &entry.process.spec;
     let pgid = started.local.pgid;
-    let mut stopper = None;
-    match spec.stop() {
+    let deadline = tokio::time::Instant::now() + spec.grace();
+    let mut stopper = match spec.stop() {
         Some(command) => match started.shell.stop(command, pgid) {
-            Ok(child) => stopper = Some(child),
+            Ok(child) => Some(child),
             Err(e) => {
                 tracing::warn!(id = %entry.process.id, "stop command did not start: {e}; sending SIGTERM");
-                let _ = os::signal_group(pgid, Signal::SIGTERM);
+                None
             }
         },
-        None => {
-            let _ = os::signal_group(pgid, Signal::SIGTERM);
+        None => None,
+    };
+    if stopper.is_none() {
+        let _ = os::signal_group(pgid, Signal::SIGTERM);
+    }
+    // Its group outlives it when it started something and exited: known now, not after `wait`.
+    let stopper_group = stopper.as_ref().and_then(Child::id);
+    let mut ended = false;
+    if let Some(child) = stopper.as_mut() {
+        // The process may end while its stop command runs. Once the stop command has ended —
+        // done, or failed at once — what is left of the service gets SIGTERM (as systemd does
+        // after ExecStop), not only SIGKILL after the whole grace.
+        tokio::select! {
+            _ = wait_exit(&mut started.running, started.local) => ended = true,
+            status = child.wait() => {
+                if !status.as_ref().is_ok_and(|s| s.success()) {
+                    tracing::warn!(id = %entry.process.id, "stop command failed ({status:?}); sending SIGTERM");
+                }
+                let _ = os::signal_group(pgid, Signal::SIGTERM);
+            }
+            () = tokio::time::sleep_until(deadline) => {}
         }
     }
-    let ended = tokio::time::timeout(spec.grace(), wait_exit(&mut started.running, started.local))
-        .await
-        .is_ok();
-    if let Some(mut stopper) = stopper {
-        let _ = stopper.start_kill();
-        let _ = stopper.wait().await;
+    if !ended {
+        ended = tokio::time::timeout_at(deadline, wait_exit(&mut started.running, started.local))
+            .await
+            .is_ok();
+    }
+    if let Some(mut child) = stopper {
+        // The stop command and whatever it started end with the stop.
+        if let Some(group) = stopper_group {
+            let _ = os::signal_group(group, Signal::SIGKILL);
+        }
+        let _ = child.start_kill();
+        let _ = child.wait().await;
     }
     let _ = os::signal_group(pgid, Signal::SIGKILL);
     if !ended {
