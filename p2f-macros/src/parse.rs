@@ -216,9 +216,19 @@ fn service(
     // `strat: ".."` is reported as an unknown field, not also as a missing `start`.
     poisoned.extend(guessed.difference(&given));
     let (embeds, resolved) = embed::strategy_files(&parts.strategy);
+    // The shared rules see a script's or playbook's bytes (its line ends, a byte-order mark);
+    // a flake directory's files only as names. The expansion embeds them with `include_bytes!`.
+    let read_contents = matches!(parts.strategy, Strategy::Script(_) | Strategy::Ansible(_));
     let files: Vec<BundleFile> = embeds
         .iter()
-        .map(|(path, _)| BundleFile::owned(path.clone(), Vec::new()))
+        .map(|(path, disk)| {
+            let contents = if read_contents {
+                std::fs::read(disk).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            BundleFile::owned(path.clone(), contents)
+        })
         .collect();
     parts.bundle = Bundle::owned(files);
     Ok(Service {

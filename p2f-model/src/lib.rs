@@ -21,6 +21,6 @@ pub use process::{
 };
 pub use spec::{
     Bundle, BundleFile, DEFAULT_GRACE, Deployment, EnvVar, Health, ProcessSpec, RestartPolicy,
-    SpecParts, Strategy, is_local_nix_path, normalize_bundle_path,
+    SpecParts, Strategy, is_local_nix_path, normalize_bundle_path, shebang,
 };
 pub use validate::{Field, Finding, Invalid, Location, Rule};

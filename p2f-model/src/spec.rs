@@ -73,6 +73,17 @@ impl fmt::Display for Strategy {
     }
 }
 
+/// The program and arguments a script's `#!` line names (`#!/bin/bash` → `["/bin/bash"]`,
+/// `#!/usr/bin/env python3 -u` → `["/usr/bin/env", "python3", "-u"]`), or `None` without one:
+/// then it runs under `sh`, as the kernel would not run it at all.
+pub fn shebang(contents: &[u8]) -> Option<Vec<String>> {
+    let rest = contents.strip_prefix(b"#!")?;
+    let line = rest.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = std::str::from_utf8(line).ok()?;
+    let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    (!words.is_empty()).then_some(words)
+}
+
 /// Whether a Nix installable names a local flake directory (which is embedded in the bundle).
 pub fn is_local_nix_path(installable: &str) -> bool {
     installable == "." || installable.starts_with("./") || installable.starts_with("../")

@@ -131,6 +131,12 @@ pub enum Rule {
     InvalidEnvName,
     /// A node name twice in `nodes`.
     DuplicateNode,
+    /// An embedded script or playbook the shell would misread: Windows (CRLF) line ends, or a
+    /// byte-order mark.
+    FileContent,
+    /// A string the OS cannot take (a NUL byte in a command, an env value or a user name; an
+    /// empty user or one with `:`, `/` or spaces).
+    NotAnOsString,
 }
 
 /// One violation of one rule.
@@ -428,8 +434,26 @@ fn single_spec(n: usize, spec: &ProcessSpec, out: &mut Vec<Finding>) {
             ));
         }
     }
+    os_strings(n, spec, out);
     // The bundle is what makes a process reproducible on any node: the file the strategy runs
-    // must travel with it.
+    // must travel with it, in a form its interpreter reads.
+    if let Some(path) = spec.strategy().bundle_path()
+        && let Some(file) = spec.bundle().file(&path)
+        && let Some((what, help)) = file_content(file.contents())
+    {
+        let named = match spec.strategy() {
+            Strategy::Script(file) | Strategy::Ansible(file) => file.to_string(),
+            _ => path.clone(),
+        };
+        out.push(
+            Finding::new(
+                Rule::FileContent,
+                Location::Field(n, Field::Strategy),
+                format!("`{named}` {what}"),
+            )
+            .help(Some(help.into())),
+        );
+    }
     if let Some(path) = spec.strategy().bundle_path()
         && spec.bundle().file(&path).is_none()
     {
@@ -441,6 +465,87 @@ fn single_spec(n: usize, spec: &ProcessSpec, out: &mut Vec<Finding>) {
             Rule::MissingFile,
             Location::Field(n, Field::Strategy),
             what,
+        ));
+    }
+}
+
+/// What is wrong with a script's or playbook's bytes for its interpreter, and the fix: a
+/// byte-order mark (the shebang is not seen, `sh` reads it as a command) or CRLF line ends
+/// (every line ends in `\r`: `set: Illegal option -`). Empty contents (a file the macro has not
+/// read) pass.
+fn file_content(contents: &[u8]) -> Option<(&'static str, &'static str)> {
+    if contents.starts_with(&[0xEF, 0xBB, 0xBF]) {
+        return Some((
+            "starts with a byte-order mark",
+            "save it as UTF-8 without BOM",
+        ));
+    }
+    if contents.windows(2).any(|w| w == b"\r\n") {
+        return Some((
+            "has Windows (CRLF) line ends",
+            "convert it to LF line ends (`dos2unix FILE`, or your editor's line-ending setting)",
+        ));
+    }
+    None
+}
+
+/// Every string of `spec` the OS must take as a C string or a user name.
+fn os_strings(n: usize, spec: &ProcessSpec, out: &mut Vec<Finding>) {
+    let nul = |text: &str| text.contains('\0');
+    let mut check = |at: Location, what: &str, bad: bool| {
+        if bad {
+            out.push(
+                Finding::new(
+                    Rule::NotAnOsString,
+                    at,
+                    format!("{what} contains a NUL byte, which no OS command can take"),
+                )
+                .help(Some("remove the `\\0`".into())),
+            );
+        }
+    };
+    check(
+        Location::Field(n, Field::Start),
+        "`start`",
+        nul(spec.start()),
+    );
+    if let Some(stop) = spec.stop() {
+        check(Location::Field(n, Field::Stop), "`stop`", nul(stop));
+    }
+    if let Strategy::Custom(command) = spec.strategy() {
+        check(
+            Location::Field(n, Field::Strategy),
+            "the deploy command",
+            nul(command),
+        );
+    }
+    if let Some(crate::Health::Cmd(command)) = spec.declared_health() {
+        check(
+            Location::Field(n, Field::Health),
+            "the health command",
+            nul(command),
+        );
+    }
+    for (i, var) in spec.env().iter().enumerate() {
+        let at = Location::Item(n, Field::Env, i);
+        check(
+            at,
+            &format!("the value of `{}`", var.name()),
+            nul(var.value()),
+        );
+    }
+    if let Some(user) = spec.user()
+        && (user.is_empty()
+            || user.contains(['\0', ':', '/'])
+            || user.contains(char::is_whitespace))
+    {
+        out.push(Finding::new(
+            Rule::NotAnOsString,
+            Location::Field(n, Field::User),
+            format!(
+                "`{}` is not a user name an OS can have",
+                user.escape_debug()
+            ),
         ));
     }
 }

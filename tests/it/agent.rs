@@ -472,6 +472,20 @@ async fn script_and_custom_strategies_see_their_bundle_and_variables() -> anyhow
         "{text}"
     );
 
+    // A script's `#!` line is honoured: bash syntax runs under bash, not `sh` (dash here).
+    let bash =
+        b"#!/bin/bash\nif [[ -n $BASH_VERSION ]]; then echo \"ran under bash\" > shell.txt; fi\n";
+    let spec = ProcessSpec::new("bashy", "cat shell.txt; exec sleep 1000")
+        .with_strategy(Strategy::Script("deploy/bashy.sh".into()))
+        .with_bundle(Bundle::owned(vec![BundleFile::owned(
+            "deploy/bashy.sh",
+            bash.to_vec(),
+        )]));
+    let p = net.spin_process(&spec, &node).await.expect("spin bashy");
+    assert!(p.is_running(), "{p:#?}");
+    let text = log_containing(net, &p.id, "ran under bash", WAIT).await?;
+    assert!(text.contains("ran under bash"), "{text}");
+
     let failing = ProcessSpec::new("custom", "exec sleep 1000").with_strategy(Strategy::Custom(
         "echo building; echo 'error: no compiler' >&2; exit 4".into(),
     ));

@@ -244,3 +244,63 @@ fn builder_specs_are_values_and_validate_like_json() -> anyhow::Result<()> {
     assert_eq!(serde_json::from_str::<ProcessSpec>(&json)?, pinned);
     Ok(())
 }
+
+/// The content rules at run time: a spec built or sent as JSON with a CRLF or BOM script, or a
+/// string no OS can take, gets the same findings the macro gives (`tests/ui/fail/files`,
+/// `strings`), so the API answers 422 instead of a failure at start.
+#[test]
+fn file_content_and_os_strings_are_checked_at_run_time() {
+    use p2f::model::{Bundle, BundleFile, Strategy};
+    let with_script = |bytes: &[u8]| {
+        ProcessSpec::new("wiki", "sleep 60")
+            .with_strategy(Strategy::Script("deploy/x.sh".into()))
+            .with_bundle(Bundle::owned(vec![BundleFile::owned(
+                "deploy/x.sh",
+                bytes.to_vec(),
+            )]))
+    };
+    let rules = |spec: ProcessSpec| -> Vec<Rule> {
+        validate::deployment(&Deployment::owned(Vec::new(), vec![spec]))
+            .iter()
+            .map(|f| f.rule)
+            .collect()
+    };
+    assert_eq!(
+        rules(with_script(b"#!/bin/sh\r\necho hi\r\n")),
+        [Rule::FileContent]
+    );
+    assert_eq!(
+        rules(with_script(b"\xef\xbb\xbf#!/bin/sh\necho hi\n")),
+        [Rule::FileContent]
+    );
+    assert!(rules(with_script(b"#!/bin/bash\n[[ 1 ]]\n")).is_empty());
+    let nul = ProcessSpec::new("wiki", "echo \0")
+        .with_env("MODE", "a\0b")
+        .with_stop("kill \0")
+        .with_health(Health::Cmd("true\0".into()));
+    assert_eq!(rules(nul), [Rule::NotAnOsString; 4]);
+    for user in ["", "a b", "a:b", "a/b"] {
+        assert_eq!(
+            rules(ProcessSpec::new("wiki", "sleep 60").with_user(user)),
+            [Rule::NotAnOsString],
+            "user {user:?}"
+        );
+    }
+    assert!(rules(ProcessSpec::new("wiki", "sleep 60").with_user("www-data")).is_empty());
+}
+
+/// A script's `#!` line names the program that runs it.
+#[test]
+fn a_scripts_shebang_names_its_interpreter() {
+    use p2f::model::shebang;
+    let words = |s: &[&str]| Some(s.iter().map(|w| (*w).to_owned()).collect::<Vec<_>>());
+    assert_eq!(shebang(b"#!/bin/bash\necho"), words(&["/bin/bash"]));
+    assert_eq!(
+        shebang(b"#!/usr/bin/env python3 -u\nprint()"),
+        words(&["/usr/bin/env", "python3", "-u"])
+    );
+    assert_eq!(shebang(b"#! /bin/sh"), words(&["/bin/sh"]));
+    assert_eq!(shebang(b"echo no shebang\n"), None);
+    assert_eq!(shebang(b"#!\n"), None);
+    assert_eq!(shebang(b""), None);
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use p2f_model::{Failure, Process, Strategy, is_local_nix_path, normalize_bundle_path};
+use p2f_model::{Failure, Process, Strategy, is_local_nix_path, normalize_bundle_path, shebang};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 
@@ -105,10 +105,19 @@ pub async fn deploy(
     };
     let step: Option<Vec<String>> = match process.spec.strategy() {
         Strategy::Shell => None,
-        Strategy::Script(file) => Some(vec![
-            "sh".into(),
-            dir.join(normalize_bundle_path(file)).display().to_string(),
-        ]),
+        Strategy::Script(file) => {
+            // Its `#!` line is honoured (a bash script runs under bash); without one, `sh`.
+            let path = normalize_bundle_path(file);
+            let interpreter = process
+                .spec
+                .bundle()
+                .file(&path)
+                .and_then(|f| shebang(f.contents()))
+                .unwrap_or_else(|| vec!["sh".into()]);
+            let mut step = interpreter;
+            step.push(dir.join(&path).display().to_string());
+            Some(step)
+        }
         Strategy::Custom(command) => Some(vec!["sh".into(), "-c".into(), command.to_string()]),
         Strategy::Ansible(playbook) => Some(vec![
             "ansible-playbook".into(),
