@@ -881,3 +881,67 @@ async fn a_service_runs_as_its_user() -> anyhow::Result<()> {
     assert!(text.contains("user=nobody"), "{text}");
     Ok(())
 }
+
+/// A `Cmd` health check runs in a group of its own: a pipeline in it leaves nothing behind when
+/// a check times out, and nothing of the service survives `kill` (counted by the processes
+/// that carry its id, whatever their group).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_pipeline_leaves_nothing_behind() -> anyhow::Result<()> {
+    let agent = root("checked").await?;
+    let net = agent.network();
+    let spec = ProcessSpec::new(
+        "checked",
+        "exec python3 -m http.server $PORT --bind 127.0.0.1",
+    )
+    .with_port(service_port())
+    .with_health(Health::Cmd("sleep 120 | cat".into()))
+    .with_restart(RestartPolicy::Never);
+    let p = net
+        .spin(&spin_request(spec), SpinQuery::default())
+        .await
+        .expect("spin");
+    let id = p.id.clone();
+    let helpers = || -> (usize, usize) {
+        let ours: Vec<u32> = p2f_testkit::procs::marked(agent.dir())
+            .into_iter()
+            .filter(|f| f.var("P2F_PROCESS_ID") == Some(id.as_str()))
+            .map(|f| f.pid)
+            .collect();
+        let named = |program: &str| {
+            ours.iter()
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| c.split(|b| *b == 0).next() == Some(program.as_bytes()))
+                })
+                .count()
+        };
+        (named("sleep"), named("cat"))
+    };
+    // The check never answers (3 s each): the service fails its health check. At no time is
+    // more than one check's pipeline alive.
+    let failed = agent
+        .wait_for(
+            &id,
+            Duration::from_secs(60),
+            "the health check to fail",
+            |p| p.status.is_final(),
+        )
+        .await?;
+    assert!(
+        matches!(
+            failed.status,
+            Status::Failed(Failure::HealthCheckFailed { .. })
+        ),
+        "{failed:#?}"
+    );
+    let (sleeps, cats) = helpers();
+    assert!(sleeps <= 1 && cats <= 1, "{sleeps} sleeps, {cats} cats");
+    net.kill_process(&failed).await.expect("kill");
+    eventually("nothing of the check to be left", WAIT, || {
+        let left = helpers();
+        async move { (left == (0, 0)).then_some(()) }
+    })
+    .await?;
+    assert!(agent.os_copies(&id).is_empty());
+    Ok(())
+}

@@ -40,11 +40,18 @@ pub(crate) async fn check(health: &Health, port: Option<u16>, shell: &Shell) -> 
                 http_get(port, path).await
             }
             Health::Cmd(command) => {
-                let status = shell
+                // A group of its own, killed whole when the check ends, times out or is
+                // dropped: a pipeline (`sleep 120 | cat`) leaves nothing behind.
+                let mut child = shell
                     .quiet(command)
-                    .status()
-                    .await
+                    .process_group(0)
+                    .spawn()
                     .map_err(|e| format!("cannot run it: {e}"))?;
+                let _group = KillGroupOnDrop(child.id());
+                let status = child
+                    .wait()
+                    .await
+                    .map_err(|e| format!("cannot wait for it: {e}"))?;
                 match status.code() {
                     Some(0) => Ok(()),
                     Some(code) => Err(format!("exited with code {code}")),
@@ -59,6 +66,17 @@ pub(crate) async fn check(health: &Health, port: Option<u16>, shell: &Shell) -> 
             "no answer within {}",
             p2f_model::format_duration(CHECK_TIMEOUT)
         )),
+    }
+}
+
+/// Kills a check's process group (SIGKILL) when dropped.
+struct KillGroupOnDrop(Option<u32>);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = super::os::signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
     }
 }
 
