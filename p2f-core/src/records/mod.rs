@@ -302,8 +302,8 @@ impl Records {
     /// Waits until this node holds what every live node publishes, or `limit` passes. A node
     /// caught up with another once it has that node's `seq` marker: each node
     /// sets it after its digests, and chitchat delivers a node's key-values in the order they
-    /// were set. Another node must be live for at least [`SETTLE`] first (after a start the
-    /// others become live as their heartbeats arrive); with none after [`ALONE_AFTER`], this
+    /// were set. Another node must be live for at least 500 ms first (after a start the
+    /// others become live as their heartbeats arrive); with none after 3 s, this
     /// node is taken to be on its own.
     pub async fn caught_up(&self, limit: Duration) -> CatchUp {
         let started = tokio::time::Instant::now();

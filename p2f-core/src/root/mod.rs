@@ -1,6 +1,6 @@
 //! The root decides, on the node that holds the cluster CA key: it keeps the desired services
 //! (durably, in its store), and every pass plans ([`plan::plan`], pure) and carries out
-//! ([`executor`]) what makes the records match them: place each service on an allowed live
+//! (`executor`) what makes the records match them: place each service on an allowed live
 //! node, place it again elsewhere with a higher generation when its node is lost or its
 //! restarts are spent there, replace a copy whose spec or pins changed, and keep a process no
 //! node can take as an unplaced record that says why. Nodes fence their own stale copies
