@@ -165,9 +165,8 @@ pub fn signal_group(pgid: u32, signal: Signal) {
     }
 }
 
-/// The fields of `/proc/PID/stat` the harness reads.
-///
-/// A copy of the parser in `p2f_core`'s `os` module, which is private there.
+/// The fields of `/proc/PID/stat` the harness reads (split by `p2f_core`'s
+/// `os::stat_fields`, as the agent splits them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stat {
     /// Field 3: `R`, `S`, `Z`, ...
@@ -179,12 +178,9 @@ pub struct Stat {
 }
 
 impl Stat {
-    /// Parses a `/proc/PID/stat` line. The command name (field 2) may hold spaces and
-    /// parentheses, so fields are counted from after the last `)`.
+    /// Parses a `/proc/PID/stat` line (fields split as the agent splits them).
     pub fn parse(text: &str) -> Option<Stat> {
-        let (_, rest) = text.rsplit_once(')')?;
-        let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
-        // `rest` starts at field 3, so field N is at index N - 3.
+        let fields = p2f_core::node::os::stat_fields(text)?;
         let field = |n: usize| fields.get(n - 3).copied();
         let mut state = field(3)?.chars();
         let (Some(state), None) = (state.next(), state.next()) else {

@@ -21,27 +21,20 @@ async fn an_unplaced_process_says_why_and_is_killed_through_any_node() -> anyhow
     let desired = root.network().deploy(&[spec]).await.expect("deploy");
     let id = desired.services[0].id.clone();
 
-    let unplaced = eventually(
-        "the member to list it as unplaced, naming both nodes",
-        Duration::from_secs(20),
-        || {
-            let (net, id) = (member.network().clone(), id.clone());
-            async move {
-                let p = net
-                    .list_processes()
-                    .await
-                    .ok()?
-                    .into_iter()
-                    .find(|p| p.id == id)?;
+    let unplaced = member
+        .wait_for(
+            &id,
+            Duration::from_secs(20),
+            "the member to list it as unplaced, naming both nodes",
+            |p| {
                 let rejected = match &p.last_failure {
                     Some(Failure::NoAllowedNode { rejected, .. }) => rejected.len(),
                     _ => 0,
                 };
-                (p.status == Status::Unplaced && rejected == 2).then_some(p)
-            }
-        },
-    )
-    .await?;
+                p.status == Status::Unplaced && rejected == 2
+            },
+        )
+        .await?;
     let pinned_out = |node| Rejection {
         node: NodeName::from_static(node),
         why: Unfit::PinnedOut,
@@ -69,23 +62,14 @@ async fn an_unplaced_process_says_why_and_is_killed_through_any_node() -> anyhow
         .await
         .expect("an unplaced process can be killed");
     assert_eq!(killed.status, Status::Stopped, "{killed:?}");
-    eventually(
-        "the member to see it stopped",
-        Duration::from_secs(20),
-        || {
-            let (net, id) = (member.network().clone(), id.clone());
-            async move {
-                let p = net
-                    .list_processes()
-                    .await
-                    .ok()?
-                    .into_iter()
-                    .find(|p| p.id == id)?;
-                (p.status == Status::Stopped).then_some(())
-            }
-        },
-    )
-    .await?;
+    member
+        .wait_for(
+            &id,
+            Duration::from_secs(20),
+            "the member to see it stopped",
+            |p| p.status == Status::Stopped,
+        )
+        .await?;
     // A record that runs nowhere cannot be removed by id: the deployment decides.
     let refused = member
         .network()

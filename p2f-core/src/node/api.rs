@@ -191,15 +191,19 @@ impl Api {
 
     /// This node's own record of `id`.
     fn local(&self, id: &ProcessId) -> Option<Process> {
-        let key = ProcessKey::Id(id.clone());
-        self.supervisor.find(&key).or_else(|| {
-            self.unrun.iter().find_map(|source| {
-                source
-                    .listed()
-                    .into_iter()
-                    .find(|l| &l.process().id == id)
-                    .map(|l| (**l.process()).clone())
-            })
+        self.supervisor
+            .find(&ProcessKey::Id(id.clone()))
+            .or_else(|| self.unrun_record(id))
+    }
+
+    /// The record of `id` a source that runs nothing keeps here (an unplaced one).
+    fn unrun_record(&self, id: &ProcessId) -> Option<Process> {
+        self.unrun.iter().find_map(|source| {
+            source
+                .listed()
+                .into_iter()
+                .find(|l| &l.process().id == id)
+                .map(|l| (**l.process()).clone())
         })
     }
 
@@ -290,7 +294,8 @@ async fn remove(State(api): State<Api>, Path(id): Path<String>) -> Result<Status
         owner.remove_process(&id).await.map_err(forwarded)?;
         return Ok(StatusCode::NO_CONTENT);
     }
-    if api.supervisor.find(&ProcessKey::Id(id.clone())).is_none() && api.local(&id).is_some() {
+    if api.supervisor.find(&ProcessKey::Id(id.clone())).is_none() && api.unrun_record(&id).is_some()
+    {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(

@@ -190,7 +190,7 @@ impl Agent {
                 let _ = stopped.await;
             }));
             // Written whole or not at all: readers never see it half-done.
-            write_private(&data.join("api.addr"), address.to_string().as_bytes())?;
+            crate::fsutil::write_private(&data.join("api.addr"), address.to_string())?;
             Ok::<_, AgentError>((network.records, network.root, stop, server))
         }
         .await;
@@ -361,10 +361,11 @@ fn write_join_token(
         ca_pem: ca.cert_pem().to_owned(),
         secret: secret.clone(),
     };
-    write_private(
+    crate::fsutil::write_private(
         &config.data_dir.join("join-token"),
-        format!("{}\n", token.encode()).as_bytes(),
-    )
+        format!("{}\n", token.encode()),
+    )?;
+    Ok(())
 }
 
 /// How often a node republishes its available memory.
@@ -478,11 +479,6 @@ async fn node_certificate(
     cert.save(&dir)?;
     tracing::info!(%root, "joined: the root signed this node's certificate");
     Ok(cert)
-}
-
-/// Writes `path` whole or not at all, private (0600).
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), AgentError> {
-    Ok(crate::fsutil::write_private(path, bytes)?)
 }
 
 /// Mode 0600, also for a file that existed with a wider mode.

@@ -32,12 +32,17 @@ impl Stat {
     }
 }
 
-/// Parses a `/proc/PID/stat` line. The command name (field 2) may hold spaces and parentheses,
-/// so the fields are counted from after the last `)`.
-fn parse_stat(text: &str) -> Option<Stat> {
+/// The fields of a `/proc/PID/stat` line from field 3 on (see proc(5)): the command name
+/// (field 2) may hold spaces and parentheses, so they are counted from after the last `)`.
+/// Field N (N ≥ 3) is at index N - 3.
+pub fn stat_fields(text: &str) -> Option<Vec<&str>> {
     let (_, rest) = text.rsplit_once(')')?;
-    // `rest` starts at field 3, so field N is at index N - 3.
-    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    Some(rest.split_ascii_whitespace().collect())
+}
+
+/// Parses a `/proc/PID/stat` line.
+fn parse_stat(text: &str) -> Option<Stat> {
+    let fields = stat_fields(text)?;
     let field = |n: usize| fields.get(n - 3).copied();
     let mut state = field(3)?.chars();
     let (Some(state), None) = (state.next(), state.next()) else {

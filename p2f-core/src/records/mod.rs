@@ -50,8 +50,11 @@ pub trait LocalRecords: Send + Sync + 'static {
     /// Changes after every change of a record.
     fn changes(&self) -> watch::Receiver<u64>;
     /// Stops and forgets the copy of `id`: a copy that wins runs on another live node (see
-    /// [`precedence`]). Errors are the source's to log.
-    fn fence(&self, id: &ProcessId) -> BoxFuture<'static, ()>;
+    /// [`precedence`]). Asked only of sources whose origin is `Local` (what runs here); errors
+    /// are the source's to log.
+    fn fence(&self, _id: &ProcessId) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
     /// Stops `id` on request when this source keeps its record but runs nothing (the root's
     /// unplaced records): the record as it is now, `None` when this source does not have `id`.
     fn kill_unrun(&self, _id: &ProcessId) -> Option<Process> {
@@ -238,14 +241,6 @@ impl Records {
     /// Every record of the network as listed (see [`Records::view`]).
     pub fn listed(&self) -> Vec<Listed> {
         self.view().into_iter().map(|c| c.listed).collect()
-    }
-
-    /// Every record of the network (see [`Records::view`]).
-    pub fn list(&self) -> Vec<Arc<Process>> {
-        self.view()
-            .into_iter()
-            .map(|c| Arc::clone(c.process()))
-            .collect()
     }
 
     /// The record `key` names anywhere in the network: by id the copy that wins; by domain

@@ -70,11 +70,13 @@ fn fence(inner: &Arc<Inner>) {
     if lock(&inner.state).published.is_empty() {
         return;
     }
+    // Only copies that run here are fenced (the root decides about its unplaced records).
     // Never with the state lock held: a source's lock is taken first elsewhere.
     let local: Vec<(usize, Arc<p2f_model::Process>)> = inner
         .sources
         .iter()
         .enumerate()
+        .filter(|(_, source)| source.origin() == Origin::Local)
         .flat_map(|(i, source)| {
             source
                 .listed()
@@ -88,15 +90,14 @@ fn fence(inner: &Arc<Inner>) {
         local
             .iter()
             .filter_map(|(i, local)| {
-                let origin = inner.sources[*i].origin();
                 state
-                    .winner_elsewhere(&local.id, &Candidate::of(local, origin), &inner.node)
+                    .winner_elsewhere(&local.id, &Candidate::of(local, Origin::Local), &inner.node)
                     .map(|(node, newer)| (*i, local.id.clone(), local.generation, node, newer))
             })
             .collect()
     };
     for (i, id, generation, node, newer) in stale {
-        if inner.sources[i].origin() != Origin::Local || !lock(&inner.fencing).insert(id.clone()) {
+        if !lock(&inner.fencing).insert(id.clone()) {
             continue;
         }
         tracing::warn!(%id, generation, %node, newer, "a copy that wins runs elsewhere: stopping this stale one");

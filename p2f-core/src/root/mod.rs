@@ -217,7 +217,7 @@ impl Root {
             .into_iter()
             .find(|c| &c.process().id == id && c.origin != Origin::Unplaced)
             .map(|c| Arc::clone(c.process()));
-        let generation = {
+        let (generation, moved_from) = {
             let mut book = self.inner.book();
             let entry = book.entry(id);
             // The root's own last placement may be newer than what the records show yet.
@@ -236,7 +236,6 @@ impl Root {
             entry.send(generation, node, Instant::now());
             (generation, (on != *node && current > 0).then_some(on))
         };
-        let (generation, moved_from) = generation;
         let request = SpinRequest {
             spec: service.spec,
             id: Some(id.clone()),

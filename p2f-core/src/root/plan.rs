@@ -445,20 +445,14 @@ mod tests {
         let now = Instant::now();
         let mut book = Book::default();
         let view = [copy("web", &old, 2, "a", Status::Running)];
+        let changed = [service("web", new.clone())];
         let replace = Action::Replace {
             id: id("web"),
             superseded: 2,
             node: n("a"),
         };
         assert_eq!(
-            pass(
-                &[service("web", new.clone())],
-                &view,
-                &[],
-                &nodes,
-                &book,
-                now
-            ),
+            pass(&changed, &view, &[], &nodes, &book, now),
             std::slice::from_ref(&replace)
         );
         let pinned = old.with_pin([n("b")]);
@@ -469,20 +463,10 @@ mod tests {
         // While the removal runs, nothing; once the copy is gone, the next generation.
         book.entry(&id("web")).supersede(2);
         book.entry(&id("web")).set_replacing(true);
-        assert_eq!(
-            pass(
-                &[service("web", new.clone())],
-                &view,
-                &[],
-                &nodes,
-                &book,
-                now
-            ),
-            []
-        );
+        assert_eq!(pass(&changed, &view, &[], &nodes, &book, now), []);
         book.entry(&id("web")).set_replacing(false);
         assert_eq!(
-            pass(&[service("web", new.clone())], &[], &[], &nodes, &book, now),
+            pass(&changed, &[], &[], &nodes, &book, now),
             [place("web", &new, 3, "a")]
         );
     }

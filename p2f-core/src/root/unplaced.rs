@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
-use futures_util::future::BoxFuture;
 use p2f_model::{EventKind, Failure, NodeRef, Process, ProcessId, ProcessSpec, Status, Timestamp};
 use tokio::sync::watch;
 
@@ -96,12 +95,6 @@ impl LocalRecords for Unplaced {
 
     fn changes(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
-    }
-
-    /// The root decides about its unplaced records itself (`plan` releases one that a real
-    /// copy supersedes).
-    fn fence(&self, _id: &ProcessId) -> BoxFuture<'static, ()> {
-        Box::pin(std::future::ready(()))
     }
 
     fn kill_unrun(&self, id: &ProcessId) -> Option<Process> {
