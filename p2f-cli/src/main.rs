@@ -440,6 +440,9 @@ async fn run_node(config_path: &Path) -> Result<()> {
     let config = AgentConfig::load(config_path)
         .map_err(anyhow::Error::from)
         .context("cannot start the agent (create a cluster with `p2f init`, or pass --config)")?;
+    // This process is the agent and nothing else: orphans of its health checks, stop and
+    // deploy commands come to it (and to PID 1 in a container) and are reaped here.
+    p2f_core::node::os::adopt_orphans().context("cannot become a child subreaper")?;
     let agent = Agent::start(config).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

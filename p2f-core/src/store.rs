@@ -75,6 +75,12 @@ pub struct Local {
     pub pgid: u32,
     /// The leader's start time in clock ticks since boot, which tells it from a reused pid.
     pub start_ticks: u64,
+    /// Its log relay's pid (0 in records written before relays: watched by its own pid).
+    #[serde(default)]
+    pub relay: u32,
+    /// The relay's start time in clock ticks since boot.
+    #[serde(default)]
+    pub relay_ticks: u64,
 }
 
 /// One stored record: the network's view of a process and, when it runs here, local facts.
@@ -289,6 +295,8 @@ mod tests {
             local: n.is_multiple_of(2).then_some(Local {
                 pgid: 1000 + n as u32,
                 start_ticks: 5000 + n,
+                relay: 0,
+                relay_ticks: 0,
             }),
         }
     }

@@ -42,10 +42,7 @@ pub(crate) async fn check(health: &Health, port: Option<u16>, shell: &Shell) -> 
             Health::Cmd(command) => {
                 // A group of its own, killed whole when the check ends, times out or is
                 // dropped: a pipeline (`sleep 120 | cat`) leaves nothing behind.
-                let mut child = shell
-                    .quiet(command)
-                    .process_group(0)
-                    .spawn()
+                let mut child = super::os::spawn(shell.quiet(command).process_group(0))
                     .map_err(|e| format!("cannot run it: {e}"))?;
                 let _group = KillGroupOnDrop(child.id());
                 let status = child

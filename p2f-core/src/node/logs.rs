@@ -1,6 +1,8 @@
-//! Process logs: stdout and stderr of a process (and of its deploy step) go straight to one
-//! append-only file per process, so they survive the agent; the agent rotates them by copy and
-//! truncate (the process keeps its file descriptor), and serves their tail and follows them.
+//! Process logs: stdout and stderr of a process go through its log relay
+//! ([`crate::node::relay`]) into one file per process, `ID.log`, which the relay rotates
+//! between lines (`ID.log` → `ID.log.1` → ...) past `log_max_bytes`; its deploy step's output
+//! is appended to the same file by the agent. The agent serves a file's tail and follows it
+//! across rotations, so a follower sees every line once, whole.
 
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -19,16 +21,14 @@ const TAIL_WINDOW: u64 = 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct Logs {
     dir: PathBuf,
-    max_bytes: u64,
     keep: u32,
 }
 
 impl Logs {
-    /// Logs under `dir`, rotated past `max_bytes`, keeping `keep` old files.
-    pub fn new(dir: impl Into<PathBuf>, max_bytes: u64, keep: u32) -> Logs {
+    /// Logs under `dir`, keeping `keep` rotated files per process.
+    pub fn new(dir: impl Into<PathBuf>, keep: u32) -> Logs {
         Logs {
             dir: dir.into(),
-            max_bytes,
             keep,
         }
     }
@@ -38,9 +38,14 @@ impl Logs {
         self.dir.join(format!("{id}.log"))
     }
 
-    /// Opens the log file for a child's stdout/stderr, appending.
-    /// The directory is private to the agent (0700; output may hold secrets): the process
-    /// writes through the descriptor the agent hands it, not by path.
+    /// Where a process's relay writes how it ended.
+    pub fn exit_path(&self, id: &ProcessId) -> PathBuf {
+        self.dir.join(format!("{id}.exit"))
+    }
+
+    /// Opens the log file for appending (a deploy step's output; the relay's own messages),
+    /// creating the directory. It is private to the agent (0700; output may hold secrets): a
+    /// process writes through its relay, never by path.
     pub fn open_for_writing(&self, id: &ProcessId) -> io::Result<std::fs::File> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         std::fs::DirBuilder::new()
@@ -54,44 +59,11 @@ impl Logs {
             .open(self.path(id))
     }
 
-    /// Rotates the file when it outgrew its limit: `id.log.N` shifts to `N+1`, the current
-    /// content is copied to `id.log.1`, and the file is truncated in place.
-    pub fn rotate_if_needed(&self, id: &ProcessId) -> io::Result<bool> {
-        let path = self.path(id);
-        let size = match std::fs::metadata(&path) {
-            Ok(meta) => meta.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        if size <= self.max_bytes {
-            return Ok(false);
-        }
-        if self.keep == 0 {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)?
-                .set_len(0)?;
-            return Ok(true);
-        }
-        let numbered = |n: u32| PathBuf::from(format!("{}.{n}", path.display()));
-        for n in (1..self.keep).rev() {
-            let from = numbered(n);
-            if from.exists() {
-                std::fs::rename(&from, numbered(n + 1))?;
-            }
-        }
-        std::fs::copy(&path, numbered(1))?;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)?
-            .set_len(0)?;
-        Ok(true)
-    }
-
     /// Deletes a process's log files.
     pub fn remove(&self, id: &ProcessId) {
         let path = self.path(id);
         let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(self.exit_path(id));
         for n in 1..=self.keep {
             let _ = std::fs::remove_file(format!("{}.{n}", path.display()));
         }
@@ -106,9 +78,10 @@ impl Logs {
         follow: bool,
     ) -> io::Result<impl Stream<Item = io::Result<Bytes>> + Send + 'static> {
         let path = self.path(id);
-        let (head, offset) = tail_file(&path, lines)?;
+        let (head, file, offset) = tail_file(&path, lines)?;
         let state = Follow {
             path,
+            file,
             offset,
             head: Some(head),
             follow,
@@ -117,9 +90,14 @@ impl Logs {
     }
 }
 
-/// A reader that follows a growing (and sometimes truncated) file.
+/// A reader that follows a log file across its rotations: it reads through the file it has
+/// open; once that has nothing new and the path names another file (the relay renamed it
+/// away after its last write), it reads what is left of the old one, then follows the new
+/// one from its start. A file emptied in place (`log_keep = 0`) is read again from its start.
 struct Follow {
     path: PathBuf,
+    /// The file being read and the offset reached in it.
+    file: Option<std::fs::File>,
     offset: u64,
     head: Option<Vec<u8>>,
     follow: bool,
@@ -136,13 +114,9 @@ impl Follow {
             return None;
         }
         loop {
-            match read_from(&self.path, self.offset) {
-                Ok((chunk, offset)) if !chunk.is_empty() => {
-                    self.offset = offset;
-                    return Some((Ok(Bytes::from(chunk)), self));
-                }
-                Ok((_, offset)) => self.offset = offset,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            match self.read_more() {
+                Ok(chunk) if !chunk.is_empty() => return Some((Ok(Bytes::from(chunk)), self)),
+                Ok(_) => {}
                 Err(e) => {
                     self.follow = false;
                     return Some((Err(e), self));
@@ -151,24 +125,60 @@ impl Follow {
             tokio::time::sleep(FOLLOW_POLL).await;
         }
     }
+
+    /// New bytes, at most 64 KiB; empty when there are none yet.
+    fn read_more(&mut self) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::MetadataExt;
+        if self.file.is_none() {
+            match std::fs::File::open(&self.path) {
+                Ok(file) => self.file = Some(file),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(file) = self.file.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let chunk = read_at(file, &mut self.offset)?;
+        if !chunk.is_empty() {
+            return Ok(chunk);
+        }
+        // Nothing new here: was it rotated away?
+        let current = match std::fs::metadata(&self.path) {
+            Ok(meta) => Some(meta.ino()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        if current == Some(file.metadata()?.ino()) {
+            return Ok(Vec::new());
+        }
+        // Renamed away: what was written before the rename is read first.
+        let rest = read_at(file, &mut self.offset)?;
+        self.file = None;
+        self.offset = 0;
+        Ok(rest)
+    }
 }
 
-/// New bytes of `path` from `offset` (from 0 when the file was truncated), at most 64 KiB.
-fn read_from(path: &Path, offset: u64) -> io::Result<(Vec<u8>, u64)> {
-    let mut file = std::fs::File::open(path)?;
+/// Reads at most 64 KiB from `offset` on (from 0 when the file was emptied meanwhile) and moves
+/// `offset` past them.
+fn read_at(file: &mut std::fs::File, offset: &mut u64) -> io::Result<Vec<u8>> {
     let len = file.metadata()?.len();
-    let start = if len < offset { 0 } else { offset };
-    file.seek(SeekFrom::Start(start))?;
+    if len < *offset {
+        *offset = 0;
+    }
+    file.seek(SeekFrom::Start(*offset))?;
     let mut chunk = Vec::new();
     file.take(64 * 1024).read_to_end(&mut chunk)?;
-    let end = start + chunk.len() as u64;
-    Ok((chunk, end))
+    *offset += chunk.len() as u64;
+    Ok(chunk)
 }
 
-fn tail_file(path: &Path, lines: usize) -> io::Result<(Vec<u8>, u64)> {
+/// The last `lines` lines of `path`, the file open, and the offset after them.
+fn tail_file(path: &Path, lines: usize) -> io::Result<(Vec<u8>, Option<std::fs::File>, u64)> {
     let mut file = match std::fs::File::open(path) {
         Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), None, 0)),
         Err(e) => return Err(e),
     };
     let len = file.metadata()?.len();
@@ -177,7 +187,7 @@ fn tail_file(path: &Path, lines: usize) -> io::Result<(Vec<u8>, u64)> {
     let mut window = Vec::new();
     file.read_to_end(&mut window)?;
     let end = start + window.len() as u64;
-    Ok((last_lines(&window, lines).to_vec(), end))
+    Ok((last_lines(&window, lines).to_vec(), Some(file), end))
 }
 
 /// The suffix of `text` holding its last `n` lines (a final line without `\n` counts).
@@ -226,32 +236,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn rotation_keeps_the_writer_appending_and_follow_sees_new_lines() {
+    async fn follow_reads_every_line_once_across_rotations() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let logs = Logs::new(dir.path(), 10, 2);
+        let logs = Logs::new(dir.path(), 2);
         let id = ProcessId::for_service("svc", 1);
+        let path = logs.path(&id);
         let mut writer = logs.open_for_writing(&id).expect("open");
-        writer.write_all(b"one\ntwo\nthree\n").expect("write");
-        assert!(logs.rotate_if_needed(&id).expect("rotate"));
-        writer.write_all(b"four\n").expect("write");
-        let current = std::fs::read(logs.path(&id)).expect("read");
-        assert_eq!(current, b"four\n", "the writer appends at the new end");
-        let rotated = std::fs::read(format!("{}.1", logs.path(&id).display())).expect("read .1");
-        assert_eq!(rotated, b"one\ntwo\nthree\n");
-
+        writer.write_all(b"one\n").expect("write");
         let mut stream = Box::pin(logs.stream(&id, 10, true).expect("stream"));
-        let first = tokio::time::timeout(Duration::from_secs(2), stream.next())
-            .await
-            .expect("in time")
-            .expect("some")
-            .expect("ok");
-        assert_eq!(&first[..], b"four\n");
-        writer.write_all(b"five\n").expect("write");
-        let next = tokio::time::timeout(Duration::from_secs(2), stream.next())
-            .await
-            .expect("in time")
-            .expect("some")
-            .expect("ok");
-        assert_eq!(&next[..], b"five\n");
+        let mut seen = Vec::new();
+        let mut next = async |seen: &mut Vec<u8>| {
+            let chunk = tokio::time::timeout(Duration::from_secs(2), stream.next())
+                .await
+                .expect("in time")
+                .expect("some")
+                .expect("ok");
+            seen.extend_from_slice(&chunk);
+        };
+        next(&mut seen).await;
+        // As the relay rotates: the last write to the old file, a rename, a new file.
+        writer.write_all(b"two\n").expect("write");
+        std::fs::rename(&path, format!("{}.1", path.display())).expect("rename");
+        let mut writer = logs.open_for_writing(&id).expect("open");
+        writer.write_all(b"three\n").expect("write");
+        while seen.len() < b"one\ntwo\nthree\n".len() {
+            next(&mut seen).await;
+        }
+        assert_eq!(seen, b"one\ntwo\nthree\n");
     }
 }

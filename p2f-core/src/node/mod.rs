@@ -6,10 +6,12 @@
 
 pub mod api;
 pub mod config;
+pub mod contain;
 pub mod health;
 pub mod lifecycle;
 pub mod logs;
 pub mod os;
+pub mod relay;
 pub mod strategy;
 pub mod supervisor;
 

@@ -17,6 +17,8 @@ use nix::unistd::{Pid, SysconfVar, sysconf};
 struct Stat {
     /// Field 3: `R`, `S`, `Z`, ...
     state: char,
+    /// Field 4: the parent's pid.
+    ppid: u32,
     /// Field 5: the process group.
     pgrp: u32,
     /// Field 22: start time in clock ticks since boot.
@@ -50,6 +52,7 @@ fn parse_stat(text: &str) -> Option<Stat> {
     };
     Some(Stat {
         state,
+        ppid: field(4)?.parse().ok()?,
         pgrp: field(5)?.parse().ok()?,
         start_ticks: field(22)?.parse().ok()?,
         rss_pages: field(24)?.parse().ok()?,
@@ -121,10 +124,7 @@ pub fn signal_group(pgid: u32, signal: Signal) -> io::Result<bool> {
 /// scan of `/proc`. Groups without a living member are absent from the map.
 pub fn group_rss(pgids: &[u32]) -> HashMap<u32, u64> {
     let wanted: HashSet<u32> = pgids.iter().copied().collect();
-    let page = match sysconf(SysconfVar::PAGE_SIZE) {
-        Ok(Some(size)) => u64::try_from(size).unwrap_or(4096),
-        _ => 4096,
-    };
+    let page = page_size();
     let mut rss = HashMap::new();
     if wanted.is_empty() {
         return rss;
@@ -140,6 +140,139 @@ pub fn group_rss(pgids: &[u32]) -> HashMap<u32, u64> {
         *total = total.saturating_add(bytes);
     }
     rss
+}
+
+/// The page size in bytes.
+fn page_size() -> u64 {
+    match sysconf(SysconfVar::PAGE_SIZE) {
+        Ok(Some(size)) => u64::try_from(size).unwrap_or(4096),
+        _ => 4096,
+    }
+}
+
+/// The resident memory in bytes of `pids` together (those that ended count nothing).
+pub fn rss_of(pids: &[u32]) -> u64 {
+    let page = page_size();
+    pids.iter()
+        .filter_map(|pid| read_stat(*pid))
+        .filter(|stat| !stat.is_dead())
+        .map(|stat| stat.rss_pages.saturating_mul(page))
+        .fold(0, u64::saturating_add)
+}
+
+/// Every living descendant of `root` (children, their children, ...), not `root` itself, in one
+/// scan of `/proc`. Under a child subreaper this is every process it started, however they
+/// detached: an orphan is re-parented to the nearest subreaper, never out of its tree.
+pub fn descendants(root: u32) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for pid in pids() {
+        if let Some(stat) = read_stat(pid)
+            && !stat.is_dead()
+        {
+            children.entry(stat.ppid).or_default().push(pid);
+        }
+    }
+    let mut found = Vec::new();
+    let mut next = vec![root];
+    while let Some(pid) = next.pop() {
+        if let Some(kids) = children.remove(&pid) {
+            found.extend_from_slice(&kids);
+            next.extend(kids);
+        }
+    }
+    found
+}
+
+/// Sends `signal` to `pid`; `false` when it is gone. Refuses 0 and 1.
+pub fn signal_pid(pid: u32, signal: Signal) -> bool {
+    match i32::try_from(pid) {
+        Ok(raw) if raw > 1 => kill(Pid::from_raw(raw), signal).is_ok(),
+        _ => false,
+    }
+}
+
+/// The children this process spawned itself and waits for through tokio (pid and start time),
+/// which the orphan reaper must leave alone: reaping one would take its exit status from the
+/// task that waits for it.
+static SPAWNED: std::sync::Mutex<Vec<(u32, u64)>> = std::sync::Mutex::new(Vec::new());
+
+/// Spawns `command` and registers the child as one this process waits for itself (see
+/// [`reap_orphans`]). Every child the agent starts goes through here.
+pub fn spawn(command: &mut tokio::process::Command) -> io::Result<tokio::process::Child> {
+    let mut spawned = SPAWNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let child = command.spawn()?;
+    if let Some(pid) = child.id() {
+        spawned.push((pid, start_ticks(pid).unwrap_or(0)));
+    }
+    Ok(child)
+}
+
+/// Makes this process a child subreaper (`PR_SET_CHILD_SUBREAPER`, see prctl(2)): a process
+/// that any of its descendants orphans is re-parented here rather than to PID 1.
+pub fn become_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
+
+/// Makes this process a child subreaper and, for as long as its tokio runtime runs, reaps every
+/// orphan re-parented to it (also as PID 1 of a container), on each SIGCHLD and once a second.
+/// Only for a process that is the agent and nothing else (`p2f node run`): a binary that also
+/// waits for children it did not start through [`spawn`] would have them reaped from under it.
+pub fn adopt_orphans() -> io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    become_subreaper()?;
+    let mut sigchld = signal(SignalKind::child())?;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = sigchld.recv() => {}
+                _ = tick.tick() => {}
+            }
+            let reaped = tokio::task::spawn_blocking(reap_orphans).await.unwrap_or(0);
+            if reaped > 0 {
+                tracing::debug!(reaped, "reaped orphans");
+            }
+            // A burst of exits is handled by one scan.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    Ok(())
+}
+
+/// Reaps every ended child of this process that it did not [`spawn`] itself: orphans
+/// re-parented to it as a subreaper or as PID 1. Returns how many were reaped.
+pub fn reap_orphans() -> usize {
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    let me = std::process::id();
+    let mut spawned = SPAWNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut ours: HashSet<(u32, u64)> = HashSet::new();
+    let mut reaped = 0;
+    for pid in pids() {
+        let Some(stat) = read_stat(pid) else { continue };
+        if stat.ppid != me {
+            continue;
+        }
+        if spawned.contains(&(pid, stat.start_ticks)) {
+            ours.insert((pid, stat.start_ticks));
+            continue;
+        }
+        if stat.is_dead()
+            && let Ok(raw) = i32::try_from(pid)
+            && waitpid(Pid::from_raw(raw), Some(WaitPidFlag::WNOHANG)).is_ok()
+        {
+            reaped += 1;
+        }
+    }
+    // Children that were waited for are gone from the table: forget them.
+    spawned.retain(|entry| ours.contains(entry));
+    reaped
+}
+
+/// Whether `pid` is a log relay (its second argument is [`crate::node::relay::MARK`]).
+pub fn is_relay(pid: u32) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        cmdline.split(|b| *b == 0).nth(1) == Some(crate::node::relay::MARK.as_bytes())
+    })
 }
 
 /// Whether a `/proc/PID/environ` block (NUL-separated `NAME=value`) holds every one of `wanted`.

@@ -223,7 +223,7 @@ async fn run_step(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = command.spawn().map_err(|e| {
+    let mut child = os::spawn(&mut command).map_err(|e| {
         let hint = match program.as_str() {
             "nix" => " (install Debian's nix-bin)",
             "ansible-playbook" => " (install Debian's ansible-core)",

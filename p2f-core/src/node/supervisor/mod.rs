@@ -32,12 +32,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::config::SupervisorConfig;
+use super::contain::{Cell, Containment};
 use super::lifecycle;
 use super::logs::Logs;
 use super::os;
+use super::relay::Relay;
 use super::strategy::DeployOptions;
 use crate::records::listing::Listed;
-use crate::store::{Entry, Store, StoreError};
+use crate::store::{Entry, Local, Store, StoreError};
 use task::Begin;
 
 /// How long after SIGKILL a process group may take to disappear.
@@ -308,6 +310,8 @@ struct Inner {
     node: NodeRef,
     store: Arc<Store>,
     logs: Logs,
+    /// How its processes are contained (their cgroups).
+    containment: Containment,
     bundles: PathBuf,
     settings: SupervisorConfig,
     deploy: DeployOptions,
@@ -345,17 +349,16 @@ impl Supervisor {
         deploy: DeployOptions,
         recovery: Recovery,
     ) -> Result<Supervisor, StoreError> {
-        let logs = Logs::new(
-            data_dir.join("logs"),
-            settings.log_max_bytes,
-            settings.log_keep,
-        );
+        let logs = Logs::new(data_dir.join("logs"), settings.log_keep);
         let (version, _) = watch::channel(0);
+        let containment = Containment::detect(&node.name, data_dir);
+        tracing::info!("processes are contained by {}", containment.describe());
         let supervisor = Supervisor {
             inner: Arc::new(Inner {
                 node,
                 store,
                 logs,
+                containment,
                 bundles: data_dir.join("bundles"),
                 settings,
                 deploy,
@@ -385,6 +388,11 @@ impl Supervisor {
     /// Where the process logs are.
     pub fn logs(&self) -> &Logs {
         &self.inner.logs
+    }
+
+    /// How this node contains its processes.
+    pub fn containment(&self) -> &Containment {
+        &self.inner.containment
     }
 
     /// Every record of this node as listed (shared, encoded once per change), sorted by id.
@@ -663,6 +671,19 @@ impl Supervisor {
 }
 
 impl Inner {
+    /// The relay settings of a process in `cell` (its command and user are the shell's).
+    fn relay_for(&self, id: &ProcessId, cell: &Cell) -> Relay {
+        Relay {
+            log: self.logs.path(id),
+            max_bytes: self.settings.log_max_bytes,
+            keep: self.settings.log_keep,
+            exit: self.logs.exit_path(id),
+            cgroup: cell.cgroup().map(std::path::Path::to_path_buf),
+            user: None,
+            command: Vec::new(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Registry> {
         self.registry
             .lock()
@@ -687,6 +708,7 @@ impl Inner {
     fn forget(&self, id: &ProcessId) -> Result<(), StoreError> {
         self.store.remove(id)?;
         self.logs.remove(id);
+        self.containment.cell(id).remove();
         let _ = std::fs::remove_dir_all(self.bundles.join(id.as_str()));
         Ok(())
     }
@@ -738,38 +760,42 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let (running, live): (Vec<(ProcessId, u32)>, Vec<ProcessId>) = {
+        let running: Vec<(ProcessId, Local)> = {
             let registry = inner.lock();
-            let running = registry
+            registry
                 .slots
                 .values()
                 .filter(|s| s.process().is_running())
-                .filter_map(|s| s.entry.local.map(|l| (s.process().id.clone(), l.pgid)))
-                .collect();
-            let live = registry
-                .slots
-                .values()
-                .filter(|s| !s.process().status.is_final())
-                .map(|s| s.process().id.clone())
-                .collect();
-            (running, live)
+                .filter_map(|s| s.entry.local.map(|l| (s.process().id.clone(), l)))
+                .collect()
         };
-        // Logs of every process that may still write (a flapping one too), not only running ones.
-        for id in &live {
-            if let Err(e) = inner.logs.rotate_if_needed(id) {
-                tracing::warn!(%id, "cannot rotate the log: {e}");
-            }
-        }
         if running.is_empty() {
             continue;
         }
-        let pgids: Vec<u32> = running.iter().map(|(_, pgid)| *pgid).collect();
-        let rss = tokio::task::spawn_blocking(move || os::group_rss(&pgids))
-            .await
-            .unwrap_or_default();
+        // Everything in its cell counts (helpers, health checks); a process from before cells,
+        // its group.
+        let containment = inner.containment.clone();
+        let query = running.clone();
+        let rss = tokio::task::spawn_blocking(move || {
+            query
+                .iter()
+                .map(|(id, local)| {
+                    let members = containment.cell(id).members(local.relay);
+                    if members.is_empty() {
+                        os::group_rss(&[local.pgid])
+                            .get(&local.pgid)
+                            .copied()
+                            .unwrap_or(0)
+                    } else {
+                        os::rss_of(&members)
+                    }
+                })
+                .collect::<Vec<u64>>()
+        })
+        .await
+        .unwrap_or_default();
         let mut registry = inner.lock();
-        for (id, pgid) in &running {
-            let memory = rss.get(pgid).copied().unwrap_or(0);
+        for ((id, _), memory) in running.iter().zip(rss) {
             if let Some(slot) = registry.slots.get_mut(id)
                 && slot.process().is_running()
                 && slot.process().memory_bytes != memory

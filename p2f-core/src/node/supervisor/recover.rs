@@ -163,16 +163,19 @@ impl Supervisor {
 }
 
 /// A process of this placement that runs although the record does not say so (the agent died
-/// between starting it and writing its pid).
+/// between starting it and writing its pid), with its relay when that runs too.
 fn find_orphan(process: &Process) -> Option<Local> {
     let found = os::find_by_env(process.id.as_str(), process.generation);
-    found
-        .into_iter()
-        .find(|(pid, pgid)| pid == pgid)
-        .and_then(|(pid, _)| {
-            os::start_ticks(pid).map(|start_ticks| Local {
-                pgid: pid,
-                start_ticks,
-            })
-        })
+    let leaders = found.into_iter().filter(|(pid, pgid)| pid == pgid);
+    let (relays, mains): (Vec<u32>, Vec<u32>) = leaders
+        .map(|(pid, _)| pid)
+        .partition(|pid| os::is_relay(*pid));
+    let main = *mains.first()?;
+    let relay = relays.first().copied().unwrap_or(0);
+    Some(Local {
+        pgid: main,
+        start_ticks: os::start_ticks(main)?,
+        relay,
+        relay_ticks: os::start_ticks(relay).unwrap_or(0),
+    })
 }

@@ -1,15 +1,23 @@
 //! The one way a process's commands run: `sh -c COMMAND` in its bundle directory, with its
-//! variables (DESIGN §2), as its user. The start command, the stop command and a `Cmd` health
+//! variables (DESIGN §2), as its user, in its cell (`contain`), with `pipefail`. The start command, the stop command and a `Cmd` health
 //! check are all built by [`Shell::command`]; the user is looked up once per launch
 //! ([`Identity::of`]), not on every health tick or stop.
 
+use std::ffi::OsString;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use nix::unistd::{Gid, Uid};
 use p2f_model::{Failure, Process};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::node::contain::{self, Cell};
+use crate::node::os;
+use crate::node::relay::{self, Relay};
 use crate::node::strategy::{self, Prepared};
 
 /// The uid and gid a process's commands run as (its spec's `user`).
@@ -79,16 +87,43 @@ pub(crate) struct Shell {
     who: Option<Identity>,
     /// The spec's `user`, for messages.
     user: Option<String>,
+    /// The process's cell, open for joining: its stop command and health checks run inside it
+    /// (none in the fallback containment).
+    door: Option<Arc<std::fs::File>>,
 }
 
+/// A started process: its relay (our child) and the process's own pid.
+#[derive(Debug)]
+pub(crate) struct Launched {
+    pub(crate) relay: Child,
+    pub(crate) pid: u32,
+}
+
+/// How long a relay may take to report the process's pid.
+const RELAY_START: Duration = Duration::from_secs(10);
+
 impl Shell {
-    /// The shell of `process` deployed as `prepared`, run as `who` (from [`Identity::of`]).
-    pub(crate) fn new(process: &Process, prepared: &Prepared, who: Option<Identity>) -> Shell {
+    /// The shell of `process` deployed as `prepared`, run as `who` (from [`Identity::of`]),
+    /// its commands joining `cell`.
+    pub(crate) fn new(
+        process: &Process,
+        prepared: &Prepared,
+        who: Option<Identity>,
+        cell: &Cell,
+    ) -> Shell {
+        let door = match cell.door() {
+            Ok(door) => door.map(Arc::new),
+            Err(e) => {
+                tracing::warn!(id = %process.id, "cannot open the process's cgroup: {e}; its commands run outside it");
+                None
+            }
+        };
         Shell {
             dir: prepared.bundle_dir.clone(),
             env: strategy::environment(process, prepared),
             who,
             user: process.spec.user().map(str::to_owned),
+            door,
         }
     }
 
@@ -100,22 +135,49 @@ impl Shell {
             env: env.to_vec(),
             who: None,
             user: None,
+            door: None,
         }
     }
 
+    /// The shell's command line for `command` (see [`shell_for`]).
+    fn argv(command: &str) -> Vec<OsString> {
+        let (program, pipefail) = shell_for(command);
+        let mut argv: Vec<OsString> = vec![program.into()];
+        if pipefail {
+            argv.extend(["-o".into(), "pipefail".into()]);
+        }
+        argv.extend(["-c".into(), command.into()]);
+        argv
+    }
+
     /// `sh -c command` in the bundle directory, with the process's variables, as its user,
-    /// reading nothing; where its output goes and what happens on drop is the caller's.
+    /// inside its cell, reading nothing; where its output goes and what happens on drop is
+    /// the caller's.
     pub(crate) fn command(&self, command: &str) -> Command {
-        let mut sh = Command::new("sh");
-        sh.arg("-c")
-            .arg(command)
-            .current_dir(&self.dir)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null());
+        let argv = Shell::argv(command);
+        let mut sh = Command::new(&argv[0]);
+        sh.args(&argv[1..]);
+        self.place(&mut sh);
         if let Some(who) = self.who {
             sh.uid(who.uid.as_raw()).gid(who.gid.as_raw());
         }
+        if let Some(door) = &self.door {
+            let fd = door.as_raw_fd();
+            // SAFETY: the hook only calls `join_before_exec`, one write(2) (async-signal-safe);
+            // `self.door` keeps the descriptor open while the command is spawned.
+            unsafe {
+                sh.pre_exec(move || contain::join_before_exec(fd));
+            }
+        }
         sh
+    }
+
+    /// Directory, variables and no input: what every command of the process shares.
+    fn place(&self, command: &mut Command) {
+        command
+            .current_dir(&self.dir)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null());
     }
 
     /// A command whose output nobody reads, killed if it is dropped before it ends (a stop
@@ -128,39 +190,115 @@ impl Shell {
         sh
     }
 
-    /// Starts the start command as the leader of a new process group, output appended to
-    /// `log`. It outlives the agent (it is not killed on drop).
-    pub(crate) fn start(&self, command: &str, log: std::fs::File) -> Result<Child, Failure> {
-        let stderr = log
-            .try_clone()
-            .map_err(|e| failed(format!("cannot open the log file: {e}")))?;
-        self.command(command)
-            .stdout(log)
-            .stderr(stderr)
+    /// Starts the start command under its log relay (see [`crate::node::relay`]), which puts
+    /// it in its cell, runs it as its user and copies its output into its log files. The relay
+    /// leads a new process group, outside the cell, and outlives the agent; its own messages
+    /// go to `log`. `relay` gives the log and exit files and the cgroup; its command and user
+    /// are filled in here.
+    pub(crate) async fn start(
+        &self,
+        command: &str,
+        log: std::fs::File,
+        mut relay: Relay,
+    ) -> Result<Launched, Failure> {
+        let who = self
+            .user
+            .as_deref()
+            .map(|u| format!(" as {u}"))
+            .unwrap_or_default();
+        let cannot = |e: String| failed(format!("cannot start sh{who} in {}: {e}", self.dir.display()));
+        relay.command = Shell::argv(command);
+        relay.user = self.who.map(|w| (w.uid.as_raw(), w.gid.as_raw()));
+        let mut cmd = Command::new(relay::executable());
+        cmd.arg(relay::MARK).args(relay.to_args());
+        self.place(&mut cmd);
+        cmd.stdout(Stdio::piped())
+            .stderr(log)
             .process_group(0)
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|e| {
-                let who = self
-                    .user
-                    .as_deref()
-                    .map(|u| format!(" as {u}"))
-                    .unwrap_or_default();
-                failed(format!(
-                    "cannot start sh{who} in {}: {e}",
-                    self.dir.display()
-                ))
-            })
+            .kill_on_drop(false);
+        let mut child = os::spawn(&mut cmd).map_err(|e| cannot(e.to_string()))?;
+        let Some(stdout) = child.stdout.take() else {
+            return Err(cannot("the relay has no output".into()));
+        };
+        let mut line = String::new();
+        let read = tokio::time::timeout(
+            RELAY_START,
+            BufReader::new(stdout).read_line(&mut line),
+        )
+        .await;
+        let answer = line.trim_end();
+        if let Some(pid) = answer.strip_prefix("pid ").and_then(|p| p.parse().ok()) {
+            return Ok(Launched { relay: child, pid });
+        }
+        let why = match (read, answer.strip_prefix("error ")) {
+            (_, Some(why)) => why.to_owned(),
+            (Err(_), None) => "the relay did not report a pid in time".to_owned(),
+            (Ok(_), None) => format!("the relay ended without a pid ({answer:?})"),
+        };
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        Err(cannot(why))
     }
 
-    /// Starts the stop command of the process group `pgid` (which it gets as `PID`).
-    pub(crate) fn stop(&self, command: &str, pgid: u32) -> std::io::Result<Child> {
-        // A group of its own: whatever it starts is killed with it.
-        self.quiet(command)
-            .env("PID", pgid.to_string())
-            .process_group(0)
-            .spawn()
+    /// Starts the stop command of the process whose main pid is `pid` (which it gets as `PID`),
+    /// in a process group of its own (and in the process's cell).
+    pub(crate) fn stop(&self, command: &str, pid: u32) -> std::io::Result<Child> {
+        os::spawn(
+            self.quiet(command)
+                .env("PID", pid.to_string())
+                .process_group(0),
+        )
     }
+}
+
+/// The shell that runs `command`, and whether with `-o pipefail` (a pipeline fails when any of
+/// its commands fails, so `app | tee log` does not hide the app's crash): `sh` where it has the
+/// option (bash, dash 0.5.13+, busybox); where it does not (dash before 0.5.13, e.g. Debian 12),
+/// a command with a pipeline runs under `bash -o pipefail` when bash is installed, anything
+/// else under plain `sh`.
+fn shell_for(command: &str) -> (&'static str, bool) {
+    static SH_PIPEFAIL: OnceLock<bool> = OnceLock::new();
+    static BASH: OnceLock<bool> = OnceLock::new();
+    let works = |program: &str| {
+        std::process::Command::new(program)
+            .args(["-o", "pipefail", "-c", ":"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if *SH_PIPEFAIL.get_or_init(|| works("sh")) {
+        ("sh", true)
+    } else if has_pipeline(command) && *BASH.get_or_init(|| works("bash")) {
+        ("bash", true)
+    } else {
+        ("sh", false)
+    }
+}
+
+/// Whether `command` holds a pipe (`|`, not `||`) outside quotes. A `|` that the shell would
+/// not read as a pipe (inside `$(...)` with quotes, say) only makes this say yes: harmless.
+fn has_pipeline(command: &str) -> bool {
+    let bytes = command.as_bytes();
+    let (mut single, mut double, mut escaped) = (false, false, false);
+    for (i, byte) in bytes.iter().enumerate() {
+        match byte {
+            _ if escaped => escaped = false,
+            b'\\' if !single => escaped = true,
+            b'\'' if !double => single = !single,
+            b'"' if !single => double = !double,
+            b'|' if !single && !double => {
+                let before = i > 0 && bytes[i - 1] == b'|';
+                let after = bytes.get(i + 1) == Some(&b'|');
+                if !before && !after {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -207,18 +345,62 @@ mod tests {
             bundle_dir: dir.path().to_path_buf(),
             nix_out: None,
         };
-        let shell = Shell::new(&p, &prepared, None);
+        let shell = Shell::new(&p, &prepared, None, &Cell::Tree);
         let script = "test \"$PWD\" = \"$P2F_BUNDLE\" && test \"$PORT\" = 8123 \
                       && test \"$P2F_GENERATION\" = 3 && test \"$GREETING\" = hi \
                       && test \"$PID\" = 77";
         let status = shell.stop(script, 77).expect("spawn").wait().await;
         assert!(status.expect("wait").success());
-        let log = std::fs::File::create(dir.path().join("log")).expect("log");
-        let mut child = shell
-            .start("echo started $P2F_SERVICE", log)
+        let log_path = dir.path().join("log");
+        let log = std::fs::File::create(&log_path).expect("log");
+        let relay = Relay {
+            log: log_path.clone(),
+            max_bytes: 1 << 20,
+            keep: 1,
+            exit: dir.path().join("exit"),
+            cgroup: None,
+            user: None,
+            command: Vec::new(),
+        };
+        let mut launched = shell
+            .start("echo started $P2F_SERVICE", log, relay)
+            .await
             .expect("start");
-        assert!(child.wait().await.expect("wait").success());
-        let written = std::fs::read_to_string(dir.path().join("log")).expect("read");
+        assert!(launched.pid > 1);
+        assert!(launched.relay.wait().await.expect("wait").success());
+        assert_eq!(
+            relay::read_exit(&dir.path().join("exit")),
+            Some(crate::node::lifecycle::Exit::Code(0))
+        );
+        let written = std::fs::read_to_string(log_path).expect("read");
         assert_eq!(written, "started web\n");
+    }
+
+    #[test]
+    fn pipelines_are_found_outside_quotes_only() {
+        let cases = [
+            ("app | tee out.log", true),
+            ("app|tee", true),
+            ("a || b", false),
+            ("echo 'a | b'", false),
+            ("echo \"a | b\"", false),
+            ("echo a \\| b", false),
+            ("true && echo x", false),
+        ];
+        for (command, pipe) in cases {
+            assert_eq!(has_pipeline(command), pipe, "{command}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_crash_before_a_pipe_is_not_hidden() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shell = Shell::plain(dir.path(), &[]);
+        let status = shell
+            .quiet("exit 3 | cat")
+            .status()
+            .await
+            .expect("run");
+        assert_eq!(status.code(), Some(3));
     }
 }

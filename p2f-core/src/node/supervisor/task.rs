@@ -4,8 +4,8 @@
 //! given up on, or the agent lets go.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
-use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,9 +16,11 @@ use tokio::sync::watch;
 
 use super::spawn::{Identity, Shell};
 use super::{Desired, Inner, KILL_WAIT, now};
+use crate::node::contain::Cell;
 use crate::node::health;
 use crate::node::lifecycle::{self, Action, Exit, ExitContext};
 use crate::node::os;
+use crate::node::relay;
 use crate::node::strategy::{self, Prepared};
 use crate::store::{Entry, Local};
 
@@ -43,9 +45,10 @@ pub(super) enum Begin {
 
 /// A running process as its task sees it.
 enum Running {
-    /// Started by this agent: `wait` reports its exit status.
+    /// Started by this agent: its relay is our child.
     Child(Child),
-    /// Re-adopted: only its liveness can be seen.
+    /// Re-adopted: its relay (or, in a record from before relays, the process itself) is
+    /// watched by pid.
     Adopted,
 }
 
@@ -55,11 +58,55 @@ struct Started {
     local: Local,
     /// Where and as whom its stop command and health check run.
     shell: Arc<Shell>,
+    /// Where its processes are.
+    cell: Cell,
+    /// Where its relay writes how it ended.
+    exit_file: PathBuf,
+}
+
+impl Started {
+    /// Sends `signal` to every process of the service: its cell; a process from before
+    /// relays (not in a cell) by its group.
+    fn signal(&self, signal: Signal) {
+        if self.cell.signal(self.local.relay, signal) == 0
+            && os::is_same_process(self.local.pgid, self.local.start_ticks)
+        {
+            let _ = os::signal_group(self.local.pgid, signal);
+        }
+    }
+
+    /// Kills every process of the service and waits (bounded) until its cell is empty.
+    async fn kill(&self) {
+        self.signal(Signal::SIGKILL);
+        let cell = self.cell.clone();
+        let relay = self.local.relay;
+        let _ = tokio::task::spawn_blocking(move || cell.kill(relay)).await;
+    }
+
+    /// Waits for the process to end: how, from its relay's exit file; `None` when that cannot
+    /// be known (its relay was killed, or it is from before relays and not our child).
+    async fn wait_exit(&mut self) -> Option<Exit> {
+        let watched = if self.local.relay > 0 {
+            (self.local.relay, self.local.relay_ticks)
+        } else {
+            (self.local.pgid, self.local.start_ticks)
+        };
+        match &mut self.running {
+            Running::Child(child) => {
+                if let Err(e) = child.wait().await {
+                    tracing::warn!(pid = watched.0, "cannot wait for the relay: {e}");
+                    wait_gone(watched).await;
+                }
+            }
+            Running::Adopted => wait_gone(watched).await,
+        }
+        relay::read_exit(&self.exit_file)
+    }
 }
 
 /// How watching a running process ended.
 enum Outcome {
-    Exited(ExitStatus),
+    Exited(Exit),
     Vanished,
     HealthFailed(Failure),
     Stopped { timed_out: bool },
@@ -196,27 +243,54 @@ impl Task {
                 None => return Ok(None),
             },
         };
+        let id = &self.entry.process.id;
+        let cell = self.inner.containment.cell(id);
+        // Whatever an earlier run left in its cell ends before it starts again.
+        let prepared_cell = cell.clone();
+        tokio::task::spawn_blocking(move || prepared_cell.prepare())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|done| done.map_err(|e| e.to_string()))
+            .map_err(|e| Failure::DeployFailed {
+                exit: None,
+                stderr_tail: format!("cannot create the process's cgroup: {e}"),
+            })?;
         if let Some(port) = self.entry.process.port
             && os::port_in_use(port)
         {
             return Err(Failure::PortInUse { port });
         }
-        let shell = Arc::new(Shell::new(&self.entry.process, &prepared, who));
-        let child = shell.start(self.entry.process.spec.start(), log)?;
-        let Some(pid) = child.id() else {
-            return Err(Failure::Vanished);
-        };
+        if !relay::available() {
+            return Err(Failure::DeployFailed {
+                exit: None,
+                stderr_tail: "this executable cannot start log relays (its p2f-core \
+                              constructor did not run)"
+                    .into(),
+            });
+        }
+        let shell = Arc::new(Shell::new(&self.entry.process, &prepared, who, &cell));
+        let relay = self.inner.relay_for(id, &cell);
+        let exit_file = relay.exit.clone();
+        let launched = shell
+            .start(self.entry.process.spec.start(), log, relay)
+            .await?;
+        let pid = launched.pid;
+        let relay_pid = launched.relay.id().unwrap_or(0);
         let local = Local {
             pgid: pid,
             start_ticks: os::start_ticks(pid).unwrap_or(0),
+            relay: relay_pid,
+            relay_ticks: os::start_ticks(relay_pid).unwrap_or(0),
         };
         lifecycle::on_started(&mut self.entry.process, pid, now());
         self.entry.local = Some(local);
         self.commit().await;
         Ok(Some(Started {
-            running: Running::Child(child),
+            running: Running::Child(launched.relay),
             local,
             shell,
+            cell,
+            exit_file,
         }))
     }
 
@@ -276,10 +350,13 @@ impl Task {
             tracing::warn!(id = %process.id, "{failure}: its stop and health commands run as the agent's user");
             None
         });
+        let cell = self.inner.containment.cell(&process.id);
         Started {
             running: Running::Adopted,
             local,
-            shell: Arc::new(Shell::new(process, &prepared, who)),
+            shell: Arc::new(Shell::new(process, &prepared, who, &cell)),
+            cell,
+            exit_file: self.inner.logs.exit_path(&process.id),
         }
     }
 
@@ -297,11 +374,12 @@ impl Task {
             Outcome::Detached => return None,
             Outcome::Stopped { timed_out: false } => lifecycle::on_stopped(process, now),
             Outcome::Stopped { timed_out: true } => lifecycle::on_stop_timed_out(process, now),
-            Outcome::Exited(status) => {
-                // Nothing of the group outlives its leader: a half-dead service would hold the
-                // port.
-                let _ = os::signal_group(started.local.pgid, Signal::SIGKILL);
-                let exit = exit_of(status);
+            Outcome::Exited(exit) => {
+                // Its relay killed what was left of its cell; a process from before relays
+                // has its group killed here: a half-dead service would hold the port.
+                if started.local.relay == 0 {
+                    let _ = os::signal_group(started.local.pgid, Signal::SIGKILL);
+                }
                 let port_taken = process.port.filter(|port| {
                     exit != Exit::Code(0) && since.elapsed() < MIN_UPTIME && os::port_in_use(*port)
                 });
@@ -312,12 +390,17 @@ impl Task {
                 };
                 lifecycle::on_exit(process, exit, cx, in_a_row, now)
             }
-            // No SIGKILL to its group here: its pid may already belong to someone else.
-            Outcome::Vanished => lifecycle::on_failure(process, Failure::Vanished, in_a_row, now),
+            // Its relay is gone without saying how it ended: whatever is left of the cell is
+            // killed (`signal` checks that its pid is still its own before using it).
+            Outcome::Vanished => {
+                started.kill().await;
+                lifecycle::on_failure(process, Failure::Vanished, in_a_row, now)
+            }
             Outcome::HealthFailed(failure) => {
                 lifecycle::on_failure(process, failure, in_a_row, now)
             }
         };
+        started.cell.remove();
         self.entry.local = None;
         self.commit().await;
         Some(action)
@@ -347,9 +430,9 @@ impl Task {
         }
         loop {
             tokio::select! {
-                status = wait_exit(&mut started.running, started.local) => {
-                    return match status {
-                        Some(status) => Outcome::Exited(status),
+                exit = started.wait_exit() => {
+                    return match exit {
+                        Some(exit) => Outcome::Exited(exit),
                         None => Outcome::Vanished,
                     };
                 }
@@ -426,39 +509,23 @@ async fn poll_check(check: &mut Option<Check>) -> Result<(), String> {
     }
 }
 
-/// Waits for the process to end: `Some(status)` for our child, `None` for a re-adopted one.
-async fn wait_exit(running: &mut Running, local: Local) -> Option<ExitStatus> {
-    match running {
-        Running::Child(child) => match child.wait().await {
-            Ok(status) => Some(status),
-            Err(e) => {
-                tracing::warn!(pid = local.pgid, "cannot wait for the process: {e}");
-                wait_gone(local).await;
-                None
-            }
-        },
-        Running::Adopted => {
-            wait_gone(local).await;
-            None
-        }
-    }
-}
-
-async fn wait_gone(local: Local) {
-    while os::is_same_process(local.pgid, local.start_ticks) {
+/// Waits until `(pid, start_ticks)` is no longer that process.
+async fn wait_gone((pid, start_ticks): (u32, u64)) {
+    while os::is_same_process(pid, start_ticks) {
         tokio::time::sleep(ADOPTED_POLL).await;
     }
 }
 
-/// Stops the process group: its stop command (with `PID`; SIGTERM as soon as that command ends,
-/// or at once without one), then SIGKILL after the grace period; the stop command's own group
-/// is killed with it. Returns whether the service outlived its grace (it had to be killed).
+/// Stops the service: its stop command (with `PID`; SIGTERM to every process of its cell as
+/// soon as that command ends, or at once without one), then SIGKILL to the whole cell after
+/// the grace period; the stop command (in the cell too) ends with it. Returns whether the
+/// service outlived its grace (it had to be killed).
 async fn stop(entry: &Entry, started: &mut Started) -> bool {
     let spec = &entry.process.spec;
-    let pgid = started.local.pgid;
+    let pid = started.local.pgid;
     let deadline = tokio::time::Instant::now() + spec.grace();
     let mut stopper = match spec.stop() {
-        Some(command) => match started.shell.stop(command, pgid) {
+        Some(command) => match started.shell.stop(command, pid) {
             Ok(child) => Some(child),
             Err(e) => {
                 tracing::warn!(id = %entry.process.id, "stop command did not start: {e}; sending SIGTERM");
@@ -468,7 +535,7 @@ async fn stop(entry: &Entry, started: &mut Started) -> bool {
         None => None,
     };
     if stopper.is_none() {
-        let _ = os::signal_group(pgid, Signal::SIGTERM);
+        started.signal(Signal::SIGTERM);
     }
     // Its group outlives it when it started something and exited: known now, not after `wait`.
     let stopper_group = stopper.as_ref().and_then(Child::id);
@@ -478,18 +545,18 @@ async fn stop(entry: &Entry, started: &mut Started) -> bool {
         // done, or failed at once — what is left of the service gets SIGTERM (as systemd does
         // after ExecStop), not only SIGKILL after the whole grace.
         tokio::select! {
-            _ = wait_exit(&mut started.running, started.local) => ended = true,
+            _ = started.wait_exit() => ended = true,
             status = child.wait() => {
                 if !status.as_ref().is_ok_and(|s| s.success()) {
                     tracing::warn!(id = %entry.process.id, "stop command failed ({status:?}); sending SIGTERM");
                 }
-                let _ = os::signal_group(pgid, Signal::SIGTERM);
+                started.signal(Signal::SIGTERM);
             }
             () = tokio::time::sleep_until(deadline) => {}
         }
     }
     if !ended {
-        ended = tokio::time::timeout_at(deadline, wait_exit(&mut started.running, started.local))
+        ended = tokio::time::timeout_at(deadline, started.wait_exit())
             .await
             .is_ok();
     }
@@ -501,19 +568,9 @@ async fn stop(entry: &Entry, started: &mut Started) -> bool {
         let _ = child.start_kill();
         let _ = child.wait().await;
     }
-    let _ = os::signal_group(pgid, Signal::SIGKILL);
+    started.kill().await;
     if !ended {
-        let _ =
-            tokio::time::timeout(KILL_WAIT, wait_exit(&mut started.running, started.local)).await;
+        let _ = tokio::time::timeout(KILL_WAIT, started.wait_exit()).await;
     }
     !ended
-}
-
-fn exit_of(status: ExitStatus) -> Exit {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => Exit::Code(code),
-        (None, Some(signal)) => Exit::Signal(signal),
-        (None, None) => Exit::Code(-1),
-    }
 }

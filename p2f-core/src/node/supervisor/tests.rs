@@ -261,6 +261,8 @@ async fn a_parked_record_says_so_and_is_stopped_where_it_is() {
     let gone = Local {
         pgid: u32::MAX - 1,
         start_ticks: 1,
+        relay: 0,
+        relay_ticks: 0,
     };
     for (process, local) in [(pending, None), (running, Some(gone))] {
         store.put(&Entry { process, local }).expect("put");
