@@ -234,14 +234,6 @@ pub fn join_before_exec(door: std::os::fd::RawFd) -> io::Result<()> {
     }
 }
 
-/// Writes `text` and a newline to `path` (for tests and tools; never on a hot path).
-#[cfg(test)]
-fn write_line(path: &Path, text: &str) -> io::Result<()> {
-    use std::io::Write as _;
-    let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
-    writeln!(file, "{text}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,9 +296,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(seen >= 2, "both sleeps are members ({})", containment.describe());
-        if let Cell::Cgroup(dir) = &cell {
-            write_line(&dir.join("cgroup.kill"), "1").expect("kill");
-            wait_empty(|| cell.populated(relay));
+        if let Cell::Cgroup(_) = &cell {
+            cell.kill(relay);
             assert!(!cell.populated(relay), "the detached sleep died with the cell");
         } else {
             for pid in os::descendants(child.id()) {

@@ -667,6 +667,8 @@ impl Supervisor {
         for task in tasks {
             let _ = task.await;
         }
+        // Gone when every process stopped; kept (with the cells) when they run on.
+        self.inner.containment.remove_if_empty();
     }
 }
 
