@@ -486,7 +486,7 @@ impl Agent {
     pub fn os_copies(&self, id: &ProcessId) -> Vec<u32> {
         procs::marked(&self.dir)
             .into_iter()
-            .filter(|p| p.var("P2F_PROCESS_ID") == Some(id.as_str()))
+            .filter(|p| p.var("P2F_PROCESS_ID") == Some(id.as_str()) && !p.is_relay())
             .map(|p| p.pid)
             .filter(|pid| procs::pgid_of(*pid) == Some(*pid))
             .collect()
@@ -582,5 +582,13 @@ impl Drop for Agent {
         }
         self.sigkill();
         procs::kill_run(&self.dir);
+        // The cgroups of its processes, empty now.
+        if let Some(subtree) = p2f_core::node::contain::Containment::subtree_of(
+            &self.config.name,
+            &self.config.data_dir,
+        ) {
+            let _ = procs::wait_gone(&self.dir, Duration::from_secs(5));
+            procs::remove_cgroups(&subtree);
+        }
     }
 }

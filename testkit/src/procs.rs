@@ -43,6 +43,13 @@ impl Found {
     pub fn is_started_for_a_process(&self) -> bool {
         self.var(PROCESS_ID_VAR).is_some()
     }
+
+    /// Whether it is a process's log relay (which carries the process's variables too).
+    pub fn is_relay(&self) -> bool {
+        std::fs::read(format!("/proc/{}/cmdline", self.pid)).is_ok_and(|cmdline| {
+            cmdline.split(|b| *b == 0).nth(1) == Some(p2f_core::node::relay::MARK.as_bytes())
+        })
+    }
 }
 
 /// Processes (not zombies, not this one) with an environment variable for which `test` holds.
@@ -124,6 +131,19 @@ pub fn kill_run(dir: &Path) -> usize {
     }
     sweep_exact(dir);
     groups.len()
+}
+
+/// Removes the cgroup directory `dir` and every cgroup under it, deepest first (each must be
+/// empty of processes; one that is not stays).
+pub fn remove_cgroups(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroups(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Waits until no process is marked `dir`, at most `limit`.

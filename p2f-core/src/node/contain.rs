@@ -76,8 +76,29 @@ impl Containment {
     }
 }
 
+impl Containment {
+    /// Where the cgroup subtree of the agent of `node` with state in `data_dir` is (or would
+    /// be), without creating it: for tools and tests that clean up after an agent.
+    pub fn subtree_of(node: &NodeName, data_dir: &Path) -> Option<PathBuf> {
+        subtree_path(node, data_dir).ok()
+    }
+}
+
 /// Finds (and creates) the subtree; `Err` says why there is none.
 fn cgroup_subtree(node: &NodeName, data_dir: &Path) -> Result<PathBuf, String> {
+    let dir = subtree_path(node, data_dir)?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // Writable for this agent: processes can be moved in (needs write access to cgroup.procs).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.procs"))
+        .map_err(|e| format!("cannot write to {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+/// The subtree's path: `MOUNT/OWN_CGROUP/p2f-NODE-HASH`.
+fn subtree_path(node: &NodeName, data_dir: &Path) -> Result<PathBuf, String> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
     let mount = cgroup2_mount(&mounts).ok_or("no cgroup v2 hierarchy is mounted")?;
@@ -89,17 +110,9 @@ fn cgroup_subtree(node: &NodeName, data_dir: &Path) -> Result<PathBuf, String> {
         .ok_or("this process is in no cgroup v2")?;
     let data_dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     let name = format!("p2f-{node}-{:08x}", fnv32(data_dir.as_os_str().as_encoded_bytes()));
-    let dir = Path::new(mount)
+    Ok(Path::new(mount)
         .join(own.trim_start_matches('/'))
-        .join(name);
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    // Writable for this agent: processes can be moved in (needs write access to cgroup.procs).
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.join("cgroup.procs"))
-        .map_err(|e| format!("cannot write to {}: {e}", dir.display()))?;
-    Ok(dir)
+        .join(name))
 }
 
 /// The mount point of the cgroup v2 hierarchy in a `/proc/self/mountinfo` text (proc(5):
