@@ -12,4 +12,5 @@ mod partition;
 mod root;
 mod rules;
 mod strategies;
+mod supervision;
 mod support;

@@ -87,8 +87,7 @@ impl Containment {
 /// Finds (and creates) the subtree; `Err` says why there is none.
 fn cgroup_subtree(node: &NodeName, data_dir: &Path) -> Result<PathBuf, String> {
     let dir = subtree_path(node, data_dir)?;
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     // Writable for this agent: processes can be moved in (needs write access to cgroup.procs).
     std::fs::OpenOptions::new()
         .write(true)
@@ -109,7 +108,10 @@ fn subtree_path(node: &NodeName, data_dir: &Path) -> Result<PathBuf, String> {
         .find_map(|line| line.strip_prefix("0::"))
         .ok_or("this process is in no cgroup v2")?;
     let data_dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
-    let name = format!("p2f-{node}-{:08x}", fnv32(data_dir.as_os_str().as_encoded_bytes()));
+    let name = format!(
+        "p2f-{node}-{:08x}",
+        fnv32(data_dir.as_os_str().as_encoded_bytes())
+    );
     Ok(Path::new(mount)
         .join(own.trim_start_matches('/'))
         .join(name))
@@ -308,10 +310,17 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(seen >= 2, "both sleeps are members ({})", containment.describe());
+        assert!(
+            seen >= 2,
+            "both sleeps are members ({})",
+            containment.describe()
+        );
         if let Cell::Cgroup(_) = &cell {
             cell.kill(relay);
-            assert!(!cell.populated(relay), "the detached sleep died with the cell");
+            assert!(
+                !cell.populated(relay),
+                "the detached sleep died with the cell"
+            );
         } else {
             for pid in os::descendants(child.id()) {
                 os::signal_pid(pid, Signal::SIGKILL);

@@ -129,35 +129,79 @@ impl Follow {
     /// New bytes, at most 64 KiB; empty when there are none yet.
     fn read_more(&mut self) -> io::Result<Vec<u8>> {
         use std::os::unix::fs::MetadataExt;
-        if self.file.is_none() {
+        let Some(file) = self.file.as_mut() else {
             match std::fs::File::open(&self.path) {
                 Ok(file) => self.file = Some(file),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
-        }
-        let Some(file) = self.file.as_mut() else {
             return Ok(Vec::new());
         };
         let chunk = read_at(file, &mut self.offset)?;
         if !chunk.is_empty() {
             return Ok(chunk);
         }
-        // Nothing new here: was it rotated away?
-        let current = match std::fs::metadata(&self.path) {
-            Ok(meta) => Some(meta.ino()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e),
-        };
-        if current == Some(file.metadata()?.ino()) {
-            return Ok(Vec::new());
+        // Nothing new here. Still the current file: wait. Rotated away (the relay renames a
+        // file only after its last write to it): go on with the file written after it.
+        let ino = file.metadata()?.ino();
+        let chain = rotation_chain(&self.path)?;
+        match chain.iter().position(|(_, i)| *i == ino) {
+            Some(at) if at + 1 == chain.len() => {}
+            Some(at) => {
+                let (next, next_ino) = &chain[at + 1];
+                // Renamed again meanwhile: the next poll looks again.
+                if let Ok(opened) = std::fs::File::open(next)
+                    && opened.metadata()?.ino() == *next_ino
+                {
+                    self.file = Some(opened);
+                    self.offset = 0;
+                }
+            }
+            // Deleted (the follower fell more than `log_keep` files behind): from the oldest
+            // file there is.
+            None if !chain.is_empty() => {
+                self.file = None;
+                if let Some((oldest, _)) = chain.first() {
+                    self.file = std::fs::File::open(oldest).ok();
+                }
+                self.offset = 0;
+            }
+            None => {}
         }
-        // Renamed away: what was written before the rename is read first.
-        let rest = read_at(file, &mut self.offset)?;
-        self.file = None;
-        self.offset = 0;
-        Ok(rest)
+        Ok(Vec::new())
     }
+}
+
+/// A log's files in the order they were written, with their inodes: `ID.log.N` (highest N,
+/// the oldest, first) ... `ID.log.1`, then `ID.log`.
+fn rotation_chain(path: &Path) -> io::Result<Vec<(PathBuf, u64)>> {
+    use std::os::unix::fs::MetadataExt;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Ok(Vec::new());
+    };
+    let prefix = format!("{name}.");
+    let mut numbered: Vec<u32> = std::fs::read_dir(dir)?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            entry
+                .file_name()
+                .to_str()?
+                .strip_prefix(&prefix)?
+                .parse()
+                .ok()
+        })
+        .collect();
+    numbered.sort_unstable_by(|a, b| b.cmp(a));
+    let paths = numbered
+        .into_iter()
+        .map(|n| dir.join(format!("{prefix}{n}")))
+        .chain(std::iter::once(path.to_path_buf()));
+    Ok(paths
+        .filter_map(|p| {
+            let ino = std::fs::metadata(&p).ok()?.ino();
+            Some((p, ino))
+        })
+        .collect())
 }
 
 /// Reads at most 64 KiB from `offset` on (from 0 when the file was emptied meanwhile) and moves
@@ -254,14 +298,24 @@ mod tests {
             seen.extend_from_slice(&chunk);
         };
         next(&mut seen).await;
-        // As the relay rotates: the last write to the old file, a rename, a new file.
-        writer.write_all(b"two\n").expect("write");
-        std::fs::rename(&path, format!("{}.1", path.display())).expect("rename");
-        let mut writer = logs.open_for_writing(&id).expect("open");
-        writer.write_all(b"three\n").expect("write");
-        while seen.len() < b"one\ntwo\nthree\n".len() {
+        // As the relay rotates, twice before the follower looks: the last write to the old
+        // file, renames, a new file.
+        let rotate = |text: &[u8], writer: &mut std::fs::File| {
+            writer.write_all(text).expect("write");
+            let numbered = |n: u32| format!("{}.{n}", path.display());
+            if std::path::Path::new(&numbered(1)).exists() {
+                std::fs::rename(numbered(1), numbered(2)).expect("rename .1");
+            }
+            std::fs::rename(&path, numbered(1)).expect("rename");
+            logs.open_for_writing(&id).expect("open")
+        };
+        let mut writer = rotate(b"two\n", &mut writer);
+        let mut writer = rotate(b"three\n", &mut writer);
+        writer.write_all(b"four\n").expect("write");
+        let all = b"one\ntwo\nthree\nfour\n";
+        while seen.len() < all.len() {
             next(&mut seen).await;
         }
-        assert_eq!(seen, b"one\ntwo\nthree\n");
+        assert_eq!(seen, all);
     }
 }

@@ -199,7 +199,9 @@ static SPAWNED: std::sync::Mutex<Vec<(u32, u64)>> = std::sync::Mutex::new(Vec::n
 /// Spawns `command` and registers the child as one this process waits for itself (see
 /// [`reap_orphans`]). Every child the agent starts goes through here.
 pub fn spawn(command: &mut tokio::process::Command) -> io::Result<tokio::process::Child> {
-    let mut spawned = SPAWNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut spawned = SPAWNED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let child = command.spawn()?;
     if let Some(pid) = child.id() {
         spawned.push((pid, start_ticks(pid).unwrap_or(0)));
@@ -244,7 +246,9 @@ pub fn adopt_orphans() -> io::Result<()> {
 pub fn reap_orphans() -> usize {
     use nix::sys::wait::{WaitPidFlag, waitpid};
     let me = std::process::id();
-    let mut spawned = SPAWNED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut spawned = SPAWNED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut ours: HashSet<(u32, u64)> = HashSet::new();
     let mut reaped = 0;
     for pid in pids() {

@@ -453,9 +453,18 @@ mod tests {
             Relay::parse(&args).expect_err("refused")
         };
         assert_eq!(bad(&["--log"]), "--log needs a value");
-        assert_eq!(bad(&["--log", "x", "--keep", "many", "--", "a"]), "many is not a number");
-        assert_eq!(bad(&["--log", "x", "--bogus", "1", "--", "a"]), "unknown option --bogus");
-        assert_eq!(bad(&["--log", "x"]), "a relay needs --log and a command after --");
+        assert_eq!(
+            bad(&["--log", "x", "--keep", "many", "--", "a"]),
+            "many is not a number"
+        );
+        assert_eq!(
+            bad(&["--log", "x", "--bogus", "1", "--", "a"]),
+            "unknown option --bogus"
+        );
+        assert_eq!(
+            bad(&["--log", "x"]),
+            "a relay needs --log and a command after --"
+        );
     }
 
     fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
@@ -487,7 +496,10 @@ mod tests {
         // Oldest first: .3, .2, .1, then the current file.
         assert_eq!(got[3].1, b"aaaa\nbbbb\n");
         assert_eq!(got[2].1, b"cccc\n");
-        assert_eq!(got[1].1, b"dddddddddddddd\n", "an overlong line gets its own file");
+        assert_eq!(
+            got[1].1, b"dddddddddddddd\n",
+            "an overlong line gets its own file"
+        );
         assert_eq!(got[0].1, b"e\nun", "a last line without its end is kept");
     }
 

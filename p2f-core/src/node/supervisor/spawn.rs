@@ -206,7 +206,12 @@ impl Shell {
             .as_deref()
             .map(|u| format!(" as {u}"))
             .unwrap_or_default();
-        let cannot = |e: String| failed(format!("cannot start sh{who} in {}: {e}", self.dir.display()));
+        let cannot = |e: String| {
+            failed(format!(
+                "cannot start sh{who} in {}: {e}",
+                self.dir.display()
+            ))
+        };
         relay.command = Shell::argv(command);
         relay.user = self.who.map(|w| (w.uid.as_raw(), w.gid.as_raw()));
         let mut cmd = Command::new(relay::executable());
@@ -221,11 +226,8 @@ impl Shell {
             return Err(cannot("the relay has no output".into()));
         };
         let mut line = String::new();
-        let read = tokio::time::timeout(
-            RELAY_START,
-            BufReader::new(stdout).read_line(&mut line),
-        )
-        .await;
+        let read =
+            tokio::time::timeout(RELAY_START, BufReader::new(stdout).read_line(&mut line)).await;
         let answer = line.trim_end();
         if let Some(pid) = answer.strip_prefix("pid ").and_then(|p| p.parse().ok()) {
             return Ok(Launched { relay: child, pid });
@@ -396,11 +398,7 @@ mod tests {
     async fn a_crash_before_a_pipe_is_not_hidden() {
         let dir = tempfile::tempdir().expect("tempdir");
         let shell = Shell::plain(dir.path(), &[]);
-        let status = shell
-            .quiet("exit 3 | cat")
-            .status()
-            .await
-            .expect("run");
+        let status = shell.quiet("exit 3 | cat").status().await.expect("run");
         assert_eq!(status.code(), Some(3));
     }
 }

@@ -1,0 +1,270 @@
+//! Supervision that holds for real programs (a real `p2f node run` agent): every process a
+//! service starts is its own — counted by the kernel's cgroup membership, not by process
+//! group — however it detaches; a crash behind `| tee` is not a clean stop; and its output
+//! reaches its log files and `logs -f` whole, through rotations.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use p2f::core::node::contain::Containment;
+use p2f::core::wire::LogsQuery;
+use p2f::model::{Failure, Health, ProcessId, ProcessSpec, RestartPolicy, Status};
+use p2f_testkit::procs::{self, Signal, signal};
+use p2f_testkit::{Agent, eventually};
+
+use crate::support::{agent, root, service_port};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The cgroup of process `id` on `agent`'s node. The machine must have a writable cgroup v2
+/// hierarchy (this kind mounts one at /sys/fs/cgroup/unified): without it the agent falls back
+/// to process trees, which these tests do not measure.
+fn cell(agent: &Agent, id: &ProcessId) -> PathBuf {
+    let config = agent.config();
+    let subtree = Containment::subtree_of(&config.name, &config.data_dir)
+        .expect("a cgroup v2 hierarchy (mount | grep cgroup2)");
+    assert!(
+        subtree.exists(),
+        "the agent contains its processes in cgroups under {}",
+        subtree.display()
+    );
+    subtree.join(id.as_str())
+}
+
+/// The processes in `id`'s cgroup, as the kernel lists them (none once it is gone).
+fn members(agent: &Agent, id: &ProcessId) -> Vec<u32> {
+    std::fs::read_to_string(cell(agent, id).join("cgroup.procs"))
+        .map(|text| text.lines().filter_map(|l| l.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Processes the agent started for `id` (by their variables), its relay excepted.
+fn marked(agent: &Agent, id: &ProcessId) -> Vec<u32> {
+    procs::marked(agent.dir())
+        .into_iter()
+        .filter(|p| p.var("P2F_PROCESS_ID") == Some(id.as_str()) && !p.is_relay())
+        .map(|p| p.pid)
+        .collect()
+}
+
+fn answers(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(300))
+        .is_ok()
+}
+
+async fn until(what: &str, done: impl Fn() -> bool) -> anyhow::Result<()> {
+    eventually(what, WAIT, || {
+        let ok = done();
+        async move { ok.then_some(()) }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_helper_belongs_to_its_service() -> anyhow::Result<()> {
+    let agent = root("detacher").await?;
+    let net = agent.network();
+    let node = net.node().await.expect("node");
+    let port = service_port();
+    // The helper serves the port from a session of its own; the main process only sleeps.
+    let spec = ProcessSpec::new(
+        "detached",
+        "setsid python3 -m http.server --bind 127.0.0.1 $PORT & exec sleep 3600",
+    )
+    .with_port(port)
+    .with_health(Health::Tcp)
+    .with_restart(RestartPolicy::OnFailure(3));
+    let p = net.spin_process(&spec, &node).await.expect("spin");
+    let p = agent
+        .wait_for(&p.id, WAIT, "the helper to serve", |p| p.is_healthy())
+        .await?;
+    let main = p.pid.expect("pid");
+    let cell_members = members(&agent, &p.id);
+    assert!(cell_members.contains(&main), "{cell_members:?}");
+    assert!(
+        cell_members.len() >= 2,
+        "the setsid helper is a member: {cell_members:?}"
+    );
+
+    // A crash of the main process takes the helper along: the restart finds the port free.
+    signal(main, Signal::SIGKILL);
+    let p = agent
+        .wait_for(&p.id, WAIT, "a restart that serves again", |p| {
+            p.is_healthy() && p.pid != Some(main)
+        })
+        .await?;
+    assert_eq!(p.restarts, 1);
+    assert_eq!(p.last_failure, Some(Failure::Killed { signal: 9 }));
+
+    // `kill` closes the port: nothing of the service is left, by the kernel's count.
+    let killed = net.kill_process(&p).await.expect("kill");
+    assert_eq!(killed.status, Status::Stopped);
+    assert!(!answers(port), "the helper still answers on {port}");
+    until("the cell to empty", || members(&agent, &p.id).is_empty()).await?;
+    assert!(
+        marked(&agent, &p.id).is_empty(),
+        "{:?}",
+        marked(&agent, &p.id)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_outlives_a_stop_timeout_or_a_timed_out_health_check() -> anyhow::Result<()> {
+    let agent = root("outliver").await?;
+    let net = agent.network();
+    let node = net.node().await.expect("node");
+    // Ignores SIGTERM and detaches a helper that ignores it too: both die at the grace.
+    let stubborn = ProcessSpec::new(
+        "stubborn",
+        "trap '' TERM; setsid sh -c \"trap '' TERM; while :; do sleep 0.1; done\" & \
+         while :; do sleep 0.1; done",
+    )
+    .with_grace(Duration::from_millis(500));
+    let stubborn = net.spin_process(&stubborn, &node).await.expect("spin");
+    until("the helper to join", || {
+        members(&agent, &stubborn.id).len() >= 3
+    })
+    .await?;
+    let stopped = net.kill_process(&stubborn).await.expect("kill");
+    assert_eq!(stopped.last_failure, Some(Failure::StopTimedOut));
+    until("the cell to empty", || {
+        members(&agent, &stubborn.id).is_empty()
+    })
+    .await?;
+    assert!(marked(&agent, &stubborn.id).is_empty());
+
+    // A health check that never answers, and detaches: gone when it times out and fails the
+    // service, and the service's restart budget (none) ends it.
+    let checked = ProcessSpec::new("hung-check", "exec sleep 3600")
+        .with_health(Health::Cmd("setsid sleep 120 & sleep 120 | cat".into()))
+        .with_restart(RestartPolicy::Never);
+    let checked = net.spin_process(&checked, &node).await.expect("spin");
+    let failed = agent
+        .wait_for(
+            &checked.id,
+            Duration::from_secs(60),
+            "the check to fail it",
+            |p| p.status.is_final(),
+        )
+        .await?;
+    assert!(
+        matches!(
+            failed.status,
+            Status::Failed(Failure::HealthCheckFailed { .. })
+        ),
+        "{:?}",
+        failed.status
+    );
+    until("the cell to empty", || {
+        members(&agent, &checked.id).is_empty()
+    })
+    .await?;
+    assert!(
+        marked(&agent, &checked.id).is_empty(),
+        "{:?}",
+        marked(&agent, &checked.id)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_behind_a_pipe_to_tee_is_a_failure() -> anyhow::Result<()> {
+    let agent = root("piper").await?;
+    let net = agent.network();
+    let node = net.node().await.expect("node");
+    let spec = ProcessSpec::new(
+        "piped",
+        "python3 -c 'import sys,time; time.sleep(1); sys.exit(3)' 2>&1 | tee -a w.out",
+    )
+    .with_restart(RestartPolicy::OnFailure(2));
+    let p = net.spin_process(&spec, &node).await.expect("spin");
+    let p = agent
+        .wait_for(&p.id, Duration::from_secs(30), "it to give up", |p| {
+            p.status.is_final()
+        })
+        .await?;
+    assert_eq!(p.status, Status::Failed(Failure::Exited { code: 3 }));
+    assert_eq!(p.restarts, 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_line_is_lost_or_split_at_rotation() -> anyhow::Result<()> {
+    const LINES: usize = 200_000;
+    const MAX: u64 = 65_536;
+    let agent = agent("logger")
+        .configure(|config| {
+            config.supervisor.log_max_bytes = MAX;
+            config.supervisor.log_keep = 100;
+        })
+        .init()?
+        .started()
+        .await?;
+    let net = agent.network();
+    let node = net.node().await.expect("node");
+    let spec = ProcessSpec::new("counter", "sleep 1; seq 1 200000; exec sleep 3600");
+    let p = net.spin_process(&spec, &node).await.expect("spin");
+    // `logs -f` from the start, while the burst is written.
+    let mut follow = Box::pin(
+        net.logs(
+            &p.id,
+            LogsQuery {
+                lines: 0,
+                follow: true,
+            },
+        )
+        .await
+        .expect("follow"),
+    );
+    let mut followed = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while followed.iter().filter(|b| **b == b'\n').count() < LINES {
+        let chunk = tokio::time::timeout_at(deadline, follow.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("logs -f stalled at {} bytes", followed.len()))?
+            .ok_or_else(|| anyhow::anyhow!("logs -f ended"))??;
+        followed.extend_from_slice(&chunk);
+    }
+    let expected: String = (1..=LINES).map(|n| format!("{n}\n")).collect();
+    assert!(
+        followed == expected.as_bytes(),
+        "logs -f skipped or split lines: {} bytes, expected {}",
+        followed.len(),
+        expected.len()
+    );
+
+    // The files, oldest first, hold every line once; none is far over the limit.
+    let logs = agent.config().data_dir.join("logs");
+    let current = logs.join(format!("{}.log", p.id));
+    let mut files: Vec<(u32, PathBuf)> = std::fs::read_dir(&logs)?
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let name = path.file_name()?.to_str()?.to_owned();
+            let n = name.strip_prefix(&format!("{}.log.", p.id))?.parse().ok()?;
+            Some((n, path))
+        })
+        .collect();
+    files.sort_by(|a, b| b.0.cmp(&a.0));
+    files.push((0, current));
+    let mut joined = Vec::new();
+    for (_, path) in &files {
+        let bytes = std::fs::read(path)?;
+        assert!(
+            bytes.len() as u64 <= MAX,
+            "{} holds {} bytes, over the limit of {MAX}",
+            path.display(),
+            bytes.len()
+        );
+        joined.extend_from_slice(&bytes);
+    }
+    assert!(files.len() > 10, "it rotated: {} files", files.len());
+    assert!(
+        joined == expected.as_bytes(),
+        "the files lost or split lines: {} bytes, expected {}",
+        joined.len(),
+        expected.len()
+    );
+    Ok(())
+}
