@@ -405,6 +405,9 @@ Restart=always
 RestartSec=1
 # Stopping the agent leaves its processes running: the next agent re-adopts them.
 KillMode=process
+# The unit's cgroup is the agent's to manage: each process gets a cgroup of its own below it
+# (what it starts, however it detaches, is counted, stopped and killed with it).
+Delegate=yes
 Environment=RUST_LOG=info
 
 [Install]

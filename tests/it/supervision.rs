@@ -246,7 +246,7 @@ async fn no_line_is_lost_or_split_at_rotation() -> anyhow::Result<()> {
             Some((n, path))
         })
         .collect();
-    files.sort_by(|a, b| b.0.cmp(&a.0));
+    files.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
     files.push((0, current));
     let mut joined = Vec::new();
     for (_, path) in &files {
