@@ -191,6 +191,8 @@ pub fn signal_group(pgid: u32, signal: Signal) {
 pub struct Stat {
     /// Field 3: `R`, `S`, `Z`, ...
     pub state: char,
+    /// Field 4: the parent's pid.
+    pub ppid: u32,
     /// Field 5: the process group.
     pub pgrp: u32,
     /// Fields 14 and 15: user and system CPU time, in clock ticks.
@@ -210,6 +212,7 @@ impl Stat {
         let stime: u64 = field(15)?.parse().ok()?;
         Some(Stat {
             state,
+            ppid: field(4)?.parse().ok()?,
             pgrp: field(5)?.parse().ok()?,
             cpu_ticks: utime + stime,
         })
@@ -219,6 +222,17 @@ impl Stat {
     pub fn of(pid: u32) -> Option<Stat> {
         Stat::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
     }
+}
+
+/// The zombies (ended, not yet reaped) whose parent is `parent`.
+pub fn zombies_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| Stat::of(*pid).is_some_and(|s| s.ppid == parent && s.state == 'Z'))
+        .collect()
 }
 
 /// Whether `pid` is gone or a zombie.

@@ -268,3 +268,70 @@ async fn no_line_is_lost_or_split_at_rotation() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// What Ctrl-C does to `cargo run`'s embedded network (`Embedded::stop`, in this process):
+/// a helper that left its process group and session is stopped with its service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_embedded_network_closes_a_detached_helper() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    let embedded = p2f::cli::Embedded::start(state.path()).await?;
+    let net = embedded.network().clone();
+    let node = net.node().await?;
+    let port = service_port();
+    let spec = ProcessSpec::new(
+        "detached",
+        "setsid python3 -m http.server --bind 127.0.0.1 $PORT & exec sleep 3600",
+    )
+    .with_port(port)
+    .with_health(Health::Tcp);
+    let p = net.spin_process(&spec, &node).await?;
+    until("the helper to serve", || answers(port)).await?;
+    let var = format!("P2F_PROCESS_ID={}", p.id);
+    let left = || procs::processes_where(|v| v == var.as_bytes());
+    assert!(left().len() >= 3, "relay, main and helper: {:?}", left());
+    embedded.stop().await;
+    assert!(!answers(port), "the helper still answers on {port}");
+    until("nothing of it to be left", || left().is_empty()).await?;
+    Ok(())
+}
+
+/// The agent is a child subreaper: what a health check leaves behind when it exits (here a
+/// `setsid` sleep of 1 s, every 200 ms) is re-parented to the agent, not to PID 1, and reaped
+/// by it when it ends — zombies do not pile up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_that_reach_the_agent_are_reaped() -> anyhow::Result<()> {
+    let agent = root("reaper").await?;
+    let net = agent.network();
+    let node = net.node().await.expect("node");
+    let spec = ProcessSpec::new("orphaner", "exec sleep 3600")
+        .with_health(Health::Cmd("setsid sleep 1 & exit 0".into()));
+    let p = net.spin_process(&spec, &node).await.expect("spin");
+    agent
+        .wait_for(&p.id, WAIT, "it to be healthy", |p| p.is_healthy())
+        .await?;
+    let agent_pid = agent.pid().expect("the agent runs");
+    // About 15 checks run meanwhile, each leaving one orphan that ends 1 s later.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let adopted = procs::processes_where(|v| v == format!("P2F_PROCESS_ID={}", p.id).as_bytes())
+        .into_iter()
+        .filter(|f| !f.is_relay() && procs::Stat::of(f.pid).is_some_and(|s| s.ppid == agent_pid))
+        .count();
+    // A zombie lives until the next SIGCHLD's scan: the fewest seen over half a second.
+    let mut fewest = procs::zombies_of(agent_pid);
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = procs::zombies_of(agent_pid);
+        if now.len() < fewest.len() {
+            fewest = now;
+        }
+    }
+    assert!(
+        adopted >= 1,
+        "the checks' orphans went elsewhere, not to the agent"
+    );
+    assert!(
+        fewest.len() <= 1,
+        "zombies pile up under the agent: {fewest:?} ({adopted} adopted alive)"
+    );
+    Ok(())
+}
