@@ -309,6 +309,7 @@ mod tests {
                 Stat::parse(&line(comm)),
                 Some(Stat {
                     state: 'S',
+                    ppid: 1,
                     pgrp: 4242,
                     cpu_ticks: 10
                 }),
