@@ -86,6 +86,23 @@ async fn a_detached_helper_belongs_to_its_service() -> anyhow::Result<()> {
         cell_members.len() >= 2,
         "the setsid helper is a member: {cell_members:?}"
     );
+    // Its memory counts the helper (another session, another group): at least the helper's.
+    let helper_rss: u64 = cell_members
+        .iter()
+        .filter(|pid| **pid != main)
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?.to_owned();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map(|kib| kib * 1024)
+        .sum();
+    assert!(helper_rss > 0, "the helper has resident memory");
+    agent
+        .wait_for(&p.id, WAIT, "its memory to count the helper", |p| {
+            p.memory_bytes >= helper_rss
+        })
+        .await?;
 
     // A crash of the main process takes the helper along: the restart finds the port free.
     signal(main, Signal::SIGKILL);
