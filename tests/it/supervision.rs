@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use p2f::core::node::ContainmentMode;
 use p2f::core::node::contain::Containment;
 use p2f::core::wire::LogsQuery;
 use p2f::model::{Failure, Health, ProcessId, ProcessSpec, RestartPolicy, Status};
@@ -350,5 +351,52 @@ async fn orphans_that_reach_the_agent_are_reaped() -> anyhow::Result<()> {
         fewest.len() <= 1,
         "zombies pile up under the agent: {fewest:?} ({adopted} adopted alive)"
     );
+    Ok(())
+}
+
+/// The fallback without cgroups (`containment = "tree"`): the relay is a subreaper, so the
+/// detached helper stays in its tree and is stopped with the service, and a crash of the main
+/// process does not leave the port taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tree_fallback_contains_a_detached_helper_too() -> anyhow::Result<()> {
+    let agent = agent("treeish")
+        .configure(|config| config.supervisor.containment = ContainmentMode::Tree)
+        .init()?
+        .started()
+        .await?;
+    let net = agent.network();
+    let node = net.node().await.expect("node");
+    let port = service_port();
+    let spec = ProcessSpec::new(
+        "detached",
+        "setsid python3 -m http.server --bind 127.0.0.1 $PORT & exec sleep 3600",
+    )
+    .with_port(port)
+    .with_health(Health::Tcp)
+    .with_restart(RestartPolicy::OnFailure(3));
+    let p = net.spin_process(&spec, &node).await.expect("spin");
+    let p = agent
+        .wait_for(&p.id, WAIT, "the helper to serve", |p| p.is_healthy())
+        .await?;
+    let main = p.pid.expect("pid");
+    assert!(
+        marked(&agent, &p.id).len() >= 2,
+        "{:?}",
+        marked(&agent, &p.id)
+    );
+    signal(main, Signal::SIGKILL);
+    let p = agent
+        .wait_for(&p.id, WAIT, "a restart that serves again", |p| {
+            p.is_healthy() && p.pid != Some(main)
+        })
+        .await?;
+    assert_eq!(p.restarts, 1);
+    let killed = net.kill_process(&p).await.expect("kill");
+    assert_eq!(killed.status, Status::Stopped);
+    assert!(!answers(port), "the helper still answers on {port}");
+    until("nothing of it to be left", || {
+        marked(&agent, &p.id).is_empty()
+    })
+    .await?;
     Ok(())
 }

@@ -13,6 +13,7 @@
 //! memory_interval = "5s"           # between RSS refreshes
 //! log_max_bytes = 10485760         # a log file is rotated past this size
 //! log_keep = 3                     # rotated files kept
+//! containment = "cgroup"           # a cgroup v2 per process (else "tree": the relay's tree)
 //! deploy_timeout = "30m"           # the longest a deploy step may take
 //! nix_options = { substituters = "" }  # `nix build --option NAME VALUE` pairs
 //!
@@ -167,6 +168,19 @@ pub struct SupervisorConfig {
     pub deploy_timeout: Duration,
     /// `--option NAME VALUE` pairs for `nix build`, e.g. `{ substituters = "" }` to build offline.
     pub nix_options: BTreeMap<String, String>,
+    /// How the processes are contained (see `node::contain`).
+    pub containment: ContainmentMode,
+}
+
+/// `[supervisor] containment`: how a node keeps track of everything its processes start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainmentMode {
+    /// A cgroup v2 per process where the agent can make one; the process tree where not.
+    #[default]
+    Cgroup,
+    /// Always the process tree under each process's relay (no cgroups).
+    Tree,
 }
 
 impl SupervisorConfig {
@@ -215,6 +229,7 @@ impl Default for SupervisorConfig {
             log_keep: 3,
             deploy_timeout: Duration::from_secs(30 * 60),
             nix_options: BTreeMap::new(),
+            containment: ContainmentMode::default(),
         }
     }
 }

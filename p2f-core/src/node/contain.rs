@@ -23,6 +23,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use p2f_model::{NodeName, ProcessId};
 
+use crate::node::config::ContainmentMode;
 use crate::node::os;
 
 /// How many times a kill is repeated while processes keep appearing (forks racing the kill).
@@ -45,7 +46,12 @@ impl Containment {
     /// own cgroup v2, created (and checked writable) now, or the fallback with the reason.
     /// The subtree's name is stable across restarts of the agent (its processes are found
     /// again) and differs between agents of one machine (their data directories differ).
-    pub fn detect(node: &NodeName, data_dir: &Path) -> Containment {
+    pub fn detect(node: &NodeName, data_dir: &Path, mode: ContainmentMode) -> Containment {
+        if mode == ContainmentMode::Tree {
+            return Containment::Tree {
+                why: "[supervisor] containment = \"tree\"".into(),
+            };
+        }
         match cgroup_subtree(node, data_dir) {
             Ok(dir) => Containment::Cgroup(dir),
             Err(why) => Containment::Tree { why },
@@ -280,7 +286,7 @@ mod tests {
         use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let node = NodeName::from_static("contain-test");
-        let containment = Containment::detect(&node, dir.path());
+        let containment = Containment::detect(&node, dir.path(), ContainmentMode::Cgroup);
         let id = ProcessId::for_service("detach", u64::from(std::process::id()));
         let cell = containment.cell(&id);
         cell.prepare().expect("prepare");

@@ -24,7 +24,7 @@ use p2f_model::{Node, NodeRef, NodeRole, P2fNodeInfo, ProcessId};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use config::{AgentConfig, ConfigError, MeshSettings, SupervisorConfig};
+pub use config::{AgentConfig, ConfigError, ContainmentMode, MeshSettings, SupervisorConfig};
 pub use supervisor::{Recovery, Shutdown, Supervisor};
 
 use crate::cluster::{ClusterCa, ClusterError, ClusterFiles, NodeCert, Secret};

@@ -216,7 +216,8 @@ pub fn become_subreaper() -> io::Result<()> {
 }
 
 /// Makes this process a child subreaper and, for as long as its tokio runtime runs, reaps every
-/// orphan re-parented to it (also as PID 1 of a container), on each SIGCHLD and once a second.
+/// orphan re-parented to it (also as PID 1 of a container), on each SIGCHLD (and once a minute,
+/// in case one was missed: each look reads every process's `/proc/PID/stat`).
 /// Only for a process that is the agent and nothing else (`p2f node run`): a binary that also
 /// waits for children it did not start through [`spawn`] would have them reaped from under it.
 pub fn adopt_orphans() -> io::Result<()> {
@@ -224,7 +225,7 @@ pub fn adopt_orphans() -> io::Result<()> {
     become_subreaper()?;
     let mut sigchld = signal(SignalKind::child())?;
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
         loop {
             tokio::select! {
                 _ = sigchld.recv() => {}

@@ -351,7 +351,7 @@ impl Supervisor {
     ) -> Result<Supervisor, StoreError> {
         let logs = Logs::new(data_dir.join("logs"), settings.log_keep);
         let (version, _) = watch::channel(0);
-        let containment = Containment::detect(&node.name, data_dir);
+        let containment = Containment::detect(&node.name, data_dir, settings.containment);
         tracing::info!("processes are contained by {}", containment.describe());
         let supervisor = Supervisor {
             inner: Arc::new(Inner {
