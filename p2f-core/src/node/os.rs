@@ -235,8 +235,8 @@ pub fn adopt_orphans() -> io::Result<()> {
             if reaped > 0 {
                 tracing::debug!(reaped, "reaped orphans");
             }
-            // A burst of exits is handled by one scan.
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            // A burst of exits is handled by one look.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     });
     Ok(())
@@ -244,32 +244,35 @@ pub fn adopt_orphans() -> io::Result<()> {
 
 /// Reaps every ended child of this process that it did not [`spawn`] itself: orphans
 /// re-parented to it as a subreaper or as PID 1. Returns how many were reaped.
+///
+/// `/proc` is read without the registry's lock (a look takes milliseconds, and a spawn must not
+/// wait for it); each ended child found is then checked against the registry under the lock,
+/// which [`spawn`] holds from before its child exists until it is registered.
 pub fn reap_orphans() -> usize {
     use nix::sys::wait::{WaitPidFlag, waitpid};
     let me = std::process::id();
+    let children: Vec<(u32, Stat)> = pids()
+        .into_iter()
+        .filter_map(|pid| Some((pid, read_stat(pid)?)))
+        .filter(|(_, stat)| stat.ppid == me)
+        .collect();
     let mut spawned = SPAWNED
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut ours: HashSet<(u32, u64)> = HashSet::new();
     let mut reaped = 0;
-    for pid in pids() {
-        let Some(stat) = read_stat(pid) else { continue };
-        if stat.ppid != me {
+    for (pid, stat) in &children {
+        if !stat.is_dead() || spawned.contains(&(*pid, stat.start_ticks)) {
             continue;
         }
-        if spawned.contains(&(pid, stat.start_ticks)) {
-            ours.insert((pid, stat.start_ticks));
-            continue;
-        }
-        if stat.is_dead()
-            && let Ok(raw) = i32::try_from(pid)
+        if let Ok(raw) = i32::try_from(*pid)
             && waitpid(Pid::from_raw(raw), Some(WaitPidFlag::WNOHANG)).is_ok()
         {
             reaped += 1;
         }
     }
-    // Children that were waited for are gone from the table: forget them.
-    spawned.retain(|entry| ours.contains(entry));
+    // Children that were waited for are gone: forget them (those spawned since the look stay).
+    let listed: HashSet<u32> = pids().into_iter().collect();
+    spawned.retain(|(pid, _)| listed.contains(pid));
     reaped
 }
 
