@@ -517,6 +517,7 @@ async fn restart(agent: &Agent, options: &Options, report: &mut Report) -> Resul
     let mut noticed = Vec::new();
     let mut back = Vec::new();
     let mut delays = BTreeMap::<u64, usize>::new();
+    let mut agent_side = Vec::new();
     for _ in 0..options.restarts {
         let process = spin_running(agent, &spec).await?;
         let old = process.pid.context("no pid")?;
@@ -544,6 +545,21 @@ async fn restart(agent: &Agent, options: &Options, report: &mut Report) -> Resul
                 *delays.entry(delay_ms).or_default() += 1;
             }
         }
+        // The agent's own account: from the recorded exit to the recorded start, less the delay.
+        let at = |want: fn(&EventKind) -> bool| {
+            record
+                .events
+                .iter()
+                .rev()
+                .find(|e| want(&e.kind))
+                .map(|e| e.at.0)
+        };
+        if let (Some(exited), Some(started)) = (
+            at(|k| matches!(k, EventKind::Exited { .. })),
+            at(|k| matches!(k, EventKind::Started { .. })),
+        ) {
+            agent_side.push(Duration::from_millis(started.saturating_sub(exited)));
+        }
         remove(agent, &process.id).await?;
     }
     let back = Sample::new(back);
@@ -562,6 +578,15 @@ async fn restart(agent: &Agent, options: &Options, report: &mut Report) -> Resul
         "",
         "",
     );
+    if !agent_side.is_empty() {
+        report.row(
+            "  part: the record's exit event → its start event (ms clock)",
+            Sample::new(agent_side).ms_p99(),
+            String::new(),
+            "",
+            "",
+        );
+    }
     report.notes.push(format!(
         "restart delays the agent recorded (ms → count): {delays:?}; each trial is a fresh \
          process's first restart (later restarts in a row wait 200, 400, … ms)"
