@@ -199,6 +199,9 @@ static SPAWNED: std::sync::Mutex<Vec<(u32, u64)>> = std::sync::Mutex::new(Vec::n
 /// Spawns `command` and registers the child as one this process waits for itself (see
 /// [`reap_orphans`]). Every child the agent starts goes through here.
 pub fn spawn(command: &mut tokio::process::Command) -> io::Result<tokio::process::Child> {
+    if !REAPING.load(std::sync::atomic::Ordering::SeqCst) {
+        return command.spawn();
+    }
     let mut spawned = SPAWNED
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -206,8 +209,17 @@ pub fn spawn(command: &mut tokio::process::Command) -> io::Result<tokio::process
     if let Some(pid) = child.id() {
         spawned.push((pid, start_ticks(pid).unwrap_or(0)));
     }
+    if spawned.len() > SPAWNED_PRUNE_AT {
+        // Between two reaper looks (a burst of spawns): forget the children that are gone.
+        spawned.retain(|(pid, _)| fs::metadata(format!("/proc/{pid}")).is_ok());
+    }
     Ok(child)
 }
+
+/// Whether [`adopt_orphans`] runs in this process (only then is [`SPAWNED`] kept).
+static REAPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Past this many entries, [`spawn`] prunes the registry itself.
+const SPAWNED_PRUNE_AT: usize = 4096;
 
 /// Makes this process a child subreaper (`PR_SET_CHILD_SUBREAPER`, see prctl(2)): a process
 /// that any of its descendants orphans is re-parented here rather than to PID 1.
@@ -223,6 +235,7 @@ pub fn become_subreaper() -> io::Result<()> {
 pub fn adopt_orphans() -> io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     become_subreaper()?;
+    REAPING.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut sigchld = signal(SignalKind::child())?;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
