@@ -5,6 +5,10 @@
 //!
 //! A TLS listener tells plain-HTTP clients apart by their first byte; it can answer them with a
 //! clear `400` ([`PlainHttp::CONTROL_API`]) instead of letting them read garbage.
+//!
+//! Every request carries a [`ConnectionInfo`] extension (the peer's address, TLS or not), and
+//! connections support HTTP upgrades (`hyper::upgrade::on`), for the agent's tunnel and the
+//! ingress's WebSockets.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -45,9 +49,9 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// How a listener's connections are accepted.
 #[derive(Debug, Clone)]
 pub enum Accept {
-    /// TLS with `config` (its certificate resolver picks the certificate, its ALPN must offer
-    /// HTTP/1.1 only: see [`serve`]); `plain` says what to do with clients that speak plain
-    /// HTTP instead.
+    /// TLS with `config` (its certificate resolver picks the certificate; HTTP/2 is served
+    /// when its ALPN offers `h2`, see [`serve`]); `plain` says what to do with clients that
+    /// speak plain HTTP instead.
     Tls {
         /// The rustls configuration, say from [`crate::cluster::resolving_server_config`].
         config: Arc<rustls::ServerConfig>,
@@ -96,34 +100,32 @@ pub async fn serve_tls(
 /// its TLS handshake or 30 s for a request's headers; beyond 512 open connections new ones are
 /// closed at once.
 ///
-/// Connections speak HTTP/1.1 (hyper-util's `http2` feature is off): a TLS configuration whose
-/// ALPN offers `h2` is refused with `InvalidInput` before anything is served. Errors accepting
-/// or serving single connections are logged and never end the server.
+/// Connections speak HTTP/1.1, and over TLS also HTTP/2 when the configuration's ALPN offers
+/// `h2` (the client picks it in the handshake). Errors accepting or serving single
+/// connections are logged and never end the server.
 pub async fn serve(
     listener: TcpListener,
     accept: Accept,
     app: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let (handshake, what) = match accept {
+    let (handshake, what, h2) = match accept {
         Accept::Tls { config, plain } => {
-            if config.alpn_protocols.iter().any(|p| p.as_slice() == b"h2") {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "the TLS configuration offers h2, but this server speaks HTTP/1.1 only",
-                ));
-            }
+            let h2 = config.alpn_protocols.iter().any(|p| p.as_slice() == b"h2");
             let acceptor = TlsAcceptor::from(config);
-            (Handshake::Tls { acceptor, plain }, "TLS")
+            (Handshake::Tls { acceptor, plain }, "TLS", h2)
         }
-        Accept::Plain => (Handshake::Plain, "plain HTTP"),
+        Accept::Plain => (Handshake::Plain, "plain HTTP", false),
     };
-    let mut http = auto::Builder::new(TokioExecutor::new()).http1_only();
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    if !h2 {
+        http = http.http1_only();
+    }
     http.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
+    http.http2().timer(TokioTimer::new());
     let http = Arc::new(http);
-    let service = TowerToHyperService::new(app);
     // Shutdown flips `stopping`: connections serving HTTP then finish their request in flight
     // and close; those still before that (first byte, handshake) are dropped. (hyper-util's
     // `GracefulShutdown` needs its `server-graceful` feature; this is the same with a watch.)
@@ -156,7 +158,7 @@ pub async fn serve(
                         peer,
                         handshake: handshake.clone(),
                         http: Arc::clone(&http),
-                        service: service.clone(),
+                        app: app.clone(),
                         stopping: stopping_rx.clone(),
                     };
                     connections.spawn(conn.run());
@@ -198,6 +200,43 @@ enum Handshake {
     Plain,
 }
 
+/// Who a request came from: in every request's extensions (`Extension<ConnectionInfo>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+/// The app of one connection: every request gets the connection's [`ConnectionInfo`].
+#[derive(Clone)]
+struct WithInfo {
+    app: axum::Router,
+    info: ConnectionInfo,
+}
+
+impl<B> tower::Service<hyper::Request<B>> for WithInfo
+where
+    axum::Router: tower::Service<hyper::Request<B>>,
+{
+    type Response = <axum::Router as tower::Service<hyper::Request<B>>>::Response;
+    type Error = <axum::Router as tower::Service<hyper::Request<B>>>::Error;
+    type Future = <axum::Router as tower::Service<hyper::Request<B>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::<hyper::Request<B>>::poll_ready(&mut self.app, cx)
+    }
+
+    fn call(&mut self, mut request: hyper::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(self.info);
+        self.app.call(request)
+    }
+}
+
 /// A connection ready for HTTP.
 enum Ready {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
@@ -210,7 +249,7 @@ struct Connection {
     peer: SocketAddr,
     handshake: Handshake,
     http: Arc<auto::Builder<TokioExecutor>>,
-    service: TowerToHyperService<axum::Router>,
+    app: axum::Router,
     stopping: watch::Receiver<bool>,
 }
 
@@ -221,7 +260,7 @@ impl Connection {
             peer,
             handshake,
             http,
-            service,
+            app,
             mut stopping,
         } = self;
         if let Err(e) = stream.set_nodelay(true) {
@@ -233,10 +272,16 @@ impl Connection {
             () = stopped(&mut stopping) => return,
             ready = Self::start(stream, peer, handshake) => ready,
         };
+        let service = |tls| {
+            TowerToHyperService::new(WithInfo {
+                app,
+                info: ConnectionInfo { peer, tls },
+            })
+        };
         match ready {
             None => {}
-            Some(Ready::Tls(tls)) => serve_http(&http, *tls, service, stopping, peer).await,
-            Some(Ready::Plain(tcp)) => serve_http(&http, tcp, service, stopping, peer).await,
+            Some(Ready::Tls(tls)) => serve_http(&http, *tls, service(true), stopping, peer).await,
+            Some(Ready::Plain(tcp)) => serve_http(&http, tcp, service(false), stopping, peer).await,
         }
     }
 
@@ -288,13 +333,13 @@ impl Connection {
 async fn serve_http<I>(
     http: &auto::Builder<TokioExecutor>,
     io: I,
-    service: TowerToHyperService<axum::Router>,
+    service: TowerToHyperService<WithInfo>,
     mut stopping: watch::Receiver<bool>,
     peer: SocketAddr,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = http.serve_connection(TokioIo::new(io), service);
+    let conn = http.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
@@ -786,7 +831,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn refuses_a_configuration_offering_h2() {
+    async fn serves_http2_when_alpn_offers_it_and_tells_who_asked() {
         let ca = ClusterCa::generate("test").expect("ca");
         let cert = ca.issue("n1", &[]).expect("issue");
         let key = certified_key(&cert.cert_pem, &cert.key_pem).expect("key");
@@ -794,20 +839,49 @@ mod tests {
         let config =
             resolving_server_config(resolver, &[b"h2", b"http/1.1"]).expect("server config");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
         let accept = Accept::Tls {
             config,
             plain: PlainHttp::Close,
         };
-        let err = serve(
-            listener,
-            accept,
-            axum::Router::new(),
-            std::future::pending(),
-        )
-        .await
-        .expect_err("h2 is not served");
-        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
-        assert!(err.to_string().contains("h2"), "{err}");
+        let app = axum::Router::new().route(
+            "/who",
+            axum::routing::get(
+                |axum::Extension(info): axum::Extension<ConnectionInfo>,
+                 request: axum::extract::Request| async move {
+                    format!("{:?} {} {}", request.version(), info.tls, info.peer.ip())
+                },
+            ),
+        );
+        let server = tokio::spawn(serve(listener, accept, app, std::future::pending()));
+
+        let mut client = client_config(ca.cert_pem()).expect("client config");
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let exchange = async {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+            let tls = connector.connect(name, tcp).await.expect("handshake");
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+            let (mut send, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                TokioIo::new(tls),
+            )
+            .await
+            .expect("h2 handshake");
+            tokio::spawn(conn);
+            let request = hyper::Request::get(format!("https://localhost:{}/who", addr.port()))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("request");
+            let response = send.send_request(request).await.expect("response");
+            assert_eq!(response.version(), hyper::Version::HTTP_2);
+            use http_body_util::BodyExt as _;
+            let body = response.into_body().collect().await.expect("body");
+            String::from_utf8(body.to_bytes().to_vec()).expect("utf-8")
+        };
+        let answer = tokio::time::timeout(WAIT, exchange).await.expect("in time");
+        assert_eq!(answer, "HTTP/2.0 true 127.0.0.1");
+        server.abort();
     }
 
     /// Certificates from one CA for `a.lan`, `b.lan` and (the fallback) `fallback.lan` +
