@@ -270,9 +270,10 @@ async fn dispatch(command: Command) -> Result<()> {
         }
         Command::Ps { target, json } => ps(&target, json).await,
         Command::Routes { target, json } => {
-            let report = connect(&target)?.routes().await.context(
-                "no routes (ask the root: its node.toml, with [ingress] enabled)",
-            )?;
+            let report = connect(&target)?
+                .routes()
+                .await
+                .context("no routes (ask the root: its node.toml, with [ingress] enabled)")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -351,7 +352,10 @@ fn ca(target: &Target) -> Result<()> {
         .context("which node? pass --config NODE.toml (or set P2F_CONFIG)")?;
     let path = ClusterFiles::new(config.cluster_dir()).ca_cert_path();
     if !path.exists() {
-        bail!("{} does not exist: is this a node of a cluster?", path.display());
+        bail!(
+            "{} does not exist: is this a node of a cluster?",
+            path.display()
+        );
     }
     let path = std::fs::canonicalize(&path).unwrap_or(path);
     let p = path.display();
@@ -363,9 +367,7 @@ fn ca(target: &Target) -> Result<()> {
     println!(
         "  Debian, Ubuntu:   sudo cp {p} /usr/local/share/ca-certificates/p2f-cluster.crt && sudo update-ca-certificates"
     );
-    println!(
-        "  Fedora, Arch:     sudo trust anchor --store {p}"
-    );
+    println!("  Fedora, Arch:     sudo trust anchor --store {p}");
     println!(
         "  macOS:            sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain {p}"
     );
