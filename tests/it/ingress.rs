@@ -637,3 +637,75 @@ async fn a_503_names_the_reason_and_a_held_request_follows_a_move() -> Result<()
     assert_eq!(moved.node.name.as_str(), to);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_as_a_node_dies_is_answered_by_the_copy_that_replaces_it() -> Result<()> {
+    require("python3", "python3")?;
+    let temp = tempfile::tempdir()?;
+    let script = backend(temp.path())?;
+    let root = agent("root")
+        .configure(|config| {
+            if let Some(ingress) = &mut config.ingress {
+                ingress.hold = Duration::from_secs(30);
+            }
+        })
+        .init()?
+        .started()
+        .await?;
+    let mut a = member(&root, "a", "127.0.0.24").await?;
+    let mut b = member(&root, "b", "127.0.0.25").await?;
+    root.all_alive(&["a", "b", "root"]).await?;
+    let domain = "failover.home.arpa";
+    let spec = backend_spec("failover", &script, domain, &["a", "b"], None);
+    root.network().deploy(&[spec]).await?;
+    let (report, before) = route_when(&root, domain, "served", |r| r.upstream.is_some()).await?;
+    let https: SocketAddr = report.https.parse()?;
+    let ca = root.cluster().ca_cert_path();
+    let url = format!("https://{domain}:{}/", https.port());
+    let (dead, alive) = match before.node.as_str() {
+        "a" => (&mut a, "b"),
+        _ => (&mut b, "a"),
+    };
+    // The node dies; the route still names it until the root declares it lost (about 5 s
+    // here): the request's tunnel fails, and it is tried again until the replacement serves.
+    dead.kill_node()?;
+    let answer = tokio::task::spawn_blocking({
+        let (ca, url) = (ca.clone(), url.clone());
+        move || curl(&ca, domain, https, &[&url])
+    })
+    .await??;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let seen = json(&answer.body)?;
+    assert_eq!(seen["node"], alive, "{seen}");
+    let (_, after) = route_when(&root, domain, "served by the replacement", |r| {
+        r.upstream.is_some()
+    })
+    .await?;
+    assert_eq!(after.node.as_str(), alive);
+    assert!(after.generation > before.generation, "{after:?}");
+
+    // The operator's view: `p2f routes` and `p2f ca` on the root's config.
+    let p2f = p2f_testkit::p2f_bin()?;
+    let routes = Command::new(&p2f)
+        .args(["routes", "--config"])
+        .arg(root.config_path())
+        .output()?;
+    let text = String::from_utf8_lossy(&routes.stdout);
+    ensure!(routes.status.success(), "p2f routes: {routes:?}");
+    assert!(
+        text.contains(domain) && text.contains(&format!("agent {alive}")),
+        "{text}"
+    );
+    assert!(text.contains("cluster CA"), "{text}");
+    let ca_text = Command::new(&p2f)
+        .args(["ca", "--config"])
+        .arg(root.config_path())
+        .output()?;
+    let text = String::from_utf8_lossy(&ca_text.stdout);
+    let ca_path = std::fs::canonicalize(&ca)?;
+    assert!(
+        text.contains(&format!("The cluster CA: {}", ca_path.display())),
+        "{text}"
+    );
+    Ok(())
+}

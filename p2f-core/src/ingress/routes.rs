@@ -176,9 +176,12 @@ mod tests {
         Arc::new(p)
     }
 
+    /// What a lookup found: the record's node and generation, and whether a copy serves.
+    type Found<'a> = Option<(&'a str, u64, bool)>;
+
     /// The table of `copies` (all local); for each `(host, expected)`: the node and generation
-    /// of the serving copy, or `down` with the record's node, or nothing.
-    fn check(copies: &[Arc<Process>], cases: &[(&str, Option<(&str, u64, bool)>)]) {
+    /// of the record that counts and whether it serves, or nothing.
+    fn check(copies: &[Arc<Process>], cases: &[(&str, Found<'_>)]) {
         let table = RouteTable::from_copies(copies.iter().map(|p| (p, Origin::Local)));
         for (host, expected) in cases {
             let found = table.find(host).map(|route| {
@@ -189,17 +192,15 @@ mod tests {
                 )
             });
             assert_eq!(found, *expected, "{host}");
-            if let Some(route) = table.find(host) {
-                if let Some(target) = &route.target {
-                    assert_eq!(
-                        (target.node.as_str(), target.generation, target.port),
-                        (
-                            route.process.node.name.as_str(),
-                            route.process.generation,
-                            8080
-                        )
-                    );
-                }
+            if let Some(route) = table.find(host)
+                && let Some(target) = &route.target
+            {
+                let record = &route.process;
+                let expected = (record.node.name.as_str(), record.generation, 8080);
+                assert_eq!(
+                    (target.node.as_str(), target.generation, target.port),
+                    expected
+                );
             }
         }
     }
@@ -223,7 +224,10 @@ mod tests {
     #[test]
     fn running_is_not_enough_without_a_passed_check() {
         let starting = record("wiki", "wiki.lan", "pi", 1, Status::Running);
-        check(&[starting.clone()], &[("wiki.lan", Some(("pi", 1, false)))]);
+        check(
+            std::slice::from_ref(&starting),
+            &[("wiki.lan", Some(("pi", 1, false)))],
+        );
         assert_eq!(
             reason(&starting),
             "wiki is starting: its health check has not passed yet"
