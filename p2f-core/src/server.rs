@@ -41,8 +41,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// How long to keep reading from a plain-HTTP client after answering it (see `answer_plain`).
 const PLAIN_LINGER: Duration = Duration::from_secs(1);
-/// The most connections served at once; more are closed at once.
-const MAX_CONNECTIONS: usize = 512;
 /// The first byte of every TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
@@ -60,6 +58,68 @@ pub enum Accept {
     },
     /// Plain HTTP (P2PRC's endpoints, the ingress's port 80).
     Plain,
+}
+
+/// How many connections a listener serves at once; more are closed at once, before anything is
+/// read from them (unauthenticated peers must not exhaust tasks and descriptors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// In all.
+    pub connections: usize,
+    /// From one IP address (many half-open connections from one client, slowloris, cannot
+    /// take the listener from everyone else).
+    pub per_peer: usize,
+}
+
+impl Limits {
+    /// The control API's: 512 in all, from any one peer too (members and tools are few).
+    pub const CONTROL_API: Limits = Limits {
+        connections: 512,
+        per_peer: 512,
+    };
+    /// The ingress's: 8192 in all, 256 from one address.
+    pub const INGRESS: Limits = Limits {
+        connections: 8192,
+        per_peer: 256,
+    };
+}
+
+/// The open connections of each peer address.
+#[derive(Debug, Default)]
+struct Peers(std::sync::Mutex<HashMap<std::net::IpAddr, usize>>);
+
+impl Peers {
+    /// A slot for a connection from `ip`, unless it has `limit` open already.
+    fn take(self: &Arc<Peers>, ip: std::net::IpAddr, limit: usize) -> Option<PeerSlot> {
+        let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(ip).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            peers: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+/// One open connection of a peer; given back when dropped.
+struct PeerSlot {
+    peers: Arc<Peers>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.peers.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// What a TLS listener does with a client whose first byte is not a TLS handshake.
@@ -93,19 +153,31 @@ pub async fn serve_tls(
     serve(listener, accept, app, shutdown).await
 }
 
+/// Serves `app` on `listener` as `accept` says until `shutdown` resolves, within
+/// [`Limits::CONTROL_API`]: [`serve_limited`].
+pub async fn serve(
+    listener: TcpListener,
+    accept: Accept,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    serve_limited(listener, accept, Limits::CONTROL_API, app, shutdown).await
+}
+
 /// Serves `app` on `listener` as `accept` says until `shutdown` resolves; then stops accepting
 /// and gives open connections up to 5 s to finish their request in flight.
 ///
 /// A connection is closed if it sends nothing for 10 s after connecting, takes over 10 s for
-/// its TLS handshake or 30 s for a request's headers; beyond 512 open connections new ones are
-/// closed at once.
+/// its TLS handshake or 30 s for a request's headers; beyond `limits` (open connections in
+/// all, and from one IP address) new ones are closed at once.
 ///
 /// Connections speak HTTP/1.1, and over TLS also HTTP/2 when the configuration's ALPN offers
 /// `h2` (the client picks it in the handshake). Errors accepting or serving single
 /// connections are logged and never end the server.
-pub async fn serve(
+pub async fn serve_limited(
     listener: TcpListener,
     accept: Accept,
+    limits: Limits,
     app: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
@@ -131,6 +203,7 @@ pub async fn serve(
     // `GracefulShutdown` needs its `server-graceful` feature; this is the same with a watch.)
     let (stopping_tx, stopping_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
+    let peers = Arc::new(Peers::default());
     let mut shutdown = std::pin::pin!(shutdown);
     if let Ok(addr) = listener.local_addr() {
         tracing::debug!(%addr, "serving {what}");
@@ -147,13 +220,18 @@ pub async fn serve(
                 }
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) if connections.len() >= MAX_CONNECTIONS => {
-                    // Unauthenticated peers must not exhaust tasks and descriptors.
-                    tracing::warn!(%peer, "too many open connections ({MAX_CONNECTIONS}): refused");
+                Ok((stream, peer)) if connections.len() >= limits.connections => {
+                    tracing::warn!(%peer, "too many open connections ({}): refused", limits.connections);
                     drop(stream);
                 }
                 Ok((stream, peer)) => {
+                    let Some(slot) = peers.take(peer.ip(), limits.per_peer) else {
+                        tracing::debug!(%peer, "too many open connections from this address ({}): refused", limits.per_peer);
+                        drop(stream);
+                        continue;
+                    };
                     let conn = Connection {
+                        slot,
                         stream,
                         peer,
                         handshake: handshake.clone(),
@@ -245,6 +323,8 @@ enum Ready {
 
 /// One accepted connection, with everything needed to serve it.
 struct Connection {
+    /// Held while the connection is open.
+    slot: PeerSlot,
     stream: TcpStream,
     peer: SocketAddr,
     handshake: Handshake,
@@ -256,6 +336,7 @@ struct Connection {
 impl Connection {
     async fn run(self) {
         let Connection {
+            slot: _slot,
             stream,
             peer,
             handshake,
@@ -882,6 +963,50 @@ mod tests {
         let answer = tokio::time::timeout(WAIT, exchange).await.expect("in time");
         assert_eq!(answer, "HTTP/2.0 true 127.0.0.1");
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn one_address_cannot_take_every_connection() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        let limits = Limits {
+            connections: 100,
+            per_peer: 2,
+        };
+        let running = start_with(ca, |listener, app, stopped| {
+            tokio::spawn(serve_limited(listener, Accept::Plain, limits, app, stopped))
+        })
+        .await;
+        // Two silent connections from 127.0.0.1 take its share (they would wait 10 s).
+        let _silent = [
+            TcpStream::connect(running.addr).await.expect("connect"),
+            TcpStream::connect(running.addr).await.expect("connect"),
+        ];
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let request = b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        // A third from the same address is closed unanswered.
+        let answer = raw_exchange(running.addr, request).await;
+        assert!(
+            matches!(&answer, Ok(bytes) if bytes.is_empty())
+                || matches!(&answer, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{answer:?}"
+        );
+        // Another address is served.
+        let other = async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind("127.0.0.2:0".parse().expect("addr"))?;
+            let mut stream = socket.connect(running.addr).await?;
+            stream.write_all(request).await?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await?;
+            Ok::<_, io::Error>(answer)
+        };
+        let answer = tokio::time::timeout(WAIT, other)
+            .await
+            .expect("in time")
+            .expect("served");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        assert!(answer.ends_with("pong"), "{answer:?}");
+        stop(running).await;
     }
 
     /// Certificates from one CA for `a.lan`, `b.lan` and (the fallback) `fallback.lan` +

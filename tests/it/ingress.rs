@@ -443,6 +443,33 @@ async fn a_domain_is_served_through_the_root_from_another_node() -> Result<()> {
         Some(35)
     );
     normal().context("after an unknown SNI")?;
+    // Slowloris: 300 connections from 127.0.0.1 that never finish their request; at most 256
+    // of them are kept (the rest closed at once), and another address is still served.
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        let mut stream = TcpStream::connect(https).await?;
+        stream.write_all(b"\x16\x03\x01").await?;
+        silent.push(stream);
+    }
+    let answer = curl(
+        &ca,
+        domain,
+        https,
+        &["--interface", "127.0.0.2", &format!("{base}/during")],
+    )?;
+    assert_eq!(answer.status, 200, "during the slowloris: {answer:?}");
+    let closed = futures_util::future::join_all(silent.iter_mut().map(|stream| async move {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte));
+        matches!(read.await, Ok(Ok(0) | Err(_)))
+    }))
+    .await
+    .into_iter()
+    .filter(|closed| *closed)
+    .count();
+    // 44 beyond the 256 (a few more if connections of the requests above still count).
+    assert!((44..=64).contains(&closed), "{closed} of 300 closed");
+    drop(silent);
     // And the certificate that was issued is listed.
     let (_, route) = route_when(&root, domain, "its certificate listed", |r| {
         r.certificate.is_some()

@@ -164,7 +164,14 @@ impl Ingress {
             }
         };
         let serve = |listener, accept, name: &'static str| {
-            let served = crate::server::serve(listener, accept, app.clone(), until_stopped());
+            let limits = crate::server::Limits::INGRESS;
+            let served = crate::server::serve_limited(
+                listener,
+                accept,
+                limits,
+                app.clone(),
+                until_stopped(),
+            );
             tokio::spawn(async move {
                 if let Err(e) = served.await {
                     tracing::warn!("the ingress's {name} listener ended: {e}");
