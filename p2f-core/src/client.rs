@@ -355,7 +355,7 @@ async fn expect_success(
 }
 
 /// An error with its causes, on one line (reqwest's own message hides the TLS reason).
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

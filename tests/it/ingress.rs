@@ -22,10 +22,10 @@ use tokio::net::TcpStream;
 use crate::support::{agent, member, service_port};
 
 /// The backend: `GET` answers JSON with the node it runs on and the headers it got, `/big/N`
-/// streams N bytes, `POST` counts and hashes what it reads, `/health` is its check, and a
+/// streams N bytes, `/slow` answers after 1.5 s, `POST` counts and hashes what it reads, `/health` is its check, and a
 /// WebSocket upgrade echoes text frames as `echo: TEXT`. It binds 127.0.0.1 only.
 const BACKEND: &str = r#"
-import base64, hashlib, json, os, sys
+import base64, hashlib, json, os, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Handler(BaseHTTPRequestHandler):
@@ -44,6 +44,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/health":
             return self.answer(200, b"ok", "text/plain")
+        if self.path == "/slow":
+            time.sleep(1.5)
+            return self.answer(200, b"slow", "text/plain")
         if self.headers.get("Upgrade", "").lower() == "websocket":
             return self.websocket()
         if self.path.startswith("/big/"):
@@ -129,6 +132,20 @@ fn backend_spec(
         .with_domain(domain)
         .with_health(Health::Http("/health".into()))
         .with_pin(pins.iter().map(|n| NodeName::new(*n).expect("node name")))
+}
+
+/// A started root whose ingress holds idempotent requests for `hold`.
+async fn root_holding(hold: Duration) -> Result<Agent> {
+    require("python3", "python3")?;
+    agent("root")
+        .configure(move |config| {
+            if let Some(ingress) = &mut config.ingress {
+                ingress.hold = hold;
+            }
+        })
+        .init()?
+        .started()
+        .await
 }
 
 /// The route of `domain` once `ready` holds for it.
@@ -256,7 +273,7 @@ async fn a_domain_is_served_through_the_root_from_another_node() -> Result<()> {
     require("python3", "python3")?;
     let temp = tempfile::tempdir()?;
     let script = backend(temp.path())?;
-    let root = agent("root").init()?.started().await?;
+    let mut root = agent("root").init()?.started().await?;
     let _member = member(&root, "member", "127.0.0.21").await?;
     root.all_alive(&["member", "root"]).await?;
     let domain = "echo.home.arpa";
@@ -479,6 +496,21 @@ async fn a_domain_is_served_through_the_root_from_another_node() -> Result<()> {
         route.certificate.map(|c| c.issuer),
         Some("cluster CA".to_owned())
     );
+
+    // The root stops (SIGTERM) while a request is in flight: the request still gets its answer.
+    let in_flight = tokio::task::spawn_blocking({
+        let (ca, url) = (ca.clone(), format!("{base}/slow"));
+        move || curl(&ca, domain, https, &[&url])
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = root.sigterm()?;
+    assert!(status.success(), "{status}");
+    let answer = in_flight.await??;
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (200, "slow"),
+        "{answer:?}"
+    );
     Ok(())
 }
 
@@ -538,18 +570,9 @@ async fn websocket_echo(root: &Agent, domain: &str, https: SocketAddr) -> Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_names_the_reason_and_a_held_request_follows_a_move() -> Result<()> {
-    require("python3", "python3")?;
     let temp = tempfile::tempdir()?;
     let script = backend(temp.path())?;
-    let root = agent("root")
-        .configure(|config| {
-            if let Some(ingress) = &mut config.ingress {
-                ingress.hold = Duration::from_secs(20);
-            }
-        })
-        .init()?
-        .started()
-        .await?;
+    let root = root_holding(Duration::from_secs(20)).await?;
     // Health checks every second: a process may take 3 s to pass its first.
     let slow_checks = |name: &str, ip: &str| {
         agent(name).ip(ip).configure(|config| {
@@ -667,18 +690,9 @@ async fn a_503_names_the_reason_and_a_held_request_follows_a_move() -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_sent_as_a_node_dies_is_answered_by_the_copy_that_replaces_it() -> Result<()> {
-    require("python3", "python3")?;
     let temp = tempfile::tempdir()?;
     let script = backend(temp.path())?;
-    let root = agent("root")
-        .configure(|config| {
-            if let Some(ingress) = &mut config.ingress {
-                ingress.hold = Duration::from_secs(30);
-            }
-        })
-        .init()?
-        .started()
-        .await?;
+    let root = root_holding(Duration::from_secs(30)).await?;
     let mut a = member(&root, "a", "127.0.0.24").await?;
     let mut b = member(&root, "b", "127.0.0.25").await?;
     root.all_alive(&["a", "b", "root"]).await?;

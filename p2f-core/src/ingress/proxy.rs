@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use super::headers::{self, Forwarding};
 use super::routes::{self, Route, RouteTable, Target};
 use super::upstream::{Connector, Targets, Upstream};
+use crate::client::error_chain;
 use crate::server::ConnectionInfo;
 
 /// ACME's HTTP-01 challenge path: never redirected.
@@ -410,21 +411,6 @@ fn html_escape(text: &str) -> String {
         }
     }
     out
-}
-
-/// An error and its causes in one line.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let line = cause.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
