@@ -20,6 +20,7 @@ use axum::{Extension, Router};
 use http_body_util::BodyExt as _;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use p2f_model::Status;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -200,7 +201,7 @@ impl Proxy {
                     }
                 }
             }
-            if Instant::now() >= deadline {
+            if Instant::now() >= deadline || !coming(&route.process.status) {
                 return unavailable(&route, last_error.is_some(), wants_json, self.settings.hold);
             }
             // Wait for the routes to change (a new copy), or after a failed attempt a moment
@@ -298,6 +299,15 @@ async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
         }
         (Err(e), _) | (_, Err(e)) => tracing::debug!("upgrade failed: {e}"),
     }
+}
+
+/// Whether a copy may serve soon, so that holding a request is worth it: not for a process
+/// stopped on request, or waiting for a node that can take it.
+fn coming(status: &Status) -> bool {
+    !matches!(
+        status,
+        Status::Stopped | Status::Stopping | Status::Unplaced
+    )
 }
 
 /// GET, HEAD, OPTIONS, TRACE, PUT, DELETE (RFC 9110 §9.2.2): safe to hold and to send again.
@@ -429,6 +439,24 @@ mod tests {
             (Method::PATCH, false),
         ] {
             assert_eq!(is_idempotent(&method), held, "{method}");
+        }
+    }
+
+    #[test]
+    fn requests_are_held_only_for_a_copy_that_may_come() {
+        use p2f_model::Failure;
+        for (status, held) in [
+            (Status::Pending, true),
+            (Status::Deploying, true),
+            (Status::Running, true),
+            (Status::Lost, true),
+            (Status::Parked, true),
+            (Status::Failed(Failure::Exited { code: 3 }), true),
+            (Status::Stopping, false),
+            (Status::Stopped, false),
+            (Status::Unplaced, false),
+        ] {
+            assert_eq!(coming(&status), held, "{status}");
         }
     }
 
