@@ -274,11 +274,11 @@ async fn a_domain_is_served_through_the_root_from_another_node() -> Result<()> {
     let temp = tempfile::tempdir()?;
     let script = backend(temp.path())?;
     let mut root = agent("root").init()?.started().await?;
-    let _member = member(&root, "member", "127.0.0.21").await?;
+    let member = member(&root, "member", "127.0.0.21").await?;
     root.all_alive(&["member", "root"]).await?;
     let domain = "echo.home.arpa";
     let spec = backend_spec("echo", &script, domain, &["member"], None);
-    root.network().deploy(&[spec]).await?;
+    let desired = root.network().deploy(&[spec]).await?;
     let (report, route) = route_when(&root, domain, "served from the member", |r| {
         r.upstream.is_some() && r.node.as_str() == "member"
     })
@@ -296,6 +296,10 @@ async fn a_domain_is_served_through_the_root_from_another_node() -> Result<()> {
     let ca = root.cluster().ca_cert_path();
     let base = format!("https://{domain}:{}", https.port());
     let host = format!("{domain}:{}", https.port());
+
+    // The member's tunnel opens only its own running processes' ports, for the cluster only.
+    let id = &desired.services[0].id;
+    tunnel_refusals(&member, id.as_str(), route.generation).await?;
 
     // HTTP/1.1 with keep-alive: two requests, one connection; what the backend saw.
     let url = format!("{base}/hello?x=1");
@@ -511,6 +515,59 @@ async fn a_domain_is_served_through_the_root_from_another_node() -> Result<()> {
         (200, "slow"),
         "{answer:?}"
     );
+    Ok(())
+}
+
+/// Asks `agent`'s tunnel for what it must refuse: no secret (401), no upgrade (426), a process
+/// it does not run (404), another generation of `id` (409); then `generation` of `id` is opened
+/// (101).
+async fn tunnel_refusals(agent: &Agent, id: &str, generation: u64) -> Result<()> {
+    let api = agent.network().address().to_owned();
+    let ca = agent.cluster().ca_cert_path();
+    let secret = std::fs::read_to_string(agent.cluster().secret_path())?;
+    let auth = format!("Authorization: Bearer {}", secret.trim());
+    let url = |id: &str, generation: u64| {
+        format!("https://{api}/v1/processes/{id}/tunnel?generation={generation}")
+    };
+    let ask = |headers: &[&str], url: String| -> Vec<String> {
+        let headers = headers
+            .iter()
+            .flat_map(|h| ["-H".to_owned(), (*h).to_owned()]);
+        headers.chain([url]).collect()
+    };
+    let (connection, upgrade) = ("Connection: upgrade", "Upgrade: p2f-tunnel");
+    let cases = [
+        (ask(&[connection, upgrade], url(id, generation)), 401),
+        (ask(&[&auth], url(id, generation)), 426),
+        (ask(&[connection, upgrade, &auth], url("not-here", 1)), 404),
+        (
+            ask(&[connection, upgrade, &auth], url(id, generation + 1)),
+            409,
+        ),
+        (ask(&[connection, upgrade, &auth], url(id, generation)), 101),
+    ];
+    for (args, status) in cases {
+        // A tunnel that opens stays open: curl gives up after a second, having printed the head.
+        let output = Command::new("curl")
+            .args([
+                "-sS",
+                "-m",
+                "2",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+            ])
+            .arg(&ca)
+            .args(&args)
+            .output()?;
+        let got = String::from_utf8_lossy(&output.stdout);
+        ensure!(
+            got == status.to_string(),
+            "{args:?}: {got} (expected {status})"
+        );
+    }
     Ok(())
 }
 
