@@ -257,12 +257,14 @@ impl Ingress {
                 .unwrap_or_else(PoisonError::into_inner),
         );
         let mut tasks = tasks.into_iter();
-        // The first follows the records and never ends by itself.
-        if let Some(follow) = tasks.next() {
-            follow.abort();
-        }
+        // The first follows the records (never ending by itself); requests held while the
+        // listeners drain may still see a new copy, so it stops last.
+        let follow = tasks.next();
         for task in tasks {
             let _ = task.await;
+        }
+        if let Some(follow) = follow {
+            follow.abort();
         }
     }
 }

@@ -210,7 +210,10 @@ impl Proxy {
                 Some(_) => deadline.min(Instant::now() + RETRY_PAUSE),
                 None => deadline,
             };
-            let _ = tokio::time::timeout_at(until, routes.changed()).await;
+            if let Ok(Err(_)) = tokio::time::timeout_at(until, routes.changed()).await {
+                // The routes are no longer followed: the ingress is stopping.
+                return unavailable(&route, last_error.is_some(), wants_json, self.settings.hold);
+            }
         }
     }
 
