@@ -2,7 +2,8 @@
 //! server for its archives and a clock worker — deployed, supervised and stopped by P2F with nothing to set up.
 //!
 //! Run it with `cargo run --example homelab`, then open http://127.0.0.1:8480/ (or
-//! `curl 127.0.0.1:8480`). In another terminal, `cargo run --example homelab -- status`
+//! `curl 127.0.0.1:8480`); the wiki and the file server also answer at their domains through
+//! the root's front door, on the ports and with the `curl` commands it prints. In another terminal, `cargo run --example homelab -- status`
 //! shows the same table, `-- logs backup -f` follows the backup job. Ctrl-C stops everything.
 
 use p2f::prelude::*;

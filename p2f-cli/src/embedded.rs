@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use p2f_core::Network;
 use p2f_core::cluster::ClusterFiles;
-use p2f_core::node::{Agent, AgentConfig, Shutdown};
+use p2f_core::node::{Agent, AgentConfig, IngressSettings, Shutdown};
 use p2f_model::{Deployment, NodeName, Process};
 
 use crate::{Result, converge, render};
@@ -74,6 +74,14 @@ impl Embedded {
         }
         let mut config = AgentConfig::new(local_name(), dir);
         config.listen = ([127, 0, 0, 1], 0).into();
+        // The front door on high local ports; plain HTTP serves too (nobody trusts this
+        // private CA yet, so a redirect to HTTPS would only stand in the way).
+        config.ingress = Some(IngressSettings {
+            http: ([127, 0, 0, 1], 0).into(),
+            https: ([127, 0, 0, 1], 0).into(),
+            redirect: false,
+            ..IngressSettings::default()
+        });
         let agent = Agent::start(config).await?;
         let network = Network::with_cluster_files(&agent.address().to_string(), &cluster)?;
         Ok(Embedded { agent, network })
@@ -82,6 +90,28 @@ impl Embedded {
     /// A client of it.
     pub fn network(&self) -> &Network {
         &self.network
+    }
+
+    /// How to reach each service of `deployment` with a domain through the ingress, one line
+    /// per way, for people; empty without domains.
+    pub fn front_door(&self, deployment: &Deployment, dir: &Path) -> Vec<String> {
+        let Some(ingress) = self.agent.ingress() else {
+            return Vec::new();
+        };
+        let (http, https) = (ingress.http_address(), ingress.https_address());
+        let ca = dir.join("cluster").join("ca.pem");
+        let mut lines = Vec::new();
+        for domain in deployment.services().iter().filter_map(|s| s.domain()) {
+            let port = https.port();
+            lines.push(format!("{domain}: https://{domain}:{port}/"));
+            lines.push(format!(
+                "    curl --cacert {} --resolve {domain}:{port}:{} https://{domain}:{port}/",
+                ca.display(),
+                https.ip()
+            ));
+            lines.push(format!("    curl -H 'Host: {domain}' http://{http}/"));
+        }
+        lines
     }
 
     /// Stops every process and the agent.
@@ -117,6 +147,13 @@ pub async fn up(deployment: &Deployment) -> Result<()> {
         }
         Some(Err(e)) => Err(e),
         Some(Ok(_)) => {
+            let front_door = embedded.front_door(deployment, &dir);
+            if !front_door.is_empty() {
+                eprintln!("\nThe front door (the root's ingress):");
+                for line in front_door {
+                    eprintln!("  {line}");
+                }
+            }
             eprintln!("\nAll services run. Ctrl-C stops them.");
             watch(&network, deployment, &stop).await;
             Ok(())

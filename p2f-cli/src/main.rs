@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use p2f_core::Network;
 use p2f_core::cluster::ClusterFiles;
 use p2f_core::join::{JoinToken, request_certificate};
-use p2f_core::node::{Agent, AgentConfig, MeshSettings, Shutdown};
+use p2f_core::node::{Agent, AgentConfig, IngressSettings, MeshSettings, Shutdown};
 use p2f_core::wire::LogsQuery;
 use p2f_model::{NodeName, ProcessId, ProcessKey};
 use tokio::io::AsyncWriteExt;
@@ -90,6 +90,20 @@ enum Command {
         /// How many of the last lines to print first.
         #[arg(short = 'n', long, default_value_t = 100)]
         lines: usize,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Lists the root's ingress routes: domain, process, node, upstream, certificate, last error.
+    Routes {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Says where the cluster's CA certificate is and how to trust it (the ingress's
+    /// certificates for local names come from it).
+    Ca {
         #[command(flatten)]
         target: Target,
     },
@@ -255,6 +269,19 @@ async fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Ps { target, json } => ps(&target, json).await,
+        Command::Routes { target, json } => {
+            let report = connect(&target)?
+                .routes()
+                .await
+                .context("no routes (ask the root: its node.toml, with [ingress] enabled)")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", p2f_cli::render::routes_table(&report));
+            }
+            Ok(())
+        }
+        Command::Ca { target } => ca(&target),
         Command::Info { key, target } => info(&target, &key).await,
         Command::Kill { id, target } => {
             let network = connect(&target)?;
@@ -293,6 +320,7 @@ fn init(dir: &Path, name: Option<String>, listen: &str) -> Result<()> {
     let mut config = AgentConfig::new(name, ".");
     config.listen = listen;
     config.mesh = Some(MeshSettings::new(gossip_address(listen), Vec::new()));
+    config.ingress = Some(IngressSettings::default());
     // Whole or not at all: a node never starts from half a config.
     p2f_core::fsutil::write_atomic(&config_path, config.to_toml(), 0o644)?;
     println!("Created a cluster in {}", dir.display());
@@ -308,6 +336,45 @@ fn init(dir: &Path, name: Option<String>, listen: &str) -> Result<()> {
         dir.join("join-token").display()
     );
     println!("  p2f node join TOKEN --listen THAT_MACHINE_IP:7440");
+    println!();
+    println!(
+        "This node serves every service's domain on ports 80 and 443 ([ingress] in {});",
+        config_path.display()
+    );
+    println!("`p2f ca` says how to trust the certificates of local names.");
+    Ok(())
+}
+
+/// `p2f ca`: where the cluster CA is, and how to make a machine trust it.
+fn ca(target: &Target) -> Result<()> {
+    let config = AgentConfig::load(&target.config)
+        .map_err(anyhow::Error::from)
+        .context("which node? pass --config NODE.toml (or set P2F_CONFIG)")?;
+    let path = ClusterFiles::new(config.cluster_dir()).ca_cert_path();
+    if !path.exists() {
+        bail!(
+            "{} does not exist: is this a node of a cluster?",
+            path.display()
+        );
+    }
+    let path = std::fs::canonicalize(&path).unwrap_or(path);
+    let p = path.display();
+    println!("The cluster CA: {p}");
+    println!();
+    println!("It signs the ingress's certificates for local names (.home.arpa, .internal, .lan,");
+    println!(".local, .test, localhost, IP addresses). To trust them:");
+    println!("  curl:             curl --cacert {p} https://wiki.home.arpa/");
+    println!(
+        "  Debian, Ubuntu:   sudo cp {p} /usr/local/share/ca-certificates/p2f-cluster.crt && sudo update-ca-certificates"
+    );
+    println!("  Fedora, Arch:     sudo trust anchor --store {p}");
+    println!(
+        "  macOS:            sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain {p}"
+    );
+    println!("  Firefox:          Settings → Privacy & Security → Certificates → Import…");
+    println!();
+    println!("Only trust it on machines of people you would give the cluster to: its key (on the");
+    println!("root) can sign a certificate for any name.");
     Ok(())
 }
 

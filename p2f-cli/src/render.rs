@@ -131,6 +131,52 @@ pub fn nodes_table(nodes: &[p2f_core::wire::NodeStatus]) -> Table {
     table
 }
 
+/// The ingress's routes: domain, service (process), node, upstream or why none, certificate,
+/// last error; under it where the ingress listens.
+pub fn routes_table(report: &p2f_core::wire::RoutesReport) -> String {
+    let mut table = Table::new();
+    table.load_preset(presets::UTF8_BORDERS_ONLY);
+    table.set_header([
+        "DOMAIN",
+        "PROCESS",
+        "NODE",
+        "UPSTREAM",
+        "CERTIFICATE",
+        "LAST ERROR",
+    ]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    for route in &report.routes {
+        let upstream = match (&route.upstream, &route.down) {
+            (Some(upstream), _) => upstream.clone(),
+            (None, Some(down)) => format!("down: {down}"),
+            (None, None) => "down".to_owned(),
+        };
+        let certificate = route
+            .certificate
+            .as_ref()
+            .map(|c| {
+                let days = c.not_after.saturating_sub(now) / 86_400;
+                format!("{}, {days} days left", c.issuer)
+            })
+            .unwrap_or_else(|| "on first use".to_owned());
+        table.add_row([
+            route.domain.clone(),
+            format!("{} ({})", route.process, route.service),
+            format!("{} (gen {})", route.node, route.generation),
+            upstream,
+            certificate,
+            route.last_error.clone().unwrap_or_else(|| "-".to_owned()),
+        ]);
+    }
+    format!(
+        "{table}\nHTTP on {}, HTTPS on {}",
+        report.http, report.https
+    )
+}
+
 /// `12.3 MiB`.
 pub fn bytes(n: u64) -> String {
     if n == 0 {

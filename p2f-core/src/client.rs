@@ -157,6 +157,12 @@ impl Network {
         self.call(Method::POST, "/v1/join", Some(request)).await
     }
 
+    /// The root's ingress: its listeners and each domain's route (`GET /v1/routes`; `409`
+    /// from a node without an ingress).
+    pub async fn routes(&self) -> Result<crate::wire::RoutesReport, ClientError> {
+        self.call(Method::GET, "/v1/routes", None::<&()>).await
+    }
+
     /// The P2PRC entry of the node this client talks to.
     pub async fn node(&self) -> Result<Node, ClientError> {
         self.call(Method::GET, "/v1/node", None::<&()>).await
@@ -349,7 +355,7 @@ async fn expect_success(
 }
 
 /// An error with its causes, on one line (reqwest's own message hides the TLS reason).
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

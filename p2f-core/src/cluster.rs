@@ -287,6 +287,73 @@ impl ClusterCa {
     }
 }
 
+/// A certificate the cluster CA issued for a web site (the ingress's local names), with its
+/// new key and its end of validity.
+#[derive(Clone)]
+pub struct SiteCert {
+    /// The certificate, signed by the cluster CA (PEM).
+    pub cert_pem: String,
+    /// Its private key (PKCS#8 PEM).
+    pub key_pem: String,
+    /// When it stops being valid, in seconds since the Unix epoch.
+    pub not_after: u64,
+}
+
+impl fmt::Debug for SiteCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SiteCert")
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterCa {
+    /// Issues a server certificate for one site name (`wiki.home.arpa`, or an IP literal) with a
+    /// new ECDSA P-256 key: CN and the only SAN are `name`, usable for server authentication
+    /// only (never as a node's certificate), valid from yesterday for `days` days.
+    ///
+    /// Errors: [`ClusterError::NoCaKey`] off the root; [`ClusterError::Certificate`] for a name
+    /// that is neither a DNS name nor an IP address.
+    pub fn issue_site(&self, name: &str, days: u32) -> Result<SiteCert, ClusterError> {
+        const DAY: Duration = Duration::from_secs(86_400);
+        let ca_key_pem = self.key_pem.as_deref().ok_or(ClusterError::NoCaKey)?;
+        let ca_key = KeyPair::from_pem(ca_key_pem).map_err(|e| ClusterError::pem("CA key", e))?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key)
+            .map_err(|e| ClusterError::pem("CA certificate", e))?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = named(name);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.subject_alt_names = vec![match name.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(name.to_ascii_lowercase().try_into()?),
+        }];
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let not_before = now.saturating_sub(DAY);
+        let not_after = now + DAY * days;
+        let epoch = rcgen::date_time_ymd(1970, 1, 1);
+        // Fails only after the year 9999.
+        let at = |since_epoch: Duration| {
+            since_epoch
+                .try_into()
+                .ok()
+                .and_then(|since_epoch| epoch.checked_add(since_epoch))
+                .unwrap_or(epoch)
+        };
+        params.not_before = at(not_before);
+        params.not_after = at(not_after);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(SiteCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            not_after: not_after.as_secs(),
+        })
+    }
+}
+
 /// A node's new private key and its request for a certificate (PKCS#10, signed with that key):
 /// the key stays on the node, only the request travels to the root.
 pub struct CertRequest {
@@ -387,8 +454,10 @@ impl fmt::Debug for NodeCert {
     }
 }
 
-/// ALPN offering HTTP/1.1 only: what [`crate::server::serve`] speaks, and the control API's.
+/// ALPN offering HTTP/1.1 only: the control API's.
 pub const ALPN_HTTP1: &[&[u8]] = &[b"http/1.1"];
+/// ALPN offering HTTP/2, then HTTP/1.1: the ingress's.
+pub const ALPN_H2_HTTP1: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// The rustls server configuration of the control API: always `cert` (a single-certificate
 /// resolver), no client certificates, [`ALPN_HTTP1`].
@@ -408,8 +477,8 @@ pub fn server_config(cert: &NodeCert) -> Result<Arc<rustls::ServerConfig>, Clust
 ///
 /// The protocol versions and cipher suites are the crate's usual ones (ring, TLS 1.2 and 1.3).
 /// No client certificate is asked for: mutual TLS would pass a `ClientCertVerifier` in place
-/// of `with_no_client_auth` here. [`crate::server::serve`] speaks HTTP/1.1 only, so `alpn`
-/// must not offer `h2` yet.
+/// of `with_no_client_auth` here. [`crate::server::serve`] serves HTTP/2 when `alpn` offers
+/// `h2` ([`ALPN_H2_HTTP1`]).
 pub fn resolving_server_config(
     resolver: Arc<dyn ResolvesServerCert>,
     alpn: &[&[u8]],

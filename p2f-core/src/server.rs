@@ -5,6 +5,10 @@
 //!
 //! A TLS listener tells plain-HTTP clients apart by their first byte; it can answer them with a
 //! clear `400` ([`PlainHttp::CONTROL_API`]) instead of letting them read garbage.
+//!
+//! Every request carries a [`ConnectionInfo`] extension (the peer's address, TLS or not), and
+//! connections support HTTP upgrades (`hyper::upgrade::on`), for the agent's tunnel and the
+//! ingress's WebSockets.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -37,17 +41,15 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// How long to keep reading from a plain-HTTP client after answering it (see `answer_plain`).
 const PLAIN_LINGER: Duration = Duration::from_secs(1);
-/// The most connections served at once; more are closed at once.
-const MAX_CONNECTIONS: usize = 512;
 /// The first byte of every TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// How a listener's connections are accepted.
 #[derive(Debug, Clone)]
 pub enum Accept {
-    /// TLS with `config` (its certificate resolver picks the certificate, its ALPN must offer
-    /// HTTP/1.1 only: see [`serve`]); `plain` says what to do with clients that speak plain
-    /// HTTP instead.
+    /// TLS with `config` (its certificate resolver picks the certificate; HTTP/2 is served
+    /// when its ALPN offers `h2`, see [`serve`]); `plain` says what to do with clients that
+    /// speak plain HTTP instead.
     Tls {
         /// The rustls configuration, say from [`crate::cluster::resolving_server_config`].
         config: Arc<rustls::ServerConfig>,
@@ -56,6 +58,68 @@ pub enum Accept {
     },
     /// Plain HTTP (P2PRC's endpoints, the ingress's port 80).
     Plain,
+}
+
+/// How many connections a listener serves at once; more are closed at once, before anything is
+/// read from them (unauthenticated peers must not exhaust tasks and descriptors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// In all.
+    pub connections: usize,
+    /// From one IP address (many half-open connections from one client, slowloris, cannot
+    /// take the listener from everyone else).
+    pub per_peer: usize,
+}
+
+impl Limits {
+    /// The control API's: 512 in all, from any one peer too (members and tools are few).
+    pub const CONTROL_API: Limits = Limits {
+        connections: 512,
+        per_peer: 512,
+    };
+    /// The ingress's: 8192 in all, 256 from one address.
+    pub const INGRESS: Limits = Limits {
+        connections: 8192,
+        per_peer: 256,
+    };
+}
+
+/// The open connections of each peer address.
+#[derive(Debug, Default)]
+struct Peers(std::sync::Mutex<HashMap<std::net::IpAddr, usize>>);
+
+impl Peers {
+    /// A slot for a connection from `ip`, unless it has `limit` open already.
+    fn take(self: &Arc<Peers>, ip: std::net::IpAddr, limit: usize) -> Option<PeerSlot> {
+        let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(ip).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            peers: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+/// One open connection of a peer; given back when dropped.
+struct PeerSlot {
+    peers: Arc<Peers>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.peers.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// What a TLS listener does with a client whose first byte is not a TLS handshake.
@@ -89,46 +153,57 @@ pub async fn serve_tls(
     serve(listener, accept, app, shutdown).await
 }
 
-/// Serves `app` on `listener` as `accept` says until `shutdown` resolves; then stops accepting
-/// and gives open connections up to 5 s to finish their request in flight.
-///
-/// A connection is closed if it sends nothing for 10 s after connecting, takes over 10 s for
-/// its TLS handshake or 30 s for a request's headers; beyond 512 open connections new ones are
-/// closed at once.
-///
-/// Connections speak HTTP/1.1 (hyper-util's `http2` feature is off): a TLS configuration whose
-/// ALPN offers `h2` is refused with `InvalidInput` before anything is served. Errors accepting
-/// or serving single connections are logged and never end the server.
+/// Serves `app` on `listener` as `accept` says until `shutdown` resolves, within
+/// [`Limits::CONTROL_API`]: [`serve_limited`].
 pub async fn serve(
     listener: TcpListener,
     accept: Accept,
     app: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let (handshake, what) = match accept {
+    serve_limited(listener, accept, Limits::CONTROL_API, app, shutdown).await
+}
+
+/// Serves `app` on `listener` as `accept` says until `shutdown` resolves; then stops accepting
+/// and gives open connections up to 5 s to finish their request in flight.
+///
+/// A connection is closed if it sends nothing for 10 s after connecting, takes over 10 s for
+/// its TLS handshake or 30 s for a request's headers; beyond `limits` (open connections in
+/// all, and from one IP address) new ones are closed at once.
+///
+/// Connections speak HTTP/1.1, and over TLS also HTTP/2 when the configuration's ALPN offers
+/// `h2` (the client picks it in the handshake). Errors accepting or serving single
+/// connections are logged and never end the server.
+pub async fn serve_limited(
+    listener: TcpListener,
+    accept: Accept,
+    limits: Limits,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let (handshake, what, h2) = match accept {
         Accept::Tls { config, plain } => {
-            if config.alpn_protocols.iter().any(|p| p.as_slice() == b"h2") {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "the TLS configuration offers h2, but this server speaks HTTP/1.1 only",
-                ));
-            }
+            let h2 = config.alpn_protocols.iter().any(|p| p.as_slice() == b"h2");
             let acceptor = TlsAcceptor::from(config);
-            (Handshake::Tls { acceptor, plain }, "TLS")
+            (Handshake::Tls { acceptor, plain }, "TLS", h2)
         }
-        Accept::Plain => (Handshake::Plain, "plain HTTP"),
+        Accept::Plain => (Handshake::Plain, "plain HTTP", false),
     };
-    let mut http = auto::Builder::new(TokioExecutor::new()).http1_only();
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    if !h2 {
+        http = http.http1_only();
+    }
     http.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
+    http.http2().timer(TokioTimer::new());
     let http = Arc::new(http);
-    let service = TowerToHyperService::new(app);
     // Shutdown flips `stopping`: connections serving HTTP then finish their request in flight
     // and close; those still before that (first byte, handshake) are dropped. (hyper-util's
     // `GracefulShutdown` needs its `server-graceful` feature; this is the same with a watch.)
     let (stopping_tx, stopping_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
+    let peers = Arc::new(Peers::default());
     let mut shutdown = std::pin::pin!(shutdown);
     if let Ok(addr) = listener.local_addr() {
         tracing::debug!(%addr, "serving {what}");
@@ -145,18 +220,23 @@ pub async fn serve(
                 }
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) if connections.len() >= MAX_CONNECTIONS => {
-                    // Unauthenticated peers must not exhaust tasks and descriptors.
-                    tracing::warn!(%peer, "too many open connections ({MAX_CONNECTIONS}): refused");
+                Ok((stream, peer)) if connections.len() >= limits.connections => {
+                    tracing::warn!(%peer, "too many open connections ({}): refused", limits.connections);
                     drop(stream);
                 }
                 Ok((stream, peer)) => {
+                    let Some(slot) = peers.take(peer.ip(), limits.per_peer) else {
+                        tracing::debug!(%peer, "too many open connections from this address ({}): refused", limits.per_peer);
+                        drop(stream);
+                        continue;
+                    };
                     let conn = Connection {
+                        slot,
                         stream,
                         peer,
                         handshake: handshake.clone(),
                         http: Arc::clone(&http),
-                        service: service.clone(),
+                        app: app.clone(),
                         stopping: stopping_rx.clone(),
                     };
                     connections.spawn(conn.run());
@@ -198,6 +278,43 @@ enum Handshake {
     Plain,
 }
 
+/// Who a request came from: in every request's extensions (`Extension<ConnectionInfo>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+/// The app of one connection: every request gets the connection's [`ConnectionInfo`].
+#[derive(Clone)]
+struct WithInfo {
+    app: axum::Router,
+    info: ConnectionInfo,
+}
+
+impl<B> tower::Service<hyper::Request<B>> for WithInfo
+where
+    axum::Router: tower::Service<hyper::Request<B>>,
+{
+    type Response = <axum::Router as tower::Service<hyper::Request<B>>>::Response;
+    type Error = <axum::Router as tower::Service<hyper::Request<B>>>::Error;
+    type Future = <axum::Router as tower::Service<hyper::Request<B>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::<hyper::Request<B>>::poll_ready(&mut self.app, cx)
+    }
+
+    fn call(&mut self, mut request: hyper::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(self.info);
+        self.app.call(request)
+    }
+}
+
 /// A connection ready for HTTP.
 enum Ready {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
@@ -206,22 +323,25 @@ enum Ready {
 
 /// One accepted connection, with everything needed to serve it.
 struct Connection {
+    /// Held while the connection is open.
+    slot: PeerSlot,
     stream: TcpStream,
     peer: SocketAddr,
     handshake: Handshake,
     http: Arc<auto::Builder<TokioExecutor>>,
-    service: TowerToHyperService<axum::Router>,
+    app: axum::Router,
     stopping: watch::Receiver<bool>,
 }
 
 impl Connection {
     async fn run(self) {
         let Connection {
+            slot: _slot,
             stream,
             peer,
             handshake,
             http,
-            service,
+            app,
             mut stopping,
         } = self;
         if let Err(e) = stream.set_nodelay(true) {
@@ -233,10 +353,16 @@ impl Connection {
             () = stopped(&mut stopping) => return,
             ready = Self::start(stream, peer, handshake) => ready,
         };
+        let service = |tls| {
+            TowerToHyperService::new(WithInfo {
+                app,
+                info: ConnectionInfo { peer, tls },
+            })
+        };
         match ready {
             None => {}
-            Some(Ready::Tls(tls)) => serve_http(&http, *tls, service, stopping, peer).await,
-            Some(Ready::Plain(tcp)) => serve_http(&http, tcp, service, stopping, peer).await,
+            Some(Ready::Tls(tls)) => serve_http(&http, *tls, service(true), stopping, peer).await,
+            Some(Ready::Plain(tcp)) => serve_http(&http, tcp, service(false), stopping, peer).await,
         }
     }
 
@@ -288,13 +414,13 @@ impl Connection {
 async fn serve_http<I>(
     http: &auto::Builder<TokioExecutor>,
     io: I,
-    service: TowerToHyperService<axum::Router>,
+    service: TowerToHyperService<WithInfo>,
     mut stopping: watch::Receiver<bool>,
     peer: SocketAddr,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = http.serve_connection(TokioIo::new(io), service);
+    let conn = http.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
@@ -786,7 +912,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn refuses_a_configuration_offering_h2() {
+    async fn serves_http2_when_alpn_offers_it_and_tells_who_asked() {
         let ca = ClusterCa::generate("test").expect("ca");
         let cert = ca.issue("n1", &[]).expect("issue");
         let key = certified_key(&cert.cert_pem, &cert.key_pem).expect("key");
@@ -794,20 +920,93 @@ mod tests {
         let config =
             resolving_server_config(resolver, &[b"h2", b"http/1.1"]).expect("server config");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
         let accept = Accept::Tls {
             config,
             plain: PlainHttp::Close,
         };
-        let err = serve(
-            listener,
-            accept,
-            axum::Router::new(),
-            std::future::pending(),
-        )
-        .await
-        .expect_err("h2 is not served");
-        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
-        assert!(err.to_string().contains("h2"), "{err}");
+        let app = axum::Router::new().route(
+            "/who",
+            axum::routing::get(
+                |axum::Extension(info): axum::Extension<ConnectionInfo>,
+                 request: axum::extract::Request| async move {
+                    format!("{:?} {} {}", request.version(), info.tls, info.peer.ip())
+                },
+            ),
+        );
+        let server = tokio::spawn(serve(listener, accept, app, std::future::pending()));
+
+        let mut client = client_config(ca.cert_pem()).expect("client config");
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let exchange = async {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+            let tls = connector.connect(name, tcp).await.expect("handshake");
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+            let (mut send, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                TokioIo::new(tls),
+            )
+            .await
+            .expect("h2 handshake");
+            tokio::spawn(conn);
+            let request = hyper::Request::get(format!("https://localhost:{}/who", addr.port()))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("request");
+            let response = send.send_request(request).await.expect("response");
+            assert_eq!(response.version(), hyper::Version::HTTP_2);
+            use http_body_util::BodyExt as _;
+            let body = response.into_body().collect().await.expect("body");
+            String::from_utf8(body.to_bytes().to_vec()).expect("utf-8")
+        };
+        let answer = tokio::time::timeout(WAIT, exchange).await.expect("in time");
+        assert_eq!(answer, "HTTP/2.0 true 127.0.0.1");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn one_address_cannot_take_every_connection() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        let limits = Limits {
+            connections: 100,
+            per_peer: 2,
+        };
+        let running = start_with(ca, |listener, app, stopped| {
+            tokio::spawn(serve_limited(listener, Accept::Plain, limits, app, stopped))
+        })
+        .await;
+        // Two silent connections from 127.0.0.1 take its share (they would wait 10 s).
+        let _silent = [
+            TcpStream::connect(running.addr).await.expect("connect"),
+            TcpStream::connect(running.addr).await.expect("connect"),
+        ];
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let request = b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        // A third from the same address is closed unanswered.
+        let answer = raw_exchange(running.addr, request).await;
+        assert!(
+            matches!(&answer, Ok(bytes) if bytes.is_empty())
+                || matches!(&answer, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{answer:?}"
+        );
+        // Another address is served.
+        let other = async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind("127.0.0.2:0".parse().expect("addr"))?;
+            let mut stream = socket.connect(running.addr).await?;
+            stream.write_all(request).await?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await?;
+            Ok::<_, io::Error>(answer)
+        };
+        let answer = tokio::time::timeout(WAIT, other)
+            .await
+            .expect("in time")
+            .expect("served");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        assert!(answer.ends_with("pong"), "{answer:?}");
+        stop(running).await;
     }
 
     /// Certificates from one CA for `a.lan`, `b.lan` and (the fallback) `fallback.lan` +

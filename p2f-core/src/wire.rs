@@ -163,3 +163,67 @@ pub struct JoinResponse {
     /// The certificate.
     pub cert_pem: String,
 }
+
+/// The `Upgrade` protocol of the agent's tunnel (`GET /v1/processes/{id}/tunnel`): after
+/// `101 Switching Protocols` the connection carries the bytes of one TCP connection to the
+/// process's port on the agent's machine.
+pub const TUNNEL_PROTOCOL: &str = "p2f-tunnel";
+
+/// Query of `GET /v1/processes/{id}/tunnel`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelQuery {
+    /// Only this generation of the process (a copy the root replaced is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+/// `GET /v1/routes` (the root): where the ingress listens and each domain's route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesReport {
+    /// The plain-HTTP listener (`IP:PORT`).
+    pub http: String,
+    /// The HTTPS listener (`IP:PORT`).
+    pub https: String,
+    /// One route per domain, sorted by domain.
+    pub routes: Vec<RouteInfo>,
+}
+
+/// One domain's route as the ingress sees it now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteInfo {
+    /// The domain (lower case).
+    pub domain: String,
+    /// The process it routes to.
+    pub process: ProcessId,
+    /// Its service name.
+    pub service: String,
+    /// The node of the copy that counts now.
+    pub node: p2f_model::NodeName,
+    /// That copy's generation.
+    pub generation: u64,
+    /// Where requests go (`agent NODE → 127.0.0.1:PORT`); absent while no copy serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Why no copy serves (the record's reason), while none does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down: Option<String>,
+    /// The certificate presented for the domain, once one was issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateInfo>,
+    /// The last error reaching the process, if any since it last served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// A certificate the ingress presents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateInfo {
+    /// Who issued it (`cluster CA`, later an ACME directory).
+    pub issuer: String,
+    /// When it expires, in seconds since the Unix epoch.
+    pub not_after: u64,
+}

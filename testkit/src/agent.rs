@@ -117,7 +117,23 @@ impl AgentBuilder {
     }
 
     /// `p2f init`: a new cluster whose root this node is. Not started yet.
-    pub fn init(self) -> Result<Agent> {
+    ///
+    /// Many roots share one machine in tests: the `[ingress]` that `p2f init` writes is moved
+    /// to free ports on the agent's address (before any other change, which may set its own).
+    pub fn init(mut self) -> Result<Agent> {
+        let ip: std::net::IpAddr = self
+            .ip
+            .parse()
+            .with_context(|| format!("the agent's address {:?}", self.ip))?;
+        self.tweaks.insert(
+            0,
+            Box::new(move |config: &mut AgentConfig| {
+                if let Some(ingress) = &mut config.ingress {
+                    ingress.http = (ip, 0).into();
+                    ingress.https = (ip, 0).into();
+                }
+            }),
+        );
         let (p2f, dir, temp) = self.prepare()?;
         let home = dir.join("node");
         let listen = format!("{}:0", self.ip);

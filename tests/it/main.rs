@@ -2,6 +2,7 @@
 
 mod agent;
 mod cli;
+mod ingress;
 mod join;
 mod macro_expand;
 mod macro_ui;

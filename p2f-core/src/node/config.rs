@@ -22,6 +22,13 @@
 //! seeds = ["192.168.1.10:7441"]    # the root's gossip address
 //! gossip_interval = "250ms"        # between gossip rounds
 //! phi_threshold = 16.0             # silence that makes a node lost: ~2.5-3.5 s by default
+//!
+//! [ingress]                        # the root's front door (written by `p2f init`; root only)
+//! enabled = true
+//! http = "0.0.0.0:80"              # plain HTTP: redirects to HTTPS (but ACME's challenges)
+//! https = "0.0.0.0:443"            # HTTPS, HTTP/1.1 and HTTP/2, a certificate per domain
+//! hold = "5s"                      # how long an idempotent request waits for a new copy
+//! redirect = true                  # HTTP → HTTPS (308); false serves plain HTTP too
 //! ```
 
 use std::collections::BTreeMap;
@@ -83,6 +90,70 @@ pub struct AgentConfig {
     /// Gossip with the other nodes; without it the node is alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<MeshSettings>,
+    /// The root's ingress (each service's `domain` over HTTP and HTTPS); ignored on other
+    /// nodes. Without the section there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<IngressSettings>,
+}
+
+/// Where the root serves each service's `domain`, and how long a request waits for a copy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressSettings {
+    /// Whether the ingress runs (default true).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Plain HTTP (default `0.0.0.0:80`); port 0 picks a free one.
+    #[serde(default = "default_ingress_http")]
+    pub http: SocketAddr,
+    /// HTTPS (default `0.0.0.0:443`); port 0 picks a free one.
+    #[serde(default = "default_ingress_https")]
+    pub https: SocketAddr,
+    /// How long a request with an idempotent method waits for a copy of its process to serve
+    /// it (a failover, a move, a restart) before it is answered 503 (default 5s, at most 60s).
+    #[serde(default = "default_hold", with = "p2f_model::duration::serde_str")]
+    pub hold: Duration,
+    /// Whether plain HTTP redirects to HTTPS (308; default true). ACME's challenge path is
+    /// never redirected.
+    #[serde(default = "yes")]
+    pub redirect: bool,
+}
+
+impl Default for IngressSettings {
+    fn default() -> Self {
+        IngressSettings {
+            enabled: true,
+            http: default_ingress_http(),
+            https: default_ingress_https(),
+            hold: default_hold(),
+            redirect: true,
+        }
+    }
+}
+
+impl IngressSettings {
+    /// A hold the ingress can live with.
+    fn check(&self) -> Result<(), String> {
+        if self.hold > Duration::from_secs(60) {
+            return Err(format!(
+                "ingress.hold = \"{}\" is too long: at most 60s",
+                p2f_model::format_duration(self.hold)
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_ingress_http() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 80))
+}
+
+fn default_ingress_https() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 443))
+}
+
+fn default_hold() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// Where this node gossips, whom it asks first, and how soon a silent node counts as lost.
@@ -264,6 +335,7 @@ impl AgentConfig {
             unsafe_mode: true,
             supervisor: SupervisorConfig::default(),
             mesh: None,
+            ingress: None,
         }
     }
 
@@ -291,6 +363,9 @@ impl AgentConfig {
         config.supervisor.check()?;
         if let Some(mesh) = &config.mesh {
             mesh.check()?;
+        }
+        if let Some(ingress) = &config.ingress {
+            ingress.check()?;
         }
         Ok(config)
     }
@@ -351,6 +426,40 @@ mod tests {
     }
 
     #[test]
+    fn ingress_defaults_and_round_trips() {
+        let text = "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\n";
+        let config = AgentConfig::parse(text).expect("parse");
+        assert_eq!(config.ingress, Some(IngressSettings::default()));
+        let ingress = IngressSettings::default();
+        assert_eq!(
+            (ingress.http, ingress.https, ingress.hold, ingress.enabled),
+            (
+                "0.0.0.0:80".parse().expect("addr"),
+                "0.0.0.0:443".parse().expect("addr"),
+                Duration::from_secs(5),
+                true
+            )
+        );
+        assert_eq!(AgentConfig::parse(&config.to_toml()), Ok(config));
+        let tuned = "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\nenabled = false\n\
+                     http = \"127.0.0.1:8080\"\nhold = \"500ms\"\nredirect = false\n";
+        let tuned = AgentConfig::parse(tuned)
+            .expect("parse")
+            .ingress
+            .expect("ingress");
+        assert_eq!(
+            (tuned.enabled, tuned.http.port(), tuned.hold, tuned.redirect),
+            (false, 8080, Duration::from_millis(500), false)
+        );
+        assert!(
+            AgentConfig::parse("name = \"pi\"\ndata_dir = \"d\"\n")
+                .expect("parse")
+                .ingress
+                .is_none()
+        );
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let cases = [
             ("name = \"pi\"\n", "missing field `data_dir`"),
@@ -378,6 +487,14 @@ mod tests {
             (
                 "name = \"pi\"\ndata_dir = \"d\"\n[mesh]\nlisten = \"127.0.0.1:1\"\nphi_threshold = 0\n",
                 "mesh.phi_threshold = 0 is out of range: 1 to 1000",
+            ),
+            (
+                "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\nhold = \"2m\"\n",
+                "ingress.hold = \"2m\" is too long: at most 60s",
+            ),
+            (
+                "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\nport = 80\n",
+                "unknown field `port`",
             ),
         ];
         for (text, want) in cases {

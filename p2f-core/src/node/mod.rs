@@ -14,6 +14,7 @@ pub mod os;
 pub mod relay;
 pub mod strategy;
 pub mod supervisor;
+pub mod tunnel;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,10 +25,13 @@ use p2f_model::{Node, NodeRef, NodeRole, P2fNodeInfo, ProcessId};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use config::{AgentConfig, ConfigError, ContainmentMode, MeshSettings, SupervisorConfig};
+pub use config::{
+    AgentConfig, ConfigError, ContainmentMode, IngressSettings, MeshSettings, SupervisorConfig,
+};
 pub use supervisor::{Recovery, Shutdown, Supervisor};
 
 use crate::cluster::{ClusterCa, ClusterError, ClusterFiles, NodeCert, Secret};
+use crate::ingress::{Ingress, IngressConfig, IngressError};
 use crate::records::listing::Listed;
 use crate::records::{CatchUp, LocalRecords, Origin, Records};
 use crate::root::Root;
@@ -79,6 +83,9 @@ pub enum AgentError {
         "this node has no certificate in {0}, no CA key to make one and no root in its config to ask; join the cluster with `p2f node join TOKEN`"
     )]
     NoCertificate(PathBuf),
+    /// The root's ingress could not start.
+    #[error(transparent)]
+    Ingress(#[from] IngressError),
 }
 
 /// A running agent.
@@ -92,6 +99,7 @@ pub struct Agent {
     server: JoinHandle<std::io::Result<()>>,
     records: Option<Records>,
     root: Option<Root>,
+    ingress: Option<Ingress>,
 }
 
 /// This node's role: the holder of the CA key is the root (with a mesh on loopback if its
@@ -109,6 +117,7 @@ fn role_of(config: &AgentConfig, ca: &ClusterCa) -> NodeRole {
 struct Network {
     records: Option<Records>,
     root: Option<Root>,
+    ingress: Option<Ingress>,
     features: Vec<axum::Router>,
     unrun: Vec<Arc<dyn LocalRecords>>,
 }
@@ -182,7 +191,9 @@ impl Agent {
                 records: network.records.clone(),
                 unrun: network.unrun,
             };
-            let app = api::router(parts, network.features);
+            let mut features = network.features;
+            features.push(tunnel::routes(supervisor.clone()));
+            let app = api::router(parts, features);
             let (stop, stopped) = oneshot::channel();
             let accept = Accept::Tls {
                 config: tls,
@@ -193,10 +204,10 @@ impl Agent {
             }));
             // Written whole or not at all: readers never see it half-done.
             crate::fsutil::write_private(&data.join("api.addr"), address.to_string())?;
-            Ok::<_, AgentError>((network.records, network.root, stop, server))
+            Ok::<_, AgentError>((network.records, network.root, network.ingress, stop, server))
         }
         .await;
-        let (records, root, stop, server) = match rest {
+        let (records, root, ingress, stop, server) = match rest {
             Ok(parts) => parts,
             Err(e) => {
                 supervisor.shutdown(Shutdown::Detach).await;
@@ -213,6 +224,7 @@ impl Agent {
             server,
             records,
             root,
+            ingress,
         })
     }
 
@@ -236,6 +248,11 @@ impl Agent {
         self.records.as_ref()
     }
 
+    /// The root's ingress, when it runs one.
+    pub fn ingress(&self) -> Option<&Ingress> {
+        self.ingress.as_ref()
+    }
+
     /// The supervisor (for the embedded network, which shares the process).
     pub fn supervisor(&self) -> &Supervisor {
         &self.supervisor
@@ -248,6 +265,9 @@ impl Agent {
         }
         if let Err(e) = (&mut self.server).await {
             tracing::warn!("the API server ended badly: {e}");
+        }
+        if let Some(ingress) = self.ingress.take() {
+            ingress.stop().await;
         }
         if let Some(root) = self.root.take() {
             root.stop().await;
@@ -278,7 +298,8 @@ async fn start_network(
             return Ok(Network {
                 records: None,
                 root: None,
-                features: Vec::new(),
+                ingress: None,
+                features: vec![crate::ingress::api::elsewhere()],
                 unrun: Vec::new(),
             });
         }
@@ -296,10 +317,17 @@ async fn start_network(
         records.track(tokio::spawn(unpark(records.clone(), supervisor.clone())));
     }
     if role != NodeRole::Root {
+        if config.ingress.is_some() {
+            tracing::warn!("[ingress] in node.toml is ignored: the ingress runs on the root only");
+        }
         return Ok(Network {
             records: Some(records),
             root: None,
-            features: vec![crate::root::api::elsewhere()],
+            ingress: None,
+            features: vec![
+                crate::root::api::elsewhere(),
+                crate::ingress::api::elsewhere(),
+            ],
             unrun: Vec::new(),
         });
     }
@@ -310,10 +338,36 @@ async fn start_network(
         records.clone(),
         config.name.clone(),
     );
+    let ingress = match &config.ingress {
+        Some(settings) if settings.enabled => {
+            let ingress_config = IngressConfig {
+                http: settings.http,
+                https: settings.https,
+                hold: settings.hold,
+                redirect: settings.redirect,
+            };
+            let started =
+                Ingress::start(ingress_config, records.clone(), ca.clone(), secret.clone()).await;
+            match started {
+                Ok(ingress) => Some(ingress),
+                Err(e) => {
+                    root.stop().await;
+                    records.stop().await;
+                    return Err(e.into());
+                }
+            }
+        }
+        _ => None,
+    };
+    let ingress_routes = match &ingress {
+        Some(ingress) => crate::ingress::api::routes(ingress.clone()),
+        None => crate::ingress::api::elsewhere(),
+    };
     Ok(Network {
         records: Some(records),
         root: Some(root),
-        features: vec![routes],
+        ingress,
+        features: vec![routes, ingress_routes],
         unrun: vec![unplaced],
     })
 }

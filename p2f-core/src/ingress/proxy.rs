@@ -1,0 +1,473 @@
+//! The proxy: one handler behind both listeners (hyper does the HTTP; [`crate::server`] the
+//! accepting, timeouts and draining). A request's host picks its route; plain HTTP is
+//! redirected to HTTPS (but ACME's challenge path); a serving copy gets the request over a
+//! pooled connection through the [`Upstream`] with the forwarding headers set and hop-by-hop
+//! headers removed, bodies streamed both ways, and an `Upgrade` (WebSocket or any other)
+//! spliced once both sides switched. No copy serving: an idempotent request waits up to the
+//! hold for one, then `503` with `Retry-After` and the record's reason. An unknown host gets a
+//! bare `404`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Router};
+use http_body_util::BodyExt as _;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use p2f_model::Status;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::headers::{self, Forwarding};
+use super::routes::{self, Route, RouteTable, Target};
+use super::upstream::{Connector, Targets, Upstream};
+use crate::client::error_chain;
+use crate::server::ConnectionInfo;
+
+/// ACME's HTTP-01 challenge path: never redirected.
+pub(crate) const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
+/// How long a pooled connection to a process may stay idle.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+/// The longest a process may take to answer a request's headers.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause before trying a copy again after it could not be reached (while holding).
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+/// The last error reaching each domain's process, for `GET /v1/routes`.
+#[derive(Debug, Default)]
+pub(crate) struct Errors(Mutex<HashMap<String, String>>);
+
+impl Errors {
+    pub(crate) fn get(&self, domain: &str) -> Option<String> {
+        self.lock().get(domain).cloned()
+    }
+
+    fn set(&self, domain: &str, error: String) {
+        self.lock().insert(domain.to_owned(), error);
+    }
+
+    fn clear(&self, domain: &str) {
+        let mut errors = self.lock();
+        if errors.contains_key(domain) {
+            errors.remove(domain);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What the proxy needs besides the routes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    /// How long an idempotent request waits for a copy.
+    pub(crate) hold: Duration,
+    /// Whether plain HTTP redirects to HTTPS.
+    pub(crate) redirect: bool,
+    /// The HTTPS listener's port (for redirects).
+    pub(crate) https_port: u16,
+}
+
+/// The proxy's state, shared by both listeners.
+#[derive(Clone)]
+pub(crate) struct Proxy {
+    routes: watch::Receiver<Arc<RouteTable>>,
+    client: Client<Connector, Body>,
+    targets: Arc<Targets>,
+    errors: Arc<Errors>,
+    settings: Settings,
+}
+
+impl Proxy {
+    pub(crate) fn new(
+        routes: watch::Receiver<Arc<RouteTable>>,
+        upstream: Arc<dyn Upstream>,
+        errors: Arc<Errors>,
+        settings: Settings,
+    ) -> Proxy {
+        let targets = Arc::new(Targets::default());
+        let connector = Connector {
+            upstream,
+            targets: Arc::clone(&targets),
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_timer(TokioTimer::new())
+            .set_host(false)
+            .build(connector);
+        Proxy {
+            routes,
+            client,
+            targets,
+            errors,
+            settings,
+        }
+    }
+
+    /// The app both listeners serve.
+    pub(crate) fn app(self) -> Router {
+        Router::new().fallback(handle).with_state(self)
+    }
+}
+
+async fn handle(
+    State(proxy): State<Proxy>,
+    Extension(info): Extension<ConnectionInfo>,
+    request: Request,
+) -> Response {
+    let host = match headers::host_of(request.uri(), request.headers()) {
+        Ok(host) => host,
+        Err(e) => return text(StatusCode::BAD_REQUEST, &format!("400 bad request: {e}\n")),
+    };
+    if !info.tls && request.uri().path().starts_with(ACME_CHALLENGE) {
+        // ACME is not configured: there is no challenge to answer.
+        return not_found();
+    }
+    if !proxy.routes.borrow().contains(&host) {
+        return not_found();
+    }
+    if !info.tls && proxy.settings.redirect {
+        return redirect(&host, proxy.settings.https_port, &request);
+    }
+    proxy.forward(request, host, info).await
+}
+
+impl Proxy {
+    /// Sends `request` to the copy serving `host`, holding an idempotent one while none does.
+    async fn forward(&self, mut request: Request, host: String, info: ConnectionInfo) -> Response {
+        let idempotent = is_idempotent(request.method());
+        let deadline = Instant::now()
+            + if idempotent {
+                self.settings.hold
+            } else {
+                Duration::ZERO
+            };
+        // A request without a body can be sent again when a copy could not be reached.
+        let replayable = idempotent && axum::body::HttpBody::is_end_stream(request.body());
+        let upgrade = match request.version() {
+            Version::HTTP_2 | Version::HTTP_3 => None,
+            _ => headers::upgrade_of(request.headers()),
+        };
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+        let wants_json = wants_json(request.headers());
+        let (parts, body) = request.into_parts();
+        let mut body = Some(body);
+        let mut routes = self.routes.clone();
+        let mut last_error: Option<String> = None;
+        loop {
+            let Some(route) = routes.borrow_and_update().find(&host).cloned() else {
+                return not_found();
+            };
+            if let Some(target) = &route.target {
+                let body = body.take().unwrap_or_else(Body::empty);
+                let outgoing = self.outgoing(&parts, body, target, info, upgrade.as_ref());
+                match tokio::time::timeout(RESPONSE_TIMEOUT, self.client.request(outgoing)).await {
+                    Ok(Ok(response)) => {
+                        self.errors.clear(&route.domain);
+                        return respond(response, client_upgrade);
+                    }
+                    Ok(Err(e)) => {
+                        let error = error_chain(&e);
+                        tracing::debug!(domain = %route.domain, "upstream: {error}");
+                        self.errors.set(&route.domain, error.clone());
+                        if !(replayable && e.is_connect()) {
+                            return text(
+                                StatusCode::BAD_GATEWAY,
+                                &format!(
+                                    "502 bad gateway: {} did not answer\n",
+                                    route.process.name()
+                                ),
+                            );
+                        }
+                        last_error = Some(error);
+                    }
+                    Err(_) => {
+                        let error = format!("no answer within {RESPONSE_TIMEOUT:?}");
+                        self.errors.set(&route.domain, error);
+                        return text(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            &format!(
+                                "504 gateway timeout: {} did not answer in time\n",
+                                route.process.name()
+                            ),
+                        );
+                    }
+                }
+            }
+            if Instant::now() >= deadline || !coming(&route.process.status) {
+                return unavailable(&route, last_error.is_some(), wants_json, self.settings.hold);
+            }
+            // Wait for the routes to change (a new copy), or after a failed attempt a moment
+            // before trying again.
+            let until = match last_error {
+                Some(_) => deadline.min(Instant::now() + RETRY_PAUSE),
+                None => deadline,
+            };
+            if let Ok(Err(_)) = tokio::time::timeout_at(until, routes.changed()).await {
+                // The routes are no longer followed: the ingress is stopping.
+                return unavailable(&route, last_error.is_some(), wants_json, self.settings.hold);
+            }
+        }
+    }
+
+    /// The request for `target`: HTTP/1.1 to the target's pooled authority, hop-by-hop headers
+    /// out (but an upgrade being asked for), forwarding headers in, `Host` as the client gave it.
+    fn outgoing(
+        &self,
+        parts: &Parts,
+        body: Body,
+        target: &Target,
+        info: ConnectionInfo,
+        upgrade: Option<&HeaderValue>,
+    ) -> hyper::Request<Body> {
+        let authority = self.targets.authority(target);
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let mut headers = parts.headers.clone();
+        // HTTP/2's `:authority` (or an absolute-form request line) is the host asked for.
+        if let Some(asked) = parts.uri.authority()
+            && let Ok(value) = HeaderValue::from_str(asked.as_str())
+        {
+            headers.insert(header::HOST, value);
+        }
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        headers::remove_hop_by_hop(&mut headers, upgrade);
+        let proto = if info.tls { "https" } else { "http" };
+        let forwarding = Forwarding {
+            client: info.peer.ip(),
+            proto,
+            host: &host,
+        };
+        headers::set_forwarded(&mut headers, forwarding);
+        let mut outgoing = hyper::Request::new(body);
+        *outgoing.method_mut() = parts.method.clone();
+        *outgoing.version_mut() = Version::HTTP_11;
+        *outgoing.headers_mut() = headers;
+        // The authority and path were both checked: the URI always parses.
+        if let Ok(uri) = format!("http://{authority}{path}").parse() {
+            *outgoing.uri_mut() = uri;
+        }
+        outgoing
+    }
+}
+
+/// The process's response, for the client: hop-by-hop headers out; a `101` is spliced to the
+/// client's upgraded connection.
+fn respond(
+    mut response: hyper::Response<hyper::body::Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client) = client_upgrade else {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                "502 bad gateway: the process switched protocols unasked\n",
+            );
+        };
+        let upstream = hyper::upgrade::on(&mut response);
+        tokio::spawn(splice(client, upstream));
+        let protocol = response.headers().get(header::UPGRADE).cloned();
+        let (mut parts, _) = response.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers, protocol.as_ref());
+        return Response::from_parts(parts, Body::empty());
+    }
+    let (mut parts, body) = response.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers, None);
+    Response::from_parts(parts, Body::new(body.map_err(axum::Error::new)))
+}
+
+/// Copies bytes both ways between the client's and the process's upgraded connections.
+async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = tokio::join!(client, upstream);
+    match (client, upstream) {
+        (Ok(client), Ok(upstream)) => {
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!("upgraded connection ended: {e}");
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => tracing::debug!("upgrade failed: {e}"),
+    }
+}
+
+/// Whether a copy may serve soon, so that holding a request is worth it: not for a process
+/// stopped on request, or waiting for a node that can take it.
+fn coming(status: &Status) -> bool {
+    !matches!(
+        status,
+        Status::Stopped | Status::Stopping | Status::Unplaced
+    )
+}
+
+/// GET, HEAD, OPTIONS, TRACE, PUT, DELETE (RFC 9110 §9.2.2): safe to hold and to send again.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/json"))
+}
+
+/// `308` to the same host and path over HTTPS.
+fn redirect(host: &str, https_port: u16, request: &Request) -> Response {
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    let port = match https_port {
+        443 => String::new(),
+        port => format!(":{port}"),
+    };
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let location = format!("https://{host}{port}{path}");
+    match HeaderValue::from_str(&location) {
+        Ok(location) => (
+            StatusCode::PERMANENT_REDIRECT,
+            [(header::LOCATION, location)],
+            "",
+        )
+            .into_response(),
+        Err(_) => text(StatusCode::BAD_REQUEST, "400 bad request\n"),
+    }
+}
+
+/// `503`: the route's process does not serve now, and why (its record's formal reason), as
+/// JSON for `Accept: application/json`, else HTML; `Retry-After` in seconds.
+fn unavailable(route: &Route, unreachable: bool, json: bool, hold: Duration) -> Response {
+    let process = &route.process;
+    let reason = if unreachable && route.target.is_some() {
+        format!(
+            "{} does not answer on {}",
+            process.name(),
+            process.node.name
+        )
+    } else {
+        routes::reason(process)
+    };
+    let retry_after = hold.as_secs().clamp(1, 60);
+    let headers = [
+        (header::RETRY_AFTER, HeaderValue::from(retry_after)),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+    ];
+    if json {
+        let body = serde_json::json!({
+            "error": "service unavailable",
+            "service": process.name(),
+            "domain": route.domain,
+            "status": process.status.name(),
+            "reason": reason,
+            "failure": process.last_failure,
+            "retry_after": retry_after,
+        });
+        return (StatusCode::SERVICE_UNAVAILABLE, headers, axum::Json(body)).into_response();
+    }
+    let name = html_escape(process.name());
+    let html = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{name} is unavailable</title></head>\n\
+         <body><h1>{name} is unavailable right now</h1>\n<p>{}</p>\n\
+         <p>Try again in {retry_after} s.</p></body></html>\n",
+        html_escape(&reason)
+    );
+    let mut response = (StatusCode::SERVICE_UNAVAILABLE, headers, html).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
+}
+
+/// `404` that says nothing about what is routed.
+fn not_found() -> Response {
+    text(StatusCode::NOT_FOUND, "404 page not found\n")
+}
+
+fn text(status: StatusCode, body: &str) -> Response {
+    (status, body.to_owned()).into_response()
+}
+
+fn html_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotent_methods_are_held() {
+        for (method, held) in [
+            (Method::GET, true),
+            (Method::HEAD, true),
+            (Method::PUT, true),
+            (Method::DELETE, true),
+            (Method::OPTIONS, true),
+            (Method::POST, false),
+            (Method::PATCH, false),
+        ] {
+            assert_eq!(is_idempotent(&method), held, "{method}");
+        }
+    }
+
+    #[test]
+    fn requests_are_held_only_for_a_copy_that_may_come() {
+        use p2f_model::Failure;
+        for (status, held) in [
+            (Status::Pending, true),
+            (Status::Deploying, true),
+            (Status::Running, true),
+            (Status::Lost, true),
+            (Status::Parked, true),
+            (Status::Failed(Failure::Exited { code: 3 }), true),
+            (Status::Stopping, false),
+            (Status::Stopped, false),
+            (Status::Unplaced, false),
+        ] {
+            assert_eq!(coming(&status), held, "{status}");
+        }
+    }
+
+    #[test]
+    fn html_is_escaped() {
+        assert_eq!(
+            html_escape("<b>\"x\" & 'y'</b>"),
+            "&lt;b&gt;&quot;x&quot; &amp; &#39;y&#39;&lt;/b&gt;"
+        );
+    }
+}

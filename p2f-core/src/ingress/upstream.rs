@@ -1,0 +1,354 @@
+//! Reaching a process: the [`Upstream`] seam (a route's [`Target`] in, a byte stream to the
+//! process's port out) and its implementation through the process's node agent,
+//! [`ThroughAgent`]: TLS to the agent's control API, `GET /v1/processes/{id}/tunnel` with
+//! `Upgrade: p2f-tunnel`, and the upgraded connection is spliced by the agent to
+//! `127.0.0.1:PORT` on its machine — so a service may bind loopback only. A relay for nodes
+//! behind NAT implements the same trait.
+//!
+//! [`Connector`] adapts an `Upstream` to hyper-util's pooled client: each target gets a URI
+//! authority of its own (`t<hash>.upstream`), so keep-alive connections are pooled per copy of
+//! a process and a moved process gets new ones.
+
+use std::collections::HashMap;
+use std::hash::{Hash as _, Hasher as _};
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::Uri;
+use hyper::header;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use p2f_model::NodeName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::routes::Target;
+use crate::cluster::{ClusterCa, ClusterError, Secret, client_config};
+use crate::records::Records;
+use crate::wire::TUNNEL_PROTOCOL;
+
+/// The longest reaching a process may take: TCP and TLS to its agent, the tunnel request, and
+/// the agent's connection to the port.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most of an agent's refusal that is read (its one-line JSON error).
+const REFUSAL_LIMIT: usize = 4096;
+
+/// A byte stream to a process.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Why a process could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpstreamError {
+    /// The node publishes no API address (it is unknown or gone).
+    #[error("node {node} has no known address")]
+    NoAddress {
+        /// The node.
+        node: NodeName,
+    },
+    /// The node's agent could not be reached (TCP, TLS or HTTP).
+    #[error("cannot reach the agent of {node} at {address}: {detail}")]
+    Agent {
+        /// The node.
+        node: NodeName,
+        /// Its API address.
+        address: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The agent refused to open the tunnel (the process is not running there, a replaced
+    /// generation, the port answers nothing).
+    #[error("the agent of {node} refused the tunnel ({status}): {message}")]
+    Refused {
+        /// The node.
+        node: NodeName,
+        /// The agent's HTTP status.
+        status: u16,
+        /// Its error.
+        message: String,
+    },
+    /// Reaching it took longer than 5 s.
+    #[error("reaching {node} took longer than {CONNECT_TIMEOUT:?}")]
+    Timeout {
+        /// The node.
+        node: NodeName,
+    },
+    /// The pooled client asked for a target the proxy never registered (a bug).
+    #[error("unknown upstream {0}")]
+    Unknown(String),
+    /// The cluster's TLS configuration.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
+
+/// Something that reaches a process's port: through its agent ([`ThroughAgent`]), later
+/// through a relay tunnel.
+pub trait Upstream: Send + Sync + 'static {
+    /// A byte stream to `target`'s port, or why there is none. Bounded in time.
+    fn connect(&self, target: &Target) -> BoxFuture<'static, Result<Box<dyn Io>, UpstreamError>>;
+    /// How requests reach `target`, for people (`agent pi → 127.0.0.1:8080`).
+    fn describe(&self, target: &Target) -> String;
+}
+
+/// Reaches a process through its node's agent (see the module's documentation).
+#[derive(Clone)]
+pub struct ThroughAgent {
+    records: Records,
+    tls: TlsConnector,
+    secret: Arc<Secret>,
+}
+
+impl std::fmt::Debug for ThroughAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThroughAgent").finish_non_exhaustive()
+    }
+}
+
+impl ThroughAgent {
+    /// Reaches agents found in `records`, trusting the cluster `ca` and showing `secret`.
+    pub fn new(records: Records, ca: &ClusterCa, secret: Secret) -> Result<Self, UpstreamError> {
+        let config = client_config(ca.cert_pem())?;
+        Ok(ThroughAgent {
+            records,
+            tls: TlsConnector::from(Arc::new(config)),
+            secret: Arc::new(secret),
+        })
+    }
+}
+
+impl Upstream for ThroughAgent {
+    fn connect(&self, target: &Target) -> BoxFuture<'static, Result<Box<dyn Io>, UpstreamError>> {
+        let address = self
+            .records
+            .client_for(&target.node)
+            .map(|client| client.address().to_owned());
+        let (tls, secret, target) = (self.tls.clone(), Arc::clone(&self.secret), target.clone());
+        Box::pin(async move {
+            let node = target.node.clone();
+            let address = address.ok_or_else(|| UpstreamError::NoAddress { node: node.clone() })?;
+            let open = open_tunnel(tls, &secret, &target, &address);
+            tokio::time::timeout(CONNECT_TIMEOUT, open)
+                .await
+                .map_err(|_| UpstreamError::Timeout { node })?
+        })
+    }
+
+    fn describe(&self, target: &Target) -> String {
+        format!("agent {} → 127.0.0.1:{}", target.node, target.port)
+    }
+}
+
+/// TLS to the agent at `address`, the tunnel request, the upgraded connection.
+async fn open_tunnel(
+    tls: TlsConnector,
+    secret: &Secret,
+    target: &Target,
+    address: &str,
+) -> Result<Box<dyn Io>, UpstreamError> {
+    let failed = |detail: String| UpstreamError::Agent {
+        node: target.node.clone(),
+        address: address.to_owned(),
+        detail,
+    };
+    let tcp = TcpStream::connect(address)
+        .await
+        .map_err(|e| failed(format!("connect: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let host = host_part(address);
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| failed(format!("server name {host:?}: {e}")))?;
+    let stream = tls
+        .connect(name, tcp)
+        .await
+        .map_err(|e| failed(format!("TLS: {e}")))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| failed(format!("HTTP: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!("tunnel connection: {e}");
+        }
+    });
+    // The query is `TunnelQuery`: only this copy.
+    let path = format!(
+        "/v1/processes/{}/tunnel?generation={}",
+        target.id, target.generation
+    );
+    let request = hyper::Request::get(path)
+        .header(header::HOST, address)
+        .header(header::AUTHORIZATION, format!("Bearer {}", secret.expose()))
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, TUNNEL_PROTOCOL)
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| failed(format!("request: {e}")))?;
+    let mut response = send
+        .send_request(request)
+        .await
+        .map_err(|e| failed(format!("HTTP: {e}")))?;
+    if response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+        let status = response.status().as_u16();
+        let body = http_body_util::Limited::new(response.into_body(), REFUSAL_LIMIT)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let message = serde_json::from_slice::<crate::wire::ErrorBody>(&body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        return Err(UpstreamError::Refused {
+            node: target.node.clone(),
+            status,
+            message,
+        });
+    }
+    let upgraded = hyper::upgrade::on(&mut response)
+        .await
+        .map_err(|e| failed(format!("upgrade: {e}")))?;
+    Ok(Box::new(TokioIo::new(upgraded)))
+}
+
+/// The host of `host:port` (an IPv6 literal without its brackets).
+fn host_part(address: &str) -> &str {
+    let host = match address.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => address,
+    };
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+/// The targets the proxy sends requests to, by the URI authority it gave each.
+#[derive(Debug, Default)]
+pub(crate) struct Targets {
+    by_authority: Mutex<HashMap<String, Target>>,
+}
+
+impl Targets {
+    /// The URI authority of `target` (registered for the connector).
+    pub(crate) fn authority(&self, target: &Target) -> String {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        target.hash(&mut hasher);
+        let authority = format!("t{:016x}.upstream", hasher.finish());
+        self.by_authority
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(authority.clone())
+            .or_insert_with(|| target.clone());
+        authority
+    }
+
+    fn get(&self, authority: &str) -> Option<Target> {
+        self.by_authority
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(authority)
+            .cloned()
+    }
+}
+
+/// An [`Upstream`] as hyper-util's client connector.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    pub(crate) upstream: Arc<dyn Upstream>,
+    pub(crate) targets: Arc<Targets>,
+}
+
+impl tower::Service<Uri> for Connector {
+    type Response = Conn;
+    type Error = UpstreamError;
+    type Future = BoxFuture<'static, Result<Conn, UpstreamError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+        let Some(target) = self.targets.get(authority) else {
+            let unknown = UpstreamError::Unknown(authority.to_owned());
+            return Box::pin(std::future::ready(Err(unknown)));
+        };
+        let connecting = self.upstream.connect(&target);
+        Box::pin(async move { Ok(Conn(TokioIo::new(connecting.await?))) })
+    }
+}
+
+/// A connection to a process, for hyper.
+pub(crate) struct Conn(TokioIo<Box<dyn Io>>);
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_of_an_address() {
+        for (address, host) in [
+            ("127.0.0.1:7440", "127.0.0.1"),
+            ("[::1]:7440", "::1"),
+            ("pi.lan:7440", "pi.lan"),
+            ("pi.lan", "pi.lan"),
+        ] {
+            assert_eq!(host_part(address), host, "{address}");
+        }
+    }
+
+    #[test]
+    fn each_target_has_its_own_authority() {
+        let targets = Targets::default();
+        let target = |node: &str, generation| Target {
+            id: p2f_model::ProcessId::new("wiki").expect("id"),
+            generation,
+            node: NodeName::new(node).expect("node"),
+            port: 8080,
+        };
+        let a = targets.authority(&target("pi", 1));
+        assert_eq!(a, targets.authority(&target("pi", 1)));
+        let b = targets.authority(&target("laptop", 2));
+        assert_ne!(a, b);
+        assert!(a.parse::<hyper::http::uri::Authority>().is_ok(), "{a}");
+        assert_eq!(targets.get(&b), Some(target("laptop", 2)));
+        assert_eq!(targets.get("t0.upstream"), None);
+    }
+}
