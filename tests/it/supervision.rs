@@ -315,14 +315,15 @@ async fn stopping_the_embedded_network_closes_a_detached_helper() -> anyhow::Res
 
 /// The agent is a child subreaper: what a health check leaves behind when it exits (here a
 /// `setsid` sleep of 1 s, every 200 ms) is re-parented to the agent, not to PID 1, and reaped
-/// by it when it ends — zombies do not pile up.
+/// by it when it ends — zombies do not pile up. (The check waits 0.2 s before it ends, so its
+/// helper has left its process group by the time the group is killed.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphans_that_reach_the_agent_are_reaped() -> anyhow::Result<()> {
     let agent = root("reaper").await?;
     let net = agent.network();
     let node = net.node().await.expect("node");
     let spec = ProcessSpec::new("orphaner", "exec sleep 3600")
-        .with_health(Health::Cmd("setsid sleep 1 & exit 0".into()));
+        .with_health(Health::Cmd("setsid sleep 1 & sleep 0.2".into()));
     let p = net.spin_process(&spec, &node).await.expect("spin");
     agent
         .wait_for(&p.id, WAIT, "it to be healthy", |p| p.is_healthy())
@@ -343,9 +344,14 @@ async fn orphans_that_reach_the_agent_are_reaped() -> anyhow::Result<()> {
             fewest = now;
         }
     }
+    let tree: Vec<(u32, Option<u32>, bool)> =
+        procs::processes_where(|v| v == format!("P2F_PROCESS_ID={}", p.id).as_bytes())
+            .into_iter()
+            .map(|f| (f.pid, procs::Stat::of(f.pid).map(|s| s.ppid), f.is_relay()))
+            .collect();
     assert!(
         adopted >= 1,
-        "the checks' orphans went elsewhere, not to the agent"
+        "the checks' orphans went elsewhere, not to the agent {agent_pid}: {tree:?}"
     );
     assert!(
         fewest.len() <= 1,
