@@ -42,7 +42,10 @@ pub(crate) async fn check(health: &Health, port: Option<u16>, shell: &Shell) -> 
             Health::Cmd(command) => {
                 // A group of its own, killed whole when the check ends, times out or is
                 // dropped: a pipeline (`sleep 120 | cat`) leaves nothing behind.
-                let mut child = super::os::spawn(shell.quiet(command).process_group(0))
+                let mut check = shell.quiet(command);
+                check.process_group(0);
+                let mut child = super::os::spawn_off(check)
+                    .await
                     .map_err(|e| format!("cannot run it: {e}"))?;
                 let _group = KillGroupOnDrop(child.id());
                 let status = child

@@ -216,6 +216,15 @@ pub fn spawn(command: &mut tokio::process::Command) -> io::Result<tokio::process
     Ok(child)
 }
 
+/// [`spawn`] off the async threads: a child that joins a cgroup before it execs (a check or a
+/// stop command joining its service's cell) keeps the spawning thread waiting for its exec, and
+/// the kernel's first cgroup move after a quiet spell waits a whole RCU grace period (~16 ms).
+pub async fn spawn_off(mut command: tokio::process::Command) -> io::Result<tokio::process::Child> {
+    tokio::task::spawn_blocking(move || spawn(&mut command))
+        .await
+        .map_err(io::Error::other)?
+}
+
 /// Whether [`adopt_orphans`] runs in this process (only then is [`SPAWNED`] kept).
 static REAPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// Past this many entries, [`spawn`] prunes the registry itself.

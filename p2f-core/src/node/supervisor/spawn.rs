@@ -244,12 +244,10 @@ impl Shell {
 
     /// Starts the stop command of the process whose main pid is `pid` (which it gets as `PID`),
     /// in a process group of its own (and in the process's cell).
-    pub(crate) fn stop(&self, command: &str, pid: u32) -> std::io::Result<Child> {
-        os::spawn(
-            self.quiet(command)
-                .env("PID", pid.to_string())
-                .process_group(0),
-        )
+    pub(crate) async fn stop(&self, command: &str, pid: u32) -> std::io::Result<Child> {
+        let mut stop = self.quiet(command);
+        stop.env("PID", pid.to_string()).process_group(0);
+        os::spawn_off(stop).await
     }
 }
 
@@ -351,7 +349,7 @@ mod tests {
         let script = "test \"$PWD\" = \"$P2F_BUNDLE\" && test \"$PORT\" = 8123 \
                       && test \"$P2F_GENERATION\" = 3 && test \"$GREETING\" = hi \
                       && test \"$PID\" = 77";
-        let status = shell.stop(script, 77).expect("spawn").wait().await;
+        let status = shell.stop(script, 77).await.expect("spawn").wait().await;
         assert!(status.expect("wait").success());
         let log_path = dir.path().join("log");
         let log = std::fs::File::create(&log_path).expect("log");

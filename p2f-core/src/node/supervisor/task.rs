@@ -525,7 +525,7 @@ async fn stop(entry: &Entry, started: &mut Started) -> bool {
     let pid = started.local.pgid;
     let deadline = tokio::time::Instant::now() + spec.grace();
     let mut stopper = match spec.stop() {
-        Some(command) => match started.shell.stop(command, pid) {
+        Some(command) => match started.shell.stop(command, pid).await {
             Ok(child) => Some(child),
             Err(e) => {
                 tracing::warn!(id = %entry.process.id, "stop command did not start: {e}; sending SIGTERM");
