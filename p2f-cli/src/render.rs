@@ -34,7 +34,7 @@ impl StatusRow {
             service: p.name().to_owned(),
             id: p.id.to_string(),
             node: p.node.name.to_string(),
-            address: p.port.map(|port| format!("{}:{port}", p.node.address)),
+            address: reachable_at(p),
             domain: p.domain().map(str::to_owned),
             status: p.status.name().to_owned(),
             running: p.is_running(),
@@ -44,6 +44,28 @@ impl StatusRow {
             last_failure: p.last_failure.as_ref().map(ToString::to_string),
         }
     }
+}
+
+/// Where a running process can be reached, from where its node's kernel says its port is
+/// bound: `NODE_ADDRESS:PORT` when it listens on every address, else the address it is bound to
+/// (`127.0.0.1:PORT`: from its node only). `None` while it does not listen (or runs nowhere).
+fn reachable_at(p: &Process) -> Option<String> {
+    if !p.is_running() {
+        return None;
+    }
+    let listen: std::net::SocketAddr = p.listen.as_deref()?.parse().ok()?;
+    Some(if listen.ip().is_unspecified() {
+        format!("{}:{}", p.node.address, listen.port())
+    } else {
+        listen.to_string()
+    })
+}
+
+/// Whether `address` (from [`reachable_at`]) is a loopback one: reachable from its node only.
+fn node_only(address: &str) -> bool {
+    address
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback())
 }
 
 fn uptime(p: &Process) -> Option<u64> {
@@ -86,7 +108,11 @@ pub fn status_table(processes: &[Process]) -> Table {
             row.service,
             row.id,
             row.node,
-            row.address.unwrap_or_else(|| "-".into()),
+            match row.address {
+                Some(address) if node_only(&address) => format!("{address} (node only)"),
+                Some(address) => address,
+                None => "-".into(),
+            },
             row.domain.unwrap_or_else(|| "-".into()),
             status,
             row.restarts.to_string(),

@@ -406,3 +406,39 @@ async fn the_tree_fallback_contains_a_detached_helper_too() -> anyhow::Result<()
     .await?;
     Ok(())
 }
+
+/// The record says where a process's port really is bound (the kernel's view), so `status`
+/// shows an address only where the service listens: a file server bound to 127.0.0.1 is
+/// reachable from its node only, one bound to every address at the node's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_record_says_where_a_port_is_bound() -> anyhow::Result<()> {
+    let agent = root("binder").await?;
+    let net = agent.network();
+    let node = net.node().await.expect("node");
+    let (local, everywhere) = (service_port(), service_port());
+    let spin = |name: &str, bind: &str, port: u16| {
+        ProcessSpec::new(
+            name,
+            format!("exec python3 -m http.server $PORT --bind {bind}"),
+        )
+        .with_port(port)
+        .with_health(Health::Tcp)
+    };
+    let a = net
+        .spin_process(&spin("local", "127.0.0.1", local), &node)
+        .await
+        .expect("spin");
+    let b = net
+        .spin_process(&spin("everywhere", "0.0.0.0", everywhere), &node)
+        .await
+        .expect("spin");
+    let a = agent
+        .wait_for(&a.id, WAIT, "it to listen", |p| p.listen.is_some())
+        .await?;
+    let b = agent
+        .wait_for(&b.id, WAIT, "it to listen", |p| p.listen.is_some())
+        .await?;
+    assert_eq!(a.listen, Some(format!("127.0.0.1:{local}")));
+    assert_eq!(b.listen, Some(format!("0.0.0.0:{everywhere}")));
+    Ok(())
+}

@@ -459,6 +459,10 @@ impl Task {
                                 healthy = true;
                                 ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
                                 lifecycle::on_healthy(&mut self.entry.process, now());
+                                // Healthy: where it listens is known now, not at the next refresh.
+                                self.entry.process.listen = port
+                                    .and_then(os::listen_address)
+                                    .map(|address| address.to_string());
                                 self.commit().await;
                             }
                         }
