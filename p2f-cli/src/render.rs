@@ -19,6 +19,8 @@ pub struct StatusRow {
     pub node: String,
     pub address: Option<String>,
     pub domain: Option<String>,
+    /// Where it is reached from outside (the record's `external`: the root's ingress).
+    pub url: Option<String>,
     pub status: String,
     pub running: bool,
     pub restarts: u32,
@@ -36,6 +38,7 @@ impl StatusRow {
             node: p.node.name.to_string(),
             address: reachable_at(p),
             domain: p.domain().map(str::to_owned),
+            url: p.external.clone(),
             status: p.status.name().to_owned(),
             running: p.is_running(),
             restarts: p.restarts,
@@ -80,8 +83,8 @@ fn uptime(p: &Process) -> Option<u64> {
     Some(now.saturating_sub(started))
 }
 
-/// The status table: service, id, node, address, domain, status, restarts, memory, uptime, last
-/// failure.
+/// The status table: service, id, node, address, public URL (or the domain, without an
+/// ingress), status, restarts, memory, uptime, last failure.
 pub fn status_table(processes: &[Process]) -> Table {
     let mut table = Table::new();
     table.load_preset(presets::UTF8_BORDERS_ONLY);
@@ -90,7 +93,7 @@ pub fn status_table(processes: &[Process]) -> Table {
         "ID",
         "NODE",
         "ADDRESS",
-        "DOMAIN",
+        "URL",
         "STATUS",
         "RESTARTS",
         "MEMORY",
@@ -113,7 +116,7 @@ pub fn status_table(processes: &[Process]) -> Table {
                 Some(address) => address,
                 None => "-".into(),
             },
-            row.domain.unwrap_or_else(|| "-".into()),
+            row.url.or(row.domain).unwrap_or_else(|| "-".into()),
             status,
             row.restarts.to_string(),
             bytes(row.memory_bytes),

@@ -465,7 +465,7 @@ impl Supervisor {
         id: Option<ProcessId>,
         generation: Option<u64>,
     ) -> Result<Process, SupervisorError> {
-        self.spin_moved(spec, id, generation, None)
+        self.spin_moved(spec, id, generation, None, None)
     }
 
     /// [`Supervisor::spin`] of a process the root moved here from node `from` (a migration or
@@ -476,6 +476,7 @@ impl Supervisor {
         id: Option<ProcessId>,
         generation: Option<u64>,
         from: Option<p2f_model::NodeName>,
+        external: Option<String>,
     ) -> Result<Process, SupervisorError> {
         spec.validate()?;
         let id = id.unwrap_or_else(|| ProcessId::for_service(spec.name(), rand::random()));
@@ -493,6 +494,7 @@ impl Supervisor {
             let at = now();
             let mut process =
                 Process::placed(id.clone(), generation, spec, self.inner.node.clone(), at);
+            process.external = external;
             if let Some(from) = from {
                 let to = self.inner.node.name.clone();
                 process.record(at, p2f_model::EventKind::Moved { from, to });
