@@ -320,6 +320,28 @@ async fn stopping_the_embedded_network_closes_a_detached_helper() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphans_that_reach_the_agent_are_reaped() -> anyhow::Result<()> {
     let agent = root("reaper").await?;
+    orphans_are_reaped_by(&agent).await
+}
+
+/// The same with the agent as PID 1 of a PID namespace of its own, as in a container: every
+/// orphan in it comes to the agent, and none is left a zombie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_pid_1_the_agent_reaps_orphans_too() -> anyhow::Result<()> {
+    let agent = agent("init").pid_namespace().init()?.started().await?;
+    let pid = agent.pid().expect("the agent runs");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let nspid = status
+        .lines()
+        .find(|l| l.starts_with("NSpid:"))
+        .unwrap_or("");
+    assert!(
+        nspid.trim_end().ends_with("\t1"),
+        "the agent is PID 1 inside: {nspid}"
+    );
+    orphans_are_reaped_by(&agent).await
+}
+
+async fn orphans_are_reaped_by(agent: &Agent) -> anyhow::Result<()> {
     let net = agent.network();
     let node = net.node().await.expect("node");
     let spec = ProcessSpec::new("orphaner", "exec sleep 3600")
