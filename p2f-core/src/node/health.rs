@@ -42,6 +42,9 @@ pub(crate) async fn check(health: &Health, port: Option<u16>, shell: &Shell) -> 
             Health::Cmd(command) => {
                 // A group of its own, killed whole when the check ends, times out or is
                 // dropped: a pipeline (`sleep 120 | cat`) leaves nothing behind.
+                if let Some(why) = shell.refused() {
+                    return Err(format!("not run: {why}"));
+                }
                 let mut check = shell.quiet(command);
                 check.process_group(0);
                 let mut child = super::os::spawn_off(check)

@@ -298,6 +298,13 @@ pub fn reap_orphans() -> usize {
     reaped
 }
 
+/// The real uid of `pid` (`Uid:` in `/proc/PID/status`).
+pub fn uid_of(pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Whether `pid` is a log relay (its second argument is [`crate::node::relay::MARK`]).
 pub fn is_relay(pid: u32) -> bool {
     fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {

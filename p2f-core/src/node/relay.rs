@@ -95,6 +95,62 @@ pub fn executable() -> &'static Path {
     Path::new("/proc/self/exe")
 }
 
+/// A user to become: uid, primary gid and supplementary groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// The user id.
+    pub uid: u32,
+    /// The primary group id.
+    pub gid: u32,
+    /// Every group it is in (`initgroups(3)`'s list, the primary one included).
+    pub groups: Vec<u32>,
+}
+
+impl User {
+    /// `UID:GID:G1,G2,...`, the relay's `--user`.
+    fn to_arg(&self) -> String {
+        let groups: Vec<String> = self.groups.iter().map(u32::to_string).collect();
+        format!("{}:{}:{}", self.uid, self.gid, groups.join(","))
+    }
+
+    fn parse(text: &str) -> Option<User> {
+        let mut parts = text.splitn(3, ':');
+        let uid = parts.next()?.parse().ok()?;
+        let gid = parts.next()?.parse().ok()?;
+        let groups = match parts.next() {
+            None | Some("") => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?,
+        };
+        Some(User { uid, gid, groups })
+    }
+}
+
+/// Becomes `user` in a child between `fork` and `exec`: its supplementary groups (where this
+/// process may set them: as root), its group, then its user — in that order, as `su` does. Only
+/// system calls on memory prepared before the fork (async-signal-safe).
+pub fn become_user(user: &User) -> io::Result<()> {
+    use nix::libc;
+    let check = |result: libc::c_int| {
+        if result == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    // SAFETY: plain system calls; `groups` lives in memory the caller keeps.
+    unsafe {
+        if libc::geteuid() == 0 {
+            check(libc::setgroups(user.groups.len(), user.groups.as_ptr()))?;
+        }
+        check(libc::setgid(user.gid))?;
+        check(libc::setuid(user.uid))
+    }
+}
+
 /// One relay's settings and the program it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Relay {
@@ -108,8 +164,8 @@ pub struct Relay {
     pub exit: PathBuf,
     /// The process's cgroup (none: the fallback, its tree under the relay).
     pub cgroup: Option<PathBuf>,
-    /// The user and group to run the process as (none: the relay's own).
-    pub user: Option<(u32, u32)>,
+    /// The user to run the process as (none: the relay's own).
+    pub user: Option<User>,
     /// The program and its arguments.
     pub command: Vec<OsString>,
 }
@@ -130,8 +186,8 @@ impl Relay {
         if let Some(cgroup) = &self.cgroup {
             args.extend(["--cgroup".into(), cgroup.clone().into()]);
         }
-        if let Some((uid, gid)) = self.user {
-            args.extend(["--user".into(), format!("{uid}:{gid}").into()]);
+        if let Some(user) = &self.user {
+            args.extend(["--user".into(), user.to_arg().into()]);
         }
         args.push("--".into());
         args.extend(self.command.iter().cloned());
@@ -173,12 +229,11 @@ impl Relay {
                     relay.keep = u32::try_from(number()?).map_err(|e| e.to_string())?;
                 }
                 Some("--user") => {
-                    let (uid, gid) = value
+                    let user = value
                         .to_str()
-                        .and_then(|v| v.split_once(':'))
-                        .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
-                        .ok_or("--user takes UID:GID")?;
-                    relay.user = Some((uid, gid));
+                        .and_then(User::parse)
+                        .ok_or("--user takes UID:GID:GROUP,...")?;
+                    relay.user = Some(user);
                 }
                 _ => return Err(format!("unknown option {}", flag.to_string_lossy())),
             }
@@ -241,7 +296,7 @@ impl Relay {
     /// kernels get that move, in a `pre_exec` hook.
     fn start(&self, out: std::io::PipeWriter) -> io::Result<u32> {
         if let Some(dir) = &self.cgroup
-            && let Some(pid) = clone_into(dir, &self.command, &out, self.user)?
+            && let Some(pid) = clone_into(dir, &self.command, &out, self.user.as_ref())?
         {
             return Ok(pid);
         }
@@ -257,14 +312,19 @@ impl Relay {
             .stdout(out.try_clone()?)
             .stderr(out)
             .process_group(0);
-        if let Some((uid, gid)) = self.user {
-            command.uid(uid).gid(gid);
-        }
-        if let Some(fd) = door_fd {
-            // SAFETY: the hook only calls `join_before_exec`, one write(2) (async-signal-safe).
-            unsafe {
-                command.pre_exec(move || contain::join_before_exec(fd));
-            }
+        let user = self.user.clone();
+        // SAFETY: the hook makes only system calls (`join_before_exec`, `become_user`) on
+        // memory prepared before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                if let Some(fd) = door_fd {
+                    contain::join_before_exec(fd)?;
+                }
+                match &user {
+                    Some(user) => become_user(user),
+                    None => Ok(()),
+                }
+            });
         }
         let child = command.spawn()?;
         Ok(child.id())
@@ -299,7 +359,7 @@ fn clone_into(
     dir: &Path,
     command: &[OsString],
     out: &std::io::PipeWriter,
-    user: Option<(u32, u32)>,
+    user: Option<&User>,
 ) -> io::Result<Option<u32>> {
     use nix::libc;
     use std::ffi::CString;
@@ -346,13 +406,10 @@ fn clone_into(
             {
                 fail();
             }
-            if let Some((uid, gid)) = user {
-                if libc::geteuid() == 0 && libc::setgroups(0, std::ptr::null()) != 0 {
-                    fail();
-                }
-                if libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
-                    fail();
-                }
+            if let Some(user) = user
+                && become_user(user).is_err()
+            {
+                fail();
             }
             libc::execvp(argv_ptrs[0], argv_ptrs.as_ptr());
             fail();
@@ -567,7 +624,11 @@ mod tests {
             keep: 3,
             exit: "/tmp/x.exit".into(),
             cgroup: Some("/sys/fs/cgroup/p2f/x".into()),
-            user: Some((1000, 100)),
+            user: Some(User {
+                uid: 1000,
+                gid: 100,
+                groups: vec![100, 27],
+            }),
             command: vec!["sh".into(), "-c".into(), "echo -- hi".into()],
         }
     }
