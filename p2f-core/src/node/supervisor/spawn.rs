@@ -414,7 +414,7 @@ mod tests {
             bundle_dir: dir.path().to_path_buf(),
             nix_out: None,
         };
-        let shell = Shell::new(&p, &prepared, None, &Cell::Tree);
+        let shell = Shell::new(&p, &prepared, Ok(None), &Cell::Tree);
         let script = "test \"$PWD\" = \"$P2F_BUNDLE\" && test \"$PORT\" = 8123 \
                       && test \"$P2F_GENERATION\" = 3 && test \"$GREETING\" = hi \
                       && test \"$PID\" = 77";
