@@ -93,9 +93,15 @@ pub struct Entry {
 }
 
 /// The agent's record store: one redb file, held exclusively by one agent.
+///
+/// After an I/O error (a full disk, say) redb refuses every later write until the database is
+/// opened again ("a previous I/O error occurred"); the store does that itself, at once and
+/// again before the next operation if it could not yet, so that writes work again as soon as
+/// the disk does — without an agent restart.
 #[derive(Debug)]
 pub struct Store {
-    db: Database,
+    /// `None` while it could not be opened again after an I/O error.
+    db: std::sync::RwLock<Option<Database>>,
     path: PathBuf,
 }
 
@@ -104,6 +110,80 @@ impl Store {
     ///
     /// The whole file is checked at open, so a damaged file is an error instead of a panic.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = open_database(path)?;
+        let store = Store {
+            db: std::sync::RwLock::new(Some(db)),
+            path: path.to_path_buf(),
+        };
+        // Create both tables now, so that readers never meet a missing one.
+        store
+            .write(|txn| {
+                txn.open_table(PROCESSES)?;
+                txn.open_table(META)?;
+                Ok(())
+            })
+            .map_err(|e| match e {
+                StoreError::Write { path, source } => StoreError::Open { path, source },
+                other => other,
+            })?;
+        Ok(store)
+    }
+
+    /// Runs `f` on the database, opening it again first when an I/O error closed it.
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, redb::Error>,
+    ) -> Result<T, redb::Error> {
+        {
+            let guard = self
+                .db
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(db) = guard.as_ref() {
+                return f(db);
+            }
+        }
+        let mut guard = self
+            .db
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if guard.is_none() {
+            *guard = Some(reopen(&self.path)?);
+        }
+        match guard.as_ref() {
+            Some(db) => f(db),
+            None => Err(redb::Error::DatabaseClosed),
+        }
+    }
+
+    /// After an I/O error: closes the database and opens it again (redb refuses every write
+    /// until then). When it cannot be opened yet, the next operation tries again.
+    fn recover_from(&self, error: &redb::Error) {
+        if !matches!(error, redb::Error::Io(_) | redb::Error::PreviousIo) {
+            return;
+        }
+        let mut guard = self
+            .db
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Closed first: the file is locked while it is open.
+        drop(guard.take());
+        match reopen(&self.path) {
+            Ok(db) => {
+                tracing::warn!(store = %self.path.display(), "a write failed ({error}); the store was opened again");
+                *guard = Some(db);
+            }
+            Err(e) => tracing::error!(
+                store = %self.path.display(),
+                "a write failed ({error}) and the store cannot be opened again yet ({e}); the next operation tries again"
+            ),
+        }
+    }
+}
+
+/// Opens (creating) the redb file, checking all of it.
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    {
         let opened = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .set_check_integrity_on_open(true)
@@ -122,24 +202,16 @@ impl Store {
                 });
             }
         };
-        let store = Store {
-            db,
-            path: path.to_path_buf(),
-        };
-        // Create both tables now, so that readers never meet a missing one.
-        store
-            .write(|txn| {
-                txn.open_table(PROCESSES)?;
-                txn.open_table(META)?;
-                Ok(())
-            })
-            .map_err(|e| match e {
-                StoreError::Write { path, source } => StoreError::Open { path, source },
-                other => other,
-            })?;
-        Ok(store)
+        Ok(db)
     }
+}
 
+/// [`open_database`] for [`Store::recover_from`], as a redb error.
+fn reopen(path: &Path) -> Result<Database, redb::Error> {
+    open_database(path).map_err(|e| redb::Error::Io(std::io::Error::other(e.to_string())))
+}
+
+impl Store {
     /// The file the store lives in.
     pub fn path(&self) -> &Path {
         &self.path
@@ -171,12 +243,12 @@ impl Store {
 
     /// The record of `id`, if any; an undecodable one is [`StoreError::Decode`].
     pub fn get(&self, id: &ProcessId) -> Result<Option<Entry>, StoreError> {
-        let read = || -> Result<Option<Vec<u8>>, redb::Error> {
-            let txn = self.db.begin_read()?;
+        let read = |db: &Database| -> Result<Option<Vec<u8>>, redb::Error> {
+            let txn = db.begin_read()?;
             let table = txn.open_table(PROCESSES)?;
             Ok(table.get(id.as_str())?.map(|guard| guard.value().to_vec()))
         };
-        match read().map_err(|e| self.read_failed(e))? {
+        match self.with_db(read).map_err(|e| self.read_failed(e))? {
             Some(bytes) => decode(id.as_str(), &bytes).map(Some),
             None => Ok(None),
         }
@@ -187,8 +259,8 @@ impl Store {
     /// A record that cannot be decoded is left out and logged (`error`) with its id; its bytes
     /// stay in the file untouched, for an operator or a later version to look at.
     pub fn all(&self) -> Result<Vec<Entry>, StoreError> {
-        let read = || -> Result<Vec<(String, Vec<u8>)>, redb::Error> {
-            let txn = self.db.begin_read()?;
+        let read = |db: &Database| -> Result<Vec<(String, Vec<u8>)>, redb::Error> {
+            let txn = db.begin_read()?;
             let table = txn.open_table(PROCESSES)?;
             let mut raw = Vec::new();
             for item in table.iter()? {
@@ -197,7 +269,7 @@ impl Store {
             }
             Ok(raw)
         };
-        let raw = read().map_err(|e| self.read_failed(e))?;
+        let raw = self.with_db(read).map_err(|e| self.read_failed(e))?;
         // redb iterates `&str` keys in byte order, which is `ProcessId`'s order.
         let mut entries = Vec::with_capacity(raw.len());
         for (id, bytes) in raw {
@@ -215,12 +287,12 @@ impl Store {
 
     /// The node-level setting `key`, if set.
     pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let read = || -> Result<Option<String>, redb::Error> {
-            let txn = self.db.begin_read()?;
+        let read = |db: &Database| -> Result<Option<String>, redb::Error> {
+            let txn = db.begin_read()?;
             let table = txn.open_table(META)?;
             Ok(table.get(key)?.map(|guard| guard.value().to_owned()))
         };
-        read().map_err(|e| self.read_failed(e))
+        self.with_db(read).map_err(|e| self.read_failed(e))
     }
 
     /// Sets the node-level setting `key`; durable like [`Store::put`].
@@ -236,17 +308,20 @@ impl Store {
         &self,
         change: impl FnOnce(&WriteTransaction) -> Result<T, redb::Error>,
     ) -> Result<T, StoreError> {
-        let run = || -> Result<T, redb::Error> {
-            let mut txn = self.db.begin_write()?;
+        let run = |db: &Database| -> Result<T, redb::Error> {
+            let mut txn = db.begin_write()?;
             // Immediate is redb's default; said here because the store's promise rests on it.
             txn.set_durability(Durability::Immediate)?;
             let out = change(&txn)?;
             txn.commit()?;
             Ok(out)
         };
-        run().map_err(|source| StoreError::Write {
-            path: self.path.clone(),
-            source: Box::new(source),
+        self.with_db(run).map_err(|source| {
+            self.recover_from(&source);
+            StoreError::Write {
+                path: self.path.clone(),
+                source: Box::new(source),
+            }
         })
     }
 

@@ -1027,3 +1027,89 @@ async fn a_service_user_has_its_groups_and_its_home() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A full disk under the agent's data directory (a 48 MiB tmpfs, filled up by the test) while
+/// spins must grow the record store; then space comes back. Without an agent restart, the next
+/// spin succeeds and a kill is saved: after a restart, the killed process stays stopped. Needs
+/// root (to mount the tmpfs; CI runs as root).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_does_not_latch_the_record_store() -> anyhow::Result<()> {
+    let mount = tempfile::tempdir()?;
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(mount.path())
+        .status()?;
+    anyhow::ensure!(status.success(), "mount -t tmpfs (run as root): {status}");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mount.path().to_path_buf());
+    let mut agent = crate::support::agent("fulldisk")
+        .dir(mount.path().join("agent"))
+        .init()?
+        .started()
+        .await?;
+    let net = agent.network().clone();
+    let node = net.node().await.expect("node");
+    let victim = net
+        .spin_process(&ProcessSpec::new("victim", "exec sleep 1000"), &node)
+        .await
+        .expect("spin");
+    // Fill the file system up.
+    let filler = mount.path().join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler)?;
+        let block = vec![0u8; 1 << 20];
+        while file.write_all(&block).is_ok() {}
+        let _ = file.sync_all();
+    }
+    // Spins grow the store until one cannot be saved (a bounded number of tries).
+    let big = "x".repeat(60_000);
+    let mut refused = None;
+    for n in 0..200 {
+        let spec = ProcessSpec::new(format!("grow{n}"), "exec sleep 1000").with_env("PAD", &big);
+        if let Err(e) = net.spin_process(&spec, &node).await {
+            refused = Some(e.to_string());
+            break;
+        }
+    }
+    let refused = refused.expect("a spin was refused while the disk was full");
+    assert!(!refused.is_empty());
+    // Space comes back: the next spin works, and a kill is saved.
+    std::fs::remove_file(&filler)?;
+    let after = net
+        .spin_process(&ProcessSpec::new("after", "exec sleep 1000"), &node)
+        .await
+        .expect("a spin once space is back");
+    assert!(after.is_running() || after.status == Status::Pending);
+    let killed = net
+        .kill_process(&victim)
+        .await
+        .expect("kill once space is back");
+    assert_eq!(killed.status, Status::Stopped);
+    // Durable: after a restart the killed process is still stopped, the new one is there.
+    agent.sigterm()?;
+    agent.start().await?;
+    let net = agent.network();
+    let victim = net
+        .process_information(ProcessKey::Id(victim.id.clone()))
+        .await
+        .expect("info")
+        .expect("record");
+    assert_eq!(victim.status, Status::Stopped, "the kill was saved");
+    assert!(
+        net.process_information(ProcessKey::Id(after.id.clone()))
+            .await
+            .expect("info")
+            .is_some(),
+        "the spin after the full disk was saved"
+    );
+    Ok(())
+}

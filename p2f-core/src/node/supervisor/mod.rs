@@ -192,6 +192,9 @@ struct Registry {
     /// While an id is here nothing else changes it: a spin, kill or remove of it waits
     /// ([`Inner::lock_settled`]), unpark skips it, shutdown waits for all to end.
     writing: HashMap<ProcessId, Writing>,
+    /// Records whose last write failed (a full disk): written again by housekeeping until
+    /// one succeeds, so the file catches up with the slot once the disk does.
+    unsaved: std::collections::HashSet<ProcessId>,
 }
 
 /// What a spin meets in the registry.
@@ -726,12 +729,23 @@ impl Inner {
         let store = self.store.clone();
         let copy = entry.clone();
         let written = tokio::task::spawn_blocking(move || store.put(&copy)).await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(id = %entry.process.id, "record not saved: {e}"),
-            Err(e) => tracing::error!(id = %entry.process.id, "record not saved: {e}"),
-        }
+        let saved = match written {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::error!(id = %entry.process.id, "record not saved (tried again later): {e}");
+                false
+            }
+            Err(e) => {
+                tracing::error!(id = %entry.process.id, "record not saved (tried again later): {e}");
+                false
+            }
+        };
         let mut registry = self.lock();
+        if saved {
+            registry.unsaved.remove(&entry.process.id);
+        } else {
+            registry.unsaved.insert(entry.process.id.clone());
+        }
         let slot = registry
             .slots
             .get_mut(&entry.process.id)
@@ -753,6 +767,32 @@ impl Inner {
 }
 
 /// Refreshes memory usage and rotates logs, every `memory_interval`, while the supervisor lives.
+/// Writes again the records whose last write failed, as the slots hold them now.
+async fn save_unsaved(inner: &Arc<Inner>) {
+    let pending: Vec<Entry> = {
+        let registry = inner.lock();
+        registry
+            .unsaved
+            .iter()
+            .filter(|id| !registry.writing.contains_key(*id))
+            .filter_map(|id| registry.slots.get(id).map(|slot| slot.entry.clone()))
+            .collect()
+    };
+    for entry in pending {
+        let store = inner.store.clone();
+        let copy = entry.clone();
+        let written = tokio::task::spawn_blocking(move || store.put(&copy)).await;
+        if matches!(written, Ok(Ok(()))) {
+            tracing::info!(id = %entry.process.id, "record saved after an earlier failure");
+            let mut registry = inner.lock();
+            // Unless it changed meanwhile (and its own write failed again).
+            if registry.slots.get(&entry.process.id).map(|s| &s.entry) == Some(&entry) {
+                registry.unsaved.remove(&entry.process.id);
+            }
+        }
+    }
+}
+
 async fn housekeeping(inner: std::sync::Weak<Inner>) {
     let period = match inner.upgrade() {
         Some(inner) => inner.settings.memory_interval,
@@ -764,6 +804,7 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
+        save_unsaved(&inner).await;
         let running: Vec<(ProcessId, Local, Option<u16>)> = {
             let registry = inner.lock();
             registry
