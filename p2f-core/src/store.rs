@@ -129,6 +129,34 @@ impl Store {
         Ok(store)
     }
 
+    /// [`Store::open`]; a file that is damaged (not in use, but unreadable as a store) is moved
+    /// aside to `PATH.damaged-UNIXSECONDS` and an empty store is made in its place, said loudly:
+    /// the node starts with no records (its leftover processes are killed by the supervisor,
+    /// and the root places again what it should run) instead of not starting at all.
+    pub fn open_or_set_aside(path: &Path) -> Result<Store, StoreError> {
+        match Store::open(path) {
+            Err(StoreError::Open { source, .. }) if path.exists() => {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let aside = PathBuf::from(format!("{}.damaged-{stamp}", path.display()));
+                std::fs::rename(path, &aside).map_err(|e| StoreError::Open {
+                    path: path.to_path_buf(),
+                    source: Box::new(redb::Error::Io(e)),
+                })?;
+                tracing::error!(
+                    store = %path.display(),
+                    aside = %aside.display(),
+                    "the record store is damaged ({source}); it was moved aside and this node \
+                     starts with no records: the root places again what it should run"
+                );
+                Store::open(path)
+            }
+            other => other,
+        }
+    }
+
     /// Runs `f` on the database, opening it again first when an I/O error closed it.
     fn with_db<T>(
         &self,

@@ -1113,3 +1113,50 @@ async fn a_full_disk_does_not_latch_the_record_store() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A damaged `records.redb` does not keep the node down: it is moved aside, the agent starts
+/// with no records and says so, and a process that no record names any more is not left
+/// running under the node's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_store_is_set_aside_and_the_node_starts() -> anyhow::Result<()> {
+    let mut agent = root("damaged").await?;
+    let net = agent.network().clone();
+    let node = net.node().await.expect("node");
+    let p = net
+        .spin_process(&ProcessSpec::new("orphaned", "exec sleep 1000"), &node)
+        .await
+        .expect("spin");
+    let pid = p.pid.expect("pid");
+    let status = agent.sigterm()?;
+    assert!(status.success(), "{status}");
+    assert!(!p2f_testkit::procs::is_zombie(pid), "it outlives the agent");
+    // Damage the file's header.
+    let db = agent.config().data_dir.join("records.redb");
+    {
+        use std::io::{Seek, Write};
+        let mut file = std::fs::OpenOptions::new().write(true).open(&db)?;
+        file.seek(std::io::SeekFrom::Start(0))?;
+        file.write_all(&[0xA5; 4096])?;
+        file.sync_all()?;
+    }
+    agent.start().await?;
+    let aside = std::fs::read_dir(&agent.config().data_dir)?
+        .flatten()
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("records.redb.damaged-")
+        });
+    assert!(aside, "the damaged file was kept aside");
+    assert!(
+        agent.log_tail(200).contains("the record store is damaged"),
+        "the agent says so"
+    );
+    let listed = agent.network().list_processes().await.expect("list");
+    assert!(listed.iter().all(|q| q.id != p.id), "{listed:?}");
+    eventually("the unrecorded process to be killed", WAIT, || async move {
+        p2f_testkit::procs::is_zombie(pid).then_some(())
+    })
+    .await?;
+    Ok(())
+}

@@ -66,6 +66,24 @@ impl Containment {
         }
     }
 
+    /// Every cell under the subtree, by name (none in the fallback).
+    pub fn cells(&self) -> Vec<(String, Cell)> {
+        let Containment::Cgroup(subtree) = self else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(subtree) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_owned();
+                Some((name, Cell::Cgroup(e.path())))
+            })
+            .collect()
+    }
+
     /// One line for logs and `p2f node info`.
     pub fn describe(&self) -> String {
         match self {

@@ -138,7 +138,7 @@ impl Agent {
         let cert = node_certificate(&config, &ca, &secret).await?;
         let tls = crate::cluster::server_config(&cert)?;
         let db_path = data.join("records.redb");
-        let store = Arc::new(Store::open(&db_path)?);
+        let store = Arc::new(Store::open_or_set_aside(&db_path)?);
         // Records hold specs, and specs hold env values: only the agent reads them.
         set_private(&db_path)?;
         let listener = tokio::net::TcpListener::bind(config.listen)

@@ -374,8 +374,32 @@ impl Supervisor {
         for entry in supervisor.inner.store.all()? {
             supervisor.recover(entry, recovery)?;
         }
+        supervisor.kill_unrecorded();
         tokio::spawn(housekeeping(Arc::downgrade(&supervisor.inner)));
         Ok(supervisor)
+    }
+
+    /// Kills what runs in a cell that no record names (its record was lost with a damaged
+    /// store, or deleted while the agent was away): nothing the node cannot account for keeps
+    /// running, holding ports, under its name.
+    fn kill_unrecorded(&self) {
+        let known: std::collections::HashSet<String> = self
+            .inner
+            .lock()
+            .slots
+            .keys()
+            .map(|id| id.as_str().to_owned())
+            .collect();
+        for (name, cell) in self.inner.containment.cells() {
+            if known.contains(&name) {
+                continue;
+            }
+            if cell.populated(0) {
+                tracing::warn!(cell = %name, "processes in a cell no record names: killed");
+            }
+            cell.kill(0);
+            cell.remove();
+        }
     }
 
     /// Whether a recovered process still waits for [`Supervisor::unpark`].
