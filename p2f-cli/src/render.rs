@@ -154,14 +154,17 @@ pub fn routes_table(report: &p2f_core::wire::RoutesReport) -> String {
             (None, Some(down)) => format!("down: {down}"),
             (None, None) => "down".to_owned(),
         };
-        let certificate = route
+        let mut certificate = route
             .certificate
             .as_ref()
-            .map(|c| {
-                let days = c.not_after.saturating_sub(now) / 86_400;
-                format!("{}, {days} days left", c.issuer)
-            })
-            .unwrap_or_else(|| "on first use".to_owned());
+            .map(|c| format!("{}, {}", c.issuer, expiry(c.not_after, now)))
+            .unwrap_or_else(|| match &route.certificate_error {
+                Some(_) => "none".to_owned(),
+                None => "on first use".to_owned(),
+            });
+        if let Some(error) = &route.certificate_error {
+            certificate.push_str(&format!("; error: {error}"));
+        }
         table.add_row([
             route.domain.clone(),
             format!("{} ({})", route.process, route.service),
@@ -175,6 +178,23 @@ pub fn routes_table(report: &p2f_core::wire::RoutesReport) -> String {
         "{table}\nHTTP on {}, HTTPS on {}",
         report.http, report.https
     )
+}
+
+/// How long until `not_after` (seconds since the epoch) from `now`: `89 days left`, `5h left`,
+/// `40s left`, `expired`.
+fn expiry(not_after: u64, now: u64) -> String {
+    let left = not_after.saturating_sub(now);
+    if left == 0 {
+        "expired".to_owned()
+    } else if left < 60 {
+        format!("{left}s left")
+    } else if left < 3_600 {
+        format!("{}m left", left / 60)
+    } else if left < 86_400 {
+        format!("{}h left", left / 3_600)
+    } else {
+        format!("{} days left", left / 86_400)
+    }
 }
 
 /// `12.3 MiB`.

@@ -529,7 +529,14 @@ fn challenge_certificate(name: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>,
     params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
     let key = rcgen::KeyPair::generate().map_err(|e| fail(&e))?;
     let cert = params.self_signed(&key).map_err(|e| fail(&e))?;
-    certified_key(&cert.pem(), &key.serialize_pem()).map_err(|e| fail(&e))
+    // Built by hand: `CertifiedKey::from_der` parses the certificate with webpki, which refuses
+    // the critical acmeIdentifier extension it does not know.
+    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| fail(&e))?;
+    Ok(Arc::new(CertifiedKey::new(
+        vec![cert.der().clone()],
+        signing,
+    )))
 }
 
 /// A chain and key from the CA, ready to present, with when to renew it.
