@@ -209,7 +209,13 @@ impl Issuer for Acme {
     }
 
     fn last_error(&self, name: &str) -> Option<String> {
-        lock(&self.state.errors).get(name).cloned()
+        if let Some(error) = lock(&self.state.errors).get(name) {
+            return Some(error.clone());
+        }
+        let valid = read(&self.state.certificates)
+            .get(name)
+            .is_some_and(|stored| stored.issued.info.not_after > unix_now());
+        (!valid).then(|| "being ordered".to_owned())
     }
 }
 
@@ -288,6 +294,9 @@ impl Manager {
     /// Orders what the public names of `routes` lack or must renew, for as long as it runs
     /// (abort the task to stop it; files are replaced atomically, so that is safe).
     pub async fn run(mut self, mut routes: watch::Receiver<Arc<RouteTable>>) {
+        // instant-acme's HTTPS client takes rustls's process-wide provider: make it ring, the
+        // crate's only one, whatever else a build may enable (an error: one is already set).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         loop {
             let names: Vec<String> = {
                 let table = routes.borrow_and_update();
@@ -758,6 +767,11 @@ mod tests {
         assert_eq!(
             acme.last_error("wiki.example.org").as_deref(),
             Some("refused")
+        );
+        lock(&acme.state.errors).clear();
+        assert_eq!(
+            acme.last_error("wiki.example.org").as_deref(),
+            Some("being ordered")
         );
     }
 }

@@ -506,6 +506,39 @@ mod tests {
     }
 
     #[test]
+    fn acme_settings_parse_round_trip_and_resolve_the_ca_path() {
+        use crate::ingress::acme::AcmeChallenge;
+        let text = "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\n\
+                    acme_email = \"me@example.org\"\n\
+                    acme_directory = \"https://127.0.0.1:14000/dir\"\n\
+                    acme_ca = \"pebble.pem\"\nacme_challenge = \"http-01\"\n";
+        let config = AgentConfig::parse(text).expect("parse");
+        let ingress = config.ingress.clone().expect("ingress");
+        assert_eq!(ingress.acme_email.as_deref(), Some("me@example.org"));
+        assert_eq!(
+            ingress.acme_directory.as_deref(),
+            Some("https://127.0.0.1:14000/dir")
+        );
+        assert_eq!(ingress.acme_challenge, AcmeChallenge::Http01);
+        assert_eq!(AgentConfig::parse(&config.to_toml()), Ok(config));
+        // No ACME settings are written by default.
+        assert!(
+            !AgentConfig::parse("name = \"pi\"\ndata_dir = \"d\"\n[ingress]\n")
+                .expect("parse")
+                .to_toml()
+                .contains("acme")
+        );
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).expect("write");
+        let loaded = AgentConfig::load(&path).expect("load");
+        assert_eq!(
+            loaded.ingress.and_then(|i| i.acme_ca),
+            Some(dir.path().join("pebble.pem"))
+        );
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let cases = [
             ("name = \"pi\"\n", "missing field `data_dir`"),
@@ -541,6 +574,18 @@ mod tests {
             (
                 "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\nport = 80\n",
                 "unknown field `port`",
+            ),
+            (
+                "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\nacme_email = \"me\"\n",
+                "ingress.acme_email = \"me\" is not an email address",
+            ),
+            (
+                "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\nacme_directory = \"http://ca/dir\"\n",
+                "must be an https:// URL",
+            ),
+            (
+                "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\nacme_challenge = \"dns-01\"\n",
+                "acme_challenge",
             ),
         ];
         for (text, want) in cases {
