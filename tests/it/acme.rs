@@ -3,8 +3,9 @@
 //! and a real root whose ingress answers the challenges. A real order over HTTP-01 and one over
 //! TLS-ALPN-01 (each with the other challenge's port dead, so only that one can pass); the
 //! certificate served is checked by a client trusting pebble's root only; a restart orders
-//! nothing; a short validity forces a renewal that no handshake notices. Loopback only; every
-//! process is killed by pid at the end.
+//! nothing; a short validity forces a renewal that no handshake notices; a failing order is not
+//! tried again before its pause, however many handshakes ask. Loopback only; every process is
+//! killed by pid at the end.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -590,5 +591,46 @@ async fn tls_alpn_01_gets_a_certificate_and_renews_it_without_downtime() -> Resu
         "renewed {} ms after the first certificate, {handshakes} handshakes, none failed; {route:?}",
         renewed_after.as_millis()
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_order_is_tried_again_only_after_a_pause() -> Result<()> {
+    let (http, https, dead_http, dead_tls) = (
+        service_port(),
+        service_port(),
+        service_port(),
+        service_port(),
+    );
+    // Pebble checks both challenges on ports nothing listens on: every order fails.
+    let pebble = Pebble::start(dead_http, dead_tls, None).await?;
+    let root = acme_root(&pebble, http, https, AcmeChallenge::Auto).await?;
+    let domain = "down.example.org";
+    let https_at = SocketAddr::from(([127, 0, 0, 1], https));
+    deploy_site(&root, domain).await?;
+    let route = route_when(&root, domain, "a failed order", ISSUE_LIMIT, |r| {
+        r.certificate_error
+            .as_deref()
+            .is_some_and(|e| e.contains("failure 1 in a row"))
+    })
+    .await
+    .with_context(|| pebble.logs())?;
+    let error = route.certificate_error.unwrap_or_default();
+    // `auto` tried TLS-ALPN-01, then HTTP-01 in a second order; the CA's reason is shown.
+    assert!(error.starts_with("Http01: "), "{error}");
+    assert!(error.contains("connection refused"), "{error}");
+    assert_eq!(pebble.orders(), 2, "{}", pebble.logs());
+    // Handshakes keep asking for the name (each wakes the manager), yet nothing is ordered
+    // before the pause (22.5 s at least) is over.
+    for _ in 0..25 {
+        ensure!(
+            served_leaf(https_at, domain, &pebble.root_pem)
+                .await
+                .is_err(),
+            "a certificate although every order fails"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(pebble.orders(), 2, "{}", pebble.logs());
     Ok(())
 }
