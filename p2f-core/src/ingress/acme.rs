@@ -48,6 +48,10 @@ const RETRY_FIRST: Duration = Duration::from_secs(30);
 const RETRY_MAX: Duration = Duration::from_secs(12 * 3600);
 /// The longest one order may take, all requests and polls included.
 const ORDER_LIMIT: Duration = Duration::from_secs(180);
+/// The shortest time between two orders of one name, even when the last one succeeded.
+const ORDER_GAP: Duration = Duration::from_secs(10);
+/// The shortest sleep of the manager between two passes over the names.
+const LOOP_MIN: Duration = Duration::from_secs(1);
 /// How long the CA may take to validate the challenges, then to issue.
 const POLL_LIMIT: Duration = Duration::from_secs(90);
 
@@ -317,10 +321,13 @@ impl Manager {
                 let due = self.due(name);
                 next = Some(next.map_or(due, |n| n.min(due)));
             }
-            let sleep = next
-                .and_then(|n| n.duration_since(SystemTime::now()).ok())
-                .unwrap_or(RETRY_MAX)
-                .min(RETRY_MAX);
+            let sleep = match next {
+                None => RETRY_MAX,
+                Some(next) => next
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default()
+                    .clamp(LOOP_MIN, RETRY_MAX),
+            };
             tokio::select! {
                 changed = routes.changed() => if changed.is_err() { return },
                 () = tokio::time::sleep(sleep) => {}
@@ -356,7 +363,10 @@ impl Manager {
                     );
                     write(&self.state.certificates).insert(name.to_owned(), stored);
                     lock(&self.state.errors).remove(name);
-                    self.retries.remove(name);
+                    // Even a certificate due at once (a tiny lifetime, a clock far off) is not
+                    // followed by another order of the name for a while.
+                    let not_before = SystemTime::now() + ORDER_GAP;
+                    self.retries.insert(name.to_owned(), (0, not_before));
                     return;
                 }
                 Err(e) => {
