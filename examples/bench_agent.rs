@@ -235,6 +235,7 @@ fn spin_request(spec: &ProcessSpec) -> SpinRequest {
         id: None,
         generation: None,
         moved_from: None,
+        external: None,
     }
 }
 

@@ -671,6 +671,7 @@ async fn spread_between_agents(
             id: None,
             generation: None,
             moved_from: None,
+            external: None,
         };
         let process = call(
             "spin on a member",
@@ -1023,6 +1024,7 @@ async fn list_on(
                     id: None,
                     generation: None,
                     moved_from: None,
+                    external: None,
                 };
                 call("spin", net.spin(&request, SpinQuery { wait: false })).await
             }

@@ -19,6 +19,8 @@ pub struct StatusRow {
     pub node: String,
     pub address: Option<String>,
     pub domain: Option<String>,
+    /// Where it is reached from outside (the record's `external`: the root's ingress).
+    pub url: Option<String>,
     pub status: String,
     pub running: bool,
     pub restarts: u32,
@@ -34,8 +36,9 @@ impl StatusRow {
             service: p.name().to_owned(),
             id: p.id.to_string(),
             node: p.node.name.to_string(),
-            address: p.port.map(|port| format!("{}:{port}", p.node.address)),
+            address: reachable_at(p),
             domain: p.domain().map(str::to_owned),
+            url: p.external.clone(),
             status: p.status.name().to_owned(),
             running: p.is_running(),
             restarts: p.restarts,
@@ -44,6 +47,28 @@ impl StatusRow {
             last_failure: p.last_failure.as_ref().map(ToString::to_string),
         }
     }
+}
+
+/// Where a running process can be reached, from where its node's kernel says its port is
+/// bound: `NODE_ADDRESS:PORT` when it listens on every address, else the address it is bound to
+/// (`127.0.0.1:PORT`: from its node only). `None` while it does not listen (or runs nowhere).
+fn reachable_at(p: &Process) -> Option<String> {
+    if !p.is_running() {
+        return None;
+    }
+    let listen: std::net::SocketAddr = p.listen.as_deref()?.parse().ok()?;
+    Some(if listen.ip().is_unspecified() {
+        format!("{}:{}", p.node.address, listen.port())
+    } else {
+        listen.to_string()
+    })
+}
+
+/// Whether `address` (from [`reachable_at`]) is a loopback one: reachable from its node only.
+fn node_only(address: &str) -> bool {
+    address
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback())
 }
 
 fn uptime(p: &Process) -> Option<u64> {
@@ -58,8 +83,8 @@ fn uptime(p: &Process) -> Option<u64> {
     Some(now.saturating_sub(started))
 }
 
-/// The status table: service, id, node, address, domain, status, restarts, memory, uptime, last
-/// failure.
+/// The status table: service, id, node, address, public URL (or the domain, without an
+/// ingress), status, restarts, memory, uptime, last failure.
 pub fn status_table(processes: &[Process]) -> Table {
     let mut table = Table::new();
     table.load_preset(presets::UTF8_BORDERS_ONLY);
@@ -68,7 +93,7 @@ pub fn status_table(processes: &[Process]) -> Table {
         "ID",
         "NODE",
         "ADDRESS",
-        "DOMAIN",
+        "URL",
         "STATUS",
         "RESTARTS",
         "MEMORY",
@@ -86,8 +111,12 @@ pub fn status_table(processes: &[Process]) -> Table {
             row.service,
             row.id,
             row.node,
-            row.address.unwrap_or_else(|| "-".into()),
-            row.domain.unwrap_or_else(|| "-".into()),
+            match row.address {
+                Some(address) if node_only(&address) => format!("{address} (node only)"),
+                Some(address) => address,
+                None => "-".into(),
+            },
+            row.url.or(row.domain).unwrap_or_else(|| "-".into()),
             status,
             row.restarts.to_string(),
             bytes(row.memory_bytes),

@@ -183,6 +183,7 @@ impl Network {
             id: None,
             generation: None,
             moved_from: None,
+            external: None,
         };
         self.at(&address)
             .spin(&request, SpinQuery { wait: true })

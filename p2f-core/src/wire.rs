@@ -26,6 +26,11 @@ pub struct SpinRequest {
     /// the new record's history then says `moved`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moved_from: Option<p2f_model::NodeName>,
+    /// Where the process is reached from outside, set by the root for a process with a
+    /// `domain` when it runs the ingress (`https://DOMAIN`, with `:PORT` unless 443): the
+    /// record's `external`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<String>,
 }
 
 /// Query of `POST /v1/processes`.

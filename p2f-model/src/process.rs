@@ -353,6 +353,11 @@ pub struct Process {
     pub external: Option<String>,
     /// The port it listens on.
     pub port: Option<u16>,
+    /// Where the kernel says its port is bound while it runs (`IP:PORT`, from the node's
+    /// `/proc/net/tcp{,6}`): `0.0.0.0:P` or `[::]:P` for every address, `127.0.0.1:P` for its
+    /// node only. Absent until it listens, and for a process without a port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
     /// Where it is in its life.
     pub status: Status,
     /// Its OS process id (the process group leader).
@@ -389,6 +394,7 @@ impl Process {
             node,
             external: None,
             port,
+            listen: None,
             status: Status::Pending,
             pid: None,
             started_at: None,

@@ -45,6 +45,7 @@ pub struct AgentBuilder {
     ns: Option<String>,
     ip: String,
     log_filter: String,
+    pid1: bool,
     tweaks: Vec<Tweak>,
 }
 
@@ -60,6 +61,7 @@ impl std::fmt::Debug for AgentBuilder {
             .field("ns", &self.ns)
             .field("ip", &self.ip)
             .field("log_filter", &self.log_filter)
+            .field("pid1", &self.pid1)
             .field("tweaks", &self.tweaks.len())
             .finish()
     }
@@ -82,6 +84,13 @@ impl AgentBuilder {
     /// Runs `p2f` inside the network namespace `ns` (`ip netns exec`).
     pub fn netns(mut self, ns: &str) -> AgentBuilder {
         self.ns = Some(ns.to_owned());
+        self
+    }
+
+    /// Runs the agent as PID 1 of a new PID namespace (`unshare --pid --fork --mount-proc`),
+    /// as in a container: every orphan in it comes to the agent. Not with [`Self::netns`].
+    pub fn pid_namespace(mut self) -> AgentBuilder {
+        self.pid1 = true;
         self
     }
 
@@ -224,6 +233,7 @@ impl AgentBuilder {
             config_path,
             config,
             log_filter: self.log_filter,
+            pid1: self.pid1,
             child: None,
             network: None,
             _temp: temp,
@@ -251,6 +261,8 @@ pub struct Agent {
     config_path: PathBuf,
     config: AgentConfig,
     log_filter: String,
+    /// Run as PID 1 of a PID namespace of its own (`child` is then `unshare`).
+    pid1: bool,
     child: Option<Child>,
     network: Option<Network>,
     // Last: deleted after the processes are gone (only held for that).
@@ -267,6 +279,7 @@ impl Agent {
             ns: None,
             ip: "127.0.0.1".to_owned(),
             log_filter: std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            pid1: false,
             tweaks: Vec::new(),
         }
     }
@@ -309,9 +322,18 @@ impl Agent {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let mut command = match &self.ns {
-            Some(ns) => crate::netns::exec_in(ns, &self.p2f),
-            None => Command::new(&self.p2f),
+        let mut command = match (&self.ns, self.pid1) {
+            (Some(_), true) => bail!("an agent in a network namespace cannot be PID 1 here"),
+            (Some(ns), false) => crate::netns::exec_in(ns, &self.p2f),
+            (None, true) => {
+                procs::require("unshare", "util-linux")?;
+                let mut unshare = Command::new("unshare");
+                unshare
+                    .args(["--pid", "--fork", "--kill-child", "--mount-proc"])
+                    .arg(&self.p2f);
+                unshare
+            }
+            (None, false) => Command::new(&self.p2f),
         };
         let child = command
             .args(["node", "run", "--config"])
@@ -411,7 +433,15 @@ impl Agent {
 
     /// The agent's pid, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        let child = self.child.as_ref()?.id();
+        if !self.pid1 {
+            return Some(child);
+        }
+        // `unshare`'s one child: the agent, PID 1 inside.
+        let entries = std::fs::read_dir("/proc").ok()?;
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .find(|pid| procs::Stat::of(*pid).is_some_and(|s| s.ppid == child))
     }
 
     /// Whether the agent process still runs (it did not exit or crash since it was started).

@@ -21,6 +21,7 @@ fn spin_request(spec: ProcessSpec) -> SpinRequest {
         id: None,
         generation: None,
         moved_from: None,
+        external: None,
     }
 }
 
@@ -944,5 +945,85 @@ async fn a_health_pipeline_leaves_nothing_behind() -> anyhow::Result<()> {
     })
     .await?;
     assert!(agent.os_copies(&id).is_empty());
+    Ok(())
+}
+
+/// A service's user is the whole user, as `su` and systemd make it: its supplementary groups
+/// (a file readable only by one of them is read, by the service and by its `Cmd` check), and
+/// `HOME`, `USER`, `LOGNAME` its own. Needs root (to add the user and group; CI runs as root).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_user_has_its_groups_and_its_home() -> anyhow::Result<()> {
+    require("useradd", "passwd")?;
+    let uid = std::fs::read_to_string("/proc/self/status")?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Uid:")
+                .map(|v| v.split_whitespace().next() == Some("0"))
+        });
+    anyhow::ensure!(
+        uid == Some(true),
+        "this test adds a user and a group: run it as root"
+    );
+    let tag = std::process::id() % 100_000;
+    let (user, group) = (format!("p2fsvc{tag}"), format!("p2fmedia{tag}"));
+    let home = format!("/nonexistent/p2f-{user}");
+    let shared = tempfile::tempdir()?;
+    let secret = shared.path().join("only-media.txt");
+    // Removed whatever happens below.
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("userdel").arg(&self.0).status();
+            let _ = std::process::Command::new("groupdel").arg(&self.1).status();
+        }
+    }
+    let _cleanup = Cleanup(user.clone(), group.clone());
+    let run = |program: &str, args: &[&str]| -> anyhow::Result<()> {
+        let status = std::process::Command::new(program).args(args).status()?;
+        anyhow::ensure!(status.success(), "{program} {args:?}: {status}");
+        Ok(())
+    };
+    run("groupadd", &[&group])?;
+    run(
+        "useradd",
+        &[
+            "-M", "-N", "-d", &home, "-s", "/bin/sh", "-G", &group, &user,
+        ],
+    )?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o755))?;
+    std::fs::write(&secret, "the media library\n")?;
+    run("chgrp", &[&group, &secret.to_string_lossy()])?;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640))?;
+
+    let agent = root("identity").await?;
+    std::fs::set_permissions(agent.dir(), std::fs::Permissions::from_mode(0o755))?;
+    let net = agent.network();
+    let file = secret.to_string_lossy().into_owned();
+    let spec = ProcessSpec::new(
+        "media",
+        format!(
+            "echo groups=$(id -Gn); echo HOME=$HOME USER=$USER LOGNAME=$LOGNAME; \
+             cat {file}; exec sleep 1000"
+        ),
+    )
+    .with_user(&user)
+    .with_health(Health::Cmd(format!("cat {file} > /dev/null").into()))
+    .with_restart(RestartPolicy::Never);
+    let p = net
+        .spin(&spin_request(spec), SpinQuery::default())
+        .await
+        .expect("spin");
+    agent
+        .wait_for(&p.id, WAIT, "its check (as the user) to pass", |p| {
+            p.is_healthy()
+        })
+        .await?;
+    let log = log_containing(net, &p.id, "the media library", WAIT).await?;
+    assert!(log.contains(&group), "supplementary group missing: {log}");
+    assert!(
+        log.contains(&format!("HOME={home} USER={user} LOGNAME={user}")),
+        "{log}"
+    );
     Ok(())
 }

@@ -122,6 +122,7 @@ fn the_homelab_runs_serves_answers_the_cli_and_stops_cleanly() -> anyhow::Result
             "node",
             "address",
             "domain",
+            "url",
             "status",
             "running",
             "restarts",
@@ -139,6 +140,9 @@ fn the_homelab_runs_serves_answers_the_cli_and_stops_cleanly() -> anyhow::Result
         .expect("wiki row");
     assert_eq!(wiki["address"], "127.0.0.1:8480");
     assert_eq!(wiki["domain"], "wiki.home.arpa");
+    // Its record says where it is reached from outside: the embedded root's ingress.
+    let url = wiki["url"].as_str().expect("the wiki's public URL");
+    assert!(url.starts_with("https://wiki.home.arpa:"), "{url}");
 
     // `up` went through the root: the embedded network is a root, and its desired state names
     // the very processes that run (placed by it: their ids are the ones it gave).

@@ -98,6 +98,7 @@ async fn spin_and_settle(agent: &Agent, spec: &ProcessSpec, what: &str) -> anyho
         id: None,
         generation: None,
         moved_from: None,
+        external: None,
     };
     let recorded = agent
         .network()

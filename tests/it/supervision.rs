@@ -320,6 +320,28 @@ async fn stopping_the_embedded_network_closes_a_detached_helper() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphans_that_reach_the_agent_are_reaped() -> anyhow::Result<()> {
     let agent = root("reaper").await?;
+    orphans_are_reaped_by(&agent).await
+}
+
+/// The same with the agent as PID 1 of a PID namespace of its own, as in a container: every
+/// orphan in it comes to the agent, and none is left a zombie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_pid_1_the_agent_reaps_orphans_too() -> anyhow::Result<()> {
+    let agent = agent("init").pid_namespace().init()?.started().await?;
+    let pid = agent.pid().expect("the agent runs");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let nspid = status
+        .lines()
+        .find(|l| l.starts_with("NSpid:"))
+        .unwrap_or("");
+    assert!(
+        nspid.trim_end().ends_with("\t1"),
+        "the agent is PID 1 inside: {nspid}"
+    );
+    orphans_are_reaped_by(&agent).await
+}
+
+async fn orphans_are_reaped_by(agent: &Agent) -> anyhow::Result<()> {
     let net = agent.network();
     let node = net.node().await.expect("node");
     let spec = ProcessSpec::new("orphaner", "exec sleep 3600")
@@ -404,5 +426,41 @@ async fn the_tree_fallback_contains_a_detached_helper_too() -> anyhow::Result<()
         marked(&agent, &p.id).is_empty()
     })
     .await?;
+    Ok(())
+}
+
+/// The record says where a process's port really is bound (the kernel's view), so `status`
+/// shows an address only where the service listens: a file server bound to 127.0.0.1 is
+/// reachable from its node only, one bound to every address at the node's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_record_says_where_a_port_is_bound() -> anyhow::Result<()> {
+    let agent = root("binder").await?;
+    let net = agent.network();
+    let node = net.node().await.expect("node");
+    let (local, everywhere) = (service_port(), service_port());
+    let spin = |name: &str, bind: &str, port: u16| {
+        ProcessSpec::new(
+            name,
+            format!("exec python3 -m http.server $PORT --bind {bind}"),
+        )
+        .with_port(port)
+        .with_health(Health::Tcp)
+    };
+    let a = net
+        .spin_process(&spin("local", "127.0.0.1", local), &node)
+        .await
+        .expect("spin");
+    let b = net
+        .spin_process(&spin("everywhere", "0.0.0.0", everywhere), &node)
+        .await
+        .expect("spin");
+    let a = agent
+        .wait_for(&a.id, WAIT, "it to listen", |p| p.listen.is_some())
+        .await?;
+    let b = agent
+        .wait_for(&b.id, WAIT, "it to listen", |p| p.listen.is_some())
+        .await?;
+    assert_eq!(a.listen, Some(format!("127.0.0.1:{local}")));
+    assert_eq!(b.listen, Some(format!("0.0.0.0:{everywhere}")));
     Ok(())
 }

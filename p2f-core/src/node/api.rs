@@ -240,6 +240,7 @@ async fn spin(
             request.id,
             request.generation,
             request.moved_from,
+            request.external,
         )
     })
     .await

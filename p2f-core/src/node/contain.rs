@@ -150,11 +150,18 @@ pub enum Cell {
 }
 
 impl Cell {
-    /// Creates the cgroup (for a fresh start) and kills whatever an earlier run left in it.
+    /// Makes the cgroup anew for a start: whatever an earlier run left in it is killed and the
+    /// old cgroup removed first. Never reused: a process born into a cgroup (`clone3` with
+    /// `CLONE_INTO_CGROUP`, see `relay`) that was once killed through `cgroup.kill` is killed
+    /// at birth (seen on Linux 6.18: the kernel's kill sequence check). Fails when the old
+    /// cgroup cannot be emptied.
     pub fn prepare(&self) -> io::Result<()> {
         if let Cell::Cgroup(dir) = self {
+            if dir.exists() {
+                self.kill(0);
+                std::fs::remove_dir(dir)?;
+            }
             std::fs::create_dir_all(dir)?;
-            self.kill(0);
         }
         Ok(())
     }

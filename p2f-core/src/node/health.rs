@@ -42,7 +42,13 @@ pub(crate) async fn check(health: &Health, port: Option<u16>, shell: &Shell) -> 
             Health::Cmd(command) => {
                 // A group of its own, killed whole when the check ends, times out or is
                 // dropped: a pipeline (`sleep 120 | cat`) leaves nothing behind.
-                let mut child = super::os::spawn(shell.quiet(command).process_group(0))
+                if let Some(why) = shell.refused() {
+                    return Err(format!("not run: {why}"));
+                }
+                let mut check = shell.quiet(command);
+                check.process_group(0);
+                let mut child = super::os::spawn_off(check)
+                    .await
                     .map_err(|e| format!("cannot run it: {e}"))?;
                 let _group = KillGroupOnDrop(child.id());
                 let status = child
@@ -149,7 +155,12 @@ mod tests {
         let busy = check(&Health::Http("/".into()), Some(port), &shell).await;
         assert_eq!(busy, Err("GET / answered 503".to_owned()));
         server.await.expect("server");
-        let closed = check(&Health::Tcp, Some(port), &shell).await;
+        // A port held (bound, not listening) so that no other test can listen on it meanwhile.
+        let held = tokio::net::TcpSocket::new_v4().expect("socket");
+        held.bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let closed_port = held.local_addr().expect("addr").port();
+        let closed = check(&Health::Tcp, Some(closed_port), &shell).await;
         assert!(closed.is_err(), "{closed:?}");
         assert_eq!(
             check(&Health::Cmd("exit $CODE".into()), None, &shell).await,

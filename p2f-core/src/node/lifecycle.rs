@@ -171,6 +171,8 @@ pub fn on_started(process: &mut Process, pid: u32, now: Timestamp) {
     set_status(process, Status::Running);
     process.pid = Some(pid);
     process.started_at = Some(now);
+    // Where it listens is learnt anew for each run.
+    process.listen = None;
     process.record(now, EventKind::Started { pid });
 }
 

@@ -332,13 +332,6 @@ async fn start_network(
             unrun: Vec::new(),
         });
     }
-    let root = Root::start(store, records.clone(), unplaced.clone())?;
-    let routes = crate::root::api::routes(
-        root.clone(),
-        ca.clone(),
-        records.clone(),
-        config.name.clone(),
-    );
     let ingress = match &config.ingress {
         Some(settings) if settings.enabled => {
             let ingress_config = IngressConfig {
@@ -362,7 +355,6 @@ async fn start_network(
             match started {
                 Ok(ingress) => Some(ingress),
                 Err(e) => {
-                    root.stop().await;
                     records.stop().await;
                     return Err(e.into());
                 }
@@ -370,6 +362,24 @@ async fn start_network(
         }
         _ => None,
     };
+    // Placements learn where a domain is served from outside (the record's `external`).
+    let public_https = ingress.as_ref().map(|i| i.https_address().port());
+    let root = match Root::start(store, records.clone(), unplaced.clone(), public_https) {
+        Ok(root) => root,
+        Err(e) => {
+            if let Some(ingress) = ingress {
+                ingress.stop().await;
+            }
+            records.stop().await;
+            return Err(e.into());
+        }
+    };
+    let routes = crate::root::api::routes(
+        root.clone(),
+        ca.clone(),
+        records.clone(),
+        config.name.clone(),
+    );
     let ingress_routes = match &ingress {
         Some(ingress) => crate::ingress::api::routes(ingress.clone()),
         None => crate::ingress::api::elsewhere(),

@@ -216,6 +216,15 @@ pub fn spawn(command: &mut tokio::process::Command) -> io::Result<tokio::process
     Ok(child)
 }
 
+/// [`spawn`] off the async threads: a child that joins a cgroup before it execs (a check or a
+/// stop command joining its service's cell) keeps the spawning thread waiting for its exec, and
+/// the kernel's first cgroup move after a quiet spell waits a whole RCU grace period (~16 ms).
+pub async fn spawn_off(mut command: tokio::process::Command) -> io::Result<tokio::process::Child> {
+    tokio::task::spawn_blocking(move || spawn(&mut command))
+        .await
+        .map_err(io::Error::other)?
+}
+
 /// Whether [`adopt_orphans`] runs in this process (only then is [`SPAWNED`] kept).
 static REAPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// Past this many entries, [`spawn`] prunes the registry itself.
@@ -289,6 +298,13 @@ pub fn reap_orphans() -> usize {
     reaped
 }
 
+/// The real uid of `pid` (`Uid:` in `/proc/PID/status`).
+pub fn uid_of(pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Whether `pid` is a log relay (its second argument is [`crate::node::relay::MARK`]).
 pub fn is_relay(pid: u32) -> bool {
     fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
@@ -323,6 +339,60 @@ pub fn find_by_env(id: &str, generation: u64) -> Vec<(u32, u32)> {
         .collect();
     found.sort_unstable();
     found
+}
+
+/// Where TCP `port` is bound for listening, from `/proc/net/tcp` and `/proc/net/tcp6` (see
+/// proc(5)): the unspecified address (`0.0.0.0:P`, `[::]:P`) when any socket listens on every
+/// address, else a non-loopback address when there is one, else a loopback one; `None` when
+/// nothing listens on it.
+pub fn listen_address(port: u16) -> Option<std::net::SocketAddr> {
+    let mut found: Vec<std::net::IpAddr> = Vec::new();
+    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        if let Ok(table) = fs::read_to_string(file) {
+            found.extend(listening_on(&table, port, v6));
+        }
+    }
+    let pick = found
+        .iter()
+        .find(|ip| ip.is_unspecified())
+        .or_else(|| found.iter().find(|ip| !ip.is_loopback()))
+        .or_else(|| found.first())?;
+    Some(std::net::SocketAddr::new(*pick, port))
+}
+
+/// The local addresses of the sockets in LISTEN state (`0A`) on `port` in a `/proc/net/tcp`
+/// (`v6 = false`) or `/proc/net/tcp6` table. Addresses are hex words in the kernel's byte order.
+fn listening_on(table: &str, port: u16, v6: bool) -> Vec<std::net::IpAddr> {
+    let word = |hex: &str| u32::from_str_radix(hex, 16).ok().map(u32::to_ne_bytes);
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1)?;
+            let state = fields.nth(1)?;
+            let (address, local_port) = local.split_once(':')?;
+            if state != "0A" || u16::from_str_radix(local_port, 16).ok()? != port {
+                return None;
+            }
+            if v6 {
+                if address.len() != 32 {
+                    return None;
+                }
+                let mut bytes = [0u8; 16];
+                for (i, chunk) in bytes.chunks_mut(4).enumerate() {
+                    chunk.copy_from_slice(&word(address.get(i * 8..i * 8 + 8)?)?);
+                }
+                let ip = Ipv6Addr::from(bytes);
+                Some(
+                    ip.to_ipv4_mapped()
+                        .map_or(std::net::IpAddr::V6(ip), std::net::IpAddr::V4),
+                )
+            } else {
+                Some(std::net::IpAddr::V4(Ipv4Addr::from(word(address)?)))
+            }
+        })
+        .collect()
 }
 
 /// Whether something holds TCP `port`: binding it on `0.0.0.0` (and on `[::]` where IPv6
@@ -572,6 +642,33 @@ mod tests {
         check(&[b"P2F_PROCESS_ID=wiki", b"P2F_GENERATION=12"], false);
         check(&[b"A=1"], true);
         check(&[], true);
+    }
+
+    #[test]
+    fn listening_sockets_are_read_from_the_kernels_tables() {
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:2120 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 00000000:2121 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1 0 100 0 0 10 0
+   2: 0100007F:2121 0100007F:9999 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0 100 0 0 10 0
+";
+        let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:2120 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4 1 0 100 0 0 10 0
+";
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        assert_eq!(listening_on(v4, 0x2120, false), [ip("127.0.0.1")]);
+        assert_eq!(
+            listening_on(v4, 0x2121, false),
+            [ip("0.0.0.0")],
+            "the established one is not"
+        );
+        assert_eq!(listening_on(v6, 0x2120, true), [ip("::1")]);
+        assert!(listening_on(v4, 80, false).is_empty());
+        let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        assert_eq!(
+            listen_address(port),
+            Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        );
     }
 
     #[test]

@@ -95,6 +95,62 @@ pub fn executable() -> &'static Path {
     Path::new("/proc/self/exe")
 }
 
+/// A user to become: uid, primary gid and supplementary groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// The user id.
+    pub uid: u32,
+    /// The primary group id.
+    pub gid: u32,
+    /// Every group it is in (`initgroups(3)`'s list, the primary one included).
+    pub groups: Vec<u32>,
+}
+
+impl User {
+    /// `UID:GID:G1,G2,...`, the relay's `--user`.
+    fn to_arg(&self) -> String {
+        let groups: Vec<String> = self.groups.iter().map(u32::to_string).collect();
+        format!("{}:{}:{}", self.uid, self.gid, groups.join(","))
+    }
+
+    fn parse(text: &str) -> Option<User> {
+        let mut parts = text.splitn(3, ':');
+        let uid = parts.next()?.parse().ok()?;
+        let gid = parts.next()?.parse().ok()?;
+        let groups = match parts.next() {
+            None | Some("") => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?,
+        };
+        Some(User { uid, gid, groups })
+    }
+}
+
+/// Becomes `user` in a child between `fork` and `exec`: its supplementary groups (where this
+/// process may set them: as root), its group, then its user — in that order, as `su` does. Only
+/// system calls on memory prepared before the fork (async-signal-safe).
+pub fn become_user(user: &User) -> io::Result<()> {
+    use nix::libc;
+    let check = |result: libc::c_int| {
+        if result == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    // SAFETY: plain system calls; `groups` lives in memory the caller keeps.
+    unsafe {
+        if libc::geteuid() == 0 {
+            check(libc::setgroups(user.groups.len(), user.groups.as_ptr()))?;
+        }
+        check(libc::setgid(user.gid))?;
+        check(libc::setuid(user.uid))
+    }
+}
+
 /// One relay's settings and the program it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Relay {
@@ -108,8 +164,8 @@ pub struct Relay {
     pub exit: PathBuf,
     /// The process's cgroup (none: the fallback, its tree under the relay).
     pub cgroup: Option<PathBuf>,
-    /// The user and group to run the process as (none: the relay's own).
-    pub user: Option<(u32, u32)>,
+    /// The user to run the process as (none: the relay's own).
+    pub user: Option<User>,
     /// The program and its arguments.
     pub command: Vec<OsString>,
 }
@@ -130,8 +186,8 @@ impl Relay {
         if let Some(cgroup) = &self.cgroup {
             args.extend(["--cgroup".into(), cgroup.clone().into()]);
         }
-        if let Some((uid, gid)) = self.user {
-            args.extend(["--user".into(), format!("{uid}:{gid}").into()]);
+        if let Some(user) = &self.user {
+            args.extend(["--user".into(), user.to_arg().into()]);
         }
         args.push("--".into());
         args.extend(self.command.iter().cloned());
@@ -173,12 +229,11 @@ impl Relay {
                     relay.keep = u32::try_from(number()?).map_err(|e| e.to_string())?;
                 }
                 Some("--user") => {
-                    let (uid, gid) = value
+                    let user = value
                         .to_str()
-                        .and_then(|v| v.split_once(':'))
-                        .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
-                        .ok_or("--user takes UID:GID")?;
-                    relay.user = Some((uid, gid));
+                        .and_then(User::parse)
+                        .ok_or("--user takes UID:GID:GROUP,...")?;
+                    relay.user = Some(user);
                 }
                 _ => return Err(format!("unknown option {}", flag.to_string_lossy())),
             }
@@ -207,30 +262,7 @@ impl Relay {
         nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)?;
         let pump = Pump::open(&self.log, self.max_bytes, self.keep)?;
         let (reader, writer) = std::io::pipe()?;
-        let cell = match &self.cgroup {
-            Some(dir) => Cell::Cgroup(dir.clone()),
-            None => Cell::Tree,
-        };
-        let door = cell.door()?;
-        let door_fd = door.as_ref().map(AsRawFd::as_raw_fd);
-        let mut command = std::process::Command::new(&self.command[0]);
-        command
-            .args(&self.command[1..])
-            .stdin(Stdio::null())
-            .stdout(writer.try_clone()?)
-            .stderr(writer)
-            .process_group(0);
-        if let Some((uid, gid)) = self.user {
-            command.uid(uid).gid(gid);
-        }
-        // SAFETY: the hook only calls `join_before_exec`, one write(2) (async-signal-safe).
-        unsafe {
-            command.pre_exec(move || door_fd.map_or(Ok(()), contain::join_before_exec));
-        }
-        let child = command.spawn()?;
-        drop(command);
-        drop(door);
-        let main = child.id();
+        let main = self.start(writer)?;
         println!("pid {main}");
         io::stdout().flush()?;
         // Nothing more goes to the agent: standard output points at /dev/null from now on.
@@ -244,10 +276,163 @@ impl Relay {
         });
         let ended = wait_main(main);
         // What the process left behind ends with it; then every orphan is reaped.
+        let cell = match &self.cgroup {
+            Some(dir) => Cell::Cgroup(dir.clone()),
+            None => Cell::Tree,
+        };
         cell.kill(std::process::id());
         reap_all(REAP_LIMIT);
         let _ = done_rx.recv_timeout(DRAIN_LIMIT);
         write_exit(&self.exit, ended)
+    }
+}
+
+impl Relay {
+    /// Starts the process with `out` as its stdout and stderr, in a new process group, as its
+    /// user, in its cell; returns its pid. In a cgroup, it is born there (`clone3` with
+    /// `CLONE_INTO_CGROUP`, Linux 5.7+): moving a process in afterwards takes the kernel's
+    /// cgroup lock for writing, and the first such move after a quiet spell waits a whole RCU
+    /// grace period (16 ms on the machine of BENCHMARKS.md), on every spin and restart. Older
+    /// kernels get that move, in a `pre_exec` hook.
+    fn start(&self, out: std::io::PipeWriter) -> io::Result<u32> {
+        if let Some(dir) = &self.cgroup
+            && let Some(pid) = clone_into(dir, &self.command, &out, self.user.as_ref())?
+        {
+            return Ok(pid);
+        }
+        let door = match &self.cgroup {
+            Some(dir) => Cell::Cgroup(dir.clone()).door()?,
+            None => None,
+        };
+        let door_fd = door.as_ref().map(AsRawFd::as_raw_fd);
+        let mut command = std::process::Command::new(&self.command[0]);
+        command
+            .args(&self.command[1..])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0);
+        let user = self.user.clone();
+        // SAFETY: the hook makes only system calls (`join_before_exec`, `become_user`) on
+        // memory prepared before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                if let Some(fd) = door_fd {
+                    contain::join_before_exec(fd)?;
+                }
+                match &user {
+                    Some(user) => become_user(user),
+                    None => Ok(()),
+                }
+            });
+        }
+        let child = command.spawn()?;
+        Ok(child.id())
+    }
+}
+
+/// The kernel's `struct clone_args` up to `cgroup` (`CLONE_ARGS_SIZE_VER2`, Linux 5.7).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// `CLONE_INTO_CGROUP` (linux/sched.h).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Starts `command` born in the cgroup `dir`; `Ok(None)` when this kernel cannot (no `clone3`
+/// or no `CLONE_INTO_CGROUP`), for the caller to start it another way. The caller must be
+/// single-threaded (the relay before its copying thread starts): the child runs ordinary
+/// code between the clone and `exec`.
+fn clone_into(
+    dir: &Path,
+    command: &[OsString],
+    out: &std::io::PipeWriter,
+    user: Option<&User>,
+) -> io::Result<Option<u32>> {
+    use nix::libc;
+    use std::ffi::CString;
+    let argv: Vec<CString> = command
+        .iter()
+        .map(|arg| CString::new(arg.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let cgroup = File::open(dir)?;
+    let null = File::open("/dev/null")?;
+    let (errors_in, errors_out) = std::io::pipe()?;
+    let mut args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..CloneArgs::default()
+    };
+    let (out_fd, null_fd, report_fd) = (out.as_raw_fd(), null.as_raw_fd(), errors_out.as_raw_fd());
+    // SAFETY: clone3 with no CLONE_VM forks this (single-threaded) process; the child only
+    // makes system calls on descriptors and buffers prepared above, then execs or exits.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid == 0 {
+        // SAFETY: see above; every call is a plain system call wrapper.
+        unsafe {
+            let fail = || -> ! {
+                let errno = io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO);
+                libc::write(report_fd, (&errno as *const i32).cast(), 4);
+                libc::_exit(127)
+            };
+            if libc::setpgid(0, 0) != 0
+                || libc::dup2(null_fd, 0) < 0
+                || libc::dup2(out_fd, 1) < 0
+                || libc::dup2(out_fd, 2) < 0
+            {
+                fail();
+            }
+            if let Some(user) = user
+                && become_user(user).is_err()
+            {
+                fail();
+            }
+            libc::execvp(argv_ptrs[0], argv_ptrs.as_ptr());
+            fail();
+        }
+    }
+    if pid < 0 {
+        let error = io::Error::last_os_error();
+        return match error.raw_os_error() {
+            Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL) => Ok(None),
+            _ => Err(error),
+        };
+    }
+    drop(errors_out);
+    let pid = u32::try_from(pid).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    // The exec closed the report pipe (it is close-on-exec), or the child wrote its errno.
+    let mut errno = [0u8; 4];
+    let mut errors_in = errors_in;
+    match errors_in.read(&mut errno) {
+        Ok(4) => {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+            Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
+        }
+        _ => Ok(Some(pid)),
     }
 }
 
@@ -439,7 +624,11 @@ mod tests {
             keep: 3,
             exit: "/tmp/x.exit".into(),
             cgroup: Some("/sys/fs/cgroup/p2f/x".into()),
-            user: Some((1000, 100)),
+            user: Some(User {
+                uid: 1000,
+                gid: 100,
+                groups: vec![100, 27],
+            }),
             command: vec!["sh".into(), "-c".into(), "echo -- hi".into()],
         }
     }

@@ -101,11 +101,13 @@ fn place(
         entry.settle(generation);
         return;
     };
+    let external = inner.external_for(&spec);
     let request = SpinRequest {
         spec,
         id: Some(id.clone()),
         generation: Some(generation),
         moved_from,
+        external,
     };
     let inner_ = inner.clone();
     inner.track(async move {

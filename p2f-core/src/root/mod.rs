@@ -72,6 +72,8 @@ struct Inner {
     store: Arc<Store>,
     records: Records,
     unplaced: Arc<Unplaced>,
+    /// The port of the ingress's HTTPS listener, when this root runs one.
+    public_https: Option<u16>,
     desired: Mutex<DesiredState>,
     book: Mutex<Book>,
     /// Placements and removals under way.
@@ -81,6 +83,16 @@ struct Inner {
 impl Inner {
     fn book(&self) -> MutexGuard<'_, Book> {
         lock(&self.book)
+    }
+
+    /// Where a process of `spec` is reached from outside: `https://DOMAIN` through this root's
+    /// ingress (`:PORT` unless it listens on 443); `None` without a domain or an ingress.
+    fn external_for(&self, spec: &ProcessSpec) -> Option<String> {
+        let domain = spec.domain()?;
+        Some(match self.public_https? {
+            443 => format!("https://{domain}"),
+            port => format!("https://{domain}:{port}"),
+        })
     }
 
     /// Runs `task` as one of the root's, drained when it stops.
@@ -117,6 +129,7 @@ impl Root {
         store: Arc<Store>,
         records: Records,
         unplaced: Arc<Unplaced>,
+        public_https: Option<u16>,
     ) -> Result<Root, StoreError> {
         let desired = match store.meta(DESIRED_KEY)? {
             Some(json) => serde_json::from_str(&json).unwrap_or_else(|e| {
@@ -129,6 +142,7 @@ impl Root {
             store,
             records,
             unplaced,
+            public_https,
             desired: Mutex::new(desired),
             book: Mutex::new(Book::default()),
             tasks: Mutex::new(JoinSet::new()),
@@ -236,11 +250,13 @@ impl Root {
             entry.send(generation, node, Instant::now());
             (generation, (on != *node && current > 0).then_some(on))
         };
+        let external = self.inner.external_for(&service.spec);
         let request = SpinRequest {
             spec: service.spec,
             id: Some(id.clone()),
             generation: Some(generation),
             moved_from,
+            external,
         };
         tracing::info!(%id, generation, %node, "migrating on request");
         match client.spin(&request, SpinQuery { wait: true }).await {

@@ -465,7 +465,7 @@ impl Supervisor {
         id: Option<ProcessId>,
         generation: Option<u64>,
     ) -> Result<Process, SupervisorError> {
-        self.spin_moved(spec, id, generation, None)
+        self.spin_moved(spec, id, generation, None, None)
     }
 
     /// [`Supervisor::spin`] of a process the root moved here from node `from` (a migration or
@@ -476,6 +476,7 @@ impl Supervisor {
         id: Option<ProcessId>,
         generation: Option<u64>,
         from: Option<p2f_model::NodeName>,
+        external: Option<String>,
     ) -> Result<Process, SupervisorError> {
         spec.validate()?;
         let id = id.unwrap_or_else(|| ProcessId::for_service(spec.name(), rand::random()));
@@ -493,6 +494,7 @@ impl Supervisor {
             let at = now();
             let mut process =
                 Process::placed(id.clone(), generation, spec, self.inner.node.clone(), at);
+            process.external = external;
             if let Some(from) = from {
                 let to = self.inner.node.name.clone();
                 process.record(at, p2f_model::EventKind::Moved { from, to });
@@ -762,47 +764,57 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let running: Vec<(ProcessId, Local)> = {
+        let running: Vec<(ProcessId, Local, Option<u16>)> = {
             let registry = inner.lock();
             registry
                 .slots
                 .values()
                 .filter(|s| s.process().is_running())
-                .filter_map(|s| s.entry.local.map(|l| (s.process().id.clone(), l)))
+                .filter_map(|s| {
+                    let process = s.process();
+                    s.entry.local.map(|l| (process.id.clone(), l, process.port))
+                })
                 .collect()
         };
         if running.is_empty() {
             continue;
         }
         // Everything in its cell counts (helpers, health checks); a process from before cells,
-        // its group.
+        // its group. And where its port really is bound.
         let containment = inner.containment.clone();
         let query = running.clone();
-        let rss = tokio::task::spawn_blocking(move || {
+        let facts = tokio::task::spawn_blocking(move || {
             query
                 .iter()
-                .map(|(id, local)| {
+                .map(|(id, local, port)| {
                     let members = containment.cell(id).members(local.relay);
-                    if members.is_empty() {
+                    let memory = if members.is_empty() {
                         os::group_rss(&[local.pgid])
                             .get(&local.pgid)
                             .copied()
                             .unwrap_or(0)
                     } else {
                         os::rss_of(&members)
-                    }
+                    };
+                    let listen = port
+                        .and_then(os::listen_address)
+                        .map(|address| address.to_string());
+                    (memory, listen)
                 })
-                .collect::<Vec<u64>>()
+                .collect::<Vec<(u64, Option<String>)>>()
         })
         .await
         .unwrap_or_default();
         let mut registry = inner.lock();
-        for ((id, _), memory) in running.iter().zip(rss) {
+        for ((id, _, _), (memory, listen)) in running.iter().zip(facts) {
             if let Some(slot) = registry.slots.get_mut(id)
                 && slot.process().is_running()
-                && slot.process().memory_bytes != memory
+                && (slot.process().memory_bytes != memory || slot.process().listen != listen)
             {
-                slot.update(|entry| entry.process.memory_bytes = memory);
+                slot.update(|entry| {
+                    entry.process.memory_bytes = memory;
+                    entry.process.listen = listen;
+                });
             }
         }
     }

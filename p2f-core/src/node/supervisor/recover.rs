@@ -5,6 +5,7 @@
 use p2f_model::{Process, Status};
 use tokio::sync::watch;
 
+use super::spawn::Identity;
 use super::task::{self, Begin};
 use super::{Claim, Desired, Recovery, Runner, Slot, Supervisor, Writing, now};
 use crate::node::lifecycle;
@@ -163,15 +164,30 @@ impl Supervisor {
 }
 
 /// A process of this placement that runs although the record does not say so (the agent died
-/// between starting it and writing its pid), with its relay when that runs too.
+/// between starting it and writing its pid), with its relay when that runs too. Only one that
+/// runs as the uid the record expects (its spec's user, else the agent's): anyone can set the
+/// variables that name a placement, and adopting an impostor would let it be stopped, counted
+/// and reported as the service.
 fn find_orphan(process: &Process) -> Option<Local> {
     let found = os::find_by_env(process.id.as_str(), process.generation);
     let leaders = found.into_iter().filter(|(pid, pgid)| pid == pgid);
     let (relays, mains): (Vec<u32>, Vec<u32>) = leaders
         .map(|(pid, _)| pid)
         .partition(|pid| os::is_relay(*pid));
-    let main = *mains.first()?;
-    let relay = relays.first().copied().unwrap_or(0);
+    let expected = match Identity::of(process) {
+        Ok(Some(who)) => who.uid(),
+        Ok(None) => nix::unistd::geteuid().as_raw(),
+        Err(_) => return None,
+    };
+    let main = *mains
+        .iter()
+        .find(|pid| os::uid_of(**pid) == Some(expected))?;
+    let agent = nix::unistd::geteuid().as_raw();
+    let relay = relays
+        .iter()
+        .copied()
+        .find(|pid| os::uid_of(*pid) == Some(agent))
+        .unwrap_or(0);
     Some(Local {
         pgid: main,
         start_ticks: os::start_ticks(main)?,

@@ -20,11 +20,17 @@ use crate::node::os;
 use crate::node::relay::{self, Relay};
 use crate::node::strategy::{self, Prepared};
 
-/// The uid and gid a process's commands run as (its spec's `user`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who a process's commands run as (its spec's `user`), resolved once per launch: uid, gid,
+/// supplementary groups (as `initgroups(3)`, what `su` and systemd give), and the variables
+/// that name the user (`HOME`, `USER`, `LOGNAME`, `SHELL`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Identity {
     uid: Uid,
     gid: Gid,
+    groups: Vec<Gid>,
+    name: String,
+    home: PathBuf,
+    shell: PathBuf,
 }
 
 impl Identity {
@@ -43,10 +49,42 @@ impl Identity {
                 "cannot run as {user}: the agent does not run as root"
             )));
         }
+        let name = std::ffi::CString::new(found.name.as_bytes())
+            .map_err(|e| failed(format!("user name {user}: {e}")))?;
+        let groups = nix::unistd::getgrouplist(&name, found.gid)
+            .map_err(|e| failed(format!("cannot look up the groups of {user}: {e}")))?;
         Ok(Some(Identity {
             uid: found.uid,
             gid: found.gid,
+            groups,
+            name: found.name,
+            home: found.dir,
+            shell: found.shell,
         }))
+    }
+
+    /// The uid, for the relay and for adoption checks.
+    pub(crate) fn uid(&self) -> u32 {
+        self.uid.as_raw()
+    }
+
+    /// The variables that name the user, replacing the agent's.
+    fn variables(&self) -> [(String, String); 4] {
+        [
+            ("HOME".into(), self.home.to_string_lossy().into_owned()),
+            ("USER".into(), self.name.clone()),
+            ("LOGNAME".into(), self.name.clone()),
+            ("SHELL".into(), self.shell.to_string_lossy().into_owned()),
+        ]
+    }
+
+    /// The relay's `--user`: uid, gid and supplementary groups.
+    fn relay_user(&self) -> relay::User {
+        relay::User {
+            uid: self.uid.as_raw(),
+            gid: self.gid.as_raw(),
+            groups: self.groups.iter().map(|g| g.as_raw()).collect(),
+        }
     }
 
     /// Gives `dir` and everything in it to this identity (not following symlinks): the process
@@ -84,9 +122,13 @@ fn failed(message: String) -> Failure {
 pub(crate) struct Shell {
     dir: PathBuf,
     env: Vec<(String, String)>,
-    who: Option<Identity>,
+    /// Who the commands run as (none: the agent's user), as the relay and `pre_exec` take it.
+    who: Option<relay::User>,
     /// The spec's `user`, for messages.
     user: Option<String>,
+    /// Why no command may run (its user could not be resolved for a re-adopted process):
+    /// never run it as the agent's user instead.
+    refused: Option<String>,
     /// The process's cell, open for joining: its stop command and health checks run inside it
     /// (none in the fallback containment).
     door: Option<Arc<std::fs::File>>,
@@ -103,12 +145,13 @@ pub(crate) struct Launched {
 const RELAY_START: Duration = Duration::from_secs(10);
 
 impl Shell {
-    /// The shell of `process` deployed as `prepared`, run as `who` (from [`Identity::of`]),
-    /// its commands joining `cell`.
+    /// The shell of `process` deployed as `prepared`, run as `who` (from [`Identity::of`]:
+    /// `Err` when its user could not be resolved, and then no command runs), its commands
+    /// joining `cell`. With a user, `HOME`, `USER`, `LOGNAME` and `SHELL` are the user's.
     pub(crate) fn new(
         process: &Process,
         prepared: &Prepared,
-        who: Option<Identity>,
+        who: Result<Option<&Identity>, Failure>,
         cell: &Cell,
     ) -> Shell {
         let door = match cell.door() {
@@ -118,13 +161,28 @@ impl Shell {
                 None
             }
         };
+        let mut env = strategy::environment(process, prepared);
+        let (who, refused) = match who {
+            Ok(Some(identity)) => {
+                env.extend(identity.variables());
+                (Some(identity.relay_user()), None)
+            }
+            Ok(None) => (None, None),
+            Err(failure) => (None, Some(failure.to_string())),
+        };
         Shell {
             dir: prepared.bundle_dir.clone(),
-            env: strategy::environment(process, prepared),
+            env,
             who,
             user: process.spec.user().map(str::to_owned),
+            refused,
             door,
         }
+    }
+
+    /// Why its commands may not run, if they may not.
+    pub(crate) fn refused(&self) -> Option<&str> {
+        self.refused.as_deref()
     }
 
     /// A shell for commands outside any process: in `dir`, with `env`, as the agent's user.
@@ -135,6 +193,7 @@ impl Shell {
             env: env.to_vec(),
             who: None,
             user: None,
+            refused: None,
             door: None,
         }
     }
@@ -158,15 +217,22 @@ impl Shell {
         let mut sh = Command::new(&argv[0]);
         sh.args(&argv[1..]);
         self.place(&mut sh);
-        if let Some(who) = self.who {
-            sh.uid(who.uid.as_raw()).gid(who.gid.as_raw());
-        }
-        if let Some(door) = &self.door {
-            let fd = door.as_raw_fd();
-            // SAFETY: the hook only calls `join_before_exec`, one write(2) (async-signal-safe);
-            // `self.door` keeps the descriptor open while the command is spawned.
+        let door = self.door.as_ref().map(|door| door.as_raw_fd());
+        let who = self.who.clone();
+        if door.is_some() || who.is_some() {
+            // SAFETY: the hook makes only system calls (`join_before_exec`, `become_user`) on
+            // memory prepared before the fork; `self.door` keeps the descriptor open while the
+            // command is spawned. The cell is joined first, while still privileged.
             unsafe {
-                sh.pre_exec(move || contain::join_before_exec(fd));
+                sh.pre_exec(move || {
+                    if let Some(fd) = door {
+                        contain::join_before_exec(fd)?;
+                    }
+                    match &who {
+                        Some(user) => relay::become_user(user),
+                        None => Ok(()),
+                    }
+                });
             }
         }
         sh
@@ -213,7 +279,7 @@ impl Shell {
             ))
         };
         relay.command = Shell::argv(command);
-        relay.user = self.who.map(|w| (w.uid.as_raw(), w.gid.as_raw()));
+        relay.user = self.who.clone();
         let mut cmd = Command::new(relay::executable());
         cmd.arg(relay::MARK).args(relay.to_args());
         self.place(&mut cmd);
@@ -244,12 +310,13 @@ impl Shell {
 
     /// Starts the stop command of the process whose main pid is `pid` (which it gets as `PID`),
     /// in a process group of its own (and in the process's cell).
-    pub(crate) fn stop(&self, command: &str, pid: u32) -> std::io::Result<Child> {
-        os::spawn(
-            self.quiet(command)
-                .env("PID", pid.to_string())
-                .process_group(0),
-        )
+    pub(crate) async fn stop(&self, command: &str, pid: u32) -> std::io::Result<Child> {
+        if let Some(why) = &self.refused {
+            return Err(std::io::Error::other(why.clone()));
+        }
+        let mut stop = self.quiet(command);
+        stop.env("PID", pid.to_string()).process_group(0);
+        os::spawn_off(stop).await
     }
 }
 
@@ -347,11 +414,11 @@ mod tests {
             bundle_dir: dir.path().to_path_buf(),
             nix_out: None,
         };
-        let shell = Shell::new(&p, &prepared, None, &Cell::Tree);
+        let shell = Shell::new(&p, &prepared, Ok(None), &Cell::Tree);
         let script = "test \"$PWD\" = \"$P2F_BUNDLE\" && test \"$PORT\" = 8123 \
                       && test \"$P2F_GENERATION\" = 3 && test \"$GREETING\" = hi \
                       && test \"$PID\" = 77";
-        let status = shell.stop(script, 77).expect("spawn").wait().await;
+        let status = shell.stop(script, 77).await.expect("spawn").wait().await;
         assert!(status.expect("wait").success());
         let log_path = dir.path().join("log");
         let log = std::fs::File::create(&log_path).expect("log");

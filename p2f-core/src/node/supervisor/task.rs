@@ -238,7 +238,7 @@ impl Task {
         let who = Identity::of(&self.entry.process)?;
         let prepared = match strategy::already_deployed(&self.inner.bundles, &self.entry.process) {
             Some(prepared) => prepared,
-            None => match self.deploy(&log, who).await? {
+            None => match self.deploy(&log, who.as_ref()).await? {
                 Some(prepared) => prepared,
                 None => return Ok(None),
             },
@@ -268,7 +268,12 @@ impl Task {
                     .into(),
             });
         }
-        let shell = Arc::new(Shell::new(&self.entry.process, &prepared, who, &cell));
+        let shell = Arc::new(Shell::new(
+            &self.entry.process,
+            &prepared,
+            Ok(who.as_ref()),
+            &cell,
+        ));
         let relay = self.inner.relay_for(id, &cell);
         let exit_file = relay.exit.clone();
         let launched = shell
@@ -299,7 +304,7 @@ impl Task {
     async fn deploy(
         &mut self,
         log: &std::fs::File,
-        who: Option<Identity>,
+        who: Option<&Identity>,
     ) -> Result<Option<Prepared>, Failure> {
         let spec = &self.entry.process.spec;
         if !matches!(spec.strategy(), p2f_model::Strategy::Shell) || !spec.bundle().is_empty() {
@@ -346,15 +351,22 @@ impl Task {
                 bundle_dir: strategy::bundle_dir(&self.inner.bundles, process),
                 nix_out: None,
             });
-        let who = Identity::of(process).unwrap_or_else(|failure| {
-            tracing::warn!(id = %process.id, "{failure}: its stop and health commands run as the agent's user");
-            None
-        });
+        // A user that cannot be resolved any more: its stop and health commands do not run
+        // (never as the agent's user instead); a stop goes straight to SIGTERM.
+        let who = Identity::of(process);
+        if let Err(failure) = &who {
+            tracing::warn!(id = %process.id, "{failure}: its stop and health commands will not run");
+        }
         let cell = self.inner.containment.cell(&process.id);
         Started {
             running: Running::Adopted,
             local,
-            shell: Arc::new(Shell::new(process, &prepared, who, &cell)),
+            shell: Arc::new(Shell::new(
+                process,
+                &prepared,
+                who.as_ref().map(Option::as_ref).map_err(Clone::clone),
+                &cell,
+            )),
             cell,
             exit_file: self.inner.logs.exit_path(&process.id),
         }
@@ -459,6 +471,10 @@ impl Task {
                                 healthy = true;
                                 ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
                                 lifecycle::on_healthy(&mut self.entry.process, now());
+                                // Healthy: where it listens is known now, not at the next refresh.
+                                self.entry.process.listen = port
+                                    .and_then(os::listen_address)
+                                    .map(|address| address.to_string());
                                 self.commit().await;
                             }
                         }
@@ -525,7 +541,7 @@ async fn stop(entry: &Entry, started: &mut Started) -> bool {
     let pid = started.local.pgid;
     let deadline = tokio::time::Instant::now() + spec.grace();
     let mut stopper = match spec.stop() {
-        Some(command) => match started.shell.stop(command, pid) {
+        Some(command) => match started.shell.stop(command, pid).await {
             Ok(child) => Some(child),
             Err(e) => {
                 tracing::warn!(id = %entry.process.id, "stop command did not start: {e}; sending SIGTERM");
