@@ -183,14 +183,17 @@ pub fn routes_table(report: &p2f_core::wire::RoutesReport) -> String {
             (None, Some(down)) => format!("down: {down}"),
             (None, None) => "down".to_owned(),
         };
-        let certificate = route
+        let mut certificate = route
             .certificate
             .as_ref()
-            .map(|c| {
-                let days = c.not_after.saturating_sub(now) / 86_400;
-                format!("{}, {days} days left", c.issuer)
-            })
-            .unwrap_or_else(|| "on first use".to_owned());
+            .map(|c| format!("{}, {}", c.issuer, expiry(c.not_after, now)))
+            .unwrap_or_else(|| match &route.certificate_error {
+                Some(_) => "none".to_owned(),
+                None => "on first use".to_owned(),
+            });
+        if let Some(error) = &route.certificate_error {
+            certificate.push_str(&format!("; error: {error}"));
+        }
         table.add_row([
             route.domain.clone(),
             format!("{} ({})", route.process, route.service),
@@ -204,6 +207,15 @@ pub fn routes_table(report: &p2f_core::wire::RoutesReport) -> String {
         "{table}\nHTTP on {}, HTTPS on {}",
         report.http, report.https
     )
+}
+
+/// How long until `not_after` (seconds since the epoch) from `now`: `89d23h left`,
+/// `40s left`, `expired`.
+fn expiry(not_after: u64, now: u64) -> String {
+    match not_after.saturating_sub(now) {
+        0 => "expired".to_owned(),
+        left => format!("{} left", duration(left)),
+    }
 }
 
 /// `12.3 MiB`.
@@ -304,6 +316,47 @@ mod tests {
         assert_eq!(bytes(0), "-");
         assert_eq!(bytes(3 * 1024 * 1024 / 2), "1.5 MiB");
         assert_eq!(bytes(2 * 1024 * 1024 * 1024), "2.0 GiB");
+    }
+
+    #[test]
+    fn routes_show_the_certificate_and_why_there_is_none() {
+        use p2f_core::wire::{CertificateInfo, RouteInfo, RoutesReport};
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let route = |domain: &str, certificate, certificate_error: Option<&str>| RouteInfo {
+            domain: domain.into(),
+            process: p2f_model::ProcessId::new("wiki-1").expect("id"),
+            service: "wiki".into(),
+            node: p2f_model::NodeName::from_static("pi"),
+            generation: 1,
+            upstream: Some("agent pi → 127.0.0.1:8080".into()),
+            down: None,
+            certificate,
+            certificate_error: certificate_error.map(str::to_owned),
+            last_error: None,
+        };
+        let report = RoutesReport {
+            http: "0.0.0.0:80".into(),
+            https: "0.0.0.0:443".into(),
+            routes: vec![
+                route(
+                    "a.example.org",
+                    Some(CertificateInfo {
+                        issuer: "ACME: R11".into(),
+                        not_after: now + 100,
+                    }),
+                    None,
+                ),
+                route("b.example.org", None, Some("being ordered")),
+            ],
+        };
+        let table = routes_table(&report);
+        assert!(table.contains("ACME: R11, 1m"), "{table}");
+        assert!(table.contains("none; error: being ordered"), "{table}");
+        assert_eq!(expiry(now, now), "expired");
+        assert_eq!(expiry(now + 90_000, now), "1d01h left");
     }
 
     #[test]

@@ -218,6 +218,10 @@ pub struct RouteInfo {
     /// The certificate presented for the domain, once one was issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateInfo>,
+    /// Why the domain has no certificate (yet), or why the last try to renew it failed: the
+    /// last ACME error, or that no issuer covers a public name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_error: Option<String>,
     /// The last error reaching the process, if any since it last served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -227,7 +231,8 @@ pub struct RouteInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertificateInfo {
-    /// Who issued it (`cluster CA`, later an ACME directory).
+    /// Who issued it: `cluster CA`, or `ACME: ` and the issuing CA's common name (like
+    /// `ACME: R11`).
     pub issuer: String,
     /// When it expires, in seconds since the Unix epoch.
     pub not_after: u64,

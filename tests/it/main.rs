@@ -1,5 +1,6 @@
 //! P2F's integration tests: one binary, one module per concern.
 
+mod acme;
 mod agent;
 mod cli;
 mod ingress;

@@ -1,9 +1,11 @@
 //! The ingress's certificates: one per routed domain, picked by SNI in each TLS handshake,
 //! issued on first use and cached. Where a name's certificate comes from is an [`Issuer`]'s
 //! business: [`LocalCa`] (the cluster CA, for local names: `.home.arpa`, `.internal`, `.lan`,
-//! `.local`, `.test`, `localhost`, IP literals) now; ACME for public names plugs in beside it.
+//! `.local`, `.test`, `localhost`, IP literals) and [`super::acme::Acme`] for public names.
 //! A name that is not a routed domain, or that no issuer covers, is refused (no certificate,
-//! the handshake fails) — the ingress reveals nothing about names it does not serve.
+//! the handshake fails) — the ingress reveals nothing about names it does not serve. A
+//! handshake offering only ALPN `acme-tls/1` gets the TLS-ALPN-01 challenge certificate of its
+//! name while an order is under way, and nothing otherwise.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -14,6 +16,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 
+use super::acme::{ACME_TLS_ALPN, Challenges};
 use super::routes::{RouteTable, normalise};
 use crate::cluster::{ClusterCa, ClusterError, certified_key};
 use crate::wire::CertificateInfo;
@@ -33,6 +36,15 @@ pub enum CertError {
     NotCovered {
         /// The name.
         name: String,
+    },
+    /// ACME has no certificate for the name (yet): it is being ordered, or the last order
+    /// failed (`reason`).
+    #[error("no certificate from ACME for {name} yet: {reason}")]
+    Acme {
+        /// The name.
+        name: String,
+        /// Why: "being ordered", or the last order's error.
+        reason: String,
     },
     /// The cluster CA could not issue it.
     #[error("the cluster CA cannot issue a certificate for {name}: {source}")]
@@ -62,6 +74,15 @@ pub trait Issuer: Send + Sync + 'static {
     /// A certificate for `name`, now. Called in a TLS handshake, so it must be quick: an issuer
     /// whose certificates take long (ACME) keeps them ready and answers from its store.
     fn issue(&self, name: &str) -> Result<Issued, CertError>;
+    /// Whether this issuer keeps (and renews) its certificates itself, so the resolver asks it
+    /// in every handshake instead of caching (its `issue` is then a map look-up). Default false.
+    fn keeps_store(&self) -> bool {
+        false
+    }
+    /// The last error getting a certificate for `name`, if the last attempt failed.
+    fn last_error(&self, _name: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Whether `name` is a local name: a special-use or private domain that no public CA
@@ -119,6 +140,7 @@ impl Issuer for LocalCa {
 pub struct Certificates {
     issuers: Vec<Arc<dyn Issuer>>,
     routes: watch::Receiver<Arc<RouteTable>>,
+    challenges: Arc<Challenges>,
     cache: RwLock<HashMap<String, Issued>>,
 }
 
@@ -133,14 +155,16 @@ impl std::fmt::Debug for Certificates {
 
 impl Certificates {
     /// A resolver asking `issuers` in order (the first that covers a name issues it), for the
-    /// domains of `routes`.
+    /// domains of `routes`; TLS-ALPN-01 handshakes get their certificate from `challenges`.
     pub fn new(
         issuers: Vec<Arc<dyn Issuer>>,
         routes: watch::Receiver<Arc<RouteTable>>,
+        challenges: Arc<Challenges>,
     ) -> Certificates {
         Certificates {
             issuers,
             routes,
+            challenges,
             cache: RwLock::new(HashMap::new()),
         }
     }
@@ -154,13 +178,22 @@ impl Certificates {
             tracing::debug!(%name, "TLS for a name that is not routed: refused");
             return None;
         }
+        let issuer = self.issuers.iter().find(|issuer| issuer.covers(&name))?;
+        if issuer.keeps_store() {
+            return match issuer.issue(&name) {
+                Ok(issued) => Some(issued.key),
+                Err(e) => {
+                    tracing::debug!(%name, "no certificate: {e}");
+                    None
+                }
+            };
+        }
         let now = unix_now();
         if let Some(issued) = self.read().get(&name)
             && issued.info.not_after.saturating_sub(now) > issued.lifetime / RENEW_DIVISOR
         {
             return Some(Arc::clone(&issued.key));
         }
-        let issuer = self.issuers.iter().find(|issuer| issuer.covers(&name))?;
         match issuer.issue(&name) {
             Ok(issued) => {
                 tracing::info!(%name, issuer = %issued.info.issuer, "certificate issued");
@@ -175,9 +208,38 @@ impl Certificates {
         }
     }
 
+    /// The TLS-ALPN-01 challenge certificate for `name` (`None`: no SNI), for a handshake
+    /// whose client offered ALPN `acme-tls/1` only (RFC 8737); `None` when no such challenge
+    /// is under way for the name.
+    pub fn challenge_certificate(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let name = normalise(name?);
+        let found = self.challenges.tls_alpn_certificate(&name);
+        tracing::debug!(%name, found = found.is_some(), "TLS-ALPN-01 handshake");
+        found
+    }
+
     /// What is known of the certificate presented for `name`, once one was issued.
     pub fn info(&self, name: &str) -> Option<CertificateInfo> {
-        self.read().get(&normalise(name)).map(|i| i.info.clone())
+        let name = normalise(name);
+        if let Some(issuer) = self.issuers.iter().find(|issuer| issuer.covers(&name))
+            && issuer.keeps_store()
+        {
+            return issuer.issue(&name).ok().map(|issued| issued.info);
+        }
+        self.read().get(&name).map(|i| i.info.clone())
+    }
+
+    /// Why `name` has no certificate, or had none the last time one was asked for: the last
+    /// error of its issuer, or that no issuer covers it (a public name without ACME).
+    pub fn error(&self, name: &str) -> Option<String> {
+        let name = normalise(name);
+        match self.issuers.iter().find(|issuer| issuer.covers(&name)) {
+            Some(issuer) => issuer.last_error(&name),
+            None => Some(
+                "no issuer for public names: set [ingress] acme_email in the root's node.toml"
+                    .to_owned(),
+            ),
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Issued>> {
@@ -191,6 +253,12 @@ impl Certificates {
 
 impl ResolvesServerCert for Certificates {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let acme_only = client_hello.alpn().is_some_and(|mut offered| {
+            offered.next() == Some(ACME_TLS_ALPN) && offered.next().is_none()
+        });
+        if acme_only {
+            return self.challenge_certificate(client_hello.server_name());
+        }
         self.certificate(client_hello.server_name())
     }
 }
@@ -266,6 +334,7 @@ mod tests {
         let certs = Certificates::new(
             vec![Arc::new(LocalCa::new(ca))],
             routes_of(&["wiki.home.arpa", "public.example.org"]),
+            Arc::default(),
         );
         let first = certs.certificate(Some("WIKI.home.arpa")).expect("issued");
         let again = certs.certificate(Some("wiki.home.arpa.")).expect("cached");
@@ -279,5 +348,8 @@ mod tests {
         assert!(certs.certificate(None).is_none());
         assert!(certs.certificate(Some("public.example.org")).is_none());
         assert!(certs.info("public.example.org").is_none());
+        let why = certs.error("public.example.org").expect("why");
+        assert!(why.contains("acme_email"), "{why}");
+        assert!(certs.error("wiki.home.arpa").is_none());
     }
 }

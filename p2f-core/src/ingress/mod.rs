@@ -5,13 +5,16 @@
 //!
 //! - [`routes`] — the route table, derived from the records' view on every change (pure).
 //! - [`headers`] — host parsing, hop-by-hop and forwarding headers (pure).
-//! - [`certs`] — certificates by SNI, issued on first use: the cluster CA for local names;
-//!   the [`certs::Issuer`] seam is where ACME plugs in.
+//! - [`certs`] — certificates by SNI: the cluster CA for local names (issued on first use),
+//!   behind the [`certs::Issuer`] seam with ACME beside it.
+//! - [`acme`] — certificates for public names from an ACME CA, ordered and renewed in the
+//!   background, stored in the root's data directory; HTTP-01 and TLS-ALPN-01.
 //! - [`upstream`] — the [`upstream::Upstream`] seam: a byte stream to a process, through its
 //!   node's agent ([`upstream::ThroughAgent`]); a relay for NAT'd nodes goes behind it too.
 //! - `proxy` — the hyper-based proxy behind both listeners.
 //! - [`api`] — `GET /v1/routes`.
 
+pub mod acme;
 pub mod api;
 pub mod certs;
 pub mod headers;
@@ -27,16 +30,21 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cluster::{ALPN_H2_HTTP1, ClusterCa, ClusterError, Secret, resolving_server_config};
+use crate::cluster::{ClusterCa, ClusterError, Secret, resolving_server_config};
 use crate::records::Records;
 use crate::server::{Accept, PlainHttp};
 use crate::wire::{RouteInfo, RoutesReport};
+use acme::{ACME_TLS_ALPN, AcmeConfig, Challenges};
 use certs::{Certificates, Issuer, LocalCa};
 use routes::RouteTable;
 use upstream::{ThroughAgent, Upstream, UpstreamError};
 
+/// ALPN of the ingress's HTTPS listener: HTTP/2, HTTP/1.1, and TLS-ALPN-01's `acme-tls/1`
+/// (which only ACME validators offer, alone; see [`certs::Certificates`]).
+const ALPN_INGRESS: &[&[u8]] = &[b"h2", b"http/1.1", ACME_TLS_ALPN];
+
 /// How the ingress runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IngressConfig {
     /// The plain-HTTP listener (port 0 picks one).
     pub http: SocketAddr,
@@ -46,6 +54,9 @@ pub struct IngressConfig {
     pub hold: Duration,
     /// Whether plain HTTP redirects to HTTPS (`308`).
     pub redirect: bool,
+    /// Certificates for public names from ACME; `None`: public names get none (their
+    /// handshakes are refused).
+    pub acme: Option<AcmeConfig>,
 }
 
 /// Why the ingress could not start.
@@ -87,6 +98,8 @@ struct Inner {
     errors: Arc<proxy::Errors>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The ACME manager (aborted at stop).
+    acme: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Ingress {
@@ -101,7 +114,7 @@ impl std::fmt::Debug for Ingress {
 impl Ingress {
     /// Starts the ingress of the root whose records are `records`: processes are reached
     /// through their agents (the cluster's `ca` and `secret`), local names get certificates
-    /// from `ca` (which must hold its key).
+    /// from `ca` (which must hold its key), public names from ACME when `config.acme` says so.
     ///
     /// Errors: a listener that cannot be bound ([`IngressError::Listen`]), a CA certificate
     /// rustls refuses.
@@ -116,7 +129,8 @@ impl Ingress {
         Ingress::start_with(config, records, issuers, upstream).await
     }
 
-    /// [`Ingress::start`] with other certificate issuers and another way to reach processes.
+    /// [`Ingress::start`] with other certificate issuers and another way to reach processes
+    /// (ACME, when `config.acme` is set, is asked after `issuers`).
     pub async fn start_with(
         config: IngressConfig,
         records: Records,
@@ -146,16 +160,33 @@ impl Ingress {
 
         let table = route_table(&records);
         let (routes_tx, routes) = watch::channel(Arc::new(table));
-        let certificates = Arc::new(Certificates::new(issuers, routes.clone()));
-        let tls = resolving_server_config(certificates.clone(), ALPN_H2_HTTP1)?;
+        let challenges = Arc::new(Challenges::default());
+        let mut issuers = issuers;
+        let acme = config.acme.clone().map(|acme_config| {
+            let (issuer, manager) = acme::Manager::new(acme_config, challenges.clone());
+            issuers.push(Arc::new(issuer));
+            tokio::spawn(manager.run(routes.clone()))
+        });
+        let certificates = Arc::new(Certificates::new(
+            issuers,
+            routes.clone(),
+            challenges.clone(),
+        ));
+        let tls = resolving_server_config(certificates.clone(), ALPN_INGRESS)?;
         let errors = Arc::new(proxy::Errors::default());
         let settings = proxy::Settings {
             hold: config.hold,
             redirect: config.redirect,
             https_port: https.port(),
         };
-        let app =
-            proxy::Proxy::new(routes.clone(), upstream.clone(), errors.clone(), settings).app();
+        let app = proxy::Proxy::new(
+            routes.clone(),
+            upstream.clone(),
+            errors.clone(),
+            challenges,
+            settings,
+        )
+        .app();
         let (stop, stopped) = watch::channel(false);
         let until_stopped = move || {
             let mut stopped = stopped.clone();
@@ -201,6 +232,7 @@ impl Ingress {
                 errors,
                 stop,
                 tasks: Mutex::new(tasks),
+                acme: Mutex::new(acme),
             }),
         })
     }
@@ -235,6 +267,7 @@ impl Ingress {
                     .is_none()
                     .then(|| routes::reason(&route.process)),
                 certificate: self.inner.certificates.info(&route.domain),
+                certificate_error: self.inner.certificates.error(&route.domain),
                 last_error: self.inner.errors.get(&route.domain),
             })
             .collect();
@@ -249,6 +282,15 @@ impl Ingress {
     /// records.
     pub async fn stop(self) {
         let _ = self.inner.stop.send(true);
+        let acme = self
+            .inner
+            .acme
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(acme) = acme {
+            acme.abort();
+        }
         let tasks = std::mem::take(
             &mut *self
                 .inner

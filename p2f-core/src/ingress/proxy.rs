@@ -24,6 +24,7 @@ use p2f_model::Status;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::acme::Challenges;
 use super::headers::{self, Forwarding};
 use super::routes::{self, Route, RouteTable, Target};
 use super::upstream::{Connector, Targets, Upstream};
@@ -82,6 +83,7 @@ pub(crate) struct Proxy {
     client: Client<Connector, Body>,
     targets: Arc<Targets>,
     errors: Arc<Errors>,
+    challenges: Arc<Challenges>,
     settings: Settings,
 }
 
@@ -90,6 +92,7 @@ impl Proxy {
         routes: watch::Receiver<Arc<RouteTable>>,
         upstream: Arc<dyn Upstream>,
         errors: Arc<Errors>,
+        challenges: Arc<Challenges>,
         settings: Settings,
     ) -> Proxy {
         let targets = Arc::new(Targets::default());
@@ -107,6 +110,7 @@ impl Proxy {
             client,
             targets,
             errors,
+            challenges,
             settings,
         }
     }
@@ -126,9 +130,17 @@ async fn handle(
         Ok(host) => host,
         Err(e) => return text(StatusCode::BAD_REQUEST, &format!("400 bad request: {e}\n")),
     };
-    if !info.tls && request.uri().path().starts_with(ACME_CHALLENGE) {
-        // ACME is not configured: there is no challenge to answer.
-        return not_found();
+    if !info.tls
+        && let Some(token) = request.uri().path().strip_prefix(ACME_CHALLENGE)
+    {
+        // HTTP-01: the key authorisation while that challenge is under way, for any host.
+        return match proxy.challenges.http_response(token) {
+            Some(body) => {
+                tracing::debug!(%host, "HTTP-01 challenge answered");
+                ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response()
+            }
+            None => not_found(),
+        };
     }
     if !proxy.routes.borrow().contains(&host) {
         return not_found();

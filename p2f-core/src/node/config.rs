@@ -29,6 +29,10 @@
 //! https = "0.0.0.0:443"            # HTTPS, HTTP/1.1 and HTTP/2, a certificate per domain
 //! hold = "5s"                      # how long an idempotent request waits for a new copy
 //! redirect = true                  # HTTP → HTTPS (308); false serves plain HTTP too
+//! acme_email = "me@example.org"    # certificates for public names from ACME (off without it)
+//! acme_directory = "https://acme-v02.api.letsencrypt.org/directory"  # the default
+//! acme_ca = "/etc/p2f/acme-ca.pem" # a CA to trust for the directory (default: the system's)
+//! acme_challenge = "auto"          # or "http-01", "tls-alpn-01"; auto: TLS-ALPN-01, then HTTP-01
 //! ```
 
 use std::collections::BTreeMap;
@@ -117,6 +121,26 @@ pub struct IngressSettings {
     /// never redirected.
     #[serde(default = "yes")]
     pub redirect: bool,
+    /// The ACME account's contact address. Setting it turns ACME on: public names (all but
+    /// `.home.arpa`, `.internal`, `.lan`, `.local`, `.test`, `localhost`, IP literals) get
+    /// certificates from `acme_directory`. Without it they get none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme_email: Option<String>,
+    /// The ACME directory (an `https://` URL); default Let's Encrypt's production one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme_directory: Option<String>,
+    /// A PEM file whose first certificate is trusted for the directory's TLS (a test CA, a
+    /// private CA); default: the system's roots. Relative to the config file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme_ca: Option<PathBuf>,
+    /// Which ACME challenge proves control of a name: `auto` (default: TLS-ALPN-01 on the
+    /// HTTPS port, and when that fails HTTP-01 on the HTTP port), `http-01` or `tls-alpn-01`.
+    #[serde(default, skip_serializing_if = "is_auto")]
+    pub acme_challenge: crate::ingress::acme::AcmeChallenge,
+}
+
+fn is_auto(challenge: &crate::ingress::acme::AcmeChallenge) -> bool {
+    *challenge == crate::ingress::acme::AcmeChallenge::Auto
 }
 
 impl Default for IngressSettings {
@@ -127,6 +151,10 @@ impl Default for IngressSettings {
             https: default_ingress_https(),
             hold: default_hold(),
             redirect: true,
+            acme_email: None,
+            acme_directory: None,
+            acme_ca: None,
+            acme_challenge: crate::ingress::acme::AcmeChallenge::Auto,
         }
     }
 }
@@ -138,6 +166,21 @@ impl IngressSettings {
             return Err(format!(
                 "ingress.hold = \"{}\" is too long: at most 60s",
                 p2f_model::format_duration(self.hold)
+            ));
+        }
+        if let Some(email) = &self.acme_email {
+            let (user, host) = email.split_once('@').unwrap_or(("", ""));
+            if user.is_empty() || !host.contains('.') || email.contains(char::is_whitespace) {
+                return Err(format!(
+                    "ingress.acme_email = {email:?} is not an email address"
+                ));
+            }
+        }
+        if let Some(directory) = &self.acme_directory
+            && !directory.starts_with("https://")
+        {
+            return Err(format!(
+                "ingress.acme_directory = {directory:?} must be an https:// URL"
             ));
         }
         Ok(())
@@ -352,6 +395,9 @@ impl AgentConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         config.data_dir = relative_to(base, &config.data_dir);
         config.cluster_dir = config.cluster_dir.map(|dir| relative_to(base, &dir));
+        if let Some(ingress) = &mut config.ingress {
+            ingress.acme_ca = ingress.acme_ca.take().map(|ca| relative_to(base, &ca));
+        }
         Ok(config)
     }
 
@@ -460,6 +506,39 @@ mod tests {
     }
 
     #[test]
+    fn acme_settings_parse_round_trip_and_resolve_the_ca_path() {
+        use crate::ingress::acme::AcmeChallenge;
+        let text = "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\n\
+                    acme_email = \"me@example.org\"\n\
+                    acme_directory = \"https://127.0.0.1:14000/dir\"\n\
+                    acme_ca = \"pebble.pem\"\nacme_challenge = \"http-01\"\n";
+        let config = AgentConfig::parse(text).expect("parse");
+        let ingress = config.ingress.clone().expect("ingress");
+        assert_eq!(ingress.acme_email.as_deref(), Some("me@example.org"));
+        assert_eq!(
+            ingress.acme_directory.as_deref(),
+            Some("https://127.0.0.1:14000/dir")
+        );
+        assert_eq!(ingress.acme_challenge, AcmeChallenge::Http01);
+        assert_eq!(AgentConfig::parse(&config.to_toml()), Ok(config));
+        // No ACME settings are written by default.
+        assert!(
+            !AgentConfig::parse("name = \"pi\"\ndata_dir = \"d\"\n[ingress]\n")
+                .expect("parse")
+                .to_toml()
+                .contains("acme")
+        );
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).expect("write");
+        let loaded = AgentConfig::load(&path).expect("load");
+        assert_eq!(
+            loaded.ingress.and_then(|i| i.acme_ca),
+            Some(dir.path().join("pebble.pem"))
+        );
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let cases = [
             ("name = \"pi\"\n", "missing field `data_dir`"),
@@ -495,6 +574,18 @@ mod tests {
             (
                 "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\nport = 80\n",
                 "unknown field `port`",
+            ),
+            (
+                "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\nacme_email = \"me\"\n",
+                "ingress.acme_email = \"me\" is not an email address",
+            ),
+            (
+                "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\nacme_directory = \"http://ca/dir\"\n",
+                "must be an https:// URL",
+            ),
+            (
+                "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\nacme_challenge = \"dns-01\"\n",
+                "acme_challenge",
             ),
         ];
         for (text, want) in cases {

@@ -31,6 +31,7 @@ pub use config::{
 pub use supervisor::{Recovery, Shutdown, Supervisor};
 
 use crate::cluster::{ClusterCa, ClusterError, ClusterFiles, NodeCert, Secret};
+use crate::ingress::acme::{AcmeConfig, LETS_ENCRYPT};
 use crate::ingress::{Ingress, IngressConfig, IngressError};
 use crate::records::listing::Listed;
 use crate::records::{CatchUp, LocalRecords, Origin, Records};
@@ -338,6 +339,16 @@ async fn start_network(
                 https: settings.https,
                 hold: settings.hold,
                 redirect: settings.redirect,
+                acme: settings.acme_email.as_ref().map(|email| AcmeConfig {
+                    directory: settings
+                        .acme_directory
+                        .clone()
+                        .unwrap_or_else(|| LETS_ENCRYPT.to_owned()),
+                    email: email.clone(),
+                    ca: settings.acme_ca.clone(),
+                    challenge: settings.acme_challenge,
+                    dir: config.data_dir.join("acme"),
+                }),
             };
             let started =
                 Ingress::start(ingress_config, records.clone(), ca.clone(), secret.clone()).await;
