@@ -161,6 +161,8 @@ impl Proxy {
         let mut body = Some(body);
         let mut routes = self.routes.clone();
         let mut last_error: Option<String> = None;
+        // Whether the request was sent again after a pooled connection broke under it.
+        let mut resent = false;
         loop {
             let Some(route) = routes.borrow_and_update().find(&host).cloned() else {
                 return not_found();
@@ -177,7 +179,12 @@ impl Proxy {
                         let error = error_chain(&e);
                         tracing::debug!(domain = %route.domain, "upstream: {error}");
                         self.errors.set(&route.domain, error.clone());
-                        if !(replayable && e.is_connect()) {
+                        // A bodiless idempotent request is sent again: at once, once, when the
+                        // connection it went out on broke before an answer (a pooled
+                        // connection whose node just died, or whose process restarted);
+                        // every 250 ms within the hold while its copy cannot be reached.
+                        let broken = !e.is_connect();
+                        if !replayable || (broken && resent) {
                             return text(
                                 StatusCode::BAD_GATEWAY,
                                 &format!(
@@ -185,6 +192,10 @@ impl Proxy {
                                     route.process.name()
                                 ),
                             );
+                        }
+                        if broken {
+                            resent = true;
+                            continue;
                         }
                         last_error = Some(error);
                     }
