@@ -173,6 +173,8 @@ impl Proxy {
         let mut body = Some(body);
         let mut routes = self.routes.clone();
         let mut last_error: Option<String> = None;
+        // Whether the request was sent again after a pooled connection broke under it.
+        let mut resent = false;
         loop {
             let Some(route) = routes.borrow_and_update().find(&host).cloned() else {
                 return not_found();
@@ -189,7 +191,12 @@ impl Proxy {
                         let error = error_chain(&e);
                         tracing::debug!(domain = %route.domain, "upstream: {error}");
                         self.errors.set(&route.domain, error.clone());
-                        if !(replayable && e.is_connect()) {
+                        // A bodiless idempotent request is sent again: at once, once, when the
+                        // connection it went out on broke before an answer (a pooled
+                        // connection whose node just died, or whose process restarted);
+                        // every 250 ms within the hold while its copy cannot be reached.
+                        let broken = !e.is_connect();
+                        if !replayable || (broken && resent) {
                             return text(
                                 StatusCode::BAD_GATEWAY,
                                 &format!(
@@ -197,6 +204,10 @@ impl Proxy {
                                     route.process.name()
                                 ),
                             );
+                        }
+                        if broken {
+                            resent = true;
+                            continue;
                         }
                         last_error = Some(error);
                     }
@@ -441,6 +452,124 @@ fn html_escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures_util::future::BoxFuture;
+    use p2f_model::{EventKind, NodeName, NodeRef, Process, ProcessId, ProcessSpec, Timestamp};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tower::ServiceExt as _;
+
+    use crate::ingress::upstream::{Io, UpstreamError};
+    use crate::records::precedence::Origin;
+
+    /// An upstream whose first `breaks` connections take a request and close without an answer
+    /// (a pooled connection whose node just died); later ones answer `200 ok`.
+    struct Flaky {
+        breaks: usize,
+        connects: AtomicUsize,
+    }
+
+    impl Upstream for Flaky {
+        fn connect(&self, _: &Target) -> BoxFuture<'static, Result<Box<dyn Io>, UpstreamError>> {
+            let broken = self.connects.fetch_add(1, Ordering::SeqCst) < self.breaks;
+            let (ours, mut theirs) = tokio::io::duplex(4096);
+            tokio::spawn(async move {
+                let (mut head, mut buf) = (Vec::new(), [0u8; 1024]);
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match theirs.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if broken {
+                    return;
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if theirs.write_all(answer).await.is_ok() {
+                    // Kept alive until the proxy lets go.
+                    while matches!(theirs.read(&mut buf).await, Ok(n) if n > 0) {}
+                }
+            });
+            Box::pin(std::future::ready(Ok(Box::new(ours) as Box<dyn Io>)))
+        }
+
+        fn describe(&self, _: &Target) -> String {
+            "flaky".to_owned()
+        }
+    }
+
+    /// A proxy routing `wiki.lan` to a running, healthy copy reached through `upstream`.
+    fn proxy_to(upstream: Arc<Flaky>) -> Router {
+        let spec = ProcessSpec::new("wiki", "exec true")
+            .with_port(8080)
+            .with_domain("wiki.lan");
+        let node = NodeRef {
+            name: NodeName::from_static("pi"),
+            address: "127.0.0.1".into(),
+        };
+        let id = ProcessId::new("wiki").expect("id");
+        let mut process = Process::placed(id, 1, spec, node, Timestamp(1));
+        process.status = Status::Running;
+        process.record(Timestamp(2), EventKind::Started { pid: 7 });
+        process.record(Timestamp(3), EventKind::Healthy);
+        let process = Arc::new(process);
+        let table = RouteTable::from_copies([(&process, Origin::Local)]);
+        // (The receiver keeps the table when the sender is gone.)
+        let (_, routes) = watch::channel(Arc::new(table));
+        let settings = Settings {
+            hold: Duration::from_secs(2),
+            redirect: false,
+            https_port: 443,
+        };
+        Proxy::new(routes, upstream, Arc::default(), settings).app()
+    }
+
+    /// The status the proxy answers `method` (with `body`) with, and how many connections
+    /// the upstream was asked for.
+    async fn answer(breaks: usize, method: Method, body: &'static str) -> (StatusCode, usize) {
+        let upstream = Arc::new(Flaky {
+            breaks,
+            connects: AtomicUsize::new(0),
+        });
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri("/")
+            .header(header::HOST, "wiki.lan")
+            .extension(ConnectionInfo {
+                peer: ([127, 0, 0, 1], 4000).into(),
+                tls: true,
+            })
+            .body(Body::from(body))
+            .expect("request");
+        let response = tokio::time::timeout(
+            Duration::from_secs(10),
+            proxy_to(Arc::clone(&upstream)).oneshot(request),
+        )
+        .await
+        .expect("answered in time")
+        .expect("infallible");
+        (response.status(), upstream.connects.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn a_bodiless_request_is_sent_again_once_when_its_connection_breaks() {
+        // Broken once: sent again at once, answered.
+        assert_eq!(answer(1, Method::GET, "").await, (StatusCode::OK, 2));
+        // Broken twice: a 502, after exactly two tries.
+        assert_eq!(
+            answer(2, Method::GET, "").await,
+            (StatusCode::BAD_GATEWAY, 2)
+        );
+        // Not idempotent, or with a body: never sent again.
+        assert_eq!(
+            answer(1, Method::POST, "").await,
+            (StatusCode::BAD_GATEWAY, 1)
+        );
+        assert_eq!(
+            answer(1, Method::PUT, "x").await,
+            (StatusCode::BAD_GATEWAY, 1)
+        );
+    }
 
     #[test]
     fn idempotent_methods_are_held() {

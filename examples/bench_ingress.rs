@@ -1,0 +1,1159 @@
+//! Benchmark of the root's ingress (issue 12, "Benchmarks"), each figure beside its baseline
+//! from the same run:
+//!
+//! - **throughput**: requests/s and p50/p99 latency of a small response (`hello from root`,
+//!   from `bench_ingress backend PORT`, a one-thread hyper server on 127.0.0.1 that the root
+//!   supervises) through the root's ingress, Debian's nginx and Debian's Caddy, each proxying
+//!   that same backend, measured with Debian's `wrk` at the same connection count, plain HTTP
+//!   and HTTPS, the three back to back. The ingress reaches the backend the real way: through
+//!   the agent's tunnel (TLS to the node's own API, `Upgrade: p2f-tunnel`, spliced to the port);
+//!   nginx and Caddy connect to the port directly.
+//! - **failover**: a client asks the domain (HTTPS) every 50 ms, each request on its own, while
+//!   the member running the service is SIGKILLed (agent and processes); errors, and the time
+//!   from the new copy's `Healthy` event to the first answer from the new node.
+//! - **idle**: the root's RSS with N idle client connections (each made one request and stays
+//!   open), TLS and plain, against the same root before them.
+//!
+//! Run it with `bash bench/ingress/run.sh`, which builds `p2f` and this example in release and
+//! passes `--p2f`. By hand:
+//!
+//! ```text
+//! cargo run --release --example bench_ingress -- --p2f target/release/p2f \
+//!     [--data-root /var/tmp] [--conns 64] [--threads 2] [--secs 10] [--rounds 2] \
+//!     [--trials 3] [--idle-conns 1000] [--only throughput,failover,idle]
+//! ```
+//!
+//! Everything the run starts is on loopback and carries `P2F_TESTKIT_RUN=<a dir under its
+//! temp dir>`; agents and their processes are killed by pid when the run ends (also on error,
+//! Ctrl-C or SIGTERM), nginx, Caddy and wrk run in process groups of their own, killed by
+//! group, whose ids are also listed in `DIR/pgids` for the script to sweep if this example is
+//! itself SIGKILLed (nginx overwrites its environment with its process title, so its workers
+//! cannot be found by the marker). `bench_ingress sweep DIR` does that sweep.
+
+use std::convert::Infallible;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use futures_util::StreamExt as _;
+use p2f::core::cluster::client_config;
+use p2f::core::wire::RouteInfo;
+use p2f::model::{EventKind, Health, NodeName, ProcessId, ProcessKey, ProcessSpec};
+use p2f_testkit::procs::{self, MARKER, Signal, Stat};
+use p2f_testkit::{Agent, eventually, service_port};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::{TcpSocket, TcpStream};
+
+mod bench_common;
+use bench_common::{Report, Sample, call, load_average, ms, run_interruptible, verdict};
+
+/// The domain of the throughput and idle service: `localhost` resolves without touching
+/// `/etc/hosts`, so wrk sends it as SNI, and the ingress certifies it from the cluster CA.
+const DOMAIN: &str = "localhost";
+/// The failover service's domain (the client resolves it itself).
+const FAILOVER_DOMAIN: &str = "failover.home.arpa";
+/// The longest a route may take to serve.
+const ROUTE_LIMIT: Duration = Duration::from_secs(60);
+/// The failover client's pace.
+const TICK: Duration = Duration::from_millis(50);
+/// The longest one failover request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Idle connections per source address (the ingress takes 256 from one address).
+const PER_SOURCE: usize = 200;
+/// The longest opening one idle connection (TCP, TLS, one GET) may take.
+const OPEN_LIMIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+struct Options {
+    p2f: PathBuf,
+    data_root: PathBuf,
+    conns: usize,
+    threads: usize,
+    secs: u64,
+    rounds: usize,
+    trials: usize,
+    idle_conns: usize,
+    only: Vec<String>,
+}
+
+impl Options {
+    fn parse(mut args: impl Iterator<Item = String>) -> Result<Options> {
+        let mut options = Options {
+            p2f: PathBuf::new(),
+            data_root: PathBuf::from("/var/tmp"),
+            conns: 64,
+            threads: 2,
+            secs: 10,
+            rounds: 2,
+            trials: 3,
+            idle_conns: 1000,
+            only: vec!["throughput".into(), "failover".into(), "idle".into()],
+        };
+        while let Some(flag) = args.next() {
+            let value = args.next().ok_or_else(|| anyhow!("{flag} needs a value"))?;
+            let number = || {
+                value
+                    .parse::<usize>()
+                    .with_context(|| format!("{flag} {value}"))
+            };
+            match flag.as_str() {
+                "--p2f" => options.p2f = PathBuf::from(&value),
+                "--data-root" => options.data_root = PathBuf::from(&value),
+                "--conns" => options.conns = number()?,
+                "--threads" => options.threads = number()?,
+                "--secs" => options.secs = number()? as u64,
+                "--rounds" => options.rounds = number()?,
+                "--trials" => options.trials = number()?,
+                "--idle-conns" => options.idle_conns = number()?,
+                "--only" => options.only = value.split(',').map(str::to_owned).collect(),
+                other => bail!("unknown option {other}"),
+            }
+        }
+        ensure!(
+            options.p2f.is_file(),
+            "--p2f must name the p2f binary (got {:?})",
+            options.p2f
+        );
+        Ok(options)
+    }
+
+    fn runs(&self, part: &str) -> bool {
+        self.only.iter().any(|p| p == part)
+    }
+}
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        Some("backend") => backend(args.next().context("backend PORT")?.parse()?),
+        Some("sweep") => {
+            let dir = PathBuf::from(args.next().context("sweep DIR")?);
+            let killed = sweep(&dir);
+            println!("killed {killed} leftover processes under {}", dir.display());
+            Ok(())
+        }
+        first => {
+            let options = Options::parse(first.map(str::to_owned).into_iter().chain(args))?;
+            run_interruptible(run(options))
+        }
+    }
+}
+
+/// Kills what a run under `dir` left: its agents' processes (by the marker) and the process
+/// groups listed in `dir/pgids`.
+fn sweep(dir: &Path) -> usize {
+    let mut killed = procs::sweep(dir);
+    if let Ok(text) = std::fs::read_to_string(dir.join("pgids")) {
+        for pgid in text.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            if pgid > 1 && Stat::of(pgid).is_some_and(|s| s.pgrp == pgid) {
+                procs::signal_group(pgid, Signal::SIGKILL);
+                killed += 1;
+            }
+        }
+    }
+    killed
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backend
+
+/// A one-thread hyper server on `127.0.0.1:port` answering every request with
+/// `hello from NODE` (`P2F_NODE`, set by the agent).
+fn backend(port: u16) -> Result<()> {
+    use http_body_util::Full;
+    use hyper_util::rt::TokioIo;
+    let node = std::env::var("P2F_NODE").unwrap_or_else(|_| "nowhere".into());
+    let body = bytes::Bytes::from(format!("hello from {node}\n"));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async move {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+            loop {
+                let (stream, _) = listener.accept().await?;
+                let _ = stream.set_nodelay(true);
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_| {
+                        let body = body.clone();
+                        async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(body))) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+async fn run(options: Options) -> Result<()> {
+    let temp = tempfile::Builder::new()
+        .prefix("p2f-bench-ingress-")
+        .tempdir_in(&options.data_root)?;
+    let dir = temp.path().to_owned();
+    let mut report = Report::new("P2F ingress", "baseline, same run");
+    let result = async {
+        if options.runs("throughput") {
+            throughput(&options, &dir, &mut report).await?;
+        }
+        if options.runs("failover") {
+            failover(&options, &dir, &mut report).await?;
+        }
+        if options.runs("idle") {
+            idle(&options, &dir, &mut report).await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    report.print();
+    sweep(&dir);
+    result
+}
+
+/// A root agent (defaults a user gets; plain HTTP served, not redirected) in `dir/name`.
+async fn root(options: &Options, dir: &Path, name: &str) -> Result<Agent> {
+    Agent::builder("root")
+        .p2f(&options.p2f)
+        .dir(dir.join(name))
+        .configure(|config| {
+            if let Some(ingress) = &mut config.ingress {
+                ingress.redirect = false;
+            }
+        })
+        .init()?
+        .started()
+        .await
+}
+
+/// The backend as a service for `domain` on `pins`, checked over HTTP.
+fn backend_spec(name: &str, domain: &str, pins: &[&str]) -> Result<ProcessSpec> {
+    let exe = std::env::current_exe()?;
+    let pins = pins
+        .iter()
+        .map(|n| NodeName::new(*n).map_err(|e| anyhow!("{e}")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(
+        ProcessSpec::new(name, format!("exec {} backend $PORT", exe.display()))
+            .with_port(service_port())
+            .with_domain(domain)
+            .with_health(Health::Http("/health".into()))
+            .with_pin(pins),
+    )
+}
+
+/// The route of `domain` once `ready` holds; the ingress's HTTP and HTTPS addresses.
+async fn route_when(
+    root: &Agent,
+    domain: &str,
+    ready: impl Fn(&RouteInfo) -> bool,
+) -> Result<(RouteInfo, SocketAddr, SocketAddr)> {
+    eventually(&format!("a route for {domain}"), ROUTE_LIMIT, || {
+        let network = root.network().clone();
+        let ready = &ready;
+        async move {
+            let report = network.routes().await.ok()?;
+            let route = report.routes.iter().find(|r| r.domain == domain)?.clone();
+            let (http, https) = (report.http.parse().ok()?, report.https.parse().ok()?);
+            ready(&route).then_some((route, http, https))
+        }
+    })
+    .await
+}
+
+/// A process group of its own (nginx, Caddy, wrk): killed by group when dropped.
+struct Spawned {
+    child: Child,
+}
+
+impl Spawned {
+    fn start(dir: &Path, log: &str, command: &mut Command) -> Result<Spawned> {
+        let out = std::fs::File::create(dir.join(log))?;
+        let child = command
+            .env(MARKER, dir)
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("start {command:?}"))?;
+        let mut pgids = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("pgids"))?;
+        writeln!(pgids, "{}", child.id())?;
+        Ok(Spawned { child })
+    }
+
+    fn pgid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (polling) for the group leader to end, at most `limit`.
+    async fn wait(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(Instant::now() < deadline, "still running after {limit:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        procs::signal_group(self.child.id(), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// Whose CPU time counts: one process (with all its threads), or a process group.
+#[derive(Debug, Clone, Copy)]
+enum Cpu {
+    Pid(u32),
+    Group(u32),
+}
+
+impl Cpu {
+    /// utime + stime, in clock ticks.
+    fn ticks(self) -> u64 {
+        match self {
+            Cpu::Pid(pid) => Stat::of(pid).map_or(0, |s| s.cpu_ticks),
+            Cpu::Group(pgid) => group_ticks(pgid),
+        }
+    }
+}
+
+/// CPU ticks (utime + stime) of every process in process group `pgid`.
+fn group_ticks(pgid: u32) -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(Stat::of)
+        .filter(|s| s.pgrp == pgid)
+        .map(|s| s.cpu_ticks)
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal HTTP/1.1 client for checks and idle connections
+
+/// Sends `GET / HTTP/1.1` for `host` on `stream` and reads one answer (with a `Content-Length`);
+/// its status line and body.
+async fn get_once<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    host: &str,
+) -> Result<(String, String)> {
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: bench_ingress\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    // (tokio-rustls may keep written records until flushed.)
+    stream.flush().await?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .context("no Content-Length")?;
+            while buf.len() < end + 4 + length {
+                let n = stream.read(&mut chunk).await?;
+                ensure!(n > 0, "closed in the body");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let status = head.lines().next().unwrap_or_default().to_owned();
+            let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]).into_owned();
+            return Ok((status, body));
+        }
+        let n = stream.read(&mut chunk).await?;
+        ensure!(n > 0, "closed before the answer's head");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A TCP connection to `to` from `from` (an address of 127.0.0.0/8).
+async fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind((from, 0).into())?;
+    Ok(socket.connect(to).await?)
+}
+
+/// TLS to `to` for `name`, trusting `ca_pem` (anything, for nginx and Caddy: they get a
+/// certificate from the same CA).
+async fn tls_to(
+    connector: &tokio_rustls::TlsConnector,
+    tcp: TcpStream,
+    name: &str,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = rustls_pki_types::ServerName::try_from(name.to_owned())?;
+    Ok(connector.connect(name, tcp).await?)
+}
+
+/// One GET to `addr` (TLS when `connector` is given) must answer `200` with `body`.
+async fn check(
+    what: &str,
+    addr: SocketAddr,
+    connector: Option<&tokio_rustls::TlsConnector>,
+    body: &str,
+) -> Result<()> {
+    let exchange = async {
+        let tcp = TcpStream::connect(addr).await?;
+        match connector {
+            Some(c) => get_once(&mut tls_to(c, tcp, DOMAIN).await?, DOMAIN).await,
+            None => get_once(&mut { tcp }, DOMAIN).await,
+        }
+    };
+    let (status, got) = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .with_context(|| format!("{what}: no answer"))?
+        .with_context(|| what.to_owned())?;
+    ensure!(
+        status.contains(" 200") && got == body,
+        "{what}: {status} {got:?}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throughput and latency
+
+/// What one wrk run printed.
+#[derive(Debug, Clone, Default)]
+struct Wrk {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+    requests: u64,
+    errors: u64,
+    /// CPU of the proxy's processes, ms per 1 000 requests.
+    proxy_cpu: f64,
+    /// CPU of the backend, ms per 1 000 requests.
+    backend_cpu: f64,
+}
+
+/// `1.23ms`, `456.00us`, `1.02s` as a duration.
+fn wrk_duration(text: &str) -> Option<Duration> {
+    let (number, unit) = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map(|i| text.split_at(i))?;
+    let value: f64 = number.parse().ok()?;
+    let secs = match unit {
+        "us" => value / 1e6,
+        "ms" => value / 1e3,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
+}
+
+fn parse_wrk(text: &str) -> Result<Wrk> {
+    let mut wrk = Wrk::default();
+    for line in text.lines().map(str::trim) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            ["50%", value] => wrk.p50 = wrk_duration(value).context("p50")?,
+            ["99%", value] => wrk.p99 = wrk_duration(value).context("p99")?,
+            ["Requests/sec:", value] => wrk.rps = value.parse()?,
+            [count, "requests", "in", ..] => wrk.requests = count.parse()?,
+            ["Socket", "errors:", rest @ ..] => {
+                wrk.errors += rest
+                    .iter()
+                    .filter_map(|f| f.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+            ["Non-2xx", "or", "3xx", "responses:", count] => wrk.errors += count.parse::<u64>()?,
+            _ => {}
+        }
+    }
+    ensure!(
+        wrk.rps > 0.0 && wrk.requests > 0,
+        "wrk printed no figures:\n{text}"
+    );
+    Ok(wrk)
+}
+
+/// One proxy under test: its URL base and the process groups whose CPU is its own.
+struct Proxy {
+    name: &'static str,
+    http: SocketAddr,
+    https: SocketAddr,
+    cpu: Cpu,
+}
+
+/// Runs wrk against `url` for `secs` (after a 2 s warm-up), with the CPU of `proxy` and
+/// `backend` over the measured run.
+async fn wrk(options: &Options, dir: &Path, url: &str, proxy: Cpu, backend: Cpu) -> Result<Wrk> {
+    let run = |secs: u64| {
+        let mut command = Command::new("wrk");
+        command.args([
+            "-t",
+            &options.threads.to_string(),
+            "-c",
+            &options.conns.to_string(),
+            "-d",
+            &format!("{secs}s"),
+            "--timeout",
+            "5s",
+            "--latency",
+            url,
+        ]);
+        command
+    };
+    let mut warm = Spawned::start(dir, "wrk.log", &mut run(2))?;
+    warm.wait(Duration::from_secs(30)).await?;
+    let (proxy_before, backend_before) = (proxy.ticks(), backend.ticks());
+    let mut measured = Spawned::start(dir, "wrk.log", &mut run(options.secs))?;
+    let status = measured
+        .wait(Duration::from_secs(options.secs + 30))
+        .await?;
+    let (proxy_after, backend_after) = (proxy.ticks(), backend.ticks());
+    let text = std::fs::read_to_string(dir.join("wrk.log"))?;
+    ensure!(status.success(), "wrk {url}: {status}\n{text}");
+    let mut figures = parse_wrk(&text).with_context(|| format!("wrk {url}"))?;
+    let per_k = |ticks: u64| ticks as f64 * 10.0 / (figures.requests as f64 / 1000.0);
+    figures.proxy_cpu = per_k(proxy_after - proxy_before);
+    figures.backend_cpu = per_k(backend_after - backend_before);
+    Ok(figures)
+}
+
+fn nginx_conf(dir: &Path, backend: u16, http: u16, https: u16) -> String {
+    let d = dir.display();
+    format!(
+        "worker_processes 2;\n\
+         daemon off;\n\
+         pid {d}/nginx.pid;\n\
+         error_log {d}/nginx-error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n\
+         \x20 access_log off;\n\
+         \x20 client_body_temp_path {d}/nginx-tmp;\n\
+         \x20 proxy_temp_path {d}/nginx-tmp;\n\
+         \x20 upstream backend {{ server 127.0.0.1:{backend}; keepalive 128; }}\n\
+         \x20 server {{\n\
+         \x20   listen 127.0.0.1:{http};\n\
+         \x20   listen 127.0.0.1:{https} ssl;\n\
+         \x20   server_name {DOMAIN};\n\
+         \x20   ssl_certificate {d}/site.pem;\n\
+         \x20   ssl_certificate_key {d}/site.key;\n\
+         \x20   location / {{\n\
+         \x20     proxy_pass http://backend;\n\
+         \x20     proxy_http_version 1.1;\n\
+         \x20     proxy_set_header Connection \"\";\n\
+         \x20     proxy_set_header Host $http_host;\n\
+         \x20     proxy_set_header X-Forwarded-For $remote_addr;\n\
+         \x20     proxy_set_header X-Forwarded-Proto $scheme;\n\
+         \x20     proxy_set_header X-Forwarded-Host $http_host;\n\
+         \x20   }}\n\
+         \x20 }}\n\
+         }}\n"
+    )
+}
+
+fn caddyfile(dir: &Path, backend: u16, http: u16, https: u16) -> String {
+    let d = dir.display();
+    format!(
+        "{{\n\
+         \x20 admin off\n\
+         \x20 auto_https off\n\
+         \x20 storage file_system {d}/caddy-data\n\
+         }}\n\
+         http://{DOMAIN}:{http} {{\n\
+         \x20 bind 127.0.0.1\n\
+         \x20 reverse_proxy 127.0.0.1:{backend}\n\
+         }}\n\
+         https://{DOMAIN}:{https} {{\n\
+         \x20 bind 127.0.0.1\n\
+         \x20 tls {d}/site.pem {d}/site.key\n\
+         \x20 reverse_proxy 127.0.0.1:{backend}\n\
+         }}\n"
+    )
+}
+
+/// A free port on 127.0.0.1 (bound and released: the proxies bind it right after).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn throughput(options: &Options, dir: &Path, report: &mut Report) -> Result<()> {
+    println!("throughput: starting the root, the backend, nginx and Caddy");
+    let root = root(options, dir, "tp-root").await?;
+    let spec = backend_spec("bench", DOMAIN, &["root"])?;
+    let backend_port = spec.port().context("port")?;
+    let desired = call("deploy", root.network().deploy(&[spec])).await?;
+    let id = desired.services[0].id.clone();
+    let (_, ingress_http, ingress_https) =
+        route_when(&root, DOMAIN, |r| r.upstream.is_some()).await?;
+    let backend_pid = *root.os_copies(&id).first().context("the backend's pid")?;
+    let backend_pgid = procs::pgid_of(backend_pid).context("the backend's group")?;
+
+    // nginx and Caddy get a certificate for the same name from the same CA (P-256, leaf only,
+    // as the ingress presents).
+    let (ca, _) = root.cluster().load()?;
+    let site = ca.issue_site(DOMAIN, 30)?;
+    std::fs::write(dir.join("site.pem"), &site.cert_pem)?;
+    std::fs::write(dir.join("site.key"), &site.key_pem)?;
+    std::fs::create_dir_all(dir.join("nginx-tmp"))?;
+    let (nginx_http, nginx_https) = (free_port()?, free_port()?);
+    std::fs::write(
+        dir.join("nginx.conf"),
+        nginx_conf(dir, backend_port, nginx_http, nginx_https),
+    )?;
+    let nginx = Spawned::start(
+        dir,
+        "nginx.log",
+        Command::new("nginx")
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-p")
+            .arg(dir),
+    )?;
+    let (caddy_http, caddy_https) = (free_port()?, free_port()?);
+    std::fs::write(
+        dir.join("Caddyfile"),
+        caddyfile(dir, backend_port, caddy_http, caddy_https),
+    )?;
+    let caddy = Spawned::start(
+        dir,
+        "caddy.log",
+        Command::new("caddy")
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(dir.join("Caddyfile"))
+            .env("HOME", dir)
+            .env("XDG_DATA_HOME", dir.join("caddy-data"))
+            .env("XDG_CONFIG_HOME", dir.join("caddy-config")),
+    )?;
+    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let root_pid = root.pid().context("root pid")?;
+    let proxies = [
+        Proxy {
+            name: "P2F ingress",
+            http: ingress_http,
+            https: ingress_https,
+            cpu: Cpu::Pid(root_pid),
+        },
+        Proxy {
+            name: "nginx",
+            http: loopback(nginx_http),
+            https: loopback(nginx_https),
+            cpu: Cpu::Group(nginx.pgid()),
+        },
+        Proxy {
+            name: "Caddy",
+            http: loopback(caddy_http),
+            https: loopback(caddy_https),
+            cpu: Cpu::Group(caddy.pgid()),
+        },
+    ];
+    ensure!(
+        procs::pgid_of(root_pid) != Some(backend_pgid),
+        "the backend must not share the agent's process group"
+    );
+
+    // Each answers the backend's words over both protocols (nginx and Caddy may take a moment).
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca.cert_pem())?));
+    let body = "hello from root\n";
+    for proxy in &proxies {
+        eventually(&format!("{} answers", proxy.name), ROUTE_LIMIT, || async {
+            check(proxy.name, proxy.http, None, body).await.ok()?;
+            check(proxy.name, proxy.https, Some(&connector), body)
+                .await
+                .ok()
+        })
+        .await?;
+    }
+
+    println!(
+        "wrk -t{} -c{} -d{}s --latency, after a 2 s warm-up; {} round(s)",
+        options.threads, options.conns, options.secs, options.rounds
+    );
+    // results[protocol][proxy] over rounds
+    let mut results: Vec<Vec<Vec<Wrk>>> = vec![vec![Vec::new(); proxies.len()]; 2];
+    for round in 1..=options.rounds {
+        for (p, scheme) in ["http", "https"].into_iter().enumerate() {
+            for (i, proxy) in proxies.iter().enumerate() {
+                let addr = if p == 0 { proxy.http } else { proxy.https };
+                let url = format!("{scheme}://{DOMAIN}:{}/", addr.port());
+                let load_before = load_average();
+                let figures = wrk(options, dir, &url, proxy.cpu, Cpu::Group(backend_pgid)).await?;
+                println!(
+                    "round {round} {scheme:5} {:12} {:>9.0} req/s  p50 {:>6} ms  p99 {:>6} ms  errors {}  CPU/1k req: proxy {:.0} ms, backend {:.0} ms  (load {load_before} -> {})",
+                    proxy.name,
+                    figures.rps,
+                    ms(figures.p50),
+                    ms(figures.p99),
+                    figures.errors,
+                    figures.proxy_cpu,
+                    figures.backend_cpu,
+                    load_average()
+                );
+                ensure!(
+                    figures.errors == 0,
+                    "{} {scheme}: {} errors",
+                    proxy.name,
+                    figures.errors
+                );
+                results[p][i].push(figures);
+            }
+        }
+    }
+
+    for (p, scheme) in ["HTTP", "HTTPS"].into_iter().enumerate() {
+        let rounds = |i: usize, f: &dyn Fn(&Wrk) -> String| {
+            results[p][i].iter().map(f).collect::<Vec<_>>().join(" · ")
+        };
+        let rps = |w: &Wrk| format!("{:.0}", w.rps);
+        let lat = |w: &Wrk| format!("{} / {}", ms(w.p50), ms(w.p99));
+        let cpu = |w: &Wrk| format!("{:.0} (+{:.0})", w.proxy_cpu, w.backend_cpu);
+        let c = options.conns;
+        report.row(
+            &format!("{scheme}, c={c}: requests/s, per round"),
+            rounds(0, &rps),
+            format!("nginx {} · Caddy {}", rounds(1, &rps), rounds(2, &rps)),
+            "≥ 1.0× nginx",
+            "",
+        );
+        report.row(
+            &format!("{scheme}: p50 / p99 latency, ms"),
+            rounds(0, &lat),
+            format!("nginx {} · Caddy {}", rounds(1, &lat), rounds(2, &lat)),
+            "p99 ≤ 1.2× nginx",
+            "",
+        );
+        report.row(
+            &format!("{scheme}: CPU ms per 1 000 requests, proxy (+backend)"),
+            rounds(0, &cpu),
+            format!("nginx {} · Caddy {}", rounds(1, &cpu), rounds(2, &cpu)),
+            "",
+            "",
+        );
+        let ratios = |f: &dyn Fn(&Wrk) -> f64| {
+            results[p][0]
+                .iter()
+                .zip(&results[p][1])
+                .map(|(ours, nginx)| f(ours) / f(nginx))
+                .collect::<Vec<f64>>()
+        };
+        let rps_ratio = ratios(&|w| w.rps);
+        let p99_ratio = ratios(&|w| w.p99.as_secs_f64());
+        let show = |v: &[f64]| {
+            v.iter()
+                .map(|r| format!("{r:.2}×"))
+                .collect::<Vec<_>>()
+                .join(" · ")
+        };
+        report.row(
+            &format!("{scheme}: ingress / nginx, requests/s"),
+            show(&rps_ratio),
+            "",
+            "≥ 1.0×",
+            verdict(rps_ratio.iter().all(|r| *r >= 1.0)),
+        );
+        report.row(
+            &format!("{scheme}: ingress / nginx, p99"),
+            show(&p99_ratio),
+            "",
+            "≤ 1.2×",
+            verdict(p99_ratio.iter().all(|r| *r <= 1.2)),
+        );
+    }
+    report.notes.push(format!(
+        "throughput: one backend (`bench_ingress backend`, 1 thread) on 127.0.0.1:{backend_port}, supervised by the root; the ingress reaches it through the root agent's own tunnel (TLS to its API + Upgrade, spliced), nginx (2 workers, upstream keepalive 128, access_log off) and Caddy (reverse_proxy, default pool) connect to it directly"
+    ));
+    drop((nginx, caddy));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failover
+
+/// One failover request's outcome.
+#[derive(Debug)]
+struct Outcome {
+    sent: Instant,
+    done: Instant,
+    /// The node that answered, or the error.
+    answer: Result<String, String>,
+}
+
+async fn failover(options: &Options, dir: &Path, report: &mut Report) -> Result<()> {
+    let mut errors = Vec::new();
+    let mut healthy_to_answer = Vec::new();
+    let mut kill_to_answer = Vec::new();
+    let mut gaps = Vec::new();
+    let mut waits = Vec::new();
+    let mut sent = 0;
+    for trial in 1..=options.trials {
+        let t = failover_trial(options, dir, trial).await?;
+        println!(
+            "failover trial {trial}: {} requests, {} errors; kill -> Healthy {} ms, Healthy -> first answer from root {} ms, old -> new answer gap {} ms, longest request {} ms (load {})",
+            t.sent,
+            t.errors.len(),
+            ms(t.kill_to_healthy),
+            ms(t.healthy_to_answer),
+            ms(t.gap),
+            ms(t.longest),
+            load_average()
+        );
+        for e in t.errors.iter().take(5) {
+            println!("  error: {e}");
+        }
+        sent += t.sent;
+        errors.extend(t.errors);
+        healthy_to_answer.push(t.healthy_to_answer);
+        kill_to_answer.push(t.kill_to_healthy + t.healthy_to_answer);
+        gaps.push(t.gap);
+        waits.push(t.longest);
+    }
+    report.row(
+        "failover: errors seen by the client (every 50 ms, HTTPS)",
+        format!("{} of {sent}", errors.len()),
+        "",
+        "none (replacement healthy within the hold)",
+        verdict(errors.is_empty()),
+    );
+    let healthy = Sample::new(healthy_to_answer);
+    report.row(
+        "failover: new copy Healthy → first answer from it, p50 / max",
+        healthy.ms_max(),
+        "",
+        "≤ 250 ms",
+        verdict(healthy.max() <= Duration::from_millis(250)),
+    );
+    report.row(
+        "failover: SIGKILL → first answer from the new node, p50 / max",
+        Sample::new(kill_to_answer).secs(),
+        "",
+        "",
+        "",
+    );
+    report.row(
+        "failover: last answer from the old node → first from the new, p50 / max",
+        Sample::new(gaps).secs(),
+        "",
+        "",
+        "",
+    );
+    report.row(
+        "failover: longest request (held), p50 / max over trials",
+        Sample::new(waits).secs(),
+        "",
+        "",
+        "",
+    );
+    Ok(())
+}
+
+struct Trial {
+    sent: usize,
+    errors: Vec<String>,
+    kill_to_healthy: Duration,
+    healthy_to_answer: Duration,
+    gap: Duration,
+    longest: Duration,
+}
+
+async fn failover_trial(options: &Options, dir: &Path, trial: usize) -> Result<Trial> {
+    let root = root(options, dir, &format!("fo{trial}-root")).await?;
+    let mut member = Agent::builder("member")
+        .p2f(&options.p2f)
+        .dir(dir.join(format!("fo{trial}-member")))
+        .ip("127.0.0.2")
+        .join(&root)?
+        .started()
+        .await?;
+    root.all_alive(&["member", "root"]).await?;
+    let spec = backend_spec("failover", FAILOVER_DOMAIN, &["member", "root"])?;
+    let desired = call("deploy", root.network().deploy(&[spec])).await?;
+    let id: ProcessId = desired.services[0].id.clone();
+    let (route, _, https) = route_when(&root, FAILOVER_DOMAIN, |r| r.upstream.is_some()).await?;
+    if route.node.as_str() != "member" {
+        let to = NodeName::new("member").map_err(|e| anyhow!("{e}"))?;
+        call("move", root.network().move_process(&id, &to)).await?;
+        route_when(&root, FAILOVER_DOMAIN, |r| {
+            r.upstream.is_some() && r.node.as_str() == "member"
+        })
+        .await?;
+    }
+    let (ca, _) = root.cluster().load()?;
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(client_config(ca.cert_pem())?)
+        .no_proxy()
+        .resolve(FAILOVER_DOMAIN, https)
+        .timeout(REQUEST_TIMEOUT)
+        .build()?;
+    let url = format!("https://{FAILOVER_DOMAIN}:{}/", https.port());
+    let ask = |client: reqwest::Client, url: String| async move {
+        let sent = Instant::now();
+        let answer = async {
+            let response = client.get(&url).send().await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            let text = response.text().await.map_err(|e| e.to_string())?;
+            if status != 200 {
+                return Err(format!("{status}: {}", text.trim()));
+            }
+            text.trim()
+                .strip_prefix("hello from ")
+                .map(str::to_owned)
+                .ok_or_else(|| format!("unexpected body {text:?}"))
+        }
+        .await;
+        Outcome {
+            sent,
+            done: Instant::now(),
+            answer,
+        }
+    };
+    let first = ask(client.clone(), url.clone()).await;
+    ensure!(
+        first.answer.as_deref() == Ok("member"),
+        "before the kill: {:?}",
+        first.answer
+    );
+
+    let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let ticker = tokio::spawn({
+        let outcomes = Arc::clone(&outcomes);
+        async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    _ = stop_rx.changed() => break,
+                    _ = tick.tick() => {
+                        let (ask, client, url, outcomes) =
+                            (ask, client.clone(), url.clone(), Arc::clone(&outcomes));
+                        tasks.spawn(async move {
+                            let outcome = ask(client, url).await;
+                            outcomes.lock().unwrap_or_else(PoisonError::into_inner).push(outcome);
+                        });
+                    }
+                }
+            }
+            while tasks.join_next().await.is_some() {}
+        }
+    });
+    // Steady traffic first; the kill falls at a different point of the gossip round each trial.
+    tokio::time::sleep(Duration::from_millis(2000 + 83 * trial as u64)).await;
+    let killed_wall = SystemTime::now();
+    let killed = member.kill_node()?;
+    // Until the new node has answered for 2 s (or 60 s passed).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let settled = outcomes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|o| {
+                o.answer.as_deref() == Ok("root")
+                    && o.done.elapsed() >= Duration::from_secs(2)
+                    && o.sent > killed.at
+            });
+        if settled || Instant::now() > deadline {
+            break;
+        }
+    }
+    let _ = stop_tx.send(true);
+    tokio::time::timeout(REQUEST_TIMEOUT + Duration::from_secs(5), ticker).await??;
+    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap_or_else(PoisonError::into_inner));
+
+    // When the new copy turned healthy, by its record's event (ms since the epoch).
+    let record = call(
+        "the record",
+        root.network()
+            .process_information(ProcessKey::Id(id.clone())),
+    )
+    .await?
+    .context("no record")?;
+    ensure!(
+        record.node.name.as_str() == "root",
+        "the copy runs on {}",
+        record.node.name
+    );
+    let killed_ms = killed_wall.duration_since(UNIX_EPOCH)?.as_millis() as u64;
+    let healthy_ms = record
+        .events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::Healthy) && e.at.0 >= killed_ms)
+        .map(|e| e.at.0)
+        .next_back()
+        .context("no Healthy event after the kill")?;
+    let kill_to_healthy = Duration::from_millis(healthy_ms - killed_ms);
+    let after_kill = |o: &Outcome| o.done.saturating_duration_since(killed.at);
+    let first_new = outcomes
+        .iter()
+        .filter(|o| o.answer.as_deref() == Ok("root"))
+        .map(after_kill)
+        .min()
+        .context("no answer from the new node")?;
+    let last_old = outcomes
+        .iter()
+        .filter(|o| o.answer.as_deref() == Ok("member"))
+        .map(after_kill)
+        .max()
+        .unwrap_or_default();
+    let errors = outcomes
+        .iter()
+        .filter_map(|o| o.answer.as_ref().err())
+        .cloned()
+        .collect();
+    Ok(Trial {
+        sent: outcomes.len(),
+        errors,
+        kill_to_healthy,
+        healthy_to_answer: first_new.saturating_sub(kill_to_healthy),
+        gap: first_new.saturating_sub(last_old),
+        longest: outcomes
+            .iter()
+            .map(|o| o.done - o.sent)
+            .max()
+            .unwrap_or_default(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Idle connections
+
+/// VmRSS and RssAnon of `pid`, in KiB.
+fn rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("RssAnon:"))
+}
+
+/// RSS after settling: the last of five reads a second apart.
+async fn settled_rss(pid: u32) -> (u64, u64) {
+    let mut last = rss(pid);
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        last = rss(pid);
+    }
+    last
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// A connection kept open after its one request.
+enum Open {
+    Plain(#[allow(dead_code)] TcpStream),
+    Tls(#[allow(dead_code)] Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+async fn idle(options: &Options, dir: &Path, report: &mut Report) -> Result<()> {
+    for tls in [true, false] {
+        let what = if tls { "TLS" } else { "plain HTTP" };
+        println!("idle: {} {what} connections", options.idle_conns);
+        let root = root(options, dir, if tls { "idle-tls" } else { "idle-plain" }).await?;
+        let pid = root.pid().context("root pid")?;
+        let spec = backend_spec("bench", DOMAIN, &["root"])?;
+        call("deploy", root.network().deploy(&[spec])).await?;
+        let (_, http, https) = route_when(&root, DOMAIN, |r| r.upstream.is_some()).await?;
+        let (ca, _) = root.cluster().load()?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca.cert_pem())?));
+        let target = if tls { https } else { http };
+        // One request first: the certificate is issued, the upstream pool has a connection.
+        check(
+            "first request",
+            target,
+            tls.then_some(&connector),
+            "hello from root\n",
+        )
+        .await?;
+        let (before, before_anon) = settled_rss(pid).await;
+        let fds_before = open_fds(pid);
+        let load_before = load_average();
+
+        // N connections, 16 at a time, from 127.0.0.11, .12, ... (200 from each).
+        let opened: Vec<Result<Open>> = futures_util::stream::iter(0..options.idle_conns)
+            .map(|i| {
+                let connector = connector.clone();
+                let open = async move {
+                    let from = std::net::IpAddr::from([127, 0, 0, 11 + (i / PER_SOURCE) as u8]);
+                    let tcp = connect_from(from, target).await?;
+                    if tls {
+                        let mut stream = tls_to(&connector, tcp, DOMAIN).await?;
+                        get_once(&mut stream, DOMAIN).await?;
+                        Ok(Open::Tls(Box::new(stream)))
+                    } else {
+                        let mut stream = tcp;
+                        get_once(&mut stream, DOMAIN).await?;
+                        Ok(Open::Plain(stream))
+                    }
+                };
+                async move {
+                    tokio::time::timeout(OPEN_LIMIT, open)
+                        .await
+                        .unwrap_or_else(|_| Err(anyhow!("no answer within {OPEN_LIMIT:?}")))
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        let failed = opened.iter().filter(|o| o.is_err()).count();
+        if let Some(Err(e)) = opened.iter().find(|o| o.is_err()) {
+            println!("  {failed} connections failed, e.g. {e:#}");
+            report.notes.push(format!(
+                "idle {what}: {failed} of {} connections got no answer to their GET, e.g. {e:#}",
+                opened.len()
+            ));
+        }
+        let (with, with_anon) = settled_rss(pid).await;
+        let fds_with = open_fds(pid);
+        println!(
+            "  root RSS {} (anon {}) -> {} (anon {}); root's open fds {fds_before} -> {fds_with}; load {load_before} -> {}",
+            mib(before),
+            mib(before_anon),
+            mib(with),
+            mib(with_anon),
+            load_average()
+        );
+        let ok = opened.len() - failed;
+        report.row(
+            &format!("root RSS with {ok} idle {what} client connections (anon)"),
+            format!("{} ({})", mib(with), mib(with_anon)),
+            format!("same root before: {} ({})", mib(before), mib(before_anon)),
+            "≤ 40 MB",
+            verdict(with * 1024 <= 40_000_000),
+        );
+        report.notes.push(format!(
+            "idle {what}: the root's open descriptors went {fds_before} -> {fds_with} with the connections open (each made one GET first)"
+        ));
+        drop(opened);
+    }
+    Ok(())
+}
