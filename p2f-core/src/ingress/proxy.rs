@@ -521,7 +521,7 @@ mod tests {
             redirect: false,
             https_port: 443,
         };
-        Proxy::new(routes, upstream, Arc::default(), settings).app()
+        Proxy::new(routes, upstream, Arc::default(), Arc::default(), settings).app()
     }
 
     /// The status the proxy answers `method` (with `body`) with, and how many connections
