@@ -74,6 +74,15 @@ impl Embedded {
         }
         let mut config = AgentConfig::new(local_name(), dir);
         config.listen = ([127, 0, 0, 1], 0).into();
+        // Processes get a clean environment; `P2F_PASS_ENV=A,B` names more of this one's.
+        if let Ok(names) = std::env::var("P2F_PASS_ENV") {
+            config.supervisor.pass_env = names
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
         // The front door on high local ports; plain HTTP serves too (nobody trusts this
         // private CA yet, so a redirect to HTTPS would only stand in the way).
         config.ingress = Some(IngressSettings {

@@ -280,7 +280,10 @@ impl Agent {
             ip: "127.0.0.1".to_owned(),
             log_filter: std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()),
             pid1: false,
-            tweaks: Vec::new(),
+            // The marker reaches the agent's processes through its clean environment.
+            tweaks: vec![Box::new(|config: &mut AgentConfig| {
+                config.supervisor.pass_env.push(MARKER.to_owned());
+            })],
         }
     }
 

@@ -1160,3 +1160,28 @@ async fn a_damaged_record_store_is_set_aside_and_the_node_starts() -> anyhow::Re
     .await?;
     Ok(())
 }
+
+/// A process gets a clean environment: its own variables, `PATH` and the like, and what
+/// `[supervisor] pass_env` names (here the harness's marker) — not the agent's settings (the
+/// agent runs with `RUST_LOG` set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_gets_a_clean_environment() -> anyhow::Result<()> {
+    let agent = root("cleanenv").await?;
+    let net = agent.network();
+    let spec = ProcessSpec::new(
+        "env",
+        "echo \"rust_log=[$RUST_LOG] marker=[${P2F_TESTKIT_RUN:+set}] service=[$P2F_SERVICE] \
+         path=[${PATH:+set}]\"; exec sleep 1000",
+    )
+    .with_restart(RestartPolicy::Never);
+    let p = net
+        .spin(&spin_request(spec), SpinQuery { wait: true })
+        .await
+        .expect("spin");
+    let log = log_containing(net, &p.id, "service=[env]", WAIT).await?;
+    assert!(
+        log.contains("rust_log=[] marker=[set] service=[env] path=[set]"),
+        "{log}"
+    );
+    Ok(())
+}

@@ -30,6 +30,7 @@ fn homelab_cmd(ns: &Netns, state: &Path, args: &[&str]) -> anyhow::Result<assert
         .args(args)
         .env("P2F_STATE_DIR", state)
         .env(MARKER, state)
+        .env("P2F_PASS_ENV", MARKER)
         .env("NO_COLOR", "1")
         .timeout(WAIT);
     Ok(command)

@@ -14,6 +14,7 @@
 //! log_max_bytes = 10485760         # a log file is rotated past this size
 //! log_keep = 3                     # rotated files kept
 //! containment = "cgroup"           # a cgroup v2 per process (else "tree": the relay's tree)
+//! pass_env = ["HTTP_PROXY"]        # agent variables its processes get (besides PATH, locale...)
 //! deploy_timeout = "30m"           # the longest a deploy step may take
 //! nix_options = { substituters = "" }  # `nix build --option NAME VALUE` pairs
 //!
@@ -284,6 +285,11 @@ pub struct SupervisorConfig {
     pub nix_options: BTreeMap<String, String>,
     /// How the processes are contained (see `node::contain`).
     pub containment: ContainmentMode,
+    /// Names of the agent's environment variables that its processes get too; besides these,
+    /// only `PATH`, the locale, `TZ`, `TERM` and the user's variables pass (a clean
+    /// environment, as systemd gives services).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pass_env: Vec<String>,
 }
 
 /// `[supervisor] containment`: how a node keeps track of everything its processes start.
@@ -344,6 +350,7 @@ impl Default for SupervisorConfig {
             deploy_timeout: Duration::from_secs(30 * 60),
             nix_options: BTreeMap::new(),
             containment: ContainmentMode::default(),
+            pass_env: Vec::new(),
         }
     }
 }

@@ -121,6 +121,8 @@ fn failed(message: String) -> Failure {
 #[derive(Debug, Clone)]
 pub(crate) struct Shell {
     dir: PathBuf,
+    /// The agent's variables a command gets (see [`base_environment`]); the rest is cleared.
+    base: Vec<(String, String)>,
     env: Vec<(String, String)>,
     /// Who the commands run as (none: the agent's user), as the relay and `pre_exec` take it.
     who: Option<relay::User>,
@@ -153,6 +155,7 @@ impl Shell {
         prepared: &Prepared,
         who: Result<Option<&Identity>, Failure>,
         cell: &Cell,
+        pass_env: &[String],
     ) -> Shell {
         let door = match cell.door() {
             Ok(door) => door.map(Arc::new),
@@ -172,6 +175,7 @@ impl Shell {
         };
         Shell {
             dir: prepared.bundle_dir.clone(),
+            base: base_environment(pass_env),
             env,
             who,
             user: process.spec.user().map(str::to_owned),
@@ -190,6 +194,7 @@ impl Shell {
     pub(crate) fn plain(dir: &Path, env: &[(String, String)]) -> Shell {
         Shell {
             dir: dir.to_path_buf(),
+            base: base_environment(&[]),
             env: env.to_vec(),
             who: None,
             user: None,
@@ -242,6 +247,8 @@ impl Shell {
     fn place(&self, command: &mut Command) {
         command
             .current_dir(&self.dir)
+            .env_clear()
+            .envs(self.base.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null());
     }
@@ -318,6 +325,33 @@ impl Shell {
         stop.env("PID", pid.to_string()).process_group(0);
         os::spawn_off(stop).await
     }
+}
+
+/// What a process's commands get of the agent's own environment: `PATH` (a standard one when
+/// the agent has none), the locale (`LANG`, `LANGUAGE`, `LC_*`), `TZ` and `TERM`, the variables
+/// that name its user (replaced by the service user's when it has one), and the names listed in
+/// `[supervisor] pass_env` — nothing else, so the agent's settings and secrets (`RUST_LOG`, a
+/// token in its environment) never reach a service (systemd's clean environment plus
+/// `PassEnvironment=`).
+fn base_environment(pass: &[String]) -> Vec<(String, String)> {
+    const ALWAYS: [&str; 9] = [
+        "PATH", "LANG", "LANGUAGE", "TZ", "TERM", "HOME", "USER", "LOGNAME", "SHELL",
+    ];
+    let mut vars: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+        .filter(|(name, _)| {
+            ALWAYS.contains(&name.as_str())
+                || name.starts_with("LC_")
+                || pass.iter().any(|p| p == name)
+        })
+        .collect();
+    if !vars.iter().any(|(name, _)| name == "PATH") {
+        vars.push((
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ));
+    }
+    vars
 }
 
 /// The shell that runs `command`, and whether with `-o pipefail` (a pipeline fails when any of
@@ -414,7 +448,7 @@ mod tests {
             bundle_dir: dir.path().to_path_buf(),
             nix_out: None,
         };
-        let shell = Shell::new(&p, &prepared, Ok(None), &Cell::Tree);
+        let shell = Shell::new(&p, &prepared, Ok(None), &Cell::Tree, &[]);
         let script = "test \"$PWD\" = \"$P2F_BUNDLE\" && test \"$PORT\" = 8123 \
                       && test \"$P2F_GENERATION\" = 3 && test \"$GREETING\" = hi \
                       && test \"$PID\" = 77";

@@ -273,6 +273,7 @@ impl Task {
             &prepared,
             Ok(who.as_ref()),
             &cell,
+            &self.inner.settings.pass_env,
         ));
         let relay = self.inner.relay_for(id, &cell);
         let exit_file = relay.exit.clone();
@@ -366,6 +367,7 @@ impl Task {
                 &prepared,
                 who.as_ref().map(Option::as_ref).map_err(Clone::clone),
                 &cell,
+                &self.inner.settings.pass_env,
             )),
             cell,
             exit_file: self.inner.logs.exit_path(&process.id),
