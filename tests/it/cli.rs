@@ -229,6 +229,7 @@ fn start_up(
         .command(example_bin("homelab")?)
         .env("P2F_STATE_DIR", state)
         .env(MARKER, state)
+        .env("P2F_PASS_ENV", MARKER)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
