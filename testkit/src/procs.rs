@@ -133,17 +133,30 @@ pub fn kill_run(dir: &Path) -> usize {
     groups.len()
 }
 
-/// Removes the cgroup directory `dir` and every cgroup under it, deepest first (each must be
-/// empty of processes; one that is not stays).
+/// Removes the cgroup directory `dir` and every cgroup under it, deepest first, killing what is
+/// still in them (processes of the run): a cgroup whose killed processes the kernel has not
+/// torn down yet is tried again, for up to 2 s.
 pub fn remove_cgroups(dir: &Path) {
+    for _ in 0..40 {
+        remove_cgroup_tree(dir);
+        if !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroups(&entry.path());
+                remove_cgroup_tree(&entry.path());
             }
         }
     }
-    let _ = std::fs::remove_dir(dir);
+    if std::fs::remove_dir(dir).is_err() {
+        let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    }
 }
 
 /// Waits until no process is marked `dir`, at most `limit`.
