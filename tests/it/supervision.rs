@@ -62,20 +62,24 @@ async fn until(what: &str, done: impl Fn() -> bool) -> anyhow::Result<()> {
     .await
 }
 
+/// A service whose port is served by a helper in a session of its own (`setsid`); its main
+/// process only sleeps.
+fn detached_helper(port: u16) -> ProcessSpec {
+    ProcessSpec::new(
+        "detached",
+        "setsid python3 -m http.server --bind 127.0.0.1 $PORT & exec sleep 3600",
+    )
+    .with_port(port)
+    .with_health(Health::Tcp)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_detached_helper_belongs_to_its_service() -> anyhow::Result<()> {
     let agent = root("detacher").await?;
     let net = agent.network();
     let node = net.node().await.expect("node");
     let port = service_port();
-    // The helper serves the port from a session of its own; the main process only sleeps.
-    let spec = ProcessSpec::new(
-        "detached",
-        "setsid python3 -m http.server --bind 127.0.0.1 $PORT & exec sleep 3600",
-    )
-    .with_port(port)
-    .with_health(Health::Tcp)
-    .with_restart(RestartPolicy::OnFailure(3));
+    let spec = detached_helper(port).with_restart(RestartPolicy::OnFailure(3));
     let p = net.spin_process(&spec, &node).await.expect("spin");
     let p = agent
         .wait_for(&p.id, WAIT, "the helper to serve", |p| p.is_healthy())
@@ -296,12 +300,7 @@ async fn stopping_the_embedded_network_closes_a_detached_helper() -> anyhow::Res
     let net = embedded.network().clone();
     let node = net.node().await?;
     let port = service_port();
-    let spec = ProcessSpec::new(
-        "detached",
-        "setsid python3 -m http.server --bind 127.0.0.1 $PORT & exec sleep 3600",
-    )
-    .with_port(port)
-    .with_health(Health::Tcp);
+    let spec = detached_helper(port);
     let p = net.spin_process(&spec, &node).await?;
     until("the helper to serve", || answers(port)).await?;
     let var = format!("P2F_PROCESS_ID={}", p.id);
@@ -395,13 +394,7 @@ async fn the_tree_fallback_contains_a_detached_helper_too() -> anyhow::Result<()
     let net = agent.network();
     let node = net.node().await.expect("node");
     let port = service_port();
-    let spec = ProcessSpec::new(
-        "detached",
-        "setsid python3 -m http.server --bind 127.0.0.1 $PORT & exec sleep 3600",
-    )
-    .with_port(port)
-    .with_health(Health::Tcp)
-    .with_restart(RestartPolicy::OnFailure(3));
+    let spec = detached_helper(port).with_restart(RestartPolicy::OnFailure(3));
     let p = net.spin_process(&spec, &node).await.expect("spin");
     let p = agent
         .wait_for(&p.id, WAIT, "the helper to serve", |p| p.is_healthy())

@@ -32,7 +32,7 @@ use rustls::sign::CertifiedKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
-use super::certs::{CertError, Issued, Issuer, is_local_name};
+use super::certs::{CertError, Issued, Issuer, is_local_name, unix_now};
 use super::routes::RouteTable;
 use crate::cluster::certified_key;
 use crate::wire::CertificateInfo;
@@ -672,13 +672,6 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     lock.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -263,7 +263,8 @@ impl ResolvesServerCert for Certificates {
     }
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -84,7 +84,7 @@ impl Containment {
             .collect()
     }
 
-    /// One line for logs and `p2f node info`.
+    /// One line for the agent's log.
     pub fn describe(&self) -> String {
         match self {
             Containment::Cgroup(dir) => format!("cgroup v2 at {}", dir.display()),

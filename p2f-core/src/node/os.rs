@@ -341,23 +341,45 @@ pub fn find_by_env(id: &str, generation: u64) -> Vec<(u32, u32)> {
     found
 }
 
-/// Where TCP `port` is bound for listening, from `/proc/net/tcp` and `/proc/net/tcp6` (see
-/// proc(5)): the unspecified address (`0.0.0.0:P`, `[::]:P`) when any socket listens on every
-/// address, else a non-loopback address when there is one, else a loopback one; `None` when
-/// nothing listens on it.
-pub fn listen_address(port: u16) -> Option<std::net::SocketAddr> {
-    let mut found: Vec<std::net::IpAddr> = Vec::new();
-    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
-        if let Ok(table) = fs::read_to_string(file) {
-            found.extend(listening_on(&table, port, v6));
-        }
+/// The kernel's TCP socket tables, `/proc/net/tcp` and `/proc/net/tcp6` (see proc(5)), read
+/// once for the lookups of one pass ([`Listening::address`]).
+#[derive(Debug)]
+pub struct Listening {
+    /// Each table's text, and whether it is the IPv6 one.
+    tables: Vec<(String, bool)>,
+}
+
+impl Listening {
+    /// Reads both tables (one missing, as without IPv6, counts as empty).
+    pub fn read() -> Listening {
+        let tables = [("/proc/net/tcp", false), ("/proc/net/tcp6", true)]
+            .into_iter()
+            .filter_map(|(file, v6)| Some((fs::read_to_string(file).ok()?, v6)))
+            .collect();
+        Listening { tables }
     }
-    let pick = found
-        .iter()
-        .find(|ip| ip.is_unspecified())
-        .or_else(|| found.iter().find(|ip| !ip.is_loopback()))
-        .or_else(|| found.first())?;
-    Some(std::net::SocketAddr::new(*pick, port))
+
+    /// Where TCP `port` is bound for listening: the unspecified address (`0.0.0.0:P`,
+    /// `[::]:P`) when any socket listens on every address, else a non-loopback address when
+    /// there is one, else a loopback one; `None` when nothing listens on it.
+    pub fn address(&self, port: u16) -> Option<std::net::SocketAddr> {
+        let found: Vec<std::net::IpAddr> = self
+            .tables
+            .iter()
+            .flat_map(|(table, v6)| listening_on(table, port, *v6))
+            .collect();
+        let pick = found
+            .iter()
+            .find(|ip| ip.is_unspecified())
+            .or_else(|| found.iter().find(|ip| !ip.is_loopback()))
+            .or_else(|| found.first())?;
+        Some(std::net::SocketAddr::new(*pick, port))
+    }
+}
+
+/// [`Listening::address`] of `port`, reading the tables for it alone.
+pub fn listen_address(port: u16) -> Option<std::net::SocketAddr> {
+    Listening::read().address(port)
 }
 
 /// The local addresses of the sockets in LISTEN state (`0A`) on `port` in a `/proc/net/tcp`

@@ -849,6 +849,8 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
         let containment = inner.containment.clone();
         let query = running.clone();
         let facts = tokio::task::spawn_blocking(move || {
+            // The socket tables once for every process of the pass.
+            let listening = os::Listening::read();
             query
                 .iter()
                 .map(|(id, local, port)| {
@@ -862,7 +864,7 @@ async fn housekeeping(inner: std::sync::Weak<Inner>) {
                         os::rss_of(&members)
                     };
                     let listen = port
-                        .and_then(os::listen_address)
+                        .and_then(|port| listening.address(port))
                         .map(|address| address.to_string());
                     (memory, listen)
                 })
