@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use p2f_core::Network;
 use p2f_core::cluster::ClusterFiles;
+use p2f_core::identity::Credentials;
 use p2f_core::node::{Agent, AgentConfig, IngressSettings, Shutdown};
 use p2f_model::{Deployment, NodeName, Process};
 
@@ -52,10 +53,21 @@ pub fn connect(dir: &Path) -> Result<Option<Network>> {
     if !answers {
         return Ok(None);
     }
-    Ok(Some(Network::with_cluster_files(
-        address,
-        &ClusterFiles::new(dir.join("cluster")),
-    )?))
+    let credentials = operator(dir, address)?;
+    Ok(Some(Network::connect(address, &credentials)?))
+}
+
+/// The embedded network's operator credentials (`DIR/operator`), issued on first use: this
+/// process holds the embedded cluster's CA key anyway.
+fn operator(dir: &Path, address: &str) -> Result<Credentials> {
+    let operator = crate::access::operator_dir(dir);
+    if Credentials::is_operator_dir(&operator) {
+        return Ok(Credentials::operator(&operator)?.0);
+    }
+    let cluster = ClusterFiles::new(dir.join("cluster"));
+    Ok(crate::access::issue_operator(
+        &cluster, "operator", &operator, address,
+    )?)
 }
 
 /// A local network of one agent running inside this process.
@@ -92,7 +104,8 @@ impl Embedded {
             ..IngressSettings::default()
         });
         let agent = Agent::start(config).await?;
-        let network = Network::with_cluster_files(&agent.address().to_string(), &cluster)?;
+        let address = agent.address().to_string();
+        let network = Network::connect(&address, &operator(dir, &address)?)?;
         Ok(Embedded { agent, network })
     }
 

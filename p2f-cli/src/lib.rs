@@ -1,21 +1,21 @@
 //! The command line of a user's deployment binary, `p2f::cli::run(&DEPLOYMENT)`: `up` (the
 //! default: run the deployment on this machine in the foreground), `plan`, `apply`, `status`,
 //! `logs`, `kill`, `down`. With no network configured, it uses the embedded network, a local
-//! agent whose state lives under the project's `target/p2f/`; with a network configured — a
-//! node's config file in `P2F_CONFIG`, or `P2F_ROOT` plus `P2F_CLUSTER` (the directory holding
-//! `ca.pem` and `secret`) — it talks to that network.
+//! agent whose state lives under the project's `target/p2f/`; with a network configured — an
+//! operator's directory in `P2F_OPERATOR` (from `p2f init` or `p2f operator add`; `P2F_ROOT`
+//! overrides the root address it names), or a node's config file in `P2F_CONFIG` — it talks to
+//! that network.
 
+pub mod access;
 pub mod converge;
 pub mod embedded;
 pub mod render;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use p2f_core::Network;
-use p2f_core::cluster::ClusterFiles;
 use p2f_core::wire::{DesiredState, LogsQuery};
 use p2f_model::{Deployment, NodeRole, Process};
 use tokio::io::AsyncWriteExt;
@@ -76,9 +76,11 @@ impl Error {
             Error::NotRoot { .. } => Some(
                 "point P2F_ROOT at the root's API address (or P2F_CONFIG at a node.toml that names its root)",
             ),
-            Error::Client(p2f_core::ClientError::Api { status: 401, .. }) => {
-                Some("the cluster secret does not match: check P2F_CLUSTER")
-            }
+            Error::Client(p2f_core::ClientError::Api {
+                status: 401 | 403, ..
+            }) => Some(
+                "this needs an operator's certificate: set P2F_OPERATOR to a directory from `p2f operator add NAME` (run on the root)",
+            ),
             _ => None,
         }
     }
@@ -304,32 +306,29 @@ async fn find_service(
     })
 }
 
-/// The network this binary talks to: a node's config file (`P2F_CONFIG`), or `P2F_ROOT` (or
-/// `P2F_NODE`) + `P2F_CLUSTER`, or the embedded network if it
-/// runs; `None` when neither is there.
+/// The network this binary talks to: an operator's directory (`P2F_OPERATOR`, its root or
+/// `P2F_ROOT`), a node's config file (`P2F_CONFIG`: its root, or itself), or the embedded
+/// network if it runs; `None` when neither is there.
 fn target() -> Result<Option<Network>> {
-    // A node's config file (`p2f init` / `p2f node join` wrote it): its root, or itself.
+    if let Some(dir) = access::operator_from_env() {
+        let (credentials, root) = p2f_core::identity::Credentials::operator(&dir)?;
+        let address = std::env::var("P2F_ROOT").unwrap_or(root);
+        return Ok(Some(Network::connect(&address, &credentials)?));
+    }
     if let Some(path) = std::env::var_os("P2F_CONFIG") {
         let config = p2f_core::node::AgentConfig::load(std::path::Path::new(&path))
             .map_err(|e| Error::NotRunning(e.to_string()))?;
-        let own = if config.listen.ip().is_unspecified() {
-            format!("127.0.0.1:{}", config.listen.port())
-        } else {
-            config.listen.to_string()
-        };
-        let address = config.root.clone().unwrap_or(own);
-        let cluster = ClusterFiles::new(config.cluster_dir());
-        return Ok(Some(Network::with_cluster_files(&address, &cluster)?));
+        let address = config
+            .root
+            .clone()
+            .unwrap_or_else(|| access::local_address(&config));
+        return Ok(Some(access::client_for(&config, &address)?));
     }
-    let configured = std::env::var("P2F_ROOT").or_else(|_| std::env::var("P2F_NODE"));
-    if let Ok(address) = configured {
-        let cluster = std::env::var_os("P2F_CLUSTER")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/lib/p2f/cluster"));
-        return Ok(Some(Network::with_cluster_files(
-            &address,
-            &ClusterFiles::new(cluster),
-        )?));
+    if std::env::var_os("P2F_ROOT").is_some() || std::env::var_os("P2F_NODE").is_some() {
+        return Err(Error::NotRunning(format!(
+            "P2F_ROOT needs an operator's certificate: set {} to a directory from `p2f operator add NAME` (run on the root)",
+            access::OPERATOR_ENV
+        )));
     }
     embedded::connect(&embedded::state_dir())
 }

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use p2f_core::Network;
 use p2f_core::cluster::ClusterFiles;
+use p2f_core::identity::Credentials;
 use p2f_core::join::{JoinToken, request_certificate};
 use p2f_core::node::{Agent, AgentConfig, IngressSettings, MeshSettings, Shutdown};
 use p2f_core::wire::LogsQuery;
@@ -24,7 +25,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Creates a cluster: its CA, its secret, and this machine's node config (the root).
+    /// Creates a cluster: its CA, its secret, this machine's node config (the root), and an
+    /// operator's certificate for this machine's user (`DIR/operator`).
     Init {
         /// Where the node keeps its config, records and logs.
         #[arg(long, default_value_os_t = default_dir())]
@@ -40,6 +42,11 @@ enum Command {
     Node {
         #[command(subcommand)]
         command: NodeCommand,
+    },
+    /// Manages operators: the people and tools that may administer the cluster.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
     },
     /// Lists the nodes of the network (alive or not).
     Nodes {
@@ -123,10 +130,13 @@ enum NodeCommand {
         #[arg(long, short, default_value_os_t = default_dir().join("node.toml"))]
         config: PathBuf,
     },
-    /// Makes this machine a member of a cluster: `p2f node join $(cat ROOT_DATA/join-token)`.
+    /// Makes this machine a member of a cluster, with a join token from `p2f node token` (read
+    /// from `--token-file`, stdin with `--token-file -`, or the environment's `P2F_JOIN_TOKEN`;
+    /// never from the command line, where other users could see it).
     Join {
-        /// The root's join token (from its `DATA/join-token`, or what `p2f init` printed).
-        token: String,
+        /// A file holding the join token (`-`: stdin).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
         /// Where this node keeps its config, records and logs.
         #[arg(long, default_value_os_t = default_dir())]
         dir: PathBuf,
@@ -140,6 +150,17 @@ enum NodeCommand {
         #[arg(long)]
         advertise: Option<String>,
     },
+    /// Makes a join token on the root (valid for `--ttl`, for `--uses` joins) and prints it.
+    Token {
+        /// How long it may be used: `30m`, `1h`, `2d` (at most 30 days).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// How many nodes may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Writes a systemd unit that runs this node's agent at boot, and says how to enable it.
     Install {
         /// The node's config file.
@@ -151,10 +172,27 @@ enum NodeCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum OperatorCommand {
+    /// Issues operator NAME's certificate (on the root: it needs the CA key) into a directory
+    /// to copy to that person's machine; there, `P2F_OPERATOR=DIR p2f ps` uses it.
+    Add {
+        /// The operator's name (letters, digits, `-`).
+        name: String,
+        /// Where to write it (default: `./NAME`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The root's config file.
+        #[arg(long, short, env = "P2F_CONFIG", default_value_os_t = default_dir().join("node.toml"))]
+        config: PathBuf,
+    },
+}
+
 /// Which node a client command talks to.
 #[derive(Debug, clap::Args)]
 struct Target {
-    /// A node's config file: its API address and cluster files are used.
+    /// A node's config file: its API address, and its operator directory's certificate (or
+    /// the node's own). `P2F_OPERATOR=DIR` uses that operator's certificate and root instead.
     #[arg(long, short, env = "P2F_CONFIG", default_value_os_t = default_dir().join("node.toml"))]
     config: PathBuf,
 }
@@ -232,13 +270,40 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Node {
             command:
                 NodeCommand::Join {
-                    token,
+                    token_file,
                     dir,
                     name,
                     listen,
                     advertise,
                 },
-        } => join(&token, &dir, name, &listen, advertise).await,
+        } => {
+            let token = read_token(token_file.as_deref())?;
+            join(&token, &dir, name, &listen, advertise).await
+        }
+        Command::Node {
+            command: NodeCommand::Token { ttl, uses, target },
+        } => {
+            let ttl = p2f_model::parse_duration(&ttl)
+                .with_context(|| format!("invalid --ttl {ttl:?} (say 30m, 1h, 2d)"))?;
+            let made = connect(&target)?
+                .join_token(&p2f_core::wire::TokenRequest {
+                    ttl_secs: ttl.as_secs(),
+                    uses,
+                })
+                .await
+                .context("the root refused to make a join token (ask the root, as an operator)")?;
+            eprintln!(
+                "A join token for {uses} node{}, valid for {}. On the new machine:",
+                if uses == 1 { "" } else { "s" },
+                p2f_model::format_duration(ttl)
+            );
+            eprintln!("  p2f node join --token-file FILE --listen THAT_MACHINE_IP:7440");
+            println!("{}", made.token);
+            Ok(())
+        }
+        Command::Operator {
+            command: OperatorCommand::Add { name, out, config },
+        } => operator_add(&name, out, &config),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "p2f", &mut std::io::stdout());
@@ -321,21 +386,34 @@ fn init(dir: &Path, name: Option<String>, listen: &str) -> Result<()> {
     config.listen = listen;
     config.mesh = Some(MeshSettings::new(gossip_address(listen), Vec::new()));
     config.ingress = Some(IngressSettings::default());
+    let operator = p2f_cli::access::operator_dir(dir);
+    let operator_name = operator_name();
+    p2f_cli::access::issue_operator(
+        &cluster,
+        &operator_name,
+        &operator,
+        &p2f_cli::access::local_address(&config),
+    )?;
     // Whole or not at all: a node never starts from half a config.
     p2f_core::fsutil::write_atomic(&config_path, config.to_toml(), 0o644)?;
     println!("Created a cluster in {}", dir.display());
     println!("  CA and secret: {}", cluster.dir().display());
     println!("  node config:   {}", config_path.display());
+    println!(
+        "  operator:      {} ({operator_name}; `p2f` commands with this config use it)",
+        operator.display()
+    );
     println!();
     println!(
         "Start this node:  p2f node run --config {}",
         config_path.display()
     );
+    println!("Then, for each other machine, make a join token and join with it there:");
     println!(
-        "It writes its join token to {}; on each other machine run:",
-        dir.join("join-token").display()
+        "  p2f node token --config {} > token",
+        config_path.display()
     );
-    println!("  p2f node join TOKEN --listen THAT_MACHINE_IP:7440");
+    println!("  p2f node join --token-file token --listen THAT_MACHINE_IP:7440");
     println!();
     println!(
         "This node serves every service's domain on ports 80 and 443 ([ingress] in {});",
@@ -378,6 +456,60 @@ fn ca(target: &Target) -> Result<()> {
     Ok(())
 }
 
+/// The operator name `p2f init` gives this machine's user: the login name when it is a valid
+/// name, else `operator`.
+fn operator_name() -> String {
+    std::env::var("USER")
+        .ok()
+        .map(|user| user.to_ascii_lowercase())
+        .filter(|user| NodeName::new(user).is_ok())
+        .unwrap_or_else(|| "operator".to_owned())
+}
+
+/// `p2f operator add`.
+fn operator_add(name: &str, out: Option<PathBuf>, config: &Path) -> Result<()> {
+    let config = AgentConfig::load(config)
+        .map_err(anyhow::Error::from)
+        .context("which root? pass --config ROOT/node.toml (or set P2F_CONFIG)")?;
+    NodeName::new(name).with_context(|| format!("invalid operator name {name:?}"))?;
+    let dir = out.unwrap_or_else(|| PathBuf::from(name));
+    if dir.exists() {
+        bail!("{} exists already: choose another --out", dir.display());
+    }
+    let cluster = ClusterFiles::new(config.cluster_dir());
+    let root = match &config.advertise {
+        Some(host) => format!("{host}:{}", config.listen.port()),
+        None => p2f_cli::access::local_address(&config),
+    };
+    p2f_cli::access::issue_operator(&cluster, name, &dir, &root)
+        .context("operators are added on the root (it holds the CA key)")?;
+    println!("Operator {name}: {}", dir.display());
+    println!("Copy it to {name}'s machine (it holds a private key: keep it private), then there:");
+    println!("  P2F_OPERATOR={} p2f ps", dir.display());
+    Ok(())
+}
+
+/// The join token from `file` (`-`: stdin) or `P2F_JOIN_TOKEN`.
+fn read_token(file: Option<&Path>) -> Result<String> {
+    let text = match file {
+        Some(path) if path == Path::new("-") => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("cannot read the join token from stdin")?;
+            text
+        }
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the join token from {}", path.display()))?,
+        None => std::env::var(p2f_core::node::JOIN_TOKEN_ENV).map_err(|_| {
+            anyhow::anyhow!(
+                "no join token: pass --token-file FILE (or - for stdin), or set {} (make one on the root with `p2f node token`)",
+                p2f_core::node::JOIN_TOKEN_ENV
+            )
+        })?,
+    };
+    Ok(text.trim().to_owned())
+}
+
 async fn join(
     token: &str,
     dir: &Path,
@@ -398,12 +530,12 @@ async fn join(
         None => Vec::new(),
     };
     config.mesh = Some(MeshSettings::new(gossip_address(listen), seeds));
-    let root = Network::connect(&token.root, token.secret.clone(), &token.ca_pem)?;
+    let root = Network::connect(&token.root, &Credentials::new(token.ca_pem.clone(), None))?;
     // This node's key is made here and stays here; the root signs a request for it.
-    let cert = request_certificate(&root, &name, vec![config.advertised_host()])
+    let (cert, secret) = request_certificate(&root, &name, vec![config.advertised_host()], &token)
         .await
         .with_context(|| format!("the root at {} refused to sign this node", token.root))?;
-    ClusterFiles::new(dir.join("cluster")).write_member(&token.ca_pem, &token.secret)?;
+    ClusterFiles::new(dir.join("cluster")).write_member(&token.ca_pem, &secret)?;
     cert.save(&dir.join("tls"))?;
     // Whole or not at all: a node never starts from half a config.
     p2f_core::fsutil::write_atomic(&config_path, config.to_toml(), 0o644)?;
@@ -533,22 +665,17 @@ async fn run_node(config_path: &Path) -> Result<()> {
 }
 
 fn connect(target: &Target) -> Result<Network> {
+    if let Some(dir) = p2f_cli::access::operator_from_env() {
+        let (credentials, root) = Credentials::operator(&dir)
+            .with_context(|| format!("P2F_OPERATOR={}", dir.display()))?;
+        let address = std::env::var("P2F_ROOT").unwrap_or(root);
+        return Ok(Network::connect(&address, &credentials)?);
+    }
     let config = AgentConfig::load(&target.config)
         .map_err(anyhow::Error::from)
-        .context("which node? pass --config NODE.toml (or set P2F_CONFIG)")?;
-    let host = if config.listen.ip().is_unspecified() {
-        "127.0.0.1".to_owned()
-    } else {
-        config.listen.ip().to_string()
-    };
-    let address = match std::fs::read_to_string(config.data_dir.join("api.addr")) {
-        Ok(text) if config.listen.port() == 0 => text.trim().to_owned(),
-        _ => format!("{host}:{}", config.listen.port()),
-    };
-    Ok(Network::with_cluster_files(
-        &address,
-        &ClusterFiles::new(config.cluster_dir()),
-    )?)
+        .context("which node? pass --config NODE.toml (or set P2F_CONFIG or P2F_OPERATOR)")?;
+    let address = p2f_cli::access::local_address(&config);
+    Ok(p2f_cli::access::client_for(&config, &address)?)
 }
 
 async fn ps(target: &Target, json: bool) -> Result<()> {

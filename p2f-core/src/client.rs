@@ -1,8 +1,12 @@
 //! The `Network` handle: a client of any node's control API, giving the seed's four
 //! operations (`spin_process`, `kill_process`, `process_information`, `list_processes`) plus
-//! logs and the node's own entry. HTTPS with the cluster CA only; every request carries the
-//! cluster secret.
+//! logs and the node's own entry. HTTPS with the cluster CA only; the client shows its
+//! certificate ([`Credentials`]), by which the node authorizes each call. A node is reached by
+//! name ([`Network::peer`]): the TLS server name is `NAME.node.p2f`, so only the holder of that
+//! node's certificate can answer, whatever address the gossip gave.
 
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,7 +15,8 @@ use p2f_model::{Finding, Node, Process, ProcessId, ProcessKey, ProcessSpec};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
-use crate::cluster::{ClusterError, ClusterFiles, Secret, client_config};
+use crate::cluster::{ClusterError, client_config_for};
+use crate::identity::{Credentials, node_server_name};
 use crate::wire::{ErrorBody, LogsQuery, SpinQuery, SpinRequest};
 
 /// How long a connection attempt may take.
@@ -67,15 +72,56 @@ impl ClientError {
 #[derive(Debug, Clone)]
 pub struct Network {
     http: reqwest::Client,
+    /// The node's address, for messages (`host:port`).
     address: String,
-    secret: std::sync::Arc<Secret>,
+    /// The URL's authority: the address, or `NAME.node.p2f:PORT` for a node reached by name.
+    authority: String,
+    /// Where nodes reached by name are (shared by every clone).
+    peers: Arc<PeerAddresses>,
+}
+
+/// The addresses of nodes reached by name: `NAME.node.p2f` → host (an IP address or a name to
+/// look up), as [`Network::peer`] last said.
+#[derive(Debug, Default)]
+struct PeerAddresses(RwLock<HashMap<String, String>>);
+
+impl reqwest::dns::Resolve for PeerAddresses {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = self
+            .0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name.as_str())
+            .cloned();
+        let wanted = name.as_str().to_owned();
+        Box::pin(async move {
+            let Some(host) = host else {
+                // Only names of nodes this client was told about are looked up here; other
+                // names (a node's advertised host name) through the system's resolver.
+                if wanted.ends_with(crate::identity::NODE_DNS_SUFFIX) {
+                    return Err(format!("no address known for node {wanted}").into());
+                }
+                let found = tokio::net::lookup_host((wanted.as_str(), 0)).await?;
+                return Ok(Box::new(found.collect::<Vec<_>>().into_iter()) as reqwest::dns::Addrs);
+            };
+            if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+                return Ok(Box::new(std::iter::once(std::net::SocketAddr::new(ip, 0)))
+                    as reqwest::dns::Addrs);
+            }
+            let found = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            Ok(Box::new(found.collect::<Vec<_>>().into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 impl Network {
-    /// A client of the node at `address` (`host:port`), trusting only `ca_pem`.
-    pub fn connect(address: &str, secret: Secret, ca_pem: &str) -> Result<Network, ClientError> {
+    /// A client of the node at `address` (`host:port`) with `credentials` (the CA to trust,
+    /// the certificate to show).
+    pub fn connect(address: &str, credentials: &Credentials) -> Result<Network, ClientError> {
+        let peers = Arc::new(PeerAddresses::default());
         let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(client_config(ca_pem)?)
+            .tls_backend_preconfigured(client_config_for(credentials)?)
+            .dns_resolver(Arc::clone(&peers))
             .no_proxy()
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
@@ -89,17 +135,9 @@ impl Network {
         Ok(Network {
             http,
             address: address.to_owned(),
-            secret: std::sync::Arc::new(secret),
+            authority: address.to_owned(),
+            peers,
         })
-    }
-
-    /// A client of the node at `address` with the trust files in `cluster`.
-    pub fn with_cluster_files(
-        address: &str,
-        cluster: &ClusterFiles,
-    ) -> Result<Network, ClientError> {
-        let (ca, secret) = cluster.load()?;
-        Network::connect(address, secret, ca.cert_pem())
     }
 
     /// The node this client talks to.
@@ -107,10 +145,33 @@ impl Network {
         &self.address
     }
 
-    /// The same client, talking to another node.
+    /// The same client, talking to the node at `address`, checked like any server of the
+    /// cluster (any node certificate naming that address).
     pub fn at(&self, address: &str) -> Network {
         Network {
             address: address.to_owned(),
+            authority: address.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// The same client, talking to node `name` at `address` (`host:port`, as the node
+    /// publishes it): the call goes to that address, but only a server whose certificate
+    /// names node `name` (`NAME.node.p2f`) is accepted.
+    pub fn peer(&self, name: &p2f_model::NodeName, address: &str) -> Network {
+        let (host, port) = split_host_port(address);
+        let server_name = node_server_name(name.as_str());
+        self.peers
+            .0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(server_name.clone(), host.to_owned());
+        Network {
+            address: address.to_owned(),
+            authority: match port {
+                Some(port) => format!("{server_name}:{port}"),
+                None => server_name,
+            },
             ..self.clone()
         }
     }
@@ -155,6 +216,16 @@ impl Network {
         request: &crate::wire::JoinRequest,
     ) -> Result<crate::wire::JoinResponse, ClientError> {
         self.call(Method::POST, "/v1/join", Some(request)).await
+    }
+
+    /// Asks the root for a new join token (`POST /v1/join-tokens`; the root and operators
+    /// only).
+    pub async fn join_token(
+        &self,
+        request: &crate::wire::TokenRequest,
+    ) -> Result<crate::wire::TokenResponse, ClientError> {
+        self.call(Method::POST, "/v1/join-tokens", Some(request))
+            .await
     }
 
     /// The root's ingress: its listeners and each domain's route (`GET /v1/routes`; `409`
@@ -283,11 +354,8 @@ impl Network {
         path: &str,
         body: Option<&B>,
     ) -> Result<reqwest::Response, ClientError> {
-        let url = format!("https://{}{path}", self.address);
-        let mut request = self
-            .http
-            .request(method, &url)
-            .bearer_auth(self.secret.expose());
+        let url = format!("https://{}{path}", self.authority);
+        let mut request = self.http.request(method, &url);
         if let Some(body) = body {
             request = request.json(body);
         }
@@ -345,14 +413,29 @@ async fn expect_success(
         ),
         Err(_) => (text.trim().to_owned(), Vec::new()),
     };
-    if status == StatusCode::UNAUTHORIZED {
-        tracing::debug!(address, "the node refused the cluster secret");
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        tracing::debug!(address, %status, "the node refused this client's certificate");
     }
     Err(ClientError::Api {
         status: status.as_u16(),
         message,
         findings,
     })
+}
+
+/// `host:port` split, an IPv6 literal without its brackets; no port when there is none.
+fn split_host_port(address: &str) -> (&str, Option<&str>) {
+    let (host, port) = match address.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':') => {
+            (host, Some(port))
+        }
+        _ => (address, None),
+    };
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    (host, port)
 }
 
 /// An error with its causes, on one line (reqwest's own message hides the TLS reason).
@@ -368,4 +451,21 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_and_port_of_an_address() {
+        for (address, host, port) in [
+            ("127.0.0.1:7440", "127.0.0.1", Some("7440")),
+            ("[::1]:7440", "::1", Some("7440")),
+            ("pi.lan:7440", "pi.lan", Some("7440")),
+            ("pi.lan", "pi.lan", None),
+        ] {
+            assert_eq!(split_host_port(address), (host, port), "{address}");
+        }
+    }
 }

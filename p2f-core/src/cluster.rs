@@ -23,6 +23,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use subtle::ConstantTimeEq as _;
 
 use crate::fsutil;
+use crate::identity::Role;
 
 /// How long the cluster CA is valid, in years.
 const CA_VALID_YEARS: i32 = 10;
@@ -243,21 +244,51 @@ impl ClusterCa {
         self.key_pem.as_deref()
     }
 
-    /// Issues a node certificate with a new key made here (the root's own certificate; a
-    /// member makes its key itself and sends a [`CertRequest`] to [`ClusterCa::sign`]).
+    /// Issues a member's certificate with a new key made here; see [`ClusterCa::issue_as`].
     pub fn issue(&self, node: &str, hosts: &[String]) -> Result<NodeCert, ClusterError> {
-        let request = CertRequest::new(node)?;
-        let cert_pem = self.sign(node, hosts, request.csr_pem())?;
+        self.issue_as(Role::Member, node, hosts)
+    }
+
+    /// Issues a certificate for `role` and `name` with a new key made here (the root's own
+    /// certificate, an operator's); a member makes its key itself and sends a
+    /// [`CertRequest`] to [`ClusterCa::sign_as`].
+    pub fn issue_as(
+        &self,
+        role: Role,
+        name: &str,
+        hosts: &[String],
+    ) -> Result<NodeCert, ClusterError> {
+        let request = CertRequest::new(name)?;
+        let cert_pem = self.sign_as(role, name, hosts, request.csr_pem())?;
         request.complete(cert_pem)
     }
 
-    /// Signs a member's certificate request: a certificate (CN = `node`, valid 5 years) for
-    /// `hosts` plus `localhost`, `127.0.0.1` and `::1` (IP literals become IP SANs, other names
-    /// DNS SANs), for the request's key, which must be ECDSA P-256. Only the key and the proof
-    /// that the member holds it are taken from the request; names and usages are the CA's.
+    /// Signs a member's certificate request; see [`ClusterCa::sign_as`].
     pub fn sign(
         &self,
         node: &str,
+        hosts: &[String],
+        csr_pem: &str,
+    ) -> Result<String, ClusterError> {
+        self.sign_as(Role::Member, node, hosts, csr_pem)
+    }
+
+    /// Signs a certificate request for `name` in `role` (subject `CN=name, O=p2f:ROLE`, see
+    /// [`crate::identity`]), valid 5 years, for the request's key, which must be ECDSA P-256.
+    /// Only the key and the proof that the requester holds it are taken from the request;
+    /// names and usages are the CA's:
+    /// - a node (root or member) gets `NAME.node.p2f`, `hosts`, `localhost`, `127.0.0.1` and
+    ///   `::1` as subject alternative names (IP literals as IP SANs, other names as DNS SANs),
+    ///   usable for server and client authentication;
+    /// - an operator gets no SAN and client authentication only.
+    ///
+    /// Errors: [`ClusterError::BadRequest`] for another key type, a name that is not a valid
+    /// node name, or a host that is a wildcard, ends in `.node.p2f` or is no DNS name or IP
+    /// address; [`ClusterError::NoCaKey`] off the root.
+    pub fn sign_as(
+        &self,
+        role: Role,
+        name: &str,
         hosts: &[String],
         csr_pem: &str,
     ) -> Result<String, ClusterError> {
@@ -274,17 +305,66 @@ impl ClusterCa {
                 "the key must be ECDSA P-256, the request signed with SHA-256 (what `p2f node join` makes)".into(),
             ));
         }
-        let mut params = named(node);
+        p2f_model::NodeName::new(name).map_err(|e| ClusterError::BadRequest(e.to_string()))?;
+        let mut params = named(name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, role.organization());
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.subject_alt_names = subject_alt_names(hosts)?;
+        if role.is_node() {
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            check_hosts(hosts)?;
+            let mut sans = vec![SanType::DnsName(
+                crate::identity::node_server_name(name).try_into()?,
+            )];
+            sans.extend(subject_alt_names(hosts)?);
+            params.subject_alt_names = sans;
+        } else {
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        }
         set_validity(&mut params, NODE_VALID_YEARS);
         Ok(params.signed_by(&request.public_key, &issuer)?.pem())
     }
+}
+
+/// Refuses hosts the CA cannot vouch for in any certificate: wildcards, names in the nodes'
+/// own `.node.p2f` namespace, and text that is neither a DNS name nor an IP address.
+fn check_hosts(hosts: &[String]) -> Result<(), ClusterError> {
+    for host in hosts {
+        let bare = host.trim();
+        let bare = bare
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(bare);
+        if bare.parse::<IpAddr>().is_ok() {
+            continue;
+        }
+        let lower = bare.to_ascii_lowercase();
+        let refuse = |why: &str| Err(ClusterError::BadRequest(format!("host {host:?}: {why}")));
+        if lower.contains('*') {
+            return refuse("wildcards are never signed");
+        }
+        if lower.ends_with(crate::identity::NODE_DNS_SUFFIX) || lower == "node.p2f" {
+            return refuse("names under .node.p2f are the CA's to give");
+        }
+        let label_ok = |label: &str| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        };
+        if lower.is_empty() || lower.len() > 253 || !lower.split('.').all(label_ok) {
+            return refuse("not a DNS name or an IP address");
+        }
+    }
+    Ok(())
 }
 
 /// A certificate the cluster CA issued for a web site (the ingress's local names), with its
@@ -470,6 +550,36 @@ pub fn server_config(cert: &NodeCert) -> Result<Arc<rustls::ServerConfig>, Clust
     resolving_server_config(Arc::new(SingleCertAndKey::from(key)), ALPN_HTTP1)
 }
 
+/// The rustls server configuration of the control API with mutual TLS: presents `cert`, asks
+/// every client for a certificate from the CA in `ca_pem` ([`ALPN_HTTP1`]). A client that
+/// shows none is still let through the handshake (joining needs no certificate, only a join
+/// token); one that shows a certificate the CA did not sign, or an expired one, is refused in
+/// the handshake. The API then authorizes each request by the certificate's role and name
+/// ([`crate::identity::Caller`]).
+pub fn api_server_config(
+    cert: &NodeCert,
+    ca_pem: &str,
+) -> Result<Arc<rustls::ServerConfig>, ClusterError> {
+    let key = load_certified_key(
+        &cert.cert_pem,
+        &cert.key_pem,
+        ["node certificate", "node key"],
+    )?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(ca_pem)?),
+        provider(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| ClusterError::pem("CA certificate", e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(key)));
+    config.alpn_protocols = ALPN_HTTP1.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
 /// A rustls server configuration that presents, in each handshake, the certificate `resolver`
 /// picks (say, a [`crate::server::SniResolver`]), and offers the `alpn` protocols in order of
 /// preference (the first the client also offers wins; a client offering only others is
@@ -516,8 +626,40 @@ fn load_certified_key(
     Ok(Arc::new(CertifiedKey::from_der(chain, key, &provider())?))
 }
 
-/// The rustls client configuration for talking to cluster nodes: trusts only the CA in `ca_pem`.
+/// The rustls client configuration for talking to cluster nodes: trusts only the CA in
+/// `ca_pem`, shows no client certificate (enough for joining and for tests of refusals).
 pub fn client_config(ca_pem: &str) -> Result<rustls::ClientConfig, ClusterError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The rustls client configuration of `credentials`: trusts only their CA and shows their
+/// certificate, when they have one ([`client_config`] otherwise).
+pub fn client_config_for(
+    credentials: &crate::identity::Credentials,
+) -> Result<rustls::ClientConfig, ClusterError> {
+    let Some(identity) = &credentials.identity else {
+        return client_config(&credentials.ca_pem);
+    };
+    let chain = CertificateDer::pem_slice_iter(identity.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClusterError::pem("client certificate", e))?;
+    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
+        .map_err(|e| ClusterError::pem("client key", e))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(&credentials.ca_pem)?)
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The CA certificates in `ca_pem` as a root store.
+fn roots(ca_pem: &str) -> Result<rustls::RootCertStore, ClusterError> {
     const WHAT: &str = "CA certificate";
     let mut roots = rustls::RootCertStore::empty();
     for der in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -526,12 +668,7 @@ pub fn client_config(ca_pem: &str) -> Result<rustls::ClientConfig, ClusterError>
     if roots.is_empty() {
         return Err(ClusterError::pem(WHAT, "no CERTIFICATE block found"));
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    Ok(roots)
 }
 
 /// The cluster's trust files in a directory: `ca.pem`, `ca.key` (mode 0600; only on the root),

@@ -5,6 +5,7 @@ pub mod api_error;
 pub mod client;
 pub mod cluster;
 pub mod fsutil;
+pub mod identity;
 pub mod ingress;
 pub mod join;
 pub mod mesh;

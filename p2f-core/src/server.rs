@@ -29,6 +29,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use crate::identity::Caller;
+
 /// How long a new connection may stay silent before its first byte.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a TLS handshake may take.
@@ -66,16 +68,18 @@ pub enum Accept {
 pub struct Limits {
     /// In all.
     pub connections: usize,
-    /// From one IP address (many half-open connections from one client, slowloris, cannot
-    /// take the listener from everyone else).
+    /// From one IP address, until the client has shown a certificate of the cluster (many
+    /// half-open connections from one client, slowloris, cannot take the listener from
+    /// everyone else; authenticated nodes, whose tunnels may be many, are not counted).
     pub per_peer: usize,
 }
 
 impl Limits {
-    /// The control API's: 512 in all, from any one peer too (members and tools are few).
+    /// The control API's: 2048 in all, 32 unauthenticated ones from one address (members
+    /// and tools show certificates; only joining comes without).
     pub const CONTROL_API: Limits = Limits {
-        connections: 512,
-        per_peer: 512,
+        connections: 2048,
+        per_peer: 32,
     };
     /// The ingress's: 8192 in all, 256 from one address.
     pub const INGRESS: Limits = Limits {
@@ -279,12 +283,15 @@ enum Handshake {
 }
 
 /// Who a request came from: in every request's extensions (`Extension<ConnectionInfo>`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionInfo {
     /// The client's address.
     pub peer: SocketAddr,
     /// Whether the connection is TLS.
     pub tls: bool,
+    /// The holder of the client certificate the TLS handshake verified (mutual TLS, the
+    /// control API), when there was one naming a role.
+    pub caller: Option<Arc<Caller>>,
 }
 
 /// The app of one connection: every request gets the connection's [`ConnectionInfo`].
@@ -310,7 +317,7 @@ where
     }
 
     fn call(&mut self, mut request: hyper::Request<B>) -> Self::Future {
-        request.extensions_mut().insert(self.info);
+        request.extensions_mut().insert(self.info.clone());
         self.app.call(request)
     }
 }
@@ -323,7 +330,7 @@ enum Ready {
 
 /// One accepted connection, with everything needed to serve it.
 struct Connection {
-    /// Held while the connection is open.
+    /// Held while the connection is open and its client unauthenticated.
     slot: PeerSlot,
     stream: TcpStream,
     peer: SocketAddr,
@@ -336,7 +343,7 @@ struct Connection {
 impl Connection {
     async fn run(self) {
         let Connection {
-            slot: _slot,
+            slot,
             stream,
             peer,
             handshake,
@@ -353,16 +360,35 @@ impl Connection {
             () = stopped(&mut stopping) => return,
             ready = Self::start(stream, peer, handshake) => ready,
         };
-        let service = |tls| {
+        let service = |tls, caller| {
             TowerToHyperService::new(WithInfo {
                 app,
-                info: ConnectionInfo { peer, tls },
+                info: ConnectionInfo { peer, tls, caller },
             })
         };
         match ready {
             None => {}
-            Some(Ready::Tls(tls)) => serve_http(&http, *tls, service(true), stopping, peer).await,
-            Some(Ready::Plain(tcp)) => serve_http(&http, tcp, service(false), stopping, peer).await,
+            Some(Ready::Tls(tls)) => {
+                let caller = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(|cert| Caller::from_certificate(cert))
+                    .map(Arc::new);
+                // An authenticated client no longer counts against its address's limit.
+                let _slot = if caller.is_some() {
+                    drop(slot);
+                    None
+                } else {
+                    Some(slot)
+                };
+                serve_http(&http, *tls, service(true, caller), stopping, peer).await
+            }
+            Some(Ready::Plain(tcp)) => {
+                let _slot = slot;
+                serve_http(&http, tcp, service(false, None), stopping, peer).await
+            }
         }
     }
 

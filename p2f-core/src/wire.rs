@@ -159,14 +159,78 @@ pub struct JoinRequest {
     /// Its certificate signing request (PEM, from [`crate::cluster::CertRequest`]): the
     /// member's private key never leaves the member.
     pub csr_pem: String,
+    /// The join token's secret part (see [`crate::join::JoinToken`]): what authorizes the
+    /// request, the only call made without a client certificate.
+    pub token: String,
 }
 
-/// The root's answer: the member's certificate (PEM), signed by the cluster CA.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The root's answer: the member's certificate (PEM), signed by the cluster CA, and the
+/// cluster's gossip key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JoinResponse {
     /// The certificate.
     pub cert_pem: String,
+    /// The cluster secret the gossip key is derived from (`DATA/cluster/secret`).
+    pub gossip_secret: String,
+}
+
+impl std::fmt::Debug for JoinResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinResponse").finish_non_exhaustive()
+    }
+}
+
+/// Body of `POST /v1/join-tokens` (the root; operators only): a new join token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// How long it may be used, in seconds (default 3600, at most 30 days).
+    #[serde(default = "TokenRequest::default_ttl")]
+    pub ttl_secs: u64,
+    /// How many nodes may join with it (default 1, at most 1000).
+    #[serde(default = "TokenRequest::default_uses")]
+    pub uses: u32,
+}
+
+impl TokenRequest {
+    fn default_ttl() -> u64 {
+        3600
+    }
+
+    fn default_uses() -> u32 {
+        1
+    }
+}
+
+impl Default for TokenRequest {
+    fn default() -> TokenRequest {
+        TokenRequest {
+            ttl_secs: TokenRequest::default_ttl(),
+            uses: TokenRequest::default_uses(),
+        }
+    }
+}
+
+/// Answer of `POST /v1/join-tokens`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenResponse {
+    /// The join token (`p2f-join-v2:…`), shown once: the root keeps only its hash.
+    pub token: String,
+    /// When it stops being accepted, in seconds since the Unix epoch.
+    pub expires_at: u64,
+    /// How many nodes may join with it.
+    pub uses: u32,
+}
+
+impl std::fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("expires_at", &self.expires_at)
+            .field("uses", &self.uses)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The `Upgrade` protocol of the agent's tunnel (`GET /v1/processes/{id}/tunnel`): after

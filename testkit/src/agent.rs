@@ -22,6 +22,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use nix::sys::signal::Signal;
 use p2f_core::Network;
 use p2f_core::cluster::ClusterFiles;
+use p2f_core::identity::Credentials;
 use p2f_core::node::AgentConfig;
 use p2f_model::{Process, ProcessId, ProcessKey};
 
@@ -153,8 +154,11 @@ impl AgentBuilder {
         self.finish(p2f, dir, temp)
     }
 
-    /// `p2f node join` with the (running) `root`'s token, run where this agent will run (in its
-    /// namespace, if any): the join request goes from there to the root's API. Not started yet.
+    /// `p2f node join` with a new token of the (running) `root`, run where this agent will run
+    /// (in its namespace, if any): the join request goes from there to the root's API. The
+    /// root's operator directory is copied next to its config, so the test's client of this
+    /// node acts as that operator, like a person with the CLI on that machine. Not started
+    /// yet.
     pub fn join(self, root: &Agent) -> Result<Agent> {
         let token = root.join_token()?;
         let (p2f, dir, temp) = self.prepare()?;
@@ -162,11 +166,11 @@ impl AgentBuilder {
         let listen = format!("{}:0", self.ip);
         run(self
             .command(&p2f, &dir)
-            .args([
-                "node", "join", &token, "--name", &self.name, "--listen", &listen,
-            ])
+            .env(p2f_core::node::JOIN_TOKEN_ENV, &token)
+            .args(["node", "join", "--name", &self.name, "--listen", &listen])
             .arg("--dir")
             .arg(&home))?;
+        root.copy_operator_to(&home.join("operator"))?;
         self.finish(p2f, dir, temp)
     }
 
@@ -369,7 +373,36 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
-        Ok(Network::with_cluster_files(&address, &self.cluster())?)
+        Ok(Network::connect(&address, &self.credentials()?)?)
+    }
+
+    /// What its clients show: the operator's certificate in `DATA/operator` (the root's, or
+    /// copied there when joining), else the node's own.
+    pub fn credentials(&self) -> Result<Credentials> {
+        let operator = self.config.data_dir.join("operator");
+        if Credentials::is_operator_dir(&operator) {
+            return Ok(Credentials::operator(&operator)?.0);
+        }
+        Ok(self.node_credentials()?)
+    }
+
+    /// The node's own credentials (its certificate: a member's acts as that member).
+    pub fn node_credentials(&self) -> Result<Credentials> {
+        Ok(Credentials::of_node(
+            &self.config.cluster_dir(),
+            &self.config.data_dir.join("tls"),
+        )?)
+    }
+
+    /// Copies its operator directory (a root's) to `to`.
+    fn copy_operator_to(&self, to: &Path) -> Result<()> {
+        let from = self.config.data_dir.join("operator");
+        std::fs::create_dir_all(to)?;
+        for entry in std::fs::read_dir(&from).with_context(|| format!("{}", from.display()))? {
+            let entry = entry?;
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+        Ok(())
     }
 
     /// Its name.
@@ -402,12 +435,27 @@ impl Agent {
         ClusterFiles::new(self.config.cluster_dir())
     }
 
-    /// The join token it wrote (on a root that ran).
+    /// A new join token (single-use, valid one hour) from this running root, made with
+    /// `p2f node token` as a person would.
     pub fn join_token(&self) -> Result<String> {
-        let path = self.config.data_dir.join("join-token");
-        let token = std::fs::read_to_string(&path)
-            .with_context(|| format!("{}'s join token {}", self.name, path.display()))?;
-        Ok(token.trim().to_owned())
+        self.join_token_with(&["--uses", "1"])
+    }
+
+    /// A new join token made with `p2f node token ARGS` (say `--ttl 2s`, `--uses 3`).
+    pub fn join_token_with(&self, args: &[&str]) -> Result<String> {
+        let mut command = match &self.ns {
+            Some(ns) => crate::netns::exec_in(ns, &self.p2f),
+            None => Command::new(&self.p2f),
+        };
+        command
+            .env(MARKER, &self.dir)
+            .env_remove("P2F_OPERATOR")
+            .args(["node", "token"])
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path);
+        let output = run(&mut command)?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     }
 
     /// A client of this agent. Panics when it does not run; see [`Agent::try_network`].
@@ -424,7 +472,7 @@ impl Agent {
     /// namespace that opened them).
     pub fn client(&self) -> Result<Network> {
         let address = self.try_network()?.address().to_owned();
-        Ok(Network::with_cluster_files(&address, &self.cluster())?)
+        Ok(Network::connect(&address, &self.credentials()?)?)
     }
 
     /// A client of this agent, or an error when it does not run.

@@ -671,67 +671,77 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() -> anyhow::Result<()
     let agent = root("strict").await?;
     let net = agent.network();
     let ca = std::fs::read_to_string(agent.config().cluster_dir().join("ca.pem")).expect("ca");
-    let secret =
-        std::fs::read_to_string(agent.config().cluster_dir().join("secret")).expect("secret");
-    let http = reqwest::Client::builder()
-        .tls_backend_preconfigured(p2f::core::cluster::client_config(&ca).expect("tls"))
-        .build()
-        .expect("client");
+    let operator = agent.credentials()?;
+    let client = |credentials: &p2f::core::identity::Credentials| {
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(
+                p2f::core::cluster::client_config_for(credentials).expect("tls"),
+            )
+            .build()
+            .expect("client")
+    };
+    let http = client(&operator);
+    let anonymous = client(&p2f::core::identity::Credentials::new(ca.clone(), None));
     let url = format!("https://{}/v1/processes", net.address());
-    let post = |body: Vec<u8>, auth: Option<String>| {
-        let mut request = http
+    let post = |body: Vec<u8>, authed: bool| {
+        let request = if authed { &http } else { &anonymous }
             .post(&url)
             .header("content-type", "application/json")
             .body(body);
-        if let Some(auth) = auth {
-            request = request.header("authorization", auth);
-        }
         async move {
             let response = request.send().await.expect("an answer");
             let status = response.status().as_u16();
             (status, response.text().await.expect("body"))
         }
     };
-    let bearer = Some(format!("Bearer {}", secret.trim()));
-    // (what, body, Authorization header, status, the error says)
-    type Case<'a> = (&'a str, Vec<u8>, Option<String>, u16, &'a str);
+    let bearer = true;
+    // (what, body, with the operator's certificate, status, the error says)
+    type Case<'a> = (&'a str, Vec<u8>, bool, u16, &'a str);
     let cases: Vec<Case> = vec![
         (
             "malformed JSON",
             b"{\"spec\": {".to_vec(),
-            bearer.clone(),
+            bearer,
             400,
             "EOF",
         ),
         (
             "unknown field",
             br#"{"spec":{"name":"a","start":"true"},"colour":"red"}"#.to_vec(),
-            bearer.clone(),
+            bearer,
             422,
             "unknown field `colour`",
         ),
         (
             "an id that is a path",
             br#"{"spec":{"name":"a","start":"true"},"id":".."}"#.to_vec(),
-            bearer.clone(),
+            bearer,
             422,
             "not a valid process id",
         ),
         (
-            "wrong secret",
+            "no client certificate",
             b"{}".to_vec(),
-            Some("Bearer nope".into()),
+            false,
             401,
-            "wrong cluster secret",
-        ),
-        (
-            "no secret",
-            b"{}".to_vec(),
-            None,
-            401,
-            "missing cluster secret",
+            "a client certificate from the cluster CA is required",
         ),
     ];
+    // A certificate from another cluster's CA: refused in the TLS handshake.
+    let stranger_ca = p2f::core::cluster::ClusterCa::generate("elsewhere").expect("ca");
+    let stranger = p2f::core::identity::Credentials::new(
+        ca.clone(),
+        Some(
+            stranger_ca
+                .issue_as(p2f::core::identity::Role::Operator, "mallory", &[])
+                .expect("cert"),
+        ),
+    );
+    let refused = client(&stranger).get(&url).send().await;
+    assert!(
+        refused.is_err(),
+        "a foreign certificate is refused: {refused:?}"
+    );
     for (what, body, auth, status, says) in cases {
         let (got, text) = post(body, auth).await;
         assert_eq!(got, status, "{what}: {text}");
@@ -741,12 +751,7 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() -> anyhow::Result<()
         assert!(message.contains(says), "{what}: {message}");
     }
     // A method a route does not take: still a JSON error.
-    let put = http
-        .put(&url)
-        .header("authorization", bearer.clone().unwrap_or_default())
-        .send()
-        .await
-        .expect("an answer");
+    let put = http.put(&url).send().await.expect("an answer");
     assert_eq!(put.status().as_u16(), 405);
     let body: p2f::core::wire::ErrorBody = put.json().await.expect("JSON error");
     assert!(
@@ -768,7 +773,10 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() -> anyhow::Result<()
         let curl = std::process::Command::new("curl")
             .args(["-sS", "-w", "\n%{http_code}", "--cacert"])
             .arg(agent.config().cluster_dir().join("ca.pem"))
-            .args(["-H", &format!("Authorization: Bearer {}", secret.trim())])
+            .arg("--cert")
+            .arg(agent.config().data_dir.join("operator/operator.pem"))
+            .arg("--key")
+            .arg(agent.config().data_dir.join("operator/operator.key"))
             .args(["-H", "Content-Type: application/json", "--data-binary"])
             .arg(format!("@{}", big.display()))
             .arg(&url)
@@ -793,7 +801,7 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() -> anyhow::Result<()
     // An invalid spec: 422 listing every finding.
     let bad =
         br#"{"spec":{"name":"bad","start":"","port":0,"domain":"-x-.home","env":{"1BAD":"v"}}}"#;
-    let (status, text) = post(bad.to_vec(), bearer.clone()).await;
+    let (status, text) = post(bad.to_vec(), bearer).await;
     assert_eq!(status, 422, "{text}");
     let body: p2f::core::wire::ErrorBody = serde_json::from_str(&text).expect("error body");
     let paths: Vec<&str> = body
@@ -813,10 +821,12 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() -> anyhow::Result<()
         }) => assert!(!findings.is_empty()),
         other => panic!("expected 422, got {other:?}"),
     }
-    // A wrong secret through the client: 401 on every route.
-    let wrong =
-        p2f::core::Network::connect(net.address(), p2f::core::cluster::Secret::generate(), &ca)
-            .expect("client");
+    // Without a client certificate: 401 on every route.
+    let wrong = p2f::core::Network::connect(
+        net.address(),
+        &p2f::core::identity::Credentials::new(ca.clone(), None),
+    )
+    .expect("client");
     assert_eq!(
         wrong.list_processes().await.map_err(|e| e.status()).err(),
         Some(Some(401))

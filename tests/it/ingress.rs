@@ -518,33 +518,47 @@ async fn a_domain_is_served_through_the_root_from_another_node() -> Result<()> {
     Ok(())
 }
 
-/// Asks `agent`'s tunnel for what it must refuse: no secret (401), no upgrade (426), a process
-/// it does not run (404), another generation of `id` (409); then `generation` of `id` is opened
-/// (101).
+/// Asks `agent`'s tunnel for what it must refuse: no certificate (401), a member's own
+/// certificate (403: only the root opens tunnels), no upgrade (426), a process it does not run
+/// (404), another generation of `id` (409); then `generation` of `id` is opened (101) with the
+/// operator's certificate.
 async fn tunnel_refusals(agent: &Agent, id: &str, generation: u64) -> Result<()> {
     let api = agent.network().address().to_owned();
     let ca = agent.cluster().ca_cert_path();
-    let secret = std::fs::read_to_string(agent.cluster().secret_path())?;
-    let auth = format!("Authorization: Bearer {}", secret.trim());
+    let data = agent.config().data_dir.clone();
+    // curl's options for a certificate and its key.
+    let cert = |pem: &str, key: &str| -> Vec<String> {
+        vec![
+            format!("--cert={}", data.join(pem).display()),
+            format!("--key={}", data.join(key).display()),
+        ]
+    };
+    let operator = cert("operator/operator.pem", "operator/operator.key");
+    let member = cert("tls/node.pem", "tls/node.key");
+    let none: Vec<String> = Vec::new();
     let url = |id: &str, generation: u64| {
         format!("https://{api}/v1/processes/{id}/tunnel?generation={generation}")
     };
-    let ask = |headers: &[&str], url: String| -> Vec<String> {
+    let ask = |credentials: &[String], headers: &[&str], url: String| -> Vec<String> {
         let headers = headers
             .iter()
             .flat_map(|h| ["-H".to_owned(), (*h).to_owned()]);
-        headers.chain([url]).collect()
+        credentials
+            .iter()
+            .cloned()
+            .chain(headers)
+            .chain([url])
+            .collect()
     };
     let (connection, upgrade) = ("Connection: upgrade", "Upgrade: p2f-tunnel");
+    let both = [connection, upgrade];
     let cases = [
-        (ask(&[connection, upgrade], url(id, generation)), 401),
-        (ask(&[&auth], url(id, generation)), 426),
-        (ask(&[connection, upgrade, &auth], url("not-here", 1)), 404),
-        (
-            ask(&[connection, upgrade, &auth], url(id, generation + 1)),
-            409,
-        ),
-        (ask(&[connection, upgrade, &auth], url(id, generation)), 101),
+        (ask(&none, &both, url(id, generation)), 401),
+        (ask(&member, &both, url(id, generation)), 403),
+        (ask(&operator, &[], url(id, generation)), 426),
+        (ask(&operator, &both, url("not-here", 1)), 404),
+        (ask(&operator, &both, url(id, generation + 1)), 409),
+        (ask(&operator, &both, url(id, generation)), 101),
     ];
     for (args, status) in cases {
         // A tunnel that opens stays open: curl gives up after a second, having printed the head.

@@ -81,13 +81,12 @@ async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() -> any
             .all(|n| n.memory_available.is_some_and(|m| m > 0)),
         "every node publishes its free memory: {nodes:?}"
     );
-    // Without the secret, every node answers 401.
+    // Without a client certificate, every node answers 401.
     let ca = std::fs::read_to_string(root.config().cluster_dir().join("ca.pem")).expect("ca");
     for agent in [&root, &a, &b] {
         let stranger = p2f::core::Network::connect(
             agent.network().address(),
-            p2f::core::cluster::Secret::generate(),
-            &ca,
+            &p2f::core::identity::Credentials::new(ca.clone(), None),
         )
         .expect("client");
         let refused = stranger.list_processes().await.expect_err("401");

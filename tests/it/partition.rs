@@ -159,13 +159,13 @@ fn a_node_behind_a_nat_like_firewall_joins_and_stays_a_member() -> anyhow::Resul
         anyhow::Ok((root, b, nat))
     })?;
     let api = nat.network().address().to_owned();
-    let cluster = nat.cluster();
+    let credentials = nat.credentials()?;
 
     // From inside its own namespace (loopback passes the firewall) a process is spun on it,
     // and one is spun on node-b from the switch: each side must learn of the other's through
     // gossip alone.
     block_on_in(lan.ns("nat"), || async {
-        let local = Network::with_cluster_files(&api, &cluster)?;
+        let local = Network::connect(&api, &credentials)?;
         let node = local.node().await?;
         local
             .spin_process(&ProcessSpec::new("behind-nat", "exec sleep 1000"), &node)
@@ -186,7 +186,7 @@ fn a_node_behind_a_nat_like_firewall_joins_and_stays_a_member() -> anyhow::Resul
     })?;
     // And the firewalled node hears node-b's: gossip flows both ways.
     block_on_in(lan.ns("nat"), || async {
-        let local = Network::with_cluster_files(&api, &cluster)?;
+        let local = Network::connect(&api, &credentials)?;
         publishing(&local, &counts, Deaths::Fail).await
     })?;
     assert!(

@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cluster::{ClusterCa, ClusterError, Secret, resolving_server_config};
+use crate::cluster::{ClusterCa, ClusterError, resolving_server_config};
 use crate::records::Records;
 use crate::server::{Accept, PlainHttp};
 use crate::wire::{RouteInfo, RoutesReport};
@@ -122,9 +122,9 @@ impl Ingress {
         config: IngressConfig,
         records: Records,
         ca: ClusterCa,
-        secret: Secret,
+        credentials: &crate::identity::Credentials,
     ) -> Result<Ingress, IngressError> {
-        let upstream = Arc::new(ThroughAgent::new(records.clone(), &ca, secret)?);
+        let upstream = Arc::new(ThroughAgent::new(records.clone(), credentials)?);
         let issuers: Vec<Arc<dyn Issuer>> = vec![Arc::new(LocalCa::new(ca))];
         Ingress::start_with(config, records, issuers, upstream).await
     }

@@ -181,7 +181,7 @@ impl Proxy {
             };
             if let Some(target) = &route.target {
                 let body = body.take().unwrap_or_else(Body::empty);
-                let outgoing = self.outgoing(&parts, body, target, info, upgrade.as_ref());
+                let outgoing = self.outgoing(&parts, body, target, &info, upgrade.as_ref());
                 match tokio::time::timeout(RESPONSE_TIMEOUT, self.client.request(outgoing)).await {
                     Ok(Ok(response)) => {
                         self.errors.clear(&route.domain);
@@ -247,7 +247,7 @@ impl Proxy {
         parts: &Parts,
         body: Body,
         target: &Target,
-        info: ConnectionInfo,
+        info: &ConnectionInfo,
         upgrade: Option<&HeaderValue>,
     ) -> hyper::Request<Body> {
         let authority = self.targets.authority(target);
@@ -538,6 +538,7 @@ mod tests {
             .extension(ConnectionInfo {
                 peer: ([127, 0, 0, 1], 4000).into(),
                 tls: true,
+                caller: None,
             })
             .body(Body::from(body))
             .expect("request");

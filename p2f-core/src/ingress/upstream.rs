@@ -29,7 +29,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::routes::Target;
-use crate::cluster::{ClusterCa, ClusterError, Secret, client_config};
+use crate::cluster::{ClusterError, client_config_for};
+use crate::identity::{Credentials, node_server_name};
 use crate::records::Records;
 use crate::wire::TUNNEL_PROTOCOL;
 
@@ -102,7 +103,6 @@ pub trait Upstream: Send + Sync + 'static {
 pub struct ThroughAgent {
     records: Records,
     tls: TlsConnector,
-    secret: Arc<Secret>,
 }
 
 impl std::fmt::Debug for ThroughAgent {
@@ -112,13 +112,13 @@ impl std::fmt::Debug for ThroughAgent {
 }
 
 impl ThroughAgent {
-    /// Reaches agents found in `records`, trusting the cluster `ca` and showing `secret`.
-    pub fn new(records: Records, ca: &ClusterCa, secret: Secret) -> Result<Self, UpstreamError> {
-        let config = client_config(ca.cert_pem())?;
+    /// Reaches agents found in `records` with `credentials` (the root's certificate: only
+    /// the root may open tunnels), checking that each agent's certificate names its node.
+    pub fn new(records: Records, credentials: &Credentials) -> Result<Self, UpstreamError> {
+        let config = client_config_for(credentials)?;
         Ok(ThroughAgent {
             records,
             tls: TlsConnector::from(Arc::new(config)),
-            secret: Arc::new(secret),
         })
     }
 }
@@ -129,11 +129,11 @@ impl Upstream for ThroughAgent {
             .records
             .client_for(&target.node)
             .map(|client| client.address().to_owned());
-        let (tls, secret, target) = (self.tls.clone(), Arc::clone(&self.secret), target.clone());
+        let (tls, target) = (self.tls.clone(), target.clone());
         Box::pin(async move {
             let node = target.node.clone();
             let address = address.ok_or_else(|| UpstreamError::NoAddress { node: node.clone() })?;
-            let open = open_tunnel(tls, &secret, &target, &address);
+            let open = open_tunnel(tls, &target, &address);
             tokio::time::timeout(CONNECT_TIMEOUT, open)
                 .await
                 .map_err(|_| UpstreamError::Timeout { node })?
@@ -145,10 +145,10 @@ impl Upstream for ThroughAgent {
     }
 }
 
-/// TLS to the agent at `address`, the tunnel request, the upgraded connection.
+/// TLS to the agent at `address` (which must hold the certificate of `target.node`), the
+/// tunnel request, the upgraded connection.
 async fn open_tunnel(
     tls: TlsConnector,
-    secret: &Secret,
     target: &Target,
     address: &str,
 ) -> Result<Box<dyn Io>, UpstreamError> {
@@ -161,9 +161,9 @@ async fn open_tunnel(
         .await
         .map_err(|e| failed(format!("connect: {e}")))?;
     let _ = tcp.set_nodelay(true);
-    let host = host_part(address);
-    let name = rustls_pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|e| failed(format!("server name {host:?}: {e}")))?;
+    let server_name = node_server_name(target.node.as_str());
+    let name = rustls_pki_types::ServerName::try_from(server_name.clone())
+        .map_err(|e| failed(format!("server name {server_name:?}: {e}")))?;
     let stream = tls
         .connect(name, tcp)
         .await
@@ -182,8 +182,7 @@ async fn open_tunnel(
         target.id, target.generation
     );
     let request = hyper::Request::get(path)
-        .header(header::HOST, address)
-        .header(header::AUTHORIZATION, format!("Bearer {}", secret.expose()))
+        .header(header::HOST, server_name)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, TUNNEL_PROTOCOL)
         .body(Empty::<bytes::Bytes>::new())
@@ -212,17 +211,6 @@ async fn open_tunnel(
         .await
         .map_err(|e| failed(format!("upgrade: {e}")))?;
     Ok(Box::new(TokioIo::new(upgraded)))
-}
-
-/// The host of `host:port` (an IPv6 literal without its brackets).
-fn host_part(address: &str) -> &str {
-    let host = match address.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
-        _ => address,
-    };
-    host.strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host)
 }
 
 /// The targets the proxy sends requests to, by the URI authority it gave each.
@@ -321,18 +309,6 @@ impl hyper::rt::Write for Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_host_of_an_address() {
-        for (address, host) in [
-            ("127.0.0.1:7440", "127.0.0.1"),
-            ("[::1]:7440", "::1"),
-            ("pi.lan:7440", "pi.lan"),
-            ("pi.lan", "pi.lan"),
-        ] {
-            assert_eq!(host_part(address), host, "{address}");
-        }
-    }
 
     #[test]
     fn each_target_has_its_own_authority() {

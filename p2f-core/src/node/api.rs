@@ -1,7 +1,10 @@
 //! The control API (`/v1`, JSON, HTTPS): the seed's four operations, logs and the node's own
-//! entry. Every request carries the cluster secret (`Authorization: Bearer SECRET`, compared in
-//! constant time); anything else gets `401` and changes nothing. Malformed input gets a 4xx with
-//! a one-line JSON error, never a crash. `docs/api.md` is the reference.
+//! entry. Every request is authorized by the client certificate of its connection (mutual
+//! TLS, [`crate::identity`]): the root and operators may do anything; a member may read, act
+//! on its own node, and kill or remove its own processes anywhere; without a certificate only
+//! joining (with a join token) is possible. Anything else gets `401` or `403` and changes
+//! nothing. Malformed input gets a 4xx with a one-line JSON error, never a crash.
+//! `docs/api.md` is the reference.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +21,9 @@ use p2f_model::{Node, Process, ProcessId, ProcessKey};
 
 use super::supervisor::{Supervisor, SupervisorError};
 use crate::api_error::{ApiError, forwarded, parse_id};
-use crate::cluster::Secret;
+use crate::identity::{Caller, Role};
 use crate::records::{LocalRecords, Records};
+use crate::server::ConnectionInfo;
 use crate::wire::{
     ListQuery, LogsQuery, MAX_BODY_BYTES, NodeStatus, Scope, SpinQuery, SpinRequest,
 };
@@ -31,7 +35,6 @@ const SPIN_WAIT: Duration = Duration::from_secs(30 * 60);
 #[derive(Clone)]
 struct Api {
     supervisor: Supervisor,
-    secret: Arc<Secret>,
     node: Arc<Node>,
     /// The whole network's records, when this node gossips.
     records: Option<Records>,
@@ -45,8 +48,6 @@ struct Api {
 pub struct ApiParts {
     /// What runs here.
     pub supervisor: Supervisor,
-    /// The cluster secret every request must carry.
-    pub secret: Secret,
     /// This node's directory entry (`GET /v1/node`).
     pub node: Node,
     /// The network's records, when this node gossips.
@@ -56,11 +57,10 @@ pub struct ApiParts {
 }
 
 /// The API's router: the node's routes and `features` (routers with their own state, such as
-/// the root's), every route answering only requests that carry the cluster secret.
+/// the root's), every route answering only the requests its caller may make ([`authorize`]).
 pub fn router(parts: ApiParts, features: Vec<Router>) -> Router {
     let api = Api {
         supervisor: parts.supervisor,
-        secret: Arc::new(parts.secret),
         node: Arc::new(parts.node),
         records: parts.records,
         unrun: parts.unrun.into(),
@@ -80,7 +80,7 @@ pub fn router(parts: ApiParts, features: Vec<Router>) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(api, authenticate))
+        .layer(middleware::from_fn_with_state(api, authorize))
 }
 
 impl From<SupervisorError> for ApiError {
@@ -101,19 +101,79 @@ impl From<SupervisorError> for ApiError {
     }
 }
 
-async fn authenticate(State(api): State<Api>, request: Request, next: Next) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "));
-    match presented {
-        Some(secret) if api.secret.matches(secret) => next.run(request).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "wrong cluster secret").into_response(),
-        None => ApiError::new(
+/// The path of joining, the one call made without a client certificate (the root checks the
+/// join token it carries).
+const JOIN_PATH: &str = "/v1/join";
+
+/// Lets a request through when its caller may make it:
+/// - no client certificate: only `POST /v1/join` (`401` otherwise);
+/// - the root and operators: everything;
+/// - member `M`: every read (`GET`, but not a tunnel to a process's port, the root's); on
+///   its own node, everything; elsewhere, killing or removing a process whose record says it
+///   runs on `M` (`403` for the rest).
+async fn authorize(State(api): State<Api>, request: Request, next: Next) -> Response {
+    let caller = request
+        .extensions()
+        .get::<ConnectionInfo>()
+        .and_then(|info| info.caller.clone());
+    let Some(caller) = caller else {
+        if request.uri().path() == JOIN_PATH {
+            return next.run(request).await;
+        }
+        return ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "missing cluster secret (Authorization: Bearer SECRET)",
+            "a client certificate from the cluster CA is required: an operator's (`p2f operator add`) or the node's own",
         )
-        .into_response(),
+        .into_response();
+    };
+    match api.refusal(&caller, &request) {
+        None => next.run(request).await,
+        Some(why) => {
+            tracing::info!(%caller, method = %request.method(), path = request.uri().path(), "refused: {why}");
+            ApiError::new(StatusCode::FORBIDDEN, why).into_response()
+        }
+    }
+}
+
+impl Api {
+    /// Why `caller` may not make `request` (`None`: it may).
+    fn refusal(&self, caller: &Caller, request: &Request) -> Option<String> {
+        if caller.administers() {
+            return None;
+        }
+        let path = request.uri().path();
+        let method = request.method();
+        let is_tunnel = path.ends_with("/tunnel");
+        if caller.role != Role::Member {
+            return Some(format!("{caller} may not call this API"));
+        }
+        if *method == axum::http::Method::GET && !is_tunnel {
+            return None;
+        }
+        if caller.name == self.node.name.as_str() && !is_tunnel {
+            return None;
+        }
+        // Killing or removing its own process through another node (the root) is allowed.
+        let own_process = process_action(method, path)
+            .and_then(|id| ProcessId::new(id).ok())
+            .and_then(|id| self.find(&ProcessKey::Id(id), Scope::Network))
+            .is_some_and(|record| record.node.name.as_str() == caller.name);
+        if own_process {
+            return None;
+        }
+        Some(format!(
+            "{caller} may only act on its own processes and its own node: ask the root or an operator"
+        ))
+    }
+}
+
+/// The process id of `POST /v1/processes/{id}/kill` and `DELETE /v1/processes/{id}`.
+fn process_action<'a>(method: &axum::http::Method, path: &'a str) -> Option<&'a str> {
+    let rest = path.strip_prefix("/v1/processes/")?;
+    match (method.as_str(), rest.split_once('/')) {
+        ("POST", Some((id, "kill"))) => Some(id),
+        ("DELETE", None) => Some(rest),
+        _ => None,
     }
 }
 

@@ -31,6 +31,7 @@ pub use config::{
 pub use supervisor::{Recovery, Shutdown, Supervisor};
 
 use crate::cluster::{ClusterCa, ClusterError, ClusterFiles, NodeCert, Secret};
+use crate::identity::{Credentials, Role};
 use crate::ingress::acme::{AcmeConfig, LETS_ENCRYPT};
 use crate::ingress::{Ingress, IngressConfig, IngressError};
 use crate::records::listing::Listed;
@@ -134,10 +135,12 @@ impl Agent {
             path: data.clone(),
             source,
         })?;
+        join_if_asked(&config).await?;
         let (ca, secret) = ClusterFiles::new(config.cluster_dir()).load()?;
         let role = role_of(&config, &ca);
-        let cert = node_certificate(&config, &ca, &secret).await?;
-        let tls = crate::cluster::server_config(&cert)?;
+        let cert = node_certificate(&config, &ca)?;
+        let tls = crate::cluster::api_server_config(&cert, ca.cert_pem())?;
+        let credentials = Credentials::new(ca.cert_pem(), Some(cert));
         let db_path = data.join("records.redb");
         let store = Arc::new(Store::open_or_set_aside(&db_path)?);
         // Records hold specs, and specs hold env values: only the agent reads them.
@@ -180,14 +183,14 @@ impl Agent {
         // From here on processes may run: if anything else fails, let go of them (they are
         // re-adopted by the next start) before saying so.
         let rest = async {
-            let network =
-                start_network(&config, role, &ca, &secret, &node, &supervisor, store).await?;
-            if role == NodeRole::Root {
-                write_join_token(&config, &node, &ca, &secret, network.records.as_ref())?;
-            }
+            let trust = Trust {
+                ca: &ca,
+                secret: &secret,
+                credentials: &credentials,
+            };
+            let network = start_network(&config, role, trust, &node, &supervisor, store).await?;
             let parts = api::ApiParts {
                 supervisor: supervisor.clone(),
-                secret,
                 node: node.clone(),
                 records: network.records.clone(),
                 unrun: network.unrun,
@@ -280,13 +283,22 @@ impl Agent {
     }
 }
 
+/// What the node trusts and shows.
+#[derive(Clone, Copy)]
+struct Trust<'a> {
+    ca: &'a ClusterCa,
+    /// The gossip key's secret.
+    secret: &'a Secret,
+    /// The node's own client credentials (its certificate).
+    credentials: &'a Credentials,
+}
+
 /// Starts what this node's role runs beside the supervisor: the mesh and the records (root and
 /// members), the root's decisions and routes (root), and the unpark task (members).
 async fn start_network(
     config: &AgentConfig,
     role: NodeRole,
-    ca: &ClusterCa,
-    secret: &Secret,
+    trust: Trust<'_>,
     node: &Node,
     supervisor: &Supervisor,
     store: Arc<Store>,
@@ -305,8 +317,13 @@ async fn start_network(
             });
         }
     };
+    let Trust {
+        ca,
+        secret,
+        credentials,
+    } = trust;
     let mesh = crate::mesh::Mesh::start(mesh_config(config, &settings, secret)).await?;
-    let client = client_of(node, secret, ca)?;
+    let client = client_of(node, credentials)?;
     let unplaced = Arc::new(Unplaced::new(supervisor.node().clone()));
     let mut sources: Vec<Arc<dyn LocalRecords>> = vec![Arc::new(supervisor.clone())];
     if role == NodeRole::Root {
@@ -351,7 +368,7 @@ async fn start_network(
                 }),
             };
             let started =
-                Ingress::start(ingress_config, records.clone(), ca.clone(), secret.clone()).await;
+                Ingress::start(ingress_config, records.clone(), ca.clone(), credentials).await;
             match started {
                 Ok(ingress) => Some(ingress),
                 Err(e) => {
@@ -374,11 +391,19 @@ async fn start_network(
             return Err(e.into());
         }
     };
+    forget_old_join_token(config);
     let routes = crate::root::api::routes(
         root.clone(),
-        ca.clone(),
-        records.clone(),
-        config.name.clone(),
+        crate::root::api::RootApiParts {
+            ca: ca.clone(),
+            records: records.clone(),
+            own: config.name.clone(),
+            own_hosts: node_hosts(config),
+            secret: secret.clone(),
+            tokens: crate::root::tokens::TokenBook::open(config.data_dir.join("join-tokens.json")),
+            api_address: node.api_address().unwrap_or_default(),
+            gossip_address: Some(records.mesh().gossip_addr().to_string()),
+        },
     );
     let ingress_routes = match &ingress {
         Some(ingress) => crate::ingress::api::routes(ingress.clone()),
@@ -414,35 +439,19 @@ fn mesh_config(
     mesh
 }
 
-/// A client of the cluster (its CA and secret), pointed at this node's API.
-fn client_of(node: &Node, secret: &Secret, ca: &ClusterCa) -> Result<crate::Network, AgentError> {
+/// A client of the cluster with this node's certificate, pointed at this node's API.
+fn client_of(node: &Node, credentials: &Credentials) -> Result<crate::Network, AgentError> {
     let api = node.api_address().unwrap_or_default();
-    Ok(crate::Network::connect(
-        &api,
-        secret.clone(),
-        ca.cert_pem(),
-    )?)
+    Ok(crate::Network::connect(&api, credentials)?)
 }
 
-/// On the root: the join token (`DATA/join-token`, 0600) that `p2f node join` takes.
-fn write_join_token(
-    config: &AgentConfig,
-    node: &Node,
-    ca: &ClusterCa,
-    secret: &Secret,
-    records: Option<&Records>,
-) -> Result<(), AgentError> {
-    let token = crate::join::JoinToken {
-        root: node.api_address().unwrap_or_default(),
-        gossip: records.map(|r| r.mesh().gossip_addr().to_string()),
-        ca_pem: ca.cert_pem().to_owned(),
-        secret: secret.clone(),
-    };
-    crate::fsutil::write_private(
-        &config.data_dir.join("join-token"),
-        format!("{}\n", token.encode()),
-    )?;
-    Ok(())
+/// Earlier roots wrote a permanent join token holding the cluster secret to `DATA/join-token`:
+/// it no longer works, and it must not lie around.
+fn forget_old_join_token(config: &AgentConfig) {
+    let path = config.data_dir.join("join-token");
+    if std::fs::remove_file(&path).is_ok() {
+        tracing::info!(path = %path.display(), "removed the old permanent join token: make tokens with `p2f node token`");
+    }
 }
 
 /// How often a node republishes its available memory.
@@ -521,41 +530,74 @@ async fn unpark(records: Records, supervisor: Supervisor) {
     });
 }
 
-/// This node's certificate: issued (again) at each start when this node holds the CA key, so
-/// it always names the current address; read from `DATA/tls` on members. A member without one
-/// whose config names its root (a config written by hand or by a provisioning tool, next to
-/// the cluster's `ca.pem` and `secret`) asks the root for it, as `p2f node join` does.
-async fn node_certificate(
-    config: &AgentConfig,
-    ca: &crate::cluster::ClusterCa,
-    secret: &Secret,
-) -> Result<NodeCert, AgentError> {
-    let dir = config.data_dir.join("tls");
+/// The names and addresses this node's certificate carries.
+fn node_hosts(config: &AgentConfig) -> Vec<String> {
     let mut hosts = vec![config.advertised_host(), config.listen.ip().to_string()];
     hosts.dedup();
+    hosts
+}
+
+/// This node's certificate: issued (again) at each start when this node holds the CA key (the
+/// root's, role `root`), so it always names the current address; read from `DATA/tls` on
+/// members.
+fn node_certificate(config: &AgentConfig, ca: &ClusterCa) -> Result<NodeCert, AgentError> {
+    let dir = config.data_dir.join("tls");
     if ca.key_pem().is_some() {
-        let cert = ca.issue(config.name.as_str(), &hosts)?;
+        let cert = ca.issue_as(Role::Root, config.name.as_str(), &node_hosts(config))?;
         cert.save(&dir)?;
         return Ok(cert);
     }
-    if let Some(cert) = NodeCert::load(&dir) {
-        return Ok(cert);
+    NodeCert::load(&dir).ok_or(AgentError::NoCertificate(dir))
+}
+
+/// The environment variable a join token may come in (`p2f node run`, joining by config).
+pub const JOIN_TOKEN_ENV: &str = "P2F_JOIN_TOKEN";
+/// The file in the cluster directory a join token may come in (written by a provisioning tool;
+/// removed once used).
+pub const JOIN_TOKEN_FILE: &str = "join-token";
+
+/// Joining by config: a member whose config names its root, with no certificate yet, and a
+/// join token in [`JOIN_TOKEN_ENV`] or `DATA/cluster/join-token`, asks the root for its
+/// certificate (for a key made here) and the gossip secret, as `p2f node join` does. Nothing
+/// happens for a node that has a certificate or a CA key.
+async fn join_if_asked(config: &AgentConfig) -> Result<(), AgentError> {
+    let tls = config.data_dir.join("tls");
+    let cluster = ClusterFiles::new(config.cluster_dir());
+    if NodeCert::load(&tls).is_some() || cluster.ca_key_path().exists() {
+        return Ok(());
     }
     let Some(root) = &config.root else {
-        return Err(AgentError::NoCertificate(dir));
+        return Ok(());
+    };
+    let token_file = cluster.dir().join(JOIN_TOKEN_FILE);
+    let text = match std::env::var(JOIN_TOKEN_ENV) {
+        Ok(text) => text,
+        Err(_) => match std::fs::read_to_string(&token_file) {
+            Ok(text) => text,
+            Err(_) => return Err(AgentError::NoCertificate(tls)),
+        },
     };
     let join = |source| AgentError::Join {
         root: root.clone(),
         source,
     };
-    let client =
-        crate::Network::connect(root, secret.clone(), ca.cert_pem()).map_err(|e| join(e.into()))?;
-    let cert = crate::join::request_certificate(&client, &config.name, hosts)
-        .await
-        .map_err(join)?;
-    cert.save(&dir)?;
+    let token = crate::join::JoinToken::decode(&text).map_err(|e| {
+        join(crate::join::JoinError::Root(crate::ClientError::Protocol {
+            address: root.clone(),
+            detail: e.to_string(),
+        }))
+    })?;
+    let client = crate::Network::connect(root, &Credentials::new(token.ca_pem.clone(), None))
+        .map_err(|e| join(e.into()))?;
+    let (cert, secret) =
+        crate::join::request_certificate(&client, &config.name, node_hosts(config), &token)
+            .await
+            .map_err(join)?;
+    cluster.write_member(&token.ca_pem, &secret)?;
+    cert.save(&tls)?;
+    let _ = std::fs::remove_file(&token_file);
     tracing::info!(%root, "joined: the root signed this node's certificate");
-    Ok(cert)
+    Ok(())
 }
 
 /// Mode 0600, also for a file that existed with a wider mode.

@@ -265,10 +265,12 @@ impl Records {
                 .inner
                 .own
                 .api_address()
-                .map(|api| self.inner.client.at(&api));
+                .map(|api| self.inner.client.peer(name, &api));
         }
         let state = lock(&self.inner.state);
-        state.api_of(name).map(|api| self.inner.client.at(api))
+        state
+            .api_of(name)
+            .map(|api| self.inner.client.peer(name, api))
     }
 
     /// For a process of another node: a client of that node (if it publishes its API) and the
@@ -279,7 +281,7 @@ impl Records {
         let entry = state.winning_entry(id)?;
         let api = state.api_of(&entry.node)?;
         let record = state::merge(&copy.record, &entry.digest, entry.alive);
-        Some((self.inner.client.at(api), record))
+        Some((self.inner.client.peer(&entry.node, api), record))
     }
 
     /// The node and generation of a copy on a live node that `local` (a record of this node)

@@ -59,6 +59,8 @@ pub(super) struct State {
 
 /// A record to fetch: from which API, which id, for which spec hash.
 pub(super) struct Wanted {
+    /// The node that publishes it, and its API address.
+    pub(super) node: NodeName,
     pub(super) api: String,
     pub(super) id: ProcessId,
     pub(super) spec: String,
@@ -213,6 +215,7 @@ impl State {
                     .is_some_and(|c| c.spec == entry.digest.spec);
                 if let (false, Some(api)) = (held, apis.get(&entry.node)) {
                     wanted.push(Wanted {
+                        node: entry.node.clone(),
                         api: (*api).clone(),
                         id: id.clone(),
                         spec: entry.digest.spec.clone(),

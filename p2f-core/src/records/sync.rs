@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use p2f_model::{NodeName, ProcessId, Status};
+use p2f_model::{NodeName, Status};
 
 use super::precedence::{Candidate, Origin};
 use super::state::{Copy, Wanted};
@@ -25,8 +25,15 @@ pub(super) async fn sync(inner: Arc<Inner>) {
         ticker.tick().await;
         let wanted = refresh(&inner).await;
         fence(&inner);
-        for Wanted { api, id, spec } in wanted {
-            let client = inner.client.at(&api);
+        for Wanted {
+            node,
+            api,
+            id,
+            spec,
+        } in wanted
+        {
+            // Only node `node` itself can answer (its certificate names it).
+            let client = inner.client.peer(&node, &api);
             // One slow node must not hold up copying the others' records for long.
             let fetched = tokio::time::timeout(FETCH_TIMEOUT, client.local_record(&id))
                 .await
@@ -66,6 +73,11 @@ pub(super) async fn sync(inner: Arc<Inner>) {
 /// Stops and forgets local copies that the network has replaced: a copy on a live node wins
 /// over them ([`super::precedence`]; in practice a higher generation: this node was lost, and
 /// the root placed the process elsewhere). A parked copy is decided when it is unparked.
+///
+/// Gossip only says so; anyone holding the gossip key could say it. So the winning copy is
+/// first asked for over the owner's API, reached by name (only the holder of that node's
+/// certificate can answer): a local copy is fenced only when that node itself shows a record
+/// that wins.
 fn fence(inner: &Arc<Inner>) {
     if lock(&inner.state).published.is_empty() {
         return;
@@ -85,28 +97,77 @@ fn fence(inner: &Arc<Inner>) {
         })
         .filter(|(_, p)| p.status != Status::Parked)
         .collect();
-    let stale: Vec<(usize, ProcessId, u64, NodeName, u64)> = {
+    let stale: Vec<(
+        usize,
+        Arc<p2f_model::Process>,
+        NodeName,
+        u64,
+        Option<String>,
+    )> = {
         let state = lock(&inner.state);
         local
             .iter()
             .filter_map(|(i, local)| {
                 state
                     .winner_elsewhere(&local.id, &Candidate::of(local, Origin::Local), &inner.node)
-                    .map(|(node, newer)| (*i, local.id.clone(), local.generation, node, newer))
+                    .map(|(node, newer)| {
+                        let api = state.api_of(&node).cloned();
+                        (*i, Arc::clone(local), node, newer, api)
+                    })
             })
             .collect()
     };
-    for (i, id, generation, node, newer) in stale {
+    for (i, local, node, newer, api) in stale {
+        let id = local.id.clone();
         if !lock(&inner.fencing).insert(id.clone()) {
             continue;
         }
-        tracing::warn!(%id, generation, %node, newer, "a copy that wins runs elsewhere: stopping this stale one");
-        let fenced = inner.sources[i].fence(&id);
         let inner = inner.clone();
         tokio::spawn(async move {
-            fenced.await;
+            if confirmed(&inner, &local, &node, api.as_deref()).await {
+                tracing::warn!(%id, generation = local.generation, %node, newer, "a copy that wins runs elsewhere: stopping this stale one");
+                inner.sources[i].fence(&id).await;
+            }
             lock(&inner.fencing).remove(&id);
         });
+    }
+}
+
+/// Whether node `node` itself (over its API, by name) shows a copy of `local`'s process that
+/// wins over it.
+async fn confirmed(
+    inner: &Inner,
+    local: &p2f_model::Process,
+    node: &NodeName,
+    api: Option<&str>,
+) -> bool {
+    let Some(api) = api else {
+        tracing::debug!(id = %local.id, %node, "cannot confirm a newer copy: the node publishes no API");
+        return false;
+    };
+    let client = inner.client.peer(node, api);
+    let fetched = tokio::time::timeout(FETCH_TIMEOUT, client.local_record(&local.id)).await;
+    match fetched {
+        Ok(Ok(Some(theirs))) => {
+            let wins = theirs.node.name == *node
+                && super::precedence::wins(
+                    &Candidate::of(&theirs, Origin::Remote),
+                    &Candidate::of(local, Origin::Local),
+                );
+            if !wins {
+                tracing::warn!(id = %local.id, %node, "the gossip says a newer copy runs on {node}, but {node} does not show one: keeping this copy");
+            }
+            wins
+        }
+        Ok(Ok(None)) => {
+            tracing::warn!(id = %local.id, %node, "the gossip says a newer copy runs on {node}, but {node} has none: keeping this copy");
+            false
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(id = %local.id, %node, "cannot confirm a newer copy: {e}");
+            false
+        }
+        Err(_) => false,
     }
 }
 

@@ -1,7 +1,8 @@
 //! The root's routes, merged into the node's control API on the root: `PUT|GET
-//! /v1/deployment` (the desired services), `POST /v1/processes/{id}/move` (migrate), and
-//! `POST /v1/join` (the CA signs a member's certificate). On every other node the same paths
-//! answer `409` saying so ([`elsewhere`]). `docs/api.md` is the reference.
+//! /v1/deployment` (the desired services), `POST /v1/processes/{id}/move` (migrate),
+//! `POST /v1/join-tokens` (a new join token) and `POST /v1/join` (with a join token, the CA
+//! signs a member's certificate). On every other node the same paths answer `409` saying so
+//! ([`elsewhere`]). `docs/api.md` is the reference.
 
 use std::sync::Arc;
 
@@ -12,17 +13,19 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use p2f_model::{NodeName, Process};
 
+use super::tokens::{TokenBook, TokenBookError};
 use super::{MigrateError, Root, RootError};
 use crate::api_error::{ApiError, forwarded, parse_id};
-use crate::cluster::ClusterCa;
-use crate::join::{JoinRequest, JoinResponse};
+use crate::cluster::{ClusterCa, Secret};
+use crate::join::{JoinRequest, JoinResponse, JoinToken};
 use crate::records::Records;
-use crate::wire::{DeploymentRequest, DesiredState, MoveRequest};
+use crate::wire::{DeploymentRequest, DesiredState, MoveRequest, TokenRequest, TokenResponse};
 
 /// The root-only paths.
 const DEPLOYMENT: &str = "/v1/deployment";
 const MOVE: &str = "/v1/processes/{id}/move";
 const JOIN: &str = "/v1/join";
+const JOIN_TOKENS: &str = "/v1/join-tokens";
 
 #[derive(Clone)]
 struct RootApi {
@@ -30,22 +33,57 @@ struct RootApi {
     /// The cluster CA with its key.
     ca: Arc<ClusterCa>,
     records: Records,
-    /// The root's own name (no member may take it).
+    /// The root's own name (no member may take it) and hosts (no member may claim them).
     own: NodeName,
+    own_hosts: Arc<[String]>,
+    /// What a join hands out with the certificate: the gossip key's secret.
+    secret: Arc<Secret>,
+    tokens: Arc<TokenBook>,
+    /// The root's API and gossip addresses, as join tokens name them.
+    api_address: Arc<str>,
+    gossip_address: Option<Arc<str>>,
 }
 
-/// The root's routes (without authentication: the node's API adds it to every route).
-pub fn routes(root: Root, ca: ClusterCa, records: Records, own: NodeName) -> Router {
+/// What the root's routes need besides the root itself.
+#[allow(missing_debug_implementations)]
+pub struct RootApiParts {
+    /// The cluster CA, with its key.
+    pub ca: ClusterCa,
+    /// The network's records.
+    pub records: Records,
+    /// The root's node name.
+    pub own: NodeName,
+    /// The names and addresses the root's own certificate carries.
+    pub own_hosts: Vec<String>,
+    /// The cluster secret (a joining member gets it for gossip).
+    pub secret: Secret,
+    /// The join tokens.
+    pub tokens: TokenBook,
+    /// The root's API address (`host:port`), for join tokens.
+    pub api_address: String,
+    /// The root's gossip address, for join tokens.
+    pub gossip_address: Option<String>,
+}
+
+/// The root's routes (without authorization: the node's API adds it to every route; only the
+/// root's and operators' certificates reach these, but `POST /v1/join`, which needs none).
+pub fn routes(root: Root, parts: RootApiParts) -> Router {
     let api = RootApi {
         root,
-        ca: Arc::new(ca),
-        records,
-        own,
+        ca: Arc::new(parts.ca),
+        records: parts.records,
+        own: parts.own,
+        own_hosts: parts.own_hosts.into(),
+        secret: Arc::new(parts.secret),
+        tokens: Arc::new(parts.tokens),
+        api_address: parts.api_address.into(),
+        gossip_address: parts.gossip_address.map(Into::into),
     };
     Router::new()
         .route(DEPLOYMENT, get(desired).put(set_desired))
         .route(MOVE, post(migrate))
         .route(JOIN, post(join))
+        .route(JOIN_TOKENS, post(new_token))
         .with_state(api)
 }
 
@@ -61,6 +99,7 @@ pub fn elsewhere() -> Router {
         .route(DEPLOYMENT, get(not_root).put(not_root))
         .route(MOVE, post(not_root))
         .route(JOIN, post(not_root))
+        .route(JOIN_TOKENS, post(not_root))
 }
 
 async fn desired(State(api): State<RootApi>) -> Json<DesiredState> {
@@ -100,32 +139,124 @@ async fn migrate(
         })
 }
 
+async fn new_token(
+    State(api): State<RootApi>,
+    body: Result<Json<TokenRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
+    let Json(request) = body?;
+    let token = JoinToken::generate(
+        api.api_address.to_string(),
+        api.gossip_address.as_deref().map(str::to_owned),
+        api.ca.cert_pem().to_owned(),
+    );
+    let ttl = std::time::Duration::from_secs(request.ttl_secs);
+    let expires_at = api
+        .tokens
+        .add(&token, ttl, request.uses)
+        .map_err(|e| match e {
+            TokenBookError::Invalid(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+            }
+            other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+        })?;
+    tracing::info!(uses = request.uses, ttl = ?ttl, "made a join token");
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenResponse {
+            token: token.encode(),
+            expires_at,
+            uses: request.uses,
+        }),
+    ))
+}
+
 async fn join(
     State(api): State<RootApi>,
     body: Result<Json<JoinRequest>, JsonRejection>,
 ) -> Result<Json<JoinResponse>, ApiError> {
     let Json(request) = body?;
-    // Members are identified by name: a second live node with the same one would take over
-    // the first one's records. A dead member's name may be taken again (a reinstalled machine).
-    let taken = request.name == api.own
-        || api
-            .records
-            .nodes()
-            .iter()
-            .any(|n| n.alive && n.node.name == request.name);
-    if taken {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "a live node is already called {}: choose another node name (`--name`, or `name` in node.toml), or wait until that node has been gone for a few seconds",
-                request.name
-            ),
-        ));
-    }
+    let sign = || -> Result<String, ApiError> {
+        // Members are identified by name: a second live node with the same one would take
+        // over the first one's records. A dead member's name may be taken again (a
+        // reinstalled machine).
+        let nodes = api.records.nodes();
+        let taken =
+            request.name == api.own || nodes.iter().any(|n| n.alive && n.node.name == request.name);
+        if taken {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "a live node is already called {}: choose another node name (`--name`, or `name` in node.toml), or wait until that node has been gone for a few seconds",
+                    request.name
+                ),
+            ));
+        }
+        // The CA vouches only for addresses no other node has.
+        for host in &request.hosts {
+            let host = host.trim().trim_start_matches('[').trim_end_matches(']');
+            let claimed_by = nodes
+                .iter()
+                .filter(|n| n.node.name != request.name)
+                .find(|n| {
+                    node_hosts(&n.node)
+                        .iter()
+                        .any(|h| h.eq_ignore_ascii_case(host))
+                })
+                .map(|n| n.node.name.to_string())
+                .or_else(|| {
+                    api.own_hosts
+                        .iter()
+                        .any(|h| h.eq_ignore_ascii_case(host) && !is_loopback(h))
+                        .then(|| api.own.to_string())
+                });
+            if let Some(owner) = claimed_by {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!(
+                        "host {host} belongs to node {owner}: a certificate for it is not signed for another node"
+                    ),
+                ));
+            }
+        }
+        api.ca
+            .sign(request.name.as_str(), &request.hosts, &request.csr_pem)
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+    };
     let cert_pem = api
-        .ca
-        .sign(request.name.as_str(), &request.hosts, &request.csr_pem)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+        .tokens
+        .redeem(&request.token, sign)
+        .map_err(|e| match e {
+            Ok(refused) => ApiError::new(StatusCode::UNAUTHORIZED, refused.to_string()),
+            Err(api_error) => api_error,
+        })?;
     tracing::info!(member = %request.name, "signed a member's certificate");
-    Ok(Json(JoinResponse { cert_pem }))
+    Ok(Json(JoinResponse {
+        cert_pem,
+        gossip_secret: api.secret.expose().to_owned(),
+    }))
+}
+
+/// The hosts a node is known by: its API address's host and its IP addresses.
+fn node_hosts(node: &p2f_model::Node) -> Vec<String> {
+    let mut hosts = Vec::new();
+    if let Some(api) = node.api_address() {
+        let host = api.rsplit_once(':').map_or(api.as_str(), |(host, _)| host);
+        hosts.push(
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+        );
+    }
+    hosts.extend(node.ipv4.map(|ip| ip.to_string()));
+    hosts.extend(node.ipv6.map(|ip| ip.to_string()));
+    hosts.retain(|h| !is_loopback(h));
+    hosts
+}
+
+/// `localhost`, `127.0.0.1` and `::1`: every node's certificate has them, for local tools.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| {
+            ip == std::net::IpAddr::from([127, 0, 0, 1]) || ip == std::net::Ipv6Addr::LOCALHOST
+        })
 }

@@ -11,6 +11,7 @@ pub mod book;
 mod executor;
 pub mod placement;
 pub mod plan;
+pub mod tokens;
 pub mod unplaced;
 
 use std::sync::{Arc, Mutex, MutexGuard};
