@@ -1195,3 +1195,54 @@ async fn a_process_gets_a_clean_environment() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Idle connections from one address cannot lock others out (issue: trust, the agent's OS
+/// edge): 600 connections from 127.0.0.1 that never send a byte, then a call from 127.0.0.2 is
+/// answered within a second. Unauthenticated connections are limited per address (32), so most
+/// of the 600 are closed at once, and those kept are closed after the first-byte timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_from_one_address_do_not_lock_out_another() -> anyhow::Result<()> {
+    let agent = root("crowded").await?;
+    let address: std::net::SocketAddr = agent.network().address().parse()?;
+    let mut idle = Vec::new();
+    for _ in 0..600 {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(([127, 0, 0, 1], 0).into())?;
+        idle.push(socket.connect(address).await?);
+    }
+    // Give the agent time to accept (and refuse) them all.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other = reqwest::Client::builder()
+        .tls_backend_preconfigured(p2f::core::cluster::client_config_for(
+            &agent.credentials()?,
+        )?)
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()?;
+    let url = format!("https://{address}/v1/node");
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(1), other.get(&url).send()).await;
+    let answer = answer
+        .map_err(|_| anyhow::anyhow!("no answer within 1 s while 600 connections idle"))??;
+    assert_eq!(answer.status().as_u16(), 200);
+    eprintln!("answered another address in {:?}", started.elapsed());
+    // Most of the idle ones were closed by the agent: reading gives end-of-file at once.
+    let mut closed = 0;
+    for stream in &mut idle {
+        let mut byte = [0u8; 1];
+        use tokio::io::AsyncReadExt as _;
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(Duration::from_millis(2), stream.read(&mut byte)).await
+        {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 500,
+        "only {closed} of 600 idle connections were closed"
+    );
+    // And the address itself still gets answers once it behaves.
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(agent.network().node().await.is_ok());
+    Ok(())
+}

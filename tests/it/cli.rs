@@ -281,13 +281,14 @@ impl Drop for Kill {
     }
 }
 
-/// Runs `homelab ARGS` in `ns` against a real network's node (`P2F_NODE`, `P2F_CLUSTER`).
+/// Runs `homelab ARGS` in `ns` against a real network's root, as its operator (`P2F_OPERATOR`,
+/// `P2F_ROOT`).
 fn homelab_on(ns: &Netns, root: &Agent, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
     let out = ns
         .command(example_bin("homelab")?)
         .args(args)
-        .env("P2F_NODE", root.network().address())
-        .env("P2F_CLUSTER", root.config().cluster_dir())
+        .env("P2F_ROOT", root.network().address())
+        .env("P2F_OPERATOR", root.config().data_dir.join("operator"))
         .env("NO_COLOR", "1")
         .output()?;
     Ok((

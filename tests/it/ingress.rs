@@ -529,8 +529,10 @@ async fn tunnel_refusals(agent: &Agent, id: &str, generation: u64) -> Result<()>
     // curl's options for a certificate and its key.
     let cert = |pem: &str, key: &str| -> Vec<String> {
         vec![
-            format!("--cert={}", data.join(pem).display()),
-            format!("--key={}", data.join(key).display()),
+            "--cert".to_owned(),
+            data.join(pem).display().to_string(),
+            "--key".to_owned(),
+            data.join(key).display().to_string(),
         ]
     };
     let operator = cert("operator/operator.pem", "operator/operator.key");

@@ -269,7 +269,7 @@ async fn a_member_may_read_but_not_act_on_other_nodes() -> anyhow::Result<()> {
     let root = root("root5").await?;
     let a = member(&root, "node-a", "127.0.0.2").await?;
     let b = member(&root, "node-b", "127.0.0.3").await?;
-    root.all_alive(&["node-a", "node-b"]).await?;
+    root.all_alive(&["node-a", "node-b", "root5"]).await?;
     let as_a = p2f::core::Network::connect(a.network().address(), &a.node_credentials()?)?;
     let a_at = |agent: &p2f_testkit::Agent| as_a.at(agent.network().address());
     fn status<T>(r: Result<T, p2f::core::ClientError>) -> Option<u16> {

@@ -267,6 +267,12 @@ impl Api {
         })
     }
 
+    /// Whether this node acts on other nodes' processes itself when asked to (the root: its
+    /// certificate may); a member sends the caller to the owner instead.
+    fn acts_for_others(&self) -> bool {
+        self.node.p2f_info().and_then(|info| info.role) == Some(p2f_model::NodeRole::Root)
+    }
+
     /// For a process of another node: a client of that node and its record.
     fn owner(&self, id: &ProcessId) -> Option<(crate::Network, Process)> {
         if self.local(id).is_some() {
@@ -338,22 +344,54 @@ async fn by_domain(
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no process serves {domain}")))
 }
 
-async fn kill(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<Process>, ApiError> {
+async fn kill(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     if let Some((owner, record)) = api.owner(&id) {
-        return Ok(Json(owner.kill_process(&record).await.map_err(forwarded)?));
+        if !api.acts_for_others() {
+            return Ok(redirect(&owner, &uri));
+        }
+        let killed = owner.kill_process(&record).await.map_err(forwarded)?;
+        return Ok(Json(killed).into_response());
     }
     if let Some(stopped) = api.unrun.iter().find_map(|s| s.kill_unrun(&id)) {
-        return Ok(Json(stopped));
+        return Ok(Json(stopped).into_response());
     }
-    Ok(Json(api.supervisor.kill(&id).await?))
+    Ok(Json(api.supervisor.kill(&id).await?).into_response())
 }
 
-async fn remove(State(api): State<Api>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+/// `307 Temporary Redirect` to the same path on `owner`'s API: a member does not act on
+/// another node's processes itself (its certificate may not), so the caller goes there with
+/// its own certificate.
+fn redirect(owner: &crate::Network, uri: &axum::http::Uri) -> Response {
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    let location = format!("https://{}{path}", owner.address());
+    match HeaderValue::from_str(&location) {
+        Ok(location) => (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(header::LOCATION, location)],
+        )
+            .into_response(),
+        Err(_) => ApiError::new(StatusCode::BAD_GATEWAY, "the owner's address is not a URL")
+            .into_response(),
+    }
+}
+
+async fn remove(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     if let Some((owner, _)) = api.owner(&id) {
+        if !api.acts_for_others() {
+            return Ok(redirect(&owner, &uri));
+        }
         owner.remove_process(&id).await.map_err(forwarded)?;
-        return Ok(StatusCode::NO_CONTENT);
+        return Ok(StatusCode::NO_CONTENT.into_response());
     }
     if api.supervisor.find(&ProcessKey::Id(id.clone())).is_none() && api.unrun_record(&id).is_some()
     {
@@ -365,7 +403,7 @@ async fn remove(State(api): State<Api>, Path(id): Path<String>) -> Result<Status
         ));
     }
     api.supervisor.remove(&id).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn logs(
