@@ -61,8 +61,9 @@ pub(crate) const MAX_ENTRIES: usize = 1_000_000;
 ///
 /// A `g<N>` already there is an unfinished earlier attempt (a finished deploy leaves a marker,
 /// and then nothing is unpacked): when it is a directory of the agent's it is removed (without
-/// following anything in it); anything else (a symbolic link, a file, a directory of another user) is refused,
-/// never unpacked through or removed. Files whose paths repeat: the last one wins.
+/// following anything in it); anything else (a symbolic link, a file, a directory of another
+/// user) is refused, never unpacked through or removed. Files whose paths repeat: the last one
+/// wins.
 pub(crate) fn unpack(root: &Path, process: &Process) -> io::Result<PathBuf> {
     let me = nix::unistd::geteuid();
     let id = process.id.as_str();
@@ -95,25 +96,27 @@ pub(crate) fn unpack(root: &Path, process: &Process) -> io::Result<PathBuf> {
     Ok(target)
 }
 
-/// After the deploy step (which runs as the agent's user in `dir` and may have changed its
-/// mode): checks that `dir` is still the agent's directory, not a link, and makes it 0700
-/// again.
+/// After the deploy step (which runs as the agent's user in `dir`, and may have changed its
+/// mode or owner, as a playbook setting up its files may): checks that `dir` is still a
+/// directory, not a link, and makes it the agent's and 0700 again until it is handed over.
 pub(crate) fn seal(dir: &Path) -> io::Result<()> {
-    let me = nix::unistd::geteuid();
     let fd = nix::fcntl::open(dir, dir_flags(), Mode::empty())
         .map_err(|e| context(not_a_directory(e), dir.display()))?;
     let stat = nix::sys::stat::fstat(&fd).map_err(|e| context(e, dir.display()))?;
-    if stat.st_uid != me.as_raw() {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "{}: the deploy step gave it to uid {}",
-                dir.display(),
-                stat.st_uid
-            ),
-        ));
+    let (me, my_group) = (nix::unistd::geteuid(), nix::unistd::getegid());
+    if (stat.st_uid, stat.st_gid) != (me.as_raw(), my_group.as_raw()) {
+        tracing::warn!(
+            "the deploy step gave {} to {}:{}; taken back until it is handed over",
+            dir.display(),
+            stat.st_uid,
+            stat.st_gid
+        );
+        nix::unistd::fchown(&fd, Some(me), Some(my_group))
+            .map_err(|e| context(e, dir.display()))?;
     }
-    set_mode(fd.as_fd(), &stat, PRIVATE).map_err(|e| context(e, dir.display()))
+    // A chown may have cleared bits: the mode is set after it.
+    nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(PRIVATE))
+        .map_err(|e| context(e, dir.display()))
 }
 
 /// What a hand-over did.
@@ -537,17 +540,25 @@ mod tests {
         let swaps = Arc::new(AtomicUsize::new(0));
         let swapper = {
             let (stop, swaps, sub) = (stop.clone(), swaps.clone(), tree.join("sub"));
+            let spare = tmp.path().join("spare");
             std::thread::spawn(move || {
                 let give_up = Instant::now() + Duration::from_secs(10);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < give_up {
-                    nix::fcntl::renameat2(
+                    let exchanged = nix::fcntl::renameat2(
                         nix::fcntl::AT_FDCWD,
                         &sub,
                         nix::fcntl::AT_FDCWD,
                         &link,
                         nix::fcntl::RenameFlags::RENAME_EXCHANGE,
-                    )
-                    .expect("exchange");
+                    );
+                    if exchanged == Err(Errno::EINVAL) {
+                        // A filesystem without RENAME_EXCHANGE: through a third name.
+                        std::fs::rename(&sub, &spare).expect("rename");
+                        std::fs::rename(&link, &sub).expect("rename");
+                        std::fs::rename(&spare, &link).expect("rename");
+                    } else {
+                        exchanged.expect("exchange");
+                    }
                     swaps.fetch_add(1, Ordering::Relaxed);
                 }
             })
@@ -764,15 +775,20 @@ mod tests {
         assert_eq!(std::fs::read_dir(&other).expect("ls").count(), 0);
     }
 
-    /// A deploy step (run as root in the bundle directory) cannot leave it open to others.
+    /// A deploy step (run as root in the bundle directory) cannot leave it open to others, nor
+    /// give it away before the hand-over.
     #[tokio::test]
     async fn a_deploy_step_cannot_open_up_the_bundle() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().join("bundles");
         let mut p = process(vec![BundleFile::owned("app.conf", b"x\n".to_vec())]);
-        p.spec = p.spec.with_strategy(Strategy::Custom(
-            "chmod 755 . && echo made > step.txt".into(),
-        ));
+        let give = if nix::unistd::geteuid().is_root() {
+            "chown 12345:12345 . && "
+        } else {
+            ""
+        };
+        let step = format!("{give}chmod 755 . && echo made > step.txt");
+        p.spec = p.spec.with_strategy(Strategy::Custom(step.into()));
         let log = File::create(tmp.path().join("log")).expect("log");
         let options = super::super::DeployOptions {
             timeout: Duration::from_secs(30),
@@ -781,9 +797,12 @@ mod tests {
         let prepared = super::super::deploy(&root, &p, &log, &options)
             .await
             .expect("deploy");
-        assert_eq!(prepared.bundle_dir, super::super::bundle_dir(&root, &p));
-        assert_eq!(mode(&prepared.bundle_dir), 0o700);
-        assert!(prepared.bundle_dir.join("step.txt").is_file());
+        let dir = &prepared.bundle_dir;
+        assert_eq!(dir, &super::super::bundle_dir(&root, &p));
+        assert_eq!(mode(dir), 0o700);
+        assert_eq!(meta(dir).uid(), nix::unistd::geteuid().as_raw());
+        assert_eq!(meta(dir).gid(), nix::unistd::getegid().as_raw());
+        assert!(dir.join("step.txt").is_file());
         assert_eq!(super::super::already_deployed(&root, &p), Some(prepared));
     }
 }

@@ -103,7 +103,7 @@ impl Identity {
                 .collect();
             tracing::warn!(
                 user = %self.name,
-                "{} entries of {} stay with their owner (other hard links, devices, mount points): {}{}",
+                "{} entries of {} keep their owner (hard-linked, devices, mounts): {}{}",
                 done.kept.len(),
                 dir.display(),
                 some.join(", "),
