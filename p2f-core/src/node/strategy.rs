@@ -1,11 +1,12 @@
 //! Strategies: how a process's bundle is unpacked and deployed on this node before its command
 //! starts (`Shell` nothing, `Script` runs the embedded file, `Nix` builds the flake, `Ansible`
 //! runs the playbook on localhost, `Custom` runs its command). A deploy step runs once per
-//! placement (generation); a marker file in the bundle directory remembers that it succeeded.
+//! placement (generation); a marker file next to the bundle directory remembers that it
+//! succeeded. How the bundle directory is made, laid out and handed to the process's user:
+//! its `bundle` module.
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -15,6 +16,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 
 use super::os;
+
+pub(crate) mod bundle;
 
 /// The marker a successful deploy step leaves in the bundle directory.
 const MARKER: &str = ".deployed";
@@ -96,8 +99,7 @@ pub async fn deploy(
     log: &std::fs::File,
     options: &DeployOptions,
 ) -> Result<Prepared, Failure> {
-    let dir = bundle_dir(root, process);
-    unpack(&dir, process)
+    let dir = bundle::unpack(root, process)
         .map_err(|e| deploy_failed(None, format!("cannot unpack the bundle: {e}")))?;
     let mut prepared = Prepared {
         bundle_dir: dir.clone(),
@@ -166,39 +168,17 @@ pub async fn deploy(
             .map_err(|e| deploy_failed(Some(0), format!("nix build left no result link: {e}")))?;
         prepared.nix_out = Some(out);
     }
+    // The step ran as root in the bundle directory: it stays the agent's, and private.
+    bundle::seal(&dir).map_err(|e| {
+        deploy_failed(
+            None,
+            format!("the bundle directory after the deploy step: {e}"),
+        )
+    })?;
     let marker = serde_json::to_vec(&prepared).unwrap_or_default();
     std::fs::write(self::marker(root, process), marker)
         .map_err(|e| deploy_failed(None, format!("cannot write {MARKER}: {e}")))?;
     Ok(prepared)
-}
-
-/// Writes every bundle file under `dir` (paths normalized, so none leaves it); files that start
-/// with `#!` are executable.
-fn unpack(dir: &Path, process: &Process) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    for file in process.spec.bundle().files() {
-        let relative = normalize_bundle_path(file.path());
-        if relative.is_empty() {
-            continue;
-        }
-        let path = dir.join(&relative);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let mode = if file.contents().starts_with(b"#!") {
-            0o755
-        } else {
-            0o644
-        };
-        let mut out = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&path)?;
-        out.write_all(file.contents())?;
-    }
-    Ok(())
 }
 
 /// Runs one deploy command in its own process group, output to the log and the last bytes of

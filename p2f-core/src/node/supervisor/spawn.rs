@@ -87,24 +87,28 @@ impl Identity {
         }
     }
 
-    /// Gives `dir` and everything in it to this identity (not following symlinks): the process
-    /// owns its bundle directory, as with systemd's `StateDirectory=`.
+    /// Gives `dir` and everything in it to this identity: the process owns its bundle
+    /// directory, as with systemd's `StateDirectory=`. Walked by descriptor, bottom-up, `dir`
+    /// given last and made 0700, symbolic links chowned as links and never followed; files
+    /// with other hard links and device nodes stay as they are (see
+    /// [`strategy::bundle::hand_over`]), which is logged.
     pub(crate) fn chown_tree(&self, dir: &Path) -> std::io::Result<()> {
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(path) = stack.pop() {
-            nix::unistd::fchownat(
-                nix::fcntl::AT_FDCWD,
-                &path,
-                Some(self.uid),
-                Some(self.gid),
-                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-            )
-            .map_err(std::io::Error::from)?;
-            if path.is_dir() && !path.is_symlink() {
-                for entry in std::fs::read_dir(&path)? {
-                    stack.push(entry?.path());
-                }
-            }
+        let done = strategy::bundle::hand_over(dir, self.uid, self.gid)?;
+        if !done.kept.is_empty() {
+            let some: Vec<String> = done
+                .kept
+                .iter()
+                .take(5)
+                .map(|p| p.display().to_string())
+                .collect();
+            tracing::warn!(
+                user = %self.name,
+                "{} entries of {} keep their owner (hard-linked, devices, mounts): {}{}",
+                done.kept.len(),
+                dir.display(),
+                some.join(", "),
+                if done.kept.len() > some.len() { ", ..." } else { "" },
+            );
         }
         Ok(())
     }
