@@ -11,7 +11,7 @@
 //!      5      8  sender id: random, drawn once per transport instance (node start)
 //!     13      8  timestamp: the sender's clock, ms since the Unix epoch
 //!     21      8  counter: +1 per datagram sent; starts at the sender's clock in µs since the
-//!                Unix epoch, so a restarted sender continues above its previous run
+//!                Unix epoch, so a node's counters keep growing across its restarts
 //!     29      n  chitchat's bytes
 //!   29+n     32  tag: HMAC-SHA256(key, bytes 0 .. 29+n)
 //! ```
@@ -30,7 +30,9 @@
 //! Only then do chitchat's bytes go on, so a replayed datagram is never answered: replaying
 //! one, from any source address, cannot make a node reflect gossip at someone. Replay state is
 //! keyed by the authenticated sender id, not the source address, so a spoofed address cannot
-//! touch a real peer's state; it is bounded ([`super::replay::MAX_SENDERS`], least recently
+//! touch a real peer's state. A restarted node is a new sender id, so receivers need not keep
+//! its counters across the restart (they grow across it anyway, as the counter starts from the
+//! clock). Replay state is bounded ([`super::replay::MAX_SENDERS`], least recently
 //! accepted forgotten first) and takes a datagram overtaken by a later one once
 //! ([`super::replay::REORDER`]).
 //!

@@ -16,10 +16,9 @@
 //! Sizes: chitchat sends a datagram of at most 65 507 bytes (the IPv4 UDP limit); ours carry a
 //! 29-byte header and a 32-byte tag on top, so one that chitchat filled to within 61 bytes of
 //! the limit is not sent ([`MeshStats::oversized`]; deltas are compressed, so only
-//! incompressible values get there). A
-//! node's whole state may exceed a datagram: chitchat sends what fits and the rest over the next
-//! rounds. One key is at most [`MAX_KEY_LEN`] bytes and one
-//! value [`MAX_VALUE_LEN`], so that any single change fits in a datagram many times over (a
+//! incompressible values get there). A node's whole state may exceed a datagram: chitchat sends
+//! what fits and the rest over the next rounds. One key is at most [`MAX_KEY_LEN`] bytes and
+//! one value [`MAX_VALUE_LEN`], so that any single change fits in a datagram many times over (a
 //! change that cannot fit would never spread). chitchat zstd-compresses deltas: 500 process
 //! digests (~175 bytes each, 87 KB) travel in one 11 KB datagram and reach 3 nodes in one round;
 //! 5 000 (875 KB) take a few rounds of ~52 KB datagrams (0.7 s).
@@ -152,7 +151,7 @@ pub struct MeshConfig {
     pub seeds: Vec<SocketAddr>,
     /// The gossip keys: datagrams are tagged with the primary one and accepted under any of
     /// them. [`MeshConfig::new`] makes a ring of the cluster secret's key alone.
-    pub keys: KeyRing,
+    pub gossip_keys: KeyRing,
     /// Time between gossip rounds ([`DEFAULT_GOSSIP_INTERVAL`]).
     pub gossip_interval: Duration,
     /// Phi above which a silent node is declared dead ([`DEFAULT_PHI_THRESHOLD`]): roughly the
@@ -166,12 +165,16 @@ impl MeshConfig {
     /// A configuration with the defaults, the incarnation taken from the clock, no seeds, and a
     /// key ring of one key derived from `secret`.
     pub fn new(node: NodeName, gossip_addr: SocketAddr, secret: Secret) -> MeshConfig {
-        MeshConfig::with_keys(node, gossip_addr, KeyRing::new(&secret))
+        MeshConfig::with_gossip_keys(node, gossip_addr, KeyRing::new(&secret))
     }
 
     /// A configuration with the defaults, the incarnation taken from the clock, no seeds, and
-    /// the key ring `keys`.
-    pub fn with_keys(node: NodeName, gossip_addr: SocketAddr, keys: KeyRing) -> MeshConfig {
+    /// the key ring `gossip_keys`.
+    pub fn with_gossip_keys(
+        node: NodeName,
+        gossip_addr: SocketAddr,
+        gossip_keys: KeyRing,
+    ) -> MeshConfig {
         let incarnation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |since| {
@@ -184,7 +187,7 @@ impl MeshConfig {
             gossip_addr,
             advertise_addr: None,
             seeds: Vec::new(),
-            keys,
+            gossip_keys,
             gossip_interval: DEFAULT_GOSSIP_INTERVAL,
             phi_threshold: DEFAULT_PHI_THRESHOLD,
             dead_grace: DEFAULT_DEAD_GRACE,
@@ -266,7 +269,7 @@ pub struct Mesh {
     seen: Arc<StdMutex<Seen>>,
     membership: watch::Receiver<Membership>,
     counters: Arc<Counters>,
-    keys: Arc<RwLock<KeyRing>>,
+    gossip_keys: Arc<RwLock<KeyRing>>,
     _monitor: AbortOnDrop,
 }
 
@@ -323,8 +326,8 @@ impl Mesh {
             protocol_version: ProtocolVersion::V1,
         };
         let counters = Arc::new(Counters::default());
-        let keys = Arc::new(RwLock::new(config.keys));
-        let transport = AuthTransport::new(Arc::clone(&keys), Arc::clone(&counters), socket);
+        let gossip_keys = Arc::new(RwLock::new(config.gossip_keys));
+        let transport = AuthTransport::new(Arc::clone(&gossip_keys), Arc::clone(&counters), socket);
         let handle = spawn_chitchat(chitchat_config, Vec::new(), &transport)
             .await
             .map_err(|error| MeshError::Start(format!("{error:#}")))?;
@@ -351,7 +354,7 @@ impl Mesh {
             seen,
             membership,
             counters,
-            keys,
+            gossip_keys,
             _monitor: AbortOnDrop(monitor),
         })
     }
@@ -439,7 +442,9 @@ impl Mesh {
     /// [`MeshError::KeyRingFull`] when the ring holds [`MAX_KEYS`] keys already;
     /// [`MeshError::KeyIdTaken`] when another key of the ring has the same id.
     pub fn install_key(&self, secret: &Secret) -> Result<KeyId, MeshError> {
-        self.write_keys().install(secret)
+        let id = self.write_keys().install(secret)?;
+        tracing::info!(node = %self.node, key = %id, "gossip key installed (accepted)");
+        Ok(id)
     }
 
     /// Makes the ring's key `id` primary: this node tags its datagrams with it from the next
@@ -448,7 +453,9 @@ impl Mesh {
     /// # Errors
     /// [`MeshError::UnknownKey`] when the ring has no key `id`.
     pub fn use_key(&self, id: KeyId) -> Result<(), MeshError> {
-        self.write_keys().use_key(id)
+        self.write_keys().use_key(id)?;
+        tracing::info!(node = %self.node, key = %id, "gossip key made primary");
+        Ok(())
     }
 
     /// Removes the key `id` from the ring: datagrams tagged with it are rejected from now on.
@@ -457,20 +464,24 @@ impl Mesh {
     /// [`MeshError::UnknownKey`] when the ring has no key `id`; [`MeshError::RemovePrimary`]
     /// when it is the primary key.
     pub fn remove_key(&self, id: KeyId) -> Result<(), MeshError> {
-        self.write_keys().remove(id)
+        self.write_keys().remove(id)?;
+        tracing::info!(node = %self.node, key = %id, "gossip key removed");
+        Ok(())
     }
 
-    /// The ring's key ids, the primary first, then the others in the order they were
+    /// The gossip key ring's ids, the primary first, then the others in the order they were
     /// installed.
-    pub fn keys(&self) -> Vec<KeyInfo> {
-        self.keys
+    pub fn gossip_keys(&self) -> Vec<KeyInfo> {
+        self.gossip_keys
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .keys()
     }
 
     fn write_keys(&self) -> std::sync::RwLockWriteGuard<'_, KeyRing> {
-        self.keys.write().unwrap_or_else(PoisonError::into_inner)
+        self.gossip_keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Leaves the mesh: stops gossiping and closes the socket before returning. Peers declare

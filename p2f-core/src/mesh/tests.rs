@@ -724,7 +724,7 @@ async fn two_keys_during_rotation_keep_everyone_alive() {
     let n2 = start("n2", &[n1.gossip_addr()]).await;
     for mesh in [&n1, &n2] {
         assert_eq!(
-            mesh.keys(),
+            mesh.gossip_keys(),
             [KeyInfo {
                 id: old_id,
                 primary: true
@@ -735,11 +735,12 @@ async fn two_keys_during_rotation_keep_everyone_alive() {
     // n0 starts with both, the new one primary.
     let mut ring = KeyRing::new(&new);
     ring.install(&old).expect("room");
-    let mut n0 = MeshConfig::with_keys(NodeName::new("n0").expect("valid"), localhost(), ring);
+    let mut n0 =
+        MeshConfig::with_gossip_keys(NodeName::new("n0").expect("valid"), localhost(), ring);
     n0.seeds = vec![n1.gossip_addr()];
     let n0 = Mesh::start(n0).await.expect("start");
     assert_eq!(
-        n0.keys()[0],
+        n0.gossip_keys()[0],
         KeyInfo {
             id: new_id,
             primary: true
@@ -771,7 +772,7 @@ async fn two_keys_during_rotation_keep_everyone_alive() {
     for mesh in meshes {
         mesh.remove_key(old_id).expect("not primary");
         assert_eq!(
-            mesh.keys(),
+            mesh.gossip_keys(),
             [KeyInfo {
                 id: new_id,
                 primary: true
