@@ -1,6 +1,9 @@
 //! Membership and replication of small key-values between nodes: chitchat (scuttlebutt gossip,
-//! phi-accrual failure detection) over UDP, every datagram authenticated with the cluster
-//! secret (HMAC-SHA256 tag; `auth.rs`).
+//! phi-accrual failure detection) over UDP, every datagram authenticated with a key of the
+//! node's [`KeyRing`] (HMAC-SHA256 tag over a header and chitchat's bytes) and dropped when it
+//! is not fresh or was already received (`auth.rs`). The ring can change while the mesh runs
+//! ([`Mesh::install_key`], [`Mesh::use_key`], [`Mesh::remove_key`]; `ring.rs` describes a
+//! rotation).
 //!
 //! Each node owns its key-values ([`Mesh::set`], [`Mesh::delete`]) and sees everyone's
 //! ([`Mesh::members`], [`Mesh::dead`], [`Mesh::watch`]). Nodes publish a [`ProcessDigest`] per
@@ -11,24 +14,26 @@
 //! a new incarnation that supersedes the old one.
 //!
 //! Sizes: chitchat sends a datagram of at most 65 507 bytes (the IPv4 UDP limit); ours carry a
-//! 32-byte tag on top, so one that chitchat filled to within 32 bytes of the limit is not sent
-//! ([`MeshStats::oversized`]; deltas are compressed, so only incompressible values get there). A
-//! node's whole state may exceed a datagram: chitchat sends what fits and the rest over the next
-//! rounds. One key is at most [`MAX_KEY_LEN`] bytes and one
-//! value [`MAX_VALUE_LEN`], so that any single change fits in a datagram many times over (a
+//! 29-byte header and a 32-byte tag on top, so one that chitchat filled to within 61 bytes of
+//! the limit is not sent ([`MeshStats::oversized`]; deltas are compressed, so only
+//! incompressible values get there). A node's whole state may exceed a datagram: chitchat sends
+//! what fits and the rest over the next rounds. One key is at most [`MAX_KEY_LEN`] bytes and
+//! one value [`MAX_VALUE_LEN`], so that any single change fits in a datagram many times over (a
 //! change that cannot fit would never spread). chitchat zstd-compresses deltas: 500 process
 //! digests (~175 bytes each, 87 KB) travel in one 11 KB datagram and reach 3 nodes in one round;
 //! 5 000 (875 KB) take a few rounds of ~52 KB datagrams (0.7 s).
 
 mod auth;
 mod process;
+mod replay;
+mod ring;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::{Arc, Mutex as StdMutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chitchat::{
@@ -41,11 +46,12 @@ use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
 use crate::cluster::Secret;
-use auth::{AuthTransport, Counters, Key};
+use auth::{AuthTransport, Counters};
 
 pub mod keys;
 
 pub use process::{PROCESS_PREFIX, ProcessDigest, spec_hash};
+pub use ring::{KeyId, KeyInfo, KeyRing, MAX_KEYS};
 
 /// Default [`MeshConfig::gossip_interval`]: 4 rounds a second. Each round a node gossips with
 /// up to 3 peers, so a change reaches every node in one or two rounds at 10 nodes (measured
@@ -108,6 +114,21 @@ pub enum MeshError {
         /// Its length in bytes.
         len: usize,
     },
+    /// The key ring has no gossip key with this id.
+    #[error("no gossip key {0} in the key ring")]
+    UnknownKey(KeyId),
+    /// The key ring already holds [`MAX_KEYS`] gossip keys.
+    #[error("the gossip key ring is full ({MAX_KEYS} keys): remove one first")]
+    KeyRingFull,
+    /// The primary gossip key cannot be removed.
+    #[error("gossip key {0} is the primary key: make another key primary before removing it")]
+    RemovePrimary(KeyId),
+    /// Another gossip key of the ring has the same id (a 1 in 2³² chance: use another secret).
+    #[error("another gossip key of the ring already has id {0}")]
+    KeyIdTaken(KeyId),
+    /// Text that is not a gossip key id (8 hexadecimal digits).
+    #[error("`{0}` is not a gossip key id (8 hexadecimal digits)")]
+    BadKeyId(String),
 }
 
 /// How a node joins the mesh. [`MeshConfig::new`] fills in the defaults.
@@ -128,8 +149,9 @@ pub struct MeshConfig {
     pub advertise_addr: Option<SocketAddr>,
     /// Gossip addresses of nodes to join through (any member will do; several are safer).
     pub seeds: Vec<SocketAddr>,
-    /// The cluster secret: every datagram is tagged with a key derived from it.
-    pub secret: Secret,
+    /// The gossip keys: datagrams are tagged with the primary one and accepted under any of
+    /// them. [`MeshConfig::new`] makes a ring of the cluster secret's key alone.
+    pub gossip_keys: KeyRing,
     /// Time between gossip rounds ([`DEFAULT_GOSSIP_INTERVAL`]).
     pub gossip_interval: Duration,
     /// Phi above which a silent node is declared dead ([`DEFAULT_PHI_THRESHOLD`]): roughly the
@@ -140,8 +162,19 @@ pub struct MeshConfig {
 }
 
 impl MeshConfig {
-    /// A configuration with the defaults, the incarnation taken from the clock, and no seeds.
+    /// A configuration with the defaults, the incarnation taken from the clock, no seeds, and a
+    /// key ring of one key derived from `secret`.
     pub fn new(node: NodeName, gossip_addr: SocketAddr, secret: Secret) -> MeshConfig {
+        MeshConfig::with_gossip_keys(node, gossip_addr, KeyRing::new(&secret))
+    }
+
+    /// A configuration with the defaults, the incarnation taken from the clock, no seeds, and
+    /// the key ring `gossip_keys`.
+    pub fn with_gossip_keys(
+        node: NodeName,
+        gossip_addr: SocketAddr,
+        gossip_keys: KeyRing,
+    ) -> MeshConfig {
         let incarnation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |since| {
@@ -154,7 +187,7 @@ impl MeshConfig {
             gossip_addr,
             advertise_addr: None,
             seeds: Vec::new(),
-            secret,
+            gossip_keys,
             gossip_interval: DEFAULT_GOSSIP_INTERVAL,
             phi_threshold: DEFAULT_PHI_THRESHOLD,
             dead_grace: DEFAULT_DEAD_GRACE,
@@ -208,15 +241,21 @@ pub struct Membership {
 pub struct MeshStats {
     /// Datagrams sent.
     pub sent: u64,
-    /// Bytes sent, tags included.
+    /// Bytes sent, headers and tags included.
     pub sent_bytes: u64,
-    /// The largest datagram sent, tag included.
+    /// The largest datagram sent, header and tag included.
     pub largest_sent: u64,
-    /// Datagrams received with a valid tag.
+    /// Datagrams received authentic, fresh and new (handed to chitchat).
     pub accepted: u64,
-    /// Datagrams dropped: tag missing or wrong (another secret, garbage, unsigned chitchat).
+    /// Datagrams dropped as not authentic: garbage, unsigned chitchat, a key id this node's
+    /// ring does not hold (another cluster, or a key removed or not yet installed), a wrong tag.
     pub rejected: u64,
-    /// Datagrams not sent because they would exceed the UDP limit with their tag.
+    /// Authentic datagrams dropped because their timestamp was more than 30 s off this node's
+    /// clock (the sender's or this node's clock is wrong).
+    pub stale: u64,
+    /// Authentic datagrams dropped because they had been received already (replays).
+    pub replayed: u64,
+    /// Datagrams not sent because they would exceed the UDP limit with their header and tag.
     pub oversized: u64,
 }
 
@@ -230,6 +269,7 @@ pub struct Mesh {
     seen: Arc<StdMutex<Seen>>,
     membership: watch::Receiver<Membership>,
     counters: Arc<Counters>,
+    gossip_keys: Arc<RwLock<KeyRing>>,
     _monitor: AbortOnDrop,
 }
 
@@ -286,8 +326,8 @@ impl Mesh {
             protocol_version: ProtocolVersion::V1,
         };
         let counters = Arc::new(Counters::default());
-        let key = Key::derive(config.secret.expose().as_bytes());
-        let transport = AuthTransport::new(key, Arc::clone(&counters), socket);
+        let gossip_keys = Arc::new(RwLock::new(config.gossip_keys));
+        let transport = AuthTransport::new(Arc::clone(&gossip_keys), Arc::clone(&counters), socket);
         let handle = spawn_chitchat(chitchat_config, Vec::new(), &transport)
             .await
             .map_err(|error| MeshError::Start(format!("{error:#}")))?;
@@ -314,6 +354,7 @@ impl Mesh {
             seen,
             membership,
             counters,
+            gossip_keys,
             _monitor: AbortOnDrop(monitor),
         })
     }
@@ -387,8 +428,60 @@ impl Mesh {
             largest_sent: c.largest_sent.load(Ordering::Relaxed),
             accepted: c.accepted.load(Ordering::Relaxed),
             rejected: c.rejected.load(Ordering::Relaxed),
+            stale: c.stale.load(Ordering::Relaxed),
+            replayed: c.replayed.load(Ordering::Relaxed),
             oversized: c.oversized.load(Ordering::Relaxed),
         }
+    }
+
+    /// Adds the gossip key derived from `secret` to this node's ring as an accepted key (not
+    /// primary) and returns its id; datagrams tagged with it are accepted from now on.
+    /// Installing a key the ring already holds changes nothing.
+    ///
+    /// # Errors
+    /// [`MeshError::KeyRingFull`] when the ring holds [`MAX_KEYS`] keys already;
+    /// [`MeshError::KeyIdTaken`] when another key of the ring has the same id.
+    pub fn install_key(&self, secret: &Secret) -> Result<KeyId, MeshError> {
+        let id = self.write_keys().install(secret)?;
+        tracing::info!(node = %self.node, key = %id, "gossip key installed (accepted)");
+        Ok(id)
+    }
+
+    /// Makes the ring's key `id` primary: this node tags its datagrams with it from the next
+    /// one on. Every peer must have installed it first, or it stops hearing this node.
+    ///
+    /// # Errors
+    /// [`MeshError::UnknownKey`] when the ring has no key `id`.
+    pub fn use_key(&self, id: KeyId) -> Result<(), MeshError> {
+        self.write_keys().use_key(id)?;
+        tracing::info!(node = %self.node, key = %id, "gossip key made primary");
+        Ok(())
+    }
+
+    /// Removes the key `id` from the ring: datagrams tagged with it are rejected from now on.
+    ///
+    /// # Errors
+    /// [`MeshError::UnknownKey`] when the ring has no key `id`; [`MeshError::RemovePrimary`]
+    /// when it is the primary key.
+    pub fn remove_key(&self, id: KeyId) -> Result<(), MeshError> {
+        self.write_keys().remove(id)?;
+        tracing::info!(node = %self.node, key = %id, "gossip key removed");
+        Ok(())
+    }
+
+    /// The gossip key ring's ids, the primary first, then the others in the order they were
+    /// installed.
+    pub fn gossip_keys(&self) -> Vec<KeyInfo> {
+        self.gossip_keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+    }
+
+    fn write_keys(&self) -> std::sync::RwLockWriteGuard<'_, KeyRing> {
+        self.gossip_keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Leaves the mesh: stops gossiping and closes the socket before returning. Peers declare

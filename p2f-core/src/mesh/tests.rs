@@ -586,3 +586,225 @@ async fn the_phi_threshold_sets_how_soon_a_silent_node_is_lost() {
         "phi 32 should take longer than phi 4: {lost_after:?}"
     );
 }
+
+/// Waits (at most `limit`) for a datagram sent to `socket` from `from`, skipping others.
+async fn datagram_from(
+    socket: &tokio::net::UdpSocket,
+    from: SocketAddr,
+    limit: Duration,
+) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; auth::MAX_DATAGRAM];
+    let read = async {
+        loop {
+            match socket.recv_from(&mut buf).await {
+                Ok((len, sender)) if sender == from => return Some(buf[..len].to_vec()),
+                Ok(_) => {}
+                Err(error) => {
+                    eprintln!("mesh test: receive failed: {error}");
+                    return None;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.ok().flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_datagram_is_dropped() {
+    // A tap stands where n1's seed should be and catches the gossip n1 sends it (a SYN).
+    let tap = tokio::net::UdpSocket::bind(localhost())
+        .await
+        .expect("bind the tap");
+    let spoof = tokio::net::UdpSocket::bind(localhost())
+        .await
+        .expect("bind the spoofing socket");
+    let n0 = start("n0", &[]).await;
+    let n1 = start("n1", &[tap.local_addr().expect("tap address")]).await;
+    let captured = datagram_from(&tap, n1.gossip_addr(), SPREAD)
+        .await
+        .expect("n1 gossiped to its seed");
+
+    // Delivered once (from the tap), it is authentic and new: n0 answers it.
+    let before = n0.stats();
+    tap.send_to(&captured, n0.gossip_addr())
+        .await
+        .expect("send");
+    let answer = datagram_from(&tap, n0.gossip_addr(), SPREAD).await;
+    assert!(answer.is_some(), "n0 answered the original datagram");
+    assert!(n0.stats().accepted > before.accepted);
+
+    // Sent again, from the tap and from another address: dropped, never answered.
+    const TIMES: u64 = 5;
+    for _ in 0..TIMES {
+        tap.send_to(&captured, n0.gossip_addr())
+            .await
+            .expect("send");
+        spoof
+            .send_to(&captured, n0.gossip_addr())
+            .await
+            .expect("send");
+    }
+    let counted = wait_until(SPREAD, async || {
+        n0.stats().replayed >= before.replayed + 2 * TIMES
+    })
+    .await;
+    assert!(
+        counted.is_some(),
+        "the replays were not counted: {:?}",
+        n0.stats()
+    );
+    let quiet = Duration::from_secs(1);
+    assert_eq!(
+        datagram_from(&spoof, n0.gossip_addr(), quiet).await,
+        None,
+        "n0 answered the spoofing socket"
+    );
+    assert_eq!(
+        datagram_from(&tap, n0.gossip_addr(), quiet).await,
+        None,
+        "n0 answered a replay sent from the tap"
+    );
+    let after = n0.stats();
+    assert_eq!(after.replayed, before.replayed + 2 * TIMES, "{after:?}");
+    assert_eq!(after.rejected, before.rejected, "{after:?}");
+    assert_eq!(after.stale, before.stale, "{after:?}");
+    eprintln!("mesh: n0 dropped {} replays: {after:?}", 2 * TIMES);
+    n1.stop().await;
+    n0.stop().await;
+}
+
+/// How long each step of a key rotation is given before the next one.
+const ROTATION_STEP: Duration = Duration::from_secs(2);
+
+/// Watches `meshes` for `ROTATION_STEP` (every 50 ms): every one lists every name live and
+/// nobody dead, rejects nothing, and keeps accepting gossip. Panics naming `step` otherwise.
+async fn all_alive_through(meshes: &[&Mesh], names: &[&str], step: &str) {
+    let accepted: Vec<u64> = meshes.iter().map(|m| m.stats().accepted).collect();
+    let started = Instant::now();
+    while started.elapsed() < ROTATION_STEP {
+        for mesh in meshes {
+            let membership = mesh.membership().await;
+            let live: Vec<&str> = membership.live.iter().map(|m| m.node.as_str()).collect();
+            assert_eq!(live, names, "{step}: {} lists these live", mesh.node());
+            assert!(
+                membership.dead.is_empty(),
+                "{step}: {} lists dead nodes: {:?}",
+                mesh.node(),
+                membership.dead
+            );
+            let stats = mesh.stats();
+            assert_eq!(
+                (stats.rejected, stats.stale, stats.replayed),
+                (0, 0, 0),
+                "{step}: {} dropped gossip: {stats:?}",
+                mesh.node()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (mesh, before) in meshes.iter().zip(accepted) {
+        assert!(
+            mesh.stats().accepted > before,
+            "{step}: {} heard nothing",
+            mesh.node()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_keys_during_rotation_keep_everyone_alive() {
+    let old = Secret::parse(SECRET).expect("valid");
+    let new = Secret::parse("mesh-test-new-secret-0123456789abcdef").expect("valid");
+    let old_id = KeyId::of(&old);
+    let new_id = KeyId::of(&new);
+    assert_ne!(old_id, new_id);
+
+    // n1 and n2 run with the old key alone, then install the new one at runtime.
+    let n1 = start("n1", &[]).await;
+    let n2 = start("n2", &[n1.gossip_addr()]).await;
+    for mesh in [&n1, &n2] {
+        assert_eq!(
+            mesh.gossip_keys(),
+            [KeyInfo {
+                id: old_id,
+                primary: true
+            }]
+        );
+        assert_eq!(mesh.install_key(&new).expect("room"), new_id);
+    }
+    // n0 starts with both, the new one primary.
+    let mut ring = KeyRing::new(&new);
+    ring.install(&old).expect("room");
+    let mut n0 =
+        MeshConfig::with_gossip_keys(NodeName::new("n0").expect("valid"), localhost(), ring);
+    n0.seeds = vec![n1.gossip_addr()];
+    let n0 = Mesh::start(n0).await.expect("start");
+    assert_eq!(
+        n0.gossip_keys()[0],
+        KeyInfo {
+            id: new_id,
+            primary: true
+        }
+    );
+    let meshes = [&n0, &n1, &n2];
+    let names = ["n0", "n1", "n2"];
+    let met = wait_until(SPREAD, async || {
+        for mesh in meshes {
+            if mesh.members().await.len() != 3 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(met.is_some(), "the three meshes did not meet");
+    all_alive_through(&meshes, &names, "n0 tags with the new key").await;
+
+    // Everyone switches to the new key, then drops the old one, one node at a time.
+    n1.use_key(new_id).expect("installed");
+    all_alive_through(&meshes, &names, "n1 uses the new key").await;
+    n2.use_key(new_id).expect("installed");
+    all_alive_through(&meshes, &names, "n2 uses the new key").await;
+    assert!(matches!(
+        n2.remove_key(new_id),
+        Err(MeshError::RemovePrimary(id)) if id == new_id
+    ));
+    for mesh in meshes {
+        mesh.remove_key(old_id).expect("not primary");
+        assert_eq!(
+            mesh.gossip_keys(),
+            [KeyInfo {
+                id: new_id,
+                primary: true
+            }]
+        );
+        all_alive_through(
+            &meshes,
+            &names,
+            &format!("{} removed the old key", mesh.node()),
+        )
+        .await;
+    }
+
+    // A datagram tagged with the removed key is rejected now.
+    let raw = std::net::UdpSocket::bind(localhost()).expect("bind");
+    let before = n0.stats().rejected;
+    let header = auth::Header {
+        key: old_id,
+        sender: 0x5eed,
+        timestamp_ms: auth::unix_ms(),
+        counter: 1,
+    };
+    let sealed = auth::seal(KeyRing::new(&old).primary_key(), &header, b"old gossip");
+    raw.send_to(&sealed, n0.gossip_addr()).expect("send");
+    let rejected = wait_until(SPREAD, async || n0.stats().rejected > before).await;
+    assert!(
+        rejected.is_some(),
+        "old-key datagram not rejected: {:?}",
+        n0.stats()
+    );
+    assert_eq!(n0.stats().rejected, before + 1);
+    for mesh in [n0, n1, n2] {
+        mesh.stop().await;
+    }
+}
