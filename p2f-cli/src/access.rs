@@ -41,7 +41,7 @@ pub fn credentials_for(config: &AgentConfig) -> Result<Credentials, ClusterError
 
 /// A client of `address` for the node whose config is `config` ([`credentials_for`]).
 pub fn client_for(config: &AgentConfig, address: &str) -> Result<Network, p2f_core::ClientError> {
-    Ok(Network::connect(address, &credentials_for(config)?)?)
+    Network::connect(address, &credentials_for(config)?)
 }
 
 /// Issues operator `name`'s certificate with the cluster CA in `cluster` (which must hold the

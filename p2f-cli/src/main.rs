@@ -43,6 +43,11 @@ enum Command {
         #[command(subcommand)]
         command: NodeCommand,
     },
+    /// Cluster-wide operations, run by the root.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Manages operators: the people and tools that may administer the cluster.
     Operator {
         #[command(subcommand)]
@@ -169,6 +174,16 @@ enum NodeCommand {
         /// Where to write the unit.
         #[arg(long, default_value = "/etc/systemd/system/p2f.service")]
         unit: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Replaces the gossip key on every live node (install, switch, retire the old one; no
+    /// node is ever declared lost meanwhile). Nodes that are down must join again.
+    RotateKey {
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -304,6 +319,37 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Operator {
             command: OperatorCommand::Add { name, out, config },
         } => operator_add(&name, out, &config),
+        Command::Cluster {
+            command: ClusterCommand::RotateKey { target },
+        } => {
+            let report = connect(&target)?
+                .rotate_gossip_key()
+                .await
+                .context("the gossip key was not rotated")?;
+            println!(
+                "gossip key {} replaced by {} on {}",
+                report.old,
+                report.new,
+                report
+                    .rotated
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            if !report.skipped.is_empty() {
+                println!(
+                    "down, not rotated (join them again with a new token): {}",
+                    report
+                        .skipped
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            Ok(())
+        }
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "p2f", &mut std::io::stdout());

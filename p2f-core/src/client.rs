@@ -228,6 +228,49 @@ impl Network {
             .await
     }
 
+    /// This node's gossip keys (`GET /v1/gossip-keys`), the primary first.
+    pub async fn gossip_keys(&self) -> Result<Vec<crate::mesh::KeyInfo>, ClientError> {
+        self.call(Method::GET, "/v1/gossip-keys", None::<&()>).await
+    }
+
+    /// Makes this node accept the gossip key of `secret` (`POST /v1/gossip-keys`).
+    pub async fn install_gossip_key(
+        &self,
+        secret: &crate::cluster::Secret,
+    ) -> Result<Vec<crate::mesh::KeyInfo>, ClientError> {
+        let request = crate::wire::InstallKeyRequest {
+            secret: secret.expose().to_owned(),
+        };
+        self.call(Method::POST, "/v1/gossip-keys", Some(&request))
+            .await
+    }
+
+    /// Makes this node tag its gossip with key `id` (`PUT /v1/gossip-keys/primary`).
+    pub async fn use_gossip_key(
+        &self,
+        id: crate::mesh::KeyId,
+    ) -> Result<Vec<crate::mesh::KeyInfo>, ClientError> {
+        let request = crate::wire::UseKeyRequest { id };
+        self.call(Method::PUT, "/v1/gossip-keys/primary", Some(&request))
+            .await
+    }
+
+    /// Makes this node refuse gossip tagged with key `id` (`DELETE /v1/gossip-keys/{id}`).
+    pub async fn remove_gossip_key(
+        &self,
+        id: crate::mesh::KeyId,
+    ) -> Result<Vec<crate::mesh::KeyInfo>, ClientError> {
+        let path = format!("/v1/gossip-keys/{id}");
+        self.call(Method::DELETE, &path, None::<&()>).await
+    }
+
+    /// Asks the root to rotate the cluster's gossip key on every live node
+    /// (`POST /v1/cluster/rotate-key`).
+    pub async fn rotate_gossip_key(&self) -> Result<crate::wire::RotationReport, ClientError> {
+        self.call(Method::POST, "/v1/cluster/rotate-key", None::<&()>)
+            .await
+    }
+
     /// The root's ingress: its listeners and each domain's route (`GET /v1/routes`; `409`
     /// from a node without an ingress).
     pub async fn routes(&self) -> Result<crate::wire::RoutesReport, ClientError> {

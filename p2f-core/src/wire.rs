@@ -301,3 +301,41 @@ pub struct CertificateInfo {
     /// When it expires, in seconds since the Unix epoch.
     pub not_after: u64,
 }
+
+/// Body of `POST /v1/gossip-keys`: a gossip key to accept (from the secret it is derived
+/// from; the root and operators only).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstallKeyRequest {
+    /// The secret (printable ASCII, 16–1024 characters).
+    pub secret: String,
+}
+
+impl std::fmt::Debug for InstallKeyRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstallKeyRequest").finish_non_exhaustive()
+    }
+}
+
+/// Body of `PUT /v1/gossip-keys/primary`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UseKeyRequest {
+    /// The key to tag gossip with from now on (8 hex digits).
+    pub id: crate::mesh::KeyId,
+}
+
+/// Answer of `POST /v1/cluster/rotate-key` (the root): the key every live node now uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationReport {
+    /// The key removed everywhere.
+    pub old: crate::mesh::KeyId,
+    /// The key every live node now tags its gossip with.
+    pub new: crate::mesh::KeyId,
+    /// The nodes that took it (the root included).
+    pub rotated: Vec<p2f_model::NodeName>,
+    /// Nodes that were down: they keep the old key and are not heard any more; join them again
+    /// (`p2f node token`, `p2f node join`).
+    pub skipped: Vec<p2f_model::NodeName>,
+}

@@ -383,7 +383,7 @@ impl Agent {
         if Credentials::is_operator_dir(&operator) {
             return Ok(Credentials::operator(&operator)?.0);
         }
-        Ok(self.node_credentials()?)
+        self.node_credentials()
     }
 
     /// The node's own credentials (its certificate: a member's acts as that member).

@@ -16,3 +16,4 @@ mod rules;
 mod strategies;
 mod supervision;
 mod support;
+mod trust;

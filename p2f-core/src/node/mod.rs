@@ -7,6 +7,7 @@
 pub mod api;
 pub mod config;
 pub mod contain;
+pub mod gossip_keys;
 pub mod health;
 pub mod lifecycle;
 pub mod logs;
@@ -30,7 +31,7 @@ pub use config::{
 };
 pub use supervisor::{Recovery, Shutdown, Supervisor};
 
-use crate::cluster::{ClusterCa, ClusterError, ClusterFiles, NodeCert, Secret};
+use crate::cluster::{ClusterCa, ClusterError, ClusterFiles, NodeCert};
 use crate::identity::{Credentials, Role};
 use crate::ingress::acme::{AcmeConfig, LETS_ENCRYPT};
 use crate::ingress::{Ingress, IngressConfig, IngressError};
@@ -40,6 +41,7 @@ use crate::root::Root;
 use crate::root::unplaced::Unplaced;
 use crate::server::{Accept, PlainHttp};
 use crate::store::{Store, StoreError};
+use gossip_keys::GossipKeys;
 use strategy::DeployOptions;
 
 /// Why the agent could not start.
@@ -137,6 +139,10 @@ impl Agent {
         })?;
         join_if_asked(&config).await?;
         let (ca, secret) = ClusterFiles::new(config.cluster_dir()).load()?;
+        let gossip_keys = Arc::new(GossipKeys::load(
+            &ClusterFiles::new(config.cluster_dir()),
+            &secret,
+        ));
         let role = role_of(&config, &ca);
         let cert = node_certificate(&config, &ca)?;
         let tls = crate::cluster::api_server_config(&cert, ca.cert_pem())?;
@@ -185,7 +191,7 @@ impl Agent {
         let rest = async {
             let trust = Trust {
                 ca: &ca,
-                secret: &secret,
+                gossip_keys: &gossip_keys,
                 credentials: &credentials,
             };
             let network = start_network(&config, role, trust, &node, &supervisor, store).await?;
@@ -197,6 +203,10 @@ impl Agent {
             };
             let mut features = network.features;
             features.push(tunnel::routes(supervisor.clone()));
+            features.push(gossip_keys::routes(
+                Arc::clone(&gossip_keys),
+                network.records.clone(),
+            ));
             let app = api::router(parts, features);
             let (stop, stopped) = oneshot::channel();
             let accept = Accept::Tls {
@@ -287,8 +297,8 @@ impl Agent {
 #[derive(Clone, Copy)]
 struct Trust<'a> {
     ca: &'a ClusterCa,
-    /// The gossip key's secret.
-    secret: &'a Secret,
+    /// The gossip keys.
+    gossip_keys: &'a Arc<GossipKeys>,
     /// The node's own client credentials (its certificate).
     credentials: &'a Credentials,
 }
@@ -319,10 +329,10 @@ async fn start_network(
     };
     let Trust {
         ca,
-        secret,
+        gossip_keys,
         credentials,
     } = trust;
-    let mesh = crate::mesh::Mesh::start(mesh_config(config, &settings, secret)).await?;
+    let mesh = crate::mesh::Mesh::start(mesh_config(config, &settings, gossip_keys.ring())).await?;
     let client = client_of(node, credentials)?;
     let unplaced = Arc::new(Unplaced::new(supervisor.node().clone()));
     let mut sources: Vec<Arc<dyn LocalRecords>> = vec![Arc::new(supervisor.clone())];
@@ -399,7 +409,7 @@ async fn start_network(
             records: records.clone(),
             own: config.name.clone(),
             own_hosts: node_hosts(config),
-            secret: secret.clone(),
+            gossip_keys: Arc::clone(gossip_keys),
             tokens: crate::root::tokens::TokenBook::open(config.data_dir.join("join-tokens.json")),
             api_address: node.api_address().unwrap_or_default(),
             gossip_address: Some(records.mesh().gossip_addr().to_string()),
@@ -422,10 +432,10 @@ async fn start_network(
 fn mesh_config(
     config: &AgentConfig,
     settings: &MeshSettings,
-    secret: &Secret,
+    ring: crate::mesh::KeyRing,
 ) -> crate::mesh::MeshConfig {
     let mut mesh =
-        crate::mesh::MeshConfig::new(config.name.clone(), settings.listen, secret.clone());
+        crate::mesh::MeshConfig::with_gossip_keys(config.name.clone(), settings.listen, ring);
     mesh.seeds = settings.seeds.clone();
     mesh.gossip_interval = settings.gossip_interval;
     mesh.phi_threshold = settings.phi_threshold;

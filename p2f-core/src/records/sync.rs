@@ -97,27 +97,31 @@ fn fence(inner: &Arc<Inner>) {
         })
         .filter(|(_, p)| p.status != Status::Parked)
         .collect();
-    let stale: Vec<(
-        usize,
-        Arc<p2f_model::Process>,
-        NodeName,
-        u64,
-        Option<String>,
-    )> = {
+    let stale: Vec<Stale> = {
         let state = lock(&inner.state);
         local
             .iter()
             .filter_map(|(i, local)| {
                 state
                     .winner_elsewhere(&local.id, &Candidate::of(local, Origin::Local), &inner.node)
-                    .map(|(node, newer)| {
-                        let api = state.api_of(&node).cloned();
-                        (*i, Arc::clone(local), node, newer, api)
+                    .map(|(node, newer)| Stale {
+                        source: *i,
+                        local: Arc::clone(local),
+                        api: state.api_of(&node).cloned(),
+                        node,
+                        newer,
                     })
             })
             .collect()
     };
-    for (i, local, node, newer, api) in stale {
+    for Stale {
+        source: i,
+        local,
+        node,
+        newer,
+        api,
+    } in stale
+    {
         let id = local.id.clone();
         if !lock(&inner.fencing).insert(id.clone()) {
             continue;
@@ -131,6 +135,17 @@ fn fence(inner: &Arc<Inner>) {
             lock(&inner.fencing).remove(&id);
         });
     }
+}
+
+/// A local copy the gossip says another copy wins over.
+struct Stale {
+    /// The index of the source that runs it.
+    source: usize,
+    local: Arc<p2f_model::Process>,
+    /// The node of the winning copy, its generation, and its API address.
+    node: NodeName,
+    newer: u64,
+    api: Option<String>,
 }
 
 /// Whether node `node` itself (over its API, by name) shows a copy of `local`'s process that

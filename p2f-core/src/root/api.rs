@@ -18,14 +18,18 @@ use super::{MigrateError, Root, RootError};
 use crate::api_error::{ApiError, forwarded, parse_id};
 use crate::cluster::{ClusterCa, Secret};
 use crate::join::{JoinRequest, JoinResponse, JoinToken};
+use crate::node::gossip_keys::GossipKeys;
 use crate::records::Records;
-use crate::wire::{DeploymentRequest, DesiredState, MoveRequest, TokenRequest, TokenResponse};
+use crate::wire::{
+    DeploymentRequest, DesiredState, MoveRequest, RotationReport, TokenRequest, TokenResponse,
+};
 
 /// The root-only paths.
 const DEPLOYMENT: &str = "/v1/deployment";
 const MOVE: &str = "/v1/processes/{id}/move";
 const JOIN: &str = "/v1/join";
 const JOIN_TOKENS: &str = "/v1/join-tokens";
+const ROTATE_KEY: &str = "/v1/cluster/rotate-key";
 
 #[derive(Clone)]
 struct RootApi {
@@ -36,8 +40,10 @@ struct RootApi {
     /// The root's own name (no member may take it) and hosts (no member may claim them).
     own: NodeName,
     own_hosts: Arc<[String]>,
-    /// What a join hands out with the certificate: the gossip key's secret.
-    secret: Arc<Secret>,
+    /// The gossip keys: a join hands out the primary's secret; a rotation changes them.
+    gossip_keys: Arc<GossipKeys>,
+    /// One rotation at a time.
+    rotating: Arc<tokio::sync::Mutex<()>>,
     tokens: Arc<TokenBook>,
     /// The root's API and gossip addresses, as join tokens name them.
     api_address: Arc<str>,
@@ -55,8 +61,8 @@ pub struct RootApiParts {
     pub own: NodeName,
     /// The names and addresses the root's own certificate carries.
     pub own_hosts: Vec<String>,
-    /// The cluster secret (a joining member gets it for gossip).
-    pub secret: Secret,
+    /// The root's gossip keys (a joining member gets the primary's secret).
+    pub gossip_keys: Arc<GossipKeys>,
     /// The join tokens.
     pub tokens: TokenBook,
     /// The root's API address (`host:port`), for join tokens.
@@ -74,7 +80,8 @@ pub fn routes(root: Root, parts: RootApiParts) -> Router {
         records: parts.records,
         own: parts.own,
         own_hosts: parts.own_hosts.into(),
-        secret: Arc::new(parts.secret),
+        gossip_keys: parts.gossip_keys,
+        rotating: Arc::default(),
         tokens: Arc::new(parts.tokens),
         api_address: parts.api_address.into(),
         gossip_address: parts.gossip_address.map(Into::into),
@@ -84,6 +91,7 @@ pub fn routes(root: Root, parts: RootApiParts) -> Router {
         .route(MOVE, post(migrate))
         .route(JOIN, post(join))
         .route(JOIN_TOKENS, post(new_token))
+        .route(ROTATE_KEY, post(rotate_key))
         .with_state(api)
 }
 
@@ -100,6 +108,7 @@ pub fn elsewhere() -> Router {
         .route(MOVE, post(not_root))
         .route(JOIN, post(not_root))
         .route(JOIN_TOKENS, post(not_root))
+        .route(ROTATE_KEY, post(not_root))
 }
 
 async fn desired(State(api): State<RootApi>) -> Json<DesiredState> {
@@ -232,7 +241,7 @@ async fn join(
     tracing::info!(member = %request.name, "signed a member's certificate");
     Ok(Json(JoinResponse {
         cert_pem,
-        gossip_secret: api.secret.expose().to_owned(),
+        gossip_secret: api.gossip_keys.primary().expose().to_owned(),
     }))
 }
 
@@ -259,4 +268,80 @@ fn is_loopback(host: &str) -> bool {
         || host.parse::<std::net::IpAddr>().is_ok_and(|ip| {
             ip == std::net::IpAddr::from([127, 0, 0, 1]) || ip == std::net::Ipv6Addr::LOCALHOST
         })
+}
+
+/// Rotates the cluster's gossip key on every live node, in three rounds so that every node
+/// always accepts what every other sends: install the new key everywhere, make it primary
+/// everywhere, remove the old one everywhere. A node that cannot take the new key in the first
+/// round stops the rotation, and the new key is removed where it was installed: nothing
+/// changed. Dead nodes are skipped and named (they must join again).
+async fn rotate_key(State(api): State<RootApi>) -> Result<Json<RotationReport>, ApiError> {
+    let _one_at_a_time = api.rotating.lock().await;
+    let mesh = Some(api.records.mesh());
+    let old = api
+        .gossip_keys
+        .list()
+        .into_iter()
+        .find(|k| k.primary)
+        .map(|k| k.id)
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no primary gossip key"))?;
+    let nodes = api.records.nodes();
+    let mut members = Vec::new();
+    let mut skipped = Vec::new();
+    for status in nodes.iter().filter(|n| n.node.name != api.own) {
+        let name = status.node.name.clone();
+        match (status.alive, api.records.client_for(&name)) {
+            (true, Some(client)) => members.push((name, client)),
+            _ => skipped.push(name),
+        }
+    }
+    let failed = |round: &str, node: &NodeName, e: &dyn std::fmt::Display| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("the rotation stopped at {round} on {node}: {e}"),
+        )
+    };
+    let secret = Secret::generate();
+    let new = api.gossip_keys.install(&secret, mesh)?;
+    let mut installed: Vec<&(NodeName, crate::Network)> = Vec::new();
+    for member in &members {
+        if let Err(e) = member.1.install_gossip_key(&secret).await {
+            for (_, client) in installed {
+                let _ = client.remove_gossip_key(new).await;
+            }
+            let _ = api.gossip_keys.remove(new, mesh);
+            return Err(failed(
+                "installing the new key (nothing changed)",
+                &member.0,
+                &e,
+            ));
+        }
+        installed.push(member);
+    }
+    for (name, client) in &members {
+        client.use_gossip_key(new).await.map_err(|e| {
+            failed(
+                "switching to the new key (the old one stays accepted everywhere)",
+                name,
+                &e,
+            )
+        })?;
+    }
+    api.gossip_keys.use_key(new, mesh)?;
+    for (name, client) in &members {
+        client
+            .remove_gossip_key(old)
+            .await
+            .map_err(|e| failed("removing the old key", name, &e))?;
+    }
+    api.gossip_keys.remove(old, mesh)?;
+    let mut rotated: Vec<NodeName> = members.into_iter().map(|(name, _)| name).collect();
+    rotated.push(api.own.clone());
+    tracing::info!(%old, %new, ?skipped, "gossip key rotated");
+    Ok(Json(RotationReport {
+        old,
+        new,
+        rotated,
+        skipped,
+    }))
 }

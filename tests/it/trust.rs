@@ -1,0 +1,102 @@
+//! Keys that change (issue: trust): the gossip key rotated on a live network with nobody ever
+//! seen lost, kept across restarts, and changed only by the root and operators.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use p2f_testkit::p2f_bin;
+
+use crate::support::{member, root};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gossip_key_rotates_with_nobody_lost() -> anyhow::Result<()> {
+    let root = root("root-rk").await?;
+    let mut a = member(&root, "node-a", "127.0.0.2").await?;
+    let b = member(&root, "node-b", "127.0.0.3").await?;
+    let everyone = ["node-a", "node-b", "root-rk"];
+    root.all_alive(&everyone).await?;
+    a.all_alive(&everyone).await?;
+    let old = root.network().gossip_keys().await?;
+    assert_eq!(old.len(), 1, "{old:?}");
+
+    // Every 50 ms, the root and node-a list the nodes; nobody may ever be seen dead.
+    let stop = Arc::new(AtomicBool::new(false));
+    let watch = |net: p2f::core::Network| {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut deaths = Vec::new();
+            let mut looks = 0;
+            while !stop.load(Ordering::Relaxed) && looks < 2_000 {
+                if let Ok(nodes) = net.nodes().await {
+                    looks += 1;
+                    deaths.extend(
+                        nodes
+                            .iter()
+                            .filter(|n| !n.alive)
+                            .map(|n| n.node.name.to_string()),
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (looks, deaths)
+        })
+    };
+    let watchers = [watch(root.client()?), watch(a.client()?)];
+
+    // A member may not change another node's keys.
+    let as_a = p2f::core::Network::connect(b.network().address(), &a.node_credentials()?)?;
+    let refused = as_a
+        .install_gossip_key(&p2f::core::cluster::Secret::generate())
+        .await
+        .expect_err("a member may not");
+    assert_eq!(refused.status(), Some(403), "{refused}");
+
+    let rotate = assert_cmd::Command::new(p2f_bin()?)
+        .args(["cluster", "rotate-key", "--config"])
+        .arg(root.config_path())
+        .env_remove("P2F_OPERATOR")
+        .timeout(Duration::from_secs(60))
+        .assert()
+        .success();
+    let out = String::from_utf8_lossy(&rotate.get_output().stdout).into_owned();
+    assert!(out.contains("replaced by"), "{out}");
+    // Some more gossip rounds on the new key alone (a node still tagging with the old key
+    // would now be silent, and declared lost within a few seconds).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    for watcher in watchers {
+        let (looks, deaths) = watcher.await?;
+        assert!(looks > 20, "the watcher looked {looks} times");
+        assert!(
+            deaths.is_empty(),
+            "seen dead during the rotation: {deaths:?}"
+        );
+    }
+    // Every node has exactly the new key, as primary.
+    let new = root.network().gossip_keys().await?;
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert!(new[0].primary && new[0].id != old[0].id, "{new:?}");
+    for agent in [&a, &b] {
+        assert_eq!(
+            agent.network().gossip_keys().await?,
+            new,
+            "{}",
+            agent.name()
+        );
+    }
+    assert!(out.contains(&new[0].id.to_string()), "{out}");
+
+    // The ring was saved: a restarted member is heard again, and hears.
+    a.sigterm()?;
+    a.start().await?;
+    root.all_alive(&everyone).await?;
+    a.all_alive(&everyone).await?;
+    assert_eq!(a.network().gossip_keys().await?, new);
+    // A node that joins now gets the new key.
+    let c = member(&root, "node-c", "127.0.0.4").await?;
+    c.all_alive(&["node-a", "node-b", "node-c", "root-rk"])
+        .await?;
+    assert_eq!(c.network().gossip_keys().await?, new);
+    Ok(())
+}
