@@ -45,8 +45,9 @@ pub fn client_for(config: &AgentConfig, address: &str) -> Result<Network, p2f_co
 }
 
 /// Issues operator `name`'s certificate with the cluster CA in `cluster` (which must hold the
-/// CA key: only on the root) and writes its directory `dir`, naming `root` as the address to
-/// call.
+/// CA key: only on the root, before its agent runs: `p2f init`, the embedded network) and
+/// writes its directory `dir`, naming `root` as the address to call. A running root issues
+/// operators over its API instead ([`add_operator`]).
 ///
 /// Errors: [`ClusterError::NoCaKey`] off the root; a name that is not a valid node-style name;
 /// files that cannot be written.
@@ -58,6 +59,8 @@ pub fn issue_operator(
 ) -> Result<Credentials, ClusterError> {
     let (ca, _) = cluster.load()?;
     let cert = ca.issue_as(Role::Operator, name, &[])?;
+    // Recorded, so that `p2f operator remove` can revoke it.
+    p2f_core::root::issued::Issued::open(cluster.dir()).record(&cert.cert_pem)?;
     let credentials = Credentials::new(ca.cert_pem(), Some(cert));
     credentials.save_operator(dir, root)?;
     Ok(credentials)
@@ -76,4 +79,26 @@ pub fn local_address(config: &AgentConfig) -> String {
         _ if host.contains(':') => format!("[{host}]:{}", config.listen.port()),
         _ => format!("{host}:{}", config.listen.port()),
     }
+}
+
+/// Asks the root (`network`, as an operator) for operator `name`'s certificate, for a key made
+/// here, and writes its directory `dir` naming `root`.
+///
+/// Errors: the root's refusal; files that cannot be written.
+pub async fn add_operator(
+    network: &Network,
+    name: &p2f_model::NodeName,
+    dir: &Path,
+    root: &str,
+) -> Result<Credentials, p2f_core::ClientError> {
+    let key = p2f_core::cluster::CertRequest::new(name.as_str())?;
+    let request = p2f_core::wire::OperatorRequest {
+        name: name.clone(),
+        csr_pem: key.csr_pem().to_owned(),
+    };
+    let signed = network.add_operator(&request).await?;
+    let cert = key.complete(signed.cert_pem)?;
+    let credentials = Credentials::new(signed.ca_pem, Some(cert));
+    credentials.save_operator(dir, root)?;
+    Ok(credentials)
 }

@@ -166,6 +166,14 @@ enum NodeCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Removes node NAME from the cluster (on the root): every node refuses its certificate,
+    /// the gossip key is rotated without it, and its processes are placed elsewhere.
+    Remove {
+        /// The node's name.
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Writes a systemd unit that runs this node's agent at boot, and says how to enable it.
     Install {
         /// The node's config file.
@@ -189,17 +197,23 @@ enum ClusterCommand {
 
 #[derive(Debug, Subcommand)]
 enum OperatorCommand {
-    /// Issues operator NAME's certificate (on the root: it needs the CA key) into a directory
-    /// to copy to that person's machine; there, `P2F_OPERATOR=DIR p2f ps` uses it.
+    /// Issues operator NAME's certificate (the root signs it; the key is made here) into a
+    /// directory to copy to that person's machine; there, `P2F_OPERATOR=DIR p2f ps` uses it.
     Add {
         /// The operator's name (letters, digits, `-`).
         name: String,
         /// Where to write it (default: `./NAME`).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// The root's config file.
-        #[arg(long, short, env = "P2F_CONFIG", default_value_os_t = default_dir().join("node.toml"))]
-        config: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Revokes every certificate of operator NAME: every node refuses it from now on.
+    Remove {
+        /// The operator's name.
+        name: String,
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -316,9 +330,37 @@ async fn dispatch(command: Command) -> Result<()> {
             println!("{}", made.token);
             Ok(())
         }
+        Command::Node {
+            command: NodeCommand::Remove { name, target },
+        } => {
+            let node =
+                NodeName::new(&name).with_context(|| format!("invalid node name {name:?}"))?;
+            let report = connect(&target)?
+                .remove_node(&node)
+                .await
+                .context("the node was not removed")?;
+            println!(
+                "node {name} removed: {} certificate(s) revoked on every node, gossip key {} replaced by {}; its processes move once it is seen lost",
+                report.revoked, report.rotation.old, report.rotation.new
+            );
+            Ok(())
+        }
         Command::Operator {
-            command: OperatorCommand::Add { name, out, config },
-        } => operator_add(&name, out, &config),
+            command: OperatorCommand::Add { name, out, target },
+        } => operator_add(&name, out, &target).await,
+        Command::Operator {
+            command: OperatorCommand::Remove { name, target },
+        } => {
+            let list = connect(&target)?
+                .remove_operator(&name)
+                .await
+                .context("the operator was not removed")?;
+            println!(
+                "operator {name} removed: every node refuses its certificates ({} revoked in all)",
+                list.len()
+            );
+            Ok(())
+        }
         Command::Cluster {
             command: ClusterCommand::RotateKey { target },
         } => {
@@ -513,25 +555,22 @@ fn operator_name() -> String {
 }
 
 /// `p2f operator add`.
-fn operator_add(name: &str, out: Option<PathBuf>, config: &Path) -> Result<()> {
-    let config = AgentConfig::load(config)
-        .map_err(anyhow::Error::from)
-        .context("which root? pass --config ROOT/node.toml (or set P2F_CONFIG)")?;
-    NodeName::new(name).with_context(|| format!("invalid operator name {name:?}"))?;
-    let dir = out.unwrap_or_else(|| PathBuf::from(name));
+async fn operator_add(name: &str, out: Option<PathBuf>, target: &Target) -> Result<()> {
+    let name = NodeName::new(name).with_context(|| format!("invalid operator name {name:?}"))?;
+    let dir = out.unwrap_or_else(|| PathBuf::from(name.as_str()));
     if dir.exists() {
         bail!("{} exists already: choose another --out", dir.display());
     }
-    let cluster = ClusterFiles::new(config.cluster_dir());
-    let root = match &config.advertise {
-        Some(host) => format!("{host}:{}", config.listen.port()),
-        None => p2f_cli::access::local_address(&config),
-    };
-    p2f_cli::access::issue_operator(&cluster, name, &dir, &root)
-        .context("operators are added on the root (it holds the CA key)")?;
+    let network = connect(target)?;
+    // The address the new operator calls: the root's, as this command reached it.
+    let root = network.address().to_owned();
+    p2f_cli::access::add_operator(&network, &name, &dir, &root)
+        .await
+        .context("the root did not sign the operator (ask it as an operator)")?;
     println!("Operator {name}: {}", dir.display());
     println!("Copy it to {name}'s machine (it holds a private key: keep it private), then there:");
     println!("  P2F_OPERATOR={} p2f ps", dir.display());
+    println!("If the root is reached at another address from there, set P2F_ROOT=HOST:PORT too.");
     Ok(())
 }
 

@@ -271,6 +271,49 @@ impl Network {
             .await
     }
 
+    /// The certificates this node refuses (`GET /v1/revoked`).
+    pub async fn revoked(&self) -> Result<Vec<crate::node::revoked::Revocation>, ClientError> {
+        self.call(Method::GET, "/v1/revoked", None::<&()>).await
+    }
+
+    /// Replaces the certificates this node refuses (`PUT /v1/revoked`; the root and operators).
+    pub async fn put_revoked(
+        &self,
+        list: &[crate::node::revoked::Revocation],
+    ) -> Result<Vec<crate::node::revoked::Revocation>, ClientError> {
+        self.call(Method::PUT, "/v1/revoked", Some(list)).await
+    }
+
+    /// Asks the root to sign operator `name`'s certificate request (`POST /v1/operators`).
+    pub async fn add_operator(
+        &self,
+        request: &crate::wire::OperatorRequest,
+    ) -> Result<crate::wire::OperatorResponse, ClientError> {
+        self.call(Method::POST, "/v1/operators", Some(request))
+            .await
+    }
+
+    /// Asks the root to revoke every certificate of operator `name`
+    /// (`DELETE /v1/operators/{name}`); returns the whole revocation list.
+    pub async fn remove_operator(
+        &self,
+        name: &str,
+    ) -> Result<Vec<crate::node::revoked::Revocation>, ClientError> {
+        let path = format!("/v1/operators/{name}");
+        self.call(Method::DELETE, &path, None::<&()>).await
+    }
+
+    /// Asks the root to remove node `name` (`DELETE /v1/nodes/{name}`): its certificates
+    /// revoked everywhere, the gossip key rotated without it; its processes are placed
+    /// elsewhere once it is seen lost.
+    pub async fn remove_node(
+        &self,
+        name: &p2f_model::NodeName,
+    ) -> Result<crate::wire::RemovalReport, ClientError> {
+        let path = format!("/v1/nodes/{name}");
+        self.call(Method::DELETE, &path, None::<&()>).await
+    }
+
     /// The root's ingress: its listeners and each domain's route (`GET /v1/routes`; `409`
     /// from a node without an ingress).
     pub async fn routes(&self) -> Result<crate::wire::RoutesReport, ClientError> {

@@ -327,8 +327,19 @@ impl ClusterCa {
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         }
         set_validity(&mut params, NODE_VALID_YEARS);
+        params.serial_number = Some(random_serial());
         Ok(params.signed_by(&request.public_key, &issuer)?.pem())
     }
+}
+
+/// A random positive serial number of 16 bytes (RFC 5280 §4.1.2.2: unique per CA, at most 20
+/// bytes): what a revocation names.
+fn random_serial() -> rcgen::SerialNumber {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    rcgen::SerialNumber::from(bytes.to_vec())
 }
 
 /// Refuses hosts the CA cannot vouch for in any certificate: wildcards, names in the nodes'

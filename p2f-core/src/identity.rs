@@ -33,7 +33,8 @@ pub fn node_server_name(name: &str) -> String {
 }
 
 /// What a certificate's holder is to the cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     /// The root node: places processes, holds the CA key.
     Root,
@@ -75,13 +76,16 @@ impl fmt::Display for Role {
     }
 }
 
-/// The authenticated holder of a client certificate: its role and name.
+/// The authenticated holder of a client certificate: its role and name, and the certificate's
+/// serial number (what revokes it).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Caller {
     /// What it is to the cluster.
     pub role: Role,
     /// The node's or operator's name (the certificate's CN).
     pub name: String,
+    /// The certificate's serial number, lowercase hex.
+    pub serial: String,
 }
 
 impl Caller {
@@ -96,7 +100,12 @@ impl Caller {
             .filter_map(|o| o.as_str().ok())
             .find_map(Role::from_organization)?;
         let name = subject.iter_common_name().next()?.as_str().ok()?.to_owned();
-        Some(Caller { role, name })
+        let serial = cert
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Some(Caller { role, name, serial })
     }
 
     /// The holder of a certificate in PEM form (its first certificate).
@@ -239,12 +248,14 @@ mod tests {
         let ca = ClusterCa::generate("test").expect("ca");
         for role in [Role::Root, Role::Member, Role::Operator] {
             let cert = ca.issue_as(role, "nas", &[]).expect("issue");
-            assert_eq!(
-                Caller::from_pem(&cert.cert_pem),
-                Some(Caller {
-                    role,
-                    name: "nas".into()
-                })
+            let caller = Caller::from_pem(&cert.cert_pem).expect("a caller");
+            assert_eq!((caller.role, caller.name.as_str()), (role, "nas"));
+            assert!(caller.serial.len() >= 16, "{}", caller.serial);
+            let again = ca.issue_as(role, "nas", &[]).expect("issue");
+            let other = Caller::from_pem(&again.cert_pem).expect("a caller");
+            assert_ne!(
+                caller.serial, other.serial,
+                "every certificate has its own serial"
             );
         }
         let site = ca.issue_site("wiki.home.arpa", 7).expect("site");

@@ -339,3 +339,35 @@ pub struct RotationReport {
     /// (`p2f node token`, `p2f node join`).
     pub skipped: Vec<p2f_model::NodeName>,
 }
+
+/// Body of `POST /v1/operators` (the root; the root and operators only): a new operator's
+/// certificate request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorRequest {
+    /// The operator's name (letters, digits, `-`).
+    pub name: p2f_model::NodeName,
+    /// A certificate signing request for the operator's key (PEM); the key stays where it was
+    /// made.
+    pub csr_pem: String,
+}
+
+/// Answer of `POST /v1/operators`: the operator's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorResponse {
+    /// The certificate (PEM), `O=p2f:operator`.
+    pub cert_pem: String,
+    /// The cluster CA (PEM).
+    pub ca_pem: String,
+}
+
+/// Answer of `DELETE /v1/nodes/{name}` (the root): what removing a node did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemovalReport {
+    /// How many of its certificates are now refused by every node.
+    pub revoked: usize,
+    /// The gossip key rotation that shut it out of the gossip.
+    pub rotation: RotationReport,
+}

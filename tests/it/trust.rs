@@ -100,3 +100,93 @@ async fn the_gossip_key_rotates_with_nobody_lost() -> anyhow::Result<()> {
     assert_eq!(c.network().gossip_keys().await?, new);
     Ok(())
 }
+
+/// Removing an operator and a node (issue: trust): every node refuses their certificates, the
+/// removed node is shut out of the gossip (the key is rotated without it) and its process is
+/// placed on the other allowed node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_and_operator_are_refused_everywhere() -> anyhow::Result<()> {
+    use p2f::model::{NodeName, ProcessSpec};
+    let root = root("root-rm").await?;
+    let a = member(&root, "node-a", "127.0.0.2").await?;
+    let b = member(&root, "node-b", "127.0.0.3").await?;
+    root.all_alive(&["node-a", "node-b", "root-rm"]).await?;
+    let p2f = |args: &[&str]| {
+        assert_cmd::Command::new(p2f_bin().expect("p2f"))
+            .args(args)
+            .arg("--config")
+            .arg(root.config_path())
+            .env_remove("P2F_OPERATOR")
+            .timeout(Duration::from_secs(60))
+            .assert()
+    };
+
+    // Operator bob, added through the root, may list; once removed, no node answers him.
+    let home = tempfile::tempdir()?;
+    let bob_dir = home.path().join("bob");
+    p2f(&[
+        "operator",
+        "add",
+        "bob",
+        "--out",
+        &bob_dir.to_string_lossy(),
+    ])
+    .success();
+    let (bob, root_address) = p2f::core::identity::Credentials::operator(&bob_dir)?;
+    assert_eq!(root_address, root.network().address());
+    let as_bob = |agent: &p2f_testkit::Agent| {
+        p2f::core::Network::connect(agent.network().address(), &bob).expect("client")
+    };
+    assert!(as_bob(&root).list_processes().await.is_ok());
+    assert!(as_bob(&b).list_processes().await.is_ok());
+    p2f(&["operator", "remove", "bob"]).success();
+    for agent in [&root, &a, &b] {
+        let refused = as_bob(agent).list_processes().await.expect_err("revoked");
+        assert_eq!(refused.status(), Some(401), "{}: {refused}", agent.name());
+    }
+    // Removing someone never admitted: 404, nothing changes.
+    p2f(&["operator", "remove", "carol"])
+        .code(1)
+        .stderr(predicates::str::contains("no operator carol"));
+
+    // A service allowed on both members; the node it runs on is removed.
+    let spec = ProcessSpec::new("svc", "exec sleep 1000").with_pin([
+        NodeName::from_static("node-a"),
+        NodeName::from_static("node-b"),
+    ]);
+    let desired = root.network().deploy(&[spec]).await?;
+    let id = desired.services[0].id.clone();
+    let placed = root
+        .wait_for(&id, Duration::from_secs(30), "running", |p| p.is_running())
+        .await?;
+    let (gone, stays) = if placed.node.name.as_str() == "node-a" {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let gone_credentials = gone.node_credentials()?;
+    p2f(&["node", "remove", gone.name()]).success();
+    // Its certificate is refused by the root and by the other member.
+    for agent in [&root, stays] {
+        let as_gone = p2f::core::Network::connect(agent.network().address(), &gone_credentials)?;
+        let refused = as_gone.list_processes().await.expect_err("revoked");
+        assert_eq!(refused.status(), Some(401), "{}: {refused}", agent.name());
+    }
+    // It is no longer heard (its gossip key is gone): seen lost, and its process moves.
+    let moved = root
+        .wait_for(
+            &id,
+            Duration::from_secs(60),
+            "placed on the other member",
+            |p| p.is_running() && p.node.name.as_str() == stays.name(),
+        )
+        .await?;
+    assert!(moved.generation > placed.generation, "{moved:#?}");
+    let nodes = root.network().nodes().await?;
+    let removed = nodes
+        .iter()
+        .find(|n| n.node.name.as_str() == gone.name())
+        .expect("still listed, as lost");
+    assert!(!removed.alive, "{nodes:?}");
+    Ok(())
+}

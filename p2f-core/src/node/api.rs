@@ -35,6 +35,7 @@ const SPIN_WAIT: Duration = Duration::from_secs(30 * 60);
 #[derive(Clone)]
 struct Api {
     supervisor: Supervisor,
+    revoked: Arc<super::revoked::Revoked>,
     node: Arc<Node>,
     /// The whole network's records, when this node gossips.
     records: Option<Records>,
@@ -48,6 +49,8 @@ struct Api {
 pub struct ApiParts {
     /// What runs here.
     pub supervisor: Supervisor,
+    /// The certificates refused.
+    pub revoked: Arc<super::revoked::Revoked>,
     /// This node's directory entry (`GET /v1/node`).
     pub node: Node,
     /// The network's records, when this node gossips.
@@ -61,6 +64,7 @@ pub struct ApiParts {
 pub fn router(parts: ApiParts, features: Vec<Router>) -> Router {
     let api = Api {
         supervisor: parts.supervisor,
+        revoked: parts.revoked,
         node: Arc::new(parts.node),
         records: parts.records,
         unrun: parts.unrun.into(),
@@ -126,6 +130,14 @@ async fn authorize(State(api): State<Api>, request: Request, next: Next) -> Resp
         )
         .into_response();
     };
+    if api.revoked.refuses(&caller) {
+        tracing::info!(%caller, "refused: a revoked certificate");
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("the certificate of {caller} was revoked"),
+        )
+        .into_response();
+    }
     match api.refusal(&caller, &request) {
         None => next.run(request).await,
         Some(why) => {

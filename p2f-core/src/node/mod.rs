@@ -13,6 +13,7 @@ pub mod lifecycle;
 pub mod logs;
 pub mod os;
 pub mod relay;
+pub mod revoked;
 pub mod strategy;
 pub mod supervisor;
 pub mod tunnel;
@@ -143,6 +144,9 @@ impl Agent {
             &ClusterFiles::new(config.cluster_dir()),
             &secret,
         ));
+        let revoked = Arc::new(revoked::Revoked::load(
+            config.cluster_dir().join("revoked.json"),
+        ));
         let role = role_of(&config, &ca);
         let cert = node_certificate(&config, &ca)?;
         let tls = crate::cluster::api_server_config(&cert, ca.cert_pem())?;
@@ -193,16 +197,19 @@ impl Agent {
                 ca: &ca,
                 gossip_keys: &gossip_keys,
                 credentials: &credentials,
+                revoked: &revoked,
             };
             let network = start_network(&config, role, trust, &node, &supervisor, store).await?;
             let parts = api::ApiParts {
                 supervisor: supervisor.clone(),
+                revoked: Arc::clone(&revoked),
                 node: node.clone(),
                 records: network.records.clone(),
                 unrun: network.unrun,
             };
             let mut features = network.features;
             features.push(tunnel::routes(supervisor.clone()));
+            features.push(revoked::routes(Arc::clone(&revoked)));
             features.push(gossip_keys::routes(
                 Arc::clone(&gossip_keys),
                 network.records.clone(),
@@ -301,6 +308,8 @@ struct Trust<'a> {
     gossip_keys: &'a Arc<GossipKeys>,
     /// The node's own client credentials (its certificate).
     credentials: &'a Credentials,
+    /// The certificates it refuses.
+    revoked: &'a Arc<revoked::Revoked>,
 }
 
 /// Starts what this node's role runs beside the supervisor: the mesh and the records (root and
@@ -331,6 +340,7 @@ async fn start_network(
         ca,
         gossip_keys,
         credentials,
+        revoked,
     } = trust;
     let mesh = crate::mesh::Mesh::start(mesh_config(config, &settings, gossip_keys.ring())).await?;
     let client = client_of(node, credentials)?;
@@ -343,6 +353,10 @@ async fn start_network(
     records.track(tokio::spawn(publish_memory(records.clone())));
     if role == NodeRole::Member {
         records.track(tokio::spawn(unpark(records.clone(), supervisor.clone())));
+        records.track(tokio::spawn(pull_revoked(
+            records.clone(),
+            Arc::clone(revoked),
+        )));
     }
     if role != NodeRole::Root {
         if config.ingress.is_some() {
@@ -410,6 +424,8 @@ async fn start_network(
             own: config.name.clone(),
             own_hosts: node_hosts(config),
             gossip_keys: Arc::clone(gossip_keys),
+            revoked: Arc::clone(revoked),
+            issued: crate::root::issued::Issued::open(&config.cluster_dir()),
             tokens: crate::root::tokens::TokenBook::open(config.data_dir.join("join-tokens.json")),
             api_address: node.api_address().unwrap_or_default(),
             gossip_address: Some(records.mesh().gossip_addr().to_string()),
@@ -510,6 +526,30 @@ impl LocalRecords for Supervisor {
                 tracing::warn!(%id, "cannot remove the stale copy: {e}");
             }
         })
+    }
+}
+
+/// Fetches the root's revocation list now and then (the root also sends it when it changes; a
+/// member that was down catches up here).
+async fn pull_revoked(records: Records, revoked: Arc<revoked::Revoked>) {
+    let mut ticker = tokio::time::interval(revoked::PULL_EVERY);
+    loop {
+        ticker.tick().await;
+        let root = records
+            .nodes()
+            .into_iter()
+            .find(|n| n.alive && n.node.p2f_info().and_then(|i| i.role) == Some(NodeRole::Root));
+        let Some(client) = root.and_then(|root| records.client_for(&root.node.name)) else {
+            continue;
+        };
+        match client.revoked().await {
+            Ok(list) => match revoked.replace(list) {
+                Ok(true) => tracing::info!("revocation list updated from the root"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("cannot save the revocation list: {e}"),
+            },
+            Err(e) => tracing::debug!("cannot fetch the revocation list: {e}"),
+        }
     }
 }
 

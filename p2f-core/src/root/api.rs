@@ -9,19 +9,23 @@ use std::sync::Arc;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use p2f_model::{NodeName, Process};
 
+use super::issued::Issued;
 use super::tokens::{TokenBook, TokenBookError};
 use super::{MigrateError, Root, RootError};
 use crate::api_error::{ApiError, forwarded, parse_id};
 use crate::cluster::{ClusterCa, Secret};
+use crate::identity::Role;
 use crate::join::{JoinRequest, JoinResponse, JoinToken};
 use crate::node::gossip_keys::GossipKeys;
+use crate::node::revoked::{Revocation, Revoked};
 use crate::records::Records;
 use crate::wire::{
-    DeploymentRequest, DesiredState, MoveRequest, RotationReport, TokenRequest, TokenResponse,
+    DeploymentRequest, DesiredState, MoveRequest, OperatorRequest, OperatorResponse, RemovalReport,
+    RotationReport, TokenRequest, TokenResponse,
 };
 
 /// The root-only paths.
@@ -30,6 +34,9 @@ const MOVE: &str = "/v1/processes/{id}/move";
 const JOIN: &str = "/v1/join";
 const JOIN_TOKENS: &str = "/v1/join-tokens";
 const ROTATE_KEY: &str = "/v1/cluster/rotate-key";
+const OPERATORS: &str = "/v1/operators";
+const OPERATOR: &str = "/v1/operators/{name}";
+const NODE: &str = "/v1/nodes/{name}";
 
 #[derive(Clone)]
 struct RootApi {
@@ -44,6 +51,9 @@ struct RootApi {
     gossip_keys: Arc<GossipKeys>,
     /// One rotation at a time.
     rotating: Arc<tokio::sync::Mutex<()>>,
+    /// The certificates every node refuses, and those the CA issued.
+    revoked: Arc<Revoked>,
+    issued: Arc<Issued>,
     tokens: Arc<TokenBook>,
     /// The root's API and gossip addresses, as join tokens name them.
     api_address: Arc<str>,
@@ -63,6 +73,10 @@ pub struct RootApiParts {
     pub own_hosts: Vec<String>,
     /// The root's gossip keys (a joining member gets the primary's secret).
     pub gossip_keys: Arc<GossipKeys>,
+    /// The certificates every node refuses.
+    pub revoked: Arc<Revoked>,
+    /// The certificates the CA issued.
+    pub issued: Issued,
     /// The join tokens.
     pub tokens: TokenBook,
     /// The root's API address (`host:port`), for join tokens.
@@ -82,6 +96,8 @@ pub fn routes(root: Root, parts: RootApiParts) -> Router {
         own_hosts: parts.own_hosts.into(),
         gossip_keys: parts.gossip_keys,
         rotating: Arc::default(),
+        revoked: parts.revoked,
+        issued: Arc::new(parts.issued),
         tokens: Arc::new(parts.tokens),
         api_address: parts.api_address.into(),
         gossip_address: parts.gossip_address.map(Into::into),
@@ -92,6 +108,9 @@ pub fn routes(root: Root, parts: RootApiParts) -> Router {
         .route(JOIN, post(join))
         .route(JOIN_TOKENS, post(new_token))
         .route(ROTATE_KEY, post(rotate_key))
+        .route(OPERATORS, post(add_operator))
+        .route(OPERATOR, delete(remove_operator))
+        .route(NODE, delete(remove_node))
         .with_state(api)
 }
 
@@ -109,6 +128,9 @@ pub fn elsewhere() -> Router {
         .route(JOIN, post(not_root))
         .route(JOIN_TOKENS, post(not_root))
         .route(ROTATE_KEY, post(not_root))
+        .route(OPERATORS, post(not_root))
+        .route(OPERATOR, delete(not_root))
+        .route(NODE, delete(not_root))
 }
 
 async fn desired(State(api): State<RootApi>) -> Json<DesiredState> {
@@ -227,9 +249,14 @@ async fn join(
                 ));
             }
         }
-        api.ca
+        let cert_pem = api
+            .ca
             .sign(request.name.as_str(), &request.hosts, &request.csr_pem)
-            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+        api.issued
+            .record(&cert_pem)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(cert_pem)
     };
     let cert_pem = api
         .tokens
@@ -276,6 +303,11 @@ fn is_loopback(host: &str) -> bool {
 /// round stops the rotation, and the new key is removed where it was installed: nothing
 /// changed. Dead nodes are skipped and named (they must join again).
 async fn rotate_key(State(api): State<RootApi>) -> Result<Json<RotationReport>, ApiError> {
+    rotate(&api, None).await.map(Json)
+}
+
+/// [`rotate_key`], leaving node `without` out (it is being removed).
+async fn rotate(api: &RootApi, without: Option<&NodeName>) -> Result<RotationReport, ApiError> {
     let _one_at_a_time = api.rotating.lock().await;
     let mesh = Some(api.records.mesh());
     let old = api
@@ -288,7 +320,10 @@ async fn rotate_key(State(api): State<RootApi>) -> Result<Json<RotationReport>, 
     let nodes = api.records.nodes();
     let mut members = Vec::new();
     let mut skipped = Vec::new();
-    for status in nodes.iter().filter(|n| n.node.name != api.own) {
+    for status in nodes
+        .iter()
+        .filter(|n| n.node.name != api.own && Some(&n.node.name) != without)
+    {
         let name = status.node.name.clone();
         match (status.alive, api.records.client_for(&name)) {
             (true, Some(client)) => members.push((name, client)),
@@ -338,10 +373,107 @@ async fn rotate_key(State(api): State<RootApi>) -> Result<Json<RotationReport>, 
     let mut rotated: Vec<NodeName> = members.into_iter().map(|(name, _)| name).collect();
     rotated.push(api.own.clone());
     tracing::info!(%old, %new, ?skipped, "gossip key rotated");
-    Ok(Json(RotationReport {
+    Ok(RotationReport {
         old,
         new,
         rotated,
         skipped,
-    }))
+    })
+}
+
+async fn add_operator(
+    State(api): State<RootApi>,
+    body: Result<Json<OperatorRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<OperatorResponse>), ApiError> {
+    let Json(request) = body?;
+    let cert_pem = api
+        .ca
+        .sign_as(Role::Operator, request.name.as_str(), &[], &request.csr_pem)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    api.issued
+        .record(&cert_pem)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    tracing::info!(operator = %request.name, "signed an operator's certificate");
+    Ok((
+        StatusCode::CREATED,
+        Json(OperatorResponse {
+            cert_pem,
+            ca_pem: api.ca.cert_pem().to_owned(),
+        }),
+    ))
+}
+
+/// Revokes every certificate issued to `role` `name`, and gives the list to every live node
+/// but `without`; returns the whole list.
+async fn revoke(
+    api: &RootApi,
+    role: Role,
+    name: &str,
+    without: Option<&NodeName>,
+) -> Result<(usize, Vec<Revocation>), ApiError> {
+    let issued = api.issued.of(role, name);
+    if issued.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no {role} {name} was ever admitted by this root"),
+        ));
+    }
+    let now = super::tokens::now_secs();
+    let count = issued.len();
+    let entries = issued
+        .into_iter()
+        .map(|cert| Revocation {
+            serial: cert.serial,
+            role,
+            name: cert.name,
+            at: now,
+        })
+        .collect();
+    let list = api
+        .revoked
+        .add(entries)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    for status in api.records.nodes() {
+        let name = &status.node.name;
+        if !status.alive || *name == api.own || Some(name) == without {
+            continue;
+        }
+        let Some(client) = api.records.client_for(name) else {
+            continue;
+        };
+        // A node that misses it fetches it from the root within a minute.
+        if let Err(e) = client.put_revoked(&list).await {
+            tracing::warn!(node = %name, "cannot give the revocation list: {e}");
+        }
+    }
+    tracing::info!(%role, %name, count, "revoked");
+    Ok((count, list))
+}
+
+async fn remove_operator(
+    State(api): State<RootApi>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<Revocation>>, ApiError> {
+    let (_, list) = revoke(&api, Role::Operator, &name, None).await?;
+    Ok(Json(list))
+}
+
+/// Removes member `name`: its certificates are refused by every node, and the gossip key is
+/// rotated without it, so it is no longer heard; the root then sees it lost and places its
+/// processes elsewhere.
+async fn remove_node(
+    State(api): State<RootApi>,
+    Path(name): Path<String>,
+) -> Result<Json<RemovalReport>, ApiError> {
+    let node =
+        NodeName::new(&name).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if node == api.own {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "the root cannot remove itself",
+        ));
+    }
+    let (revoked, _) = revoke(&api, Role::Member, node.as_str(), Some(&node)).await?;
+    let rotation = rotate(&api, Some(&node)).await?;
+    Ok(Json(RemovalReport { revoked, rotation }))
 }

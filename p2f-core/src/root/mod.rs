@@ -9,6 +9,7 @@
 pub mod api;
 pub mod book;
 mod executor;
+pub mod issued;
 pub mod placement;
 pub mod plan;
 pub mod tokens;

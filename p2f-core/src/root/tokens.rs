@@ -63,7 +63,7 @@ pub struct TokenBook {
     entries: Mutex<Vec<Entry>>,
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
