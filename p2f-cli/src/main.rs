@@ -732,9 +732,12 @@ async fn run_node(config_path: &Path) -> Result<()> {
     p2f_core::node::os::adopt_orphans().context("cannot become a child subreaper")?;
     let agent = Agent::start(config).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let failed = agent.failed();
+    let mut fault = None;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        why = failed => fault = Some(why),
     }
     let running = agent
         .supervisor()
@@ -746,7 +749,10 @@ async fn run_node(config_path: &Path) -> Result<()> {
     tracing::info!(
         "stopped; {running} processes keep running and are re-adopted at the next start"
     );
-    Ok(())
+    match fault {
+        Some(why) => bail!("the agent stopped: {why}"),
+        None => Ok(()),
+    }
 }
 
 fn connect(target: &Target) -> Result<Network> {

@@ -190,3 +190,74 @@ async fn a_removed_node_and_operator_are_refused_everywhere() -> anyhow::Result<
     assert!(!removed.alive, "{nodes:?}");
     Ok(())
 }
+
+/// Gossip alone cannot make a node give up its copy (issue: trust): a rogue holding the gossip
+/// key (a stolen member's) publishes a newer copy of a process under a name of its own; the node
+/// running it asks that node over its API (by name, so only the holder of that name's
+/// certificate could answer), gets no confirmation, and keeps running its copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_digest_does_not_fence_a_running_copy() -> anyhow::Result<()> {
+    use p2f::core::mesh::{Mesh, MeshConfig, ProcessDigest, keys};
+    use p2f::core::wire::{SpinQuery, SpinRequest};
+    use p2f::model::{NodeName, ProcessSpec, Status};
+    let root = root("root-fg").await?;
+    let a = member(&root, "node-a", "127.0.0.2").await?;
+    root.all_alive(&["node-a", "root-fg"]).await?;
+    let request = SpinRequest {
+        spec: ProcessSpec::new("victim", "exec sleep 1000"),
+        id: None,
+        generation: None,
+        moved_from: None,
+        external: None,
+    };
+    let victim = root
+        .network()
+        .at(a.network().address())
+        .spin(&request, SpinQuery { wait: true })
+        .await?;
+    assert_eq!(victim.status, Status::Running);
+    let pid = victim.pid.expect("pid");
+
+    // The rogue: the gossip key from node-a's disk, a name of its own, an API nobody serves.
+    let secret = std::fs::read_to_string(a.config().cluster_dir().join("secret"))?;
+    let secret = p2f::core::cluster::Secret::parse(&secret)?;
+    let mut config = MeshConfig::new(
+        NodeName::from_static("mallory"),
+        "127.0.0.9:0".parse()?,
+        secret,
+    );
+    config.seeds = a.config().mesh.as_ref().expect("a mesh").seeds.clone();
+    let rogue = Mesh::start(config).await?;
+    let mut forged = ProcessDigest::of(&victim);
+    forged.generation += 1;
+    forged.node = NodeName::from_static("mallory");
+    rogue.set(keys::API, "127.0.0.9:9").await?;
+    rogue.set(&forged.key(), &forged.encode()).await?;
+    rogue.set(keys::SEQ, "1").await?;
+    p2f_testkit::eventually("node-a hears mallory", Duration::from_secs(20), || async {
+        let nodes = a.network().nodes().await.ok()?;
+        nodes
+            .iter()
+            .any(|n| n.node.name.as_str() == "mallory" && n.alive)
+            .then_some(())
+    })
+    .await?;
+    // For 5 s (twenty sync rounds) the copy keeps running, untouched.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(a.os_copies(&victim.id), [pid], "the copy on node-a runs on");
+    }
+    let record = a
+        .network()
+        .list_local()
+        .await?
+        .into_iter()
+        .find(|p| p.id == victim.id)
+        .expect("kept");
+    assert_eq!(
+        (record.status, record.generation),
+        (Status::Running, victim.generation)
+    );
+    rogue.stop().await;
+    Ok(())
+}

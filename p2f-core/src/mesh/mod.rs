@@ -484,6 +484,25 @@ impl Mesh {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Resolves when this node's gossip stopped by itself — chitchat's task ended with an
+    /// error or panicked — with why. It never resolves while the gossip runs. (After
+    /// [`Mesh::stop`] it resolves too: whoever waits must stop waiting first.)
+    pub fn stopped(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let watcher = self.handle.termination_watcher();
+        async move {
+            match watcher.await {
+                Ok(()) => "the gossip task ended".to_owned(),
+                Err(e) => format!("the gossip task failed: {e}"),
+            }
+        }
+    }
+
+    /// Kills the gossip task as a fault would (tests of [`Mesh::stopped`]).
+    #[cfg(test)]
+    fn kill_gossip(&self) {
+        self.handle.abort();
+    }
+
     /// Leaves the mesh: stops gossiping and closes the socket before returning. Peers declare
     /// this node dead after the failure detector's timeout.
     pub async fn stop(self) {

@@ -808,3 +808,18 @@ async fn two_keys_during_rotation_keep_everyone_alive() {
         mesh.stop().await;
     }
 }
+
+/// A gossip task that dies is noticed (the agent exits loudly on it instead of serving a frozen
+/// view of the network): `stopped` resolves with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_gossip_task_is_noticed() {
+    let mesh = start("n0", &[]).await;
+    let stopped = mesh.stopped();
+    let pending = tokio::time::timeout(Duration::from_millis(300), mesh.stopped()).await;
+    assert!(pending.is_err(), "a running gossip is not reported stopped");
+    mesh.kill_gossip();
+    let why = tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("noticed within 5 s");
+    assert!(why.contains("gossip task"), "{why}");
+}

@@ -105,6 +105,8 @@ pub struct Agent {
     records: Option<Records>,
     root: Option<Root>,
     ingress: Option<Ingress>,
+    /// Why the agent cannot go on (its gossip died), once that happens.
+    failed: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// This node's role: the holder of the CA key is the root (with a mesh on loopback if its
@@ -190,6 +192,7 @@ impl Agent {
             deploy,
             recovery,
         )?;
+        let (failed_tx, failed) = tokio::sync::watch::channel(None);
         // From here on processes may run: if anything else fails, let go of them (they are
         // re-adopted by the next start) before saying so.
         let rest = async {
@@ -200,6 +203,9 @@ impl Agent {
                 revoked: &revoked,
             };
             let network = start_network(&config, role, trust, &node, &supervisor, store).await?;
+            if let Some(records) = &network.records {
+                records.track(tokio::spawn(watch_gossip(records.clone(), failed_tx)));
+            }
             let parts = api::ApiParts {
                 supervisor: supervisor.clone(),
                 revoked: Arc::clone(&revoked),
@@ -246,7 +252,25 @@ impl Agent {
             records,
             root,
             ingress,
+            failed,
         })
+    }
+
+    /// Resolves when the agent cannot go on — its gossip task died, so its view of the network
+    /// would freeze — with why; the caller should shut it down and exit with an error (a
+    /// service manager starts it again). Never resolves otherwise.
+    pub fn failed(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut failed = self.failed.clone();
+        async move {
+            let why = match failed.wait_for(Option::is_some).await {
+                Ok(why) => why.clone(),
+                Err(_) => None,
+            };
+            match why {
+                Some(why) => why,
+                None => std::future::pending().await,
+            }
+        }
     }
 
     /// This node's role.
@@ -529,6 +553,17 @@ impl LocalRecords for Supervisor {
     }
 }
 
+/// Waits for the gossip to stop by itself and says so loudly ([`Agent::failed`]).
+async fn watch_gossip(records: Records, failed: tokio::sync::watch::Sender<Option<String>>) {
+    let why = records.mesh().stopped().await;
+    tracing::error!(
+        "{why}: this node no longer hears the network; the agent stops so that it is started again"
+    );
+    let _ = failed.send(Some(why));
+    // Keep the sender: the receivers see the reason, not a closed channel.
+    std::future::pending::<()>().await;
+}
+
 /// Fetches the root's revocation list now and then (the root also sends it when it changes; a
 /// member that was down catches up here).
 async fn pull_revoked(records: Records, revoked: Arc<revoked::Revoked>) {
@@ -573,11 +608,22 @@ async fn unpark(records: Records, supervisor: Supervisor) {
         ),
     }
     tracing::debug!(waited = ?started.elapsed(), ?outcome, "unparking");
-    supervisor.unpark(|process| {
-        records.newer_elsewhere(process).map(|(node, generation)| {
-            format!("the network has generation {generation} (on {node})")
-        })
-    });
+    // A parked copy is dropped only when the node said to run a newer one shows it over its
+    // API; the gossip alone (anyone with the gossip key) cannot make a node give one up. An
+    // unconfirmed copy starts, and is fenced later if the newer one shows up.
+    let mut replaced = std::collections::HashMap::new();
+    for process in supervisor.list() {
+        if process.status != p2f_model::Status::Parked {
+            continue;
+        }
+        if let Some((node, generation)) = records.newer_elsewhere(&process)
+            && records.confirmed_elsewhere(&process, &node).await
+        {
+            let why = format!("the network has generation {generation} (on {node})");
+            replaced.insert(process.id.clone(), why);
+        }
+    }
+    supervisor.unpark(|process| replaced.get(&process.id).cloned());
 }
 
 /// The names and addresses this node's certificate carries.

@@ -296,6 +296,13 @@ impl Records {
         )
     }
 
+    /// Whether node `node` itself, asked over its API by name, shows a copy of `local`'s
+    /// process that wins over `local` (what the gossip alone cannot prove).
+    pub async fn confirmed_elsewhere(&self, local: &Process, node: &NodeName) -> bool {
+        let api = lock(&self.inner.state).api_of(node).cloned();
+        sync::confirmed(&self.inner, local, node, api.as_deref()).await
+    }
+
     /// Waits until this node holds what every live node publishes, or `limit` passes. A node
     /// caught up with another once it has that node's `seq` marker: each node
     /// sets it after its digests, and chitchat delivers a node's key-values in the order they

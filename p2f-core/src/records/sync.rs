@@ -150,7 +150,7 @@ struct Stale {
 
 /// Whether node `node` itself (over its API, by name) shows a copy of `local`'s process that
 /// wins over it.
-async fn confirmed(
+pub(super) async fn confirmed(
     inner: &Inner,
     local: &p2f_model::Process,
     node: &NodeName,
