@@ -1246,3 +1246,64 @@ async fn idle_connections_from_one_address_do_not_lock_out_another() -> anyhow::
     assert!(agent.network().node().await.is_ok());
     Ok(())
 }
+
+/// The service's user deleted while it runs (issue: trust): its identity was resolved once at
+/// launch and recorded, so its stop command still runs as that uid — never as root — and the
+/// kill ends `Stopped`. Needs root (to add and delete the user; CI runs as root).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_service_user_never_turns_into_root() -> anyhow::Result<()> {
+    require("useradd", "passwd")?;
+    let is_root = std::fs::read_to_string("/proc/self/status")?
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    anyhow::ensure!(is_root, "this test adds and deletes a user: run it as root");
+    let user = format!("p2fgone{}", std::process::id() % 100_000);
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("userdel").arg(&self.0).status();
+        }
+    }
+    let _cleanup = Cleanup(user.clone());
+    let status = std::process::Command::new("useradd")
+        .args(["-M", "-N", "-s", "/bin/sh", &user])
+        .status()?;
+    anyhow::ensure!(status.success(), "useradd {user}: {status}");
+    let id = std::process::Command::new("id")
+        .args(["-u", &user])
+        .output()?;
+    let uid = String::from_utf8_lossy(&id.stdout).trim().to_owned();
+    anyhow::ensure!(!uid.is_empty(), "id -u {user}");
+
+    let agent = root("forgetful").await?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(agent.dir(), std::fs::Permissions::from_mode(0o755))?;
+    // Where the stop command writes who it ran as: anyone may write there.
+    let out = tempfile::tempdir()?;
+    std::fs::set_permissions(out.path(), std::fs::Permissions::from_mode(0o1777))?;
+    let whoami = out.path().join("stop-uid");
+    let spec = ProcessSpec::new("media", "exec sleep 1000")
+        .with_user(&user)
+        .with_stop(format!("id -u > {}; kill $PID", whoami.display()))
+        .with_restart(RestartPolicy::Never);
+    let net = agent.network();
+    let p = net
+        .spin(&spin_request(spec), SpinQuery { wait: true })
+        .await?;
+    assert_eq!(p.status, Status::Running);
+    // `-f`: the user has a process running (that is the point).
+    let status = std::process::Command::new("userdel")
+        .args(["-f", &user])
+        .status()?;
+    anyhow::ensure!(status.success(), "userdel -f {user}: {status}");
+    let stopped = net.kill_process(&p).await?;
+    assert_eq!(stopped.status, Status::Stopped, "{stopped:#?}");
+    let ran_as = std::fs::read_to_string(&whoami)?;
+    assert_eq!(
+        ran_as.trim(),
+        uid,
+        "the stop command ran as the recorded uid"
+    );
+    assert!(agent.os_copies(&p.id).is_empty());
+    Ok(())
+}

@@ -195,3 +195,97 @@ fn find_orphan(process: &Process) -> Option<Local> {
         relay_ticks: os::start_ticks(relay).unwrap_or(0),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use p2f_model::{NodeName, NodeRef, ProcessId, ProcessSpec, Timestamp};
+
+    use super::*;
+
+    /// A process-group leader carrying the variables of placement `id` generation 1, run as
+    /// `uid` (through `setpriv`, when not the agent's own); killed when dropped.
+    struct Candidate(std::process::Child);
+
+    impl Candidate {
+        fn start(id: &ProcessId, uid: Option<u32>) -> Candidate {
+            let mut command = match uid {
+                Some(uid) => {
+                    let mut command = Command::new("setpriv");
+                    command.args([
+                        format!("--reuid={uid}"),
+                        format!("--regid={uid}"),
+                        "--clear-groups".to_owned(),
+                        "--".to_owned(),
+                        "sleep".to_owned(),
+                    ]);
+                    command
+                }
+                None => Command::new("sleep"),
+            };
+            command
+                .arg("100")
+                .env("P2F_PROCESS_ID", id.as_str())
+                .env("P2F_GENERATION", "1")
+                .stdin(Stdio::null())
+                .process_group(0);
+            use std::os::unix::process::CommandExt as _;
+            Candidate(command.spawn().expect("start the candidate"))
+        }
+    }
+
+    impl Drop for Candidate {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// An orphan is adopted only when it runs as the uid its record expects: an impostor with
+    /// the right variables (any local user can set them) is not (issue: trust, item 6).
+    #[test]
+    fn an_impostor_with_the_right_environment_is_not_adopted() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test runs an impostor as another user: run it as root (CI does)"
+        );
+        let node = NodeRef {
+            name: NodeName::from_static("n1"),
+            address: "127.0.0.1".into(),
+        };
+        let id = ProcessId::for_service("vault", std::process::id().into());
+        let process = Process::placed(
+            id.clone(),
+            1,
+            ProcessSpec::new("vault", "exec sleep 100"),
+            node,
+            Timestamp(1),
+        );
+        let impostor = Candidate::start(&id, Some(65534));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // The impostor is visible (its environment readable) before it is judged.
+        while os::find_by_env(id.as_str(), 1).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            !os::find_by_env(id.as_str(), 1).is_empty(),
+            "the impostor runs"
+        );
+        assert!(find_orphan(&process).is_none(), "an impostor was adopted");
+        drop(impostor);
+        let real = Candidate::start(&id, None);
+        let pid = real.0.id();
+        let mut found = None;
+        while found.is_none() && Instant::now() < deadline + Duration::from_secs(5) {
+            found = find_orphan(&process);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            found.map(|local| local.pgid),
+            Some(pid),
+            "the real one is adopted"
+        );
+    }
+}
