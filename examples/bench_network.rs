@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures_util::StreamExt;
 use p2f::core::Network;
-use p2f::core::cluster::{ClusterFiles, Secret};
+use p2f::core::cluster::Secret;
 use p2f::core::mesh::{DEFAULT_GOSSIP_INTERVAL, Mesh, MeshConfig, ProcessDigest};
 use p2f::core::wire::{SpinQuery, SpinRequest};
 use p2f::model::{
@@ -944,21 +944,21 @@ struct RawGet {
     bytes: usize,
 }
 
-/// A plain HTTPS client with the cluster's trust, to time a call's parts.
+/// A plain HTTPS client with the cluster's trust and the agent's operator certificate, to time
+/// a call's parts.
 struct Raw {
     http: reqwest::Client,
-    secret: Secret,
 }
 
 impl Raw {
     fn new(agent: &Agent) -> Result<Raw> {
-        let (ca, secret) = ClusterFiles::new(agent.config().cluster_dir()).load()?;
+        let credentials = agent.credentials()?;
         let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(p2f::core::cluster::client_config(ca.cert_pem())?)
+            .tls_backend_preconfigured(p2f::core::cluster::client_config_for(&credentials)?)
             .no_proxy()
             .tcp_nodelay(true)
             .build()?;
-        Ok(Raw { http, secret })
+        Ok(Raw { http })
     }
 
     async fn get(&self, address: &str, path: &str) -> Result<(RawGet, Vec<u8>)> {
@@ -967,7 +967,6 @@ impl Raw {
             let response = self
                 .http
                 .get(format!("https://{address}{path}"))
-                .bearer_auth(self.secret.expose())
                 .send()
                 .await?;
             let headers = started.elapsed();
