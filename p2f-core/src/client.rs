@@ -272,15 +272,15 @@ impl Network {
     }
 
     /// The certificates this node refuses (`GET /v1/revoked`).
-    pub async fn revoked(&self) -> Result<Vec<crate::node::revoked::Revocation>, ClientError> {
+    pub async fn revoked(&self) -> Result<Vec<crate::wire::Revocation>, ClientError> {
         self.call(Method::GET, "/v1/revoked", None::<&()>).await
     }
 
     /// Replaces the certificates this node refuses (`PUT /v1/revoked`; the root and operators).
     pub async fn put_revoked(
         &self,
-        list: &[crate::node::revoked::Revocation],
-    ) -> Result<Vec<crate::node::revoked::Revocation>, ClientError> {
+        list: &[crate::wire::Revocation],
+    ) -> Result<Vec<crate::wire::Revocation>, ClientError> {
         self.call(Method::PUT, "/v1/revoked", Some(list)).await
     }
 
@@ -298,7 +298,7 @@ impl Network {
     pub async fn remove_operator(
         &self,
         name: &str,
-    ) -> Result<Vec<crate::node::revoked::Revocation>, ClientError> {
+    ) -> Result<Vec<crate::wire::Revocation>, ClientError> {
         let path = format!("/v1/operators/{name}");
         self.call(Method::DELETE, &path, None::<&()>).await
     }

@@ -14,6 +14,7 @@ pub mod records;
 pub mod root;
 pub mod server;
 pub mod store;
+pub mod trust;
 pub mod wire;
 
 pub use client::{ClientError, Network};

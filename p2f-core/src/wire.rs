@@ -371,3 +371,17 @@ pub struct RemovalReport {
     /// The gossip key rotation that shut it out of the gossip.
     pub rotation: RotationReport,
 }
+
+/// One revoked certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revocation {
+    /// The certificate's serial number, lowercase hex.
+    pub serial: String,
+    /// Whose it was.
+    pub role: crate::identity::Role,
+    /// The node's or operator's name.
+    pub name: String,
+    /// When it was revoked, in seconds since the Unix epoch.
+    pub at: u64,
+}

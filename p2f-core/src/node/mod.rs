@@ -7,13 +7,11 @@
 pub mod api;
 pub mod config;
 pub mod contain;
-pub mod gossip_keys;
 pub mod health;
 pub mod lifecycle;
 pub mod logs;
 pub mod os;
 pub mod relay;
-pub mod revoked;
 pub mod strategy;
 pub mod supervisor;
 pub mod tunnel;
@@ -42,7 +40,8 @@ use crate::root::Root;
 use crate::root::unplaced::Unplaced;
 use crate::server::{Accept, PlainHttp};
 use crate::store::{Store, StoreError};
-use gossip_keys::GossipKeys;
+use crate::trust::gossip_keys::{self, GossipKeys};
+use crate::trust::revoked;
 use strategy::DeployOptions;
 
 /// Why the agent could not start.

@@ -20,9 +20,9 @@ use crate::api_error::{ApiError, forwarded, parse_id};
 use crate::cluster::{ClusterCa, Secret};
 use crate::identity::Role;
 use crate::join::{JoinRequest, JoinResponse, JoinToken};
-use crate::node::gossip_keys::GossipKeys;
-use crate::node::revoked::{Revocation, Revoked};
 use crate::records::Records;
+use crate::trust::gossip_keys::GossipKeys;
+use crate::trust::revoked::{Revocation, Revoked};
 use crate::wire::{
     DeploymentRequest, DesiredState, MoveRequest, OperatorRequest, OperatorResponse, RemovalReport,
     RotationReport, TokenRequest, TokenResponse,

@@ -14,27 +14,16 @@ use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
 
 use crate::api_error::ApiError;
-use crate::identity::{Caller, Role};
+use crate::identity::Caller;
+#[cfg(test)]
+use crate::identity::Role;
 
 /// How often a member fetches the list from the root.
 pub const PULL_EVERY: Duration = Duration::from_secs(30);
 
-/// One revoked certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Revocation {
-    /// The certificate's serial number, lowercase hex.
-    pub serial: String,
-    /// Whose it was.
-    pub role: Role,
-    /// The node's or operator's name.
-    pub name: String,
-    /// When it was revoked, in seconds since the Unix epoch.
-    pub at: u64,
-}
+pub use crate::wire::Revocation;
 
 /// The revoked certificates a node refuses (see the module's documentation).
 #[derive(Debug)]
