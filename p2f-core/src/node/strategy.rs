@@ -92,6 +92,12 @@ pub fn already_deployed(root: &Path, process: &Process) -> Option<Prepared> {
     })
 }
 
+/// Forgets that this placement's deploy step was done (its marker), so the next launch deploys
+/// again: after a hand-over that failed, the directory is not the user's and must be made anew.
+pub fn forget_deployed(root: &Path, process: &Process) {
+    let _ = std::fs::remove_file(marker(root, process));
+}
+
 /// Unpacks the bundle and runs the strategy's deploy step, writing its output to `log`.
 pub async fn deploy(
     root: &Path,

@@ -334,11 +334,14 @@ impl Task {
         if let Some(who) = who {
             // The process owns its bundle directory (as with systemd's StateDirectory=),
             // given once, before anything of that user ran in it.
-            who.chown_tree(&prepared.bundle_dir)
-                .map_err(|e| Failure::DeployFailed {
+            if let Err(e) = who.chown_tree(&prepared.bundle_dir) {
+                // Deployed anew next time: a half-given directory is never started in.
+                strategy::forget_deployed(&self.inner.bundles, &self.entry.process);
+                return Err(Failure::DeployFailed {
                     exit: None,
                     stderr_tail: format!("cannot give the bundle directory to its user: {e}"),
-                })?;
+                });
+            }
         }
         lifecycle::on_deployed(&mut self.entry.process, now());
         Ok(Some(prepared))
