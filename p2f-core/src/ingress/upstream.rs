@@ -244,8 +244,11 @@ const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct LocalProcesses {
     node: NodeName,
     host: String,
-    find: Arc<dyn Fn(&ProcessId) -> Option<Process> + Send + Sync>,
+    find: Arc<FindProcess>,
 }
+
+/// How [`LocalProcesses`] looks a process up: its supervisor's record of the id, now.
+type FindProcess = dyn Fn(&ProcessId) -> Option<Process> + Send + Sync;
 
 impl std::fmt::Debug for LocalProcesses {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
