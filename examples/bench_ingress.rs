@@ -5,9 +5,12 @@
 //!   from `bench_ingress backend PORT`, a one-thread hyper server on 127.0.0.1 that the root
 //!   supervises) through the root's ingress, Debian's nginx and Debian's Caddy, each proxying
 //!   that same backend, measured with Debian's `wrk` at the same connection count, plain HTTP
-//!   and HTTPS, the three back to back. The ingress reaches the backend the real way: through
-//!   the agent's tunnel (TLS to the node's own API, `Upgrade: p2f-tunnel`, spliced to the port);
-//!   nginx and Caddy connect to the port directly.
+//!   and HTTPS, back to back. The ingress reaches the backend, a process of the root itself,
+//!   directly on loopback (after checking it with the root's supervisor), as nginx and Caddy
+//!   do; with `--tunnel on` (the default) a second root, started with `P2F_INGRESS_DIRECT=0`
+//!   and a backend of its own, is measured too: its ingress goes through its agent's tunnel
+//!   (TLS to the node's own API, `Upgrade: p2f-tunnel`, spliced to the port), the path every
+//!   process took before the direct one and the one a process on another node takes.
 //! - **failover**: a client asks the domain (HTTPS) every 50 ms, each request on its own, while
 //!   the member running the service is SIGKILLed (agent and processes); errors, and the time
 //!   from the new copy's `Healthy` event to the first answer from the new node.
@@ -20,7 +23,7 @@
 //! ```text
 //! cargo run --release --example bench_ingress -- --p2f target/release/p2f \
 //!     [--data-root /var/tmp] [--conns 64] [--threads 2] [--secs 10] [--rounds 2] \
-//!     [--trials 3] [--idle-conns 1000] [--only throughput,failover,idle]
+//!     [--trials 3] [--idle-conns 1000] [--tunnel on] [--only throughput,failover,idle]
 //! ```
 //!
 //! Everything the run starts is on loopback and carries `P2F_TESTKIT_RUN=<a dir under its
@@ -78,6 +81,10 @@ struct Options {
     rounds: usize,
     trials: usize,
     idle_conns: usize,
+    /// Whether the throughput part also measures a root whose ingress reaches its own
+    /// processes through its agent's tunnel (`P2F_INGRESS_DIRECT=0`, the path before the
+    /// direct one).
+    tunnel: bool,
     only: Vec<String>,
 }
 
@@ -92,6 +99,7 @@ impl Options {
             rounds: 2,
             trials: 3,
             idle_conns: 1000,
+            tunnel: true,
             only: vec!["throughput".into(), "failover".into(), "idle".into()],
         };
         while let Some(flag) = args.next() {
@@ -110,6 +118,13 @@ impl Options {
                 "--rounds" => options.rounds = number()?,
                 "--trials" => options.trials = number()?,
                 "--idle-conns" => options.idle_conns = number()?,
+                "--tunnel" => {
+                    options.tunnel = match value.as_str() {
+                        "on" | "yes" | "1" | "true" => true,
+                        "off" | "no" | "0" | "false" => false,
+                        other => bail!("--tunnel on|off, not {other}"),
+                    }
+                }
                 "--only" => options.only = value.split(',').map(str::to_owned).collect(),
                 other => bail!("unknown option {other}"),
             }
@@ -220,8 +235,14 @@ async fn run(options: Options) -> Result<()> {
 
 /// A root agent (defaults a user gets; plain HTTP served, not redirected) in `dir/name`.
 async fn root(options: &Options, dir: &Path, name: &str) -> Result<Agent> {
+    root_with(&options.p2f, dir, name).await
+}
+
+/// A root agent as [`root`], run by `p2f` (the binary, or a wrapper that sets its
+/// environment).
+async fn root_with(p2f: &Path, dir: &Path, name: &str) -> Result<Agent> {
     Agent::builder("root")
-        .p2f(&options.p2f)
+        .p2f(p2f)
         .dir(dir.join(name))
         .configure(|config| {
             if let Some(ingress) = &mut config.ingress {
@@ -489,12 +510,15 @@ fn parse_wrk(text: &str) -> Result<Wrk> {
     Ok(wrk)
 }
 
-/// One proxy under test: its URL base and the process groups whose CPU is its own.
+/// One proxy under test: its URL base, the process groups whose CPU is its own, and its
+/// backend's; a TLS client trusting its certificate (for the checks; wrk verifies nothing).
 struct Proxy {
     name: &'static str,
     http: SocketAddr,
     https: SocketAddr,
     cpu: Cpu,
+    backend: Cpu,
+    verify: tokio_rustls::TlsConnector,
 }
 
 /// Runs wrk against `url` for `secs` (after a 2 s warm-up), with the CPU of `proxy` and
@@ -586,6 +610,61 @@ fn caddyfile(dir: &Path, backend: u16, http: u16, https: u16) -> String {
     )
 }
 
+/// A script in `dir` that runs `p2f` with `P2F_INGRESS_DIRECT=0`: its ingress reaches the
+/// root's own processes through the agent's tunnel, as before the direct path.
+fn through_agent_wrapper(p2f: &Path, dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p2f = std::fs::canonicalize(p2f)?;
+    let path = dir.join("p2f-through-agent");
+    let quoted = p2f.display().to_string().replace('\'', "'\\''");
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\nP2F_INGRESS_DIRECT=0 exec '{quoted}' \"$@\"\n"),
+    )?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
+}
+
+/// A root serving the throughput backend: the agent, the backend's port and process group,
+/// the ingress's HTTP and HTTPS addresses. `expect` is how its route must say the backend is
+/// reached (`local →` or `agent root →`).
+struct BenchRoot {
+    agent: Agent,
+    backend_port: u16,
+    backend_pgid: u32,
+    http: SocketAddr,
+    https: SocketAddr,
+}
+
+async fn bench_root(p2f: &Path, dir: &Path, name: &str, expect: &str) -> Result<BenchRoot> {
+    let agent = root_with(p2f, dir, name).await?;
+    let spec = backend_spec("bench", DOMAIN, &["root"])?;
+    let backend_port = spec.port().context("port")?;
+    let desired = call("deploy", agent.network().deploy(&[spec])).await?;
+    let id = desired.services[0].id.clone();
+    let (route, http, https) = route_when(&agent, DOMAIN, |r| r.upstream.is_some()).await?;
+    let upstream = route.upstream.unwrap_or_default();
+    println!("{name}: {DOMAIN} → {upstream}");
+    ensure!(
+        upstream.starts_with(expect),
+        "{name}: the route says {upstream:?}, expected {expect}…"
+    );
+    let backend_pid = *agent.os_copies(&id).first().context("the backend's pid")?;
+    let backend_pgid = procs::pgid_of(backend_pid).context("the backend's group")?;
+    let root_pid = agent.pid().context("root pid")?;
+    ensure!(
+        procs::pgid_of(root_pid) != Some(backend_pgid),
+        "the backend must not share the agent's process group"
+    );
+    Ok(BenchRoot {
+        agent,
+        backend_port,
+        backend_pgid,
+        http,
+        https,
+    })
+}
+
 /// A free port on 127.0.0.1 (bound and released: the proxies bind it right after).
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -594,16 +673,16 @@ fn free_port() -> Result<u16> {
 }
 
 async fn throughput(options: &Options, dir: &Path, report: &mut Report) -> Result<()> {
-    println!("throughput: starting the root, the backend, nginx and Caddy");
-    let root = root(options, dir, "tp-root").await?;
-    let spec = backend_spec("bench", DOMAIN, &["root"])?;
-    let backend_port = spec.port().context("port")?;
-    let desired = call("deploy", root.network().deploy(&[spec])).await?;
-    let id = desired.services[0].id.clone();
-    let (_, ingress_http, ingress_https) =
-        route_when(&root, DOMAIN, |r| r.upstream.is_some()).await?;
-    let backend_pid = *root.os_copies(&id).first().context("the backend's pid")?;
-    let backend_pgid = procs::pgid_of(backend_pid).context("the backend's group")?;
+    println!("throughput: starting the root(s), the backend(s), nginx and Caddy");
+    let direct = bench_root(&options.p2f, dir, "tp-root", "local →").await?;
+    let tunnel = match options.tunnel {
+        true => {
+            let wrapper = through_agent_wrapper(&options.p2f, dir)?;
+            Some(bench_root(&wrapper, dir, "tp-root-tunnel", "agent root →").await?)
+        }
+        false => None,
+    };
+    let (root, backend_port) = (&direct.agent, direct.backend_port);
 
     // nginx and Caddy get a certificate for the same name from the same CA (P-256, leaf only,
     // as the ingress presents).
@@ -642,39 +721,51 @@ async fn throughput(options: &Options, dir: &Path, report: &mut Report) -> Resul
             .env("XDG_CONFIG_HOME", dir.join("caddy-config")),
     )?;
     let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
-    let root_pid = root.pid().context("root pid")?;
-    let proxies = [
-        Proxy {
-            name: "P2F ingress",
-            http: ingress_http,
-            https: ingress_https,
-            cpu: Cpu::Pid(root_pid),
-        },
-        Proxy {
-            name: "nginx",
-            http: loopback(nginx_http),
-            https: loopback(nginx_https),
-            cpu: Cpu::Group(nginx.pgid()),
-        },
-        Proxy {
-            name: "Caddy",
-            http: loopback(caddy_http),
-            https: loopback(caddy_https),
-            cpu: Cpu::Group(caddy.pgid()),
-        },
-    ];
-    ensure!(
-        procs::pgid_of(root_pid) != Some(backend_pgid),
-        "the backend must not share the agent's process group"
-    );
+    // Each root has a cluster CA of its own; nginx and Caddy have a certificate from the first.
+    let verifier = |root: &Agent| -> Result<tokio_rustls::TlsConnector> {
+        let (ca, _) = root.cluster().load()?;
+        let config = client_config(ca.cert_pem())?;
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    };
+    let ingress = |name, root: &BenchRoot| -> Result<Proxy> {
+        Ok(Proxy {
+            name,
+            http: root.http,
+            https: root.https,
+            cpu: Cpu::Pid(root.agent.pid().context("root pid")?),
+            backend: Cpu::Group(root.backend_pgid),
+            verify: verifier(&root.agent)?,
+        })
+    };
+    let backend = Cpu::Group(direct.backend_pgid);
+    let mut proxies = vec![ingress("P2F ingress", &direct)?];
+    if let Some(tunnel) = &tunnel {
+        proxies.push(ingress("ingress/tunnel", tunnel)?);
+    }
+    proxies.push(Proxy {
+        name: "nginx",
+        http: loopback(nginx_http),
+        https: loopback(nginx_https),
+        cpu: Cpu::Group(nginx.pgid()),
+        backend,
+        verify: verifier(root)?,
+    });
+    proxies.push(Proxy {
+        name: "Caddy",
+        http: loopback(caddy_http),
+        https: loopback(caddy_https),
+        cpu: Cpu::Group(caddy.pgid()),
+        backend,
+        verify: verifier(root)?,
+    });
+    let nginx_at = proxies.len() - 2;
 
     // Each answers the backend's words over both protocols (nginx and Caddy may take a moment).
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca.cert_pem())?));
     let body = "hello from root\n";
     for proxy in &proxies {
         eventually(&format!("{} answers", proxy.name), ROUTE_LIMIT, || async {
             check(proxy.name, proxy.http, None, body).await.ok()?;
-            check(proxy.name, proxy.https, Some(&connector), body)
+            check(proxy.name, proxy.https, Some(&proxy.verify), body)
                 .await
                 .ok()
         })
@@ -693,7 +784,7 @@ async fn throughput(options: &Options, dir: &Path, report: &mut Report) -> Resul
                 let addr = if p == 0 { proxy.http } else { proxy.https };
                 let url = format!("{scheme}://{DOMAIN}:{}/", addr.port());
                 let load_before = load_average();
-                let figures = wrk(options, dir, &url, proxy.cpu, Cpu::Group(backend_pgid)).await?;
+                let figures = wrk(options, dir, &url, proxy.cpu, proxy.backend).await?;
                 println!(
                     "round {round} {scheme:5} {:12} {:>9.0} req/s  p50 {:>6} ms  p99 {:>6} ms  errors {}  CPU/1k req: proxy {:.0} ms, backend {:.0} ms  (load {load_before} -> {})",
                     proxy.name,
@@ -716,68 +807,85 @@ async fn throughput(options: &Options, dir: &Path, report: &mut Report) -> Resul
         }
     }
 
+    let show = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{r:.2}×"))
+            .collect::<Vec<_>>()
+            .join(" · ")
+    };
     for (p, scheme) in ["HTTP", "HTTPS"].into_iter().enumerate() {
         let rounds = |i: usize, f: &dyn Fn(&Wrk) -> String| {
             results[p][i].iter().map(f).collect::<Vec<_>>().join(" · ")
+        };
+        let baselines = |f: &dyn Fn(&Wrk) -> String| {
+            format!(
+                "nginx {} · Caddy {}",
+                rounds(nginx_at, f),
+                rounds(nginx_at + 1, f)
+            )
         };
         let rps = |w: &Wrk| format!("{:.0}", w.rps);
         let lat = |w: &Wrk| format!("{} / {}", ms(w.p50), ms(w.p99));
         let cpu = |w: &Wrk| format!("{:.0} (+{:.0})", w.proxy_cpu, w.backend_cpu);
         let c = options.conns;
-        report.row(
-            &format!("{scheme}, c={c}: requests/s, per round"),
-            rounds(0, &rps),
-            format!("nginx {} · Caddy {}", rounds(1, &rps), rounds(2, &rps)),
-            "≥ 1.0× nginx",
-            "",
-        );
-        report.row(
-            &format!("{scheme}: p50 / p99 latency, ms"),
-            rounds(0, &lat),
-            format!("nginx {} · Caddy {}", rounds(1, &lat), rounds(2, &lat)),
-            "p99 ≤ 1.2× nginx",
-            "",
-        );
-        report.row(
-            &format!("{scheme}: CPU ms per 1 000 requests, proxy (+backend)"),
-            rounds(0, &cpu),
-            format!("nginx {} · Caddy {}", rounds(1, &cpu), rounds(2, &cpu)),
-            "",
-            "",
-        );
-        let ratios = |f: &dyn Fn(&Wrk) -> f64| {
-            results[p][0]
-                .iter()
-                .zip(&results[p][1])
-                .map(|(ours, nginx)| f(ours) / f(nginx))
-                .collect::<Vec<f64>>()
-        };
-        let rps_ratio = ratios(&|w| w.rps);
-        let p99_ratio = ratios(&|w| w.p99.as_secs_f64());
-        let show = |v: &[f64]| {
-            v.iter()
-                .map(|r| format!("{r:.2}×"))
-                .collect::<Vec<_>>()
-                .join(" · ")
-        };
-        report.row(
-            &format!("{scheme}: ingress / nginx, requests/s"),
-            show(&rps_ratio),
-            "",
-            "≥ 1.0×",
-            verdict(rps_ratio.iter().all(|r| *r >= 1.0)),
-        );
-        report.row(
-            &format!("{scheme}: ingress / nginx, p99"),
-            show(&p99_ratio),
-            "",
-            "≤ 1.2×",
-            verdict(p99_ratio.iter().all(|r| *r <= 1.2)),
-        );
+        // The ingress's rows (direct, then through the tunnel), each against nginx and Caddy.
+        for (i, proxy) in proxies[..nginx_at].iter().enumerate() {
+            let name = proxy.name;
+            report.row(
+                &format!("{scheme}, c={c}: {name}, requests/s, per round"),
+                rounds(i, &rps),
+                baselines(&rps),
+                "≥ 1.0× nginx",
+                "",
+            );
+            report.row(
+                &format!("{scheme}: {name}, p50 / p99 latency, ms"),
+                rounds(i, &lat),
+                baselines(&lat),
+                "p99 ≤ 1.2× nginx",
+                "",
+            );
+            report.row(
+                &format!("{scheme}: {name}, CPU ms per 1 000 requests, proxy (+backend)"),
+                rounds(i, &cpu),
+                baselines(&cpu),
+                "",
+                "",
+            );
+            let ratios = |f: &dyn Fn(&Wrk) -> f64| {
+                results[p][i]
+                    .iter()
+                    .zip(&results[p][nginx_at])
+                    .map(|(ours, nginx)| f(ours) / f(nginx))
+                    .collect::<Vec<f64>>()
+            };
+            let rps_ratio = ratios(&|w| w.rps);
+            let p99_ratio = ratios(&|w| w.p99.as_secs_f64());
+            report.row(
+                &format!("{scheme}: {name} / nginx, requests/s"),
+                show(&rps_ratio),
+                "",
+                "≥ 1.0×",
+                verdict(rps_ratio.iter().all(|r| *r >= 1.0)),
+            );
+            report.row(
+                &format!("{scheme}: {name} / nginx, p99"),
+                show(&p99_ratio),
+                "",
+                "≤ 1.2×",
+                verdict(p99_ratio.iter().all(|r| *r <= 1.2)),
+            );
+        }
     }
     report.notes.push(format!(
-        "throughput: one backend (`bench_ingress backend`, 1 thread) on 127.0.0.1:{backend_port}, supervised by the root; the ingress reaches it through the root agent's own tunnel (TLS to its API + Upgrade, spliced), nginx (2 workers, upstream keepalive 128, access_log off) and Caddy (reverse_proxy, default pool) connect to it directly"
+        "throughput: one backend (`bench_ingress backend`, 1 thread) on 127.0.0.1:{backend_port}, supervised by the root; the ingress (\"P2F ingress\") reaches it directly on loopback after checking it with the root's supervisor; nginx (2 workers, upstream keepalive 128, access_log off) and Caddy (reverse_proxy, default pool) connect to it directly"
     ));
+    if let Some(tunnel) = &tunnel {
+        report.notes.push(format!(
+            "throughput: \"ingress/tunnel\" is a second root started with P2F_INGRESS_DIRECT=0, whose ingress reaches its own backend (the same program, on 127.0.0.1:{}) through its agent's tunnel (TLS to its API + Upgrade, spliced), as before the direct path",
+            tunnel.backend_port
+        ));
+    }
     drop((nginx, caddy));
     Ok(())
 }

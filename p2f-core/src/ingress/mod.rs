@@ -10,7 +10,9 @@
 //! - [`acme`] — certificates for public names from an ACME CA, ordered and renewed in the
 //!   background, stored in the root's data directory; HTTP-01 and TLS-ALPN-01.
 //! - [`upstream`] — the [`upstream::Upstream`] seam: a byte stream to a process, through its
-//!   node's agent ([`upstream::ThroughAgent`]); a relay for NAT'd nodes goes behind it too.
+//!   node's agent ([`upstream::ThroughAgent`]), or directly for a process on the root itself
+//!   ([`upstream::Local`], checked against the root's supervisor); a relay for NAT'd nodes
+//!   goes behind it too.
 //! - `proxy` — the hyper-based proxy behind both listeners.
 //! - [`api`] — `GET /v1/routes`.
 
@@ -37,7 +39,7 @@ use crate::wire::{RouteInfo, RoutesReport};
 use acme::{ACME_TLS_ALPN, AcmeConfig, Challenges};
 use certs::{Certificates, Issuer, LocalCa};
 use routes::RouteTable;
-use upstream::{ThroughAgent, Upstream, UpstreamError};
+use upstream::{Local, LocalProcesses, ThroughAgent, Upstream, UpstreamError};
 
 /// ALPN of the ingress's HTTPS listener: HTTP/2, HTTP/1.1, and TLS-ALPN-01's `acme-tls/1`
 /// (which only ACME validators offer, alone; see [`certs::Certificates`]).
@@ -112,9 +114,12 @@ impl std::fmt::Debug for Ingress {
 }
 
 impl Ingress {
-    /// Starts the ingress of the root whose records are `records`: processes are reached
-    /// through their agents (the cluster's `ca` and `secret`), local names get certificates
-    /// from `ca` (which must hold its key), public names from ACME when `config.acme` says so.
+    /// Starts the ingress of the root whose records are `records`: the root's own processes
+    /// (`local`, its supervisor's) are reached directly on loopback, other nodes' through
+    /// their agents (with the root's `credentials`); local names get certificates from `ca`
+    /// (which must hold its key), public names from ACME when `config.acme` says so.
+    /// `P2F_INGRESS_DIRECT=0` in the environment sends the root's own processes through its
+    /// agent's tunnel too (as before the direct path; for comparing the two).
     ///
     /// Errors: a listener that cannot be bound ([`IngressError::Listen`]), a CA certificate
     /// rustls refuses.
@@ -123,8 +128,18 @@ impl Ingress {
         records: Records,
         ca: ClusterCa,
         credentials: &crate::identity::Credentials,
+        local: LocalProcesses,
     ) -> Result<Ingress, IngressError> {
-        let upstream = Arc::new(ThroughAgent::new(records.clone(), credentials)?);
+        let through_agent: Arc<dyn Upstream> =
+            Arc::new(ThroughAgent::new(records.clone(), credentials)?);
+        let upstream: Arc<dyn Upstream> = if direct_path_enabled() {
+            Arc::new(Local::new(local, through_agent))
+        } else {
+            tracing::info!(
+                "{DIRECT_ENV}=0: the root's own processes are reached through its agent's tunnel"
+            );
+            through_agent
+        };
         let issuers: Vec<Arc<dyn Issuer>> = vec![Arc::new(LocalCa::new(ca))];
         Ingress::start_with(config, records, issuers, upstream).await
     }
@@ -309,6 +324,20 @@ impl Ingress {
             follow.abort();
         }
     }
+}
+
+/// Set to `0` (or `false`, `off`, `no`), the environment variable that sends the root's own
+/// processes through its agent's tunnel rather than directly (see [`Ingress::start`]).
+pub const DIRECT_ENV: &str = "P2F_INGRESS_DIRECT";
+
+/// Whether [`DIRECT_ENV`] leaves the direct path to the root's own processes on (the default).
+fn direct_path_enabled() -> bool {
+    std::env::var(DIRECT_ENV).map_or(true, |value| {
+        !matches!(
+            value.trim().to_ascii_lowercase().as_str(),
+            "0" | "false" | "off" | "no"
+        )
+    })
 }
 
 /// The route table of what `records` see now.

@@ -1,9 +1,16 @@
 //! Reaching a process: the [`Upstream`] seam (a route's [`Target`] in, a byte stream to the
-//! process's port out) and its implementation through the process's node agent,
-//! [`ThroughAgent`]: TLS to the agent's control API, `GET /v1/processes/{id}/tunnel` with
-//! `Upgrade: p2f-tunnel`, and the upgraded connection is spliced by the agent to
-//! `127.0.0.1:PORT` on its machine — so a service may bind loopback only. A relay for nodes
-//! behind NAT implements the same trait.
+//! process's port out) and its implementations:
+//! - [`ThroughAgent`], through the process's node agent: TLS to the agent's control API,
+//!   `GET /v1/processes/{id}/tunnel` with `Upgrade: p2f-tunnel`, and the upgraded connection is
+//!   spliced by the agent to `127.0.0.1:PORT` on its machine — so a service may bind loopback
+//!   only;
+//! - [`Local`], in front of another upstream: a process on the ingress's own node (the root)
+//!   is connected to directly on loopback, after the checks the agent's tunnel makes, asked
+//!   in-process of that node's supervisor ([`LocalProcesses`]); every other target goes to the
+//!   upstream it wraps. Half the socket writes per request of going through the root's own
+//!   tunnel (client → ingress → process, instead of client → ingress → agent → process).
+//!
+//! A relay for nodes behind NAT implements the same trait.
 //!
 //! [`Connector`] adapts an `Upstream` to hyper-util's pooled client: each target gets a URI
 //! authority of its own (`t<hash>.upstream`), so keep-alive connections are pooled per copy of
@@ -23,7 +30,7 @@ use hyper::Uri;
 use hyper::header;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
-use p2f_model::NodeName;
+use p2f_model::{NodeName, Process, ProcessId, Status};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -75,6 +82,18 @@ pub enum UpstreamError {
         /// Its error.
         message: String,
     },
+    /// A process on the ingress's own node could not be opened: the checks and answers of the
+    /// agent's tunnel (404 not here; 409 not running, another generation, no port or another
+    /// port; 502 the port answers nothing), made in-process by [`Local`].
+    #[error("{node} (this node) refused to open its process's port ({status}): {message}")]
+    LocalRefused {
+        /// The node (the ingress's own).
+        node: NodeName,
+        /// The status the agent's tunnel answers in the same case.
+        status: u16,
+        /// Its error.
+        message: String,
+    },
     /// Reaching it took longer than 5 s.
     #[error("reaching {node} took longer than {CONNECT_TIMEOUT:?}")]
     Timeout {
@@ -89,12 +108,13 @@ pub enum UpstreamError {
     Cluster(#[from] ClusterError),
 }
 
-/// Something that reaches a process's port: through its agent ([`ThroughAgent`]), later
-/// through a relay tunnel.
+/// Something that reaches a process's port: through its agent ([`ThroughAgent`]), directly
+/// on the ingress's own node ([`Local`]), later through a relay tunnel.
 pub trait Upstream: Send + Sync + 'static {
     /// A byte stream to `target`'s port, or why there is none. Bounded in time.
     fn connect(&self, target: &Target) -> BoxFuture<'static, Result<Box<dyn Io>, UpstreamError>>;
-    /// How requests reach `target`, for people (`agent pi → 127.0.0.1:8080`).
+    /// How requests reach `target`, for people (`agent pi → 127.0.0.1:8080`,
+    /// `local → 127.0.0.1:8080`).
     fn describe(&self, target: &Target) -> String;
 }
 
@@ -213,6 +233,189 @@ async fn open_tunnel(
     Ok(Box::new(TokioIo::new(upgraded)))
 }
 
+/// The longest connecting to one loopback address of a local process's port may take (as the
+/// agent's tunnel).
+const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The processes of the node the ingress runs on, as that node's supervisor has them now:
+/// what [`Local`] checks a target against. `node/mod.rs` builds it from the root's
+/// `Supervisor` (the ingress never names `node`).
+#[derive(Clone)]
+pub struct LocalProcesses {
+    node: NodeName,
+    host: String,
+    find: Arc<FindProcess>,
+}
+
+/// How [`LocalProcesses`] looks a process up: its supervisor's record of the id, now.
+type FindProcess = dyn Fn(&ProcessId) -> Option<Process> + Send + Sync;
+
+impl std::fmt::Debug for LocalProcesses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalProcesses")
+            .field("node", &self.node)
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalProcesses {
+    /// The processes of node `node` (whose own address is `host`, tried after loopback),
+    /// looked up by `find` (the supervisor's record of an id, now).
+    pub fn new(
+        node: NodeName,
+        host: impl Into<String>,
+        find: impl Fn(&ProcessId) -> Option<Process> + Send + Sync + 'static,
+    ) -> LocalProcesses {
+        LocalProcesses {
+            node,
+            host: host.into(),
+            find: Arc::new(find),
+        }
+    }
+
+    /// The node they run on.
+    pub fn node(&self) -> &NodeName {
+        &self.node
+    }
+
+    /// The port of `target` if this node may open it now, with the checks of the agent's
+    /// tunnel (`node/tunnel.rs`): the process is here (else 404), `Running` (else 409), of the
+    /// target's generation (409), with a port (409); and that port is the target's (409).
+    fn check(&self, target: &Target) -> Result<u16, UpstreamError> {
+        let refused = |status: u16, message: String| UpstreamError::LocalRefused {
+            node: self.node.clone(),
+            status,
+            message,
+        };
+        let id = &target.id;
+        let process =
+            (self.find)(id).ok_or_else(|| refused(404, format!("no process {id} here")))?;
+        let conflict = |message: String| refused(409, message);
+        if process.status != Status::Running {
+            return Err(conflict(format!(
+                "{id} is not running here ({})",
+                process.status
+            )));
+        }
+        if target.generation != process.generation {
+            return Err(conflict(format!(
+                "{id} runs here with generation {}, not {}",
+                process.generation, target.generation
+            )));
+        }
+        let port = process
+            .port
+            .ok_or_else(|| conflict(format!("{id} has no port")))?;
+        if port != target.port {
+            return Err(conflict(format!(
+                "{id} runs here on port {port}, not {}",
+                target.port
+            )));
+        }
+        Ok(port)
+    }
+
+    /// Where `port` is tried, in order: `127.0.0.1`, `::1`, then the node's own address (as
+    /// the agent's tunnel).
+    fn candidates(&self, port: u16) -> Vec<std::net::SocketAddr> {
+        let mut candidates: Vec<std::net::SocketAddr> = vec![
+            (std::net::Ipv4Addr::LOCALHOST, port).into(),
+            (std::net::Ipv6Addr::LOCALHOST, port).into(),
+        ];
+        if let Ok(ip) = self.host.parse::<std::net::IpAddr>()
+            && !ip.is_loopback()
+            && !ip.is_unspecified()
+        {
+            candidates.push((ip, port).into());
+        }
+        candidates
+    }
+}
+
+/// Reaches a process on its own node (see [`LocalProcesses`]) directly on loopback, after the
+/// checks the agent's tunnel makes; any other target through the upstream it wraps.
+pub struct Local {
+    processes: LocalProcesses,
+    others: Arc<dyn Upstream>,
+}
+
+impl std::fmt::Debug for Local {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Local")
+            .field("processes", &self.processes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Local {
+    /// The processes of `processes`' node directly, the rest through `others`.
+    pub fn new(processes: LocalProcesses, others: Arc<dyn Upstream>) -> Local {
+        Local { processes, others }
+    }
+
+    fn is_local(&self, target: &Target) -> bool {
+        target.node == self.processes.node
+    }
+}
+
+impl Upstream for Local {
+    fn connect(&self, target: &Target) -> BoxFuture<'static, Result<Box<dyn Io>, UpstreamError>> {
+        if !self.is_local(target) {
+            return self.others.connect(target);
+        }
+        let checked = self.processes.check(target);
+        let node = target.node.clone();
+        let candidates = checked
+            .as_ref()
+            .map(|port| self.processes.candidates(*port))
+            .unwrap_or_default();
+        Box::pin(async move {
+            let port = checked?;
+            let open = connect_local(port, candidates);
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, open)
+                .await
+                .map_err(|_| UpstreamError::Timeout { node: node.clone() })?
+                .map_err(|message| UpstreamError::LocalRefused {
+                    node,
+                    status: 502,
+                    message,
+                })?;
+            Ok(Box::new(stream) as Box<dyn Io>)
+        })
+    }
+
+    fn describe(&self, target: &Target) -> String {
+        if self.is_local(target) {
+            format!("local → 127.0.0.1:{}", target.port)
+        } else {
+            self.others.describe(target)
+        }
+    }
+}
+
+/// A connection to `port` at the first of `candidates` that takes it; else the agent's
+/// tunnel's 502 message.
+async fn connect_local(
+    port: u16,
+    candidates: Vec<std::net::SocketAddr>,
+) -> Result<TcpStream, String> {
+    let mut last = String::new();
+    for address in candidates {
+        match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(address)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last = format!("{address}: {e}"),
+            Err(_) => last = format!("{address}: no answer within {LOCAL_CONNECT_TIMEOUT:?}"),
+        }
+    }
+    Err(format!(
+        "port {port} does not answer on this machine ({last})"
+    ))
+}
+
 /// The targets the proxy sends requests to, by the URI authority it gave each.
 #[derive(Debug, Default)]
 pub(crate) struct Targets {
@@ -308,7 +511,179 @@ impl hyper::rt::Write for Conn {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use p2f_model::{NodeRef, ProcessSpec, Timestamp};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
     use super::*;
+
+    fn target(node: &str, generation: u64, port: u16) -> Target {
+        Target {
+            id: ProcessId::new("wiki").expect("id"),
+            generation,
+            node: NodeName::new(node).expect("node"),
+            port,
+        }
+    }
+
+    /// `wiki` on node `root`, generation 2, port `port`, with `status`.
+    fn wiki(status: Status, port: Option<u16>) -> Process {
+        let spec = ProcessSpec::new("wiki", "exec true").with_domain("wiki.lan");
+        let node = NodeRef {
+            name: NodeName::from_static("root"),
+            address: "127.0.0.1".into(),
+        };
+        let id = ProcessId::new("wiki").expect("id");
+        let mut process = Process::placed(id, 2, spec, node, Timestamp(1));
+        process.status = status;
+        process.port = port;
+        process
+    }
+
+    /// The processes of node `root`: `process`, if any.
+    fn root_with(process: Option<Process>) -> LocalProcesses {
+        LocalProcesses::new(NodeName::from_static("root"), "127.0.0.1", move |id| {
+            process.clone().filter(|p| &p.id == id)
+        })
+    }
+
+    /// An upstream for the other nodes that counts what it is asked for and reaches nothing.
+    #[derive(Default)]
+    struct Others {
+        asked: AtomicUsize,
+    }
+
+    impl Upstream for Others {
+        fn connect(
+            &self,
+            target: &Target,
+        ) -> BoxFuture<'static, Result<Box<dyn Io>, UpstreamError>> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            let node = target.node.clone();
+            Box::pin(std::future::ready(Err(UpstreamError::NoAddress { node })))
+        }
+
+        fn describe(&self, target: &Target) -> String {
+            format!("agent {} → 127.0.0.1:{}", target.node, target.port)
+        }
+    }
+
+    fn local(processes: LocalProcesses) -> (Local, Arc<Others>) {
+        let others = Arc::new(Others::default());
+        (Local::new(processes, others.clone()), others)
+    }
+
+    /// The status and message a local target is refused with.
+    async fn refusal(local: &Local, target: &Target) -> (u16, String) {
+        match local.connect(target).await {
+            Err(UpstreamError::LocalRefused {
+                node,
+                status,
+                message,
+            }) => {
+                assert_eq!(node.as_str(), "root");
+                (status, message)
+            }
+            Err(e) => panic!("refused otherwise: {e}"),
+            Ok(_) => panic!("{target:?} was opened"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_local_target_is_refused_as_the_agents_tunnel_refuses_it() {
+        // (status, message) as `node/tunnel.rs` answers them, and the port check it adds.
+        let cases = [
+            (None, target("root", 2, 8080), 404, "no process wiki here"),
+            (
+                Some(wiki(Status::Stopped, Some(8080))),
+                target("root", 2, 8080),
+                409,
+                "wiki is not running here (stopped)",
+            ),
+            (
+                Some(wiki(Status::Pending, Some(8080))),
+                target("root", 2, 8080),
+                409,
+                "wiki is not running here (pending)",
+            ),
+            (
+                Some(wiki(Status::Running, Some(8080))),
+                target("root", 1, 8080),
+                409,
+                "wiki runs here with generation 2, not 1",
+            ),
+            (
+                Some(wiki(Status::Running, Some(8080))),
+                target("root", 3, 8080),
+                409,
+                "wiki runs here with generation 2, not 3",
+            ),
+            (
+                Some(wiki(Status::Running, None)),
+                target("root", 2, 8080),
+                409,
+                "wiki has no port",
+            ),
+            (
+                Some(wiki(Status::Running, Some(8081))),
+                target("root", 2, 8080),
+                409,
+                "wiki runs here on port 8081, not 8080",
+            ),
+        ];
+        for (process, target, status, message) in cases {
+            let (local, others) = local(root_with(process.clone()));
+            let got = refusal(&local, &target).await;
+            assert_eq!(got, (status, message.to_owned()), "{process:?}");
+            assert_eq!(others.asked.load(Ordering::SeqCst), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_running_local_process_is_connected_to_on_loopback() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (local, others) = local(root_with(Some(wiki(Status::Running, Some(port)))));
+        let target = target("root", 2, port);
+        assert_eq!(local.describe(&target), format!("local → 127.0.0.1:{port}"));
+        let (stream, accepted) = tokio::join!(local.connect(&target), listener.accept());
+        let (mut stream, mut accepted) =
+            (stream.expect("connected"), accepted.expect("accepted").0);
+        stream.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        accepted.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"ping");
+        assert_eq!(others.asked.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_local_port_that_answers_nothing_is_a_502() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.local_addr().expect("address").port()
+        };
+        let (local, _) = local(root_with(Some(wiki(Status::Running, Some(port)))));
+        let (status, message) = refusal(&local, &target("root", 2, port)).await;
+        assert_eq!(status, 502);
+        let expected = format!("port {port} does not answer on this machine (");
+        assert!(message.starts_with(&expected), "{message}");
+    }
+
+    #[tokio::test]
+    async fn another_nodes_target_goes_to_the_wrapped_upstream() {
+        // Even when the id is one the root runs too (a copy elsewhere wins).
+        let (local, others) = local(root_with(Some(wiki(Status::Running, Some(8080)))));
+        let elsewhere = target("pi", 2, 8080);
+        assert_eq!(local.describe(&elsewhere), "agent pi → 127.0.0.1:8080");
+        let Err(UpstreamError::NoAddress { node }) = local.connect(&elsewhere).await else {
+            panic!("not through the wrapped upstream");
+        };
+        assert_eq!(node.as_str(), "pi");
+        assert_eq!(others.asked.load(Ordering::SeqCst), 1);
+    }
 
     #[test]
     fn each_target_has_its_own_authority() {

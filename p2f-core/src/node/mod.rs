@@ -33,6 +33,7 @@ pub use supervisor::{Recovery, Shutdown, Supervisor};
 use crate::cluster::{ClusterCa, ClusterError, ClusterFiles, NodeCert};
 use crate::identity::{Credentials, Role};
 use crate::ingress::acme::{AcmeConfig, LETS_ENCRYPT};
+use crate::ingress::upstream::LocalProcesses;
 use crate::ingress::{Ingress, IngressConfig, IngressError};
 use crate::records::listing::Listed;
 use crate::records::{CatchUp, LocalRecords, Origin, Records};
@@ -414,8 +415,19 @@ async fn start_network(
                     dir: config.data_dir.join("acme"),
                 }),
             };
-            let started =
-                Ingress::start(ingress_config, records.clone(), ca.clone(), credentials).await;
+            // The root's own processes are reached directly, checked against its supervisor.
+            let (own, at) = (supervisor.clone(), supervisor.node().clone());
+            let local = LocalProcesses::new(at.name, at.address, move |id: &ProcessId| {
+                own.find(&p2f_model::ProcessKey::Id(id.clone()))
+            });
+            let started = Ingress::start(
+                ingress_config,
+                records.clone(),
+                ca.clone(),
+                credentials,
+                local,
+            )
+            .await;
             match started {
                 Ok(ingress) => Some(ingress),
                 Err(e) => {
