@@ -47,7 +47,7 @@ const PLAIN_LINGER: Duration = Duration::from_secs(1);
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// How a listener's connections are accepted.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Accept {
     /// TLS with `config` (its certificate resolver picks the certificate; HTTP/2 is served
     /// when its ALPN offers `h2`, see [`serve`]); `plain` says what to do with clients that
@@ -57,10 +57,34 @@ pub enum Accept {
         config: Arc<rustls::ServerConfig>,
         /// What a plain-HTTP client gets.
         plain: PlainHttp,
+        /// The certificate for a client that sends no server name (SNI), by the address it
+        /// connected to: clients send none for an IP address (`https://192.168.1.10/`, RFC
+        /// 6066 §3). `None`: the configuration's resolver decides alone.
+        without_sni: Option<WithoutSni>,
     },
     /// Plain HTTP (P2PRC's endpoints, the ingress's port 80).
     Plain,
 }
+
+impl fmt::Debug for Accept {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Accept::Tls {
+                plain, without_sni, ..
+            } => f
+                .debug_struct("Tls")
+                .field("plain", plain)
+                .field("without_sni", &without_sni.is_some())
+                .finish_non_exhaustive(),
+            Accept::Plain => f.write_str("Plain"),
+        }
+    }
+}
+
+/// The certificate for a TLS client that names no server, by the local address it connected to
+/// (`None`: no certificate for that address; the handshake goes on with the configuration's own
+/// resolver).
+pub type WithoutSni = Arc<dyn Fn(std::net::IpAddr) -> Option<Arc<CertifiedKey>> + Send + Sync>;
 
 /// How many connections a listener serves at once; more are closed at once, before anything is
 /// read from them (unauthenticated peers must not exhaust tasks and descriptors).
@@ -153,6 +177,7 @@ pub async fn serve_tls(
     let accept = Accept::Tls {
         config: tls,
         plain: PlainHttp::CONTROL_API,
+        without_sni: None,
     };
     serve(listener, accept, app, shutdown).await
 }
@@ -186,10 +211,20 @@ pub async fn serve_limited(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let (handshake, what, h2) = match accept {
-        Accept::Tls { config, plain } => {
+        Accept::Tls {
+            config,
+            plain,
+            without_sni,
+        } => {
             let h2 = config.alpn_protocols.iter().any(|p| p.as_slice() == b"h2");
-            let acceptor = TlsAcceptor::from(config);
-            (Handshake::Tls { acceptor, plain }, "TLS", h2)
+            let acceptor = TlsAcceptor::from(Arc::clone(&config));
+            let without_sni = without_sni.map(|by_address| NoSni { config, by_address });
+            let handshake = Handshake::Tls {
+                acceptor,
+                plain,
+                without_sni,
+            };
+            (handshake, "TLS", h2)
         }
         Accept::Plain => (Handshake::Plain, "plain HTTP", false),
     };
@@ -277,9 +312,43 @@ enum Handshake {
     Tls {
         acceptor: TlsAcceptor,
         plain: PlainHttp,
+        without_sni: Option<NoSni>,
     },
     /// Nothing: HTTP starts at once.
     Plain,
+}
+
+/// The configuration and the per-address certificates for clients without SNI.
+#[derive(Clone)]
+struct NoSni {
+    config: Arc<rustls::ServerConfig>,
+    by_address: WithoutSni,
+}
+
+impl NoSni {
+    /// Reads the client's hello; one without a server name gets the certificate of the address
+    /// it connected to (when there is one), every other the listener's configuration.
+    async fn accept(
+        &self,
+        stream: TcpStream,
+    ) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+        let local = stream.local_addr()?.ip();
+        let acceptor = rustls::server::Acceptor::default();
+        let start = tokio_rustls::LazyConfigAcceptor::new(acceptor, stream).await?;
+        let hello = start.client_hello();
+        let config = match hello.server_name() {
+            Some(_) => Arc::clone(&self.config),
+            None => match (self.by_address)(local) {
+                Some(key) => {
+                    let mut config = (*self.config).clone();
+                    config.cert_resolver = Arc::new(rustls::sign::SingleCertAndKey::from(key));
+                    Arc::new(config)
+                }
+                None => Arc::clone(&self.config),
+            },
+        };
+        start.into_stream(config).await
+    }
 }
 
 /// Who a request came from: in every request's extensions (`Extension<ConnectionInfo>`).
@@ -408,9 +477,13 @@ impl Connection {
             Ok(Ok(0)) => return None,
             Ok(Ok(_)) => {}
         }
-        let (acceptor, plain) = match handshake {
+        let (acceptor, plain, without_sni) = match handshake {
             Handshake::Plain => return Some(Ready::Plain(stream)),
-            Handshake::Tls { acceptor, plain } => (acceptor, plain),
+            Handshake::Tls {
+                acceptor,
+                plain,
+                without_sni,
+            } => (acceptor, plain, without_sni),
         };
         if first[0] != TLS_HANDSHAKE_RECORD {
             match plain {
@@ -421,7 +494,13 @@ impl Connection {
             }
             return None;
         }
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        let handshake = async {
+            match &without_sni {
+                Some(no_sni) => no_sni.accept(stream).await,
+                None => acceptor.accept(stream).await,
+            }
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
             Ok(Ok(tls)) => Some(Ready::Tls(Box::new(tls))),
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -919,6 +998,7 @@ mod tests {
         let accept = Accept::Tls {
             config,
             plain: PlainHttp::Close,
+            without_sni: None,
         };
         let running = start_serving(ca, accept).await;
         // Closed with unread data, the socket may end in a reset: either way, no answer.
@@ -950,6 +1030,7 @@ mod tests {
         let accept = Accept::Tls {
             config,
             plain: PlainHttp::Close,
+            without_sni: None,
         };
         let app = axum::Router::new().route(
             "/who",
@@ -1107,6 +1188,7 @@ mod tests {
         let accept = Accept::Tls {
             config,
             plain: PlainHttp::Close,
+            without_sni: None,
         };
         let running = start_serving(ca, accept).await;
         let port = running.addr.port();

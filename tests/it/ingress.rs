@@ -824,3 +824,28 @@ async fn a_request_sent_as_a_node_dies_is_answered_by_the_copy_that_replaces_it(
     );
     Ok(())
 }
+
+/// A domain that is an IP address (`https://127.0.0.1/`: no DNS at home): the client sends no
+/// server name (SNI) for an address, so the ingress presents the certificate of the address it
+/// was reached at, from the cluster CA, and serves the process on the root itself directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ip_address_domain_is_served_over_https_without_sni() -> Result<()> {
+    let root = root_holding(Duration::from_secs(5)).await?;
+    let dir = tempfile::tempdir()?;
+    let script = backend(dir.path())?;
+    let spec = backend_spec("by-ip", &script, "127.0.0.1", &["root"], None);
+    root.network().deploy(&[spec]).await?;
+    let (report, route) =
+        route_when(&root, "127.0.0.1", "served", |r| r.upstream.is_some()).await?;
+    let upstream = route.upstream.clone().unwrap_or_default();
+    assert!(upstream.starts_with("local → "), "{upstream}");
+    let https: SocketAddr = report.https.parse()?;
+    let ca = root.cluster().ca_cert_path();
+    let url = format!("https://127.0.0.1:{}/hello", https.port());
+    let answer = curl(&ca, "127.0.0.1", https, &[&url])?;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let body = json(&answer.body)?;
+    assert_eq!(body["path"], "/hello", "{body}");
+    assert_eq!(body["headers"]["x-forwarded-proto"], "https", "{body}");
+    Ok(())
+}

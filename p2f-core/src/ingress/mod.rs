@@ -232,6 +232,12 @@ impl Ingress {
                 Accept::Tls {
                     config: tls,
                     plain: PlainHttp::Reject("this port speaks HTTPS only: use https://\n"),
+                    // `https://192.168.1.10/` sends no SNI: the certificate of the address
+                    // the client connected to, when it is a routed domain.
+                    without_sni: Some(Arc::new({
+                        let certificates = Arc::clone(&certificates);
+                        move |ip: std::net::IpAddr| certificates.certificate(Some(&ip.to_string()))
+                    })),
                 },
                 "https",
             ),

@@ -225,6 +225,7 @@ impl Agent {
             let accept = Accept::Tls {
                 config: tls,
                 plain: PlainHttp::CONTROL_API,
+                without_sni: None,
             };
             let server = tokio::spawn(crate::server::serve(listener, accept, app, async move {
                 let _ = stopped.await;

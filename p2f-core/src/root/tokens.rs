@@ -250,8 +250,7 @@ mod tests {
         book.lock()[0].expires_at = now_secs() - 90;
         let err = book
             .redeem(&old.secret, || Ok::<_, ()>(()))
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert!(matches!(err, Ok(TokenBookError::Expired { .. })), "{err:?}");
         for (ttl, uses) in [
             (0, 1),
