@@ -467,9 +467,10 @@ impl Network {
         let work = async {
             let response = self.send(method, path, body).await?;
             let response = expect_success(&self.address, response).await?;
-            response.json().await.map_err(|e| ClientError::Protocol {
+            let bytes = read_limited(&self.address, response, MAX_ANSWER_BYTES).await?;
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
                 address: self.address.clone(),
-                detail: error_chain(&e),
+                detail: e.to_string(),
             })
         };
         tokio::time::timeout(limit, work)
@@ -481,6 +482,44 @@ impl Network {
     }
 }
 
+/// The most an answer of the API may hold (a list of ten thousand records with their specs is
+/// far below): a node that answers more is cut off, not buffered.
+const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+/// The most of an error answer that is read.
+const MAX_ERROR_BYTES: usize = 1024 * 1024;
+
+/// The body of `response`, refused past `limit` bytes (read as it arrives, never buffered
+/// beyond the limit).
+async fn read_limited(
+    address: &str,
+    response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, ClientError> {
+    let too_big = || ClientError::Protocol {
+        address: address.to_owned(),
+        detail: format!("the answer is larger than {} MiB", limit / (1024 * 1024)),
+    };
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        return Err(too_big());
+    }
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ClientError::Unreachable {
+            address: address.to_owned(),
+            detail: error_chain(&e),
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_big());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// The response if it is a success; its error body as a `ClientError` otherwise.
 async fn expect_success(
     address: &str,
@@ -490,7 +529,10 @@ async fn expect_success(
     if status.is_success() {
         return Ok(response);
     }
-    let text = response.text().await.unwrap_or_default();
+    let text = read_limited(address, response, MAX_ERROR_BYTES)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
     let (message, findings) = match serde_json::from_str::<ErrorBody>(&text) {
         Ok(body) => (body.error, body.findings),
         Err(_) if text.trim().is_empty() => (
@@ -542,6 +584,66 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An answer larger than the limit is refused after reading at most the limit, whether it
+    /// says its length or streams without one.
+    #[tokio::test]
+    async fn an_oversized_answer_is_refused() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let server = tokio::spawn(async move {
+            for chunked in [false, true] {
+                let (mut stream, _) = listener.accept().await.expect("accept");
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request).await;
+                let head = if chunked {
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                } else {
+                    "HTTP/1.1 200 OK\r\nContent-Length: 4194304\r\n\r\n"
+                };
+                let _ = stream.write_all(head.as_bytes()).await;
+                let block = vec![b'x'; 64 * 1024];
+                for _ in 0..64 {
+                    let written = if chunked {
+                        let size = format!("{:x}\r\n", block.len());
+                        stream.write_all(size.as_bytes()).await.is_ok()
+                            && stream.write_all(&block).await.is_ok()
+                            && stream.write_all(b"\r\n").await.is_ok()
+                    } else {
+                        stream.write_all(&block).await.is_ok()
+                    };
+                    if !written {
+                        break;
+                    }
+                }
+            }
+        });
+        let ca = crate::cluster::ClusterCa::generate("t").expect("ca");
+        let tls = crate::cluster::client_config(ca.cert_pem()).expect("tls");
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .no_proxy()
+            .build()
+            .expect("client");
+        for _ in 0..2 {
+            let response = client
+                .get(format!("http://{address}/"))
+                .send()
+                .await
+                .expect("an answer");
+            let refused = read_limited("test", response, 1024 * 1024)
+                .await
+                .expect_err("too big");
+            assert!(
+                refused.to_string().contains("larger than 1 MiB"),
+                "{refused}"
+            );
+        }
+        server.abort();
+    }
 
     #[test]
     fn the_host_and_port_of_an_address() {

@@ -47,6 +47,11 @@ pub(super) async fn sync(inner: Arc<Inner>) {
                     })
                 });
             match fetched {
+                // Only a record of what was asked for, on the node that was asked: a node may
+                // not hand out records in another node's name.
+                Ok(Some(record)) if record.id != id || record.node.name != node => {
+                    tracing::warn!(%id, %node, got = %record.id, on = %record.node.name, "a node answered with a record that is not its own: ignored");
+                }
                 Ok(Some(record)) => {
                     let spec = if spec_hash(&record.spec) == spec {
                         spec
@@ -165,6 +170,7 @@ pub(super) async fn confirmed(
     match fetched {
         Ok(Ok(Some(theirs))) => {
             let wins = theirs.node.name == *node
+                && theirs.id == local.id
                 && super::precedence::wins(
                     &Candidate::of(&theirs, Origin::Remote),
                     &Candidate::of(local, Origin::Local),
