@@ -265,10 +265,17 @@ mod tests {
         );
         let impostor = Candidate::start(&id, Some(65534));
         let deadline = Instant::now() + Duration::from_secs(5);
-        // The impostor is visible (its environment readable) before it is judged.
-        while os::find_by_env(id.as_str(), 1).is_empty() && Instant::now() < deadline {
+        // Judged once it runs as its user: `setpriv` starts as root and drops to 65534 before
+        // it execs the impostor (same pid), and only then is it what an impostor would be.
+        let impostor_pid = impostor.0.id();
+        while os::uid_of(impostor_pid) != Some(65534) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
+        assert_eq!(
+            os::uid_of(impostor_pid),
+            Some(65534),
+            "the impostor runs as nobody"
+        );
         assert!(
             !os::find_by_env(id.as_str(), 1).is_empty(),
             "the impostor runs"
