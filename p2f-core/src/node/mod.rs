@@ -85,7 +85,7 @@ pub enum AgentError {
     },
     /// A member without its certificate.
     #[error(
-        "this node has no certificate in {0}, no CA key to make one and no root in its config to ask; join the cluster with `p2f node join TOKEN`"
+        "this node has no certificate in {0}, no CA key to make one, and no root and join token to ask with; join the cluster with `p2f node join --token-file FILE` (a token from `p2f node token` on the root)"
     )]
     NoCertificate(PathBuf),
     /// The root's ingress could not start.
