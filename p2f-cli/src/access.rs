@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use p2f_core::Network;
+use p2f_core::cluster::Credentials;
 use p2f_core::cluster::{ClusterError, ClusterFiles};
-use p2f_core::identity::{Credentials, Role};
+use p2f_core::identity::Role;
 use p2f_core::node::AgentConfig;
 
 /// The environment variable naming an operator's directory.

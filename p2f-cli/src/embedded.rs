@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use p2f_core::Network;
 use p2f_core::cluster::ClusterFiles;
-use p2f_core::identity::Credentials;
+use p2f_core::cluster::Credentials;
 use p2f_core::node::{Agent, AgentConfig, IngressSettings, Shutdown};
 use p2f_model::{Deployment, NodeName, Process};
 

@@ -311,7 +311,7 @@ async fn find_service(
 /// network if it runs; `None` when neither is there.
 fn target() -> Result<Option<Network>> {
     if let Some(dir) = access::operator_from_env() {
-        let (credentials, root) = p2f_core::identity::Credentials::operator(&dir)?;
+        let (credentials, root) = p2f_core::cluster::Credentials::operator(&dir)?;
         let address = std::env::var("P2F_ROOT").unwrap_or(root);
         return Ok(Some(Network::connect(&address, &credentials)?));
     }

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use p2f_core::Network;
 use p2f_core::cluster::ClusterFiles;
-use p2f_core::identity::Credentials;
+use p2f_core::cluster::Credentials;
 use p2f_core::join::{JoinToken, request_certificate};
 use p2f_core::node::{Agent, AgentConfig, IngressSettings, MeshSettings, Shutdown};
 use p2f_core::wire::LogsQuery;

@@ -15,8 +15,9 @@ use p2f_model::{Finding, Node, Process, ProcessId, ProcessKey, ProcessSpec};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
+use crate::cluster::Credentials;
 use crate::cluster::{ClusterError, client_config_for};
-use crate::identity::{Credentials, node_server_name};
+use crate::identity::node_server_name;
 use crate::wire::{ErrorBody, LogsQuery, SpinQuery, SpinRequest};
 
 /// How long a connection attempt may take.

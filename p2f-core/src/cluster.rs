@@ -650,9 +650,7 @@ pub fn client_config(ca_pem: &str) -> Result<rustls::ClientConfig, ClusterError>
 
 /// The rustls client configuration of `credentials`: trusts only their CA and shows their
 /// certificate, when they have one ([`client_config`] otherwise).
-pub fn client_config_for(
-    credentials: &crate::identity::Credentials,
-) -> Result<rustls::ClientConfig, ClusterError> {
+pub fn client_config_for(credentials: &Credentials) -> Result<rustls::ClientConfig, ClusterError> {
     let Some(identity) = &credentials.identity else {
         return client_config(&credentials.ca_pem);
     };
@@ -941,6 +939,118 @@ fn set_validity_at(params: &mut CertificateParams, now: Duration, years: i32) {
     let (y, m, d) = date(now);
     // 28 exists in every month, so a 29 February start never produces an invalid date.
     params.not_after = rcgen::date_time_ymd(y + years, m, d.min(28));
+}
+
+/// What a client of the control API shows: the CA it trusts, and the certificate and key it
+/// proves who it is with (none only for joining, which a join token authorizes).
+#[derive(Clone)]
+pub struct Credentials {
+    /// The cluster CA certificate (PEM).
+    pub ca_pem: String,
+    /// The client certificate and key, from the cluster CA.
+    pub identity: Option<NodeCert>,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("identity", &self.caller())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The files of an operator's credentials in its directory.
+const OPERATOR_CERT: &str = "operator.pem";
+const OPERATOR_KEY: &str = "operator.key";
+const OPERATOR_CA: &str = "ca.pem";
+const OPERATOR_ROOT: &str = "root";
+
+impl Credentials {
+    /// Credentials from `ca_pem` and a client certificate.
+    pub fn new(ca_pem: impl Into<String>, identity: Option<NodeCert>) -> Credentials {
+        Credentials {
+            ca_pem: ca_pem.into(),
+            identity,
+        }
+    }
+
+    /// Who the certificate says this is (`None` without one).
+    pub fn caller(&self) -> Option<crate::identity::Caller> {
+        self.identity
+            .as_ref()
+            .and_then(|cert| crate::identity::Caller::from_pem(&cert.cert_pem))
+    }
+
+    /// A node's own credentials: the CA in its cluster directory (`DATA/cluster/ca.pem`) and
+    /// its certificate in `DATA/tls` ([`NodeCert::load`]).
+    ///
+    /// Errors: [`ClusterError::Missing`] when either is absent.
+    pub fn of_node(cluster_dir: &Path, tls_dir: &Path) -> Result<Credentials, ClusterError> {
+        let ca_pem = read(&cluster_dir.join(OPERATOR_CA))?;
+        let identity = NodeCert::load(tls_dir).ok_or_else(|| ClusterError::Missing {
+            path: tls_dir.join(NodeCert::CERT_FILE),
+        })?;
+        Ok(Credentials::new(ca_pem, Some(identity)))
+    }
+
+    /// An operator's credentials from its directory (what `p2f init` and `p2f operator add`
+    /// write): `ca.pem`, `operator.pem`, `operator.key` and `root` (the root's API address).
+    /// Returns them with that address.
+    ///
+    /// Errors: [`ClusterError::Missing`] for a missing file.
+    pub fn operator(dir: &Path) -> Result<(Credentials, String), ClusterError> {
+        let ca_pem = read(&dir.join(OPERATOR_CA))?;
+        let cert_pem = read(&dir.join(OPERATOR_CERT))?;
+        let key_pem = read(&dir.join(OPERATOR_KEY))?;
+        let root = read(&dir.join(OPERATOR_ROOT))?.trim().to_owned();
+        let credentials = Credentials::new(ca_pem, Some(NodeCert { cert_pem, key_pem }));
+        Ok((credentials, root))
+    }
+
+    /// Writes an operator's directory (created 0700; the key 0600): see
+    /// [`Credentials::operator`]. `root` is the root's API address (`host:port`).
+    pub fn save_operator(&self, dir: &Path, root: &str) -> Result<(), ClusterError> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let identity = self.identity.as_ref().ok_or_else(|| ClusterError::BadPem {
+            what: "operator certificate",
+            reason: "none to save".into(),
+        })?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| ClusterError::Io {
+                action: "create directory",
+                path: dir.to_owned(),
+                source,
+            })?;
+        fsutil::write_atomic(&dir.join(OPERATOR_CA), &self.ca_pem, 0o644)?;
+        fsutil::write_atomic(&dir.join(OPERATOR_CERT), &identity.cert_pem, 0o644)?;
+        fsutil::write_private(&dir.join(OPERATOR_KEY), &identity.key_pem)?;
+        fsutil::write_atomic(&dir.join(OPERATOR_ROOT), format!("{root}\n"), 0o644)?;
+        Ok(())
+    }
+
+    /// Whether `dir` holds an operator's credentials.
+    pub fn is_operator_dir(dir: &Path) -> bool {
+        dir.join(OPERATOR_CERT).is_file() && dir.join(OPERATOR_KEY).is_file()
+    }
+}
+
+fn read(path: &Path) -> Result<String, ClusterError> {
+    std::fs::read_to_string(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            ClusterError::Missing {
+                path: PathBuf::from(path),
+            }
+        } else {
+            ClusterError::Io {
+                action: "read",
+                path: path.to_owned(),
+                source,
+            }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -1378,5 +1488,29 @@ mod tests {
             .await
             .expect_err("foreign CA must fail");
         assert!(err.contains("UnknownIssuer"), "{err}");
+    }
+
+    use crate::identity::Role as CertRole;
+    #[test]
+    fn a_certificate_names_its_holder_and_role() {
+        let ca = ClusterCa::generate("test").expect("ca");
+        for role in [CertRole::Root, CertRole::Member, CertRole::Operator] {
+            let cert = ca.issue_as(role, "nas", &[]).expect("issue");
+            let caller = crate::identity::Caller::from_pem(&cert.cert_pem).expect("a caller");
+            assert_eq!((caller.role, caller.name.as_str()), (role, "nas"));
+            assert!(caller.serial.len() >= 16, "{}", caller.serial);
+            let again = ca.issue_as(role, "nas", &[]).expect("issue");
+            let other = crate::identity::Caller::from_pem(&again.cert_pem).expect("a caller");
+            assert_ne!(
+                caller.serial, other.serial,
+                "every certificate has its own serial"
+            );
+        }
+        let site = ca.issue_site("wiki.home.arpa", 7).expect("site");
+        assert_eq!(
+            crate::identity::Caller::from_pem(&site.cert_pem),
+            None,
+            "a site has no role"
+        );
     }
 }

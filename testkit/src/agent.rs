@@ -22,7 +22,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use nix::sys::signal::Signal;
 use p2f_core::Network;
 use p2f_core::cluster::ClusterFiles;
-use p2f_core::identity::Credentials;
+use p2f_core::cluster::Credentials;
 use p2f_core::node::AgentConfig;
 use p2f_model::{Process, ProcessId, ProcessKey};
 

@@ -672,7 +672,7 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() -> anyhow::Result<()
     let net = agent.network();
     let ca = std::fs::read_to_string(agent.config().cluster_dir().join("ca.pem")).expect("ca");
     let operator = agent.credentials()?;
-    let client = |credentials: &p2f::core::identity::Credentials| {
+    let client = |credentials: &p2f::core::cluster::Credentials| {
         reqwest::Client::builder()
             .tls_backend_preconfigured(
                 p2f::core::cluster::client_config_for(credentials).expect("tls"),
@@ -681,7 +681,7 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() -> anyhow::Result<()
             .expect("client")
     };
     let http = client(&operator);
-    let anonymous = client(&p2f::core::identity::Credentials::new(ca.clone(), None));
+    let anonymous = client(&p2f::core::cluster::Credentials::new(ca.clone(), None));
     let url = format!("https://{}/v1/processes", net.address());
     let post = |body: Vec<u8>, authed: bool| {
         let request = if authed { &http } else { &anonymous }
@@ -729,7 +729,7 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() -> anyhow::Result<()
     ];
     // A certificate from another cluster's CA: refused in the TLS handshake.
     let stranger_ca = p2f::core::cluster::ClusterCa::generate("elsewhere").expect("ca");
-    let stranger = p2f::core::identity::Credentials::new(
+    let stranger = p2f::core::cluster::Credentials::new(
         ca.clone(),
         Some(
             stranger_ca
@@ -824,7 +824,7 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() -> anyhow::Result<()
     // Without a client certificate: 401 on every route.
     let wrong = p2f::core::Network::connect(
         net.address(),
-        &p2f::core::identity::Credentials::new(ca.clone(), None),
+        &p2f::core::cluster::Credentials::new(ca.clone(), None),
     )
     .expect("client");
     assert_eq!(

@@ -150,7 +150,7 @@ fn the_homelab_runs_serves_answers_the_cli_and_stops_cleanly() -> anyhow::Result
     let api = std::fs::read_to_string(state.join("api.addr"))?
         .trim()
         .to_owned();
-    let (credentials, _) = p2f::core::identity::Credentials::operator(&state.join("operator"))?;
+    let (credentials, _) = p2f::core::cluster::Credentials::operator(&state.join("operator"))?;
     let (node, desired) = block_on_in(ns.name(), || async move {
         let network = p2f::core::Network::connect(&api, &credentials)?;
         anyhow::Ok((network.node().await?, network.desired().await?))

@@ -86,7 +86,7 @@ async fn records_spread_to_every_node_and_a_dead_nodes_records_are_lost() -> any
     for agent in [&root, &a, &b] {
         let stranger = p2f::core::Network::connect(
             agent.network().address(),
-            &p2f::core::identity::Credentials::new(ca.clone(), None),
+            &p2f::core::cluster::Credentials::new(ca.clone(), None),
         )
         .expect("client");
         let refused = stranger.list_processes().await.expect_err("401");

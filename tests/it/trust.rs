@@ -132,7 +132,7 @@ async fn a_removed_node_and_operator_are_refused_everywhere() -> anyhow::Result<
         &bob_dir.to_string_lossy(),
     ])
     .success();
-    let (bob, root_address) = p2f::core::identity::Credentials::operator(&bob_dir)?;
+    let (bob, root_address) = p2f::core::cluster::Credentials::operator(&bob_dir)?;
     assert_eq!(root_address, root.network().address());
     let as_bob = |agent: &p2f_testkit::Agent| {
         p2f::core::Network::connect(agent.network().address(), &bob).expect("client")

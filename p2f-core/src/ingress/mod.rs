@@ -127,7 +127,7 @@ impl Ingress {
         config: IngressConfig,
         records: Records,
         ca: ClusterCa,
-        credentials: &crate::identity::Credentials,
+        credentials: &crate::cluster::Credentials,
         local: LocalProcesses,
     ) -> Result<Ingress, IngressError> {
         let through_agent: Arc<dyn Upstream> =

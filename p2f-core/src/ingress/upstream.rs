@@ -36,8 +36,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::routes::Target;
+use crate::cluster::Credentials;
 use crate::cluster::{ClusterError, client_config_for};
-use crate::identity::{Credentials, node_server_name};
+use crate::identity::node_server_name;
 use crate::records::Records;
 use crate::wire::TUNNEL_PROTOCOL;
 

@@ -30,8 +30,9 @@ pub use config::{
 };
 pub use supervisor::{Recovery, Shutdown, Supervisor};
 
+use crate::cluster::Credentials;
 use crate::cluster::{ClusterCa, ClusterError, ClusterFiles, NodeCert};
-use crate::identity::{Credentials, Role};
+use crate::identity::Role;
 use crate::ingress::acme::{AcmeConfig, LETS_ENCRYPT};
 use crate::ingress::upstream::LocalProcesses;
 use crate::ingress::{Ingress, IngressConfig, IngressError};
