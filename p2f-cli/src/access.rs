@@ -25,6 +25,18 @@ pub fn operator_from_env() -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// A client of the root as the operator `P2F_OPERATOR` names (at the root its directory names,
+/// or `P2F_ROOT`); `None` when the variable is not set.
+pub fn operator_client() -> Option<Result<Network, p2f_core::ClientError>> {
+    let dir = operator_from_env()?;
+    let connect = || {
+        let (credentials, root) = Credentials::operator(&dir)?;
+        let address = std::env::var("P2F_ROOT").unwrap_or(root);
+        Network::connect(&address, &credentials)
+    };
+    Some(connect())
+}
+
 /// The credentials to use with the node whose config is `config`: `P2F_OPERATOR`'s, the
 /// node's operator directory's, or the node's own certificate.
 ///

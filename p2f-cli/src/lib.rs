@@ -310,10 +310,8 @@ async fn find_service(
 /// `P2F_ROOT`), a node's config file (`P2F_CONFIG`: its root, or itself), or the embedded
 /// network if it runs; `None` when neither is there.
 fn target() -> Result<Option<Network>> {
-    if let Some(dir) = access::operator_from_env() {
-        let (credentials, root) = p2f_core::cluster::Credentials::operator(&dir)?;
-        let address = std::env::var("P2F_ROOT").unwrap_or(root);
-        return Ok(Some(Network::connect(&address, &credentials)?));
+    if let Some(client) = access::operator_client() {
+        return Ok(Some(client?));
     }
     if let Some(path) = std::env::var_os("P2F_CONFIG") {
         let config = p2f_core::node::AgentConfig::load(std::path::Path::new(&path))

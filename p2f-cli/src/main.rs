@@ -372,22 +372,12 @@ async fn dispatch(command: Command) -> Result<()> {
                 "gossip key {} replaced by {} on {}",
                 report.old,
                 report.new,
-                report
-                    .rotated
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                names(&report.rotated)
             );
             if !report.skipped.is_empty() {
                 println!(
                     "down, not rotated (join them again with a new token): {}",
-                    report
-                        .skipped
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    names(&report.skipped)
                 );
             }
             Ok(())
@@ -542,6 +532,15 @@ fn ca(target: &Target) -> Result<()> {
     println!("Only trust it on machines of people you would give the cluster to: its key (on the");
     println!("root) can sign a certificate for any name.");
     Ok(())
+}
+
+/// Node names, comma-separated, for people.
+fn names(nodes: &[NodeName]) -> String {
+    nodes
+        .iter()
+        .map(NodeName::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The operator name `p2f init` gives this machine's user: the login name when it is a valid
@@ -756,11 +755,8 @@ async fn run_node(config_path: &Path) -> Result<()> {
 }
 
 fn connect(target: &Target) -> Result<Network> {
-    if let Some(dir) = p2f_cli::access::operator_from_env() {
-        let (credentials, root) = Credentials::operator(&dir)
-            .with_context(|| format!("P2F_OPERATOR={}", dir.display()))?;
-        let address = std::env::var("P2F_ROOT").unwrap_or(root);
-        return Ok(Network::connect(&address, &credentials)?);
+    if let Some(client) = p2f_cli::access::operator_client() {
+        return client.context("the operator P2F_OPERATOR names");
     }
     let config = AgentConfig::load(&target.config)
         .map_err(anyhow::Error::from)

@@ -817,14 +817,7 @@ impl ClusterFiles {
     }
 
     fn read_required(&self, name: &str) -> Result<String, ClusterError> {
-        let path = self.dir.join(name);
-        fs::read_to_string(&path).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                ClusterError::Missing { path }
-            } else {
-                ClusterError::io("read", &path, e)
-            }
-        })
+        read(&self.dir.join(name))
     }
 }
 
@@ -1037,18 +1030,15 @@ impl Credentials {
     }
 }
 
+/// A trust file's text; [`ClusterError::Missing`] when it is not there.
 fn read(path: &Path) -> Result<String, ClusterError> {
-    std::fs::read_to_string(path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
+    fs::read_to_string(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
             ClusterError::Missing {
-                path: PathBuf::from(path),
+                path: path.to_owned(),
             }
         } else {
-            ClusterError::Io {
-                action: "read",
-                path: path.to_owned(),
-                source,
-            }
+            ClusterError::io("read", path, e)
         }
     })
 }

@@ -107,13 +107,12 @@ impl JoinToken {
     /// A new token for the root at `root` (and `gossip`) of the cluster whose CA is `ca_pem`,
     /// with a fresh random secret.
     pub fn generate(root: String, gossip: Option<String>, ca_pem: String) -> JoinToken {
-        let mut bytes = [0u8; SECRET_BYTES];
-        rand::Rng::fill_bytes(&mut rand::rng(), &mut bytes);
+        // The same 32 random bytes in hex as a cluster secret.
         JoinToken {
             root,
             gossip,
             ca_pem,
-            secret: hex(&bytes),
+            secret: Secret::generate().expose().to_owned(),
         }
     }
 

@@ -340,9 +340,9 @@ async fn rotate(api: &RootApi, without: Option<&NodeName>) -> Result<RotationRep
     let new = api.gossip_keys.install(&secret, mesh)?;
     let mut installed: Vec<&(NodeName, crate::Network)> = Vec::new();
     for member in &members {
-        if let Err(e) = member.1.install_gossip_key(&secret).await {
+        if let Err(e) = bounded(&member.1, member.1.install_gossip_key(&secret)).await {
             for (_, client) in installed {
-                let _ = client.remove_gossip_key(new).await;
+                let _ = bounded(client, client.remove_gossip_key(new)).await;
             }
             let _ = api.gossip_keys.remove(new, mesh);
             return Err(failed(
@@ -354,18 +354,19 @@ async fn rotate(api: &RootApi, without: Option<&NodeName>) -> Result<RotationRep
         installed.push(member);
     }
     for (name, client) in &members {
-        client.use_gossip_key(new).await.map_err(|e| {
-            failed(
-                "switching to the new key (the old one stays accepted everywhere)",
-                name,
-                &e,
-            )
-        })?;
+        bounded(client, client.use_gossip_key(new))
+            .await
+            .map_err(|e| {
+                failed(
+                    "switching to the new key (the old one stays accepted everywhere)",
+                    name,
+                    &e,
+                )
+            })?;
     }
     api.gossip_keys.use_key(new, mesh)?;
     for (name, client) in &members {
-        client
-            .remove_gossip_key(old)
+        bounded(client, client.remove_gossip_key(old))
             .await
             .map_err(|e| failed("removing the old key", name, &e))?;
     }
@@ -442,7 +443,7 @@ async fn revoke(
             continue;
         };
         // A node that misses it fetches it from the root within a minute.
-        if let Err(e) = client.put_revoked(&list).await {
+        if let Err(e) = bounded(&client, client.put_revoked(&list)).await {
             tracing::warn!(node = %name, "cannot give the revocation list: {e}");
         }
     }
@@ -476,4 +477,26 @@ async fn remove_node(
     let (revoked, _) = revoke(&api, Role::Member, node.as_str(), Some(&node)).await?;
     let rotation = rotate(&api, Some(&node)).await?;
     Ok(Json(RemovalReport { revoked, rotation }))
+}
+
+/// How long the root waits for one node's answer in a rotation or a revocation (a node that
+/// hangs must not hold the others up for the client's 5 minutes).
+const NODE_CALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `call` to `client`'s node, given up after [`NODE_CALL_LIMIT`].
+async fn bounded<T>(
+    client: &crate::Network,
+    call: impl std::future::Future<Output = Result<T, crate::ClientError>>,
+) -> Result<T, crate::ClientError> {
+    tokio::time::timeout(NODE_CALL_LIMIT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::ClientError::Unreachable {
+                address: client.address().to_owned(),
+                detail: format!(
+                    "no answer within {}",
+                    p2f_model::format_duration(NODE_CALL_LIMIT)
+                ),
+            })
+        })
 }

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
@@ -63,11 +63,9 @@ pub struct TokenBook {
     entries: Mutex<Vec<Entry>>,
 }
 
+/// The wall clock in seconds since the Unix epoch.
 pub(crate) fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
+    p2f_model::Timestamp::now().0 / 1000
 }
 
 impl TokenBook {

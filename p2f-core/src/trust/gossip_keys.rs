@@ -99,14 +99,7 @@ impl GossipKeys {
 
     /// The ring for the mesh's configuration.
     pub fn ring(&self) -> KeyRing {
-        let secrets = self.lock();
-        let mut ring = KeyRing::new(&secrets[0]);
-        for secret in &secrets[1..] {
-            if let Err(e) = ring.install(secret) {
-                tracing::warn!("a saved gossip key is left out: {e}");
-            }
-        }
-        ring
+        ring_of(&self.lock())
     }
 
     /// The primary key's secret (what a joining member gets).
@@ -271,10 +264,13 @@ async fn remove(
     Ok(Json(api.keys.list()))
 }
 
+/// The ring of `secrets`, the first primary (a secret the ring refuses is left out, saying so).
 fn ring_of(secrets: &[Secret]) -> KeyRing {
     let mut ring = KeyRing::new(&secrets[0]);
     for secret in &secrets[1..] {
-        let _ = ring.install(secret);
+        if let Err(e) = ring.install(secret) {
+            tracing::warn!("a saved gossip key is left out: {e}");
+        }
     }
     ring
 }
