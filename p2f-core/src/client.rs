@@ -79,12 +79,19 @@ pub struct Network {
     authority: String,
     /// Where nodes reached by name are (shared by every clone).
     peers: Arc<PeerAddresses>,
+    /// Nodes dialed through a forwarder (shared by every clone).
+    detours: Arc<Detours>,
 }
 
 /// The addresses of nodes reached by name: `NAME.node.p2f` → host (an IP address or a name to
 /// look up), as [`Network::peer`] last said.
 #[derive(Debug, Default)]
 struct PeerAddresses(RwLock<HashMap<String, String>>);
+
+/// Nodes dialed somewhere else than where they publish their API: node name → `host:port` of
+/// a forwarder on this machine (a node behind NAT, reached through the root; `relay/`).
+#[derive(Debug, Default)]
+struct Detours(RwLock<HashMap<String, String>>);
 
 impl reqwest::dns::Resolve for PeerAddresses {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
@@ -138,6 +145,7 @@ impl Network {
             address: address.to_owned(),
             authority: address.to_owned(),
             peers,
+            detours: Arc::default(),
         })
     }
 
@@ -159,7 +167,17 @@ impl Network {
     /// The same client, talking to node `name` at `address` (`host:port`, as the node
     /// publishes it): the call goes to that address, but only a server whose certificate
     /// names node `name` (`NAME.node.p2f`) is accepted.
+    ///
+    /// A node with a detour ([`Network::set_detour`]) is dialed at its detour instead.
     pub fn peer(&self, name: &p2f_model::NodeName, address: &str) -> Network {
+        let detour = self
+            .detours
+            .0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name.as_str())
+            .cloned();
+        let address = detour.as_deref().unwrap_or(address);
         let (host, port) = split_host_port(address);
         let server_name = node_server_name(name.as_str());
         self.peers
@@ -175,6 +193,27 @@ impl Network {
             },
             ..self.clone()
         }
+    }
+
+    /// Dials node `name` at `address` (`host:port`, a forwarder on this machine) instead of
+    /// where it publishes its API, from now on, in this client and every clone; `None` ends
+    /// the detour. TLS still checks the node's name.
+    pub fn set_detour(&self, name: &p2f_model::NodeName, address: Option<String>) {
+        let mut detours = self.detours.0.write().unwrap_or_else(PoisonError::into_inner);
+        match address {
+            Some(address) => detours.insert(name.as_str().to_owned(), address),
+            None => detours.remove(name.as_str()),
+        };
+    }
+
+    /// Whether the root reaches the calling member's API at `api` (`GET /v1/relay/probe`).
+    pub async fn relay_probe(&self, api: &str) -> Result<crate::wire::RelayProbeAnswer, ClientError> {
+        let query = crate::wire::RelayProbe { api: api.to_owned() };
+        let path = format!(
+            "/v1/relay/probe?{}",
+            query_pair("api", &query.api)
+        );
+        self.call(Method::GET, &path, None::<&()>).await
     }
 
     /// Every node of the network as the node this client talks to knows it.
@@ -550,6 +589,24 @@ async fn expect_success(
         message,
         findings,
     })
+}
+
+/// The host of `host:port` (an IPv6 literal without its brackets).
+pub(crate) fn host_of(address: &str) -> &str {
+    split_host_port(address).0
+}
+
+/// `name=value` with the value percent-encoded for a query string.
+fn query_pair(name: &str, value: &str) -> String {
+    let mut out = format!("{name}=");
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// `host:port` split, an IPv6 literal without its brackets; no port when there is none.

@@ -114,6 +114,57 @@ pub struct NodeStatus {
     /// Its available memory (`MemAvailable`), in bytes, as it last published it.
     #[serde(default)]
     pub memory_available: Option<u64>,
+    /// How its API is reached: `direct` (where it publishes it) or `root` (through its link
+    /// to the root: it is behind NAT).
+    #[serde(default)]
+    pub reach: Reach,
+    /// Its link to the root, as the root sees it (only in the root's answer, for nodes
+    /// reached through the root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkInfo>,
+}
+
+/// How a node's API is reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reach {
+    /// Where the node publishes its API.
+    #[default]
+    Direct,
+    /// Through the node's link to the root (the node is behind NAT).
+    Root,
+}
+
+/// A node's link to the root, as the root sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkInfo {
+    /// Whether the link is up now.
+    pub linked: bool,
+    /// Since when, in milliseconds ago.
+    pub since_ms: u64,
+    /// The last ping's round-trip time through the link, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_us: Option<u64>,
+}
+
+/// Query of `GET /v1/relay/probe` (the root): the API address the calling member publishes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayProbe {
+    /// `host:port`.
+    pub api: String,
+}
+
+/// `GET /v1/relay/probe`: whether the root reached the member's API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayProbeAnswer {
+    /// Whether TCP and TLS to a server holding the member's certificate worked within 3 s.
+    pub reachable: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// `PUT /v1/deployment` (on the root): the services the network should run.
@@ -245,6 +296,13 @@ pub struct TunnelQuery {
     /// Only this generation of the process (a copy the root replaced is refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+    /// The port to open: the process's own (default) or the target of one of its public ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// `tcp` (default: the upgraded connection carries bytes) or `udp` (it carries datagrams,
+    /// each framed as its length in 2 bytes, big-endian, then its bytes).
+    #[serde(default)]
+    pub protocol: crate::reach::Protocol,
 }
 
 /// `GET /v1/routes` (the root): where the ingress listens and each domain's route.

@@ -39,7 +39,7 @@ use crate::wire::{RouteInfo, RoutesReport};
 use acme::{ACME_TLS_ALPN, AcmeConfig, Challenges};
 use certs::{Certificates, Issuer, LocalCa};
 use routes::RouteTable;
-use upstream::{Local, LocalProcesses, ThroughAgent, Upstream, UpstreamError};
+use upstream::{Local, LocalProcesses, Relayed, ThroughAgent, Upstream, UpstreamError};
 
 /// ALPN of the ingress's HTTPS listener: HTTP/2, HTTP/1.1, and TLS-ALPN-01's `acme-tls/1`
 /// (which only ACME validators offer, alone; see [`certs::Certificates`]).
@@ -129,9 +129,12 @@ impl Ingress {
         ca: ClusterCa,
         credentials: &crate::cluster::Credentials,
         local: LocalProcesses,
+        linked: Arc<dyn crate::reach::PortOpener>,
     ) -> Result<Ingress, IngressError> {
-        let through_agent: Arc<dyn Upstream> =
-            Arc::new(ThroughAgent::new(records.clone(), credentials)?);
+        let through_agent: Arc<dyn Upstream> = Arc::new(Relayed::new(
+            linked,
+            Arc::new(ThroughAgent::new(records.clone(), credentials)?),
+        ));
         let upstream: Arc<dyn Upstream> = if direct_path_enabled() {
             Arc::new(Local::new(local, through_agent))
         } else {

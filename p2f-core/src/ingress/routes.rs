@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use p2f_model::{Health, NodeName, Process, ProcessId, RestartPolicy, Status};
 
+use crate::reach::{PortRequest, Protocol};
 use crate::records::precedence::{self, Candidate, Origin};
 
 /// Where a serving copy is: what the ingress asks an [`super::upstream::Upstream`] to reach.
@@ -20,6 +21,21 @@ pub struct Target {
     pub node: NodeName,
     /// Its port on that node (reached on the node's loopback).
     pub port: u16,
+    /// TCP (a domain, a public TCP port) or UDP (a public UDP port: the stream carries framed
+    /// datagrams).
+    pub protocol: Protocol,
+}
+
+impl Target {
+    /// What the node that runs it is asked to open.
+    pub fn port_request(&self) -> PortRequest {
+        PortRequest {
+            id: self.id.clone(),
+            generation: Some(self.generation),
+            protocol: self.protocol,
+            port: Some(self.port),
+        }
+    }
 }
 
 /// One domain's route.
@@ -104,6 +120,7 @@ pub fn serving(process: &Process) -> Option<Target> {
     let port = process.port?;
     let healthy = process.spec.health() == Health::None || process.passed_health_check();
     (process.is_running() && healthy).then(|| Target {
+        protocol: Protocol::Tcp,
         id: process.id.clone(),
         generation: process.generation,
         node: process.node.name.clone(),

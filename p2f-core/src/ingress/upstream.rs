@@ -30,8 +30,7 @@ use hyper::Uri;
 use hyper::header;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
-use p2f_model::{NodeName, Process, ProcessId, Status};
-use tokio::io::{AsyncRead, AsyncWrite};
+use p2f_model::NodeName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -39,6 +38,7 @@ use super::routes::Target;
 use crate::cluster::Credentials;
 use crate::cluster::{ClusterError, client_config_for};
 use crate::identity::node_server_name;
+use crate::reach::{OpenError, PortOpener};
 use crate::records::Records;
 use crate::wire::TUNNEL_PROTOCOL;
 
@@ -48,9 +48,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most of an agent's refusal that is read (its one-line JSON error).
 const REFUSAL_LIMIT: usize = 4096;
 
-/// A byte stream to a process.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+pub use crate::reach::{Io, LocalProcesses};
 
 /// Why a process could not be reached.
 #[derive(Debug, thiserror::Error)]
@@ -199,8 +197,11 @@ async fn open_tunnel(
     });
     // The query is `TunnelQuery`: only this copy.
     let path = format!(
-        "/v1/processes/{}/tunnel?generation={}",
-        target.id, target.generation
+        "/v1/processes/{}/tunnel?generation={}&port={}&protocol={}",
+        target.id,
+        target.generation,
+        target.port,
+        target.protocol.as_str()
     );
     let request = hyper::Request::get(path)
         .header(header::HOST, server_name)
@@ -234,106 +235,6 @@ async fn open_tunnel(
     Ok(Box::new(TokioIo::new(upgraded)))
 }
 
-/// The longest connecting to one loopback address of a local process's port may take (as the
-/// agent's tunnel).
-const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// The processes of the node the ingress runs on, as that node's supervisor has them now:
-/// what [`Local`] checks a target against. `node/mod.rs` builds it from the root's
-/// `Supervisor` (the ingress never names `node`).
-#[derive(Clone)]
-pub struct LocalProcesses {
-    node: NodeName,
-    host: String,
-    find: Arc<FindProcess>,
-}
-
-/// How [`LocalProcesses`] looks a process up: its supervisor's record of the id, now.
-type FindProcess = dyn Fn(&ProcessId) -> Option<Process> + Send + Sync;
-
-impl std::fmt::Debug for LocalProcesses {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalProcesses")
-            .field("node", &self.node)
-            .field("host", &self.host)
-            .finish_non_exhaustive()
-    }
-}
-
-impl LocalProcesses {
-    /// The processes of node `node` (whose own address is `host`, tried after loopback),
-    /// looked up by `find` (the supervisor's record of an id, now).
-    pub fn new(
-        node: NodeName,
-        host: impl Into<String>,
-        find: impl Fn(&ProcessId) -> Option<Process> + Send + Sync + 'static,
-    ) -> LocalProcesses {
-        LocalProcesses {
-            node,
-            host: host.into(),
-            find: Arc::new(find),
-        }
-    }
-
-    /// The node they run on.
-    pub fn node(&self) -> &NodeName {
-        &self.node
-    }
-
-    /// The port of `target` if this node may open it now, with the checks of the agent's
-    /// tunnel (`node/tunnel.rs`): the process is here (else 404), `Running` (else 409), of the
-    /// target's generation (409), with a port (409); and that port is the target's (409).
-    fn check(&self, target: &Target) -> Result<u16, UpstreamError> {
-        let refused = |status: u16, message: String| UpstreamError::LocalRefused {
-            node: self.node.clone(),
-            status,
-            message,
-        };
-        let id = &target.id;
-        let process =
-            (self.find)(id).ok_or_else(|| refused(404, format!("no process {id} here")))?;
-        let conflict = |message: String| refused(409, message);
-        if process.status != Status::Running {
-            return Err(conflict(format!(
-                "{id} is not running here ({})",
-                process.status
-            )));
-        }
-        if target.generation != process.generation {
-            return Err(conflict(format!(
-                "{id} runs here with generation {}, not {}",
-                process.generation, target.generation
-            )));
-        }
-        let port = process
-            .port
-            .ok_or_else(|| conflict(format!("{id} has no port")))?;
-        if port != target.port {
-            return Err(conflict(format!(
-                "{id} runs here on port {port}, not {}",
-                target.port
-            )));
-        }
-        Ok(port)
-    }
-
-    /// Where `port` is tried, in order: `127.0.0.1`, `::1`, then the node's own address (as
-    /// the agent's tunnel).
-    fn candidates(&self, port: u16) -> Vec<std::net::SocketAddr> {
-        let mut candidates: Vec<std::net::SocketAddr> = vec![
-            (std::net::Ipv4Addr::LOCALHOST, port).into(),
-            (std::net::Ipv6Addr::LOCALHOST, port).into(),
-        ];
-        if let Ok(ip) = self.host.parse::<std::net::IpAddr>()
-            && !ip.is_loopback()
-            && !ip.is_unspecified()
-        {
-            candidates.push((ip, port).into());
-        }
-        candidates
-    }
-}
-
 /// Reaches a process on its own node (see [`LocalProcesses`]) directly on loopback, after the
 /// checks the agent's tunnel makes; any other target through the upstream it wraps.
 pub struct Local {
@@ -356,7 +257,7 @@ impl Local {
     }
 
     fn is_local(&self, target: &Target) -> bool {
-        target.node == self.processes.node
+        target.node == *self.processes.node()
     }
 }
 
@@ -365,24 +266,22 @@ impl Upstream for Local {
         if !self.is_local(target) {
             return self.others.connect(target);
         }
-        let checked = self.processes.check(target);
-        let node = target.node.clone();
-        let candidates = checked
-            .as_ref()
-            .map(|port| self.processes.candidates(*port))
-            .unwrap_or_default();
+        let (processes, request, node) = (
+            self.processes.clone(),
+            target.port_request(),
+            target.node.clone(),
+        );
         Box::pin(async move {
-            let port = checked?;
-            let open = connect_local(port, candidates);
-            let stream = tokio::time::timeout(CONNECT_TIMEOUT, open)
+            let open = processes.open(&request);
+            let opened = tokio::time::timeout(CONNECT_TIMEOUT, open)
                 .await
                 .map_err(|_| UpstreamError::Timeout { node: node.clone() })?
-                .map_err(|message| UpstreamError::LocalRefused {
+                .map_err(|refusal| UpstreamError::LocalRefused {
                     node,
-                    status: 502,
-                    message,
+                    status: refusal.status,
+                    message: refusal.message,
                 })?;
-            Ok(Box::new(stream) as Box<dyn Io>)
+            Ok(opened.into_io())
         })
     }
 
@@ -395,26 +294,61 @@ impl Upstream for Local {
     }
 }
 
-/// A connection to `port` at the first of `candidates` that takes it; else the agent's
-/// tunnel's 502 message.
-async fn connect_local(
-    port: u16,
-    candidates: Vec<std::net::SocketAddr>,
-) -> Result<TcpStream, String> {
-    let mut last = String::new();
-    for address in candidates {
-        match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(address)).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
-            }
-            Ok(Err(e)) => last = format!("{address}: {e}"),
-            Err(_) => last = format!("{address}: no answer within {LOCAL_CONNECT_TIMEOUT:?}"),
+/// Reaches the processes of nodes behind NAT through their link to the root (the `opener`,
+/// the relay's hub); any other target through the upstream it wraps.
+pub struct Relayed {
+    opener: Arc<dyn PortOpener>,
+    others: Arc<dyn Upstream>,
+}
+
+impl std::fmt::Debug for Relayed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relayed").finish_non_exhaustive()
+    }
+}
+
+impl Relayed {
+    /// Targets on nodes `opener` handles through it, the rest through `others`.
+    pub fn new(opener: Arc<dyn PortOpener>, others: Arc<dyn Upstream>) -> Relayed {
+        Relayed { opener, others }
+    }
+}
+
+impl Upstream for Relayed {
+    fn connect(&self, target: &Target) -> BoxFuture<'static, Result<Box<dyn Io>, UpstreamError>> {
+        let Some(open) = self.opener.open(&target.node, target.port_request()) else {
+            return self.others.connect(target);
+        };
+        let node = target.node.clone();
+        Box::pin(async move {
+            tokio::time::timeout(CONNECT_TIMEOUT, open)
+                .await
+                .map_err(|_| UpstreamError::Timeout { node: node.clone() })?
+                .map_err(|e| match e {
+                    OpenError::Refused(refusal) => UpstreamError::Refused {
+                        node,
+                        status: refusal.status,
+                        message: refusal.message,
+                    },
+                    OpenError::Unreachable(detail) => UpstreamError::Agent {
+                        node,
+                        address: "its link to the root".into(),
+                        detail,
+                    },
+                })
+        })
+    }
+
+    fn describe(&self, target: &Target) -> String {
+        if self.opener.handles(&target.node) {
+            format!(
+                "link {} → 127.0.0.1:{}",
+                target.node, target.port
+            )
+        } else {
+            self.others.describe(target)
         }
     }
-    Err(format!(
-        "port {port} does not answer on this machine ({last})"
-    ))
 }
 
 /// The targets the proxy sends requests to, by the URI authority it gave each.
@@ -518,6 +452,7 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
+    use crate::reach::Protocol;
 
     fn target(node: &str, generation: u64, port: u16) -> Target {
         Target {
@@ -525,6 +460,7 @@ mod tests {
             generation,
             node: NodeName::new(node).expect("node"),
             port,
+            protocol: Protocol::Tcp,
         }
     }
 
@@ -630,7 +566,7 @@ mod tests {
                 Some(wiki(Status::Running, Some(8081))),
                 target("root", 2, 8080),
                 409,
-                "wiki runs here on port 8081, not 8080",
+                "wiki has no TCP port 8080 (its port: 8081)",
             ),
         ];
         for (process, target, status, message) in cases {
@@ -694,6 +630,7 @@ mod tests {
             generation,
             node: NodeName::new(node).expect("node"),
             port: 8080,
+            protocol: Protocol::Tcp,
         };
         let a = targets.authority(&target("pi", 1));
         assert_eq!(a, targets.authority(&target("pi", 1)));

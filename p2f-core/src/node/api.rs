@@ -41,6 +41,8 @@ struct Api {
     records: Option<Records>,
     /// Sources of this node's records that run nothing (the root's unplaced records).
     unrun: Arc<[Arc<dyn LocalRecords>]>,
+    /// The root's end of members' links (`GET /v1/nodes` shows them).
+    hub: Option<crate::relay::hub::Hub>,
 }
 
 /// The parts of a node's control API.
@@ -57,6 +59,8 @@ pub struct ApiParts {
     pub records: Option<Records>,
     /// Sources of this node's records that run nothing (the root's unplaced records).
     pub unrun: Vec<Arc<dyn LocalRecords>>,
+    /// The root's end of members' links.
+    pub hub: Option<crate::relay::hub::Hub>,
 }
 
 /// The API's router: the node's routes and `features` (routers with their own state, such as
@@ -68,6 +72,7 @@ pub fn router(parts: ApiParts, features: Vec<Router>) -> Router {
         node: Arc::new(parts.node),
         records: parts.records,
         unrun: parts.unrun.into(),
+        hub: parts.hub,
     };
     let node = Router::new()
         .route("/v1/node", get(node_entry))
@@ -217,13 +222,31 @@ async fn node_entry(State(api): State<Api>) -> Json<Node> {
 
 async fn nodes(State(api): State<Api>) -> Json<Vec<NodeStatus>> {
     Json(match &api.records {
-        Some(records) => records.nodes(),
+        Some(records) => {
+            let mut nodes = records.nodes();
+            if let Some(hub) = &api.hub {
+                let links = hub.links();
+                for node in &mut nodes {
+                    node.link = links.get(&node.node.name).copied();
+                    if node.reach == crate::wire::Reach::Root && node.link.is_none() {
+                        node.link = Some(crate::wire::LinkInfo {
+                            linked: false,
+                            since_ms: 0,
+                            rtt_us: None,
+                        });
+                    }
+                }
+            }
+            nodes
+        }
         None => vec![NodeStatus {
             node: (*api.node).clone(),
             alive: true,
             incarnation: 0,
             processes: api.supervisor.len(),
             memory_available: super::os::memory_available(),
+            reach: crate::wire::Reach::Direct,
+            link: None,
         }],
     })
 }

@@ -34,6 +34,10 @@
 //! acme_directory = "https://acme-v02.api.letsencrypt.org/directory"  # the default
 //! acme_ca = "/etc/p2f/acme-ca.pem" # a CA to trust for the directory (default: the system's)
 //! acme_challenge = "auto"          # or "http-01", "tls-alpn-01"; auto: TLS-ALPN-01, then HTTP-01
+//!
+//! [relay]                          # members behind NAT (see relay/link.rs)
+//! via_root = "auto"                # true: always keep a link to the root; false: never;
+//!                                  # auto: when the root cannot reach this node's API
 //! ```
 
 use std::collections::BTreeMap;
@@ -99,6 +103,56 @@ pub struct AgentConfig {
     /// nodes. Without the section there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<IngressSettings>,
+    /// How a member behind NAT is reached (its link to the root).
+    #[serde(default, skip_serializing_if = "RelaySettings::is_default")]
+    pub relay: RelaySettings,
+}
+
+/// `[relay]`: whether a member keeps a link to the root.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySettings {
+    /// `true`, `false` or `"auto"` (the default: link when the root cannot reach this node).
+    #[serde(default, with = "via_root")]
+    pub via_root: crate::relay::link::ViaRoot,
+}
+
+impl RelaySettings {
+    fn is_default(&self) -> bool {
+        *self == RelaySettings::default()
+    }
+}
+
+/// `via_root`: a boolean or `"auto"`.
+mod via_root {
+    use crate::relay::link::ViaRoot;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &ViaRoot, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            ViaRoot::Auto => s.serialize_str("auto"),
+            ViaRoot::Always => s.serialize_bool(true),
+            ViaRoot::Never => s.serialize_bool(false),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        Bool(bool),
+        Text(String),
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ViaRoot, D::Error> {
+        match Given::deserialize(d)? {
+            Given::Bool(true) => Ok(ViaRoot::Always),
+            Given::Bool(false) => Ok(ViaRoot::Never),
+            Given::Text(text) if text == "auto" => Ok(ViaRoot::Auto),
+            Given::Text(text) => Err(serde::de::Error::custom(format!(
+                "relay.via_root = {text:?}: use true, false or \"auto\""
+            ))),
+        }
+    }
 }
 
 /// Where the root serves each service's `domain`, and how long a request waits for a copy.
@@ -386,6 +440,7 @@ impl AgentConfig {
             supervisor: SupervisorConfig::default(),
             mesh: None,
             ingress: None,
+            relay: RelaySettings::default(),
         }
     }
 
@@ -476,6 +531,27 @@ mod tests {
             (Duration::from_millis(500), 32.0)
         );
         assert_eq!(AgentConfig::parse(&config.to_toml()), Ok(config));
+    }
+
+    #[test]
+    fn relay_via_root_is_a_boolean_or_auto() {
+        use crate::relay::link::ViaRoot;
+        for (given, expected) in [
+            ("", ViaRoot::Auto),
+            ("[relay]\n", ViaRoot::Auto),
+            ("[relay]\nvia_root = \"auto\"\n", ViaRoot::Auto),
+            ("[relay]\nvia_root = true\n", ViaRoot::Always),
+            ("[relay]\nvia_root = false\n", ViaRoot::Never),
+        ] {
+            let text = format!("name = \"pi\"\ndata_dir = \"d\"\n{given}");
+            let config = AgentConfig::parse(&text).expect("parses");
+            assert_eq!(config.relay.via_root, expected, "{given}");
+            let again = AgentConfig::parse(&config.to_toml()).expect("round trip");
+            assert_eq!(again.relay, config.relay);
+        }
+        let bad = "name = \"pi\"\ndata_dir = \"d\"\n[relay]\nvia_root = \"yes\"\n";
+        let e = AgentConfig::parse(bad).expect_err("refused");
+        assert!(e.contains("use true, false or \"auto\""), "{e}");
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::cluster::Credentials;
 use crate::cluster::{ClusterCa, ClusterError, ClusterFiles, NodeCert};
 use crate::identity::Role;
 use crate::ingress::acme::{AcmeConfig, LETS_ENCRYPT};
-use crate::ingress::upstream::LocalProcesses;
+use crate::reach::LocalProcesses;
 use crate::ingress::{Ingress, IngressConfig, IngressError};
 use crate::records::listing::Listed;
 use crate::records::{CatchUp, LocalRecords, Origin, Records};
@@ -128,6 +128,8 @@ struct Network {
     ingress: Option<Ingress>,
     features: Vec<axum::Router>,
     unrun: Vec<Arc<dyn LocalRecords>>,
+    /// The root's end of members' links.
+    hub: Option<crate::relay::hub::Hub>,
 }
 
 impl Agent {
@@ -203,7 +205,8 @@ impl Agent {
                 credentials: &credentials,
                 revoked: &revoked,
             };
-            let network = start_network(&config, role, trust, &node, &supervisor, store).await?;
+            let network =
+                start_network(&config, role, trust, &node, address, &supervisor, store).await?;
             if let Some(records) = &network.records {
                 records.track(tokio::spawn(watch_gossip(records.clone(), failed_tx)));
             }
@@ -213,6 +216,7 @@ impl Agent {
                 node: node.clone(),
                 records: network.records.clone(),
                 unrun: network.unrun,
+                hub: network.hub,
             };
             let mut features = network.features;
             features.push(tunnel::routes(supervisor.clone()));
@@ -345,6 +349,7 @@ async fn start_network(
     role: NodeRole,
     trust: Trust<'_>,
     node: &Node,
+    api: SocketAddr,
     supervisor: &Supervisor,
     store: Arc<Store>,
 ) -> Result<Network, AgentError> {
@@ -357,8 +362,12 @@ async fn start_network(
                 records: None,
                 root: None,
                 ingress: None,
-                features: vec![crate::ingress::api::elsewhere()],
+                features: vec![
+                    crate::ingress::api::elsewhere(),
+                    crate::relay::hub::elsewhere(),
+                ],
                 unrun: Vec::new(),
+                hub: None,
             });
         }
     };
@@ -383,6 +392,19 @@ async fn start_network(
             records.clone(),
             Arc::clone(revoked),
         )));
+        let link = crate::relay::link::LinkConfig {
+            via_root: config.relay.via_root,
+            api,
+            advertised_api: node.api_address().unwrap_or_default(),
+            root: config.root.clone(),
+            credentials: credentials.clone(),
+            processes: local_processes(supervisor),
+        };
+        records.track(tokio::spawn(crate::relay::link::run(records.clone(), link)));
+        records.track(tokio::spawn(crate::relay::detour::run(
+            records.clone(),
+            credentials.clone(),
+        )));
     }
     if role != NodeRole::Root {
         if config.ingress.is_some() {
@@ -395,10 +417,18 @@ async fn start_network(
             features: vec![
                 crate::root::api::elsewhere(),
                 crate::ingress::api::elsewhere(),
+                crate::relay::hub::elsewhere(),
             ],
             unrun: Vec::new(),
+            hub: None,
         });
     }
+    let hub = crate::relay::hub::Hub::new(
+        records.client().clone(),
+        credentials.clone(),
+        Arc::clone(revoked),
+    );
+    records.track(tokio::spawn(hub.clone().follow(records.clone())));
     let ingress = match &config.ingress {
         Some(settings) if settings.enabled => {
             let ingress_config = IngressConfig {
@@ -417,17 +447,15 @@ async fn start_network(
                     dir: config.data_dir.join("acme"),
                 }),
             };
-            // The root's own processes are reached directly, checked against its supervisor.
-            let (own, at) = (supervisor.clone(), supervisor.node().clone());
-            let local = LocalProcesses::new(at.name, at.address, move |id: &ProcessId| {
-                own.find(&p2f_model::ProcessKey::Id(id.clone()))
-            });
+            // The root's own processes are reached directly, checked against its supervisor;
+            // linked members' through their links.
             let started = Ingress::start(
                 ingress_config,
                 records.clone(),
                 ca.clone(),
                 credentials,
-                local,
+                local_processes(supervisor),
+                Arc::new(hub.clone()),
             )
             .await;
             match started {
@@ -476,8 +504,22 @@ async fn start_network(
         records: Some(records),
         root: Some(root),
         ingress,
-        features: vec![routes, ingress_routes],
+        features: vec![
+            routes,
+            ingress_routes,
+            crate::relay::hub::routes(hub.clone()),
+        ],
         unrun: vec![unplaced],
+        hub: Some(hub),
+    })
+}
+
+/// This node's processes as its supervisor has them now: what a request to open one of their
+/// ports is checked against.
+fn local_processes(supervisor: &Supervisor) -> LocalProcesses {
+    let (own, at) = (supervisor.clone(), supervisor.node().clone());
+    LocalProcesses::new(at.name, at.address, move |id: &ProcessId| {
+        own.find(&p2f_model::ProcessKey::Id(id.clone()))
     })
 }
 

@@ -1,12 +1,12 @@
-//! The agent's end of the ingress's tunnel: `GET /v1/processes/{id}/tunnel[?generation=N]`
-//! with `Connection: upgrade` and `Upgrade: p2f-tunnel` (authenticated like every route of the
-//! control API, over its TLS). For a process this agent runs, `Running`, with a port, it
-//! connects to that port on this machine's loopback (`127.0.0.1`, then `::1`, then the node's
-//! own address), answers `101 Switching Protocols` and splices the two connections. Only the
-//! ports of this agent's own running processes can be opened, never an arbitrary one.
-
-use std::net::SocketAddr;
-use std::time::Duration;
+//! The agent's end of the ingress's tunnel:
+//! `GET /v1/processes/{id}/tunnel[?generation=N&port=P&protocol=tcp|udp]` with
+//! `Connection: upgrade` and `Upgrade: p2f-tunnel` (authenticated like every route of the
+//! control API, over its TLS). For a process this agent runs, `Running`, it opens the port
+//! (the process's own, or the target of one of its public ports: `reach::check`) on this
+//! machine — TCP on loopback first (`127.0.0.1`, then `::1`, then the node's own address), UDP
+//! from a loopback socket — answers `101 Switching Protocols` and splices the two: bytes for
+//! TCP, framed datagrams for UDP. Only the ports of this agent's own running processes can be
+//! opened, never an arbitrary one.
 
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
@@ -15,21 +15,23 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper_util::rt::TokioIo;
-use p2f_model::{ProcessKey, Status};
-use tokio::net::TcpStream;
+use p2f_model::ProcessKey;
 
 use super::supervisor::Supervisor;
 use crate::api_error::{ApiError, parse_id};
+use crate::reach::{PortRequest, Refusal};
 use crate::wire::{TUNNEL_PROTOCOL, TunnelQuery};
-
-/// The longest the agent tries to connect to the process's port.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The tunnel's route, for the node's API.
 pub fn routes(supervisor: Supervisor) -> Router {
     Router::new()
         .route("/v1/processes/{id}/tunnel", get(open))
         .with_state(supervisor)
+}
+
+fn refused(refusal: Refusal) -> ApiError {
+    let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::CONFLICT);
+    ApiError::new(status, refusal.message)
 }
 
 async fn open(
@@ -53,31 +55,21 @@ async fn open(
     let process = supervisor
         .find(&ProcessKey::Id(id.clone()))
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no process {id} here")))?;
-    let conflict = |why: String| ApiError::new(StatusCode::CONFLICT, why);
-    if process.status != Status::Running {
-        return Err(conflict(format!(
-            "{id} is not running here ({})",
-            process.status
-        )));
-    }
-    if let Some(generation) = query.generation
-        && generation != process.generation
-    {
-        return Err(conflict(format!(
-            "{id} runs here with generation {}, not {generation}",
-            process.generation
-        )));
-    }
-    let port = process
-        .port
-        .ok_or_else(|| conflict(format!("{id} has no port")))?;
-    let stream = connect_local(port, &supervisor.node().address).await?;
+    let port_request = PortRequest {
+        id: id.clone(),
+        generation: query.generation,
+        protocol: query.protocol,
+        port: query.port,
+    };
+    let (protocol, port) = crate::reach::check(&process, &port_request).map_err(refused)?;
+    let opened = crate::reach::open(protocol, port, &supervisor.node().address)
+        .await
+        .map_err(refused)?;
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         match upgrade.await {
             Ok(upgraded) => {
-                let (mut tunnel, mut stream) = (TokioIo::new(upgraded), stream);
-                if let Err(e) = tokio::io::copy_bidirectional(&mut tunnel, &mut stream).await {
+                if let Err(e) = opened.splice(TokioIo::new(upgraded)).await {
                     tracing::debug!(%id, "tunnel ended: {e}");
                 }
             }
@@ -92,32 +84,4 @@ async fn open(
         ],
     )
         .into_response())
-}
-
-/// A connection to `port` on this machine: loopback first (a service may bind only there),
-/// then the node's own address.
-async fn connect_local(port: u16, own_host: &str) -> Result<TcpStream, ApiError> {
-    let mut candidates: Vec<SocketAddr> = vec![([127, 0, 0, 1], port).into()];
-    candidates.push((std::net::Ipv6Addr::LOCALHOST, port).into());
-    if let Ok(ip) = own_host.parse::<std::net::IpAddr>()
-        && !ip.is_loopback()
-        && !ip.is_unspecified()
-    {
-        candidates.push((ip, port).into());
-    }
-    let mut last = String::new();
-    for address in candidates {
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
-            }
-            Ok(Err(e)) => last = format!("{address}: {e}"),
-            Err(_) => last = format!("{address}: no answer within {CONNECT_TIMEOUT:?}"),
-        }
-    }
-    Err(ApiError::new(
-        StatusCode::BAD_GATEWAY,
-        format!("port {port} does not answer on this machine ({last})"),
-    ))
 }

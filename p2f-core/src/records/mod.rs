@@ -26,6 +26,7 @@ pub use precedence::Origin;
 
 use crate::Network;
 use crate::mesh::{Member, Mesh, MeshError, keys};
+use crate::wire::Reach;
 use listing::Listed;
 use precedence::Candidate;
 use state::State;
@@ -178,6 +179,27 @@ impl Records {
         &self.inner.mesh
     }
 
+    /// This node's name.
+    pub fn node(&self) -> &NodeName {
+        &self.inner.node
+    }
+
+    /// The cluster's client these records reach other nodes with (every clone shares its
+    /// detours: `Network::set_detour`).
+    pub fn client(&self) -> &Network {
+        &self.inner.client
+    }
+
+    /// The other nodes that publish `reach = root` (behind NAT, reached through the root).
+    pub fn reached_via_root(&self) -> Vec<NodeName> {
+        lock(&self.inner.state)
+            .members
+            .iter()
+            .filter(|(member, _)| reach_of(member) == Reach::Root)
+            .map(|(member, _)| member.node.clone())
+            .collect()
+    }
+
     /// A receiver that changes whenever what this node knows changes (a local record, another
     /// node's digest or liveness, a fetched record).
     pub fn changes(&self) -> watch::Receiver<u64> {
@@ -203,6 +225,8 @@ impl Records {
                 incarnation: member.incarnation,
                 processes: count(member),
                 memory_available: memory_of(member),
+                reach: reach_of(member),
+                link: None,
             })
             .collect();
         nodes.push(NodeStatus {
@@ -211,6 +235,8 @@ impl Records {
             incarnation: self.inner.mesh.incarnation(),
             processes: local,
             memory_available: state.own.as_ref().and_then(memory_of),
+            reach: state.own.as_ref().map(reach_of).unwrap_or_default(),
+            link: None,
         });
         nodes.sort_by(|a, b| a.node.name.cmp(&b.node.name));
         nodes
@@ -374,6 +400,13 @@ impl Records {
 }
 
 /// The memory a member publishes as available, in bytes.
+fn reach_of(member: &Member) -> Reach {
+    match member.values.get(keys::REACH).map(String::as_str) {
+        Some(keys::REACH_VIA_ROOT) => Reach::Root,
+        _ => Reach::Direct,
+    }
+}
+
 fn memory_of(member: &Member) -> Option<u64> {
     member.values.get(keys::MEMORY).and_then(|v| v.parse().ok())
 }

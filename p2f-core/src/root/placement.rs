@@ -109,6 +109,8 @@ pub(crate) mod tests {
             incarnation: 1,
             processes: 0,
             memory_available: free_mib.map(|mib| mib * 1024 * 1024),
+            reach: crate::wire::Reach::Direct,
+            link: None,
         }
     }
 
