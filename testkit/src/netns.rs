@@ -308,3 +308,97 @@ impl Drop for Firewall {
             .status();
     }
 }
+
+/// A home network behind a NAT router: a namespace `…-TAG-home` (address `192.168.SUBNET.2`,
+/// its default route through the router) plugged into the namespace of a [`Lan`] node that
+/// acts as its router (`192.168.SUBNET.1` on its side). The router forwards and masquerades
+/// what the home sends out and drops every new connection from the LAN towards the home, as a
+/// home router without port forwarding does: nothing on the LAN has a route in.
+#[derive(Debug)]
+pub struct Nat {
+    home: Netns,
+    router: String,
+    subnet: u8,
+}
+
+const NAT_TABLE: &str = "p2f_tk_masquerade";
+
+impl Nat {
+    /// A home behind the LAN node `router` of `lan`.
+    pub fn behind(lan: &Lan, router: &str, tag: &str, subnet: u8) -> Result<Nat> {
+        require("nft", "nftables")?;
+        let home = Netns::create(format!("p2f-tk-{}-{tag}-home", std::process::id()))?;
+        let router_ns = lan.ns(router).to_owned();
+        let nat = Nat {
+            home,
+            router: router_ns.clone(),
+            subnet,
+        };
+        let home_ns = nat.home.name.clone();
+        ip(&[
+            "-n", &router_ns, "link", "add", "home0", "type", "veth", "peer", "name", "eth0",
+            "netns", &home_ns,
+        ])?;
+        let router_address = format!("192.168.{subnet}.1/24");
+        ip(&["-n", &router_ns, "addr", "add", &router_address, "dev", "home0"])?;
+        ip(&["-n", &router_ns, "link", "set", "home0", "up"])?;
+        let home_address = format!("{}/24", nat.ip());
+        ip(&["-n", &home_ns, "addr", "add", &home_address, "dev", "eth0"])?;
+        ip(&["-n", &home_ns, "link", "set", "eth0", "up"])?;
+        let gateway = format!("192.168.{subnet}.1");
+        ip(&["-n", &home_ns, "route", "add", "default", "via", &gateway])?;
+        run(exec_in(&router_ns, "sysctl").args(["-qw", "net.ipv4.ip_forward=1"]))?;
+        let rules = format!(
+            "table ip {NAT_TABLE} {{
+                chain postrouting {{
+                    type nat hook postrouting priority srcnat; policy accept;
+                    oifname \"eth0\" masquerade
+                }}
+                chain forward {{
+                    type filter hook forward priority filter; policy drop;
+                    iifname \"home0\" accept
+                    ct state established,related accept
+                    counter drop
+                }}
+            }}"
+        );
+        let mut nft = exec_in(&router_ns, "nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("run nft")?;
+        nft.stdin
+            .take()
+            .context("nft's stdin")?
+            .write_all(rules.as_bytes())
+            .context("write the rules to nft")?;
+        let out = nft.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(nat)
+    }
+
+    /// The home's namespace.
+    pub fn ns(&self) -> &str {
+        self.home.name()
+    }
+
+    /// The home's address (`192.168.SUBNET.2`), private: nothing outside routes to it.
+    pub fn ip(&self) -> String {
+        format!("192.168.{}.2", self.subnet)
+    }
+}
+
+impl Drop for Nat {
+    fn drop(&mut self) {
+        let _ = exec_in(&self.router, "nft")
+            .args(["delete", "table", "ip", NAT_TABLE])
+            .stderr(Stdio::null())
+            .status();
+    }
+}

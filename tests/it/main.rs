@@ -11,6 +11,7 @@ mod model;
 mod network;
 mod p2prc;
 mod partition;
+mod relay;
 mod root;
 mod rules;
 mod strategies;

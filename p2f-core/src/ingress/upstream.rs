@@ -448,7 +448,7 @@ impl hyper::rt::Write for Conn {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use p2f_model::{NodeRef, ProcessSpec, Timestamp};
+    use p2f_model::{NodeRef, Process, ProcessId, ProcessSpec, Status, Timestamp};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
@@ -560,7 +560,7 @@ mod tests {
                 Some(wiki(Status::Running, None)),
                 target("root", 2, 8080),
                 409,
-                "wiki has no port",
+                "wiki has no TCP port 8080 (its port: none)",
             ),
             (
                 Some(wiki(Status::Running, Some(8081))),

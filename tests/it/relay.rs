@@ -1,0 +1,207 @@
+//! A member behind a real NAT: its home namespace sits behind a router namespace that
+//! masquerades (nftables) with no way in, so nothing on the LAN can open a connection to it.
+//! It keeps a link to the root, and everything reaches it through that link: placements,
+//! logs, kills, the ingress. The root restarted, the link comes back and nothing is re-placed;
+//! the node SIGKILLed, its service moves to a LAN node.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use p2f::core::Network;
+use p2f::core::wire::{NodeStatus, Reach};
+use p2f::model::{Health, NodeName, ProcessSpec};
+use p2f_testkit::netns::{Lan, Nat, block_on_in};
+use p2f_testkit::procs::require;
+use p2f_testkit::{Agent, eventually, p2f_bin};
+
+use crate::support::{agent, log_containing, running, service_port};
+
+/// How long a converging network may take here.
+const CONVERGE: Duration = Duration::from_secs(60);
+
+/// A web server on loopback only that says which node it runs on.
+fn web(pins: &[&str], port: u16) -> ProcessSpec {
+    ProcessSpec::new(
+        "web",
+        "mkdir -p site && echo \"hello from $P2F_NODE\" > site/index.html && \
+         exec python3 -u -m http.server \"$PORT\" --bind 127.0.0.1 --directory site",
+    )
+    .with_port(port)
+    .with_domain("web.home.arpa")
+    .with_health(Health::Http("/".into()))
+    .with_pin(pins.iter().map(|n| NodeName::new(*n).expect("node name")))
+}
+
+/// `node`'s entry in the root's list, once `ready` holds for it.
+async fn node_when(
+    root: &Network,
+    node: &str,
+    what: &str,
+    ready: impl Fn(&NodeStatus) -> bool,
+) -> Result<NodeStatus> {
+    eventually(&format!("{node} {what}"), CONVERGE, || {
+        let root = root.clone();
+        let ready = &ready;
+        async move {
+            let nodes = root.nodes().await.ok()?;
+            let status = nodes.into_iter().find(|n| n.node.name.as_str() == node)?;
+            ready(&status).then_some(status)
+        }
+    })
+    .await
+}
+
+fn linked(status: &NodeStatus) -> bool {
+    status.alive && status.reach == Reach::Root && status.link.is_some_and(|l| l.linked)
+}
+
+/// The page the ingress serves for web.home.arpa, fetched with curl from this namespace.
+async fn page(root: &Agent) -> Result<String> {
+    let report = root.network().routes().await?;
+    let https: std::net::SocketAddr = report.https.parse()?;
+    let ca = root.cluster().ca_cert_path();
+    eventually("web.home.arpa through the ingress", CONVERGE, || {
+        let ca = ca.clone();
+        async move { curl(&ca, https).ok() }
+    })
+    .await
+}
+
+fn curl(ca: &Path, https: std::net::SocketAddr) -> Result<String> {
+    let resolve = format!("web.home.arpa:{}:{}", https.port(), https.ip());
+    let out = Command::new("curl")
+        .args(["-sS", "-f", "-m", "10", "--cacert"])
+        .arg(ca)
+        .args(["--resolve", &resolve])
+        .arg(format!("https://web.home.arpa:{}/", https.port()))
+        .output()
+        .context("run curl")?;
+    ensure!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn a_member_behind_nat_is_reached_through_its_link() -> Result<()> {
+    p2f_bin()?;
+    require("python3", "python3")?;
+    require("curl", "curl")?;
+    let lan = Lan::new("relay", 4, &["root", "b", "router"])?;
+    let home = Nat::behind(&lan, "router", "relay", 44)?;
+    let (mut root, b, mut nat) = block_on_in(lan.switch(), || async {
+        let root = agent("root")
+            .netns(lan.ns("root"))
+            .ip(&lan.ip("root"))
+            .init()?
+            .started()
+            .await?;
+        let b = agent("node-b")
+            .netns(lan.ns("b"))
+            .ip(&lan.ip("b"))
+            .join(&root)?
+            .started()
+            .await?;
+        // The join itself goes out through the NAT.
+        let mut nat = agent("node-nat")
+            .netns(home.ns())
+            .ip(&home.ip())
+            .join(&root)?;
+        nat.start_unreachable().await?;
+        root.all_alive(&["node-b", "node-nat", "root"]).await?;
+        anyhow::Ok((root, b, nat))
+    })?;
+
+    // The NAT is real: from the root's namespace, the member's API cannot be reached.
+    let api = nat.network().address().to_owned();
+    let direct = block_on_in(lan.ns("root"), || async {
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(&api))
+            .await
+            .is_ok_and(|connected| connected.is_ok())
+    });
+    ensure!(!direct, "the root must not reach {api} directly");
+
+    let port = service_port();
+    let id = block_on_in(lan.switch(), || async {
+        let network = root.network();
+        let status = node_when(network, "node-nat", "linked", linked).await?;
+        eprintln!("node-nat: {:?}", status.link);
+        // node-b runs one process already, so web (pinned to both) goes to node-nat.
+        let filler = ProcessSpec::new("filler", "exec sleep 1000")
+            .with_pin([NodeName::from_static("node-b")]);
+        let desired = network
+            .deploy(&[filler, web(&["node-nat", "node-b"], port)])
+            .await?;
+        let id = desired
+            .services
+            .iter()
+            .find(|s| s.spec.name() == "web")
+            .context("web in the desired state")?
+            .id
+            .clone();
+        let placed = running(network, std::slice::from_ref(&id), 1).await?;
+        ensure!(
+            placed[0].node.name.as_str() == "node-nat",
+            "web runs on {}, not node-nat",
+            placed[0].node.name
+        );
+        // The ingress reaches it through the link.
+        let body = page(&root).await?;
+        ensure!(body.contains("hello from node-nat"), "{body}");
+        // Its logs come through the link too (the root forwards the call to node-nat).
+        log_containing(network, &id, "GET / ", CONVERGE).await?;
+        // And so does a node on the LAN, through the root.
+        let on_b = b
+            .client()?
+            .process_information(p2f::model::ProcessKey::Id(id.clone()))
+            .await?
+            .context("web known on node-b")?;
+        ensure!(on_b.node.name.as_str() == "node-nat");
+        log_containing(&b.client()?, &id, "GET / ", CONVERGE).await?;
+        anyhow::Ok(id)
+    })?;
+    let pids = nat.os_copies(&id);
+    ensure!(pids.len() == 1, "web runs once on node-nat: {pids:?}");
+
+    // The root restarts: the link comes back, and nothing is placed again.
+    root.sigterm()?;
+    block_on_in(lan.switch(), || async {
+        root.start().await?;
+        node_when(root.network(), "node-nat", "linked again", linked).await?;
+        let body = page(&root).await?;
+        ensure!(body.contains("hello from node-nat"), "{body}");
+        let all = root.network().list_processes().await?;
+        let web = all.iter().find(|p| p.id == id).context("web listed")?;
+        ensure!(
+            web.generation == 1 && web.node.name.as_str() == "node-nat",
+            "web was placed again: generation {} on {}",
+            web.generation,
+            web.node.name
+        );
+        anyhow::Ok(())
+    })?;
+    ensure!(
+        nat.os_copies(&id) == pids,
+        "web restarted on node-nat: {pids:?} → {:?}",
+        nat.os_copies(&id)
+    );
+
+    // node-nat dies: web moves to node-b, and the ingress follows.
+    nat.kill_node()?;
+    block_on_in(lan.switch(), || async {
+        let moved = running(root.network(), std::slice::from_ref(&id), 2).await?;
+        ensure!(moved[0].node.name.as_str() == "node-b");
+        let body = eventually("web from node-b", CONVERGE, || async {
+            page(&root).await.ok().filter(|b| b.contains("node-b"))
+        })
+        .await?;
+        ensure!(body.contains("hello from node-b"), "{body}");
+        anyhow::Ok(())
+    })?;
+    drop((root, b, nat));
+    Ok(())
+}
