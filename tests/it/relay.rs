@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use p2f::core::Network;
 use p2f::core::wire::{NodeStatus, Reach};
 use p2f::model::{Health, NodeName, ProcessSpec};
@@ -171,7 +171,9 @@ fn a_member_behind_nat_is_reached_through_its_link() -> Result<()> {
     root.sigterm()?;
     block_on_in(lan.switch(), || async {
         root.start().await?;
-        node_when(root.network(), "node-nat", "linked again", linked).await?;
+        if let Err(e) = node_when(root.network(), "node-nat", "linked again", linked).await {
+            bail!("{e:#}\nnode-nat:\n{}\nroot:\n{}", nat.log_tail(30), root.log_tail(30));
+        }
         let body = page(&root).await?;
         ensure!(body.contains("hello from node-nat"), "{body}");
         let all = root.network().list_processes().await?;
