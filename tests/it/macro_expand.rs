@@ -165,6 +165,7 @@ fn public() {
     use p2f::model::{Protocol, PublicPort};
     let home = &PUBLIC;
     assert_snapshot!("public", format!("{home:#?}"));
+    let ssh = PublicPort::new(Protocol::Tcp, 8022, 22);
     let by_hand = Deployment::owned(
         Vec::new(),
         vec![
@@ -175,8 +176,7 @@ fn public() {
                     PublicPort::udp(25565),
                     PublicPort::new(Protocol::Udp, 19132, 19133),
                 ]),
-            ProcessSpec::new("ssh", "/usr/sbin/sshd -D")
-                .with_public([PublicPort::new(Protocol::Tcp, 8022, 22)]),
+            ProcessSpec::new("ssh", "/usr/sbin/sshd -D").with_public([ssh]),
             ProcessSpec::new("worker", "sleep infinity"),
         ],
     );
