@@ -39,6 +39,6 @@ pub mod prelude {
     pub use crate::deployment;
     pub use p2f_model::{
         Deployment, Failure, Health, NodeName, Process, ProcessId, ProcessKey, ProcessSpec,
-        RestartPolicy, Status, Strategy,
+        PublicPort, RestartPolicy, Status, Strategy,
     };
 }

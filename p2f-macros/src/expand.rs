@@ -5,13 +5,17 @@
 //! crosses the proc-macro bridge and is parsed, resolved and type-checked again by rustc): paths
 //! are imported once under `__p2f`/`__B`/`__S`/`__N` aliases, each service is one call of a local
 //! `const fn __spec(..)` (which builds `ProcessSpec::from_parts(SpecParts { .. })`) with its
-//! fields in `SpecParts` order, and equal slices (`pin`, `after`, `env`, bundle files) share one
-//! named `const`. See BENCHMARKS.md, "deployment! build cost".
+//! fields in `SpecParts` order, and equal slices (`public`, `pin`, `after`, `env`, bundle files)
+//! share one named `const`. See BENCHMARKS.md, "deployment! build cost".
+//!
+//! `public` is the exception to that order: `__spec` takes it as its last parameter, and only
+//! when some service of the deployment has public ports (otherwise it writes `public: __B(&[])`
+//! itself), so a deployment without them costs no token more per service.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
-use p2f_model::{Health, RestartPolicy, SpecParts, Strategy};
+use p2f_model::{Health, Protocol, RestartPolicy, SpecParts, Strategy};
 use proc_macro2::{Ident, Span, TokenStream};
 use quote::{ToTokens, format_ident, quote};
 
@@ -48,11 +52,20 @@ fn stub(errors: Errors) -> TokenStream {
 
 fn expand(input: &Input) -> TokenStream {
     let mut consts = Consts::default();
+    let with_public = input.services.iter().any(|s| !s.parts.public.is_empty());
     let services: Vec<TokenStream> = input
         .services
         .iter()
-        .map(|s| service(s, &mut consts))
+        .map(|s| service(s, with_public, &mut consts))
         .collect();
+    let (public_param, public) = if with_public {
+        (
+            quote!(public: &'static [__p2f::PublicPort],),
+            quote!(__B(public)),
+        )
+    } else {
+        (TokenStream::new(), quote!(__B(&[])))
+    };
     let nodes = input.nodes.iter().map(|node| {
         let name = node.as_str();
         quote!(__p2f::NodeName::from_static(#name))
@@ -86,6 +99,7 @@ fn expand(input: &Input) -> TokenStream {
             env: &'static [__p2f::EnvVar],
             user: ::core::option::Option<&'static str>,
             bundle: &'static [__p2f::BundleFile],
+            #public_param
         ) -> __p2f::ProcessSpec {
             __p2f::ProcessSpec::from_parts(__p2f::SpecParts {
                 name: __B(name),
@@ -94,6 +108,7 @@ fn expand(input: &Input) -> TokenStream {
                 port,
                 strategy,
                 domain: __text(domain),
+                public: #public,
                 pin: __B(pin),
                 after: __B(after),
                 health,
@@ -180,12 +195,13 @@ fn opt(text: Option<&str>) -> TokenStream {
     }
 }
 
-/// One service: `__spec(..)` with the fields of `SpecParts` in order.
+/// One service: `__spec(..)` with the fields of `SpecParts` in order (`public` last, and only
+/// `with_public`: when `__spec` takes it).
 ///
 /// Longer than 100 lines on purpose: it is one `quote!` arm per field and per variant of
 /// `Strategy`, `Health` and `RestartPolicy`, read top to bottom against `SpecParts`; split up,
 /// the order that must match `__spec`'s parameters would no longer be visible in one place.
-fn service(service: &Service, consts: &mut Consts) -> TokenStream {
+fn service(service: &Service, with_public: bool, consts: &mut Consts) -> TokenStream {
     let SpecParts {
         name,
         start,
@@ -193,6 +209,7 @@ fn service(service: &Service, consts: &mut Consts) -> TokenStream {
         port,
         strategy,
         domain,
+        public,
         pin,
         after,
         health,
@@ -304,8 +321,32 @@ fn service(service: &Service, consts: &mut Consts) -> TokenStream {
                 .collect()
         },
     );
+    let public = with_public.then(|| {
+        let slice = consts.slice(
+            "PUBLIC",
+            public
+                .iter()
+                .map(|p| format!("{}:{}:{}", p.protocol(), p.public(), p.target()))
+                .collect(),
+            quote!(__p2f::PublicPort),
+            || {
+                public
+                    .iter()
+                    .map(|p| {
+                        let protocol = match p.protocol() {
+                            Protocol::Tcp => quote!(__p2f::Protocol::Tcp),
+                            Protocol::Udp => quote!(__p2f::Protocol::Udp),
+                        };
+                        let (from, to) = (p.public(), p.target());
+                        quote!(__p2f::PublicPort::new(#protocol, #from, #to))
+                    })
+                    .collect()
+            },
+        );
+        quote!(, #slice)
+    });
     quote!(__spec(
         #name, #start, #stop, #port, #strategy, #domain, #pin, #after, #health, #restart,
-        #grace_ms, #env, #user, #bundle
+        #grace_ms, #env, #user, #bundle #public
     ))
 }

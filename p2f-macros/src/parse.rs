@@ -6,8 +6,8 @@ use std::collections::{BTreeSet, HashMap};
 
 use p2f_model::validate::{self, Field};
 use p2f_model::{
-    Bundle, BundleFile, DEFAULT_GRACE, EnvVar, Health, Location, NameError, NodeName,
-    RestartPolicy, SpecParts, Strategy, parse_duration,
+    Bundle, BundleFile, DEFAULT_GRACE, EnvVar, Health, Location, NameError, NodeName, Protocol,
+    PublicPort, RestartPolicy, SpecParts, Strategy, parse_duration,
 };
 use proc_macro2::{TokenStream, TokenTree};
 use quote::ToTokens;
@@ -156,6 +156,7 @@ fn service(
         port: None,
         strategy: Strategy::Shell,
         domain: None,
+        public: Cow::Borrowed(&[]),
         pin: Cow::Borrowed(&[]),
         after: Cow::Borrowed(&[]),
         health: None,
@@ -266,7 +267,8 @@ impl FieldCx<'_> {
                 )?))
             }
             Field::User => parts.user = Some(Cow::Owned(string(input, "an OS user name")?)),
-            Field::Port => parts.port = Some(port(input)?),
+            Field::Port => parts.port = Some(port(input, validate::port)?),
+            Field::Public => parts.public = Cow::Owned(self.public(input)?),
             Field::Strategy => parts.strategy = self.strategy(input)?,
             Field::Health => parts.health = Some(health(input)?),
             Field::Restart => parts.restart = restart(input)?,
@@ -348,6 +350,40 @@ impl FieldCx<'_> {
         Ok(())
     }
 
+    /// `[Tcp(N), Udp(N), Tcp(PUBLIC => TARGET), ..]`, each entry's tokens kept as its anchor.
+    /// Every bad entry is reported, then the field as a whole is rejected.
+    fn public(&mut self, input: ParseStream<'_>) -> syn::Result<Vec<PublicPort>> {
+        let list;
+        bracketed!(list in input);
+        let mut ports = Vec::new();
+        let mut bad = Errors::default();
+        let mut i = 0;
+        while !list.is_empty() {
+            let mut entry = TokenStream::new();
+            while !list.is_empty() && !list.peek(Token![,]) {
+                entry.extend([list.parse::<TokenTree>()?]);
+            }
+            if entry.is_empty() {
+                return Err(list.error("expected a public port before `,`"));
+            }
+            match public_port.parse2(entry.clone()) {
+                Ok(port) => ports.push(port),
+                Err(e) => bad.push(e),
+            }
+            self.anchors
+                .insert(Location::Item(self.n, Field::Public, i), entry);
+            i += 1;
+            if list.is_empty() {
+                break;
+            }
+            list.parse::<Token![,]>()?;
+        }
+        match bad.into_error() {
+            Some(error) => Err(error),
+            None => Ok(ports),
+        }
+    }
+
     /// `Shell | Script("file") | Nix("installable") | Ansible("playbook") | Custom("command")`.
     fn strategy(&mut self, input: ParseStream<'_>) -> syn::Result<Strategy> {
         let (kind, arg) = variant(
@@ -399,8 +435,11 @@ fn not_a_literal(input: ParseStream<'_>, what: &str) -> syn::Error {
     }
 }
 
-/// `1..=65535`.
-fn port(input: ParseStream<'_>) -> syn::Result<u16> {
+/// A port number, in the range `check` allows (`1..=65535`).
+fn port(input: ParseStream<'_>, check: fn(u64) -> Result<u16, String>) -> syn::Result<u16> {
+    if input.peek(LitStr) {
+        return Err(input.error("expected an integer literal 1..=65535, not a string"));
+    }
     if !input.peek(LitInt) {
         return Err(not_a_literal(input, "an integer literal 1..=65535"));
     }
@@ -412,7 +451,48 @@ fn port(input: ParseStream<'_>) -> syn::Result<u16> {
         ));
     }
     let n: u64 = lit.base10_parse().unwrap_or(u64::MAX);
-    validate::port(n).map_err(|e| syn::Error::new(lit.span(), e))
+    check(n).map_err(|e| syn::Error::new(lit.span(), e))
+}
+
+/// One public port: `Tcp(N)`, `Udp(N)` (public N → the process's N), or `Tcp(PUBLIC =>
+/// TARGET)`.
+fn public_port(input: ParseStream<'_>) -> syn::Result<PublicPort> {
+    const NAMES: [&str; 2] = ["Tcp", "Udp"];
+    let kind: Ident = input.parse().map_err(|e| {
+        syn::Error::new(
+            e.span(),
+            "expected a public port: `Tcp(N)`, `Udp(N)` or `Tcp(PUBLIC => TARGET)`",
+        )
+    })?;
+    let protocol = match kind.to_string().as_str() {
+        "Tcp" => Protocol::Tcp,
+        "Udp" => Protocol::Udp,
+        other => return Err(unknown_variant(&kind, other, &NAMES, "a protocol")),
+    };
+    if !input.peek(syn::token::Paren) {
+        return Err(syn::Error::new(
+            kind.span(),
+            format!("`{kind}` needs a port, e.g. `{kind}(25565)` or `{kind}(8022 => 22)`"),
+        ));
+    }
+    let args;
+    parenthesized!(args in input);
+    let public = port(&args, validate::public_port)?;
+    let target = if args.peek(Token![=>]) {
+        args.parse::<Token![=>]>()?;
+        port(&args, validate::public_port)?
+    } else {
+        public
+    };
+    if !args.is_empty() {
+        return Err(args.error(format!(
+            "expected `)`: a public port is `{kind}(N)` or `{kind}(PUBLIC => TARGET)`"
+        )));
+    }
+    if !input.is_empty() {
+        return Err(input.error("expected `,` between public ports"));
+    }
+    Ok(PublicPort::new(protocol, public, target))
 }
 
 /// `500ms`, `10s`, `2m`, `1h` (or the same in a string literal).

@@ -44,6 +44,16 @@ fn every_field() {
 }
 
 #[test]
+fn public_ports() {
+    // `__spec` takes `public` only because a service has some; equal lists share a `const`.
+    insta::assert_snapshot!(expand(quote! {
+        service mc { start: "java -jar server.jar", port: 25565, public: [Tcp(25565), Udp(19132)] }
+        service ssh { start: "sshd -D", public: [Tcp(8022 => 22)] }
+        service worker { start: "sleep infinity" }
+    }));
+}
+
+#[test]
 fn embedded_files() {
     // Resolved against this crate's manifest directory, as for a user's crate.
     insta::assert_snapshot!(expand(quote! {

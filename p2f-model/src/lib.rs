@@ -20,7 +20,8 @@ pub use process::{
     Event, EventKind, Failure, NodeRef, Process, ProcessKey, Rejection, Status, Timestamp, Unfit,
 };
 pub use spec::{
-    Bundle, BundleFile, DEFAULT_GRACE, Deployment, EnvVar, Health, ProcessSpec, RestartPolicy,
-    SpecParts, Strategy, is_local_nix_path, normalize_bundle_path, shebang,
+    Bundle, BundleFile, DEFAULT_GRACE, Deployment, EnvVar, Health, ProcessSpec, Protocol,
+    PublicPort, RestartPolicy, SpecParts, Strategy, is_local_nix_path, normalize_bundle_path,
+    shebang,
 };
 pub use validate::{Field, Finding, Invalid, Location, Rule};

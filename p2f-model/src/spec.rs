@@ -290,6 +290,126 @@ impl Bundle {
     }
 }
 
+/// The transport of a public port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP (`"tcp"` in JSON).
+    Tcp,
+    /// UDP (`"udp"` in JSON).
+    Udp,
+}
+
+impl Protocol {
+    /// The protocol's name as written in `deployment!` (`Tcp`, `Udp`).
+    pub const fn kind(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "Tcp",
+            Protocol::Udp => "Udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    /// `TCP` or `UDP`, as messages name them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// A port the root opens to the outside for a service, forwarded to port `target` of the
+/// service's process on whichever node runs it now: `Tcp(25565)` (public 25565 → 25565) or
+/// `Tcp(8022 => 22)` (public 8022 → 22) in `deployment!`.
+///
+/// JSON: `{"protocol": "tcp", "public": 8022, "target": 22}`, always written with all three
+/// keys; `target` may be left out when reading, and is then `public`. Nothing is checked here:
+/// port 0, a port claimed twice and one the root itself holds are findings of
+/// [`crate::validate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "public_port_json::Loose")]
+pub struct PublicPort {
+    protocol: Protocol,
+    public: u16,
+    target: u16,
+}
+
+impl PublicPort {
+    /// Public `public` forwarded to the process's `target` (usable in `const`).
+    pub const fn new(protocol: Protocol, public: u16, target: u16) -> PublicPort {
+        PublicPort {
+            protocol,
+            public,
+            target,
+        }
+    }
+
+    /// TCP `port` forwarded to the same port of the process: `Tcp(port)`.
+    pub const fn tcp(port: u16) -> PublicPort {
+        PublicPort::new(Protocol::Tcp, port, port)
+    }
+
+    /// UDP `port` forwarded to the same port of the process: `Udp(port)`.
+    pub const fn udp(port: u16) -> PublicPort {
+        PublicPort::new(Protocol::Udp, port, port)
+    }
+
+    /// TCP or UDP.
+    pub const fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// The port opened on the root.
+    pub const fn public(&self) -> u16 {
+        self.public
+    }
+
+    /// The port of the process it is forwarded to.
+    pub const fn target(&self) -> u16 {
+        self.target
+    }
+}
+
+impl fmt::Display for PublicPort {
+    /// As written in `deployment!`: `Tcp(25565)`, `Udp(8022 => 22)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = self.protocol.kind();
+        if self.public == self.target {
+            write!(f, "{kind}({})", self.public)
+        } else {
+            write!(f, "{kind}({} => {})", self.public, self.target)
+        }
+    }
+}
+
+/// A public port read from JSON, where `target` defaults to `public`.
+mod public_port_json {
+    use serde::Deserialize;
+
+    use super::{Protocol, PublicPort};
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Loose {
+        protocol: Protocol,
+        public: u16,
+        #[serde(default)]
+        target: Option<u16>,
+    }
+
+    impl From<Loose> for PublicPort {
+        fn from(loose: Loose) -> PublicPort {
+            PublicPort::new(
+                loose.protocol,
+                loose.public,
+                loose.target.unwrap_or(loose.public),
+            )
+        }
+    }
+}
+
 /// The fields of a `ProcessSpec`, spelled out: what `deployment!` writes, and what a user can
 /// write by hand in a `const` (`ProcessSpec::from_parts(SpecParts { .. })`).
 #[derive(Debug, Clone)]
@@ -306,6 +426,8 @@ pub struct SpecParts {
     pub strategy: Strategy,
     /// The domain name the root routes to it.
     pub domain: Option<Text>,
+    /// The ports the root opens to the outside for it; empty: none.
+    pub public: Cow<'static, [PublicPort]>,
     /// The nodes it may run on; empty: any node.
     pub pin: Cow<'static, [NodeName]>,
     /// Services of the same deployment that start before it.
@@ -341,6 +463,8 @@ pub struct ProcessSpec {
     strategy: Strategy,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     domain: Option<Text>,
+    #[serde(default, skip_serializing_if = "<[_]>::is_empty")]
+    public: Cow<'static, [PublicPort]>,
     #[serde(default, skip_serializing_if = "<[_]>::is_empty")]
     pin: Cow<'static, [NodeName]>,
     #[serde(default, skip_serializing_if = "<[_]>::is_empty")]
@@ -379,6 +503,7 @@ impl ProcessSpec {
                 port: (*p).port,
                 strategy: std::ptr::read(&raw const (*p).strategy),
                 domain: std::ptr::read(&raw const (*p).domain),
+                public: std::ptr::read(&raw const (*p).public),
                 pin: std::ptr::read(&raw const (*p).pin),
                 after: std::ptr::read(&raw const (*p).after),
                 health: std::ptr::read(&raw const (*p).health),
@@ -401,6 +526,7 @@ impl ProcessSpec {
             port: None,
             strategy: Strategy::Shell,
             domain: None,
+            public: Cow::Borrowed(&[]),
             pin: Cow::Borrowed(&[]),
             after: Cow::Borrowed(&[]),
             health: None,
@@ -421,6 +547,7 @@ impl ProcessSpec {
             port: self.port,
             strategy: self.strategy.clone(),
             domain: self.domain.clone(),
+            public: self.public.clone(),
             pin: self.pin.clone(),
             after: self.after.clone(),
             health: self.health.clone(),
@@ -452,6 +579,7 @@ impl ProcessSpec {
                     self.strategy() != other.strategy() || self.bundle() != other.bundle()
                 }
                 Field::Domain => self.domain() != other.domain(),
+                Field::Public => self.public() != other.public(),
                 Field::Pin => self.pin() != other.pin(),
                 Field::After => !self.after().eq(other.after()),
                 Field::Health => self.declared_health() != other.declared_health(),
@@ -486,6 +614,10 @@ impl ProcessSpec {
     /// The domain name, if any.
     pub fn domain(&self) -> Option<&str> {
         self.domain.as_deref()
+    }
+    /// The ports the root opens to the outside for it, in declaration order; empty: none.
+    pub fn public(&self) -> &[PublicPort] {
+        &self.public
     }
     /// The nodes it may run on; empty means any node.
     pub fn pin(&self) -> &[NodeName] {
@@ -555,6 +687,11 @@ impl ProcessSpec {
     /// A copy with this domain.
     pub fn with_domain(&self, domain: impl Into<String>) -> ProcessSpec {
         self.with(|p| p.domain = Some(Cow::Owned(domain.into())))
+    }
+    /// A copy with these public ports (replacing any it had; empty: none).
+    pub fn with_public(&self, ports: impl IntoIterator<Item = PublicPort>) -> ProcessSpec {
+        let ports: Vec<PublicPort> = ports.into_iter().collect();
+        self.with(|p| p.public = Cow::Owned(ports))
     }
     /// A copy pinned to these nodes (empty: any node).
     pub fn with_pin(&self, nodes: impl IntoIterator<Item = NodeName>) -> ProcessSpec {

@@ -7,7 +7,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Deployment, NodeName, ProcessSpec, Strategy};
+use crate::{Deployment, NodeName, ProcessSpec, Protocol, Strategy};
 
 /// A field of a `service` block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -18,6 +18,7 @@ pub enum Field {
     Stop,
     Strategy,
     Domain,
+    Public,
     Pin,
     After,
     Health,
@@ -29,12 +30,13 @@ pub enum Field {
 
 impl Field {
     /// Every field, in the order the language documents them.
-    pub const ALL: [Field; 12] = [
+    pub const ALL: [Field; 13] = [
         Field::Start,
         Field::Port,
         Field::Stop,
         Field::Strategy,
         Field::Domain,
+        Field::Public,
         Field::Pin,
         Field::After,
         Field::Health,
@@ -52,6 +54,7 @@ impl Field {
             Field::Stop => "stop",
             Field::Strategy => "strategy",
             Field::Domain => "domain",
+            Field::Public => "public",
             Field::Pin => "pin",
             Field::After => "after",
             Field::Health => "health",
@@ -86,7 +89,7 @@ pub enum Location {
     Service(usize),
     /// The value of a field of service `n`.
     Field(usize, Field),
-    /// Item `i` of a list field (`pin`, `after`, `env`) of service `n`.
+    /// Item `i` of a list field (`public`, `pin`, `after`, `env`) of service `n`.
     Item(usize, Field, usize),
 }
 
@@ -105,7 +108,7 @@ pub enum Rule {
     NotALiteral,
     /// A service name that is not an identifier.
     InvalidServiceName,
-    /// Port 0 or above 65535.
+    /// Port 0 or above 65535 (in `port` or in a public port).
     PortOutOfRange,
     /// Two services with one name.
     DuplicateService,
@@ -134,6 +137,10 @@ pub enum Rule {
     /// An embedded script or playbook the shell would misread: Windows (CRLF) line ends, or a
     /// byte-order mark.
     FileContent,
+    /// One public port (protocol and number) claimed twice in a deployment.
+    DuplicatePublicPort,
+    /// A public port that the root itself holds (its ingress's HTTP or HTTPS port).
+    ReservedPublicPort,
     /// A string the OS cannot take (a NUL byte in a command, an env value or a user name; an
     /// empty user or one with `:`, `/` or spaces).
     NotAnOsString,
@@ -226,6 +233,7 @@ impl ProcessSpec {
         let single = Deployment::owned(Vec::new(), vec![self.clone()]);
         let mut findings = Vec::new();
         single_spec(0, self, &mut findings);
+        public_ports(&single, &mut findings);
         if findings.is_empty() {
             Ok(())
         } else {
@@ -268,15 +276,33 @@ pub fn unknown_field(name: &str, service: usize) -> Finding {
 
 /// Rule: a port is 1..=65535 (0 means "any" to the OS, which a record cannot track).
 pub fn port(n: u64) -> Result<u16, String> {
+    port_in_range(n, "omit `port` for a worker without one")
+}
+
+/// Rule: both numbers of a public port (`Tcp(PUBLIC => TARGET)`) are 1..=65535: the root
+/// cannot open "any port" for the outside, nor forward to one.
+pub fn public_port(n: u64) -> Result<u16, String> {
+    port_in_range(n, "a public port is forwarded from and to a fixed port")
+}
+
+fn port_in_range(n: u64, why_not_zero: &str) -> Result<u16, String> {
     match u16::try_from(n) {
-        Ok(0) => Err(
-            "port 0 is not allowed: use 1..=65535 (omit `port` for a worker without one)"
-                .to_owned(),
-        ),
+        Ok(0) => Err(format!(
+            "port 0 is not allowed: use 1..=65535 ({why_not_zero})"
+        )),
         Ok(p) => Ok(p),
         Err(_) => Err(format!("port {n} is out of range: use 1..=65535")),
     }
 }
+
+/// The ports the root's ingress listens on by default (`p2f init` writes HTTP on 80, HTTPS on
+/// 443), as `(protocol, port, holder)` for [`public_port_clashes`]. [`deployment`] (and so
+/// the macro, which cannot see the root's configuration) keeps these free of public ports;
+/// the root checks the ports it really holds with [`public_port_clashes`].
+pub const INGRESS_PORTS: [(Protocol, u16, &str); 2] = [
+    (Protocol::Tcp, 80, "the ingress (HTTP)"),
+    (Protocol::Tcp, 443, "the ingress (HTTPS)"),
+];
 
 /// Rule: a domain is an RFC 1123 host name.
 pub fn dns_name(name: &str) -> Result<(), String> {
@@ -371,7 +397,15 @@ pub fn deployment(d: &Deployment) -> Vec<Finding> {
     after_names_services(d, &mut out);
     after_has_no_cycle(d, &mut out);
     ports_do_not_collide(d, &mut out);
+    public_ports(d, &mut out);
     out
+}
+
+/// The rules about public ports across a deployment: each is claimed once, and none is one of
+/// [`INGRESS_PORTS`].
+fn public_ports(d: &Deployment, out: &mut Vec<Finding>) {
+    public_ports_are_unique(d, out);
+    out.extend(public_port_clashes(d, &INGRESS_PORTS));
 }
 
 /// The rules about one spec on its own.
@@ -400,6 +434,21 @@ fn single_spec(n: usize, spec: &ProcessSpec, out: &mut Vec<Finding>) {
             Location::Field(n, Field::Port),
             e,
         ));
+    }
+    // A public port may forward to another port than `port` (a game's query port, SSH on
+    // 8022 → 22), and a service without `port` may have public ports: `port` is what the agent
+    // checks and hands over as `$PORT`, a public port only what the root forwards.
+    for (i, public) in spec.public().iter().enumerate() {
+        let bad = [public.public(), public.target()]
+            .into_iter()
+            .find_map(|p| public_port(p.into()).err());
+        if let Some(e) = bad {
+            out.push(Finding::new(
+                Rule::PortOutOfRange,
+                Location::Item(n, Field::Public, i),
+                e,
+            ));
+        }
     }
     if let Some(domain) = spec.domain() {
         // The root routes a domain to a port: without one there is nothing to route to.
@@ -728,4 +777,73 @@ fn ports_do_not_collide(d: &Deployment, out: &mut Vec<Finding>) {
             );
         }
     }
+}
+
+/// The root forwards a public port to one process: a second claim, in another service or the
+/// same one, could only take it from the first. TCP and UDP ports of one number are two
+/// ports. Reported at the second claim, naming the service of the first.
+fn public_ports_are_unique(d: &Deployment, out: &mut Vec<Finding>) {
+    let mut first: BTreeMap<(Protocol, u16), &str> = BTreeMap::new();
+    for (n, spec) in d.services().iter().enumerate() {
+        for (i, port) in spec.public().iter().enumerate() {
+            // Port 0 is out of range, reported once by `single_spec`.
+            if port.public() == 0 {
+                continue;
+            }
+            let key = (port.protocol(), port.public());
+            if let Some(other) = first.get(&key) {
+                out.push(
+                    Finding::new(
+                        Rule::DuplicatePublicPort,
+                        Location::Item(n, Field::Public, i),
+                        format!(
+                            "public {} port {} is already claimed by service `{other}`",
+                            port.protocol(),
+                            port.public()
+                        ),
+                    )
+                    .help(Some(format!(
+                        "pick another public port; `{}(PUBLIC => {})` still reaches port {} of the process",
+                        port.protocol().kind(),
+                        port.target(),
+                        port.target()
+                    ))),
+                );
+            } else {
+                first.insert(key, spec.name());
+            }
+        }
+    }
+}
+
+/// Rule: no public port of `d` is one the root itself holds. `reserved` lists those as
+/// `(protocol, port, holder)`, the holder named in the message: [`INGRESS_PORTS`] at compile
+/// time; at run time the root's configured ingress ports (and anything else it listens on).
+///
+/// Returns one [`Rule::ReservedPublicPort`] finding per clashing entry, at
+/// `Location::Item(service, Field::Public, entry)`, in declaration order; empty when none
+/// clashes. Pure: it looks at `d` and `reserved` only.
+pub fn public_port_clashes(d: &Deployment, reserved: &[(Protocol, u16, &str)]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for (n, spec) in d.services().iter().enumerate() {
+        for (i, port) in spec.public().iter().enumerate() {
+            let held = reserved.iter().find(|(protocol, number, _)| {
+                *protocol == port.protocol() && *number == port.public()
+            });
+            if let Some((protocol, number, holder)) = held {
+                out.push(
+                    Finding::new(
+                        Rule::ReservedPublicPort,
+                        Location::Item(n, Field::Public, i),
+                        format!("public {protocol} port {number} is the root's own: {holder} listens there"),
+                    )
+                    .help(Some(
+                        "serve the service with `domain: \"..\"` through the ingress instead, or pick another public port"
+                            .into(),
+                    )),
+                );
+            }
+        }
+    }
+    out
 }

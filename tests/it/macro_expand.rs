@@ -50,6 +50,25 @@ const FULL: Deployment = deployment! {
     }
 };
 
+/// Public ports: the same number over TCP and UDP, a forward to another port, a service
+/// without `port`, and one without public ports next to them.
+const PUBLIC: Deployment = deployment! {
+    service mc {
+        start: "java -jar server.jar",
+        port: 25565,
+        public: [Tcp(25565), Udp(25565), Udp(19132 => 19133)],
+    }
+
+    service ssh {
+        start: "/usr/sbin/sshd -D",
+        public: [Tcp(8022 => 22)],
+    }
+
+    service worker {
+        start: "sleep infinity",
+    }
+};
+
 /// The strategies that embed files, with the example files of this repository.
 const BUNDLES: Deployment = deployment! {
     service backup {
@@ -139,6 +158,30 @@ fn full() -> anyhow::Result<()> {
     assert_eq!(*home, by_hand);
     assert!(home.validate().is_ok(), "{:?}", home.validate());
     Ok(())
+}
+
+#[test]
+fn public() {
+    use p2f::model::{Protocol, PublicPort};
+    let home = &PUBLIC;
+    assert_snapshot!("public", format!("{home:#?}"));
+    let ssh = PublicPort::new(Protocol::Tcp, 8022, 22);
+    let by_hand = Deployment::owned(
+        Vec::new(),
+        vec![
+            ProcessSpec::new("mc", "java -jar server.jar")
+                .with_port(25565)
+                .with_public([
+                    PublicPort::tcp(25565),
+                    PublicPort::udp(25565),
+                    PublicPort::new(Protocol::Udp, 19132, 19133),
+                ]),
+            ProcessSpec::new("ssh", "/usr/sbin/sshd -D").with_public([ssh]),
+            ProcessSpec::new("worker", "sleep infinity"),
+        ],
+    );
+    assert_eq!(*home, by_hand);
+    assert!(home.validate().is_ok(), "{:?}", home.validate());
 }
 
 #[test]

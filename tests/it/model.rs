@@ -1,7 +1,8 @@
 //! The model as values: `const` deployments, serde round-trips of every record type.
 
 use p2f::model::{
-    Event, EventKind, Failure, NodeName, NodeRef, Process, ProcessId, ProcessKey, Status, Timestamp,
+    Event, EventKind, Failure, Field, NodeName, NodeRef, Process, ProcessId, ProcessKey, Protocol,
+    Status, Timestamp,
 };
 use p2f::prelude::*;
 
@@ -20,6 +21,7 @@ const HOME: Deployment = deployment! {
         user: "www-data",
     }
     service worker { start: "sleep 60", after: [web, db], restart: Never, strategy: Custom("true") }
+    service mc { start: "sleep 60", port: 25565, public: [Tcp(25565), Udp(19132), Tcp(8022 => 22)] }
 };
 
 #[test]
@@ -36,8 +38,18 @@ fn a_const_deployment_is_a_plain_value() {
         home.service("worker").map(|s| s.health()),
         Some(Health::None)
     );
+    let mc = home.service("mc").expect("mc is declared");
+    assert_eq!(
+        mc.public(),
+        [
+            PublicPort::tcp(25565),
+            PublicPort::udp(19132),
+            PublicPort::new(Protocol::Tcp, 8022, 22)
+        ]
+    );
+    assert!(home.service("web").is_some_and(|s| s.public().is_empty()));
     let order: Vec<&str> = home.start_order().iter().map(|s| s.name()).collect();
-    assert_eq!(order, ["db", "web", "worker"]);
+    assert_eq!(order, ["db", "web", "worker", "mc"]);
     assert!(home.validate().is_ok());
 }
 
@@ -50,6 +62,35 @@ fn deployments_round_trip_through_json() -> anyhow::Result<()> {
     let value: serde_json::Value = serde_json::from_str(&json)?;
     assert!(value["services"][0].get("health").is_none());
     assert_eq!(value["services"][0]["grace"], "2m");
+    assert!(value["services"][0].get("public").is_none());
+    Ok(())
+}
+
+/// A public port is written with all three keys; `target` may be left out when reading.
+#[test]
+fn public_ports_have_one_json_shape() -> anyhow::Result<()> {
+    let mc = HOME.service("mc").expect("mc is declared").clone();
+    let value = serde_json::to_value(&mc)?;
+    assert_eq!(
+        value["public"],
+        serde_json::json!([
+            { "protocol": "tcp", "public": 25565, "target": 25565 },
+            { "protocol": "udp", "public": 19132, "target": 19132 },
+            { "protocol": "tcp", "public": 8022, "target": 22 },
+        ])
+    );
+    assert_eq!(serde_json::from_value::<ProcessSpec>(value)?, mc);
+    let short: PublicPort = serde_json::from_str(r#"{"protocol":"udp","public":51820}"#)?;
+    assert_eq!(short, PublicPort::udp(51820));
+    assert_eq!(short.to_string(), "Udp(51820)");
+    assert_eq!(mc.public()[2].to_string(), "Tcp(8022 => 22)");
+    // A spec written before public ports existed still reads, with none.
+    let old: ProcessSpec = serde_json::from_str(r#"{"name":"a","start":"sleep 60"}"#)?;
+    assert!(old.public().is_empty());
+    // The plan sees a change of public ports, and only that.
+    let moved = mc.with_public([PublicPort::tcp(25566)]);
+    assert_eq!(mc.changed_fields(&moved), [Field::Public]);
+    assert!(mc.changed_fields(&mc.clone()).is_empty());
     Ok(())
 }
 

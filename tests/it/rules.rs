@@ -3,7 +3,7 @@
 //! `tests/ui` show the compile-time side).
 
 use p2f::model::validate::{self, Rule};
-use p2f::model::{Deployment, Health, NodeName, ProcessSpec, RestartPolicy};
+use p2f::model::{Deployment, Health, NodeName, ProcessSpec, Protocol, PublicPort, RestartPolicy};
 use serde_json::{Value, json};
 
 /// Parses `deployment` as JSON, validates it, and compares (rule, path) of every finding.
@@ -133,11 +133,163 @@ fn each_rule_reports_where() {
         json!({ "services": [svc("a", json!({ "strategy": { "Nix": "./flake" } }))] }),
         &[(MissingFile, "services.a.strategy")],
     );
+    check(
+        json!({ "services": [svc("a", json!({ "public": [{ "protocol": "tcp", "public": 0 }] }))] }),
+        &[(PortOutOfRange, "services.a.public[0]")],
+    );
+    check(
+        json!({ "services": [svc("a", json!({ "public": [{ "protocol": "udp", "public": 7, "target": 0 }] }))] }),
+        &[(PortOutOfRange, "services.a.public[0]")],
+    );
+    check(
+        json!({ "services": [
+            svc("a", json!({ "public": [{ "protocol": "tcp", "public": 25565 }] })),
+            svc("b", json!({ "public": [{ "protocol": "udp", "public": 25565 }, { "protocol": "tcp", "public": 25565, "target": 25566 }] })),
+        ] }),
+        &[(DuplicatePublicPort, "services.b.public[1]")],
+    );
+    check(
+        json!({ "services": [svc("a", json!({ "public": [
+            { "protocol": "tcp", "public": 2222, "target": 22 },
+            { "protocol": "tcp", "public": 2222, "target": 23 },
+        ] }))] }),
+        &[(DuplicatePublicPort, "services.a.public[1]")],
+    );
+    check(
+        json!({ "services": [svc("a", json!({ "public": [
+            { "protocol": "udp", "public": 443 },
+            { "protocol": "tcp", "public": 443 },
+            { "protocol": "tcp", "public": 80, "target": 8080 },
+        ] }))] }),
+        &[
+            (ReservedPublicPort, "services.a.public[1]"),
+            (ReservedPublicPort, "services.a.public[2]"),
+        ],
+    );
     // A Nix installable that is not a local path needs no bundle.
     check(
         json!({ "services": [svc("a", json!({ "strategy": { "Nix": "nixpkgs#hello" } }))] }),
         &[],
     );
+}
+
+/// Public ports are forwarded by the root from any node, so neither `port` nor `pin` limits
+/// them: the target may differ from `port`, a worker may have some, pins do not separate them.
+#[test]
+fn public_ports_are_the_roots_and_claimed_once() {
+    use Rule::*;
+    let tcp =
+        |public: u16, target: u16| json!({ "protocol": "tcp", "public": public, "target": target });
+    check(
+        json!({ "services": [
+            svc("mc", json!({ "port": 25565, "public": [tcp(25565, 25565), { "protocol": "udp", "public": 25565 }, { "protocol": "udp", "public": 19132 }] })),
+            svc("ssh", json!({ "public": [tcp(8022, 22)] })),
+            svc("web", json!({ "port": 8080, "domain": "web.home.arpa", "public": [tcp(8443, 8080)] })),
+        ] }),
+        &[],
+    );
+    check(
+        json!({
+            "nodes": ["pi", "nas"],
+            "services": [
+                svc("a", json!({ "pin": ["pi"], "public": [tcp(2222, 22)] })),
+                svc("b", json!({ "pin": ["nas"], "public": [tcp(2222, 22)] })),
+            ]
+        }),
+        &[(DuplicatePublicPort, "services.b.public[0]")],
+    );
+    // A second claim names the service of the first, and how to keep the target.
+    let d: Deployment = serde_json::from_value(json!({ "services": [
+        svc("mc", json!({ "public": [tcp(25565, 25565)] })),
+        svc("mc2", json!({ "public": [tcp(25565, 25565)] })),
+    ] }))
+    .expect("valid json");
+    let findings = validate::deployment(&d);
+    assert_eq!(findings.len(), 1, "{findings:?}");
+    assert_eq!(
+        findings[0].message,
+        "public TCP port 25565 is already claimed by service `mc`"
+    );
+    assert_eq!(
+        findings[0].help.as_deref(),
+        Some(
+            "pick another public port; `Tcp(PUBLIC => 25565)` still reaches port 25565 of the process"
+        )
+    );
+    // The ingress's default ports are refused at compile time and by `validate`.
+    let web = ProcessSpec::new("web", "sleep 60").with_public([PublicPort::tcp(443)]);
+    let err = web.validate().expect_err("443 is the ingress's");
+    assert!(
+        err.to_string().contains(
+            "services.web.public[0]: public TCP port 443 is the root's own: the ingress (HTTPS) listens there; serve the service with `domain: \"..\"`"
+        ),
+        "{err}"
+    );
+    let twice = ProcessSpec::new("vpn", "sleep 60")
+        .with_public([PublicPort::udp(51820), PublicPort::udp(51820)]);
+    assert_eq!(
+        twice
+            .validate()
+            .expect_err("claimed twice")
+            .findings
+            .iter()
+            .map(|(path, f)| (f.rule, path.as_str()))
+            .collect::<Vec<_>>(),
+        [(DuplicatePublicPort, "services.vpn.public[1]")]
+    );
+}
+
+/// The root checks a deployment against the ports it really holds, which its configuration
+/// may have moved away from 80 and 443.
+#[test]
+fn public_port_clashes_checks_the_ports_given() {
+    let d = Deployment::owned(
+        Vec::new(),
+        vec![
+            ProcessSpec::new("a", "sleep 60").with_public([
+                PublicPort::tcp(8443),
+                PublicPort::udp(8443),
+                PublicPort::tcp(443),
+            ]),
+            ProcessSpec::new("b", "sleep 60").with_public([PublicPort::new(
+                Protocol::Udp,
+                7946,
+                9000,
+            )]),
+        ],
+    );
+    let reserved = [
+        (Protocol::Tcp, 8080, "the ingress (HTTP)"),
+        (Protocol::Tcp, 8443, "the ingress (HTTPS)"),
+        (Protocol::Udp, 7946, "the mesh"),
+    ];
+    let found: Vec<(Rule, String, String)> = validate::public_port_clashes(&d, &reserved)
+        .into_iter()
+        .map(|f| (f.rule, f.path(&d), f.message))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (
+                Rule::ReservedPublicPort,
+                "services.a.public[0]".to_owned(),
+                "public TCP port 8443 is the root's own: the ingress (HTTPS) listens there"
+                    .to_owned()
+            ),
+            (
+                Rule::ReservedPublicPort,
+                "services.b.public[0]".to_owned(),
+                "public UDP port 7946 is the root's own: the mesh listens there".to_owned()
+            ),
+        ]
+    );
+    assert!(validate::public_port_clashes(&d, &[]).is_empty());
+    // `validate::deployment` holds the defaults, whatever the root's configuration says.
+    let defaults: Vec<String> = validate::public_port_clashes(&d, &validate::INGRESS_PORTS)
+        .iter()
+        .map(|f| f.path(&d))
+        .collect();
+    assert_eq!(defaults, ["services.a.public[2]"]);
 }
 
 #[test]
@@ -202,6 +354,22 @@ fn malformed_json_specs_are_rejected_with_the_field() {
         (
             json!({ "services": [svc("a", json!({ "strategy": "Docker" }))] }),
             "Docker",
+        ),
+        (
+            json!({ "services": [svc("a", json!({ "public": [{ "protocol": "sctp", "public": 5 }] }))] }),
+            "sctp",
+        ),
+        (
+            json!({ "services": [svc("a", json!({ "public": [{ "protocol": "tcp", "public": 70000 }] }))] }),
+            "70000",
+        ),
+        (
+            json!({ "services": [svc("a", json!({ "public": [{ "protocol": "tcp", "port": 22 }] }))] }),
+            "`port`",
+        ),
+        (
+            json!({ "services": [svc("a", json!({ "public": [{ "tcp": 22 }] }))] }),
+            "`tcp`",
         ),
     ];
     for (value, fragment) in cases {
