@@ -199,7 +199,11 @@ impl Network {
     /// where it publishes its API, from now on, in this client and every clone; `None` ends
     /// the detour. TLS still checks the node's name.
     pub fn set_detour(&self, name: &p2f_model::NodeName, address: Option<String>) {
-        let mut detours = self.detours.0.write().unwrap_or_else(PoisonError::into_inner);
+        let mut detours = self
+            .detours
+            .0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         match address {
             Some(address) => detours.insert(name.as_str().to_owned(), address),
             None => detours.remove(name.as_str()),
@@ -207,12 +211,14 @@ impl Network {
     }
 
     /// Whether the root reaches the calling member's API at `api` (`GET /v1/relay/probe`).
-    pub async fn relay_probe(&self, api: &str) -> Result<crate::wire::RelayProbeAnswer, ClientError> {
-        let query = crate::wire::RelayProbe { api: api.to_owned() };
-        let path = format!(
-            "/v1/relay/probe?{}",
-            query_pair("api", &query.api)
-        );
+    pub async fn relay_probe(
+        &self,
+        api: &str,
+    ) -> Result<crate::wire::RelayProbeAnswer, ClientError> {
+        let query = crate::wire::RelayProbe {
+            api: api.to_owned(),
+        };
+        let path = format!("/v1/relay/probe?{}", query_pair("api", &query.api));
         self.call(Method::GET, &path, None::<&()>).await
     }
 

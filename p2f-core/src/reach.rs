@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use p2f_model::Protocol;
 use p2f_model::{NodeName, Process, ProcessId, Status};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpStream, UdpSocket};
@@ -52,39 +53,21 @@ pub const UDP_IDLE: Duration = Duration::from_secs(120);
 /// The largest datagram carried (IPv4's largest UDP payload).
 pub const MAX_DATAGRAM: usize = 65_507;
 
-/// How a port is carried: TCP as a byte stream, UDP as framed datagrams.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// TCP.
-    #[default]
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-impl Protocol {
-    /// `tcp` or `udp` (in queries).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        }
-    }
-}
-
-impl std::fmt::Display for Protocol {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-        })
-    }
-}
-
 /// The public ports' targets of a process: `(protocol, port on its node)`.
-fn public_targets(_process: &Process) -> Vec<(Protocol, u16)> {
-    Vec::new()
+fn public_targets(process: &Process) -> impl Iterator<Item = (Protocol, u16)> + '_ {
+    process
+        .spec
+        .public()
+        .iter()
+        .map(|p| (p.protocol(), p.target()))
+}
+
+/// `tcp` or `udp`, as queries and the tunnel's header name a protocol.
+pub fn protocol_name(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    }
 }
 
 /// Which port of a process, and how to reach it.
@@ -146,7 +129,7 @@ pub fn check(process: &Process, request: &PortRequest) -> Result<(Protocol, u16)
             .ok_or_else(|| conflict(format!("{id} has no port")))?,
     };
     let own = request.protocol == Protocol::Tcp && process.port == Some(port);
-    let public = public_targets(process).contains(&(request.protocol, port));
+    let public = public_targets(process).any(|target| target == (request.protocol, port));
     if !own && !public {
         return Err(conflict(format!(
             "{id} has no {} port {port} (its port: {})",
@@ -314,11 +297,16 @@ impl LocalProcesses {
 ///
 /// # Errors
 /// A datagram longer than [`MAX_DATAGRAM`] (`InvalidInput`), or the writer's error.
-pub async fn write_datagram<W: AsyncWrite + Unpin>(w: &mut W, datagram: &[u8]) -> std::io::Result<()> {
+pub async fn write_datagram<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    datagram: &[u8],
+) -> std::io::Result<()> {
     let len = u16::try_from(datagram.len())
         .ok()
         .filter(|n| usize::from(*n) <= MAX_DATAGRAM)
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "datagram too long"))?;
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "datagram too long")
+        })?;
     let mut frame = Vec::with_capacity(2 + datagram.len());
     frame.extend_from_slice(&len.to_be_bytes());
     frame.extend_from_slice(datagram);
@@ -430,6 +418,10 @@ mod tests {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let e = read_datagram(&mut b, &mut buf).await.expect_err("too long");
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
-        assert!(write_datagram(&mut a, &vec![0; MAX_DATAGRAM + 1]).await.is_err());
+        assert!(
+            write_datagram(&mut a, &vec![0; MAX_DATAGRAM + 1])
+                .await
+                .is_err()
+        );
     }
 }

@@ -301,8 +301,8 @@ pub struct TunnelQuery {
     pub port: Option<u16>,
     /// `tcp` (default: the upgraded connection carries bytes) or `udp` (it carries datagrams,
     /// each framed as its length in 2 bytes, big-endian, then its bytes).
-    #[serde(default)]
-    pub protocol: crate::reach::Protocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<p2f_model::Protocol>,
 }
 
 /// `GET /v1/routes` (the root): where the ingress listens and each domain's route.

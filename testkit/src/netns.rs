@@ -340,7 +340,15 @@ impl Nat {
             "netns", &home_ns,
         ])?;
         let router_address = format!("192.168.{subnet}.1/24");
-        ip(&["-n", &router_ns, "addr", "add", &router_address, "dev", "home0"])?;
+        ip(&[
+            "-n",
+            &router_ns,
+            "addr",
+            "add",
+            &router_address,
+            "dev",
+            "home0",
+        ])?;
         ip(&["-n", &router_ns, "link", "set", "home0", "up"])?;
         let home_address = format!("{}/24", nat.ip());
         ip(&["-n", &home_ns, "addr", "add", &home_address, "dev", "eth0"])?;

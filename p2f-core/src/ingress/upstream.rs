@@ -201,7 +201,7 @@ async fn open_tunnel(
         target.id,
         target.generation,
         target.port,
-        target.protocol.as_str()
+        crate::reach::protocol_name(target.protocol)
     );
     let request = hyper::Request::get(path)
         .header(header::HOST, server_name)
@@ -341,10 +341,7 @@ impl Upstream for Relayed {
 
     fn describe(&self, target: &Target) -> String {
         if self.opener.handles(&target.node) {
-            format!(
-                "link {} → 127.0.0.1:{}",
-                target.node, target.port
-            )
+            format!("link {} → 127.0.0.1:{}", target.node, target.port)
         } else {
             self.others.describe(target)
         }

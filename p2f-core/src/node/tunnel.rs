@@ -58,7 +58,7 @@ async fn open(
     let port_request = PortRequest {
         id: id.clone(),
         generation: query.generation,
-        protocol: query.protocol,
+        protocol: query.protocol.unwrap_or(p2f_model::Protocol::Tcp),
         port: query.port,
     };
     let (protocol, port) = crate::reach::check(&process, &port_request).map_err(refused)?;

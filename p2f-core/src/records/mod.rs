@@ -190,6 +190,21 @@ impl Records {
         &self.inner.client
     }
 
+    /// Processes a live node publishes a digest of whose record has not been fetched yet: known
+    /// to exist, not yet in [`Records::view`] (the root decides nothing about them meanwhile —
+    /// after its restart, or while a node behind NAT is not linked yet).
+    pub fn unfetched(&self) -> std::collections::HashSet<ProcessId> {
+        let state = lock(&self.inner.state);
+        state
+            .published
+            .iter()
+            .filter(|(id, entries)| {
+                !state.copies.contains_key(*id) && entries.iter().any(|e| e.alive)
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     /// The other nodes that publish `reach = root` (behind NAT, reached through the root).
     pub fn reached_via_root(&self) -> Vec<NodeName> {
         lock(&self.inner.state)

@@ -47,7 +47,9 @@ pub async fn run(records: Records, credentials: Credentials) {
             }
             match forwarder(records.clone(), tls.clone(), node.clone()).await {
                 Ok(address) => {
-                    records.client().set_detour(&node, Some(address.to_string()));
+                    records
+                        .client()
+                        .set_detour(&node, Some(address.to_string()));
                     forwarders.insert(node.clone(), address);
                     tracing::info!(%node, "reached through the root");
                 }
@@ -58,7 +60,11 @@ pub async fn run(records: Records, credentials: Credentials) {
 }
 
 /// A loopback listener whose connections go to `node` through the root.
-async fn forwarder(records: Records, tls: TlsConnector, node: NodeName) -> std::io::Result<SocketAddr> {
+async fn forwarder(
+    records: Records,
+    tls: TlsConnector,
+    node: NodeName,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
     let address = listener.local_addr()?;
     tokio::spawn(async move {
@@ -102,8 +108,8 @@ async fn through_root(
         .map_err(|e| format!("connect {api}: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let server_name = node_server_name(root.node.name.as_str());
-    let name = rustls_pki_types::ServerName::try_from(server_name.clone())
-        .map_err(|e| e.to_string())?;
+    let name =
+        rustls_pki_types::ServerName::try_from(server_name.clone()).map_err(|e| e.to_string())?;
     let stream = tls
         .connect(name, tcp)
         .await

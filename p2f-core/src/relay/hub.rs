@@ -317,8 +317,8 @@ impl Hub {
     /// certificate names the node, within 3 s).
     async fn probe(&self, node: &NodeName, api: &str) -> RelayProbeAnswer {
         let tried = async {
-            let client = crate::Network::connect(api, &self.inner.credentials)
-                .map_err(|e| e.to_string())?;
+            let client =
+                crate::Network::connect(api, &self.inner.credentials).map_err(|e| e.to_string())?;
             client
                 .peer(node, api)
                 .node()
@@ -347,8 +347,12 @@ impl crate::reach::PortOpener for Hub {
         &self,
         node: &NodeName,
         request: PortRequest,
-    ) -> Option<futures_util::future::BoxFuture<'static, Result<Box<dyn crate::reach::Io>, crate::reach::OpenError>>>
-    {
+    ) -> Option<
+        futures_util::future::BoxFuture<
+            'static,
+            Result<Box<dyn crate::reach::Io>, crate::reach::OpenError>,
+        >,
+    > {
         if !self.handles(node) {
             return None;
         }
@@ -470,7 +474,8 @@ async fn via_root(
 ) -> Result<Response, ApiError> {
     caller_of(&request)?;
     asked_upgrade(&request, VIA_ROOT_PROTOCOL)?;
-    let node = NodeName::new(name).map_err(|e| ApiError::new(StatusCode::NOT_FOUND, e.to_string()))?;
+    let node =
+        NodeName::new(name).map_err(|e| ApiError::new(StatusCode::NOT_FOUND, e.to_string()))?;
     if !hub.is_linked(&node) {
         return Err(ApiError::new(
             StatusCode::BAD_GATEWAY,

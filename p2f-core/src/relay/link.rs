@@ -103,7 +103,9 @@ pub async fn run(records: Records, config: LinkConfig) {
                 .await
             {
                 Ok(()) => published = true,
-                Err(e) => tracing::warn!("cannot publish that this node is reached via the root: {e}"),
+                Err(e) => {
+                    tracing::warn!("cannot publish that this node is reached via the root: {e}")
+                }
             }
         }
         let opened = tokio::time::timeout(

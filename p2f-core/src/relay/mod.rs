@@ -226,7 +226,10 @@ mod tests {
         ] {
             let mut bytes = Vec::new();
             answer.write(&mut bytes).await.expect("write");
-            assert_eq!(Answer::read(&mut bytes.as_slice()).await.expect("read"), answer);
+            assert_eq!(
+                Answer::read(&mut bytes.as_slice()).await.expect("read"),
+                answer
+            );
         }
     }
 }

@@ -302,9 +302,15 @@ async fn reconcile_forever(inner: Arc<Inner>) {
 
 /// One pass: plan against what the records show now, then act.
 fn reconcile(inner: &Arc<Inner>) {
-    let desired = lock(&inner.desired).clone();
+    let mut desired = lock(&inner.desired).clone();
     if desired.services.is_empty() {
         return;
+    }
+    // A process a live node publishes but whose record is not fetched yet exists: it is left
+    // alone until its record is here, rather than placed again.
+    let unfetched = inner.records.unfetched();
+    if !unfetched.is_empty() {
+        desired.services.retain(|s| !unfetched.contains(&s.id));
     }
     let view = inner.records.view();
     let nodes = inner.records.nodes();
