@@ -137,6 +137,7 @@ pub fn nodes_table(nodes: &[p2f_core::wire::NodeStatus]) -> Table {
         "NODE",
         "ADDRESS",
         "API",
+        "REACHED",
         "STATUS",
         "PROCESSES",
         "UNSAFE MODE",
@@ -152,12 +153,28 @@ pub fn nodes_table(nodes: &[p2f_core::wire::NodeStatus]) -> Table {
             n.node.name.to_string(),
             address,
             n.node.api_address().unwrap_or_else(|| "-".into()),
+            reached(n),
             if n.alive { "alive" } else { "dead" }.to_owned(),
             n.processes.to_string(),
             n.node.unsafe_mode.to_string(),
         ]);
     }
     table
+}
+
+/// How a node is reached: `direct`, or `via root` with its link's state and round-trip time
+/// (`via root, linked, rtt 0.4 ms`; `via root, link down`).
+fn reached(n: &p2f_core::wire::NodeStatus) -> String {
+    use p2f_core::wire::Reach;
+    match (n.reach, n.link) {
+        (Reach::Direct, None) => "direct".to_owned(),
+        (_, Some(link)) if link.linked => match link.rtt_us {
+            Some(rtt) => format!("via root, linked, rtt {:.1} ms", rtt as f64 / 1000.0),
+            None => "via root, linked".to_owned(),
+        },
+        (_, Some(_)) => "via root, link down".to_owned(),
+        (Reach::Root, None) => "via root".to_owned(),
+    }
 }
 
 /// The ingress's routes: domain, service (process), node, upstream or why none, certificate,
@@ -203,10 +220,31 @@ pub fn routes_table(report: &p2f_core::wire::RoutesReport) -> String {
             route.last_error.clone().unwrap_or_else(|| "-".to_owned()),
         ]);
     }
-    format!(
+    let mut out = format!(
         "{table}\nHTTP on {}, HTTPS on {}",
         report.http, report.https
-    )
+    );
+    if !report.ports.is_empty() {
+        let mut ports = Table::new();
+        ports.load_preset(presets::UTF8_BORDERS_ONLY);
+        ports.set_header(["PUBLIC PORT", "PROCESS", "NODE", "UPSTREAM"]);
+        for port in &report.ports {
+            let upstream = match (&port.error, &port.upstream, &port.down) {
+                (Some(error), _, _) => format!("not listening: {error}"),
+                (None, Some(upstream), _) => upstream.clone(),
+                (None, None, Some(down)) => format!("down: {down}"),
+                (None, None, None) => "down".to_owned(),
+            };
+            ports.add_row([
+                format!("{} {}", port.protocol, port.address),
+                format!("{} ({})", port.process, port.service),
+                port.node.to_string(),
+                upstream,
+            ]);
+        }
+        out.push_str(&format!("\n{ports}"));
+    }
+    out
 }
 
 /// How long until `not_after` (seconds since the epoch) from `now`: `89d23h left`,
@@ -338,6 +376,7 @@ mod tests {
             last_error: None,
         };
         let report = RoutesReport {
+            ports: Vec::new(),
             http: "0.0.0.0:80".into(),
             https: "0.0.0.0:443".into(),
             routes: vec![

@@ -305,6 +305,31 @@ pub struct TunnelQuery {
     pub protocol: Option<p2f_model::Protocol>,
 }
 
+/// A public port's route (`GET /v1/routes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortRouteInfo {
+    /// `tcp` or `udp`.
+    pub protocol: p2f_model::Protocol,
+    /// Where the root listens (`IP:PORT`).
+    pub address: String,
+    /// The process whose record counts for it.
+    pub process: ProcessId,
+    /// Its service's name.
+    pub service: String,
+    /// The node of that record.
+    pub node: p2f_model::NodeName,
+    /// How it is reached now (`link nas → 127.0.0.1:25565`); `None` while no copy serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Why no copy serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down: Option<String>,
+    /// Why the root cannot listen on it (another program holds the port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// `GET /v1/routes` (the root): where the ingress listens and each domain's route.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -315,6 +340,9 @@ pub struct RoutesReport {
     pub https: String,
     /// One route per domain, sorted by domain.
     pub routes: Vec<RouteInfo>,
+    /// One route per public port, sorted by protocol and port.
+    #[serde(default)]
+    pub ports: Vec<PortRouteInfo>,
 }
 
 /// One domain's route as the ingress sees it now.

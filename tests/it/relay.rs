@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail, ensure};
 use p2f::core::Network;
 use p2f::core::wire::{NodeStatus, Reach};
-use p2f::model::{Health, NodeName, ProcessSpec};
+use p2f::model::{Health, NodeName, ProcessSpec, Protocol, PublicPort};
 use p2f_testkit::netns::{Lan, Nat, block_on_in};
 use p2f_testkit::procs::require;
 use p2f_testkit::{Agent, eventually, p2f_bin};
@@ -21,17 +21,41 @@ use crate::support::{agent, log_containing, running, service_port};
 /// How long a converging network may take here.
 const CONVERGE: Duration = Duration::from_secs(60);
 
-/// A web server on loopback only that says which node it runs on.
-fn web(pins: &[&str], port: u16) -> ProcessSpec {
-    ProcessSpec::new(
-        "web",
-        "mkdir -p site && echo \"hello from $P2F_NODE\" > site/index.html && \
+/// A UDP echo server on loopback: `python3 -c UDP_ECHO PORT` answers `NODE: DATAGRAM`.
+const UDP_ECHO: &str = "import os,socket,sys\n\
+s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+s.bind(('127.0.0.1',int(sys.argv[1])))\n\
+while True:\n    d,a=s.recvfrom(65535)\n    s.sendto(os.environ['P2F_NODE'].encode()+b': '+d,a)\n";
+
+/// Ports of the web service: its own, its public TCP port, its public UDP port and the UDP
+/// echo's port on its node.
+#[derive(Clone, Copy)]
+struct Ports {
+    http: u16,
+    public_tcp: u16,
+    public_udp: u16,
+    udp: u16,
+}
+
+/// A web server on loopback only that says which node it runs on, with a UDP echo beside it;
+/// its HTTP port is also a public TCP port, its echo a public UDP port.
+fn web(pins: &[&str], ports: Ports) -> ProcessSpec {
+    let script = format!(
+        "python3 -c \"$ECHO\" {udp} & \
+         mkdir -p site && echo \"hello from $P2F_NODE\" > site/index.html && \
          exec python3 -u -m http.server \"$PORT\" --bind 127.0.0.1 --directory site",
-    )
-    .with_port(port)
-    .with_domain("web.home.arpa")
-    .with_health(Health::Http("/".into()))
-    .with_pin(pins.iter().map(|n| NodeName::new(*n).expect("node name")))
+        udp = ports.udp
+    );
+    ProcessSpec::new("web", script)
+        .with_env("ECHO", UDP_ECHO)
+        .with_public([
+            PublicPort::new(Protocol::Tcp, ports.public_tcp, ports.http),
+            PublicPort::new(Protocol::Udp, ports.public_udp, ports.udp),
+        ])
+        .with_port(ports.http)
+        .with_domain("web.home.arpa")
+        .with_health(Health::Http("/".into()))
+        .with_pin(pins.iter().map(|n| NodeName::new(*n).expect("node name")))
 }
 
 /// `node`'s entry in the root's list, once `ready` holds for it.
@@ -86,6 +110,64 @@ fn curl(ca: &Path, https: std::net::SocketAddr) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// What the public TCP port answers at `/` (plain HTTP), from this namespace.
+async fn public_tcp(root_ip: &str, port: u16) -> Option<String> {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-f", "-m", "5"])
+        .arg(format!("http://{root_ip}:{port}/"))
+        .output()
+        .await
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What the public UDP port echoes for one datagram, from this namespace.
+async fn public_udp(root_ip: &str, port: u16) -> Option<String> {
+    let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await.ok()?;
+    socket.send_to(b"ping", (root_ip, port)).await.ok()?;
+    let mut buf = [0u8; 256];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), socket.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Waits until the public ports reach the copy on `node`.
+async fn public_ports_reach(root_ip: &str, ports: Ports, node: &str) -> Result<()> {
+    let hello = format!("hello from {node}");
+    eventually(
+        &format!("the public TCP port reaching {node}"),
+        CONVERGE,
+        || {
+            let hello = hello.clone();
+            async move {
+                public_tcp(root_ip, ports.public_tcp)
+                    .await
+                    .filter(|b| b.contains(&hello))
+            }
+        },
+    )
+    .await?;
+    let echo = format!("{node}: ping");
+    eventually(
+        &format!("the public UDP port reaching {node}"),
+        CONVERGE,
+        || {
+            let echo = echo.clone();
+            async move {
+                public_udp(root_ip, ports.public_udp)
+                    .await
+                    .filter(|b| *b == echo)
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 #[test]
 fn a_member_behind_nat_is_reached_through_its_link() -> Result<()> {
     p2f_bin()?;
@@ -134,7 +216,13 @@ fn a_member_behind_nat_is_reached_through_its_link() -> Result<()> {
     });
     ensure!(!direct, "the root must not reach {api} directly");
 
-    let port = service_port();
+    let ports = Ports {
+        http: service_port(),
+        public_tcp: service_port(),
+        public_udp: service_port(),
+        udp: service_port(),
+    };
+    let root_ip = lan.ip("root");
     let id = block_on_in(lan.switch(), || async {
         let network = root.network();
         let status = node_when(network, "node-nat", "linked", linked).await?;
@@ -143,7 +231,7 @@ fn a_member_behind_nat_is_reached_through_its_link() -> Result<()> {
         let filler = ProcessSpec::new("filler", "exec sleep 1000")
             .with_pin([NodeName::from_static("node-b")]);
         let desired = network
-            .deploy(&[filler, web(&["node-nat", "node-b"], port)])
+            .deploy(&[filler, web(&["node-nat", "node-b"], ports)])
             .await?;
         let id = desired
             .services
@@ -161,6 +249,18 @@ fn a_member_behind_nat_is_reached_through_its_link() -> Result<()> {
         // The ingress reaches it through the link.
         let body = page(&root).await?;
         ensure!(body.contains("hello from node-nat"), "{body}");
+        // Its public TCP and UDP ports on the root reach it through the link.
+        public_ports_reach(&root_ip, ports, "node-nat").await?;
+        let listed = network.list_processes().await?;
+        let record = listed.iter().find(|p| p.id == id).context("web listed")?;
+        ensure!(
+            record
+                .external
+                .as_deref()
+                .is_some_and(|e| e.starts_with("https://web.home.arpa")),
+            "external: {:?}",
+            record.external
+        );
         // Its logs come through the link too (the root forwards the call to node-nat).
         log_containing(network, &id, "GET / ", CONVERGE).await?;
         // And so does a node on the LAN, through the root.
@@ -215,6 +315,8 @@ fn a_member_behind_nat_is_reached_through_its_link() -> Result<()> {
         })
         .await?;
         ensure!(body.contains("hello from node-b"), "{body}");
+        // Its public ports followed it.
+        public_ports_reach(&root_ip, ports, "node-b").await?;
         anyhow::Ok(())
     })?;
     drop((root, b, nat));

@@ -20,6 +20,7 @@ pub mod acme;
 pub mod api;
 pub mod certs;
 pub mod headers;
+pub mod ports;
 mod proxy;
 pub mod routes;
 pub mod upstream;
@@ -102,6 +103,8 @@ struct Inner {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// The ACME manager (aborted at stop).
     acme: Mutex<Option<JoinHandle<()>>>,
+    /// The public TCP and UDP ports.
+    ports: ports::PublicPorts,
 }
 
 impl std::fmt::Debug for Ingress {
@@ -227,6 +230,7 @@ impl Ingress {
                 }
             })
         };
+        let ports = ports::PublicPorts::start(records.clone(), https.ip(), upstream.clone());
         let tasks = vec![
             tokio::spawn(follow(records, routes_tx)),
             serve(http_listener, Accept::Plain, "http"),
@@ -257,6 +261,7 @@ impl Ingress {
                 stop,
                 tasks: Mutex::new(tasks),
                 acme: Mutex::new(acme),
+                ports,
             }),
         })
     }
@@ -299,6 +304,10 @@ impl Ingress {
             http: self.inner.http.to_string(),
             https: self.inner.https.to_string(),
             routes,
+            ports: self
+                .inner
+                .ports
+                .report(self.inner.https.ip(), self.inner.upstream.as_ref()),
         }
     }
 
@@ -306,6 +315,7 @@ impl Ingress {
     /// records.
     pub async fn stop(self) {
         let _ = self.inner.stop.send(true);
+        self.inner.ports.stop();
         let acme = self
             .inner
             .acme

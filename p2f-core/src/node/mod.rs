@@ -468,9 +468,10 @@ async fn start_network(
         }
         _ => None,
     };
-    // Placements learn where a domain is served from outside (the record's `external`).
-    let public_https = ingress.as_ref().map(|i| i.https_address().port());
-    let root = match Root::start(store, records.clone(), unplaced.clone(), public_https) {
+    // Placements learn where a service is reached from outside (the record's `external`);
+    // no public port may take a port the root holds.
+    let front = front_of(config, ingress.as_ref(), api, records.mesh().gossip_addr());
+    let root = match Root::start(store, records.clone(), unplaced.clone(), front) {
         Ok(root) => root,
         Err(e) => {
             if let Some(ingress) = ingress {
@@ -512,6 +513,37 @@ async fn start_network(
         unrun: vec![unplaced],
         hub: Some(hub),
     })
+}
+
+/// Where the root is reached from outside, and the ports it holds itself.
+fn front_of(
+    config: &AgentConfig,
+    ingress: Option<&Ingress>,
+    api: SocketAddr,
+    gossip: SocketAddr,
+) -> crate::root::Front {
+    use p2f_model::Protocol::{Tcp, Udp};
+    let mut reserved = vec![
+        (Tcp, api.port(), "the control API".to_owned()),
+        (Udp, gossip.port(), "the gossip".to_owned()),
+    ];
+    if let Some(ingress) = ingress {
+        reserved.push((
+            Tcp,
+            ingress.http_address().port(),
+            "the ingress (HTTP)".into(),
+        ));
+        reserved.push((
+            Tcp,
+            ingress.https_address().port(),
+            "the ingress (HTTPS)".into(),
+        ));
+    }
+    crate::root::Front {
+        https: ingress.map(|i| i.https_address().port()),
+        host: config.advertised_host(),
+        reserved,
+    }
 }
 
 /// This node's processes as its supervisor has them now: what a request to open one of their

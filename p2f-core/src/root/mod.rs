@@ -74,8 +74,8 @@ struct Inner {
     store: Arc<Store>,
     records: Records,
     unplaced: Arc<Unplaced>,
-    /// The port of the ingress's HTTPS listener, when this root runs one.
-    public_https: Option<u16>,
+    /// Where this root is reached from outside.
+    front: Front,
     desired: Mutex<DesiredState>,
     book: Mutex<Book>,
     /// Placements and removals under way.
@@ -88,13 +88,28 @@ impl Inner {
     }
 
     /// Where a process of `spec` is reached from outside: `https://DOMAIN` through this root's
-    /// ingress (`:PORT` unless it listens on 443); `None` without a domain or an ingress.
+    /// ingress (`:PORT` unless it listens on 443); else its first public port,
+    /// `tcp://ROOT:PORT` or `udp://ROOT:PORT`; `None` without either (or without an ingress).
     fn external_for(&self, spec: &ProcessSpec) -> Option<String> {
-        let domain = spec.domain()?;
-        Some(match self.public_https? {
-            443 => format!("https://{domain}"),
-            port => format!("https://{domain}:{port}"),
-        })
+        let https = self.front.https?;
+        if let Some(domain) = spec.domain() {
+            return Some(match https {
+                443 => format!("https://{domain}"),
+                port => format!("https://{domain}:{port}"),
+            });
+        }
+        let public = spec.public().first()?;
+        let host = &self.front.host;
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.clone()
+        };
+        Some(format!(
+            "{}://{host}:{}",
+            crate::reach::protocol_name(public.protocol()),
+            public.public()
+        ))
     }
 
     /// Runs `task` as one of the root's, drained when it stops.
@@ -103,6 +118,19 @@ impl Inner {
         while tasks.try_join_next().is_some() {}
         tasks.spawn(task);
     }
+}
+
+/// Where the root is reached from outside, for the records' `external` and the public ports'
+/// checks.
+#[derive(Debug, Clone, Default)]
+pub struct Front {
+    /// The port of the ingress's HTTPS listener, when this root runs one.
+    pub https: Option<u16>,
+    /// The root's address (host) as it advertises it.
+    pub host: String,
+    /// The ports the root itself holds, which no public port may take: protocol, port, and
+    /// who holds it (`the ingress (HTTPS)`).
+    pub reserved: Vec<(p2f_model::Protocol, u16, String)>,
 }
 
 /// The root's decisions.
@@ -131,7 +159,7 @@ impl Root {
         store: Arc<Store>,
         records: Records,
         unplaced: Arc<Unplaced>,
-        public_https: Option<u16>,
+        front: Front,
     ) -> Result<Root, StoreError> {
         let desired = match store.meta(DESIRED_KEY)? {
             Some(json) => serde_json::from_str(&json).unwrap_or_else(|e| {
@@ -144,7 +172,7 @@ impl Root {
             store,
             records,
             unplaced,
-            public_https,
+            front,
             desired: Mutex::new(desired),
             book: Mutex::new(Book::default()),
             tasks: Mutex::new(JoinSet::new()),
@@ -165,7 +193,23 @@ impl Root {
     /// service keeps its process id across calls (matched by name); a new one gets a fresh id.
     /// A service left out is removed wherever it runs (by its node).
     pub async fn set_desired(&self, services: Vec<ProcessSpec>) -> Result<DesiredState, RootError> {
-        Deployment::owned(Vec::new(), services.clone()).validate()?;
+        let deployment = Deployment::owned(Vec::new(), services.clone());
+        deployment.validate()?;
+        let reserved: Vec<(p2f_model::Protocol, u16, &str)> = self
+            .inner
+            .front
+            .reserved
+            .iter()
+            .map(|(protocol, port, holder)| (*protocol, *port, holder.as_str()))
+            .collect();
+        let clashes = p2f_model::validate::public_port_clashes(&deployment, &reserved);
+        if !clashes.is_empty() {
+            let findings = clashes
+                .into_iter()
+                .map(|finding| (finding.path(&deployment), finding))
+                .collect();
+            return Err(p2f_model::Invalid { findings }.into());
+        }
         let current = self.desired();
         let next = DesiredState {
             services: services
