@@ -264,12 +264,22 @@ fn a_member_behind_nat_is_reached_through_its_link() -> Result<()> {
         // Its logs come through the link too (the root forwards the call to node-nat).
         log_containing(network, &id, "GET / ", CONVERGE).await?;
         // And so does a node on the LAN, through the root.
-        let on_b = b
-            .client()?
-            .process_information(p2f::model::ProcessKey::Id(id.clone()))
-            .await?
-            .context("web known on node-b")?;
-        ensure!(on_b.node.name.as_str() == "node-nat");
+        let on_b = b.client()?;
+        let known = eventually("web's record on node-b", CONVERGE, || {
+            let (on_b, id) = (on_b.clone(), id.clone());
+            async move {
+                on_b.process_information(p2f::model::ProcessKey::Id(id))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        })
+        .await;
+        let known = match known {
+            Ok(known) => known,
+            Err(e) => bail!("{e:#}\n{}", b.log_tail(30)),
+        };
+        ensure!(known.node.name.as_str() == "node-nat");
         log_containing(&b.client()?, &id, "GET / ", CONVERGE).await?;
         anyhow::Ok(id)
     })?;
