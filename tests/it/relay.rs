@@ -332,3 +332,73 @@ fn a_member_behind_nat_is_reached_through_its_link() -> Result<()> {
     drop((root, b, nat));
     Ok(())
 }
+
+/// A member told to link (`[relay] via_root = true`, on loopback: no NAT needed) is linked;
+/// once removed from the cluster its link is closed and a new one refused; a link cannot be
+/// opened without a member's certificate.
+#[test]
+fn a_removed_members_link_is_closed_and_refused() -> Result<()> {
+    p2f_bin()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let root = crate::support::root("root").await?;
+        let member = agent("linked")
+            .ip("127.0.0.61")
+            .configure(|config| {
+                config.relay.via_root = p2f::core::relay::link::ViaRoot::Always;
+            })
+            .join(&root)?
+            .started()
+            .await?;
+        let network = root.network();
+        node_when(network, "linked", "linked", linked).await?;
+
+        // An operator's certificate is no member's: it cannot hold a link.
+        let refused = raw_link(network.address(), &root.credentials()?).await?;
+        ensure!(
+            refused.contains("403"),
+            "an operator opened a link: {refused}"
+        );
+
+        network
+            .remove_node(&NodeName::from_static("linked"))
+            .await?;
+        node_when(network, "linked", "unlinked after its removal", |n| {
+            !n.link.is_some_and(|l| l.linked)
+        })
+        .await?;
+        // And it stays unlinked: its certificate is refused (401) at every attempt.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let nodes = network.nodes().await?;
+        let after = nodes.iter().find(|n| n.node.name.as_str() == "linked");
+        ensure!(
+            !after.is_some_and(|n| n.link.is_some_and(|l| l.linked)),
+            "a removed member linked again: {after:?}"
+        );
+        drop(member);
+        anyhow::Ok(())
+    })
+}
+
+/// The status line the root answers to `GET /v1/relay/link` with `credentials`.
+async fn raw_link(address: &str, credentials: &p2f::core::cluster::Credentials) -> Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let config = p2f::core::cluster::client_config_for(credentials)?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(address).await?;
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned())?;
+    let mut stream = tls.connect(name, tcp).await?;
+    stream
+        .write_all(
+            b"GET /v1/relay/link HTTP/1.1\r\nHost: root\r\nConnection: upgrade\r\nUpgrade: p2f-link\r\n\r\n",
+        )
+        .await?;
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await??;
+    Ok(String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned())
+}
