@@ -443,3 +443,15 @@ pub struct Revocation {
     /// When it was revoked, in seconds since the Unix epoch.
     pub at: u64,
 }
+
+/// A P2PRC node this node knows (`GET /v1/p2prc/peers`): learned from a P2PRC table, known
+/// but never trusted — it is no member, runs no P2F process and gets no SSH access.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct P2prcPeer {
+    /// Its IP-table entry as last learned (current format).
+    pub node: p2f_model::Node,
+    /// When it was last learned, in seconds since the Unix epoch.
+    pub learned_at: u64,
+    /// Where from: `posted by ADDRESS`, `exchange with NAME`, `import`.
+    pub via: String,
+}
