@@ -455,3 +455,15 @@ pub struct P2prcPeer {
     /// Where from: `posted by ADDRESS`, `exchange with NAME`, `import`.
     pub via: String,
 }
+
+/// A domain the root's ingress sends straight to a P2PRC peer's address (P2PRC's
+/// `/AddProxy`, with `[p2prc] add_proxy` on the root): not a P2F process, reached directly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectRoute {
+    /// The domain, lower case.
+    pub domain: String,
+    /// The peer's address and port.
+    pub address: std::net::SocketAddr,
+    /// The peer's name.
+    pub peer: p2f_model::NodeName,
+}

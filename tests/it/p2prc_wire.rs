@@ -395,3 +395,114 @@ fn p2prc_import_takes_a_p2prc_machine() -> Result<()> {
     );
     Ok(())
 }
+
+/// A backend standing for a P2PRC peer's web service: answers every request with `body`.
+async fn backend(body: &'static str) -> Result<SocketAddr> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    Ok(address)
+}
+
+/// `/AddProxy` on the root: a domain routed through the ingress to a known P2PRC peer's
+/// address, with the cluster CA's certificate, listed in `p2f routes`; refused for an address
+/// no peer has, a bad domain, a P2F domain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2prc_add_proxy_routes_a_domain_to_a_known_peer() -> Result<()> {
+    let at: SocketAddr = ([127, 0, 0, 1], service_port()).into();
+    let scratch = tempfile::tempdir()?;
+    let keys = scratch.path().join("authorized_keys");
+    let root = agent("proxy-root")
+        .configure(move |config| {
+            config.p2prc = Some(p2f::core::p2prc::P2prcSettings {
+                listen: Some(at),
+                add_proxy: true,
+                authorized_keys: Some(keys),
+                ..Default::default()
+            });
+        })
+        .init()?
+        .started()
+        .await?;
+    let peer = backend("served by the P2PRC peer").await?;
+    let add = |domain: &str, ip: &str, port: u16| {
+        curl(
+            &format!("http://{at}/AddProxy?domain_name={domain}&ip_address={ip}&port={port}"),
+            &[],
+        )
+    };
+    // Not a known peer yet.
+    let refused = add("box.test", "127.0.0.1", peer.port())?;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert!(
+        refused.json()?["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not the address of a known P2PRC peer")
+    );
+    let table = scratch.path().join("peer.json");
+    std::fs::write(
+        &table,
+        r#"{"ip_address":[{"Name":"peer-box-Qw3","IPV4":"127.0.0.1","ServerPort":"1"}]}"#,
+    )?;
+    assert_eq!(post_table(at, &table)?.status, 200);
+    for (domain, port, status) in [("not a domain", peer.port(), 400), ("box.test", 0, 400)] {
+        let answer = add(&domain.replace(' ', "%20"), "127.0.0.1", port)?;
+        assert_eq!(answer.status, status, "{domain}: {}", answer.body);
+    }
+    let missing = curl(&format!("http://{at}/AddProxy?domain_name=box.test"), &[])?;
+    assert_eq!(missing.status, 400, "{}", missing.body);
+    let added = add("box.test", "127.0.0.1", peer.port())?;
+    assert_eq!((added.status, added.body.as_str()), (200, "Sucess"));
+
+    // Through the ingress, over HTTPS with the cluster CA's certificate.
+    let report = p2f_testkit::eventually("box.test routed", Duration::from_secs(10), || async {
+        let report = root.network().routes().await.ok()?;
+        report
+            .routes
+            .iter()
+            .any(|r| r.domain == "box.test")
+            .then_some(report)
+    })
+    .await?;
+    let route = report
+        .routes
+        .iter()
+        .find(|r| r.domain == "box.test")
+        .context("box.test in the routes")?;
+    assert_eq!(route.node.as_str(), "peer-box-Qw3");
+    assert_eq!(
+        route.upstream.as_deref(),
+        Some(format!("p2prc peer peer-box-Qw3 → {peer}").as_str())
+    );
+    let https: SocketAddr = report.https.parse()?;
+    let ca = root.cluster().ca_cert_path();
+    let resolve = format!("box.test:{}:{}", https.port(), https.ip());
+    let url = format!("https://box.test:{}/", https.port());
+    let ca_arg = ca.to_string_lossy().into_owned();
+    let answer = curl(&url, &["--cacert", &ca_arg, "--resolve", &resolve])?;
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (200, "served by the P2PRC peer")
+    );
+    Ok(())
+}

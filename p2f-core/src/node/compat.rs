@@ -1,6 +1,7 @@
 //! Wires P2PRC compatibility into the agent (`[p2prc]`): the node's P2PRC entry gets its SSH
 //! key, user and ports; P2PRC's node API and the table exchange start ([`crate::p2prc`]); and
-//! on root and members the SSH key mesh keeps `authorized_keys` ([`crate::ssh_keys`]). Without
+//! on root and members the SSH key mesh keeps `authorized_keys` ([`crate::ssh_keys`]); on the
+//! root with an ingress, `/AddProxy`'s routes go to the ingress. Without
 //! the section nothing here runs.
 
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use p2f_model::Node;
 
 use super::{AgentConfig, AgentError};
 use crate::cluster::ClusterCa;
+use crate::ingress::Ingress;
 use crate::p2prc::P2prc;
 use crate::records::Records;
 use crate::ssh_keys::{self, KeyMesh};
@@ -46,14 +48,16 @@ pub(super) fn entry(
     Ok((node, Some(mesh)))
 }
 
-/// Starts P2PRC's API and exchange, and the key mesh (which needs the records).
+/// Starts P2PRC's API and exchange, the key mesh (which needs the records), and on the root
+/// with an ingress and `add_proxy` the routes `/AddProxy` adds.
 pub(super) async fn start(
     config: &AgentConfig,
     node: &Node,
     records: Option<&Records>,
+    ingress: Option<&Ingress>,
     revoked: &Arc<Revoked>,
     mesh: Option<KeyMesh>,
-    ca_pem: &str,
+    ca: &ClusterCa,
 ) -> Result<Option<P2prc>, AgentError> {
     let Some(settings) = &config.p2prc else {
         return Ok(None);
@@ -70,12 +74,27 @@ pub(super) async fn start(
         &config.data_dir,
         node.clone(),
         records.cloned(),
-        ca_pem,
+        settings.add_proxy && ingress.is_some(),
+        ca.cert_pem(),
     )
     .await
     .map_err(|source| AgentError::Listen {
         address: settings.listen.unwrap_or(config.listen),
         source,
     })?;
+    if let (Some(mut proxies), Some(ingress), Some(records)) = (started.proxies(), ingress, records)
+    {
+        let ingress = ingress.clone();
+        records.track(tokio::spawn(async move {
+            while proxies.changed().await.is_ok() {
+                let routes = proxies.borrow_and_update().to_vec();
+                ingress.set_direct_routes(routes);
+            }
+        }));
+    } else if settings.add_proxy {
+        tracing::warn!(
+            "[p2prc] add_proxy is ignored: only the root with an [ingress] maps domains"
+        );
+    }
     Ok(Some(started))
 }

@@ -225,9 +225,9 @@ impl Agent {
                 hub: network.hub,
             };
             let mut features = network.features;
-            let records = network.records.as_ref();
+            let (records, ingress) = (network.records.as_ref(), network.ingress.as_ref());
             let p2prc =
-                compat::start(&config, &node, records, &revoked, key_mesh, ca.cert_pem()).await?;
+                compat::start(&config, &node, records, ingress, &revoked, key_mesh, &ca).await?;
             features.extend(p2prc.as_ref().map(crate::p2prc::P2prc::routes));
             features.push(tunnel::routes(supervisor.clone()));
             features.push(revoked::routes(Arc::clone(&revoked)));

@@ -1,5 +1,6 @@
 //! P2PRC's node API, answered by a P2F node on `[p2prc] listen` (plain HTTP, as P2PRC speaks
-//! it; no authentication): `GET /server_info` and `POST /IpTable`. What arrives here is
+//! it; no authentication): `GET /server_info`, `POST /IpTable` and, on the root with
+//! `add_proxy`, `GET /AddProxy`. What arrives here is
 //! believed about nothing but P2PRC peers ([`super::peers`]): it never changes membership,
 //! placement or any `authorized_keys`.
 //!
@@ -12,14 +13,19 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Multipart, State};
+use std::collections::HashMap;
+
+use axum::extract::{DefaultBodyLimit, Multipart, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::{get, post};
 use p2f_model::{IpTable, Node, NodeName, NodeRole, ServerInfo};
 
+use tokio::sync::watch;
+
 use crate::api_error::ApiError;
 use crate::records::Records;
 use crate::server::ConnectionInfo;
+use crate::wire::DirectRoute;
 
 use super::peers::Peers;
 
@@ -44,20 +50,117 @@ struct Inner {
     records: Option<Records>,
     peers: Arc<Peers>,
     bucket: Mutex<(f64, Instant)>,
+    /// `/AddProxy`'s routes, when this node answers it (the root, with `add_proxy`).
+    proxies: Option<watch::Sender<Arc<Vec<DirectRoute>>>>,
 }
+
+/// The most domains `/AddProxy` maps.
+pub const MAX_PROXIES: usize = 256;
 
 impl P2prcApi {
     /// Answers for this node (`own`, its P2PRC entry), its network (`records`, on root and
     /// members), and its known peers.
-    pub fn new(own: Node, records: Option<Records>, peers: Arc<Peers>) -> P2prcApi {
+    /// With `add_proxy`, `/AddProxy` is answered and its routes are in [`P2prcApi::proxies`].
+    pub fn new(
+        own: Node,
+        records: Option<Records>,
+        peers: Arc<Peers>,
+        add_proxy: bool,
+    ) -> P2prcApi {
         P2prcApi {
             inner: Arc::new(Inner {
                 own,
                 records,
                 peers,
                 bucket: Mutex::new((MERGE_BURST, Instant::now())),
+                proxies: add_proxy.then(|| watch::channel(Arc::new(Vec::new())).0),
             }),
         }
+    }
+
+    /// `/AddProxy`'s routes as they change (`None` when this node does not answer it).
+    pub fn proxies(&self) -> Option<watch::Receiver<Arc<Vec<DirectRoute>>>> {
+        self.inner.proxies.as_ref().map(watch::Sender::subscribe)
+    }
+
+    /// Routes `domain` to `ip:port`, a known P2PRC peer's address (see [`add_proxy`]).
+    pub fn add_proxy(&self, domain: &str, ip: &str, port: &str) -> Result<(), ApiError> {
+        let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
+        let Some(proxies) = &self.inner.proxies else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "this node maps no domains: /AddProxy is answered by the root with [p2prc] add_proxy = true",
+            ));
+        };
+        let domain = domain.trim().trim_end_matches('.').to_ascii_lowercase();
+        p2f_model::validate::dns_name(&domain)
+            .map_err(|e| bad(format!("domain_name {domain:?}: {e}")))?;
+        let ip: std::net::IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| bad(format!("ip_address {ip:?} is not an IP address")))?;
+        let port: u16 = port
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| bad(format!("port {port:?} is not a port number")))?;
+        let peer = self
+            .inner
+            .peers
+            .list()
+            .into_iter()
+            .find(|p| {
+                p.node.ipv4.map(std::net::IpAddr::V4) == Some(ip)
+                    || p.node.ipv6.map(std::net::IpAddr::V6) == Some(ip)
+            })
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!("{ip} is not the address of a known P2PRC peer"),
+                )
+            })?;
+        let taken = self
+            .inner
+            .records
+            .as_ref()
+            .and_then(|r| r.find(&p2f_model::ProcessKey::Domain(domain.clone())));
+        if let Some(process) = taken {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("{domain} is the domain of P2F process {}", process.id),
+            ));
+        }
+        let route = DirectRoute {
+            domain: domain.clone(),
+            address: (ip, port).into(),
+            peer: peer.node.name,
+        };
+        let mut refused = None;
+        proxies.send_if_modified(|routes| {
+            let mut next: Vec<DirectRoute> = routes
+                .iter()
+                .filter(|r| r.domain != domain)
+                .cloned()
+                .collect();
+            if next.len() >= MAX_PROXIES {
+                refused = Some(next.len());
+                return false;
+            }
+            next.push(route.clone());
+            next.sort_by(|a, b| a.domain.cmp(&b.domain));
+            let changed = **routes != next;
+            *routes = Arc::new(next);
+            changed
+        });
+        if let Some(count) = refused {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("{count} domains are mapped already: at most {MAX_PROXIES}"),
+            ));
+        }
+        tracing::info!(%domain, peer = %route.peer, address = %route.address, "P2PRC /AddProxy: domain mapped");
+        Ok(())
     }
 
     /// The known peers.
@@ -77,16 +180,6 @@ impl P2prcApi {
             }
         }
         nodes
-    }
-
-    /// Whether `name` is this node or a member.
-    pub fn is_member(&self, name: &NodeName) -> bool {
-        *name == self.inner.own.name
-            || self
-                .inner
-                .records
-                .as_ref()
-                .is_some_and(|r| r.nodes().iter().any(|s| s.node.name == *name))
     }
 
     /// The whole table this node answers with: itself and the members, then the known peers.
@@ -133,10 +226,12 @@ impl P2prcApi {
         for skipped in &table.skipped {
             tracing::warn!(%via, "P2PRC table: left out {skipped}");
         }
+        let members: std::collections::HashSet<NodeName> =
+            self.members().into_iter().map(|n| n.name).collect();
         let merged = self
             .inner
             .peers
-            .merge(&table.ip_address, &|name| self.is_member(name), via)
+            .merge(&table.ip_address, &|name| members.contains(name), via)
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         for (name, why) in &merged.refused {
             tracing::warn!(%via, "P2PRC table: entry {name:?} not taken: {why}");
@@ -153,6 +248,7 @@ pub fn routes(api: P2prcApi) -> Router {
     Router::new()
         .route("/server_info", get(server_info))
         .route("/IpTable", post(ip_table))
+        .route("/AddProxy", get(add_proxy))
         .layer(DefaultBodyLimit::max(MAX_TABLE_BYTES))
         .fallback(|| async {
             ApiError::new(
@@ -161,6 +257,25 @@ pub fn routes(api: P2prcApi) -> Router {
             )
         })
         .with_state(api)
+}
+
+/// `GET /AddProxy?domain_name=D&ip_address=IP&port=P`: the root's ingress sends `D` to
+/// `http://IP:P`, with the certificates of P2F's own domains — only for the address of a known
+/// P2PRC peer, never for a domain of a P2F process. Answers `Sucess` (P2PRC's spelling), as
+/// P2PRC does; kept in memory only, as P2PRC keeps it.
+async fn add_proxy(
+    State(api): State<P2prcApi>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> Result<&'static str, ApiError> {
+    let Query(query) = query?;
+    let get = |key: &str| {
+        query
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("`{key}` is missing")))
+    };
+    api.add_proxy(get("domain_name")?, get("ip_address")?, get("port")?)?;
+    Ok("Sucess")
 }
 
 async fn server_info() -> axum::Json<ServerInfo> {

@@ -16,7 +16,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
 use p2f_model::Node;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use api::P2prcApi;
@@ -48,17 +48,19 @@ pub struct P2prc {
 
 impl P2prc {
     /// Starts P2PRC's node API on `settings.listen` (if set) and the table exchange, for
-    /// this node (`own`) and its network (`records`). `ca_pem` only satisfies the HTTP
+    /// this node (`own`) and its network (`records`); with `add_proxy` (the root with an
+    /// ingress) it answers `/AddProxy` ([`P2prc::proxies`]). `ca_pem` only satisfies the HTTP
     /// client's TLS setup: the exchange is plain HTTP.
     pub async fn start(
         settings: &P2prcSettings,
         data_dir: &Path,
         own: Node,
         records: Option<Records>,
+        add_proxy: bool,
         ca_pem: &str,
     ) -> std::io::Result<P2prc> {
         let peers = Arc::new(Peers::load(peers_path(data_dir)));
-        let api = P2prcApi::new(own, records, peers);
+        let api = P2prcApi::new(own, records, peers, add_proxy);
         let mut tasks = Vec::new();
         let (mut address, mut stop) = (None, None);
         if let Some(listen) = settings.listen {
@@ -103,6 +105,11 @@ impl P2prc {
             stop,
             tasks,
         })
+    }
+
+    /// `/AddProxy`'s routes as they change, when this node answers it.
+    pub fn proxies(&self) -> Option<watch::Receiver<Arc<Vec<crate::wire::DirectRoute>>>> {
+        self.api.proxies()
     }
 
     /// Where P2PRC's API listens, when it does.
