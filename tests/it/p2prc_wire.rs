@@ -160,6 +160,31 @@ async fn p2prc_clients_see_a_p2prc_node() -> Result<()> {
         anyhow::Ok(names)
     };
     assert_eq!(peers().await?, learned);
+    // `p2f nodes` lists them apart from the members; `p2f p2prc peers` alone.
+    let cli = |args: &[&str]| -> Result<String> {
+        let out = Command::new(p2f_bin()?)
+            .args(args)
+            .arg("--config")
+            .arg(root.config_path())
+            .env_remove("P2F_OPERATOR")
+            .output()?;
+        anyhow::ensure!(out.status.success(), "p2f {args:?}: {out:?}");
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let listed = cli(&["nodes"])?;
+    let (members, apart) = listed
+        .split_once("P2PRC peers (known, not members")
+        .context("peers listed apart")?;
+    assert!(
+        members.contains("wire-root") && !members.contains("kitchen-pi-Vb5nE1q"),
+        "{listed}"
+    );
+    assert!(
+        apart.contains("kitchen-pi-Vb5nE1q") && apart.contains("posted by 127.0.0.1"),
+        "{listed}"
+    );
+    let json: Value = serde_json::from_str(&cli(&["p2prc", "peers", "--json"])?)?;
+    assert_eq!(json.as_array().map(Vec::len), Some(learned.len()));
 
     // A table naming the root is not believed about it: no member, no peer, no change.
     let forged = scratch.path().join("forged.json");
