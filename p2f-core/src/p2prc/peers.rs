@@ -13,6 +13,9 @@ pub use crate::wire::P2prcPeer;
 
 /// The most peers a node keeps; entries beyond are refused (known ones are still updated).
 pub const MAX_PEERS: usize = 1024;
+/// A peer no table has named for this long is forgotten (P2PRC drops entries that stop
+/// answering; here any table naming it again keeps it).
+pub const FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// What a merge did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -43,6 +46,8 @@ pub fn merge(
     now: u64,
 ) -> Merged {
     let mut merged = Merged::default();
+    let cutoff = now.saturating_sub(FORGET_AFTER.as_secs());
+    known.retain(|_, p| p.learned_at >= cutoff);
     for node in nodes {
         let name = node.name.as_str().to_owned();
         if is_member(&node.name) {
@@ -200,6 +205,16 @@ mod tests {
         let got = merge(&mut known, &[node("b", "192.0.2.1", 9000)], &member, "x", 4);
         assert_eq!(got.added, ["b"]);
         assert_eq!(known.keys().collect::<Vec<_>>(), ["b"]);
+        // Not named by any table for a week: forgotten at the next merge.
+        let later = 4 + FORGET_AFTER.as_secs() + 1;
+        merge(
+            &mut known,
+            &[node("c", "192.0.2.3", 1)],
+            &member,
+            "x",
+            later,
+        );
+        assert_eq!(known.keys().collect::<Vec<_>>(), ["c"]);
     }
 
     #[test]

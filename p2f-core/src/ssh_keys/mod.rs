@@ -312,8 +312,13 @@ async fn wanted(
             keys.insert(node.name.to_string(), gossiped);
             continue;
         }
-        // Asked of the node itself, over mutual TLS.
-        let shown = match records.client_for(&node.name) {
+        // Asked of the node itself, over mutual TLS (a node the mesh hears, so a dead one
+        // costs no timeout).
+        let client = status
+            .alive
+            .then(|| records.client_for(&node.name))
+            .flatten();
+        let shown = match client {
             Some(client) => tokio::time::timeout(ASK_TIMEOUT, client.node())
                 .await
                 .ok()
