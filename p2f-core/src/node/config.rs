@@ -38,6 +38,9 @@
 //! [relay]                          # members behind NAT (see relay/link.rs)
 //! via_root = "auto"                # true: always keep a link to the root; false: never;
 //!                                  # auto: when the root cannot reach this node's API
+//!
+//! [p2prc]                          # P2PRC compatibility and the SSH key mesh (p2prc/config.rs)
+//! listen = "0.0.0.0:8088"          # P2PRC's node API, plain HTTP (off without it)
 //! ```
 
 use std::collections::BTreeMap;
