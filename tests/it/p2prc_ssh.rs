@@ -2,8 +2,9 @@
 //! openssh-server) that the test starts on a loopback port with its own config and host key:
 //! after a member joins, its key logs in to the root's user with `ssh -p PORT -i KEY`; the
 //! lines of `authorized_keys` that are not P2F's stay byte for byte; a key in a table posted
-//! to `/IpTable` is never installed; after `p2f node remove` the member's key is gone and the
-//! login fails; with unsafe mode off the block is gone.
+//! to `/IpTable` is never installed; after `p2f node remove` the member's key is gone (from the
+//! root's file and the other member's) and the login fails; with unsafe mode off the block is
+//! gone.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -162,7 +163,15 @@ async fn p2prc_members_keys_log_in_and_leave_with_them() -> Result<()> {
         .join(&root)?
         .started()
         .await?;
-    root.all_alive(&["ssh-a", "ssh-root"]).await?;
+    let b_keys = dir.join("b_authorized_keys");
+    let settings = p2prc(None, b_keys.clone());
+    let b = agent("ssh-b")
+        .ip("127.0.0.3")
+        .configure(move |c| c.p2prc = Some(settings))
+        .join(&root)?
+        .started()
+        .await?;
+    root.all_alive(&["ssh-a", "ssh-b", "ssh-root"]).await?;
     let a_key = a.config().data_dir.join("ssh").join("id_ed25519");
 
     // The member's key reaches the root's file, in the block; the member gets the root's.
@@ -184,6 +193,19 @@ async fn p2prc_members_keys_log_in_and_leave_with_them() -> Result<()> {
         "the root's key in ssh-a's file",
         Duration::from_secs(30),
         || async { read(&member_keys).contains(" p2f:ssh-root\n").then_some(()) },
+    )
+    .await?;
+    // Every member has every member's key, its own too.
+    eventually(
+        "every key in ssh-b's file",
+        Duration::from_secs(30),
+        || async {
+            let text = read(&b_keys);
+            ["ssh-a", "ssh-b", "ssh-root"]
+                .iter()
+                .all(|n| text.contains(&format!(" p2f:{n}\n")))
+                .then_some(())
+        },
     )
     .await?;
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
@@ -250,6 +272,16 @@ async fn p2prc_members_keys_log_in_and_leave_with_them() -> Result<()> {
         !logs_in(sshd.port, &a_key)?,
         "a removed member's key no longer logs in"
     );
+    // The other member drops it too, once the revocation reaches it.
+    eventually(
+        "ssh-a's key gone from ssh-b's file",
+        Duration::from_secs(45),
+        || async {
+            let text = read(&b_keys);
+            (!text.contains("p2f:ssh-a") && text.contains(" p2f:ssh-root\n")).then_some(())
+        },
+    )
+    .await?;
 
     // Unsafe mode off: the block is gone, the file is mine again (plus the newline the block
     // needed after my last line).
@@ -264,7 +296,7 @@ async fn p2prc_members_keys_log_in_and_leave_with_them() -> Result<()> {
         (read(&root_keys) == format!("{mine}\n")).then_some(())
     })
     .await?;
-    drop(a);
+    drop((a, b));
     drop(sshd);
     Ok(())
 }
