@@ -9,6 +9,7 @@
 pub mod access;
 pub mod converge;
 pub mod embedded;
+pub mod import;
 pub mod render;
 
 use std::time::Duration;

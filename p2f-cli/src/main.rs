@@ -119,6 +119,11 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// P2PRC compatibility: import a P2PRC machine, list known P2PRC peers.
+    P2prc {
+        #[command(subcommand)]
+        command: P2prcCommand,
+    },
     /// Prints a shell completion script (e.g. `p2f completions bash > /etc/bash_completion.d/p2f`).
     Completions {
         /// The shell.
@@ -182,6 +187,32 @@ enum NodeCommand {
         /// Where to write the unit.
         #[arg(long, default_value = "/etc/systemd/system/p2f.service")]
         unit: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum P2prcCommand {
+    /// Turns this machine's P2PRC setup into this node's: `config.json` gives `[p2prc]`
+    /// (P2PRC's API port, the SSH key), `bare_metal` and `unsafe_mode`; the IP table gives known
+    /// P2PRC peers (never members). Prints what it took and what it could not.
+    Import {
+        /// P2PRC's `config.json`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// An IP table (default: the one `config.json` names).
+        #[arg(long)]
+        ip_table: Option<PathBuf>,
+        /// This node's config file (made by `p2f init` or `p2f node join`).
+        #[arg(long, default_value_os_t = default_dir().join("node.toml"))]
+        node: PathBuf,
+    },
+    /// Lists the P2PRC peers a node knows: learned from P2PRC tables, known but not trusted.
+    Peers {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -382,6 +413,39 @@ async fn dispatch(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::P2prc {
+            command:
+                P2prcCommand::Import {
+                    config,
+                    ip_table,
+                    node,
+                },
+        } => {
+            let done = p2f_cli::import::import(&node, config.as_deref(), ip_table.as_deref())?;
+            for line in &done.took {
+                println!("took: {line}");
+            }
+            for line in &done.left {
+                println!("not taken: {line}");
+            }
+            println!(
+                "{} taken, {} not; restart the node to use it",
+                done.took.len(),
+                done.left.len()
+            );
+            Ok(())
+        }
+        Command::P2prc {
+            command: P2prcCommand::Peers { target, json },
+        } => {
+            let peers = connect(&target)?.p2prc_peers().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&peers)?);
+            } else {
+                println!("{}", p2f_cli::render::peers_table(&peers));
+            }
+            Ok(())
+        }
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "p2f", &mut std::io::stdout());
@@ -403,11 +467,18 @@ async fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Nodes { target, json } => {
-            let nodes = connect(&target)?.nodes().await?;
+            let network = connect(&target)?;
+            let nodes = network.nodes().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
             } else {
                 println!("{}", p2f_cli::render::nodes_table(&nodes));
+                // Older nodes have no such list: then there is nothing to show.
+                let peers = network.p2prc_peers().await.unwrap_or_default();
+                if !peers.is_empty() {
+                    println!("P2PRC peers (known, not members: they run no P2F process):");
+                    println!("{}", p2f_cli::render::peers_table(&peers));
+                }
             }
             Ok(())
         }

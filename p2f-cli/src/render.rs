@@ -177,6 +177,36 @@ fn reached(n: &p2f_core::wire::NodeStatus) -> String {
     }
 }
 
+/// The known P2PRC peers: name, address, P2PRC's API port, SSH port, how they were learned.
+pub fn peers_table(peers: &[p2f_core::wire::P2prcPeer]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(presets::UTF8_BORDERS_ONLY);
+    table.set_header([
+        "P2PRC PEER",
+        "ADDRESS",
+        "SERVER PORT",
+        "SSH PORT",
+        "LEARNED",
+    ]);
+    let port = |p: Option<u16>| p.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+    for p in peers {
+        let address = p
+            .node
+            .ipv4
+            .map(|ip| ip.to_string())
+            .or_else(|| p.node.ipv6.map(|ip| ip.to_string()))
+            .unwrap_or_else(|| "-".into());
+        table.add_row([
+            p.node.name.to_string(),
+            address,
+            port(p.node.server_port),
+            port(p.node.bare_metal_ssh_port),
+            p.via.clone(),
+        ]);
+    }
+    table
+}
+
 /// The ingress's routes: domain, service (process), node, upstream or why none, certificate,
 /// last error; under it where the ingress listens.
 pub fn routes_table(report: &p2f_core::wire::RoutesReport) -> String {

@@ -227,6 +227,11 @@ impl Network {
         self.call(Method::GET, "/v1/nodes", None::<&()>).await
     }
 
+    /// The P2PRC peers the node knows (none when it has no `[p2prc]`).
+    pub async fn p2prc_peers(&self) -> Result<Vec<crate::wire::P2prcPeer>, ClientError> {
+        self.call(Method::GET, "/v1/p2prc/peers", None::<&()>).await
+    }
+
     /// Gives the root the services the network should run (`PUT /v1/deployment`); the root
     /// places and keeps them running.
     pub async fn deploy(

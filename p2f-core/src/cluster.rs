@@ -239,6 +239,19 @@ impl ClusterCa {
         &self.cert_pem
     }
 
+    /// The cluster's name and a short fingerprint of its CA (`homelab, CA 3f2a9c1b`): what a
+    /// person can tell two clusters apart by, even of the same name.
+    pub fn label(&self) -> String {
+        use sha2::Digest as _;
+        let name = self
+            .common_name
+            .strip_prefix("P2F cluster CA ")
+            .unwrap_or(&self.common_name);
+        let digest = sha2::Sha256::digest(self.cert_pem.as_bytes());
+        let short: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{name}, CA {short}")
+    }
+
     /// The CA key in PEM form; `None` on member nodes.
     pub fn key_pem(&self) -> Option<&str> {
         self.key_pem.as_deref()

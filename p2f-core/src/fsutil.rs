@@ -49,6 +49,17 @@ pub fn write_private(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), Writ
 /// replaced, not followed. The new file belongs to the calling user. On error `path` is left as
 /// it was and no temporary file remains.
 pub fn write_atomic(path: &Path, contents: impl AsRef<[u8]>, mode: u32) -> Result<(), WriteError> {
+    write_atomic_owned(path, contents, mode, None)
+}
+
+/// [`write_atomic`], and the new file belongs to `owner` (uid, gid) before it takes `path`'s
+/// place (for a file kept in another user's home, such as `authorized_keys`, written as root).
+pub fn write_atomic_owned(
+    path: &Path,
+    contents: impl AsRef<[u8]>,
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> Result<(), WriteError> {
     let fail = |action, source| WriteError {
         action,
         path: path.to_owned(),
@@ -64,7 +75,11 @@ pub fn write_atomic(path: &Path, contents: impl AsRef<[u8]>, mode: u32) -> Resul
     };
     let (temp, file) =
         create_temp(dir, name, mode).map_err(|e| fail("create a temporary file for", e))?;
-    if let Err(e) = fill(file, contents.as_ref(), mode) {
+    let owned = match owner {
+        Some((uid, gid)) => std::os::unix::fs::fchown(&file, Some(uid), Some(gid)),
+        None => Ok(()),
+    };
+    if let Err(e) = owned.and_then(|()| fill(file, contents.as_ref(), mode)) {
         let _ = fs::remove_file(&temp);
         return Err(fail("write", e));
     }

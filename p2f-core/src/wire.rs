@@ -471,3 +471,27 @@ pub struct Revocation {
     /// When it was revoked, in seconds since the Unix epoch.
     pub at: u64,
 }
+
+/// A P2PRC node this node knows (`GET /v1/p2prc/peers`): learned from a P2PRC table, known
+/// but never trusted — it is no member, runs no P2F process and gets no SSH access.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct P2prcPeer {
+    /// Its IP-table entry as last learned (current format).
+    pub node: p2f_model::Node,
+    /// When it was last learned, in seconds since the Unix epoch.
+    pub learned_at: u64,
+    /// Where from: `posted by ADDRESS`, `exchange with NAME`, `import`.
+    pub via: String,
+}
+
+/// A domain the root's ingress sends straight to a P2PRC peer's address (P2PRC's
+/// `/AddProxy`, with `[p2prc] add_proxy` on the root): not a P2F process, reached directly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectRoute {
+    /// The domain, lower case.
+    pub domain: String,
+    /// The peer's address and port.
+    pub address: std::net::SocketAddr,
+    /// The peer's name.
+    pub peer: p2f_model::NodeName,
+}

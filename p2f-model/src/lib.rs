@@ -15,6 +15,7 @@ pub use duration::{DurationError, format_duration, parse_duration};
 pub use name::{NameError, NodeName, ProcessId};
 pub use node::{
     IpTable, MapPortResponse, Node, NodeError, NodeRole, P2fNodeInfo, P2prcConfig, ServerInfo,
+    SkippedEntry,
 };
 pub use process::{
     Event, EventKind, Failure, NodeRef, Process, ProcessKey, Rejection, Status, Timestamp, Unfit,

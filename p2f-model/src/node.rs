@@ -157,11 +157,73 @@ impl Node {
 }
 
 /// P2PRC's `ip_table.json`: `{ "ip_address": [ Node, ... ] }`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+///
+/// Read leniently per entry, as P2PRC reads it: an entry that cannot be used (a name P2F
+/// cannot use, a port out of range, not an object) is left out and listed in
+/// [`IpTable::skipped`] with why, and the other entries load. Keys are matched without regard
+/// to case (`ip_address`, `Name`, `name`). Written in the current format, without the skipped
+/// entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub struct IpTable {
     /// The nodes.
-    #[serde(rename = "ip_address", default, deserialize_with = "null_as_default")]
+    #[serde(rename = "ip_address")]
     pub ip_address: Vec<Node>,
+    /// The entries that were left out when the table was read, in order.
+    #[serde(skip)]
+    pub skipped: Vec<SkippedEntry>,
+}
+
+/// An entry of an IP table that was left out when the table was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedEntry {
+    /// Its position in the table (from 0).
+    pub index: usize,
+    /// Its `Name` as P2PRC wrote it, when it had one as text.
+    pub name: Option<String>,
+    /// Why it was left out (the field and what was wrong with it).
+    pub reason: String,
+}
+
+impl std::fmt::Display for SkippedEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.name {
+            Some(name) => write!(f, "entry {} ({name:?}): {}", self.index, self.reason),
+            None => write!(f, "entry {}: {}", self.index, self.reason),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for IpTable {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+        let entries = raw
+            .into_iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case("ip_address"))
+            .map(|(_, value)| value)
+            .unwrap_or(serde_json::Value::Null);
+        let entries = match entries {
+            serde_json::Value::Null => Vec::new(),
+            serde_json::Value::Array(entries) => entries,
+            _ => return Err(de::Error::custom("`ip_address` must be a list of entries")),
+        };
+        let mut table = IpTable::default();
+        for (index, entry) in entries.into_iter().enumerate() {
+            let name = entry
+                .as_object()
+                .and_then(|o| o.iter().find(|(k, _)| k.eq_ignore_ascii_case("name")))
+                .and_then(|(_, v)| v.as_str())
+                .map(str::to_owned);
+            match Node::deserialize(entry) {
+                Ok(node) => table.ip_address.push(node),
+                Err(e) => table.skipped.push(SkippedEntry {
+                    index,
+                    name,
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        Ok(table)
+    }
 }
 
 fn null_as_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
@@ -328,8 +390,13 @@ impl Loose {
 
 impl<'de> Deserialize<'de> for Node {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let mut raw = BTreeMap::<String, Loose>::deserialize(d)?;
-        let mut take = |key: &str| raw.remove(key).unwrap_or(Loose::Null);
+        // Keys without regard to case; where two differ only in case, the first in sort order
+        // (P2PRC's own capitalised spelling before a lower-case one) counts.
+        let mut raw = BTreeMap::<String, Loose>::new();
+        for (key, value) in BTreeMap::<String, Loose>::deserialize(d)? {
+            raw.entry(key.to_ascii_lowercase()).or_insert(value);
+        }
+        let mut take = |key: &str| raw.remove(&key.to_ascii_lowercase()).unwrap_or(Loose::Null);
         let name_text = take("Name").text("Name").map_err(de::Error::custom)?;
         let name = NodeName::new(name_text)
             .map_err(|e| de::Error::custom(field_error("Name", e.to_string())))?;

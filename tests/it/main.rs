@@ -10,6 +10,8 @@ mod macro_ui;
 mod model;
 mod network;
 mod p2prc;
+mod p2prc_ssh;
+mod p2prc_wire;
 mod partition;
 mod relay;
 mod root;

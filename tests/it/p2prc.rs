@@ -207,3 +207,68 @@ fn responses_parse() -> anyhow::Result<()> {
     assert_eq!(mapped.port_no, "52417");
     Ok(())
 }
+
+#[test]
+fn one_odd_entry_does_not_spoil_the_table() -> anyhow::Result<()> {
+    let mixed = table("ip_table.mixed-entries.json")?;
+    let names: Vec<&str> = mixed.ip_address.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "garage-nuc-Tp7wK2d",
+            "kitchen-pi-Vb5nE1q",
+            "study-desk-Hc8rM3x"
+        ]
+    );
+    // Strings for booleans, latency and ports; a port as a number.
+    let garage = &mixed.ip_address[0];
+    assert!(garage.nat && !garage.proxy_server && garage.unsafe_mode);
+    assert_eq!(
+        (garage.server_port, garage.bare_metal_ssh_port),
+        (Some(8088), Some(2222))
+    );
+    assert_eq!(garage.latency.as_nanos(), 4_100_000);
+    // Lower-case keys.
+    let pi = &mixed.ip_address[1];
+    assert_eq!(pi.machine_username, "pi");
+    assert_eq!(pi.ipv4, Some("198.51.100.25".parse()?));
+    assert_eq!(
+        (pi.server_port, pi.bare_metal_ssh_port),
+        (Some(8090), Some(22))
+    );
+    assert!(pi.proxy_server);
+    // The name P2F cannot use: left out, named, with why.
+    assert_eq!(mixed.skipped.len(), 1);
+    let skipped = &mixed.skipped[0];
+    assert_eq!(
+        (skipped.index, skipped.name.as_deref()),
+        (1, Some("node 3"))
+    );
+    assert!(skipped.to_string().contains("\"node 3\""), "{skipped}");
+    assert!(skipped.reason.contains("Name"), "{skipped}");
+    // Written back in the current format, without the left-out entry.
+    let again: IpTable = serde_json::from_value(serde_json::to_value(&mixed)?)?;
+    assert_eq!(again.ip_address, mixed.ip_address);
+    assert!(again.skipped.is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_table_that_is_not_a_table_is_an_error() {
+    for text in [
+        r#"{"ip_address": 5}"#,
+        r#"{"ip_address": "x"}"#,
+        "[1, 2]",
+        "garbage",
+    ] {
+        assert!(serde_json::from_str::<IpTable>(text).is_err(), "{text}");
+    }
+    // Entries that are not objects are left out one by one.
+    let table: IpTable =
+        serde_json::from_str(r#"{"IP_Address": [7, {"Name": "pi"}, null]}"#).expect("lenient");
+    assert_eq!(table.ip_address.len(), 1);
+    assert_eq!(
+        table.skipped.iter().map(|s| s.index).collect::<Vec<_>>(),
+        [0, 2]
+    );
+}

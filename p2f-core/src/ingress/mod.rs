@@ -96,6 +96,8 @@ struct Inner {
     http: SocketAddr,
     https: SocketAddr,
     routes: watch::Receiver<Arc<RouteTable>>,
+    /// Routes to P2PRC peers (`/AddProxy`), merged into the table by `follow`.
+    direct: watch::Sender<Arc<Vec<crate::wire::DirectRoute>>>,
     certificates: Arc<Certificates>,
     upstream: Arc<dyn Upstream>,
     errors: Arc<proxy::Errors>,
@@ -146,6 +148,7 @@ impl Ingress {
             );
             through_agent
         };
+        let upstream: Arc<dyn Upstream> = Arc::new(upstream::Direct::new(upstream));
         let issuers: Vec<Arc<dyn Issuer>> = vec![Arc::new(LocalCa::new(ca))];
         Ingress::start_with(config, records, issuers, upstream).await
     }
@@ -181,6 +184,7 @@ impl Ingress {
 
         let table = route_table(&records);
         let (routes_tx, routes) = watch::channel(Arc::new(table));
+        let (direct, direct_rx) = watch::channel(Arc::new(Vec::new()));
         let challenges = Arc::new(Challenges::default());
         let mut issuers = issuers;
         let acme = config.acme.clone().map(|acme_config| {
@@ -232,7 +236,7 @@ impl Ingress {
         };
         let ports = ports::PublicPorts::start(records.clone(), https.ip(), upstream.clone());
         let tasks = vec![
-            tokio::spawn(follow(records, routes_tx)),
+            tokio::spawn(follow(records, direct_rx, routes_tx)),
             serve(http_listener, Accept::Plain, "http"),
             serve(
                 https_listener,
@@ -255,6 +259,7 @@ impl Ingress {
                 http,
                 https,
                 routes,
+                direct,
                 certificates,
                 upstream,
                 errors,
@@ -274,6 +279,11 @@ impl Ingress {
     /// Where HTTPS is served.
     pub fn https_address(&self) -> SocketAddr {
         self.inner.https
+    }
+
+    /// Replaces the routes to P2PRC peers (`/AddProxy`); P2F's own domains keep theirs.
+    pub fn set_direct_routes(&self, routes: Vec<crate::wire::DirectRoute>) {
+        self.inner.direct.send_replace(Arc::new(routes));
     }
 
     /// The routes now: domain, process, node, upstream or why none, certificate, last error.
@@ -365,13 +375,19 @@ fn route_table(records: &Records) -> RouteTable {
     RouteTable::from_copies(view.iter().map(|copy| (copy.process(), copy.origin)))
 }
 
-/// Rebuilds the route table on every change of the records.
-async fn follow(records: Records, routes: watch::Sender<Arc<RouteTable>>) {
+/// Rebuilds the route table on every change of the records or of the direct routes.
+async fn follow(
+    records: Records,
+    mut direct: watch::Receiver<Arc<Vec<crate::wire::DirectRoute>>>,
+    routes: watch::Sender<Arc<RouteTable>>,
+) {
     let mut changes = records.changes();
     loop {
-        if changes.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            changed = direct.changed() => if changed.is_err() { return },
         }
-        routes.send_replace(Arc::new(route_table(&records)));
+        let extra = direct.borrow_and_update().clone();
+        routes.send_replace(Arc::new(route_table(&records).with_direct(&extra)));
     }
 }

@@ -98,6 +98,7 @@ impl PortTable {
                         node: process.node.name.clone(),
                         port: public.target(),
                         protocol: key.0,
+                        direct: None,
                     })
                 });
                 (key, PortRoute { process, target })

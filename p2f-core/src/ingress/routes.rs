@@ -24,6 +24,9 @@ pub struct Target {
     /// TCP (a domain, a public TCP port) or UDP (a public UDP port: the stream carries framed
     /// datagrams).
     pub protocol: Protocol,
+    /// A P2PRC peer's address, connected to directly (`/AddProxy`); `None` for P2F's own
+    /// processes, which are reached through their node's agent.
+    pub direct: Option<std::net::SocketAddr>,
 }
 
 impl Target {
@@ -93,6 +96,42 @@ impl RouteTable {
         self.by_domain.get(&normalise(host))
     }
 
+    /// The table with `direct` routes to P2PRC peers added (`/AddProxy`), each as a
+    /// `Running` record of the peer (service `p2prc-proxy`, id `p2prc.DOMAIN`) whose target is
+    /// its address. A domain of a P2F process keeps its process: P2F's own routes win.
+    pub fn with_direct(mut self, direct: &[crate::wire::DirectRoute]) -> RouteTable {
+        for route in direct {
+            let domain = normalise(&route.domain);
+            if self.by_domain.contains_key(&domain) {
+                continue;
+            }
+            let Ok(id) = ProcessId::new(format!("p2prc.{domain}")) else {
+                continue;
+            };
+            let spec = p2f_model::ProcessSpec::new("p2prc-proxy", "")
+                .with_port(route.address.port())
+                .with_domain(domain.clone())
+                .with_health(Health::None);
+            let node = p2f_model::NodeRef {
+                name: route.peer.clone(),
+                address: route.address.ip().to_string(),
+            };
+            let mut process = Process::placed(id, 1, spec, node, p2f_model::Timestamp::now());
+            process.status = Status::Running;
+            let target = serving(&process).map(|target| Target {
+                direct: Some(route.address),
+                ..target
+            });
+            let route = Route {
+                domain: domain.clone(),
+                process: Arc::new(process),
+                target,
+            };
+            self.by_domain.insert(domain, route);
+        }
+        self
+    }
+
     /// Whether `host` is a routed domain.
     pub fn contains(&self, host: &str) -> bool {
         self.find(host).is_some()
@@ -125,6 +164,7 @@ pub fn serving(process: &Process) -> Option<Target> {
         generation: process.generation,
         node: process.node.name.clone(),
         port,
+        direct: None,
     })
 }
 
@@ -191,6 +231,26 @@ mod tests {
         p.record(Timestamp(2), EventKind::Started { pid: 7 });
         p.record(Timestamp(3), EventKind::Healthy);
         Arc::new(p)
+    }
+
+    #[test]
+    fn direct_routes_join_the_table_but_never_take_a_p2f_domain() {
+        let direct = |domain: &str, port: u16| crate::wire::DirectRoute {
+            domain: domain.into(),
+            address: ([192, 0, 2, 7], port).into(),
+            peer: NodeName::from_static("peer-Ab1"),
+        };
+        let wiki = healthy(record("wiki", "wiki.test", "pi", 1, Status::Running));
+        let table = RouteTable::from_copies([(&wiki, Origin::Local)])
+            .with_direct(&[direct("Box.Test", 8080), direct("wiki.test", 9000)]);
+        let boxed = table.find("box.test").expect("box.test");
+        let target = boxed.target.as_ref().expect("serves");
+        assert_eq!(target.direct, Some(([192, 0, 2, 7], 8080).into()));
+        assert_eq!((target.node.as_str(), target.port), ("peer-Ab1", 8080));
+        assert_eq!(boxed.process.id.as_str(), "p2prc.box.test");
+        let wiki = table.find("wiki.test").expect("wiki");
+        assert_eq!(wiki.process.id.as_str(), "wiki", "P2F's own route wins");
+        assert_eq!(wiki.target.as_ref().and_then(|t| t.direct), None);
     }
 
     /// What a lookup found: the record's node and generation, and whether a copy serves.

@@ -93,6 +93,16 @@ pub enum UpstreamError {
         /// Its error.
         message: String,
     },
+    /// A P2PRC peer's address (`/AddProxy`) could not be connected to.
+    #[error("cannot reach the P2PRC peer {peer} at {address}: {detail}")]
+    Peer {
+        /// The peer.
+        peer: NodeName,
+        /// Its address.
+        address: std::net::SocketAddr,
+        /// What failed.
+        detail: String,
+    },
     /// Reaching it took longer than 5 s.
     #[error("reaching {node} took longer than {CONNECT_TIMEOUT:?}")]
     Timeout {
@@ -294,6 +304,53 @@ impl Upstream for Local {
     }
 }
 
+/// Reaches a P2PRC peer's address directly (a target with `direct`, from `/AddProxy`), and
+/// every other target through `others`.
+pub struct Direct {
+    others: Arc<dyn Upstream>,
+}
+
+impl std::fmt::Debug for Direct {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Direct").finish_non_exhaustive()
+    }
+}
+
+impl Direct {
+    /// Direct targets directly, the rest through `others`.
+    pub fn new(others: Arc<dyn Upstream>) -> Direct {
+        Direct { others }
+    }
+}
+
+impl Upstream for Direct {
+    fn connect(&self, target: &Target) -> BoxFuture<'static, Result<Box<dyn Io>, UpstreamError>> {
+        let Some(address) = target.direct else {
+            return self.others.connect(target);
+        };
+        let peer = target.node.clone();
+        Box::pin(async move {
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+                .await
+                .map_err(|_| UpstreamError::Timeout { node: peer.clone() })?
+                .map_err(|e| UpstreamError::Peer {
+                    peer,
+                    address,
+                    detail: e.to_string(),
+                })?;
+            let _ = stream.set_nodelay(true);
+            Ok(Box::new(stream) as Box<dyn Io>)
+        })
+    }
+
+    fn describe(&self, target: &Target) -> String {
+        match target.direct {
+            Some(address) => format!("p2prc peer {} → {address}", target.node),
+            None => self.others.describe(target),
+        }
+    }
+}
+
 /// Reaches the processes of nodes behind NAT through their link to the root (the `opener`,
 /// the relay's hub); any other target through the upstream it wraps.
 pub struct Relayed {
@@ -458,6 +515,7 @@ mod tests {
             node: NodeName::new(node).expect("node"),
             port,
             protocol: Protocol::Tcp,
+            direct: None,
         }
     }
 
@@ -628,6 +686,7 @@ mod tests {
             node: NodeName::new(node).expect("node"),
             port: 8080,
             protocol: Protocol::Tcp,
+            direct: None,
         };
         let a = targets.authority(&target("pi", 1));
         assert_eq!(a, targets.authority(&target("pi", 1)));

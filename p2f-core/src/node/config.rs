@@ -38,6 +38,9 @@
 //! [relay]                          # members behind NAT (see relay/link.rs)
 //! via_root = "auto"                # true: always keep a link to the root; false: never;
 //!                                  # auto: when the root cannot reach this node's API
+//!
+//! [p2prc]                          # P2PRC compatibility and the SSH key mesh (p2prc/config.rs)
+//! listen = "0.0.0.0:8088"          # P2PRC's node API, plain HTTP (off without it)
 //! ```
 
 use std::collections::BTreeMap;
@@ -106,6 +109,10 @@ pub struct AgentConfig {
     /// How a member behind NAT is reached (its link to the root).
     #[serde(default, skip_serializing_if = "RelaySettings::is_default")]
     pub relay: RelaySettings,
+    /// P2PRC compatibility (its node API, known P2PRC peers, the SSH key mesh); none without
+    /// the section. See `crate::p2prc::config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p2prc: Option<crate::p2prc::P2prcSettings>,
 }
 
 /// `[relay]`: whether a member keeps a link to the root.
@@ -441,6 +448,7 @@ impl AgentConfig {
             mesh: None,
             ingress: None,
             relay: RelaySettings::default(),
+            p2prc: None,
         }
     }
 
@@ -460,6 +468,9 @@ impl AgentConfig {
         if let Some(ingress) = &mut config.ingress {
             ingress.acme_ca = ingress.acme_ca.take().map(|ca| relative_to(base, &ca));
         }
+        if let Some(p2prc) = &mut config.p2prc {
+            p2prc.resolve_paths(|path| relative_to(base, path));
+        }
         Ok(config)
     }
 
@@ -474,6 +485,9 @@ impl AgentConfig {
         }
         if let Some(ingress) = &config.ingress {
             ingress.check()?;
+        }
+        if let Some(p2prc) = &config.p2prc {
+            p2prc.check()?;
         }
         Ok(config)
     }

@@ -5,6 +5,7 @@
 //! `lifecycle` decides; the rest is the OS edge.
 
 pub mod api;
+mod compat;
 pub mod config;
 pub mod contain;
 pub mod health;
@@ -92,6 +93,9 @@ pub enum AgentError {
     /// The root's ingress could not start.
     #[error(transparent)]
     Ingress(#[from] IngressError),
+    /// The node's SSH key or the `authorized_keys` it keeps (`[p2prc]`).
+    #[error(transparent)]
+    SshKey(#[from] crate::ssh_keys::SshKeyError),
 }
 
 /// A running agent.
@@ -106,6 +110,7 @@ pub struct Agent {
     records: Option<Records>,
     root: Option<Root>,
     ingress: Option<Ingress>,
+    p2prc: Option<crate::p2prc::P2prc>,
     /// Why the agent cannot go on (its gossip died), once that happens.
     failed: tokio::sync::watch::Receiver<Option<String>>,
 }
@@ -172,6 +177,7 @@ impl Agent {
         })?;
         let host = config.advertised_host();
         let node = node_entry(&config, &host, address, role);
+        let (node, key_mesh) = compat::entry(&config, &ca, node)?;
         let node_ref = NodeRef {
             name: config.name.clone(),
             address: host,
@@ -219,6 +225,10 @@ impl Agent {
                 hub: network.hub,
             };
             let mut features = network.features;
+            let (records, ingress) = (network.records.as_ref(), network.ingress.as_ref());
+            let p2prc =
+                compat::start(&config, &node, records, ingress, &revoked, key_mesh, &ca).await?;
+            features.extend(p2prc.as_ref().map(crate::p2prc::P2prc::routes));
             features.push(tunnel::routes(supervisor.clone()));
             features.push(revoked::routes(Arc::clone(&revoked)));
             features.push(gossip_keys::routes(
@@ -237,10 +247,11 @@ impl Agent {
             }));
             // Written whole or not at all: readers never see it half-done.
             crate::fsutil::write_private(&data.join("api.addr"), address.to_string())?;
-            Ok::<_, AgentError>((network.records, network.root, network.ingress, stop, server))
+            let parts = (network.records, network.root, network.ingress, p2prc);
+            Ok::<_, AgentError>((parts, stop, server))
         }
         .await;
-        let (records, root, ingress, stop, server) = match rest {
+        let ((records, root, ingress, p2prc), stop, server) = match rest {
             Ok(parts) => parts,
             Err(e) => {
                 supervisor.shutdown(Shutdown::Detach).await;
@@ -258,6 +269,7 @@ impl Agent {
             records,
             root,
             ingress,
+            p2prc,
             failed,
         })
     }
@@ -316,6 +328,9 @@ impl Agent {
         }
         if let Err(e) = (&mut self.server).await {
             tracing::warn!("the API server ended badly: {e}");
+        }
+        if let Some(p2prc) = self.p2prc.take() {
+            p2prc.stop().await;
         }
         if let Some(ingress) = self.ingress.take() {
             ingress.stop().await;
