@@ -370,6 +370,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn how_a_node_is_reached_reads_well() {
+        use p2f_core::wire::{LinkInfo, NodeStatus, Reach};
+        let node = |reach, link| NodeStatus {
+            node: p2f_model::Node::named(p2f_model::NodeName::from_static("nas")),
+            alive: true,
+            incarnation: 1,
+            processes: 0,
+            memory_available: None,
+            reach,
+            link,
+        };
+        let up = |rtt_us| LinkInfo {
+            linked: true,
+            since_ms: 10,
+            rtt_us,
+        };
+        let down = LinkInfo {
+            linked: false,
+            since_ms: 0,
+            rtt_us: None,
+        };
+        let cases = [
+            (node(Reach::Direct, None), "direct"),
+            (node(Reach::Root, None), "via root"),
+            (
+                node(Reach::Root, Some(up(Some(420)))),
+                "via root, linked, rtt 0.4 ms",
+            ),
+            (node(Reach::Root, Some(up(None))), "via root, linked"),
+            (node(Reach::Root, Some(down)), "via root, link down"),
+        ];
+        for (status, expected) in cases {
+            assert_eq!(reached(&status), expected);
+        }
+    }
+
+    #[test]
     fn durations_and_sizes_read_well() {
         let cases = [
             (0, "0s"),

@@ -148,3 +148,41 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// The root drops every stream a member opens, and still opens its own: a member flooding
+    /// it with streams gets none served.
+    #[tokio::test]
+    async fn streams_a_member_opens_are_dropped_and_the_roots_still_open() {
+        let (root_io, member_io) = tokio::io::duplex(1 << 20);
+        let root = Session::start(root_io, Side::Root, drop);
+        let (served, mut accepted) = mpsc::channel::<Stream>(8);
+        let member = Session::start(member_io, Side::Member, move |stream| {
+            let _ = served.try_send(stream);
+        });
+        // 200 streams from the member: each is dropped by the root at once.
+        for _ in 0..200 {
+            let mut stream = member.opener.open().await.expect("opened");
+            let _ = stream.write_all(b"x").await;
+            let mut buf = [0u8; 1];
+            let read =
+                tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
+                    .await
+                    .expect("the root answers at once");
+            assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        }
+        // The root's own stream still works both ways.
+        let mut ours = root.opener.open().await.expect("root opens");
+        ours.write_all(b"ping").await.expect("write");
+        ours.flush().await.expect("flush");
+        let mut theirs = accepted.recv().await.expect("the member accepts");
+        let mut buf = [0u8; 4];
+        theirs.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"ping");
+    }
+}
