@@ -353,6 +353,20 @@ fn a_removed_members_link_is_closed_and_refused() -> Result<()> {
         let network = root.network();
         node_when(network, "linked", "linked", linked).await?;
 
+        // A public port the root holds itself is refused, naming who holds it.
+        let api_port: u16 = network
+            .address()
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok())
+            .context("the root's API port")?;
+        let clash =
+            ProcessSpec::new("clash", "exec sleep 100").with_public([PublicPort::tcp(api_port)]);
+        let refused = network.deploy(&[clash]).await.expect_err("refused");
+        ensure!(
+            refused.status() == Some(422) && refused.to_string().contains("the control API"),
+            "{refused}"
+        );
+
         // An operator's certificate is no member's: it cannot hold a link.
         let refused = raw_link(network.address(), &root.credentials()?).await?;
         ensure!(

@@ -191,6 +191,10 @@ async fn follow(
     loop {
         let current = table.borrow().clone();
         listeners.retain(|key, _| current.get(key).is_some());
+        errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|key, _| current.get(key).is_some());
         for (key, _) in current.iter() {
             if listeners.contains_key(key) {
                 continue;
@@ -212,8 +216,11 @@ async fn follow(
                     listeners.insert(*key, ListenerTask(task));
                 }
                 Err(e) => {
+                    // Tried again at the next change of the records; said once per reason.
                     let why = format!("cannot listen on {protocol} {ip}:{port}: {e}");
-                    tracing::warn!("{why}");
+                    if errors.get(key) != Some(&why) {
+                        tracing::warn!("{why}");
+                    }
                     errors.insert(*key, why);
                 }
             }
