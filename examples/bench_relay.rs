@@ -10,14 +10,15 @@
 //!
 //! - **relay**: from the switch to the root's ingress (plain HTTP, so the only encryption is
 //!   the link's TLS), which reaches the process through the link; raw bytes get through it by
-//!   `Upgrade: p2f-bench` (the ingress splices upgraded connections);
+//!   `Upgrade: p2f-bench` (the ingress splices upgraded connections), and through public
+//!   ports on the root (`public: [Tcp(P => PORT), Udp(Q => PORT)]`), raw TCP and UDP;
 //! - **direct**: from the router's namespace straight to the backend (one veth hop, no NAT);
 //! - **rathole** (`--rathole PATH`, plain TCP transport): its server in the root's namespace,
 //!   its client in the home, relaying the same backend; the client connects from the switch;
 //! - **ingress → LAN node**: the same ingress reaching `node-lan`'s copy through its agent's
 //!   tunnel (the path a reachable member gets), for HTTP.
 //!
-//! Figures: download throughput (`--bytes`, 1 GiB) and 64-byte echo round trips
+//! Figures: 64-byte UDP echo round trips through the public UDP port and direct; download throughput (`--bytes`, 1 GiB) and 64-byte echo round trips
 //! (`--pings`) per path, alternating paths in each of `--rounds`; wrk (`--conns`,
 //! `--threads`, `--secs`) against the small HTTP answer; the root's RSS without a link, with
 //! one idle link, and with `--idle-streams` idle streams through the link (upgraded
@@ -48,13 +49,13 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures_util::StreamExt as _;
 use p2f::core::Network;
 use p2f::core::wire::NodeStatus;
-use p2f::model::{Health, NodeName, ProcessId, ProcessSpec};
+use p2f::model::{Health, NodeName, ProcessId, ProcessSpec, Protocol, PublicPort};
 use p2f_testkit::netns::{Lan, Nat, exec_in, within};
 use p2f_testkit::{Agent, eventually, procs, service_port};
 use tokio::net::{TcpSocket, TcpStream};
 
 mod bench_common;
-use bench_common::backend::{backend, download, ping_pong, start_echo, upgrade};
+use bench_common::backend::{backend, download, ping_pong, start_echo, udp_ping_pong, upgrade};
 use bench_common::memory::{mib, open_fds, settled_rss};
 use bench_common::spawned::{Cpu, Spawned, sweep};
 use bench_common::wrk::{Wrk, WrkRun, wrk};
@@ -106,7 +107,7 @@ impl Options {
             secs: 5,
             idle_streams: 1000,
             restarts: 5,
-            only: ["raw", "http", "idle", "reconnect"]
+            only: ["raw", "udp", "http", "idle", "reconnect"]
                 .map(str::to_owned)
                 .into(),
         };
@@ -255,6 +256,9 @@ fn cpu_ticks(relays: &[Cpu]) -> u64 {
     relays.iter().map(|c| c.ticks()).sum()
 }
 
+/// The path the goals are checked on: raw TCP through a public port on the root.
+const RELAY: &str = "P2F relay (public TCP port)";
+
 /// A TCP connection from this namespace (bound to `from`, if given) or from `ns`.
 async fn connect(via: &Via, from: Option<IpAddr>) -> Result<TcpStream> {
     let stream = match via {
@@ -363,8 +367,14 @@ async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report)
 
     // The services.
     let nat_spec = backend_spec("bench-nat", NAT_DOMAIN, "node-nat")?;
-    let lan_spec = backend_spec("bench-lan", LAN_DOMAIN, "node-lan")?;
     let nat_port = nat_spec.port().context("port")?;
+    // Public ports on the root for the same process: raw TCP and UDP through the link.
+    let (public_tcp, public_udp) = (service_port(), service_port());
+    let nat_spec = nat_spec.with_public([
+        PublicPort::new(Protocol::Tcp, public_tcp, nat_port),
+        PublicPort::new(Protocol::Udp, public_udp, nat_port),
+    ]);
+    let lan_spec = backend_spec("bench-lan", LAN_DOMAIN, "node-lan")?;
     let desired = call("deploy", root.network().deploy(&[nat_spec, lan_spec])).await?;
     let nat_id: ProcessId = desired
         .services
@@ -391,6 +401,31 @@ async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report)
         ingress = Some(http);
     }
     let ingress = ingress.context("the ingress's address")?;
+    let ports = eventually("the public ports served", CONVERGE, || {
+        let network = root.network().clone();
+        async move {
+            let report = network.routes().await.ok()?;
+            let served: Vec<String> = report
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    Some(format!(
+                        "{} {} → {}",
+                        p.protocol,
+                        p.address,
+                        p.upstream.as_ref()?
+                    ))
+                })
+                .collect();
+            (served.len() == 2).then_some(served)
+        }
+    })
+    .await?;
+    for port in ports {
+        println!("public port {port}");
+    }
+    let public_tcp = SocketAddr::new(root_ip, public_tcp);
+    let public_udp = SocketAddr::new(root_ip, public_udp);
     let backend_pid = *nat
         .os_copies(&nat_id)
         .first()
@@ -413,6 +448,14 @@ async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report)
                 to: home_backend,
             },
             relays: Vec::new(),
+        },
+        Path_ {
+            name: RELAY,
+            via: Via::Port(public_tcp),
+            relays: vec![
+                Cpu::Pid(root_pid),
+                Cpu::Pid(nat.pid().context("node-nat's pid")?),
+            ],
         },
         Path_ {
             name: "P2F relay (ingress, upgraded)",
@@ -449,6 +492,9 @@ async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report)
     if options.runs("raw") {
         raw(options, &paths, report).await?;
     }
+    if options.runs("udp") {
+        udp(options, &router_ns, home_backend, public_udp, report).await?;
+    }
     if options.runs("http") {
         let mut http = vec![
             (
@@ -457,6 +503,7 @@ async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report)
                 format!("http://{home_backend}/"),
                 None,
             ),
+            (RELAY, None, format!("http://{public_tcp}/"), None),
             (
                 "P2F relay (ingress)",
                 None,
@@ -526,12 +573,16 @@ async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report)
             "",
             "",
         );
+        let within = results[1]
+            .iter()
+            .zip(&results[0])
+            .all(|(ours, direct)| ours.p99 <= direct.p99.mul_f64(1.2) + Duration::from_millis(1));
         report.row(
             &format!("HTTP small answer, wrk c={c}: p50 / p99 ms per round"),
             rounds(1, &lat),
             others(&lat),
-            "",
-            "",
+            "p99 ≤ 1.2× direct + 1 ms",
+            verdict(within),
         );
     }
     if options.runs("idle") {
@@ -575,7 +626,7 @@ async fn raw(options: &Options, paths: &[Path_], report: &mut Report) -> Result<
         }
     }
     let at = |name: &str| paths.iter().position(|p| p.name == name);
-    let relay = at("P2F relay (ingress, upgraded)").context("relay path")?;
+    let relay = at(RELAY).context("relay path")?;
     let direct = at("direct").context("direct path")?;
     let mbps = |f: &RawFigures| {
         f.mbps
@@ -661,6 +712,75 @@ async fn raw(options: &Options, paths: &[Path_], report: &mut Report) -> Result<
     Ok(())
 }
 
+/// 64-byte UDP echo round trips through the root's public UDP port and straight to the
+/// backend from the router's namespace, alternating in each round.
+async fn udp(
+    options: &Options,
+    router_ns: &str,
+    backend: SocketAddr,
+    public: SocketAddr,
+    report: &mut Report,
+) -> Result<()> {
+    let wait = Duration::from_secs(1);
+    let direct = {
+        let ns = router_ns.to_owned();
+        let std = tokio::task::spawn_blocking(move || {
+            within(&ns, || {
+                let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+                socket.connect(backend)?;
+                socket.set_nonblocking(true)?;
+                std::io::Result::Ok(socket)
+            })
+        })
+        .await??;
+        tokio::net::UdpSocket::from_std(std)?
+    };
+    let relay = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+    relay.connect(public).await?;
+    let mut times = [Vec::new(), Vec::new()];
+    let mut lost = [0, 0];
+    for round in 1..=options.rounds {
+        for (i, (name, socket)) in [("direct", &direct), ("P2F relay (public UDP port)", &relay)]
+            .into_iter()
+            .enumerate()
+        {
+            udp_ping_pong(socket, PING_SIZE, 200, wait).await?;
+            let (t, l) = udp_ping_pong(socket, PING_SIZE, options.pings, wait).await?;
+            let sample = Sample::new(t.clone());
+            println!(
+                "udp round {round} {name:32} echo {PING_SIZE} B p50/p99/max {}, {l} lost (load {})",
+                sample.ms_p99(),
+                load_average()
+            );
+            times[i].extend(t);
+            lost[i] += l;
+        }
+    }
+    let [direct, relay] = times.map(Sample::new);
+    let limit = direct.pct(99.0).mul_f64(1.2) + Duration::from_millis(1);
+    report.row(
+        &format!(
+            "UDP {PING_SIZE}-byte echo, p50 / p99 ms (n={}), lost",
+            relay.0.len()
+        ),
+        format!(
+            "{} / {}, {} lost",
+            ms(relay.pct(50.0)),
+            ms(relay.pct(99.0)),
+            lost[1]
+        ),
+        format!(
+            "direct: {} / {}, {} lost",
+            ms(direct.pct(50.0)),
+            ms(direct.pct(99.0)),
+            lost[0]
+        ),
+        &format!("p99 ≤ 1.2× direct + 1 ms = {} ms", ms(limit)),
+        verdict(relay.pct(99.0) <= limit && lost[1] == 0),
+    );
+    Ok(())
+}
+
 /// rathole's server (root's namespace) and client (the home), and the port it serves.
 struct Rathole {
     service: SocketAddr,
@@ -742,8 +862,8 @@ async fn start_rathole(
     })
 }
 
-/// The root's RSS with N idle streams through the link (upgraded connections through the
-/// ingress, each echoed once), and rathole's server with N idle connections.
+/// The root's RSS with N idle streams through the link (connections to the public TCP port,
+/// each echoed once), and rathole's server with N idle connections.
 async fn idle(
     options: &Options,
     net: Net<'_>,
@@ -771,7 +891,7 @@ async fn idle(
     let mut measured: Vec<(&str, &Via, u32)> = Vec::new();
     let relay = paths
         .iter()
-        .find(|p| matches!(p.via, Via::Ingress { .. }))
+        .find(|p| p.name == RELAY)
         .context("relay path")?;
     measured.push(("root", &relay.via, root_pid));
     let rathole_via;

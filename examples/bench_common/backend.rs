@@ -6,6 +6,8 @@
 //!   speaks the raw protocol (how raw bytes get through the ingress);
 //! - raw (a lowercase first byte): `e` echoes everything back; `d` + a big-endian u64 N sends
 //!   N bytes and closes.
+//!
+//! On the same port number it also echoes UDP datagrams.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -28,6 +30,13 @@ pub(crate) fn backend(addr: IpAddr, port: u16) -> Result<()> {
         .build()?
         .block_on(async move {
             let listener = tokio::net::TcpListener::bind((addr, port)).await?;
+            let udp = tokio::net::UdpSocket::bind((addr, port)).await?;
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+                    let _ = udp.send_to(&buf[..n], from).await;
+                }
+            });
             loop {
                 let (stream, _) = listener.accept().await?;
                 let _ = stream.set_nodelay(true);
@@ -175,6 +184,43 @@ pub(crate) async fn ping_pong<S: AsyncRead + AsyncWrite + Unpin>(
     }
     ensure!(back == out, "the echo changed the bytes");
     Ok(times)
+}
+
+/// `count` round trips of `size`-byte datagrams on a connected UDP socket, each waiting at
+/// most `wait` for its answer: each answered one's time, and how many got none.
+pub(crate) async fn udp_ping_pong(
+    socket: &tokio::net::UdpSocket,
+    size: usize,
+    count: usize,
+    wait: Duration,
+) -> Result<(Vec<Duration>, usize)> {
+    let mut out = vec![0x5au8; size];
+    let mut back = vec![0u8; size + 1];
+    let mut times = Vec::with_capacity(count);
+    let mut lost = 0;
+    for i in 0..count {
+        // Each datagram says its number, so a late answer is not taken for the next one's.
+        out[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        let start = Instant::now();
+        socket.send(&out).await?;
+        let answered = tokio::time::timeout(wait, async {
+            loop {
+                let n = socket.recv(&mut back).await?;
+                if n == size && back[..8] == out[..8] {
+                    return std::io::Result::Ok(());
+                }
+            }
+        })
+        .await;
+        match answered {
+            Ok(result) => {
+                result?;
+                times.push(start.elapsed());
+            }
+            Err(_) => lost += 1,
+        }
+    }
+    Ok((times, lost))
 }
 
 /// Sends `GET / HTTP/1.1` for `host` on `stream` and reads one answer (with a `Content-Length`);
