@@ -84,7 +84,7 @@ trap cleanup EXIT
     echo "# bench/relay/run.sh, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "p2f $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- p2f-core p2f-cli p2f-model 2>/dev/null || echo ' (sources differ from HEAD)')"
     echo "machine: $(nproc) cores ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)), $(free -g | awk '/^Mem/ {print $2}') GiB, $(uname -sr), $(rustc --version)"
-    echo "tools: $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)${RATHOLE:+, $("$RATHOLE" --version 2>&1 | head -1)}"
+    echo "tools: $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)${RATHOLE:+, rathole $("$RATHOLE" --version 2>&1 | sed -n "s/^Build Version: *//p")}"
     echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$results"
 "$bin" --p2f "$p2f" --data-root "$DATA_ROOT" "${rathole_args[@]}" "$@" 2>&1 | tee -a "$results"
