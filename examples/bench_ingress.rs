@@ -33,12 +33,9 @@
 //! itself SIGKILLed (nginx overwrites its environment with its process title, so its workers
 //! cannot be found by the marker). `bench_ingress sweep DIR` does that sweep.
 
-use std::convert::Infallible;
-use std::io::Write as _;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -47,12 +44,15 @@ use futures_util::StreamExt as _;
 use p2f::core::cluster::client_config;
 use p2f::core::wire::RouteInfo;
 use p2f::model::{EventKind, Health, NodeName, ProcessId, ProcessKey, ProcessSpec};
-use p2f_testkit::procs::{self, MARKER, Signal, Stat};
+use p2f_testkit::procs;
 use p2f_testkit::{Agent, eventually, service_port};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 
 mod bench_common;
+use bench_common::backend::{backend, get_once};
+use bench_common::memory::{mib, open_fds, settled_rss};
+use bench_common::spawned::{Cpu, Spawned, sweep};
+use bench_common::wrk::{Wrk, WrkRun};
 use bench_common::{Report, Sample, call, load_average, ms, run_interruptible, verdict};
 
 /// The domain of the throughput and idle service: `localhost` resolves without touching
@@ -145,7 +145,10 @@ impl Options {
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     match args.next().as_deref() {
-        Some("backend") => backend(args.next().context("backend PORT")?.parse()?),
+        Some("backend") => backend(
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            args.next().context("backend PORT")?.parse()?,
+        ),
         Some("sweep") => {
             let dir = PathBuf::from(args.next().context("sweep DIR")?);
             let killed = sweep(&dir);
@@ -157,53 +160,6 @@ fn main() -> Result<()> {
             run_interruptible(run(options))
         }
     }
-}
-
-/// Kills what a run under `dir` left: its agents' processes (by the marker) and the process
-/// groups listed in `dir/pgids`.
-fn sweep(dir: &Path) -> usize {
-    let mut killed = procs::sweep(dir);
-    if let Ok(text) = std::fs::read_to_string(dir.join("pgids")) {
-        for pgid in text.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-            if pgid > 1 && Stat::of(pgid).is_some_and(|s| s.pgrp == pgid) {
-                procs::signal_group(pgid, Signal::SIGKILL);
-                killed += 1;
-            }
-        }
-    }
-    killed
-}
-
-// ---------------------------------------------------------------------------------------------
-// The backend
-
-/// A one-thread hyper server on `127.0.0.1:port` answering every request with
-/// `hello from NODE` (`P2F_NODE`, set by the agent).
-fn backend(port: u16) -> Result<()> {
-    use http_body_util::Full;
-    use hyper_util::rt::TokioIo;
-    let node = std::env::var("P2F_NODE").unwrap_or_else(|_| "nowhere".into());
-    let body = bytes::Bytes::from(format!("hello from {node}\n"));
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(async move {
-            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-            loop {
-                let (stream, _) = listener.accept().await?;
-                let _ = stream.set_nodelay(true);
-                let body = body.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |_| {
-                        let body = body.clone();
-                        async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(body))) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -289,124 +245,8 @@ async fn route_when(
     .await
 }
 
-/// A process group of its own (nginx, Caddy, wrk): killed by group when dropped.
-struct Spawned {
-    child: Child,
-}
-
-impl Spawned {
-    fn start(dir: &Path, log: &str, command: &mut Command) -> Result<Spawned> {
-        let out = std::fs::File::create(dir.join(log))?;
-        let child = command
-            .env(MARKER, dir)
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("start {command:?}"))?;
-        let mut pgids = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("pgids"))?;
-        writeln!(pgids, "{}", child.id())?;
-        Ok(Spawned { child })
-    }
-
-    fn pgid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits (polling) for the group leader to end, at most `limit`.
-    async fn wait(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            ensure!(Instant::now() < deadline, "still running after {limit:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        procs::signal_group(self.child.id(), Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
-/// Whose CPU time counts: one process (with all its threads), or a process group.
-#[derive(Debug, Clone, Copy)]
-enum Cpu {
-    Pid(u32),
-    Group(u32),
-}
-
-impl Cpu {
-    /// utime + stime, in clock ticks.
-    fn ticks(self) -> u64 {
-        match self {
-            Cpu::Pid(pid) => Stat::of(pid).map_or(0, |s| s.cpu_ticks),
-            Cpu::Group(pgid) => group_ticks(pgid),
-        }
-    }
-}
-
-/// CPU ticks (utime + stime) of every process in process group `pgid`.
-fn group_ticks(pgid: u32) -> u64 {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(Stat::of)
-        .filter(|s| s.pgrp == pgid)
-        .map(|s| s.cpu_ticks)
-        .sum()
-}
-
 // ---------------------------------------------------------------------------------------------
-// A minimal HTTP/1.1 client for checks and idle connections
-
-/// Sends `GET / HTTP/1.1` for `host` on `stream` and reads one answer (with a `Content-Length`);
-/// its status line and body.
-async fn get_once<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    host: &str,
-) -> Result<(String, String)> {
-    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: bench_ingress\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    // (tokio-rustls may keep written records until flushed.)
-    stream.flush().await?;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            let length = head
-                .lines()
-                .find_map(|l| {
-                    let (name, value) = l.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse::<usize>().ok())?
-                })
-                .context("no Content-Length")?;
-            while buf.len() < end + 4 + length {
-                let n = stream.read(&mut chunk).await?;
-                ensure!(n > 0, "closed in the body");
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            let status = head.lines().next().unwrap_or_default().to_owned();
-            let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]).into_owned();
-            return Ok((status, body));
-        }
-        let n = stream.read(&mut chunk).await?;
-        ensure!(n > 0, "closed before the answer's head");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
+// Connections for checks and idle connections
 
 /// A TCP connection to `to` from `from` (an address of 127.0.0.0/8).
 async fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> Result<TcpStream> {
@@ -454,62 +294,6 @@ async fn check(
 // ---------------------------------------------------------------------------------------------
 // Throughput and latency
 
-/// What one wrk run printed.
-#[derive(Debug, Clone, Default)]
-struct Wrk {
-    rps: f64,
-    p50: Duration,
-    p99: Duration,
-    requests: u64,
-    errors: u64,
-    /// CPU of the proxy's processes, ms per 1 000 requests.
-    proxy_cpu: f64,
-    /// CPU of the backend, ms per 1 000 requests.
-    backend_cpu: f64,
-}
-
-/// `1.23ms`, `456.00us`, `1.02s` as a duration.
-fn wrk_duration(text: &str) -> Option<Duration> {
-    let (number, unit) = text
-        .find(|c: char| c.is_ascii_alphabetic())
-        .map(|i| text.split_at(i))?;
-    let value: f64 = number.parse().ok()?;
-    let secs = match unit {
-        "us" => value / 1e6,
-        "ms" => value / 1e3,
-        "s" => value,
-        "m" => value * 60.0,
-        _ => return None,
-    };
-    Some(Duration::from_secs_f64(secs))
-}
-
-fn parse_wrk(text: &str) -> Result<Wrk> {
-    let mut wrk = Wrk::default();
-    for line in text.lines().map(str::trim) {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        match fields.as_slice() {
-            ["50%", value] => wrk.p50 = wrk_duration(value).context("p50")?,
-            ["99%", value] => wrk.p99 = wrk_duration(value).context("p99")?,
-            ["Requests/sec:", value] => wrk.rps = value.parse()?,
-            [count, "requests", "in", ..] => wrk.requests = count.parse()?,
-            ["Socket", "errors:", rest @ ..] => {
-                wrk.errors += rest
-                    .iter()
-                    .filter_map(|f| f.trim_end_matches(',').parse::<u64>().ok())
-                    .sum::<u64>();
-            }
-            ["Non-2xx", "or", "3xx", "responses:", count] => wrk.errors += count.parse::<u64>()?,
-            _ => {}
-        }
-    }
-    ensure!(
-        wrk.rps > 0.0 && wrk.requests > 0,
-        "wrk printed no figures:\n{text}"
-    );
-    Ok(wrk)
-}
-
 /// One proxy under test: its URL base, the process groups whose CPU is its own, and its
 /// backend's; a TLS client trusting its certificate (for the checks; wrk verifies nothing).
 struct Proxy {
@@ -524,37 +308,14 @@ struct Proxy {
 /// Runs wrk against `url` for `secs` (after a 2 s warm-up), with the CPU of `proxy` and
 /// `backend` over the measured run.
 async fn wrk(options: &Options, dir: &Path, url: &str, proxy: Cpu, backend: Cpu) -> Result<Wrk> {
-    let run = |secs: u64| {
-        let mut command = Command::new("wrk");
-        command.args([
-            "-t",
-            &options.threads.to_string(),
-            "-c",
-            &options.conns.to_string(),
-            "-d",
-            &format!("{secs}s"),
-            "--timeout",
-            "5s",
-            "--latency",
-            url,
-        ]);
-        command
+    let run = WrkRun {
+        threads: options.threads,
+        conns: options.conns,
+        secs: options.secs,
+        extra: &[],
+        netns: None,
     };
-    let mut warm = Spawned::start(dir, "wrk.log", &mut run(2))?;
-    warm.wait(Duration::from_secs(30)).await?;
-    let (proxy_before, backend_before) = (proxy.ticks(), backend.ticks());
-    let mut measured = Spawned::start(dir, "wrk.log", &mut run(options.secs))?;
-    let status = measured
-        .wait(Duration::from_secs(options.secs + 30))
-        .await?;
-    let (proxy_after, backend_after) = (proxy.ticks(), backend.ticks());
-    let text = std::fs::read_to_string(dir.join("wrk.log"))?;
-    ensure!(status.success(), "wrk {url}: {status}\n{text}");
-    let mut figures = parse_wrk(&text).with_context(|| format!("wrk {url}"))?;
-    let per_k = |ticks: u64| ticks as f64 * 10.0 / (figures.requests as f64 / 1000.0);
-    figures.proxy_cpu = per_k(proxy_after - proxy_before);
-    figures.backend_cpu = per_k(backend_after - backend_before);
-    Ok(figures)
+    bench_common::wrk::wrk(dir, &run, url, proxy, backend).await
 }
 
 fn nginx_conf(dir: &Path, backend: u16, http: u16, https: u16) -> String {
@@ -1142,39 +903,6 @@ async fn failover_trial(options: &Options, dir: &Path, trial: usize) -> Result<T
 
 // ---------------------------------------------------------------------------------------------
 // Idle connections
-
-/// VmRSS and RssAnon of `pid`, in KiB.
-fn rss(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("RssAnon:"))
-}
-
-/// RSS after settling: the last of five reads a second apart.
-async fn settled_rss(pid: u32) -> (u64, u64) {
-    let mut last = rss(pid);
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        last = rss(pid);
-    }
-    last
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 / 1024.0)
-}
 
 /// A connection kept open after its one request.
 enum Open {

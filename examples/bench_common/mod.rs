@@ -1,8 +1,15 @@
 //! What the benchmark examples (`bench_agent`, `bench_network`) share beyond `p2f_testkit`
 //! (which runs their agents, marks and sweeps their processes, and reads `/proc`): running
-//! until Ctrl-C or SIGTERM, bounded API calls, nearest-rank percentiles, and the report table.
-//! Each example uses a part of it.
+//! until Ctrl-C or SIGTERM, bounded API calls, nearest-rank percentiles, and the report table;
+//! the backend server and its clients ([`backend`]), programs run beside the agents
+//! ([`spawned`]), wrk ([`wrk`]) and memory from `/proc` ([`memory`]). Each example uses a part
+//! of it.
 #![allow(dead_code)]
+
+pub(crate) mod backend;
+pub(crate) mod memory;
+pub(crate) mod spawned;
+pub(crate) mod wrk;
 
 use std::time::Duration;
 
