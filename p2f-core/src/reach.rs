@@ -171,12 +171,25 @@ impl Opened {
     /// datagrams ([`relay_datagrams`]).
     pub async fn splice<T: AsyncRead + AsyncWrite + Unpin>(self, mut io: T) -> std::io::Result<()> {
         match self {
-            Opened::Tcp(mut stream) => tokio::io::copy_bidirectional(&mut io, &mut stream)
-                .await
-                .map(drop),
+            Opened::Tcp(mut stream) => splice(&mut io, &mut stream).await,
             Opened::Udp(socket) => relay_datagrams(io, socket).await,
         }
     }
+}
+
+/// The buffer of each direction of a [`splice`]: 64 KiB (tokio's default of 8 KiB cost the
+/// relay a third of its throughput: BENCHMARKS.md).
+pub const SPLICE_BUFFER: usize = 64 * 1024;
+
+/// Copies both ways between `a` and `b` until both directions ended, with [`SPLICE_BUFFER`]s.
+pub async fn splice<A, B>(a: &mut A, b: &mut B) -> std::io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, SPLICE_BUFFER, SPLICE_BUFFER)
+        .await
+        .map(drop)
 }
 
 /// Where a port is tried, in order: `127.0.0.1`, `::1`, then the node's own address (`host`,

@@ -273,7 +273,7 @@ async fn listen_tcp(
                 let _ = client.set_nodelay(true);
                 match upstream.connect(&target).await {
                     Ok(mut stream) => {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut stream).await;
+                        let _ = crate::reach::splice(&mut client, &mut stream).await;
                     }
                     Err(e) => tracing::debug!(%peer, port, "public TCP port: {e}"),
                 }

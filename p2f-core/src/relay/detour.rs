@@ -80,7 +80,7 @@ async fn forwarder(
                 match opened {
                     Ok(Ok(mut upstream)) => {
                         let _ = tcp.set_nodelay(true);
-                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
+                        let _ = crate::reach::splice(&mut tcp, &mut upstream).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%node, "through the root: {e}"),
                     Err(_) => tracing::debug!(%node, "through the root: no answer in time"),

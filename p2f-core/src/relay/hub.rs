@@ -303,7 +303,7 @@ impl Hub {
                     match hub.open(&node, &Open::Api).await {
                         Ok(mut stream) => {
                             let _ = tcp.set_nodelay(true);
-                            let _ = tokio::io::copy_bidirectional(&mut tcp, &mut stream).await;
+                            let _ = crate::reach::splice(&mut tcp, &mut stream).await;
                         }
                         Err(e) => tracing::debug!(%node, "API through the link: {e}"),
                     }
@@ -490,7 +490,7 @@ async fn via_root(
         match hub.open(&node, &Open::Api).await {
             Ok(mut stream) => {
                 let mut upgraded = TokioIo::new(upgraded);
-                let _ = tokio::io::copy_bidirectional(&mut upgraded, &mut stream).await;
+                let _ = crate::reach::splice(&mut upgraded, &mut stream).await;
             }
             Err(e) => tracing::debug!(%node, "API via the root: {e}"),
         }

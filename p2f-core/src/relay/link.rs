@@ -254,7 +254,7 @@ async fn serve(config: Arc<LinkConfig>, mut stream: Stream) {
                 Ok(mut tcp) => {
                     let _ = tcp.set_nodelay(true);
                     if Answer(Ok(())).write(&mut stream).await.is_ok() {
-                        let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                        let _ = crate::reach::splice(&mut stream, &mut tcp).await;
                     }
                 }
                 Err(e) => {
