@@ -535,6 +535,8 @@ fn init(dir: &Path, name: Option<String>, listen: &str) -> Result<()> {
     config.listen = listen;
     config.mesh = Some(MeshSettings::new(gossip_address(listen), Vec::new()));
     config.ingress = Some(IngressSettings::default());
+    // Unsafe mode's SSH key mesh, on as P2PRC has it (`unsafe_mode = false` turns it off).
+    config.p2prc = Some(p2f_core::p2prc::P2prcSettings::default());
     let operator = p2f_cli::access::operator_dir(dir);
     let operator_name = operator_name();
     p2f_cli::access::issue_operator(
@@ -569,6 +571,10 @@ fn init(dir: &Path, name: Option<String>, listen: &str) -> Result<()> {
         config_path.display()
     );
     println!("`p2f ca` says how to trust the certificates of local names.");
+    println!(
+        "Unsafe mode is on, as in P2PRC: every member's SSH key goes into this user's ~/.ssh/authorized_keys (in a block P2F marks); set unsafe_mode = false in {} to turn it off.",
+        config_path.display()
+    );
     Ok(())
 }
 
@@ -685,6 +691,8 @@ async fn join(
         None => Vec::new(),
     };
     config.mesh = Some(MeshSettings::new(gossip_address(listen), seeds));
+    // Unsafe mode's SSH key mesh, on as P2PRC has it (`unsafe_mode = false` turns it off).
+    config.p2prc = Some(p2f_core::p2prc::P2prcSettings::default());
     let root = Network::connect(&token.root, &Credentials::new(token.ca_pem.clone(), None))?;
     // This node's key is made here and stays here; the root signs a request for it.
     let (cert, secret) = request_certificate(&root, &name, vec![config.advertised_host()], &token)

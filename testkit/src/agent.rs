@@ -213,8 +213,27 @@ impl AgentBuilder {
     }
 
     /// Loads the config the node's home holds, applies the tweaks and writes it back.
-    fn finish(self, p2f: PathBuf, dir: PathBuf, temp: Option<tempfile::TempDir>) -> Result<Agent> {
+    fn finish(
+        mut self,
+        p2f: PathBuf,
+        dir: PathBuf,
+        temp: Option<tempfile::TempDir>,
+    ) -> Result<Agent> {
         let config_path = dir.join("node").join("node.toml");
+        // `p2f init` and `join` turn unsafe mode's key mesh on; a test agent (often root) never
+        // writes the machine's own authorized_keys, only one in its directory (a test may
+        // point it elsewhere).
+        let keys = dir.join("node").join("authorized_keys");
+        self.tweaks.insert(
+            0,
+            Box::new(move |config: &mut AgentConfig| {
+                if let Some(p2prc) = &mut config.p2prc
+                    && p2prc.authorized_keys.is_none()
+                {
+                    p2prc.authorized_keys = Some(keys);
+                }
+            }),
+        );
         let mut config = AgentConfig::load(&config_path)?;
         if !self.tweaks.is_empty() {
             // Written back with the directories as the file had them (relative, usually);

@@ -80,6 +80,11 @@ struct Inner {
     book: Mutex<Book>,
     /// Placements and removals under way.
     tasks: Mutex<JoinSet<()>>,
+    /// The services desired when this root started: none of them is placed anew before the
+    /// root has heard the network (they may run on a node it has not heard yet).
+    known_at_start: Mutex<std::collections::HashSet<ProcessId>>,
+    /// Whether the root has heard every live node since it started (or waited long enough).
+    caught_up: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -173,9 +178,11 @@ impl Root {
             records,
             unplaced,
             front,
+            known_at_start: Mutex::new(desired.services.iter().map(|s| s.id.clone()).collect()),
             desired: Mutex::new(desired),
             book: Mutex::new(Book::default()),
             tasks: Mutex::new(JoinSet::new()),
+            caught_up: std::sync::atomic::AtomicBool::new(false),
         });
         let task = tokio::spawn(reconcile_forever(inner.clone()));
         Ok(Root {
@@ -335,7 +342,20 @@ impl Root {
     }
 }
 
+/// How long a restarted root waits to hear every live node before it places the services it
+/// knew of at start that no node shows (as a returning member waits before unparking).
+const CATCH_UP_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn reconcile_forever(inner: Arc<Inner>) {
+    let catching_up = Arc::clone(&inner);
+    tokio::spawn(async move {
+        let outcome = catching_up.records.caught_up(CATCH_UP_LIMIT).await;
+        tracing::debug!(?outcome, "the root has heard the network");
+        catching_up
+            .caught_up
+            .store(true, std::sync::atomic::Ordering::Release);
+        lock(&catching_up.known_at_start).clear();
+    });
     let mut ticker = tokio::time::interval(RECONCILE_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -357,6 +377,15 @@ fn reconcile(inner: &Arc<Inner>) {
         desired.services.retain(|s| !unfetched.contains(&s.id));
     }
     let view = inner.records.view();
+    // Right after a restart, a service the root knew of that no node shows yet may run on a
+    // node not heard yet (one behind NAT is heard only when its own gossip arrives): it waits
+    // until the root has heard the network.
+    if !inner.caught_up.load(std::sync::atomic::Ordering::Acquire) {
+        let known = lock(&inner.known_at_start);
+        desired.services.retain(|s| {
+            !known.contains(&s.id) || view.iter().any(|c| c.process().id == s.id)
+        });
+    }
     let nodes = inner.records.nodes();
     let unplaced = desired
         .services
