@@ -36,6 +36,12 @@
 //!     [--idle-streams 1000] [--restarts 5] [--only raw,http,idle,reconnect]
 //! ```
 //!
+//! `--only link` stops after the root's RSS with one idle link. For a look at the root's memory:
+//! `BENCH_RELAY_SMAPS=DIR` copies its `/proc/PID/{smaps,smaps_rollup,status}` to `DIR` at each
+//! RSS reading, `BENCH_RELAY_ROOT_WRAP="heaptrack -o FILE"` (any command prefix) runs its
+//! `p2f node run` under that command, and `BENCH_RELAY_HOLD=SECS` keeps the agents up that long
+//! after `--only link`'s reading.
+//!
 //! Everything the run starts is in its namespaces, which are deleted (every process in them
 //! killed by pid) when the run ends, also on error, Ctrl-C or SIGTERM; agents and their
 //! processes also carry `P2F_TESTKIT_RUN=<the run's temp dir>`, and rathole and wrk lead
@@ -197,6 +203,56 @@ fn node_name(name: &str) -> Result<NodeName> {
     NodeName::new(name).map_err(|e| anyhow!("{e}"))
 }
 
+/// The program the root runs: `--p2f`, or with `BENCH_RELAY_ROOT_WRAP` (a command prefix, e.g.
+/// `heaptrack -o /tmp/root` or `env MALLOC_ARENA_MAX=1`) a script in `dir` that runs
+/// `p2f node run` under it (other subcommands as they are).
+fn root_p2f(options: &Options, dir: &Path) -> Result<PathBuf> {
+    let Ok(wrap) = std::env::var("BENCH_RELAY_ROOT_WRAP") else {
+        return Ok(options.p2f.clone());
+    };
+    let p2f = std::fs::canonicalize(&options.p2f)?;
+    let script = dir.join("root-p2f.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = node ] && [ \"$2\" = run ]; then exec {wrap} {p2f} \"$@\"; fi\nexec {p2f} \"$@\"\n",
+            p2f = p2f.display()
+        ),
+    )?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    Ok(script)
+}
+
+/// With `BENCH_RELAY_SMAPS=DIR`: `/proc/PID/{smaps,smaps_rollup,status}` of the root copied to
+/// `DIR/NAME.*`, for a diff of what grew.
+fn snapshot(pid: u32, name: &str) {
+    let Ok(out) = std::env::var("BENCH_RELAY_SMAPS") else {
+        return;
+    };
+    let _ = std::fs::create_dir_all(&out);
+    for file in ["smaps", "smaps_rollup", "status"] {
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/{file}")) {
+            let _ = std::fs::write(format!("{out}/{name}.{file}"), text);
+        }
+    }
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    println!("snapshot {name}: root pid {pid}, {threads} threads, in {out}");
+}
+
+/// With `BENCH_RELAY_HOLD=SECS`: waits that long (the agents still up, to inspect them).
+async fn hold() {
+    if let Some(secs) = std::env::var("BENCH_RELAY_HOLD")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        println!("holding {secs} s");
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+    }
+}
+
 /// `node`'s entry in `root`'s list, once `ready` holds for it.
 async fn node_when(
     root: &Network,
@@ -312,7 +368,7 @@ async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report)
     let (api, gossip) = (service_port(), service_port());
     println!("starting the root, node-lan and (behind the NAT) node-nat");
     let mut root = Agent::builder("root")
-        .p2f(&options.p2f)
+        .p2f(root_p2f(options, dir)?)
         .dir(dir.join("root"))
         .netns(lan.ns("root"))
         .ip(&lan.ip("root"))
@@ -330,6 +386,7 @@ async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report)
         .await?;
     let root_pid = root.pid().context("root pid")?;
     let alone = settled_rss(root_pid).await;
+    snapshot(root_pid, "alone");
     let lan_node = Agent::builder("node-lan")
         .p2f(&options.p2f)
         .dir(dir.join("node-lan"))
@@ -340,6 +397,7 @@ async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report)
         .await?;
     root.all_alive(&["node-lan", "root"]).await?;
     let no_link = settled_rss(root_pid).await;
+    snapshot(root_pid, "no-link");
 
     let mut nat = Agent::builder("node-nat")
         .p2f(&options.p2f)
@@ -351,6 +409,7 @@ async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report)
     let status = node_when(root.network(), "node-nat", CONVERGE, linked).await?;
     println!("node-nat: reach {:?}, link {:?}", status.reach, status.link);
     let one_link = settled_rss(root_pid).await;
+    snapshot(root_pid, "one-link");
     report.row(
         "root RSS (anon), one idle link",
         format!("{} ({})", mib(one_link.0), mib(one_link.1)),
@@ -364,6 +423,13 @@ async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report)
         "",
         "",
     );
+
+    if options.runs("link") && options.only.len() == 1 {
+        // `--only link`: the link's memory alone (keeps the agents for BENCH_RELAY_HOLD secs).
+        hold().await;
+        drop((lan_node, nat));
+        return Ok(());
+    }
 
     // The services.
     let nat_spec = backend_spec("bench-nat", NAT_DOMAIN, "node-nat")?;

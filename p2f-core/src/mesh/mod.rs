@@ -257,6 +257,9 @@ pub struct MeshStats {
     pub replayed: u64,
     /// Datagrams not sent because they would exceed the UDP limit with their header and tag.
     pub oversized: u64,
+    /// Datagrams not sent because this host had no route to the peer's address (a member
+    /// behind NAT: it gossips out through its NAT, nobody gossips in).
+    pub unreachable: u64,
 }
 
 /// A running node of the mesh. Dropping it leaves the mesh (peers declare it dead); prefer
@@ -431,6 +434,7 @@ impl Mesh {
             stale: c.stale.load(Ordering::Relaxed),
             replayed: c.replayed.load(Ordering::Relaxed),
             oversized: c.oversized.load(Ordering::Relaxed),
+            unreachable: c.unreachable.load(Ordering::Relaxed),
         }
     }
 
