@@ -373,6 +373,20 @@ fn a_removed_members_link_is_closed_and_refused() -> Result<()> {
             refused.contains("403"),
             "an operator opened a link: {refused}"
         );
+        // A member's certificate from another CA is refused in the handshake.
+        let forger = p2f::core::cluster::ClusterCa::generate("forged")?;
+        let forged = forger.issue_as(
+            p2f::core::identity::Role::Member,
+            "linked",
+            &["127.0.0.61".to_owned()],
+        )?;
+        let ca = std::fs::read_to_string(root.cluster().ca_cert_path())?;
+        let credentials = p2f::core::cluster::Credentials::new(ca, Some(forged));
+        let answer = raw_link(network.address(), &credentials).await;
+        ensure!(
+            !matches!(&answer, Ok(line) if line.contains("101")),
+            "a forged certificate opened a link: {answer:?}"
+        );
 
         network
             .remove_node(&NodeName::from_static("linked"))

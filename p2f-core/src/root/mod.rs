@@ -382,9 +382,9 @@ fn reconcile(inner: &Arc<Inner>) {
     // until the root has heard the network.
     if !inner.caught_up.load(std::sync::atomic::Ordering::Acquire) {
         let known = lock(&inner.known_at_start);
-        desired.services.retain(|s| {
-            !known.contains(&s.id) || view.iter().any(|c| c.process().id == s.id)
-        });
+        desired
+            .services
+            .retain(|s| !known.contains(&s.id) || view.iter().any(|c| c.process().id == s.id));
     }
     let nodes = inner.records.nodes();
     let unplaced = desired
