@@ -53,7 +53,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures_util::StreamExt as _;
-use p2f::core::Network;
 use p2f::core::wire::NodeStatus;
 use p2f::model::{Health, NodeName, ProcessId, ProcessSpec, Protocol, PublicPort};
 use p2f_testkit::netns::{Lan, Nat, exec_in, within};
@@ -253,25 +252,6 @@ async fn hold() {
     }
 }
 
-/// `node`'s entry in `root`'s list, once `ready` holds for it.
-async fn node_when(
-    root: &Network,
-    node: &str,
-    limit: Duration,
-    ready: impl Fn(&NodeStatus) -> bool,
-) -> Result<NodeStatus> {
-    eventually(&format!("{node} in the root's list"), limit, || {
-        let root = root.clone();
-        let ready = &ready;
-        async move {
-            let nodes = root.nodes().await.ok()?;
-            let status = nodes.into_iter().find(|n| n.node.name.as_str() == node)?;
-            ready(&status).then_some(status)
-        }
-    })
-    .await
-}
-
 fn linked(status: &NodeStatus) -> bool {
     status.link.as_ref().is_some_and(|l| l.linked)
 }
@@ -406,7 +386,8 @@ async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report)
         .ip(&net.home.ip())
         .join(&root)?;
     nat.start_unreachable().await?;
-    let status = node_when(root.network(), "node-nat", CONVERGE, linked).await?;
+    let status =
+        p2f_testkit::node_when(root.network(), "node-nat", "linked", CONVERGE, linked).await?;
     println!("node-nat: reach {:?}, link {:?}", status.reach, status.link);
     let one_link = settled_rss(root_pid).await;
     snapshot(root_pid, "one-link");

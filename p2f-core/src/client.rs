@@ -726,3 +726,96 @@ mod tests {
         }
     }
 }
+
+/// The most of a refused upgrade's answer that is read (its one-line JSON error).
+const REFUSAL_LIMIT: usize = 4096;
+
+/// Why [`upgrade`] gave no upgraded connection.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpgradeError {
+    /// TCP, TLS, HTTP, or the server's certificate is not of the role required.
+    #[error("{0}")]
+    Failed(String),
+    /// The server answered something else than `101` (its status and error message).
+    #[error("answered {status}: {message}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// Its error (`ErrorBody`), or the answer's text.
+        message: String,
+    },
+}
+
+/// A connection to a cluster node's control API at `address`, upgraded: TCP, TLS with `tls`
+/// checking that the server's certificate names `server_name` (and, with `role`, that it is
+/// of that role), then `GET path` with `Connection: upgrade` and `Upgrade: protocol`; the
+/// upgraded connection after `101`. The one way P2F opens the agent's tunnel, a member's link
+/// to the root and a connection through the root.
+pub async fn upgrade(
+    tls: &tokio_rustls::TlsConnector,
+    address: &str,
+    server_name: &str,
+    role: Option<crate::identity::Role>,
+    path: &str,
+    protocol: &str,
+) -> Result<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>, UpgradeError> {
+    use http_body_util::BodyExt as _;
+    let failed = UpgradeError::Failed;
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|e| failed(format!("connect {address}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_owned())
+        .map_err(|e| failed(format!("server name {server_name:?}: {e}")))?;
+    let stream = tls
+        .connect(name, tcp)
+        .await
+        .map_err(|e| failed(format!("TLS: {e}")))?;
+    if let Some(role) = role {
+        let holder = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|cert| crate::identity::Caller::from_certificate(cert));
+        if holder.as_ref().map(|c| c.role) != Some(role) {
+            return Err(failed(format!("{address} is not the cluster's {role}")));
+        }
+    }
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| failed(format!("HTTP: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!("upgraded connection: {e}");
+        }
+    });
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, server_name)
+        .header(hyper::header::CONNECTION, "upgrade")
+        .header(hyper::header::UPGRADE, protocol)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .map_err(|e| failed(format!("request: {e}")))?;
+    let mut response = send
+        .send_request(request)
+        .await
+        .map_err(|e| failed(format!("HTTP: {e}")))?;
+    if response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+        let status = response.status().as_u16();
+        let body = http_body_util::Limited::new(response.into_body(), REFUSAL_LIMIT)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let message = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        return Err(UpgradeError::Refused { status, message });
+    }
+    let upgraded = hyper::upgrade::on(&mut response)
+        .await
+        .map_err(|e| failed(format!("upgrade: {e}")))?;
+    Ok(hyper_util::rt::TokioIo::new(upgraded))
+}

@@ -23,4 +23,4 @@ pub use agent::{Agent, AgentBuilder, Killed};
 pub use bins::{example_bin, p2f_bin};
 pub use ports::service_port;
 pub use procs::MARKER;
-pub use wait::{eventually, poll};
+pub use wait::{eventually, node_when, poll};

@@ -238,6 +238,29 @@ impl Lan {
     }
 }
 
+/// Loads `rules` (an nftables script) into namespace `ns` with `nft -f -`.
+fn nft_apply(ns: &str, rules: &str) -> Result<()> {
+    let mut nft = exec_in(ns, "nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("run nft")?;
+    nft.stdin
+        .take()
+        .context("nft's stdin")?
+        .write_all(rules.as_bytes())
+        .context("write the rules to nft")?;
+    let out = nft.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// An nftables table in a namespace that drops new inbound connections from outside (what a
 /// home router's NAT or a default host firewall does): loopback and replies to what the node
 /// sent itself pass. Deleted on drop.
@@ -263,24 +286,7 @@ impl Firewall {
             }}"
         );
         let firewall = Firewall { ns: ns.to_owned() };
-        let mut nft = exec_in(ns, "nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("run nft")?;
-        nft.stdin
-            .take()
-            .context("nft's stdin")?
-            .write_all(rules.as_bytes())
-            .context("write the rules to nft")?;
-        let out = nft.wait_with_output()?;
-        ensure!(
-            out.status.success(),
-            "nft: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        nft_apply(ns, &rules)?;
         Ok(firewall)
     }
 
@@ -370,24 +376,7 @@ impl Nat {
                 }}
             }}"
         );
-        let mut nft = exec_in(&router_ns, "nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("run nft")?;
-        nft.stdin
-            .take()
-            .context("nft's stdin")?
-            .write_all(rules.as_bytes())
-            .context("write the rules to nft")?;
-        let out = nft.wait_with_output()?;
-        ensure!(
-            out.status.success(),
-            "nft: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        nft_apply(&router_ns, &rules)?;
         Ok(nat)
     }
 

@@ -53,3 +53,24 @@ where
         tokio::time::sleep(every).await;
     }
 }
+
+/// `node`'s entry in the list `network` gives (`GET /v1/nodes`), once `ready` holds for it,
+/// within `limit`.
+pub async fn node_when(
+    network: &p2f_core::Network,
+    node: &str,
+    what: &str,
+    limit: Duration,
+    ready: impl Fn(&p2f_core::wire::NodeStatus) -> bool,
+) -> Result<p2f_core::wire::NodeStatus> {
+    eventually(&format!("{node} {what}"), limit, || {
+        let network = network.clone();
+        let ready = &ready;
+        async move {
+            let nodes = network.nodes().await.ok()?;
+            let status = nodes.into_iter().find(|n| n.node.name.as_str() == node)?;
+            ready(&status).then_some(status)
+        }
+    })
+    .await
+}

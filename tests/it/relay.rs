@@ -65,16 +65,7 @@ async fn node_when(
     what: &str,
     ready: impl Fn(&NodeStatus) -> bool,
 ) -> Result<NodeStatus> {
-    eventually(&format!("{node} {what}"), CONVERGE, || {
-        let root = root.clone();
-        let ready = &ready;
-        async move {
-            let nodes = root.nodes().await.ok()?;
-            let status = nodes.into_iter().find(|n| n.node.name.as_str() == node)?;
-            ready(&status).then_some(status)
-        }
-    })
-    .await
+    p2f_testkit::node_when(root, node, what, CONVERGE, ready).await
 }
 
 fn linked(status: &NodeStatus) -> bool {

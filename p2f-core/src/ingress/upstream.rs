@@ -25,9 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use http_body_util::{BodyExt as _, Empty};
 use hyper::Uri;
-use hyper::header;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use p2f_model::NodeName;
@@ -35,6 +33,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::routes::Target;
+use crate::client::UpgradeError;
 use crate::cluster::Credentials;
 use crate::cluster::{ClusterError, client_config_for};
 use crate::identity::node_server_name;
@@ -45,8 +44,6 @@ use crate::wire::TUNNEL_PROTOCOL;
 /// The longest reaching a process may take: TCP and TLS to its agent, the tunnel request, and
 /// the agent's connection to the port.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The most of an agent's refusal that is read (its one-line JSON error).
-const REFUSAL_LIMIT: usize = 4096;
 
 pub use crate::reach::{Io, LocalProcesses};
 
@@ -181,31 +178,7 @@ async fn open_tunnel(
     target: &Target,
     address: &str,
 ) -> Result<Box<dyn Io>, UpstreamError> {
-    let failed = |detail: String| UpstreamError::Agent {
-        node: target.node.clone(),
-        address: address.to_owned(),
-        detail,
-    };
-    let tcp = TcpStream::connect(address)
-        .await
-        .map_err(|e| failed(format!("connect: {e}")))?;
-    let _ = tcp.set_nodelay(true);
-    let server_name = node_server_name(target.node.as_str());
-    let name = rustls_pki_types::ServerName::try_from(server_name.clone())
-        .map_err(|e| failed(format!("server name {server_name:?}: {e}")))?;
-    let stream = tls
-        .connect(name, tcp)
-        .await
-        .map_err(|e| failed(format!("TLS: {e}")))?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| failed(format!("HTTP: {e}")))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!("tunnel connection: {e}");
-        }
-    });
-    // The query is `TunnelQuery`: only this copy.
+    // The query is `TunnelQuery`: only this copy, this port.
     let path = format!(
         "/v1/processes/{}/tunnel?generation={}&port={}&protocol={}",
         target.id,
@@ -213,36 +186,20 @@ async fn open_tunnel(
         target.port,
         crate::reach::protocol_name(target.protocol)
     );
-    let request = hyper::Request::get(path)
-        .header(header::HOST, server_name)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, TUNNEL_PROTOCOL)
-        .body(Empty::<bytes::Bytes>::new())
-        .map_err(|e| failed(format!("request: {e}")))?;
-    let mut response = send
-        .send_request(request)
-        .await
-        .map_err(|e| failed(format!("HTTP: {e}")))?;
-    if response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
-        let status = response.status().as_u16();
-        let body = http_body_util::Limited::new(response.into_body(), REFUSAL_LIMIT)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let message = serde_json::from_slice::<crate::wire::ErrorBody>(&body)
-            .map(|e| e.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-        return Err(UpstreamError::Refused {
+    let server_name = node_server_name(target.node.as_str());
+    match crate::client::upgrade(&tls, address, &server_name, None, &path, TUNNEL_PROTOCOL).await {
+        Ok(upgraded) => Ok(Box::new(upgraded)),
+        Err(UpgradeError::Refused { status, message }) => Err(UpstreamError::Refused {
             node: target.node.clone(),
             status,
             message,
-        });
+        }),
+        Err(e @ UpgradeError::Failed(_)) => Err(UpstreamError::Agent {
+            node: target.node.clone(),
+            address: address.to_owned(),
+            detail: e.to_string(),
+        }),
     }
-    let upgraded = hyper::upgrade::on(&mut response)
-        .await
-        .map_err(|e| failed(format!("upgrade: {e}")))?;
-    Ok(Box::new(TokioIo::new(upgraded)))
 }
 
 /// Reaches a process on its own node (see [`LocalProcesses`]) directly on loopback, after the

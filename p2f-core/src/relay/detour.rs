@@ -9,11 +9,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::Empty;
-use hyper::header;
 use hyper_util::rt::TokioIo;
 use p2f_model::{NodeName, NodeRole};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsConnector;
 
 use super::VIA_ROOT_PROTOCOL;
@@ -76,7 +74,8 @@ async fn forwarder(
             let (records, tls, node) = (records.clone(), tls.clone(), node.clone());
             tokio::spawn(async move {
                 let opened =
-                    tokio::time::timeout(CONNECT_TIMEOUT, through_root(&records, tls, &node)).await;
+                    tokio::time::timeout(CONNECT_TIMEOUT, through_root(&records, &tls, &node))
+                        .await;
                 match opened {
                     Ok(Ok(mut upstream)) => {
                         let _ = tcp.set_nodelay(true);
@@ -94,7 +93,7 @@ async fn forwarder(
 /// A connection to `node`'s API through the root's route.
 async fn through_root(
     records: &Records,
-    tls: TlsConnector,
+    tls: &TlsConnector,
     node: &NodeName,
 ) -> Result<TokioIo<hyper::upgrade::Upgraded>, String> {
     let root = records
@@ -103,38 +102,15 @@ async fn through_root(
         .find(|n| n.alive && n.node.p2f_info().and_then(|i| i.role) == Some(NodeRole::Root))
         .ok_or("the root is not alive")?;
     let api = root.node.api_address().ok_or("the root publishes no API")?;
-    let tcp = TcpStream::connect(&api)
-        .await
-        .map_err(|e| format!("connect {api}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
     let server_name = node_server_name(root.node.name.as_str());
-    let name =
-        rustls_pki_types::ServerName::try_from(server_name.clone()).map_err(|e| e.to_string())?;
-    let stream = tls
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS: {e}"))?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
-    let request = hyper::Request::get(format!("/v1/relay/nodes/{node}"))
-        .header(header::HOST, server_name)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, VIA_ROOT_PROTOCOL)
-        .body(Empty::<bytes::Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let mut response = send
-        .send_request(request)
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    if response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
-        return Err(format!("the root answered {}", response.status()));
-    }
-    let upgraded = hyper::upgrade::on(&mut response)
-        .await
-        .map_err(|e| format!("upgrade: {e}"))?;
-    Ok(TokioIo::new(upgraded))
+    crate::client::upgrade(
+        tls,
+        &api,
+        &server_name,
+        Some(crate::identity::Role::Root),
+        &format!("/v1/relay/nodes/{node}"),
+        VIA_ROOT_PROTOCOL,
+    )
+    .await
+    .map_err(|e| e.to_string())
 }

@@ -13,8 +13,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::Empty;
-use hyper::header;
 use hyper_util::rt::TokioIo;
 use p2f_model::{NodeName, NodeRole};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -24,7 +22,7 @@ use tokio_rustls::TlsConnector;
 use super::session::{Session, Side, Stream};
 use super::{Answer, HEADER_TIMEOUT, LINK_PROTOCOL, Open};
 use crate::cluster::{Credentials, client_config_for};
-use crate::identity::{Caller, Role, node_server_name};
+use crate::identity::{Role, node_server_name};
 use crate::reach::{LocalProcesses, Refusal};
 use crate::records::Records;
 
@@ -177,55 +175,20 @@ async fn connect(
     let tls = TlsConnector::from(Arc::new(
         client_config_for(&config.credentials).map_err(|e| e.to_string())?,
     ));
-    let tcp = TcpStream::connect(api)
-        .await
-        .map_err(|e| format!("connect {api}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
     let server_name = match root {
         Some(name) => node_server_name(name.as_str()),
         None => crate::client::host_of(api).to_owned(),
     };
-    let name = rustls_pki_types::ServerName::try_from(server_name.clone())
-        .map_err(|e| format!("server name {server_name:?}: {e}"))?;
-    let stream = tls
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS: {e}"))?;
-    let is_root = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .and_then(|cert| Caller::from_certificate(cert))
-        .is_some_and(|caller| caller.role == Role::Root);
-    if !is_root {
-        return Err(format!("{api} is not the cluster's root"));
-    }
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!("link connection: {e}");
-        }
-    });
-    let request = hyper::Request::get("/v1/relay/link")
-        .header(header::HOST, server_name)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, LINK_PROTOCOL)
-        .body(Empty::<bytes::Bytes>::new())
-        .map_err(|e| format!("request: {e}"))?;
-    let mut response = send
-        .send_request(request)
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    if response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
-        return Err(format!("the root answered {}", response.status()));
-    }
-    let upgraded = hyper::upgrade::on(&mut response)
-        .await
-        .map_err(|e| format!("upgrade: {e}"))?;
-    Ok(TokioIo::new(upgraded))
+    crate::client::upgrade(
+        &tls,
+        api,
+        &server_name,
+        Some(Role::Root),
+        "/v1/relay/link",
+        LINK_PROTOCOL,
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// Serves one stream the root opened: its header, then the API, a process's port or a ping.
