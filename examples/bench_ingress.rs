@@ -23,7 +23,8 @@
 //! ```text
 //! cargo run --release --example bench_ingress -- --p2f target/release/p2f \
 //!     [--data-root /var/tmp] [--conns 64] [--threads 2] [--secs 10] [--rounds 2] \
-//!     [--trials 3] [--idle-conns 1000] [--tunnel on] [--only throughput,failover,idle]
+//!     [--trials 3] [--idle-conns 1000] [--tunnel on] [--shared on]
+//!     [--only throughput,failover,idle]
 //! ```
 //!
 //! Everything the run starts is on loopback and carries `P2F_TESTKIT_RUN=<a dir under its
@@ -85,7 +86,20 @@ struct Options {
     /// processes through its agent's tunnel (`P2F_INGRESS_DIRECT=0`, the path before the
     /// direct one).
     tunnel: bool,
+    /// Whether the throughput part also measures a root whose ingress serves its connections
+    /// on the agent's own runtime (`[ingress] workers = 0`, as before the ingress had worker
+    /// threads).
+    shared: bool,
     only: Vec<String>,
+}
+
+/// `on` or `off` (or yes/no, 1/0, true/false).
+fn on_off(flag: &str, value: &str) -> Result<bool> {
+    match value {
+        "on" | "yes" | "1" | "true" => Ok(true),
+        "off" | "no" | "0" | "false" => Ok(false),
+        other => bail!("{flag} on|off, not {other}"),
+    }
 }
 
 impl Options {
@@ -100,6 +114,7 @@ impl Options {
             trials: 3,
             idle_conns: 1000,
             tunnel: true,
+            shared: true,
             only: vec!["throughput".into(), "failover".into(), "idle".into()],
         };
         while let Some(flag) = args.next() {
@@ -118,13 +133,8 @@ impl Options {
                 "--rounds" => options.rounds = number()?,
                 "--trials" => options.trials = number()?,
                 "--idle-conns" => options.idle_conns = number()?,
-                "--tunnel" => {
-                    options.tunnel = match value.as_str() {
-                        "on" | "yes" | "1" | "true" => true,
-                        "off" | "no" | "0" | "false" => false,
-                        other => bail!("--tunnel on|off, not {other}"),
-                    }
-                }
+                "--tunnel" => options.tunnel = on_off(&flag, &value)?,
+                "--shared" => options.shared = on_off(&flag, &value)?,
                 "--only" => options.only = value.split(',').map(str::to_owned).collect(),
                 other => bail!("unknown option {other}"),
             }
@@ -191,18 +201,21 @@ async fn run(options: Options) -> Result<()> {
 
 /// A root agent (defaults a user gets; plain HTTP served, not redirected) in `dir/name`.
 async fn root(options: &Options, dir: &Path, name: &str) -> Result<Agent> {
-    root_with(&options.p2f, dir, name).await
+    root_with(&options.p2f, dir, name, None).await
 }
 
 /// A root agent as [`root`], run by `p2f` (the binary, or a wrapper that sets its
-/// environment).
-async fn root_with(p2f: &Path, dir: &Path, name: &str) -> Result<Agent> {
+/// environment), with `[ingress] workers` set when `workers` is.
+async fn root_with(p2f: &Path, dir: &Path, name: &str, workers: Option<usize>) -> Result<Agent> {
     Agent::builder("root")
         .p2f(p2f)
         .dir(dir.join(name))
         .configure(|config| {
             if let Some(ingress) = &mut config.ingress {
                 ingress.redirect = false;
+                if workers.is_some() {
+                    ingress.workers = workers;
+                }
             }
         })
         .init()?
@@ -397,8 +410,14 @@ struct BenchRoot {
     https: SocketAddr,
 }
 
-async fn bench_root(p2f: &Path, dir: &Path, name: &str, expect: &str) -> Result<BenchRoot> {
-    let agent = root_with(p2f, dir, name).await?;
+async fn bench_root(
+    p2f: &Path,
+    dir: &Path,
+    name: &str,
+    expect: &str,
+    workers: Option<usize>,
+) -> Result<BenchRoot> {
+    let agent = root_with(p2f, dir, name, workers).await?;
     let spec = backend_spec("bench", DOMAIN, &["root"])?;
     let backend_port = spec.port().context("port")?;
     let desired = call("deploy", agent.network().deploy(&[spec])).await?;
@@ -435,11 +454,15 @@ fn free_port() -> Result<u16> {
 
 async fn throughput(options: &Options, dir: &Path, report: &mut Report) -> Result<()> {
     println!("throughput: starting the root(s), the backend(s), nginx and Caddy");
-    let direct = bench_root(&options.p2f, dir, "tp-root", "local →").await?;
+    let direct = bench_root(&options.p2f, dir, "tp-root", "local →", None).await?;
+    let shared = match options.shared {
+        true => Some(bench_root(&options.p2f, dir, "tp-root-shared", "local →", Some(0)).await?),
+        false => None,
+    };
     let tunnel = match options.tunnel {
         true => {
             let wrapper = through_agent_wrapper(&options.p2f, dir)?;
-            Some(bench_root(&wrapper, dir, "tp-root-tunnel", "agent root →").await?)
+            Some(bench_root(&wrapper, dir, "tp-root-tunnel", "agent root →", None).await?)
         }
         false => None,
     };
@@ -500,6 +523,9 @@ async fn throughput(options: &Options, dir: &Path, report: &mut Report) -> Resul
     };
     let backend = Cpu::Group(direct.backend_pgid);
     let mut proxies = vec![ingress("P2F ingress", &direct)?];
+    if let Some(shared) = &shared {
+        proxies.push(ingress("ingress/shared", shared)?);
+    }
     if let Some(tunnel) = &tunnel {
         proxies.push(ingress("ingress/tunnel", tunnel)?);
     }
@@ -641,6 +667,12 @@ async fn throughput(options: &Options, dir: &Path, report: &mut Report) -> Resul
     report.notes.push(format!(
         "throughput: one backend (`bench_ingress backend`, 1 thread) on 127.0.0.1:{backend_port}, supervised by the root; the ingress (\"P2F ingress\") reaches it directly on loopback after checking it with the root's supervisor; nginx (2 workers, upstream keepalive 128, access_log off) and Caddy (reverse_proxy, default pool) connect to it directly"
     ));
+    if let Some(shared) = &shared {
+        report.notes.push(format!(
+            "throughput: \"ingress/shared\" is a root with [ingress] workers = 0, whose ingress serves its connections on the agent's own runtime (2 threads shared with everything else the agent does) rather than on worker threads of its own, as before; its backend is the same program, on 127.0.0.1:{}",
+            shared.backend_port
+        ));
+    }
     if let Some(tunnel) = &tunnel {
         report.notes.push(format!(
             "throughput: \"ingress/tunnel\" is a second root started with P2F_INGRESS_DIRECT=0, whose ingress reaches its own backend (the same program, on 127.0.0.1:{}) through its agent's tunnel (TLS to its API + Upgrade, spliced), as before the direct path",

@@ -210,6 +210,20 @@ pub async fn serve_limited(
     app: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
+    serve_on(listener, accept, limits, app, shutdown, None).await
+}
+
+/// [`serve_limited`], with each connection served on one of `workers`' threads (round robin)
+/// instead of the caller's runtime; `None`: on the caller's runtime. Accepting, the limits and
+/// the shutdown stay with the caller.
+pub async fn serve_on(
+    listener: TcpListener,
+    accept: Accept,
+    limits: Limits,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    workers: Option<Arc<Workers>>,
+) -> io::Result<()> {
     let (handshake, what, h2) = match accept {
         Accept::Tls {
             config,
@@ -278,7 +292,14 @@ pub async fn serve_limited(
                         app: app.clone(),
                         stopping: stopping_rx.clone(),
                     };
-                    connections.spawn(conn.run());
+                    match &workers {
+                        Some(workers) => {
+                            connections.spawn_on(conn.run_moved(), &workers.next());
+                        }
+                        None => {
+                            connections.spawn(conn.run());
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot accept a connection");
@@ -410,6 +431,22 @@ struct Connection {
 }
 
 impl Connection {
+    /// [`Connection::run`] on another runtime than the one that accepted it: the socket is
+    /// registered with this runtime's reactor first, so its readiness wakes this thread.
+    async fn run_moved(mut self) {
+        let moved = self
+            .stream
+            .into_std()
+            .and_then(TcpStream::from_std);
+        match moved {
+            Ok(stream) => {
+                self.stream = stream;
+                self.run().await;
+            }
+            Err(e) => tracing::debug!(peer = %self.peer, error = %e, "cannot move a connection to a worker"),
+        }
+    }
+
     async fn run(self) {
         let Connection {
             slot,
@@ -537,6 +574,83 @@ async fn serve_http<I>(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Threads that serve connections, each with a single-threaded tokio runtime of its own (the
+/// "thread per core" of nginx's workers): a connection, the tasks it spawns (hyper's, the
+/// proxy's pooled upstream connections) and their sockets all live on one thread, so a request
+/// and its answer never wake another thread. Give them to [`serve_on`].
+///
+/// The threads end when the last clone of the `Arc<Workers>` is dropped; tasks still on them are
+/// then dropped too.
+pub struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: std::sync::atomic::AtomicUsize,
+    /// Dropped with the pool: each thread's `block_on` then returns.
+    _stop: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl fmt::Debug for Workers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Workers")
+            .field("threads", &self.handles.len())
+            .finish_non_exhaustive()
+    }
+}
+
+thread_local! {
+    /// The index of the worker this thread is, within its pool.
+    static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+impl Workers {
+    /// Starts `threads` worker threads (at least one) named `{name}-{i}`.
+    ///
+    /// Errors: a runtime or a thread the system cannot create.
+    pub fn start(threads: usize, name: &str) -> io::Result<Workers> {
+        let mut handles = Vec::new();
+        let mut stop = Vec::new();
+        for index in 0..threads.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            stop.push(stop_tx);
+            std::thread::Builder::new()
+                .name(format!("{name}-{index}"))
+                .spawn(move || {
+                    WORKER.set(Some(index));
+                    let _ = runtime.block_on(stop_rx);
+                })?;
+        }
+        Ok(Workers {
+            handles,
+            next: std::sync::atomic::AtomicUsize::new(0),
+            _stop: stop,
+        })
+    }
+
+    /// How many threads.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Whether the pool has no threads (never: [`Workers::start`] starts one at least).
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// The runtime of the next thread, round robin.
+    fn next(&self) -> tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.handles[i % self.handles.len()].clone()
+    }
+
+    /// The index of the worker the calling thread is (`0..len`), `None` off the workers.
+    pub fn current() -> Option<usize> {
+        WORKER.get()
     }
 }
 

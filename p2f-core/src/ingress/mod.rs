@@ -60,6 +60,9 @@ pub struct IngressConfig {
     /// Certificates for public names from ACME; `None`: public names get none (their
     /// handshakes are refused).
     pub acme: Option<AcmeConfig>,
+    /// Threads of the ingress's own that serve its connections, each with a single-threaded
+    /// runtime (see [`crate::server::Workers`]); 0 serves them on the agent's runtime.
+    pub workers: usize,
 }
 
 /// Why the ingress could not start.
@@ -84,6 +87,9 @@ pub enum IngressError {
     /// The upstream connector.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// The worker threads.
+    #[error("the ingress cannot start its worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// A running ingress. Clones share it.
@@ -179,6 +185,13 @@ impl Ingress {
                 })?;
             Ok::<_, IngressError>((listener, local))
         };
+        let workers = match config.workers {
+            0 => None,
+            threads => Some(Arc::new(
+                crate::server::Workers::start(threads, "p2f-ingress")
+                    .map_err(IngressError::Workers)?,
+            )),
+        };
         let (http_listener, http) = bind("http", config.http).await?;
         let (https_listener, https) = bind("https", config.https).await?;
 
@@ -210,6 +223,7 @@ impl Ingress {
             errors.clone(),
             challenges,
             settings,
+            config.workers,
         )
         .app();
         let (stop, stopped) = watch::channel(false);
@@ -221,12 +235,13 @@ impl Ingress {
         };
         let serve = |listener, accept, name: &'static str| {
             let limits = crate::server::Limits::INGRESS;
-            let served = crate::server::serve_limited(
+            let served = crate::server::serve_on(
                 listener,
                 accept,
                 limits,
                 app.clone(),
                 until_stopped(),
+                workers.clone(),
             );
             tokio::spawn(async move {
                 if let Err(e) = served.await {

@@ -80,7 +80,10 @@ pub(crate) struct Settings {
 #[derive(Clone)]
 pub(crate) struct Proxy {
     routes: watch::Receiver<Arc<RouteTable>>,
-    client: Client<Connector, Body>,
+    /// One pool of upstream connections per worker thread (see [`crate::server::Workers`]): a
+    /// request goes out on a connection of its own thread. The first also serves requests off
+    /// the workers.
+    clients: Arc<[Client<Connector, Body>]>,
     targets: Arc<Targets>,
     errors: Arc<Errors>,
     challenges: Arc<Challenges>,
@@ -94,20 +97,25 @@ impl Proxy {
         errors: Arc<Errors>,
         challenges: Arc<Challenges>,
         settings: Settings,
+        workers: usize,
     ) -> Proxy {
         let targets = Arc::new(Targets::default());
         let connector = Connector {
             upstream,
             targets: Arc::clone(&targets),
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .pool_timer(TokioTimer::new())
-            .set_host(false)
-            .build(connector);
+        let clients = (0..workers.max(1))
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(POOL_IDLE)
+                    .pool_timer(TokioTimer::new())
+                    .set_host(false)
+                    .build(connector.clone())
+            })
+            .collect();
         Proxy {
             routes,
-            client,
+            clients,
             targets,
             errors,
             challenges,
@@ -182,7 +190,7 @@ impl Proxy {
             if let Some(target) = &route.target {
                 let body = body.take().unwrap_or_else(Body::empty);
                 let outgoing = self.outgoing(&parts, body, target, &info, upgrade.as_ref());
-                match tokio::time::timeout(RESPONSE_TIMEOUT, self.client.request(outgoing)).await {
+                match tokio::time::timeout(RESPONSE_TIMEOUT, self.client().request(outgoing)).await {
                     Ok(Ok(response)) => {
                         self.errors.clear(&route.domain);
                         return respond(response, client_upgrade);
@@ -238,6 +246,12 @@ impl Proxy {
                 return unavailable(&route, last_error.is_some(), wants_json, self.settings.hold);
             }
         }
+    }
+
+    /// The pool of upstream connections of the calling thread.
+    fn client(&self) -> &Client<Connector, Body> {
+        let worker = crate::server::Workers::current().unwrap_or(0);
+        &self.clients[worker % self.clients.len()]
     }
 
     /// The request for `target`: HTTP/1.1 to the target's pooled authority, hop-by-hop headers

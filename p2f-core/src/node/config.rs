@@ -34,6 +34,7 @@
 //! acme_directory = "https://acme-v02.api.letsencrypt.org/directory"  # the default
 //! acme_ca = "/etc/p2f/acme-ca.pem" # a CA to trust for the directory (default: the system's)
 //! acme_challenge = "auto"          # or "http-01", "tls-alpn-01"; auto: TLS-ALPN-01, then HTTP-01
+//! workers = 2                      # threads serving connections (default one per CPU; 0: shared)
 //!
 //! [relay]                          # members behind NAT (see relay/link.rs)
 //! via_root = "auto"                # true: always keep a link to the root; false: never;
@@ -199,6 +200,11 @@ pub struct IngressSettings {
     /// HTTPS port, and when that fails HTTP-01 on the HTTP port), `http-01` or `tls-alpn-01`.
     #[serde(default, skip_serializing_if = "is_auto")]
     pub acme_challenge: crate::ingress::acme::AcmeChallenge,
+    /// Threads that serve the ingress's connections, each on its own (nginx's
+    /// `worker_processes`); default: one per CPU, at most 16. 0 serves them on the agent's
+    /// own threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
 }
 
 fn is_auto(challenge: &crate::ingress::acme::AcmeChallenge) -> bool {
@@ -217,6 +223,7 @@ impl Default for IngressSettings {
             acme_directory: None,
             acme_ca: None,
             acme_challenge: crate::ingress::acme::AcmeChallenge::Auto,
+            workers: None,
         }
     }
 }
@@ -228,6 +235,13 @@ impl IngressSettings {
             return Err(format!(
                 "ingress.hold = \"{}\" is too long: at most 60s",
                 p2f_model::format_duration(self.hold)
+            ));
+        }
+        if let Some(workers) = self.workers
+            && workers > MAX_INGRESS_WORKERS
+        {
+            return Err(format!(
+                "ingress.workers = {workers} is too many: at most {MAX_INGRESS_WORKERS}"
             ));
         }
         if let Some(email) = &self.acme_email {
@@ -246,6 +260,20 @@ impl IngressSettings {
             ));
         }
         Ok(())
+    }
+}
+
+/// The most worker threads the ingress may be given.
+const MAX_INGRESS_WORKERS: usize = 256;
+
+impl IngressSettings {
+    /// The ingress's worker threads: as set, or one per CPU (at most 16).
+    pub fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get)
+                .min(16)
+        })
     }
 }
 

@@ -451,6 +451,7 @@ async fn start_network(
                 https: settings.https,
                 hold: settings.hold,
                 redirect: settings.redirect,
+                workers: settings.worker_threads(),
                 acme: settings.acme_email.as_ref().map(|email| AcmeConfig {
                     directory: settings
                         .acme_directory
