@@ -210,7 +210,7 @@ async fn root_with(p2f: &Path, dir: &Path, name: &str, workers: Option<usize>) -
     Agent::builder("root")
         .p2f(p2f)
         .dir(dir.join(name))
-        .configure(|config| {
+        .configure(move |config| {
             if let Some(ingress) = &mut config.ingress {
                 ingress.redirect = false;
                 if workers.is_some() {

@@ -434,16 +434,15 @@ impl Connection {
     /// [`Connection::run`] on another runtime than the one that accepted it: the socket is
     /// registered with this runtime's reactor first, so its readiness wakes this thread.
     async fn run_moved(mut self) {
-        let moved = self
-            .stream
-            .into_std()
-            .and_then(TcpStream::from_std);
+        let moved = self.stream.into_std().and_then(TcpStream::from_std);
         match moved {
             Ok(stream) => {
                 self.stream = stream;
                 self.run().await;
             }
-            Err(e) => tracing::debug!(peer = %self.peer, error = %e, "cannot move a connection to a worker"),
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e, "cannot move a connection to a worker")
+            }
         }
     }
 

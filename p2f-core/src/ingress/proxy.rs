@@ -190,7 +190,8 @@ impl Proxy {
             if let Some(target) = &route.target {
                 let body = body.take().unwrap_or_else(Body::empty);
                 let outgoing = self.outgoing(&parts, body, target, &info, upgrade.as_ref());
-                match tokio::time::timeout(RESPONSE_TIMEOUT, self.client().request(outgoing)).await {
+                match tokio::time::timeout(RESPONSE_TIMEOUT, self.client().request(outgoing)).await
+                {
                     Ok(Ok(response)) => {
                         self.errors.clear(&route.domain);
                         return respond(response, client_upgrade);
