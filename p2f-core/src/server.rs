@@ -1084,6 +1084,78 @@ mod tests {
         }
     }
 
+    /// Connections go to the workers in turn, every request of one is served on its worker's
+    /// thread, and shutdown still drains and returns.
+    #[tokio::test]
+    async fn serves_each_connection_on_a_worker_thread() {
+        let workers = Arc::new(Workers::start(2, "test-worker").expect("workers"));
+        assert_eq!(workers.len(), 2);
+        let app = axum::Router::new().route(
+            "/thread",
+            axum::routing::get(|| async {
+                let name = std::thread::current().name().unwrap_or("?").to_owned();
+                format!("{name} {:?}", Workers::current())
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop_tx, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve_on(
+            listener,
+            Accept::Plain,
+            Limits::INGRESS,
+            app,
+            async {
+                let _ = stopped.await;
+            },
+            Some(Arc::clone(&workers)),
+        ));
+        let request = b"GET /thread HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            // One connection, two requests on it: both on the same worker.
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            let mut answers = Vec::new();
+            for _ in 0..2 {
+                stream.write_all(request).await.expect("write");
+                let mut buf = vec![0u8; 4096];
+                let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+                    .await
+                    .expect("answer in time")
+                    .expect("read");
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let body = text
+                    .rsplit("\r\n\r\n")
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                answers.push(body);
+            }
+            assert_eq!(answers[0], answers[1], "one connection, one worker");
+            seen.push(answers.remove(0));
+        }
+        assert_eq!(
+            seen,
+            [
+                "test-worker-0 Some(0)",
+                "test-worker-1 Some(1)",
+                "test-worker-0 Some(0)",
+                "test-worker-1 Some(1)"
+            ]
+        );
+        assert_eq!(
+            Workers::current(),
+            None,
+            "the test's own thread is no worker"
+        );
+        let _ = stop_tx.send(());
+        tokio::time::timeout(Duration::from_secs(6), server)
+            .await
+            .expect("serve returns")
+            .expect("server task")
+            .expect("serve result");
+    }
+
     #[tokio::test]
     async fn serves_plain_http_and_shuts_down() {
         let ca = ClusterCa::generate("test").expect("ca");

@@ -536,7 +536,15 @@ mod tests {
             redirect: false,
             https_port: 443,
         };
-        Proxy::new(routes, upstream, Arc::default(), Arc::default(), settings).app()
+        Proxy::new(
+            routes,
+            upstream,
+            Arc::default(),
+            Arc::default(),
+            settings,
+            0,
+        )
+        .app()
     }
 
     /// The status the proxy answers `method` (with `body`) with, and how many connections

@@ -622,6 +622,16 @@ mod tests {
             (tuned.enabled, tuned.http.port(), tuned.hold, tuned.redirect),
             (false, 8080, Duration::from_millis(500), false)
         );
+        // Worker threads: one per CPU unless set; 0 (the agent's own threads) is allowed.
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        assert_eq!(ingress.worker_threads(), cpus.min(16));
+        for workers in [0, 3] {
+            let text = format!("name = \"pi\"\ndata_dir = \"d\"\n[ingress]\nworkers = {workers}\n");
+            let config = AgentConfig::parse(&text).expect("parse");
+            let ingress = config.ingress.clone().expect("ingress");
+            assert_eq!(ingress.worker_threads(), workers);
+            assert_eq!(AgentConfig::parse(&config.to_toml()), Ok(config));
+        }
         assert!(
             AgentConfig::parse("name = \"pi\"\ndata_dir = \"d\"\n")
                 .expect("parse")
@@ -695,6 +705,14 @@ mod tests {
             (
                 "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\nhold = \"2m\"\n",
                 "ingress.hold = \"2m\" is too long: at most 60s",
+            ),
+            (
+                "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\nworkers = 1000\n",
+                "ingress.workers = 1000 is too many: at most 256",
+            ),
+            (
+                "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\nworkers = -1\n",
+                "workers",
             ),
             (
                 "name = \"pi\"\ndata_dir = \"d\"\n[ingress]\nport = 80\n",
