@@ -554,3 +554,90 @@ async fn a_changed_spec_or_pin_replaces_the_process() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+/// A restarted root does not place again a process whose node is silent while it comes back:
+/// `web` runs on node-a, SIGSTOPped while the root restarts; node-b is heard at once and still
+/// carries node-a's state in the gossip, so the root sees `web` where it was and leaves it
+/// there; node-a speaks again after 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_root_leaves_a_silent_nodes_process_alone() -> anyhow::Result<()> {
+    use p2f_testkit::procs::{Signal, signal};
+
+    // Fixed ports, as a real root has: after its restart the members find it where it was.
+    let ip: std::net::IpAddr = [127, 0, 0, 1].into();
+    let (api, gossip) = (service_port(), service_port());
+    let mut root = crate::support::agent("root")
+        .configure(move |config| {
+            config.listen = (ip, api).into();
+            if let Some(mesh) = &mut config.mesh {
+                mesh.listen = (ip, gossip).into();
+            }
+        })
+        .init()?
+        .started()
+        .await?;
+    let a = member(&root, "node-a", "127.0.0.2").await?;
+    let b = member(&root, "node-b", "127.0.0.3").await?;
+    root.all_alive(&["node-a", "node-b", "root"]).await?;
+    let pins = [
+        NodeName::from_static("node-a"),
+        NodeName::from_static("node-b"),
+    ];
+    // node-b runs one process already, so web (pinned to both) goes to node-a.
+    let filler =
+        ProcessSpec::new("filler", "exec sleep 1000").with_pin([NodeName::from_static("node-b")]);
+    let web = ProcessSpec::new("web", "exec sleep 1000").with_pin(pins);
+    let desired = root.network().deploy(&[filler, web]).await?;
+    let id = desired
+        .services
+        .iter()
+        .find(|s| s.spec.name() == "web")
+        .map(|s| s.id.clone())
+        .expect("web in the desired state");
+    let placed = running(root.network(), std::slice::from_ref(&id), 1).await?;
+    assert_eq!(placed[0].node.name.as_str(), "node-a");
+    // The root stores the live nodes at its next reconcile pass.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let a_pid = a.pid().expect("node-a runs");
+    signal(a_pid, Signal::SIGSTOP);
+    let resumed = scopeguard(a_pid);
+    root.sigterm()?;
+    root.start().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(resumed); // SIGCONT
+    let after = eventually("web shown on node-a again", FAILOVER, || async {
+        let all = root.network().list_processes().await.ok()?;
+        all.into_iter()
+            .find(|p| p.id == id && p.node.name.as_str() == "node-a" && p.is_running())
+    })
+    .await;
+    let after = match after {
+        Ok(after) => after,
+        Err(e) => {
+            let all = root.network().list_processes().await;
+            let nodes = root.network().nodes().await;
+            anyhow::bail!(
+                "{e:#}\nprocesses: {all:#?}\nnodes: {nodes:#?}\nroot:\n{}",
+                root.log_tail(40)
+            );
+        }
+    };
+    assert_eq!(after.generation, 1, "web was placed again: {after:#?}");
+    // And stays there: nothing started on node-b meanwhile or since.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(b.os_copies(&id).is_empty(), "web started on node-b");
+    assert_eq!(a.os_copies(&id).len(), 1, "web runs once on node-a");
+    Ok(())
+}
+
+/// SIGCONTs `pid` when dropped (also when the test fails while it is stopped).
+fn scopeguard(pid: u32) -> impl Drop {
+    struct Resume(u32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            p2f_testkit::procs::signal(self.0, p2f_testkit::procs::Signal::SIGCONT);
+        }
+    }
+    Resume(pid)
+}
