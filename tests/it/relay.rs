@@ -289,8 +289,14 @@ fn a_member_behind_nat_is_reached_through_its_link() -> Result<()> {
             );
         }
         let body = page(&root).await?;
-        ensure!(body.contains("hello from node-nat"), "{body}");
         let all = root.network().list_processes().await?;
+        ensure!(
+            body.contains("hello from node-nat"),
+            "after the root's restart: {body}\nweb: {:#?}\nroot:\n{}\nnode-nat:\n{}",
+            all.iter().find(|p| p.id == id),
+            root.log_tail(60),
+            nat.log_tail(30)
+        );
         let web = all.iter().find(|p| p.id == id).context("web listed")?;
         ensure!(
             web.generation == 1 && web.node.name.as_str() == "node-nat",
