@@ -495,16 +495,17 @@ impl Connection {
                 };
                 let service = service(true, caller);
                 if h1.serves(tls.get_ref().1.alpn_protocol()) {
-                    let idle = HEADER_READ_TIMEOUT;
-                    h1::serve(&h1.http, tls, service, &mut stopping, idle, peer).await
+                    let (idle, linger) = (HEADER_READ_TIMEOUT, h1::LINGER);
+                    h1::serve(&h1.http, tls, service, &mut stopping, idle, linger, peer).await
                 } else {
                     Box::pin(serve_http(&http, *tls, service(), stopping, peer)).await
                 }
             }
             Some(Ready::Plain(tcp)) => {
                 let _slot = slot;
-                let (service, idle) = (service(false, None), HEADER_READ_TIMEOUT);
-                h1::serve(&h1.http, tcp, service, &mut stopping, idle, peer).await
+                let (idle, linger) = (HEADER_READ_TIMEOUT, h1::LINGER);
+                let service = service(false, None);
+                h1::serve(&h1.http, tcp, service, &mut stopping, idle, linger, peer).await
             }
         }
     }

@@ -2,12 +2,14 @@
 //!
 //! hyper keeps an HTTP/1 connection's read buffer (8–16 KiB) and its header write buffer
 //! (8 KiB) for as long as it serves the connection, kept-alive waits included; it has no
-//! setting to release them. So a connection is served one request at a time: a hyper
-//! connection serves a request and, once the answer is out, ends without closing the socket
-//! ([`hyper::server::conn::http1::Connection::into_parts`] gives the stream back, with any
-//! bytes of the next request hyper had already read); the socket then waits for the next
+//! setting to release them. So once a connection has answered its last request and
+//! [`LINGER`] has passed without another, its hyper connection ends without closing the
+//! socket ([`hyper::server::conn::http1::Connection::into_parts`] gives the stream back, with
+//! any bytes of the next request hyper had already read); the socket then waits for the next
 //! request's first bytes with nothing but itself, and a new hyper connection serves them.
-//! Parsing and writing stay hyper's.
+//! Parsing and writing stay hyper's. A busy connection keeps its hyper connection: a new one
+//! for every request would cost about a fifth more CPU per request (malloc and free of the
+//! buffers, measured with wrk).
 //!
 //! Only a request that leaves the connection in a known state is followed this way: HTTP/1.1,
 //! no body (nothing left to read), no `Connection: close` or upgrade, and an answer that is
@@ -20,7 +22,7 @@ use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -36,16 +38,21 @@ use tokio::sync::watch;
 /// The most read at once while waiting for a request (on the stack; handed to hyper).
 const FIRST_READ: usize = 2048;
 
-/// Serves HTTP/1.1 on `io` with `http`, one hyper connection per request (see the module),
-/// until the client closes, `idle` passes without a new request, an error, or shutdown
-/// (`stopping`; a request in flight is answered first). `service` makes each request's
-/// service.
+/// How long a connection keeps its hyper connection (and buffers) after an answer, for a next
+/// request: a client that is busy sends it within milliseconds.
+pub(super) const LINGER: Duration = Duration::from_millis(20);
+
+/// Serves HTTP/1.1 on `io` with `http`, a hyper connection at a time (see the module; `linger`
+/// is [`LINGER`] but in tests), until the client closes, `idle` passes without a new request,
+/// an error, or shutdown (`stopping`; a request in flight is answered first). `service` makes
+/// each hyper connection's service.
 pub(super) async fn serve<I, S, B>(
     http: &http1::Builder,
     io: I,
     mut service: impl FnMut() -> S,
     stopping: &mut watch::Receiver<bool>,
     idle: Duration,
+    linger: Duration,
     peer: SocketAddr,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -55,11 +62,11 @@ pub(super) async fn serve<I, S, B>(
     B: hyper::body::Body + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let recycle = Arc::new(AtomicBool::new(false));
+    let turn = Arc::new(Turn::default());
     let mut io = Kept {
         io,
         prefix: Bytes::new(),
-        recycle: Arc::clone(&recycle),
+        turn: Arc::clone(&turn),
     };
     // The first request's bytes are there (or on their way, after a TLS handshake).
     let mut first = true;
@@ -83,10 +90,10 @@ pub(super) async fn serve<I, S, B>(
             }
         }
         first = false;
-        recycle.store(false, Ordering::SeqCst);
+        turn.done.store(false, Ordering::SeqCst);
         let service = Watched {
             inner: service(),
-            recycle: Arc::clone(&recycle),
+            turn: Arc::clone(&turn),
         };
         let mut conn = Box::pin(
             http.serve_connection(TokioIo::new(io), service)
@@ -95,24 +102,40 @@ pub(super) async fn serve<I, S, B>(
         let mut ending = false;
         let mut stop = std::pin::pin!(super::stopped(stopping));
         let mut stop_seen = false;
+        let mut lingering = std::pin::pin!(tokio::time::sleep(linger));
+        let (mut answers, mut answered) = (0, tokio::time::Instant::now());
         let result = poll_fn(|cx| {
             loop {
                 if !stop_seen && stop.as_mut().poll(cx).is_ready() {
                     // Finish the request in flight (if any), then close.
                     stop_seen = true;
-                    recycle.store(false, Ordering::SeqCst);
+                    turn.done.store(false, Ordering::SeqCst);
                     conn.as_mut().graceful_shutdown();
                 }
                 let polled = conn.as_mut().poll(cx);
                 if polled.is_ready() {
                     return polled;
                 }
-                // The answer is out (its head is written in the poll that finished it): the
-                // connection ends after it, its socket kept.
-                if !ending && !stop_seen && recycle.load(Ordering::SeqCst) {
-                    ending = true;
-                    conn.as_mut().graceful_shutdown();
-                    continue;
+                // The last answer is out (its head is written in the poll that finished it) and
+                // no request came since: after `linger` more, the hyper connection ends after
+                // it, its socket kept.
+                // (The timer is moved on when it fires, not at every answer: a busy connection
+                // costs a timer update per `linger`, not per request.)
+                if !ending && !stop_seen && turn.done.load(Ordering::SeqCst) {
+                    let now = turn.answers.load(Ordering::SeqCst);
+                    if now != answers {
+                        (answers, answered) = (now, tokio::time::Instant::now());
+                    }
+                    if lingering.as_mut().poll(cx).is_ready() {
+                        let due = answered + linger;
+                        if tokio::time::Instant::now() < due {
+                            lingering.as_mut().reset(due);
+                        } else {
+                            ending = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        continue;
+                    }
                 }
                 return Poll::Pending;
             }
@@ -122,7 +145,7 @@ pub(super) async fn serve<I, S, B>(
             tracing::debug!(%peer, error = %e, "connection ended with an error");
             return;
         }
-        if stop_seen || !recycle.load(Ordering::SeqCst) {
+        if stop_seen || !turn.done.load(Ordering::SeqCst) {
             return;
         }
         // `None`: upgraded (not reached: upgrades are never followed this way).
@@ -160,11 +183,20 @@ fn says(headers: &HeaderMap, tokens: &[&str]) -> bool {
         .any(|token| tokens.iter().any(|t| token.trim().eq_ignore_ascii_case(t)))
 }
 
-/// A request's service, which says (in `recycle`) when the connection can end after the
+/// Where a hyper connection's requests say whether it could end now.
+#[derive(Debug, Default)]
+struct Turn {
+    /// The last request is answered, and leaves the connection ready for the next.
+    done: AtomicBool,
+    /// How many such answers so far (each restarts the wait before ending).
+    answers: AtomicUsize,
+}
+
+/// A hyper connection's service, which says in `turn` when the connection could end after the
 /// answer it just gave.
 struct Watched<S> {
     inner: S,
-    recycle: Arc<AtomicBool>,
+    turn: Arc<Turn>,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for Watched<S>
@@ -180,8 +212,8 @@ where
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let allowed = request_allows(&request);
-        self.recycle.store(false, Ordering::SeqCst);
-        let recycle = Arc::clone(&self.recycle);
+        self.turn.done.store(false, Ordering::SeqCst);
+        let turn = Arc::clone(&self.turn);
         let answer = self.inner.call(request);
         Box::pin(async move {
             let answer = answer.await;
@@ -189,7 +221,8 @@ where
                 && allowed
                 && response_allows(response.status(), response.headers())
             {
-                recycle.store(true, Ordering::SeqCst);
+                turn.answers.fetch_add(1, Ordering::SeqCst);
+                turn.done.store(true, Ordering::SeqCst);
             }
             answer
         })
@@ -197,12 +230,12 @@ where
 }
 
 /// The connection's stream between hyper connections: bytes already read of the next request
-/// (`prefix`) come first; while the connection is ending to be served again (`recycle`), hyper's
-/// shutdown only flushes.
+/// (`prefix`) come first; while the connection can go on after its last answer (`turn`),
+/// hyper's shutdown only flushes.
 struct Kept<I> {
     io: I,
     prefix: Bytes,
-    recycle: Arc<AtomicBool>,
+    turn: Arc<Turn>,
 }
 
 impl<I: AsyncRead + Unpin> Kept<I> {
@@ -282,7 +315,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Kept<I> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.recycle.load(Ordering::SeqCst) {
+        if self.turn.done.load(Ordering::SeqCst) {
             Pin::new(&mut self.io).poll_flush(cx)
         } else {
             Pin::new(&mut self.io).poll_shutdown(cx)
@@ -395,7 +428,8 @@ mod tests {
             assert!(head.starts_with("http/1.1 200"), "{head}");
             assert!(!head.contains("connection: close"), "{head}");
             assert_eq!(body, "pong");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Past `LINGER`: the next request gets a new hyper connection.
+            tokio::time::sleep(LINGER + Duration::from_millis(50)).await;
         }
         // Three at once, and a request cut in the middle.
         stream
@@ -410,7 +444,7 @@ mod tests {
             .await
             .expect("write");
         assert_eq!(response(&mut stream).await.1, "pong");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(LINGER + Duration::from_millis(50)).await;
         stream.write_all(&PING[12..]).await.expect("write");
         assert_eq!(response(&mut stream).await.1, "pong");
         running.server.abort();
@@ -510,12 +544,15 @@ mod tests {
                 counted.fetch_add(1, Ordering::SeqCst);
                 hyper_util::service::TowerToHyperService::new(app())
             };
-            let idle = Duration::from_millis(300);
-            super::serve(&http, tcp, service, &mut stopping, idle, peer).await;
+            // (A linger long enough for "quick succession" on a loaded machine.)
+            let (idle, linger) = (Duration::from_millis(300), Duration::from_millis(200));
+            super::serve(&http, tcp, service, &mut stopping, idle, linger, peer).await;
         });
         let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let pause = Duration::from_millis(400);
         stream.write_all(PING).await.expect("write");
         assert_eq!(response(&mut stream).await.1, "pong");
+        tokio::time::sleep(pause).await;
         stream
             .write_all(&[PING, PING].concat())
             .await
@@ -523,6 +560,12 @@ mod tests {
         for _ in 0..2 {
             assert_eq!(response(&mut stream).await.1, "pong");
         }
+        // Requests in quick succession share one.
+        for _ in 0..3 {
+            stream.write_all(PING).await.expect("write");
+            assert_eq!(response(&mut stream).await.1, "pong");
+        }
+        tokio::time::sleep(pause).await;
         // A request with a body keeps its hyper connection for the next one.
         stream
             .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
@@ -539,8 +582,8 @@ mod tests {
             "{waited:?}"
         );
         served.await.expect("served");
-        // The first alone; the two pipelined ones together (hyper reads the second before the
-        // first is done); the POST and the GET after it together.
+        // The first alone; the two pipelined ones and the three after them together; the POST
+        // and the GET after it together.
         assert_eq!(rounds.load(Ordering::SeqCst), 3);
     }
 }
