@@ -31,6 +31,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::identity::Caller;
 
+mod h1;
+
 /// How long a new connection may stay silent before its first byte.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a TLS handshake may take.
@@ -197,8 +199,12 @@ pub async fn serve(
 /// and gives open connections up to 5 s to finish their request in flight.
 ///
 /// A connection is closed if it sends nothing for 10 s after connecting, takes over 10 s for
-/// its TLS handshake or 30 s for a request's headers; beyond `limits` (open connections in
-/// all, and from one IP address) new ones are closed at once.
+/// its TLS handshake or 30 s for a request's headers, or waits 30 s for its next request (as
+/// hyper's header timeout did); beyond `limits` (open connections in all, and from one IP
+/// address) new ones are closed at once.
+///
+/// HTTP/1.1 connections hold no HTTP buffers while they wait for their next request (see
+/// `h1`).
 ///
 /// Connections speak HTTP/1.1, and over TLS also HTTP/2 when the configuration's ALPN offers
 /// `h2` (the client picks it in the handshake). Errors accepting or serving single
@@ -251,6 +257,12 @@ pub async fn serve_on(
         .header_read_timeout(HEADER_READ_TIMEOUT);
     http.http2().timer(TokioTimer::new());
     let http = Arc::new(http);
+    // HTTP/1.1 (plain, and TLS when ALPN says so): one hyper connection per request, so a
+    // kept-alive connection holds no HTTP buffers between requests (see `h1`).
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let h1 = Arc::new(H1 { http: h1, h2 });
     // Shutdown flips `stopping`: connections serving HTTP then finish their request in flight
     // and close; those still before that (first byte, handshake) are dropped. (hyper-util's
     // `GracefulShutdown` needs its `server-graceful` feature; this is the same with a watch.)
@@ -289,6 +301,7 @@ pub async fn serve_on(
                         peer,
                         handshake: handshake.clone(),
                         http: Arc::clone(&http),
+                        h1: Arc::clone(&h1),
                         app: app.clone(),
                         stopping: stopping_rx.clone(),
                     };
@@ -418,6 +431,23 @@ enum Ready {
     Plain(TcpStream),
 }
 
+/// HTTP/1.1 served one request at a time (see `h1`), and whether the listener also speaks
+/// HTTP/2 (which, and a TLS client choosing no protocol there, get `auto::Builder`).
+struct H1 {
+    http: hyper::server::conn::http1::Builder,
+    h2: bool,
+}
+
+impl H1 {
+    /// Whether a TLS connection that agreed on `alpn` is served by [`h1::serve`].
+    fn serves(&self, alpn: Option<&[u8]>) -> bool {
+        match alpn {
+            Some(protocol) => protocol == b"http/1.1",
+            None => !self.h2,
+        }
+    }
+}
+
 /// One accepted connection, with everything needed to serve it.
 struct Connection {
     /// Held while the connection is open and its client unauthenticated.
@@ -426,6 +456,7 @@ struct Connection {
     peer: SocketAddr,
     handshake: Handshake,
     http: Arc<auto::Builder<TokioExecutor>>,
+    h1: Arc<H1>,
     app: axum::Router,
     stopping: watch::Receiver<bool>,
 }
@@ -453,6 +484,7 @@ impl Connection {
             peer,
             handshake,
             http,
+            h1,
             app,
             mut stopping,
         } = self;
@@ -460,16 +492,25 @@ impl Connection {
             tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
         }
 
-        // Until HTTP serving starts, shutdown simply drops the connection.
+        // Until HTTP serving starts, shutdown simply drops the connection. (Boxed, as the TLS
+        // stream and the HTTP/2 path: the task's future is as large as its largest state, for
+        // the connection's whole life; the handshake's is 4–5 KiB.)
         let ready = tokio::select! {
             () = stopped(&mut stopping) => return,
-            ready = Self::start(stream, peer, handshake) => ready,
+            ready = Box::pin(Self::start(stream, peer, handshake)) => ready,
         };
-        let service = |tls, caller| {
-            TowerToHyperService::new(WithInfo {
-                app,
-                info: ConnectionInfo { peer, tls, caller },
-            })
+        let service = |tls, caller: Option<Arc<Caller>>| {
+            let app = app.clone();
+            move || {
+                TowerToHyperService::new(WithInfo {
+                    app: app.clone(),
+                    info: ConnectionInfo {
+                        peer,
+                        tls,
+                        caller: caller.clone(),
+                    },
+                })
+            }
         };
         match ready {
             None => {}
@@ -488,11 +529,19 @@ impl Connection {
                 } else {
                     Some(slot)
                 };
-                serve_http(&http, *tls, service(true, caller), stopping, peer).await
+                let service = service(true, caller);
+                if h1.serves(tls.get_ref().1.alpn_protocol()) {
+                    let (idle, linger) = (HEADER_READ_TIMEOUT, h1::LINGER);
+                    h1::serve(&h1.http, tls, service, &mut stopping, idle, linger, peer).await
+                } else {
+                    Box::pin(serve_http(&http, *tls, service(), stopping, peer)).await
+                }
             }
             Some(Ready::Plain(tcp)) => {
                 let _slot = slot;
-                serve_http(&http, tcp, service(false, None), stopping, peer).await
+                let (idle, linger) = (HEADER_READ_TIMEOUT, h1::LINGER);
+                let service = service(false, None);
+                h1::serve(&h1.http, tcp, service, &mut stopping, idle, linger, peer).await
             }
         }
     }
