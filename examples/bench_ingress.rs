@@ -1002,7 +1002,7 @@ async fn idle(options: &Options, dir: &Path, report: &mut Report) -> Result<()> 
         println!("idle: {} {what} connections", options.idle_conns);
         let name = if tls { "idle-tls" } else { "idle-plain" };
         let p2f = root_p2f(options, dir)?;
-        let root = root_with(&p2f, dir, name).await?;
+        let root = root_with(&p2f, dir, name, None).await?;
         let pid = root.pid().context("root pid")?;
         let spec = backend_spec("bench", DOMAIN, &["root"])?;
         call("deploy", root.network().deploy(&[spec])).await?;
