@@ -10,7 +10,9 @@
 //!   do; with `--tunnel on` (the default) a second root, started with `P2F_INGRESS_DIRECT=0`
 //!   and a backend of its own, is measured too: its ingress goes through its agent's tunnel
 //!   (TLS to the node's own API, `Upgrade: p2f-tunnel`, spliced to the port), the path every
-//!   process took before the direct one and the one a process on another node takes.
+//!   process took before the direct one and the one a process on another node takes; with
+//!   `--shared on` (the default) another root, with `[ingress] workers = 0`, serves its
+//!   connections on the agent's own runtime rather than on worker threads of its own.
 //! - **failover**: a client asks the domain (HTTPS) every 50 ms, each request on its own, while
 //!   the member running the service is SIGKILLed (agent and processes); errors, and the time
 //!   from the new copy's `Healthy` event to the first answer from the new node.

@@ -2,7 +2,9 @@
 # The ingress's figures (issue 12, "Benchmarks"), each against its baseline from the same run:
 # requests/s and p50/p99 latency of a small response through the root's ingress, Debian's nginx
 # and Debian's Caddy proxying the same backend (wrk, plain HTTP and HTTPS, back to back), and,
-# unless `--tunnel off`, through a second root whose ingress reaches its own backend through its
+# unless `--shared off`, through a second root whose ingress serves its connections on the
+# agent's own runtime ([ingress] workers = 0, as before the ingress had worker threads), and,
+# unless `--tunnel off`, through a third root whose ingress reaches its own backend through its
 # agent's tunnel (P2F_INGRESS_DIRECT=0, the path before the direct one); what a
 # client requesting a domain every 50 ms sees while the node running it is SIGKILLed; the
 # root's RSS with 1 000 idle client connections against the same root without them.
