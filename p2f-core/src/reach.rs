@@ -9,6 +9,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 pub use p2f_model::Protocol;
@@ -181,15 +182,93 @@ impl Opened {
 /// relay a third of its throughput: BENCHMARKS.md).
 pub const SPLICE_BUFFER: usize = 64 * 1024;
 
-/// Copies both ways between `a` and `b` until both directions ended, with [`SPLICE_BUFFER`]s.
+/// Copies both ways between `a` and `b` until both directions ended (each direction's end shuts
+/// the other side's write half down), with a [`SPLICE_BUFFER`] per direction.
+///
+/// tokio's `copy_bidirectional_with_sizes` did this with buffers it allocates zeroed when the
+/// splice starts; after bulk traffic had grown the heap, 1 000 idle relayed connections then
+/// cost the root 52 KiB each instead of 20 (BENCHMARKS.md, "Relay", run R3). Here a direction's
+/// buffer is allocated when it first reads, and never zeroed: pages are touched only by the
+/// bytes that arrive.
 pub async fn splice<A, B>(a: &mut A, b: &mut B) -> std::io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    tokio::io::copy_bidirectional_with_sizes(a, b, SPLICE_BUFFER, SPLICE_BUFFER)
-        .await
-        .map(drop)
+    let (mut a_to_b, mut b_to_a) = (Direction::default(), Direction::default());
+    std::future::poll_fn(|cx| {
+        let ab = a_to_b.poll(cx, &mut *a, &mut *b)?;
+        let ba = b_to_a.poll(cx, &mut *b, &mut *a)?;
+        match (ab, ba) {
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
+            _ => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// One direction of a [`splice`]: read into the buffer, write it all, flush when the reader
+/// has nothing more for now; at the reader's end, shut the writer down.
+#[derive(Default)]
+struct Direction {
+    /// Bytes read and not written yet (empty, without capacity, until the first read).
+    buffer: bytes::BytesMut,
+    /// The reader ended.
+    read_done: bool,
+    /// Written since the last flush.
+    need_flush: bool,
+    /// The writer is shut down: this direction is over.
+    done: bool,
+}
+
+impl Direction {
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<std::io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        use std::pin::Pin;
+        use std::task::ready;
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if self.buffer.is_empty() && !self.read_done {
+                // Reuses the allocation once it is empty (`reserve` moves nothing then).
+                self.buffer.reserve(SPLICE_BUFFER);
+                match tokio_util::io::poll_read_buf(Pin::new(&mut *reader), cx, &mut self.buffer) {
+                    Poll::Ready(Ok(0)) => self.read_done = true,
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        if self.need_flush {
+                            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while !self.buffer.is_empty() {
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.buffer))?;
+                if n == 0 {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                bytes::Buf::advance(&mut self.buffer, n);
+                self.need_flush = true;
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
 }
 
 /// Where a port is tried, in order: `127.0.0.1`, `::1`, then the node's own address (`host`,
@@ -408,6 +487,42 @@ pub async fn relay_datagrams<T: AsyncRead + AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes cross both ways, larger than a buffer; each side's end reaches the other as
+    /// end of stream, and the splice ends once both have.
+    #[tokio::test]
+    async fn splice_copies_both_ways_and_passes_each_end_on() {
+        let (mut client, mut a) = tokio::io::duplex(4096);
+        let (mut b, mut server) = tokio::io::duplex(4096);
+        let spliced = tokio::spawn(async move { splice(&mut a, &mut b).await });
+        let up: Vec<u8> = (0..3 * SPLICE_BUFFER + 17)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let down: Vec<u8> = (0..SPLICE_BUFFER + 5).map(|i| (i % 241) as u8).collect();
+        let (up2, down2) = (up.clone(), down.clone());
+        let client_side = tokio::spawn(async move {
+            client.write_all(&up2).await.expect("write up");
+            client.shutdown().await.expect("end up");
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.expect("read down");
+            got
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("read up");
+        assert_eq!(got, up, "client to server");
+        server.write_all(&down2).await.expect("write down");
+        server.shutdown().await.expect("end down");
+        let got = tokio::time::timeout(Duration::from_secs(10), client_side)
+            .await
+            .expect("in time")
+            .expect("client task");
+        assert_eq!(got, down, "server to client");
+        tokio::time::timeout(Duration::from_secs(10), spliced)
+            .await
+            .expect("the splice ends")
+            .expect("task")
+            .expect("no error");
+    }
 
     #[tokio::test]
     async fn datagrams_round_trip_through_frames() {
