@@ -182,14 +182,21 @@ impl Opened {
 /// relay a third of its throughput: BENCHMARKS.md).
 pub const SPLICE_BUFFER: usize = 64 * 1024;
 
+/// The buffer a direction of a [`splice`] starts with; it grows to [`SPLICE_BUFFER`] once a
+/// read fills it.
+const FIRST_BUFFER: usize = 4 * 1024;
+
 /// Copies both ways between `a` and `b` until both directions ended (each direction's end shuts
-/// the other side's write half down), with a [`SPLICE_BUFFER`] per direction.
+/// the other side's write half down).
 ///
-/// tokio's `copy_bidirectional_with_sizes` did this with buffers it allocates zeroed when the
-/// splice starts; after bulk traffic had grown the heap, 1 000 idle relayed connections then
-/// cost the root 52 KiB each instead of 20 (BENCHMARKS.md, "Relay", run R3). Here a direction's
-/// buffer is allocated when it first reads, and never zeroed: pages are touched only by the
-/// bytes that arrive.
+/// A direction's buffer starts at 4 KiB and grows to [`SPLICE_BUFFER`] the first time a read
+/// fills it, so an idle connection holds 8 KiB of buffers. tokio's
+/// `copy_bidirectional_with_sizes` allocated both 64 KiB buffers zeroed at the start: after
+/// bulk traffic had grown and trimmed the heap, `calloc` cleared them page by page, and 1 000
+/// idle relayed connections cost the root 52 KiB each instead of 20 (BENCHMARKS.md, "Relay
+/// for NAT'd members", run R3). The buffers are initialized memory: a reader that needs it
+/// (a yamux stream, through `tokio_util::compat`) would otherwise clear the unfilled part at
+/// every read.
 pub async fn splice<A, B>(a: &mut A, b: &mut B) -> std::io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -211,8 +218,13 @@ where
 /// has nothing more for now; at the reader's end, shut the writer down.
 #[derive(Default)]
 struct Direction {
-    /// Bytes read and not written yet (empty, without capacity, until the first read).
-    buffer: bytes::BytesMut,
+    /// Empty until the first read; then [`FIRST_BUFFER`], later [`SPLICE_BUFFER`] bytes.
+    buffer: Vec<u8>,
+    /// `buffer[start..end]` is read and not written yet.
+    start: usize,
+    end: usize,
+    /// The last read filled the buffer: it grows once it is written out.
+    grow: bool,
     /// The reader ended.
     read_done: bool,
     /// Written since the last flush.
@@ -238,12 +250,24 @@ impl Direction {
             return Poll::Ready(Ok(()));
         }
         loop {
-            if self.buffer.is_empty() && !self.read_done {
-                // Reuses the allocation once it is empty (`reserve` moves nothing then).
-                self.buffer.reserve(SPLICE_BUFFER);
-                match tokio_util::io::poll_read_buf(Pin::new(&mut *reader), cx, &mut self.buffer) {
-                    Poll::Ready(Ok(0)) => self.read_done = true,
-                    Poll::Ready(Ok(_)) => {}
+            if self.start == self.end && !self.read_done {
+                if self.grow || self.buffer.is_empty() {
+                    let size = if self.grow {
+                        SPLICE_BUFFER
+                    } else {
+                        FIRST_BUFFER
+                    };
+                    self.buffer = vec![0; size];
+                    self.grow = false;
+                }
+                let mut read = tokio::io::ReadBuf::new(&mut self.buffer);
+                match Pin::new(&mut *reader).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) => {
+                        let n = read.filled().len();
+                        (self.start, self.end) = (0, n);
+                        self.read_done = n == 0;
+                        self.grow = n == self.buffer.len() && n < SPLICE_BUFFER;
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         if self.need_flush {
@@ -254,12 +278,14 @@ impl Direction {
                     }
                 }
             }
-            while !self.buffer.is_empty() {
-                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.buffer))?;
+            while self.start < self.end {
+                let n = ready!(
+                    Pin::new(&mut *writer).poll_write(cx, &self.buffer[self.start..self.end])
+                )?;
                 if n == 0 {
                     return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
                 }
-                bytes::Buf::advance(&mut self.buffer, n);
+                self.start += n;
                 self.need_flush = true;
             }
             if self.read_done {
