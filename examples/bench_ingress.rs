@@ -58,6 +58,8 @@ use p2f_testkit::{Agent, eventually, service_port};
 use tokio::net::{TcpSocket, TcpStream};
 
 mod bench_common;
+/// The memory-inspection hooks (`BENCH_INGRESS_ROOT_WRAP`, `_SMAPS`, `_HOLD`).
+const INSPECT: bench_common::memory::Inspect = bench_common::memory::Inspect("BENCH_INGRESS");
 use bench_common::backend::{backend, get_once};
 use bench_common::memory::{mib, open_fds, settled_rss};
 use bench_common::spawned::{Cpu, Spawned, sweep};
@@ -210,54 +212,6 @@ async fn run(options: Options) -> Result<()> {
 /// A root agent (defaults a user gets; plain HTTP served, not redirected) in `dir/name`.
 async fn root(options: &Options, dir: &Path, name: &str) -> Result<Agent> {
     root_with(&options.p2f, dir, name, None).await
-}
-
-/// The program the idle part's root runs: `--p2f`, or with `BENCH_INGRESS_ROOT_WRAP` (a command
-/// prefix, e.g. `heaptrack -o /tmp/root` or `env MALLOC_ARENA_MAX=1`) a script in `dir` that
-/// runs `p2f node run` under it (other subcommands as they are).
-fn root_p2f(options: &Options, dir: &Path) -> Result<PathBuf> {
-    let Ok(wrap) = std::env::var("BENCH_INGRESS_ROOT_WRAP") else {
-        return Ok(options.p2f.clone());
-    };
-    let p2f = std::fs::canonicalize(&options.p2f)?;
-    let script = dir.join("root-p2f.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nif [ \"$1\" = node ] && [ \"$2\" = run ]; then exec {wrap} {p2f} \"$@\"; fi\nexec {p2f} \"$@\"\n",
-            p2f = p2f.display()
-        ),
-    )?;
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
-    Ok(script)
-}
-
-/// With `BENCH_INGRESS_SMAPS=DIR`: `/proc/PID/{smaps,smaps_rollup,status}` of the root copied to
-/// `DIR/NAME.*`, for a diff of what grew.
-fn snapshot(pid: u32, name: &str) {
-    let Ok(out) = std::env::var("BENCH_INGRESS_SMAPS") else {
-        return;
-    };
-    let _ = std::fs::create_dir_all(&out);
-    for file in ["smaps", "smaps_rollup", "status"] {
-        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/{file}")) {
-            let _ = std::fs::write(format!("{out}/{name}.{file}"), text);
-        }
-    }
-    println!("  snapshot {name}: root pid {pid}, in {out}");
-}
-
-/// With `BENCH_INGRESS_HOLD=SECS`: waits that long (the root and the connections still up, to
-/// inspect them).
-async fn hold() {
-    if let Some(secs) = std::env::var("BENCH_INGRESS_HOLD")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-    {
-        println!("  holding {secs} s");
-        tokio::time::sleep(Duration::from_secs(secs)).await;
-    }
 }
 
 /// A root agent as [`root`], run by `p2f` (the binary, or a wrapper that sets its
@@ -1003,7 +957,7 @@ async fn idle(options: &Options, dir: &Path, report: &mut Report) -> Result<()> 
         let what = if tls { "TLS" } else { "plain HTTP" };
         println!("idle: {} {what} connections", options.idle_conns);
         let name = if tls { "idle-tls" } else { "idle-plain" };
-        let p2f = root_p2f(options, dir)?;
+        let p2f = INSPECT.root_program(&options.p2f, dir)?;
         let root = root_with(&p2f, dir, name, None).await?;
         let pid = root.pid().context("root pid")?;
         let spec = backend_spec("bench", DOMAIN, &["root"])?;
@@ -1021,7 +975,7 @@ async fn idle(options: &Options, dir: &Path, report: &mut Report) -> Result<()> 
         )
         .await?;
         let (before, before_anon) = settled_rss(pid).await;
-        snapshot(pid, &format!("{name}-before"));
+        INSPECT.snapshot(pid, &format!("{name}-before"));
         let fds_before = open_fds(pid);
         let load_before = load_average();
 
@@ -1060,7 +1014,7 @@ async fn idle(options: &Options, dir: &Path, report: &mut Report) -> Result<()> 
             ));
         }
         let (with, with_anon) = settled_rss(pid).await;
-        snapshot(pid, &format!("{name}-with"));
+        INSPECT.snapshot(pid, &format!("{name}-with"));
         let fds_with = open_fds(pid);
         println!(
             "  root RSS {} (anon {}) -> {} (anon {}); root's open fds {fds_before} -> {fds_with}; load {load_before} -> {}",
@@ -1081,7 +1035,7 @@ async fn idle(options: &Options, dir: &Path, report: &mut Report) -> Result<()> 
         report.notes.push(format!(
             "idle {what}: the root's open descriptors went {fds_before} -> {fds_with} with the connections open (each made one GET first)"
         ));
-        hold().await;
+        INSPECT.hold().await;
         drop(opened);
     }
     Ok(())

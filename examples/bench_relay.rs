@@ -60,6 +60,8 @@ use p2f_testkit::{Agent, eventually, procs, service_port};
 use tokio::net::{TcpSocket, TcpStream};
 
 mod bench_common;
+/// The memory-inspection hooks (`BENCH_RELAY_ROOT_WRAP`, `_SMAPS`, `_HOLD`).
+const INSPECT: bench_common::memory::Inspect = bench_common::memory::Inspect("BENCH_RELAY");
 use bench_common::backend::{backend, download, ping_pong, start_echo, udp_ping_pong, upgrade};
 use bench_common::memory::{mib, open_fds, settled_rss};
 use bench_common::spawned::{Cpu, Spawned, sweep};
@@ -202,56 +204,6 @@ fn node_name(name: &str) -> Result<NodeName> {
     NodeName::new(name).map_err(|e| anyhow!("{e}"))
 }
 
-/// The program the root runs: `--p2f`, or with `BENCH_RELAY_ROOT_WRAP` (a command prefix, e.g.
-/// `heaptrack -o /tmp/root` or `env MALLOC_ARENA_MAX=1`) a script in `dir` that runs
-/// `p2f node run` under it (other subcommands as they are).
-fn root_p2f(options: &Options, dir: &Path) -> Result<PathBuf> {
-    let Ok(wrap) = std::env::var("BENCH_RELAY_ROOT_WRAP") else {
-        return Ok(options.p2f.clone());
-    };
-    let p2f = std::fs::canonicalize(&options.p2f)?;
-    let script = dir.join("root-p2f.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nif [ \"$1\" = node ] && [ \"$2\" = run ]; then exec {wrap} {p2f} \"$@\"; fi\nexec {p2f} \"$@\"\n",
-            p2f = p2f.display()
-        ),
-    )?;
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
-    Ok(script)
-}
-
-/// With `BENCH_RELAY_SMAPS=DIR`: `/proc/PID/{smaps,smaps_rollup,status}` of the root copied to
-/// `DIR/NAME.*`, for a diff of what grew.
-fn snapshot(pid: u32, name: &str) {
-    let Ok(out) = std::env::var("BENCH_RELAY_SMAPS") else {
-        return;
-    };
-    let _ = std::fs::create_dir_all(&out);
-    for file in ["smaps", "smaps_rollup", "status"] {
-        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/{file}")) {
-            let _ = std::fs::write(format!("{out}/{name}.{file}"), text);
-        }
-    }
-    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    println!("snapshot {name}: root pid {pid}, {threads} threads, in {out}");
-}
-
-/// With `BENCH_RELAY_HOLD=SECS`: waits that long (the agents still up, to inspect them).
-async fn hold() {
-    if let Some(secs) = std::env::var("BENCH_RELAY_HOLD")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-    {
-        println!("holding {secs} s");
-        tokio::time::sleep(Duration::from_secs(secs)).await;
-    }
-}
-
 fn linked(status: &NodeStatus) -> bool {
     status.link.as_ref().is_some_and(|l| l.linked)
 }
@@ -344,19 +296,14 @@ struct RawFigures {
 async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report) -> Result<()> {
     let lan = net.lan;
     let root_ip: IpAddr = lan.ip("root").parse()?;
-    // Fixed ports, as a real root has: after its restart the member finds it where it was.
-    let (api, gossip) = (service_port(), service_port());
     println!("starting the root, node-lan and (behind the NAT) node-nat");
     let mut root = Agent::builder("root")
-        .p2f(root_p2f(options, dir)?)
+        .p2f(INSPECT.root_program(&options.p2f, dir)?)
         .dir(dir.join("root"))
         .netns(lan.ns("root"))
         .ip(&lan.ip("root"))
+        .fixed_ports(root_ip, service_port(), service_port())
         .configure(move |config| {
-            config.listen = (root_ip, api).into();
-            if let Some(mesh) = &mut config.mesh {
-                mesh.listen = (root_ip, gossip).into();
-            }
             if let Some(ingress) = &mut config.ingress {
                 ingress.redirect = false;
             }
@@ -366,7 +313,7 @@ async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report)
         .await?;
     let root_pid = root.pid().context("root pid")?;
     let alone = settled_rss(root_pid).await;
-    snapshot(root_pid, "alone");
+    INSPECT.snapshot(root_pid, "alone");
     let lan_node = Agent::builder("node-lan")
         .p2f(&options.p2f)
         .dir(dir.join("node-lan"))
@@ -377,7 +324,7 @@ async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report)
         .await?;
     root.all_alive(&["node-lan", "root"]).await?;
     let no_link = settled_rss(root_pid).await;
-    snapshot(root_pid, "no-link");
+    INSPECT.snapshot(root_pid, "no-link");
 
     let mut nat = Agent::builder("node-nat")
         .p2f(&options.p2f)
@@ -390,7 +337,7 @@ async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report)
         p2f_testkit::node_when(root.network(), "node-nat", "linked", CONVERGE, linked).await?;
     println!("node-nat: reach {:?}, link {:?}", status.reach, status.link);
     let one_link = settled_rss(root_pid).await;
-    snapshot(root_pid, "one-link");
+    INSPECT.snapshot(root_pid, "one-link");
     report.row(
         "root RSS (anon), one idle link",
         format!("{} ({})", mib(one_link.0), mib(one_link.1)),
@@ -407,7 +354,7 @@ async fn bench(options: &Options, net: Net<'_>, dir: &Path, report: &mut Report)
 
     if options.runs("link") && options.only.len() == 1 {
         // `--only link`: the link's memory alone (keeps the agents for BENCH_RELAY_HOLD secs).
-        hold().await;
+        INSPECT.hold().await;
         drop((lan_node, nat));
         return Ok(());
     }

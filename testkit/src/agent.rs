@@ -113,6 +113,17 @@ impl AgentBuilder {
         self
     }
 
+    /// Its API and gossip on these ports of `ip`, as a real root has, rather than on free ports
+    /// picked at each start: after a restart, the members find it where it was.
+    pub fn fixed_ports(self, ip: std::net::IpAddr, api: u16, gossip: u16) -> Self {
+        self.configure(move |config| {
+            config.listen = (ip, api).into();
+            if let Some(mesh) = &mut config.mesh {
+                mesh.listen = (ip, gossip).into();
+            }
+        })
+    }
+
     /// Settings for tests: health checks every 200 ms and memory every 500 ms (so tests need
     /// not wait 5 s for them), failure detection at [`TEST_PHI_THRESHOLD`], debug logs.
     /// Benchmarks keep the defaults a user gets.

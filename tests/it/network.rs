@@ -563,16 +563,8 @@ async fn a_changed_spec_or_pin_replaces_the_process() -> anyhow::Result<()> {
 async fn a_restarted_root_leaves_a_silent_nodes_process_alone() -> anyhow::Result<()> {
     use p2f_testkit::procs::{Signal, signal};
 
-    // Fixed ports, as a real root has: after its restart the members find it where it was.
-    let ip: std::net::IpAddr = [127, 0, 0, 1].into();
-    let (api, gossip) = (service_port(), service_port());
     let mut root = crate::support::agent("root")
-        .configure(move |config| {
-            config.listen = (ip, api).into();
-            if let Some(mesh) = &mut config.mesh {
-                mesh.listen = (ip, gossip).into();
-            }
-        })
+        .fixed_ports([127, 0, 0, 1].into(), service_port(), service_port())
         .init()?
         .started()
         .await?;
@@ -601,7 +593,7 @@ async fn a_restarted_root_leaves_a_silent_nodes_process_alone() -> anyhow::Resul
 
     let a_pid = a.pid().expect("node-a runs");
     signal(a_pid, Signal::SIGSTOP);
-    let resumed = scopeguard(a_pid);
+    let resumed = resume_on_drop(a_pid);
     root.sigterm()?;
     root.start().await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -632,7 +624,7 @@ async fn a_restarted_root_leaves_a_silent_nodes_process_alone() -> anyhow::Resul
 }
 
 /// SIGCONTs `pid` when dropped (also when the test fails while it is stopped).
-fn scopeguard(pid: u32) -> impl Drop {
+fn resume_on_drop(pid: u32) -> impl Drop {
     struct Resume(u32);
     impl Drop for Resume {
         fn drop(&mut self) {

@@ -167,18 +167,10 @@ fn a_member_behind_nat_is_reached_through_its_link() -> Result<()> {
     let lan = Lan::new("relay", 4, &["root", "b", "router"])?;
     let home = Nat::behind(&lan, "router", "relay", 44)?;
     let (mut root, b, mut nat) = block_on_in(lan.switch(), || async {
-        // Fixed ports, as a real root has: after its restart the members find it where it was.
-        let ip: std::net::IpAddr = lan.ip("root").parse()?;
-        let (api, gossip) = (service_port(), service_port());
         let root = agent("root")
             .netns(lan.ns("root"))
             .ip(&lan.ip("root"))
-            .configure(move |config| {
-                config.listen = (ip, api).into();
-                if let Some(mesh) = &mut config.mesh {
-                    mesh.listen = (ip, gossip).into();
-                }
-            })
+            .fixed_ports(lan.ip("root").parse()?, service_port(), service_port())
             .init()?
             .started()
             .await?;
