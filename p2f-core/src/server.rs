@@ -1,4 +1,5 @@
-//! Serves an axum `Router` on a TCP listener, over TLS or plain HTTP, from one accept loop:
+//! Serves an [`App`] (an axum `Router`, or the ingress's proxy) on a TCP listener, over TLS or
+//! plain HTTP, from one accept loop:
 //! timeouts for silent clients and slow handshakes, a cap on open connections, and a graceful
 //! shutdown that lets requests in flight finish. Also [`SniResolver`], which picks a TLS
 //! certificate by the name the client asks for.
@@ -6,11 +7,12 @@
 //! A TLS listener tells plain-HTTP clients apart by their first byte; it can answer them with a
 //! clear `400` ([`PlainHttp::CONTROL_API`]) instead of letting them read garbage.
 //!
-//! Every request carries a [`ConnectionInfo`] extension (the peer's address, TLS or not), and
-//! connections support HTTP upgrades (`hyper::upgrade::on`), for the agent's tunnel and the
-//! ingress's WebSockets.
+//! Each connection's service knows its [`ConnectionInfo`] (the peer's address, TLS or not; a
+//! `Router`'s requests carry it as an extension), and connections support HTTP upgrades
+//! (`hyper::upgrade::on`), for the agent's tunnel and the ingress's WebSockets.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -173,7 +175,7 @@ impl PlainHttp {
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    app: axum::Router,
+    app: impl App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let accept = Accept::Tls {
@@ -189,7 +191,7 @@ pub async fn serve_tls(
 pub async fn serve(
     listener: TcpListener,
     accept: Accept,
-    app: axum::Router,
+    app: impl App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     serve_limited(listener, accept, Limits::CONTROL_API, app, shutdown).await
@@ -213,7 +215,7 @@ pub async fn serve_limited(
     listener: TcpListener,
     accept: Accept,
     limits: Limits,
-    app: axum::Router,
+    app: impl App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     serve_on(listener, accept, limits, app, shutdown, None).await
@@ -226,7 +228,7 @@ pub async fn serve_on(
     listener: TcpListener,
     accept: Accept,
     limits: Limits,
-    app: axum::Router,
+    app: impl App,
     shutdown: impl Future<Output = ()> + Send + 'static,
     workers: Option<Arc<Workers>>,
 ) -> io::Result<()> {
@@ -397,9 +399,45 @@ pub struct ConnectionInfo {
     pub caller: Option<Arc<Caller>>,
 }
 
-/// The app of one connection: every request gets the connection's [`ConnectionInfo`].
-#[derive(Clone)]
-struct WithInfo {
+/// Any error a response body may end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a listener serves: for each connection, a hyper service that knows who the client is.
+/// An [`axum::Router`] is one: each of its requests carries the [`ConnectionInfo`] as an
+/// extension (`Extension<ConnectionInfo>`).
+pub trait App: Clone + Send + Sync + 'static {
+    /// The responses' body.
+    type Body: hyper::body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + Send + 'static;
+    /// One connection's service (cloned for each hyper connection on it, see `h1`).
+    type Service: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<Self::Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Unpin
+        + Send
+        + 'static;
+
+    /// The service of a connection from `info`.
+    fn connection(&self, info: ConnectionInfo) -> Self::Service;
+}
+
+impl App for axum::Router {
+    type Body = axum::body::Body;
+    type Service = TowerToHyperService<WithInfo>;
+
+    fn connection(&self, info: ConnectionInfo) -> Self::Service {
+        TowerToHyperService::new(WithInfo {
+            app: self.clone(),
+            info,
+        })
+    }
+}
+
+/// A `Router` for one connection: every request gets the connection's [`ConnectionInfo`].
+#[derive(Debug, Clone)]
+pub struct WithInfo {
     app: axum::Router,
     info: ConnectionInfo,
 }
@@ -449,7 +487,7 @@ impl H1 {
 }
 
 /// One accepted connection, with everything needed to serve it.
-struct Connection {
+struct Connection<A> {
     /// Held while the connection is open and its client unauthenticated.
     slot: PeerSlot,
     stream: TcpStream,
@@ -457,11 +495,11 @@ struct Connection {
     handshake: Handshake,
     http: Arc<auto::Builder<TokioExecutor>>,
     h1: Arc<H1>,
-    app: axum::Router,
+    app: A,
     stopping: watch::Receiver<bool>,
 }
 
-impl Connection {
+impl<A: App> Connection<A> {
     /// [`Connection::run`] on another runtime than the one that accepted it: the socket is
     /// registered with this runtime's reactor first, so its readiness wakes this thread.
     async fn run_moved(mut self) {
@@ -499,18 +537,9 @@ impl Connection {
             () = stopped(&mut stopping) => return,
             ready = Box::pin(Self::start(stream, peer, handshake)) => ready,
         };
-        let service = |tls, caller: Option<Arc<Caller>>| {
-            let app = app.clone();
-            move || {
-                TowerToHyperService::new(WithInfo {
-                    app: app.clone(),
-                    info: ConnectionInfo {
-                        peer,
-                        tls,
-                        caller: caller.clone(),
-                    },
-                })
-            }
+        let service = |tls, caller| {
+            let service = app.connection(ConnectionInfo { peer, tls, caller });
+            move || service.clone()
         };
         match ready {
             None => {}
@@ -601,14 +630,22 @@ impl Connection {
 
 /// Serves HTTP on `io` until the client closes or, once shutdown begins, until the request in
 /// flight (if any) is answered.
-async fn serve_http<I>(
+async fn serve_http<I, S, B>(
     http: &auto::Builder<TokioExecutor>,
     io: I,
-    service: TowerToHyperService<WithInfo>,
+    service: S,
     mut stopping: watch::Receiver<bool>,
     peer: SocketAddr,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Send
+        + 'static,
+    B: hyper::body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + Send + 'static,
 {
     let conn = http.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);

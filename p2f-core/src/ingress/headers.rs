@@ -45,20 +45,20 @@ pub enum BadHost {
 /// name (RFC 1123 labels) nor an IP address is [`BadHost::Invalid`].
 pub fn host_of(uri: &Uri, headers: &HeaderMap) -> Result<String, BadHost> {
     let authority = match uri.authority() {
-        Some(authority) => authority.as_str().to_owned(),
+        Some(authority) => authority.as_str(),
         None => {
             let mut hosts = headers.get_all(header::HOST).iter();
             let host = hosts.next().ok_or(BadHost::Missing)?;
             if hosts.next().is_some() {
                 return Err(BadHost::Invalid);
             }
-            host.to_str().map_err(|_| BadHost::Invalid)?.to_owned()
+            host.to_str().map_err(|_| BadHost::Invalid)?
         }
     };
     if authority.contains('@') {
         return Err(BadHost::Invalid);
     }
-    let (host, port) = split_port(&authority)?;
+    let (host, port) = split_port(authority)?;
     if let Some(port) = port
         && (port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()))
     {
@@ -166,40 +166,64 @@ pub struct Forwarding<'a> {
 /// `X-Forwarded-Host` and `Forwarded: for=CLIENT;proto=PROTO;host="HOST"` (RFC 7239; IPv6
 /// clients quoted in brackets). A host that cannot be a header value is left out.
 pub fn set_forwarded(headers: &mut HeaderMap, forwarding: Forwarding<'_>) {
-    for name in &FORWARDING {
-        headers.remove(name);
-    }
-    let Forwarding {
-        client,
-        proto,
-        host,
-    } = forwarding;
-    let node = match client {
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("\"[{ip}]\""),
-    };
-    let mut forwarded = format!("for={node};proto={proto}");
-    let host_value = HeaderValue::from_str(host).ok();
-    if host_value.is_some() && !host.contains('"') && !host.contains('\\') {
-        forwarded.push_str(&format!(";host=\"{host}\""));
-    }
-    let set = |headers: &mut HeaderMap, name: &'static str, value: Option<HeaderValue>| {
-        if let Some(value) = value {
-            headers.insert(HeaderName::from_static(name), value);
+    let host = HeaderValue::from_str(forwarding.host).ok();
+    ClientForwarding::new(forwarding.client, forwarding.proto).apply(headers, host.as_ref());
+}
+
+/// [`set_forwarded`] for the requests of one client connection: what is the same for all of
+/// them (the client, the protocol) made once, the host added per request.
+#[derive(Debug, Clone)]
+pub struct ClientForwarding {
+    /// `X-Forwarded-For`.
+    client: Option<HeaderValue>,
+    /// `X-Forwarded-Proto`.
+    proto: &'static str,
+    /// `for=CLIENT;proto=PROTO`, the start of `Forwarded`.
+    forwarded: String,
+}
+
+impl ClientForwarding {
+    /// The forwarding of a connection from `client` over `proto` (`https` or `http`).
+    pub fn new(client: IpAddr, proto: &'static str) -> ClientForwarding {
+        let node = match client {
+            IpAddr::V4(ip) => ip.to_string(),
+            IpAddr::V6(ip) => format!("\"[{ip}]\""),
+        };
+        ClientForwarding {
+            client: HeaderValue::try_from(client.to_string()).ok(),
+            proto,
+            forwarded: format!("for={node};proto={proto}"),
         }
-    };
-    set(
-        headers,
-        "x-forwarded-for",
-        HeaderValue::from_str(&client.to_string()).ok(),
-    );
-    set(
-        headers,
-        "x-forwarded-proto",
-        Some(HeaderValue::from_static(proto)),
-    );
-    set(headers, "x-forwarded-host", host_value);
-    set(headers, "forwarded", HeaderValue::from_str(&forwarded).ok());
+    }
+
+    /// Replaces the forwarding headers of `headers` (see [`set_forwarded`]); `host` is the
+    /// host the client asked for, as it asked (with its port, if it gave one).
+    pub fn apply(&self, headers: &mut HeaderMap, host: Option<&HeaderValue>) {
+        for name in &FORWARDING {
+            headers.remove(name);
+        }
+        let quotable = host
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| !h.contains('"') && !h.contains('\\'));
+        let mut forwarded =
+            String::with_capacity(self.forwarded.len() + quotable.map_or(0, |h| h.len() + 8));
+        forwarded.push_str(&self.forwarded);
+        if let Some(host) = quotable {
+            forwarded.push_str(";host=\"");
+            forwarded.push_str(host);
+            forwarded.push('"');
+        }
+        if let Some(client) = &self.client {
+            headers.insert(FORWARDING[0].clone(), client.clone());
+        }
+        headers.insert(FORWARDING[1].clone(), HeaderValue::from_static(self.proto));
+        if let Some(host) = host {
+            headers.insert(FORWARDING[2].clone(), host.clone());
+        }
+        if let Ok(forwarded) = HeaderValue::try_from(forwarded) {
+            headers.insert(header::FORWARDED, forwarded);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,13 +13,15 @@
 //!   node's agent ([`upstream::ThroughAgent`]), or directly for a process on the root itself
 //!   ([`upstream::Local`], checked against the root's supervisor); a relay for NAT'd nodes
 //!   goes behind it too.
-//! - `proxy` — the hyper-based proxy behind both listeners.
+//! - `proxy` — the hyper-based proxy behind both listeners; `pool` — its kept-alive
+//!   connections to processes, one pool per worker thread.
 //! - [`api`] — `GET /v1/routes`.
 
 pub mod acme;
 pub mod api;
 pub mod certs;
 pub mod headers;
+mod pool;
 pub mod ports;
 mod proxy;
 pub mod routes;
@@ -224,8 +226,7 @@ impl Ingress {
             challenges,
             settings,
             config.workers,
-        )
-        .app();
+        );
         let (stop, stopped) = watch::channel(false);
         let until_stopped = move || {
             let mut stopped = stopped.clone();

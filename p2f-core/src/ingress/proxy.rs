@@ -1,40 +1,45 @@
 //! The proxy: one handler behind both listeners (hyper does the HTTP; [`crate::server`] the
 //! accepting, timeouts and draining). A request's host picks its route; plain HTTP is
 //! redirected to HTTPS (but ACME's challenge path); a serving copy gets the request over a
-//! pooled connection through the [`Upstream`] with the forwarding headers set and hop-by-hop
-//! headers removed, bodies streamed both ways, and an `Upgrade` (WebSocket or any other)
-//! spliced once both sides switched. No copy serving: an idempotent request waits up to the
-//! hold for one, then `503` with `Retry-After` and the record's reason. An unknown host gets a
-//! bare `404`.
+//! pooled connection ([`super::pool`]) through the [`Upstream`] with the forwarding headers set
+//! and hop-by-hop headers removed, bodies streamed both ways, and an `Upgrade` (WebSocket or
+//! any other) spliced once both sides switched. No copy serving: an idempotent request waits up
+//! to the hold for one, then `503` with `Retry-After` and the record's reason. An unknown host
+//! gets a bare `404`.
+//!
+//! The proxy is a [`crate::server::App`] of its own, not an axum `Router`: it has one route,
+//! and a request should cost no more than the proxying (see ARCHITECTURE.md, "The ingress").
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
-use axum::response::{IntoResponse, Response};
-use axum::{Extension, Router};
-use http_body_util::BodyExt as _;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http_body_util::{Either, Empty};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
 use p2f_model::Status;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::acme::Challenges;
-use super::headers::{self, Forwarding};
-use super::routes::{self, Route, RouteTable, Target};
-use super::upstream::{Connector, Targets, Upstream};
+use super::headers::{self, ClientForwarding};
+use super::pool::{OutBody, Pool, PooledBody, SendError};
+use super::routes::{self, Route, RouteTable};
+use super::upstream::Upstream;
 use crate::client::error_chain;
-use crate::server::ConnectionInfo;
+use crate::server::{App, ConnectionInfo};
 
 /// ACME's HTTP-01 challenge path: never redirected.
 pub(crate) const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
-/// How long a pooled connection to a process may stay idle.
-const POOL_IDLE: Duration = Duration::from_secs(30);
 /// The longest a process may take to answer a request's headers.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause before trying a copy again after it could not be reached (while holding).
@@ -42,7 +47,12 @@ const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
 /// The last error reaching each domain's process, for `GET /v1/routes`.
 #[derive(Debug, Default)]
-pub(crate) struct Errors(Mutex<HashMap<String, String>>);
+pub(crate) struct Errors {
+    by_domain: Mutex<HashMap<String, String>>,
+    /// Whether any domain has one (so that a request that succeeds takes no lock to clear
+    /// its domain's when none has).
+    any: AtomicBool,
+}
 
 impl Errors {
     pub(crate) fn get(&self, domain: &str) -> Option<String> {
@@ -50,18 +60,24 @@ impl Errors {
     }
 
     fn set(&self, domain: &str, error: String) {
-        self.lock().insert(domain.to_owned(), error);
+        let mut errors = self.lock();
+        errors.insert(domain.to_owned(), error);
+        self.any.store(true, Ordering::Relaxed);
     }
 
     fn clear(&self, domain: &str) {
-        let mut errors = self.lock();
-        if errors.contains_key(domain) {
-            errors.remove(domain);
+        if !self.any.load(Ordering::Relaxed) {
+            return;
         }
+        let mut errors = self.lock();
+        errors.remove(domain);
+        self.any.store(!errors.is_empty(), Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.by_domain
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -76,15 +92,16 @@ pub(crate) struct Settings {
     pub(crate) https_port: u16,
 }
 
-/// The proxy's state, shared by both listeners.
+/// The proxy's state, shared by both listeners: the [`App`] they serve.
 #[derive(Clone)]
-pub(crate) struct Proxy {
+pub(crate) struct Proxy(Arc<Shared>);
+
+struct Shared {
     routes: watch::Receiver<Arc<RouteTable>>,
     /// One pool of upstream connections per worker thread (see [`crate::server::Workers`]): a
     /// request goes out on a connection of its own thread. The first also serves requests off
     /// the workers.
-    clients: Arc<[Client<Connector, Body>]>,
-    targets: Arc<Targets>,
+    pools: Box<[Arc<Pool>]>,
     errors: Arc<Errors>,
     challenges: Arc<Challenges>,
     settings: Settings,
@@ -99,78 +116,102 @@ impl Proxy {
         settings: Settings,
         workers: usize,
     ) -> Proxy {
-        let targets = Arc::new(Targets::default());
-        let connector = Connector {
-            upstream,
-            targets: Arc::clone(&targets),
-        };
-        let clients = (0..workers.max(1))
-            .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(POOL_IDLE)
-                    .pool_timer(TokioTimer::new())
-                    .set_host(false)
-                    .build(connector.clone())
-            })
+        let pools = (0..workers.max(1))
+            .map(|_| Arc::new(Pool::new(Arc::clone(&upstream))))
             .collect();
-        Proxy {
+        Proxy(Arc::new(Shared {
             routes,
-            clients,
-            targets,
+            pools,
             errors,
             challenges,
             settings,
-        }
-    }
-
-    /// The app both listeners serve.
-    pub(crate) fn app(self) -> Router {
-        Router::new().fallback(handle).with_state(self)
+        }))
     }
 }
 
-async fn handle(
-    State(proxy): State<Proxy>,
-    Extension(info): Extension<ConnectionInfo>,
-    request: Request,
-) -> Response {
-    let host = match headers::host_of(request.uri(), request.headers()) {
-        Ok(host) => host,
-        Err(e) => return text(StatusCode::BAD_REQUEST, &format!("400 bad request: {e}\n")),
-    };
-    if !info.tls
-        && let Some(token) = request.uri().path().strip_prefix(ACME_CHALLENGE)
-    {
-        // HTTP-01: the key authorisation while that challenge is under way, for any host.
-        return match proxy.challenges.http_response(token) {
-            Some(body) => {
-                tracing::debug!(%host, "HTTP-01 challenge answered");
-                ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response()
-            }
-            None => not_found(),
+impl App for Proxy {
+    type Body = ProxyBody;
+    type Service = Serving;
+
+    fn connection(&self, info: ConnectionInfo) -> Serving {
+        let proto = if info.tls { "https" } else { "http" };
+        Serving(Arc::new(ClientConnection {
+            proxy: Arc::clone(&self.0),
+            forwarding: ClientForwarding::new(info.peer.ip(), proto),
+            info,
+        }))
+    }
+}
+
+/// The proxy serving one client connection.
+#[derive(Clone)]
+pub(crate) struct Serving(Arc<ClientConnection>);
+
+struct ClientConnection {
+    proxy: Arc<Shared>,
+    info: ConnectionInfo,
+    /// The forwarding headers of this client's requests.
+    forwarding: ClientForwarding,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Serving {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<ProxyBody>, Infallible>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let connection = Arc::clone(&self.0);
+        Box::pin(async move { Ok(connection.handle(request).await) })
+    }
+}
+
+impl ClientConnection {
+    async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+        let proxy = &self.proxy;
+        let host = match headers::host_of(request.uri(), request.headers()) {
+            Ok(host) => host,
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("400 bad request: {e}\n")),
         };
+        if !self.info.tls
+            && let Some(token) = request.uri().path().strip_prefix(ACME_CHALLENGE)
+        {
+            // HTTP-01: the key authorisation while that challenge is under way, for any host.
+            return match proxy.challenges.http_response(token) {
+                Some(body) => {
+                    tracing::debug!(%host, "HTTP-01 challenge answered");
+                    full(StatusCode::OK, "application/octet-stream", body)
+                }
+                None => not_found(),
+            };
+        }
+        let table = Arc::clone(&proxy.routes.borrow());
+        if table.find_normalised(&host).is_none() {
+            return not_found();
+        }
+        if !self.info.tls && proxy.settings.redirect {
+            return redirect(&host, proxy.settings.https_port, request.uri());
+        }
+        self.forward(request, &host, table).await
     }
-    if !proxy.routes.borrow().contains(&host) {
-        return not_found();
-    }
-    if !info.tls && proxy.settings.redirect {
-        return redirect(&host, proxy.settings.https_port, &request);
-    }
-    proxy.forward(request, host, info).await
-}
 
-impl Proxy {
-    /// Sends `request` to the copy serving `host`, holding an idempotent one while none does.
-    async fn forward(&self, mut request: Request, host: String, info: ConnectionInfo) -> Response {
+    /// Sends `request` to the copy serving `host` (in `table`, then in the tables that follow
+    /// it), holding an idempotent one while none does.
+    async fn forward(
+        &self,
+        mut request: Request<Incoming>,
+        host: &str,
+        mut table: Arc<RouteTable>,
+    ) -> Response<ProxyBody> {
+        let proxy = &self.proxy;
         let idempotent = is_idempotent(request.method());
         let deadline = Instant::now()
             + if idempotent {
-                self.settings.hold
+                proxy.settings.hold
             } else {
                 Duration::ZERO
             };
         // A request without a body can be sent again when a copy could not be reached.
-        let replayable = idempotent && axum::body::HttpBody::is_end_stream(request.body());
+        let replayable = idempotent && request.body().is_end_stream();
         let upgrade = match request.version() {
             Version::HTTP_2 | Version::HTTP_3 => None,
             _ => headers::upgrade_of(request.headers()),
@@ -179,40 +220,40 @@ impl Proxy {
         let wants_json = wants_json(request.headers());
         let (parts, body) = request.into_parts();
         let mut body = Some(body);
-        let mut routes = self.routes.clone();
+        // Followed only once a request has to wait (cloned then).
+        let mut routes: Option<watch::Receiver<Arc<RouteTable>>> = None;
         let mut last_error: Option<String> = None;
         // Whether the request was sent again after a pooled connection broke under it.
         let mut resent = false;
         loop {
-            let Some(route) = routes.borrow_and_update().find(&host).cloned() else {
+            let Some(route) = table.find_normalised(host) else {
                 return not_found();
             };
             if let Some(target) = &route.target {
-                let body = body.take().unwrap_or_else(Body::empty);
-                let outgoing = self.outgoing(&parts, body, target, &info, upgrade.as_ref());
-                match tokio::time::timeout(RESPONSE_TIMEOUT, self.client().request(outgoing)).await
-                {
+                let body = match body.take() {
+                    Some(body) => Either::Left(body),
+                    None => Either::Right(Empty::new()),
+                };
+                let outgoing = self.outgoing(&parts, body, upgrade.as_ref());
+                let pool = proxy.pool();
+                match tokio::time::timeout(RESPONSE_TIMEOUT, pool.send(target, outgoing)).await {
                     Ok(Ok(response)) => {
-                        self.errors.clear(&route.domain);
+                        proxy.errors.clear(&route.domain);
                         return respond(response, client_upgrade);
                     }
                     Ok(Err(e)) => {
                         let error = error_chain(&e);
                         tracing::debug!(domain = %route.domain, "upstream: {error}");
-                        self.errors.set(&route.domain, error.clone());
+                        proxy.errors.set(&route.domain, error.clone());
                         // A bodiless idempotent request is sent again: at once, once, when the
                         // connection it went out on broke before an answer (a pooled
                         // connection whose node just died, or whose process restarted);
                         // every 250 ms within the hold while its copy cannot be reached.
-                        let broken = !e.is_connect();
+                        let broken = !matches!(e, SendError::Connect(_));
                         if !replayable || (broken && resent) {
-                            return text(
-                                StatusCode::BAD_GATEWAY,
-                                &format!(
-                                    "502 bad gateway: {} did not answer\n",
-                                    route.process.name()
-                                ),
-                            );
+                            let name = route.process.name();
+                            let message = format!("502 bad gateway: {name} did not answer\n");
+                            return text(StatusCode::BAD_GATEWAY, message);
                         }
                         if broken {
                             resent = true;
@@ -222,55 +263,47 @@ impl Proxy {
                     }
                     Err(_) => {
                         let error = format!("no answer within {RESPONSE_TIMEOUT:?}");
-                        self.errors.set(&route.domain, error);
-                        return text(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            &format!(
-                                "504 gateway timeout: {} did not answer in time\n",
-                                route.process.name()
-                            ),
-                        );
+                        proxy.errors.set(&route.domain, error);
+                        let name = route.process.name();
+                        let message =
+                            format!("504 gateway timeout: {name} did not answer in time\n");
+                        return text(StatusCode::GATEWAY_TIMEOUT, message);
                     }
                 }
             }
+            let hold = proxy.settings.hold;
             if Instant::now() >= deadline || !coming(&route.process.status) {
-                return unavailable(&route, last_error.is_some(), wants_json, self.settings.hold);
+                return unavailable(route, last_error.is_some(), wants_json, hold);
             }
             // Wait for the routes to change (a new copy), or after a failed attempt a moment
             // before trying again.
+            let routes = routes.get_or_insert_with(|| proxy.routes.clone());
+            let latest = Arc::clone(&routes.borrow_and_update());
+            if !Arc::ptr_eq(&latest, &table) {
+                // They changed since this request looked.
+                table = latest;
+                continue;
+            }
             let until = match last_error {
                 Some(_) => deadline.min(Instant::now() + RETRY_PAUSE),
                 None => deadline,
             };
             if let Ok(Err(_)) = tokio::time::timeout_at(until, routes.changed()).await {
                 // The routes are no longer followed: the ingress is stopping.
-                return unavailable(&route, last_error.is_some(), wants_json, self.settings.hold);
+                return unavailable(route, last_error.is_some(), wants_json, hold);
             }
+            table = Arc::clone(&routes.borrow_and_update());
         }
     }
 
-    /// The pool of upstream connections of the calling thread.
-    fn client(&self) -> &Client<Connector, Body> {
-        let worker = crate::server::Workers::current().unwrap_or(0);
-        &self.clients[worker % self.clients.len()]
-    }
-
-    /// The request for `target`: HTTP/1.1 to the target's pooled authority, hop-by-hop headers
-    /// out (but an upgrade being asked for), forwarding headers in, `Host` as the client gave it.
+    /// The request for the process: HTTP/1.1, origin-form, hop-by-hop headers out (but an
+    /// upgrade being asked for), forwarding headers in, `Host` as the client gave it.
     fn outgoing(
         &self,
         parts: &Parts,
-        body: Body,
-        target: &Target,
-        info: &ConnectionInfo,
+        body: OutBody,
         upgrade: Option<&HeaderValue>,
-    ) -> hyper::Request<Body> {
-        let authority = self.targets.authority(target);
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
+    ) -> Request<OutBody> {
         let mut headers = parts.headers.clone();
         // HTTP/2's `:authority` (or an absolute-form request line) is the host asked for.
         if let Some(asked) = parts.uri.authority()
@@ -278,37 +311,87 @@ impl Proxy {
         {
             headers.insert(header::HOST, value);
         }
-        let host = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+        let host = headers.get(header::HOST).cloned();
         headers::remove_hop_by_hop(&mut headers, upgrade);
-        let proto = if info.tls { "https" } else { "http" };
-        let forwarding = Forwarding {
-            client: info.peer.ip(),
-            proto,
-            host: &host,
-        };
-        headers::set_forwarded(&mut headers, forwarding);
-        let mut outgoing = hyper::Request::new(body);
+        self.forwarding.apply(&mut headers, host.as_ref());
+        let mut outgoing = Request::new(body);
         *outgoing.method_mut() = parts.method.clone();
         *outgoing.version_mut() = Version::HTTP_11;
         *outgoing.headers_mut() = headers;
-        // The authority and path were both checked: the URI always parses.
-        if let Ok(uri) = format!("http://{authority}{path}").parse() {
-            *outgoing.uri_mut() = uri;
+        if let Some(path) = parts.uri.path_and_query() {
+            *outgoing.uri_mut() = Uri::from(path.clone());
         }
         outgoing
+    }
+}
+
+impl Shared {
+    /// The pool of upstream connections of the calling thread.
+    fn pool(&self) -> &Arc<Pool> {
+        let worker = crate::server::Workers::current().unwrap_or(0);
+        &self.pools[worker % self.pools.len()]
+    }
+}
+
+/// A response's body: the process's, streamed, or one the proxy made.
+#[derive(Debug)]
+pub(crate) struct ProxyBody(Inner);
+
+#[derive(Debug)]
+enum Inner {
+    Upstream(PooledBody),
+    /// `None` once sent (or empty).
+    Full(Option<Bytes>),
+}
+
+impl ProxyBody {
+    fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+        let bytes = bytes.into();
+        ProxyBody(Inner::Full((!bytes.is_empty()).then_some(bytes)))
+    }
+
+    fn empty() -> ProxyBody {
+        ProxyBody(Inner::Full(None))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.0 {
+            Inner::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Inner::Upstream(body) => body.is_end_stream(),
+            Inner::Full(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Inner::Upstream(body) => body.size_hint(),
+            Inner::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
     }
 }
 
 /// The process's response, for the client: hop-by-hop headers out; a `101` is spliced to the
 /// client's upgraded connection.
 fn respond(
-    mut response: hyper::Response<hyper::body::Incoming>,
+    mut response: Response<PooledBody>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-) -> Response {
+) -> Response<ProxyBody> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client) = client_upgrade else {
             return text(
@@ -321,11 +404,11 @@ fn respond(
         let protocol = response.headers().get(header::UPGRADE).cloned();
         let (mut parts, _) = response.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers, protocol.as_ref());
-        return Response::from_parts(parts, Body::empty());
+        return Response::from_parts(parts, ProxyBody::empty());
     }
     let (mut parts, body) = response.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers, None);
-    Response::from_parts(parts, Body::new(body.map_err(axum::Error::new)))
+    Response::from_parts(parts, ProxyBody(Inner::Upstream(body)))
 }
 
 /// Copies bytes both ways between the client's and the process's upgraded connections
@@ -369,7 +452,7 @@ fn wants_json(headers: &HeaderMap) -> bool {
 }
 
 /// `308` to the same host and path over HTTPS.
-fn redirect(host: &str, https_port: u16, request: &Request) -> Response {
+fn redirect(host: &str, https_port: u16, uri: &Uri) -> Response<ProxyBody> {
     let host = if host.contains(':') {
         format!("[{host}]")
     } else {
@@ -379,26 +462,27 @@ fn redirect(host: &str, https_port: u16, request: &Request) -> Response {
         443 => String::new(),
         port => format!(":{port}"),
     };
-    let path = request
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let location = format!("https://{host}{port}{path}");
     match HeaderValue::from_str(&location) {
-        Ok(location) => (
-            StatusCode::PERMANENT_REDIRECT,
-            [(header::LOCATION, location)],
-            "",
-        )
-            .into_response(),
+        Ok(location) => {
+            let mut response = Response::new(ProxyBody::empty());
+            *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+            response.headers_mut().insert(header::LOCATION, location);
+            response
+        }
         Err(_) => text(StatusCode::BAD_REQUEST, "400 bad request\n"),
     }
 }
 
 /// `503`: the route's process does not serve now, and why (its record's formal reason), as
 /// JSON for `Accept: application/json`, else HTML; `Retry-After` in seconds.
-fn unavailable(route: &Route, unreachable: bool, json: bool, hold: Duration) -> Response {
+fn unavailable(
+    route: &Route,
+    unreachable: bool,
+    json: bool,
+    hold: Duration,
+) -> Response<ProxyBody> {
     let process = &route.process;
     let reason = if unreachable && route.target.is_some() {
         format!(
@@ -410,11 +494,7 @@ fn unavailable(route: &Route, unreachable: bool, json: bool, hold: Duration) -> 
         routes::reason(process)
     };
     let retry_after = hold.as_secs().clamp(1, 60);
-    let headers = [
-        (header::RETRY_AFTER, HeaderValue::from(retry_after)),
-        (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
-    ];
-    if json {
+    let mut response = if json {
         let body = serde_json::json!({
             "error": "service unavailable",
             "service": process.name(),
@@ -424,30 +504,53 @@ fn unavailable(route: &Route, unreachable: bool, json: bool, hold: Duration) -> 
             "failure": process.last_failure,
             "retry_after": retry_after,
         });
-        return (StatusCode::SERVICE_UNAVAILABLE, headers, axum::Json(body)).into_response();
-    }
-    let name = html_escape(process.name());
-    let html = format!(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{name} is unavailable</title></head>\n\
-         <body><h1>{name} is unavailable right now</h1>\n<p>{}</p>\n\
-         <p>Try again in {retry_after} s.</p></body></html>\n",
-        html_escape(&reason)
-    );
-    let mut response = (StatusCode::SERVICE_UNAVAILABLE, headers, html).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
+        full(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "application/json",
+            body.to_string(),
+        )
+    } else {
+        let name = html_escape(process.name());
+        let html = format!(
+            "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{name} is unavailable</title></head>\n\
+             <body><h1>{name} is unavailable right now</h1>\n<p>{}</p>\n\
+             <p>Try again in {retry_after} s.</p></body></html>\n",
+            html_escape(&reason)
+        );
+        full(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/html; charset=utf-8",
+            html,
+        )
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
 /// `404` that says nothing about what is routed.
-fn not_found() -> Response {
+fn not_found() -> Response<ProxyBody> {
     text(StatusCode::NOT_FOUND, "404 page not found\n")
 }
 
-fn text(status: StatusCode, body: &str) -> Response {
-    (status, body.to_owned()).into_response()
+/// A plain-text answer.
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    full(status, "text/plain; charset=utf-8", body)
+}
+
+/// An answer of the proxy's own, `body` of type `content_type`.
+fn full(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
 }
 
 fn html_escape(text: &str) -> String {
@@ -473,8 +576,8 @@ mod tests {
     use futures_util::future::BoxFuture;
     use p2f_model::{EventKind, NodeName, NodeRef, Process, ProcessId, ProcessSpec, Timestamp};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    use tower::ServiceExt as _;
 
+    use crate::ingress::routes::Target;
     use crate::ingress::upstream::{Io, UpstreamError};
     use crate::records::precedence::Origin;
 
@@ -515,7 +618,7 @@ mod tests {
     }
 
     /// A proxy routing `wiki.lan` to a running, healthy copy reached through `upstream`.
-    fn proxy_to(upstream: Arc<Flaky>) -> Router {
+    fn proxy_to(upstream: Arc<Flaky>) -> Proxy {
         let spec = ProcessSpec::new("wiki", "exec true")
             .with_port(8080)
             .with_domain("wiki.lan");
@@ -545,34 +648,43 @@ mod tests {
             settings,
             0,
         )
-        .app()
     }
 
-    /// The status the proxy answers `method` (with `body`) with, and how many connections
-    /// the upstream was asked for.
+    /// The status the proxy answers `method` (with `body`) with, over a connection of its
+    /// own, and how many connections the upstream was asked for.
     async fn answer(breaks: usize, method: Method, body: &'static str) -> (StatusCode, usize) {
         let upstream = Arc::new(Flaky {
             breaks,
             connects: AtomicUsize::new(0),
         });
-        let request = hyper::Request::builder()
+        let info = ConnectionInfo {
+            peer: ([127, 0, 0, 1], 4000).into(),
+            tls: true,
+            caller: None,
+        };
+        let service = proxy_to(Arc::clone(&upstream)).connection(info);
+        let (client, server) = tokio::io::duplex(4096);
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server), service)
+                .with_upgrades(),
+        );
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(client))
+            .await
+            .expect("handshake");
+        tokio::spawn(connection);
+        let request = Request::builder()
             .method(method)
             .uri("/")
             .header(header::HOST, "wiki.lan")
-            .extension(ConnectionInfo {
-                peer: ([127, 0, 0, 1], 4000).into(),
-                tls: true,
-                caller: None,
-            })
-            .body(Body::from(body))
+            .body(http_body_util::Full::new(Bytes::from_static(
+                body.as_bytes(),
+            )))
             .expect("request");
-        let response = tokio::time::timeout(
-            Duration::from_secs(10),
-            proxy_to(Arc::clone(&upstream)).oneshot(request),
-        )
-        .await
-        .expect("answered in time")
-        .expect("infallible");
+        let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+            .await
+            .expect("answered in time")
+            .expect("answer");
         (response.status(), upstream.connects.load(Ordering::SeqCst))
     }
 

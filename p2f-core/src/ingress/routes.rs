@@ -96,6 +96,12 @@ impl RouteTable {
         self.by_domain.get(&normalise(host))
     }
 
+    /// [`RouteTable::find`] for a host [`normalise`] would leave as it is (as
+    /// [`super::headers::host_of`] gives it).
+    pub fn find_normalised(&self, host: &str) -> Option<&Route> {
+        self.by_domain.get(host)
+    }
+
     /// The table with `direct` routes to P2PRC peers added (`/AddProxy`), each as a
     /// `Running` record of the peer (service `p2prc-proxy`, id `p2prc.DOMAIN`) whose target is
     /// its address. A domain of a P2F process keeps its process: P2F's own routes win.

@@ -12,22 +12,13 @@
 //!
 //! A relay for nodes behind NAT implements the same trait.
 //!
-//! [`Connector`] adapts an `Upstream` to hyper-util's pooled client: each target gets a URI
-//! authority of its own (`t<hash>.upstream`), so keep-alive connections are pooled per copy of
-//! a process and a moved process gets new ones.
+//! The proxy's pool ([`super::pool`]) keeps connections per target, so a moved process (a new
+//! node, port or generation) gets new ones.
 
-use std::collections::HashMap;
-use std::hash::{Hash as _, Hasher as _};
-use std::io;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use hyper::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::TokioIo;
 use p2f_model::NodeName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -106,9 +97,6 @@ pub enum UpstreamError {
         /// The node.
         node: NodeName,
     },
-    /// The pooled client asked for a target the proxy never registered (a bug).
-    #[error("unknown upstream {0}")]
-    Unknown(String),
     /// The cluster's TLS configuration.
     #[error(transparent)]
     Cluster(#[from] ClusterError),
@@ -362,99 +350,6 @@ impl Upstream for Relayed {
     }
 }
 
-/// The targets the proxy sends requests to, by the URI authority it gave each.
-#[derive(Debug, Default)]
-pub(crate) struct Targets {
-    by_authority: Mutex<HashMap<String, Target>>,
-}
-
-impl Targets {
-    /// The URI authority of `target` (registered for the connector).
-    pub(crate) fn authority(&self, target: &Target) -> String {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        target.hash(&mut hasher);
-        let authority = format!("t{:016x}.upstream", hasher.finish());
-        self.by_authority
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(authority.clone())
-            .or_insert_with(|| target.clone());
-        authority
-    }
-
-    fn get(&self, authority: &str) -> Option<Target> {
-        self.by_authority
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(authority)
-            .cloned()
-    }
-}
-
-/// An [`Upstream`] as hyper-util's client connector.
-#[derive(Clone)]
-pub(crate) struct Connector {
-    pub(crate) upstream: Arc<dyn Upstream>,
-    pub(crate) targets: Arc<Targets>,
-}
-
-impl tower::Service<Uri> for Connector {
-    type Response = Conn;
-    type Error = UpstreamError;
-    type Future = BoxFuture<'static, Result<Conn, UpstreamError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-        let Some(target) = self.targets.get(authority) else {
-            let unknown = UpstreamError::Unknown(authority.to_owned());
-            return Box::pin(std::future::ready(Err(unknown)));
-        };
-        let connecting = self.upstream.connect(&target);
-        Box::pin(async move { Ok(Conn(TokioIo::new(connecting.await?))) })
-    }
-}
-
-/// A connection to a process, for hyper.
-pub(crate) struct Conn(TokioIo<Box<dyn Io>>);
-
-impl Connection for Conn {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl hyper::rt::Read for Conn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for Conn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -632,25 +527,5 @@ mod tests {
         };
         assert_eq!(node.as_str(), "pi");
         assert_eq!(others.asked.load(Ordering::SeqCst), 1);
-    }
-
-    #[test]
-    fn each_target_has_its_own_authority() {
-        let targets = Targets::default();
-        let target = |node: &str, generation| Target {
-            id: p2f_model::ProcessId::new("wiki").expect("id"),
-            generation,
-            node: NodeName::new(node).expect("node"),
-            port: 8080,
-            protocol: Protocol::Tcp,
-            direct: None,
-        };
-        let a = targets.authority(&target("pi", 1));
-        assert_eq!(a, targets.authority(&target("pi", 1)));
-        let b = targets.authority(&target("laptop", 2));
-        assert_ne!(a, b);
-        assert!(a.parse::<hyper::http::uri::Authority>().is_ok(), "{a}");
-        assert_eq!(targets.get(&b), Some(target("laptop", 2)));
-        assert_eq!(targets.get("t0.upstream"), None);
     }
 }
