@@ -135,16 +135,23 @@ fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
 /// Removes the hop-by-hop headers and those `Connection` names; with `upgrade` (the protocol
 /// of an upgrade being forwarded) keeps `Connection: upgrade` and `Upgrade: PROTOCOL`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(tokens)
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    // Most messages have none: one look at the names they have spares a removal (a hash and a
+    // probe) per hop-by-hop name. (`Connection`, which names the others, is one of them.)
+    let any = headers
+        .keys()
+        .any(|name| *name == header::UPGRADE || HOP_BY_HOP.contains(name));
+    if any {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(tokens)
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect();
+        for name in named.iter().chain(HOP_BY_HOP.iter()) {
+            headers.remove(name);
+        }
+        headers.remove(header::UPGRADE);
     }
-    headers.remove(header::UPGRADE);
     if let Some(protocol) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol.clone());
@@ -199,9 +206,8 @@ impl ClientForwarding {
     /// Replaces the forwarding headers of `headers` (see [`set_forwarded`]); `host` is the
     /// host the client asked for, as it asked (with its port, if it gave one).
     pub fn apply(&self, headers: &mut HeaderMap, host: Option<&HeaderValue>) {
-        for name in &FORWARDING {
-            headers.remove(name);
-        }
+        // Each is replaced (`insert`), or removed when there is nothing to say.
+        let [for_, proto, forwarded_host, forwarded_] = &FORWARDING;
         let quotable = host
             .and_then(|h| h.to_str().ok())
             .filter(|h| !h.contains('"') && !h.contains('\\'));
@@ -213,16 +219,18 @@ impl ClientForwarding {
             forwarded.push_str(host);
             forwarded.push('"');
         }
-        if let Some(client) = &self.client {
-            headers.insert(FORWARDING[0].clone(), client.clone());
-        }
-        headers.insert(FORWARDING[1].clone(), HeaderValue::from_static(self.proto));
-        if let Some(host) = host {
-            headers.insert(FORWARDING[2].clone(), host.clone());
-        }
-        if let Ok(forwarded) = HeaderValue::try_from(forwarded) {
-            headers.insert(header::FORWARDED, forwarded);
-        }
+        let mut set = |name: &HeaderName, value: Option<HeaderValue>| match value {
+            Some(value) => {
+                headers.insert(name.clone(), value);
+            }
+            None => {
+                headers.remove(name);
+            }
+        };
+        set(for_, self.client.clone());
+        set(proto, Some(HeaderValue::from_static(self.proto)));
+        set(forwarded_host, host.cloned());
+        set(forwarded_, HeaderValue::try_from(forwarded).ok());
     }
 }
 

@@ -208,24 +208,45 @@ where
 {
     type Response = Response<B>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
+    type Future = Answer<S::Future>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let allowed = request_allows(&request);
         self.turn.done.store(false, Ordering::SeqCst);
-        let turn = Arc::clone(&self.turn);
-        let answer = self.inner.call(request);
-        Box::pin(async move {
-            let answer = answer.await;
-            if let Ok(response) = &answer
-                && allowed
-                && response_allows(response.status(), response.headers())
-            {
-                turn.answers.fetch_add(1, Ordering::SeqCst);
-                turn.done.store(true, Ordering::SeqCst);
-            }
-            answer
-        })
+        Answer {
+            answer: self.inner.call(request),
+            turn: allowed.then(|| Arc::clone(&self.turn)),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A [`Watched`] service's answer: when it allows the connection to go on, `turn` is told
+    /// (`turn` is `None` when the request does not allow it).
+    struct Answer<F> {
+        #[pin]
+        answer: F,
+        turn: Option<Arc<Turn>>,
+    }
+}
+
+impl<F, B, E> Future for Answer<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let answer = ready!(this.answer.poll(cx));
+        if let Ok(response) = &answer
+            && let Some(turn) = this.turn.take()
+            && response_allows(response.status(), response.headers())
+        {
+            turn.answers.fetch_add(1, Ordering::SeqCst);
+            turn.done.store(true, Ordering::SeqCst);
+        }
+        Poll::Ready(answer)
     }
 }
 
