@@ -12,7 +12,9 @@
 //!   (TLS to the node's own API, `Upgrade: p2f-tunnel`, spliced to the port), the path every
 //!   process took before the direct one and the one a process on another node takes; with
 //!   `--shared on` (the default) another root, with `[ingress] workers = 0`, serves its
-//!   connections on the agent's own runtime rather than on worker threads of its own.
+//!   connections on the agent's own runtime rather than on worker threads of its own; with
+//!   `--variant PATH`, a root run by another `p2f` (a build of another commit, or a script
+//!   running one with other settings) is measured beside them, as `ingress/variant`.
 //! - **failover**: a client asks the domain (HTTPS) every 50 ms, each request on its own, while
 //!   the member running the service is SIGKILLed (agent and processes); errors, and the time
 //!   from the new copy's `Healthy` event to the first answer from the new node.
@@ -25,7 +27,7 @@
 //! ```text
 //! cargo run --release --example bench_ingress -- --p2f target/release/p2f \
 //!     [--data-root /var/tmp] [--conns 64] [--threads 2] [--secs 10] [--rounds 2] \
-//!     [--trials 3] [--idle-conns 1000] [--tunnel on] [--shared on]
+//!     [--trials 3] [--idle-conns 1000] [--tunnel on] [--shared on] [--variant PATH]
 //!     [--only throughput,failover,idle]
 //! ```
 //!
@@ -100,6 +102,9 @@ struct Options {
     /// on the agent's own runtime (`[ingress] workers = 0`, as before the ingress had worker
     /// threads).
     shared: bool,
+    /// Another `p2f` (a build of another commit, or a script that runs one with other
+    /// settings) whose root's ingress is measured beside the others, as `ingress/variant`.
+    variant: Option<PathBuf>,
     only: Vec<String>,
 }
 
@@ -125,6 +130,7 @@ impl Options {
             idle_conns: 1000,
             tunnel: true,
             shared: true,
+            variant: None,
             only: vec!["throughput".into(), "failover".into(), "idle".into()],
         };
         while let Some(flag) = args.next() {
@@ -145,6 +151,7 @@ impl Options {
                 "--idle-conns" => options.idle_conns = number()?,
                 "--tunnel" => options.tunnel = on_off(&flag, &value)?,
                 "--shared" => options.shared = on_off(&flag, &value)?,
+                "--variant" => options.variant = Some(PathBuf::from(&value)),
                 "--only" => options.only = value.split(',').map(str::to_owned).collect(),
                 other => bail!("unknown option {other}"),
             }
@@ -476,6 +483,10 @@ async fn throughput(options: &Options, dir: &Path, report: &mut Report) -> Resul
         }
         false => None,
     };
+    let variant = match &options.variant {
+        Some(p2f) => Some(bench_root(p2f, dir, "tp-root-variant", "local →", None).await?),
+        None => None,
+    };
     let (root, backend_port) = (&direct.agent, direct.backend_port);
 
     // nginx and Caddy get a certificate for the same name from the same CA (P-256, leaf only,
@@ -538,6 +549,9 @@ async fn throughput(options: &Options, dir: &Path, report: &mut Report) -> Resul
     }
     if let Some(tunnel) = &tunnel {
         proxies.push(ingress("ingress/tunnel", tunnel)?);
+    }
+    if let Some(variant) = &variant {
+        proxies.push(ingress("ingress/variant", variant)?);
     }
     proxies.push(Proxy {
         name: "nginx",
@@ -687,6 +701,13 @@ async fn throughput(options: &Options, dir: &Path, report: &mut Report) -> Resul
         report.notes.push(format!(
             "throughput: \"ingress/tunnel\" is a second root started with P2F_INGRESS_DIRECT=0, whose ingress reaches its own backend (the same program, on 127.0.0.1:{}) through its agent's tunnel (TLS to its API + Upgrade, spliced), as before the direct path",
             tunnel.backend_port
+        ));
+    }
+    if let (Some(variant), Some(p2f)) = (&variant, &options.variant) {
+        report.notes.push(format!(
+            "throughput: \"ingress/variant\" is a root run by {} (--variant), with a backend of its own (the same program, on 127.0.0.1:{})",
+            p2f.display(),
+            variant.backend_port
         ));
     }
     drop((nginx, caddy));
