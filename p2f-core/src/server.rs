@@ -34,6 +34,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::identity::Caller;
 
 mod h1;
+mod idle;
 
 /// How long a new connection may stay silent before its first byte.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,6 +42,8 @@ const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection may stay idle by default (see [`Limits::idle`]).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long open connections get to finish once shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Pause after a failed `accept` (say, out of file descriptors) before trying again.
@@ -100,19 +103,24 @@ pub struct Limits {
     /// half-open connections from one client, slowloris, cannot take the listener from
     /// everyone else; authenticated nodes, whose tunnels may be many, are not counted).
     pub per_peer: usize,
+    /// How long a connection may wait for its next request (HTTP/1.1), or have no request in
+    /// flight (HTTP/2), before it is closed.
+    pub idle: Duration,
 }
 
 impl Limits {
     /// The control API's: 2048 in all, 32 unauthenticated ones from one address (members
-    /// and tools show certificates; only joining comes without).
+    /// and tools show certificates; only joining comes without); idle for 30 s.
     pub const CONTROL_API: Limits = Limits {
         connections: 2048,
         per_peer: 32,
+        idle: IDLE_TIMEOUT,
     };
-    /// The ingress's: 8192 in all, 256 from one address.
+    /// The ingress's: 8192 in all, 256 from one address; idle for 30 s.
     pub const INGRESS: Limits = Limits {
         connections: 8192,
         per_peer: 256,
+        idle: IDLE_TIMEOUT,
     };
 }
 
@@ -306,6 +314,7 @@ pub async fn serve_on(
                         h1: Arc::clone(&h1),
                         app: app.clone(),
                         stopping: stopping_rx.clone(),
+                        idle: limits.idle,
                     };
                     match &workers {
                         Some(workers) => {
@@ -497,6 +506,8 @@ struct Connection<A> {
     h1: Arc<H1>,
     app: A,
     stopping: watch::Receiver<bool>,
+    /// [`Limits::idle`].
+    idle: Duration,
 }
 
 impl<A: App> Connection<A> {
@@ -525,6 +536,7 @@ impl<A: App> Connection<A> {
             h1,
             app,
             mut stopping,
+            idle,
         } = self;
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
@@ -560,15 +572,15 @@ impl<A: App> Connection<A> {
                 };
                 let service = service(true, caller);
                 if h1.serves(tls.get_ref().1.alpn_protocol()) {
-                    let (idle, linger) = (HEADER_READ_TIMEOUT, h1::LINGER);
+                    let linger = h1::LINGER;
                     h1::serve(&h1.http, tls, service, &mut stopping, idle, linger, peer).await
                 } else {
-                    Box::pin(serve_http(&http, *tls, service(), stopping, peer)).await
+                    Box::pin(serve_http(&http, *tls, service(), stopping, idle, peer)).await
                 }
             }
             Some(Ready::Plain(tcp)) => {
                 let _slot = slot;
-                let (idle, linger) = (HEADER_READ_TIMEOUT, h1::LINGER);
+                let linger = h1::LINGER;
                 let service = service(false, None);
                 h1::serve(&h1.http, tcp, service, &mut stopping, idle, linger, peer).await
             }
@@ -628,13 +640,14 @@ impl<A: App> Connection<A> {
     }
 }
 
-/// Serves HTTP on `io` until the client closes or, once shutdown begins, until the request in
-/// flight (if any) is answered.
+/// Serves HTTP on `io` until the client closes, no request has been in flight for `idle`
+/// (see `idle`), or, once shutdown begins, until the requests in flight (if any) are answered.
 async fn serve_http<I, S, B>(
     http: &auto::Builder<TokioExecutor>,
     io: I,
     service: S,
     mut stopping: watch::Receiver<bool>,
+    idle: Duration,
     peer: SocketAddr,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -647,14 +660,32 @@ async fn serve_http<I, S, B>(
         + 'static,
     B: hyper::body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + Send + 'static,
 {
+    let activity = idle::Activity::new();
+    let service = idle::Counted {
+        inner: service,
+        activity: Arc::clone(&activity),
+    };
     let conn = http.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        () = stopped(&mut stopping) => {
-            // Finish the request in flight (if any), then close.
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let mut check = std::pin::pin!(tokio::time::sleep(idle));
+    // Bounded: each turn ends the connection or moves the check to a later time.
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            () = stopped(&mut stopping) => {
+                // Finish the requests in flight (if any), then close.
+                conn.as_mut().graceful_shutdown();
+                break conn.await;
+            }
+            () = check.as_mut() => match activity.idle_at(idle) {
+                Some(at) if at <= tokio::time::Instant::now() => {
+                    tracing::debug!(%peer, "no request for {idle:?}; closing");
+                    conn.as_mut().graceful_shutdown();
+                    break conn.await;
+                }
+                Some(at) => check.as_mut().reset(at),
+                None => check.as_mut().reset(tokio::time::Instant::now() + idle),
+            },
         }
     };
     if let Err(e) = result {
@@ -1334,11 +1365,91 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_http2_connection_is_closed_once_idle_but_not_while_it_streams() {
+        let idle = Duration::from_millis(400);
+        let ca = ClusterCa::generate("test").expect("ca");
+        let cert = ca.issue("n1", &[]).expect("issue");
+        let key = certified_key(&cert.cert_pem, &cert.key_pem).expect("key");
+        let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(key));
+        let config =
+            resolving_server_config(resolver, &[b"h2", b"http/1.1"]).expect("server config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accept = Accept::Tls {
+            config,
+            plain: PlainHttp::Close,
+            without_sni: None,
+        };
+        // Five chunks 200 ms apart: a body that takes longer than the idle time.
+        let app = axum::Router::new().route(
+            "/stream",
+            axum::routing::get(|| async {
+                let chunks = futures_util::stream::unfold(0, |n| async move {
+                    if n == 5 {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Some((
+                        Ok::<_, io::Error>(bytes::Bytes::from(format!("{n}"))),
+                        n + 1,
+                    ))
+                });
+                axum::body::Body::from_stream(chunks)
+            }),
+        );
+        let limits = Limits {
+            idle,
+            ..Limits::INGRESS
+        };
+        let server = tokio::spawn(serve_limited(
+            listener,
+            accept,
+            limits,
+            app,
+            std::future::pending(),
+        ));
+
+        let mut client = client_config(ca.cert_pem()).expect("client config");
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        let tls = connector.connect(name, tcp).await.expect("handshake");
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(tls),
+        )
+        .await
+        .expect("h2 handshake");
+        let conn = tokio::spawn(conn);
+        let request = hyper::Request::get(format!("https://localhost:{}/stream", addr.port()))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let streamed = async {
+            let response = send.send_request(request).await.expect("response");
+            use http_body_util::BodyExt as _;
+            let body = response.into_body().collect().await.expect("body");
+            String::from_utf8(body.to_bytes().to_vec()).expect("utf-8")
+        };
+        let body = tokio::time::timeout(WAIT, streamed).await.expect("in time");
+        assert_eq!(
+            body, "01234",
+            "the whole body, though it took longer than the idle time"
+        );
+        assert!(!conn.is_finished(), "closed as soon as the body ended");
+        // Then nothing: the server closes the connection (GOAWAY, then EOF).
+        let ended = tokio::time::timeout(WAIT, conn).await;
+        assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+        server.abort();
+    }
+
+    #[tokio::test]
     async fn one_address_cannot_take_every_connection() {
         let ca = ClusterCa::generate("test").expect("ca");
         let limits = Limits {
             connections: 100,
             per_peer: 2,
+            idle: IDLE_TIMEOUT,
         };
         let running = start_with(ca, |listener, app, stopped| {
             tokio::spawn(serve_limited(listener, Accept::Plain, limits, app, stopped))

@@ -30,6 +30,7 @@ use crate::server::{Accept, Limits};
 const LIMITS: Limits = Limits {
     connections: 256,
     per_peer: 16,
+    idle: crate::server::IDLE_TIMEOUT,
 };
 
 /// Where a node keeps its known P2PRC peers.
