@@ -8,7 +8,8 @@
 //! gets a bare `404`.
 //!
 //! The proxy is a [`crate::server::App`] of its own, not an axum `Router`: it has one route,
-//! and a request should cost no more than the proxying (see ARCHITECTURE.md, "The ingress").
+//! and a request should cost no more than the proxying (measured: BENCHMARKS.md, "Ingress",
+//! run V1).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
