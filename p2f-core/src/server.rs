@@ -681,7 +681,12 @@ async fn serve_http<I, S, B>(
                 Some(at) if at <= tokio::time::Instant::now() => {
                     tracing::debug!(%peer, "no request for {idle:?}; closing");
                     conn.as_mut().graceful_shutdown();
-                    break conn.await;
+                    // HTTP/2 closes once the peer answers the GOAWAY's PING: a peer gone
+                    // silent is not waited for longer than a shutdown's grace.
+                    match tokio::time::timeout(SHUTDOWN_GRACE, conn.as_mut()).await {
+                        Ok(result) => break result,
+                        Err(_) => break Ok(()),
+                    }
                 }
                 Some(at) => check.as_mut().reset(at),
                 None => check.as_mut().reset(tokio::time::Instant::now() + idle),

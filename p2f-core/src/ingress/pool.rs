@@ -286,8 +286,11 @@ impl Body for PooledBody {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.release(),
-            // (hyper stops polling a body that says it has ended.)
-            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.release(),
+            // (hyper stops polling a body that says it has ended, and one after its trailers,
+            // which are always its last frame.)
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() || self.body.is_end_stream() => {
+                self.release()
+            }
             Poll::Ready(Some(Err(_))) => self.back = None,
             _ => {}
         }
@@ -317,15 +320,18 @@ mod tests {
     use crate::reach::Protocol;
 
     /// A process that answers each request on a connection with `hello N` (N counts the
-    /// requests of that connection), and counts its connections.
+    /// requests of that connection), and counts its connections; with `trailers`, chunked with
+    /// a trailer.
     #[derive(Default)]
     struct Counting {
         connects: AtomicUsize,
+        trailers: bool,
     }
 
     impl Upstream for Counting {
         fn connect(&self, _: &Target) -> BoxFuture<'static, Result<Box<dyn Io>, UpstreamError>> {
             self.connects.fetch_add(1, Ordering::SeqCst);
+            let trailers = self.trailers;
             let (ours, mut theirs) = tokio::io::duplex(4096);
             tokio::spawn(async move {
                 let (mut head, mut buf, mut answered) = (Vec::new(), [0u8; 1024], 0);
@@ -334,10 +340,17 @@ mod tests {
                         head.drain(..end + 4);
                         answered += 1;
                         let body = format!("hello {answered}");
-                        let answer = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
+                        let answer = match trailers {
+                            false => format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            ),
+                            true => format!(
+                                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
+                                 trailer: x-done\r\n\r\n{:x}\r\n{body}\r\n0\r\nx-done: yes\r\n\r\n",
+                                body.len()
+                            ),
+                        };
                         if theirs.write_all(answer.as_bytes()).await.is_err() {
                             return;
                         }
@@ -409,6 +422,29 @@ mod tests {
         // A body dropped unread closes its connection.
         drop(pool.send(&wiki, get()).await.expect("answer"));
         assert_eq!(pool.counts(), (2, 2));
+    }
+
+    #[tokio::test]
+    async fn a_connection_comes_back_after_its_answers_trailers() {
+        // hyper stops polling a body after its trailers (never asking for the end after them).
+        let upstream = Arc::new(Counting {
+            trailers: true,
+            ..Counting::default()
+        });
+        let pool = Arc::new(Pool::new(upstream.clone()));
+        let wiki = target(8080);
+        for n in 1..=2 {
+            let mut body = pool.send(&wiki, get()).await.expect("answer").into_body();
+            let data = body.frame().await.expect("a frame").expect("data");
+            assert_eq!(
+                data.into_data().ok(),
+                Some(Bytes::from(format!("hello {n}")))
+            );
+            let trailers = body.frame().await.expect("a frame").expect("trailers");
+            assert!(trailers.is_trailers());
+            drop(body);
+        }
+        assert_eq!(upstream.connects.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]

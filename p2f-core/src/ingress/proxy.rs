@@ -257,7 +257,10 @@ impl ClientConnection {
                             return text(StatusCode::BAD_GATEWAY, message);
                         }
                         if broken {
+                            // At once, to the copy the routes name now (the broken
+                            // connection's may just have been replaced).
                             resent = true;
+                            table = Arc::clone(&proxy.routes.borrow());
                             continue;
                         }
                         last_error = Some(error);
@@ -572,7 +575,6 @@ fn html_escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use futures_util::future::BoxFuture;
     use p2f_model::{EventKind, NodeName, NodeRef, Process, ProcessId, ProcessSpec, Timestamp};
@@ -583,15 +585,40 @@ mod tests {
     use crate::records::precedence::Origin;
 
     /// An upstream whose first `breaks` connections take a request and close without an answer
-    /// (a pooled connection whose node just died); later ones answer `200 ok`.
+    /// (a pooled connection whose node just died); later ones answer `200 ok`. It notes the
+    /// port of each target it is asked for; with `moves`, the first broken connection moves
+    /// the process (port 8081, generation 2) before it closes.
     struct Flaky {
         breaks: usize,
-        connects: AtomicUsize,
+        ports: Mutex<Vec<u16>>,
+        moves: Option<watch::Sender<Arc<RouteTable>>>,
+    }
+
+    impl Flaky {
+        fn new(breaks: usize, moves: Option<watch::Sender<Arc<RouteTable>>>) -> Arc<Flaky> {
+            Arc::new(Flaky {
+                breaks,
+                ports: Mutex::default(),
+                moves,
+            })
+        }
+
+        fn ports(&self) -> Vec<u16> {
+            self.ports.lock().expect("ports").clone()
+        }
     }
 
     impl Upstream for Flaky {
-        fn connect(&self, _: &Target) -> BoxFuture<'static, Result<Box<dyn Io>, UpstreamError>> {
-            let broken = self.connects.fetch_add(1, Ordering::SeqCst) < self.breaks;
+        fn connect(
+            &self,
+            target: &Target,
+        ) -> BoxFuture<'static, Result<Box<dyn Io>, UpstreamError>> {
+            let mut ports = self.ports.lock().expect("ports");
+            let broken = ports.len() < self.breaks;
+            let moves = (broken && ports.is_empty())
+                .then(|| self.moves.clone())
+                .flatten();
+            ports.push(target.port);
             let (ours, mut theirs) = tokio::io::duplex(4096);
             tokio::spawn(async move {
                 let (mut head, mut buf) = (Vec::new(), [0u8; 1024]);
@@ -600,6 +627,9 @@ mod tests {
                         Ok(0) | Err(_) => return,
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
+                }
+                if let Some(routes) = moves {
+                    routes.send_replace(Arc::new(table(8081, 2)));
                 }
                 if broken {
                     return;
@@ -618,52 +648,51 @@ mod tests {
         }
     }
 
-    /// A proxy routing `wiki.lan` to a running, healthy copy reached through `upstream`.
-    fn proxy_to(upstream: Arc<Flaky>) -> Proxy {
+    /// Routes `wiki.lan` to a running, healthy copy of generation `generation` on `port`.
+    fn table(port: u16, generation: u64) -> RouteTable {
         let spec = ProcessSpec::new("wiki", "exec true")
-            .with_port(8080)
+            .with_port(port)
             .with_domain("wiki.lan");
         let node = NodeRef {
             name: NodeName::from_static("pi"),
             address: "127.0.0.1".into(),
         };
         let id = ProcessId::new("wiki").expect("id");
-        let mut process = Process::placed(id, 1, spec, node, Timestamp(1));
+        let mut process = Process::placed(id, generation, spec, node, Timestamp(1));
         process.status = Status::Running;
         process.record(Timestamp(2), EventKind::Started { pid: 7 });
         process.record(Timestamp(3), EventKind::Healthy);
         let process = Arc::new(process);
-        let table = RouteTable::from_copies([(&process, Origin::Local)]);
-        // (The receiver keeps the table when the sender is gone.)
-        let (_, routes) = watch::channel(Arc::new(table));
+        RouteTable::from_copies([(&process, Origin::Local)])
+    }
+
+    /// The status the proxy answers `method` (with `body`) with, over a connection of its
+    /// own, the routes (`wiki.lan` on port 8080) in `routes`.
+    async fn answer(
+        upstream: Arc<Flaky>,
+        routes: watch::Receiver<Arc<RouteTable>>,
+        method: Method,
+        body: &'static str,
+    ) -> StatusCode {
         let settings = Settings {
             hold: Duration::from_secs(2),
             redirect: false,
             https_port: 443,
         };
-        Proxy::new(
+        let proxy = Proxy::new(
             routes,
             upstream,
             Arc::default(),
             Arc::default(),
             settings,
             0,
-        )
-    }
-
-    /// The status the proxy answers `method` (with `body`) with, over a connection of its
-    /// own, and how many connections the upstream was asked for.
-    async fn answer(breaks: usize, method: Method, body: &'static str) -> (StatusCode, usize) {
-        let upstream = Arc::new(Flaky {
-            breaks,
-            connects: AtomicUsize::new(0),
-        });
+        );
         let info = ConnectionInfo {
             peer: ([127, 0, 0, 1], 4000).into(),
             tls: true,
             caller: None,
         };
-        let service = proxy_to(Arc::clone(&upstream)).connection(info);
+        let service = proxy.connection(info);
         let (client, server) = tokio::io::duplex(4096);
         tokio::spawn(
             hyper::server::conn::http1::Builder::new()
@@ -686,26 +715,52 @@ mod tests {
             .await
             .expect("answered in time")
             .expect("answer");
-        (response.status(), upstream.connects.load(Ordering::SeqCst))
+        response.status()
+    }
+
+    /// [`answer`] with routes that do not change, and the ports the upstream was asked for.
+    async fn answer_fixed(
+        breaks: usize,
+        method: Method,
+        body: &'static str,
+    ) -> (StatusCode, usize) {
+        let upstream = Flaky::new(breaks, None);
+        // (The receiver keeps the table when the sender is gone.)
+        let (_, routes) = watch::channel(Arc::new(table(8080, 1)));
+        let status = answer(Arc::clone(&upstream), routes, method, body).await;
+        (status, upstream.ports().len())
     }
 
     #[tokio::test]
     async fn a_bodiless_request_is_sent_again_once_when_its_connection_breaks() {
         // Broken once: sent again at once, answered.
-        assert_eq!(answer(1, Method::GET, "").await, (StatusCode::OK, 2));
+        assert_eq!(answer_fixed(1, Method::GET, "").await, (StatusCode::OK, 2));
         // Broken twice: a 502, after exactly two tries.
         assert_eq!(
-            answer(2, Method::GET, "").await,
+            answer_fixed(2, Method::GET, "").await,
             (StatusCode::BAD_GATEWAY, 2)
         );
         // Not idempotent, or with a body: never sent again.
         assert_eq!(
-            answer(1, Method::POST, "").await,
+            answer_fixed(1, Method::POST, "").await,
             (StatusCode::BAD_GATEWAY, 1)
         );
         assert_eq!(
-            answer(1, Method::PUT, "x").await,
+            answer_fixed(1, Method::PUT, "x").await,
             (StatusCode::BAD_GATEWAY, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_sent_again_goes_to_the_copy_the_routes_name_now() {
+        // The connection breaks because its copy was just replaced: the request goes to the
+        // new copy, not again to the old one.
+        let (moves, routes) = watch::channel(Arc::new(table(8080, 1)));
+        let upstream = Flaky::new(1, Some(moves));
+        let status = answer(Arc::clone(&upstream), routes, Method::GET, "").await;
+        assert_eq!(
+            (status, upstream.ports()),
+            (StatusCode::OK, vec![8080, 8081])
         );
     }
 
