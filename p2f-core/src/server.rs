@@ -1314,8 +1314,9 @@ mod tests {
         stop(running).await;
     }
 
-    #[tokio::test]
-    async fn serves_http2_when_alpn_offers_it_and_tells_who_asked() {
+    /// A cluster CA, and a listener on 127.0.0.1 whose TLS (a certificate from that CA) offers
+    /// HTTP/2 and HTTP/1.1.
+    async fn h2_listener() -> (ClusterCa, TcpListener, SocketAddr, Accept) {
         let ca = ClusterCa::generate("test").expect("ca");
         let cert = ca.issue("n1", &[]).expect("issue");
         let key = certified_key(&cert.cert_pem, &cert.key_pem).expect("key");
@@ -1329,6 +1330,37 @@ mod tests {
             plain: PlainHttp::Close,
             without_sni: None,
         };
+        (ca, listener, addr, accept)
+    }
+
+    /// An HTTP/2 client connection to `addr` (TLS trusting `ca`, ALPN `h2`, which the server
+    /// must pick), and its task.
+    async fn h2_client(
+        ca: &ClusterCa,
+        addr: SocketAddr,
+    ) -> (
+        hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+        JoinHandle<hyper::Result<()>>,
+    ) {
+        let mut client = client_config(ca.cert_pem()).expect("client config");
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        let tls = connector.connect(name, tcp).await.expect("handshake");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(tls),
+        )
+        .await
+        .expect("h2 handshake");
+        (send, tokio::spawn(conn))
+    }
+
+    #[tokio::test]
+    async fn serves_http2_when_alpn_offers_it_and_tells_who_asked() {
+        let (ca, listener, addr, accept) = h2_listener().await;
         let app = axum::Router::new().route(
             "/who",
             axum::routing::get(
@@ -1340,21 +1372,8 @@ mod tests {
         );
         let server = tokio::spawn(serve(listener, accept, app, std::future::pending()));
 
-        let mut client = client_config(ca.cert_pem()).expect("client config");
-        client.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
         let exchange = async {
-            let tcp = TcpStream::connect(addr).await.expect("connect");
-            let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-            let tls = connector.connect(name, tcp).await.expect("handshake");
-            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-            let (mut send, conn) = hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                TokioIo::new(tls),
-            )
-            .await
-            .expect("h2 handshake");
-            tokio::spawn(conn);
+            let (mut send, _conn) = h2_client(&ca, addr).await;
             let request = hyper::Request::get(format!("https://localhost:{}/who", addr.port()))
                 .body(http_body_util::Empty::<bytes::Bytes>::new())
                 .expect("request");
@@ -1372,19 +1391,7 @@ mod tests {
     #[tokio::test]
     async fn an_http2_connection_is_closed_once_idle_but_not_while_it_streams() {
         let idle = Duration::from_millis(400);
-        let ca = ClusterCa::generate("test").expect("ca");
-        let cert = ca.issue("n1", &[]).expect("issue");
-        let key = certified_key(&cert.cert_pem, &cert.key_pem).expect("key");
-        let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(key));
-        let config =
-            resolving_server_config(resolver, &[b"h2", b"http/1.1"]).expect("server config");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let accept = Accept::Tls {
-            config,
-            plain: PlainHttp::Close,
-            without_sni: None,
-        };
+        let (ca, listener, addr, accept) = h2_listener().await;
         // Five chunks 200 ms apart: a body that takes longer than the idle time.
         let app = axum::Router::new().route(
             "/stream",
@@ -1414,19 +1421,7 @@ mod tests {
             std::future::pending(),
         ));
 
-        let mut client = client_config(ca.cert_pem()).expect("client config");
-        client.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-        let tcp = TcpStream::connect(addr).await.expect("connect");
-        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-        let tls = connector.connect(name, tcp).await.expect("handshake");
-        let (mut send, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            TokioIo::new(tls),
-        )
-        .await
-        .expect("h2 handshake");
-        let conn = tokio::spawn(conn);
+        let (mut send, conn) = h2_client(&ca, addr).await;
         let request = hyper::Request::get(format!("https://localhost:{}/stream", addr.port()))
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .expect("request");

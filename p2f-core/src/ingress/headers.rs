@@ -158,27 +158,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>)
     }
 }
 
-/// What the proxy tells the process about a request.
-#[derive(Debug, Clone, Copy)]
-pub struct Forwarding<'a> {
-    /// The client's address.
-    pub client: IpAddr,
-    /// `https` or `http`.
-    pub proto: &'static str,
-    /// The host the client asked for, as it asked (with its port, if it gave one).
-    pub host: &'a str,
-}
-
-/// Replaces the forwarding headers with `X-Forwarded-For: CLIENT`, `X-Forwarded-Proto`,
-/// `X-Forwarded-Host` and `Forwarded: for=CLIENT;proto=PROTO;host="HOST"` (RFC 7239; IPv6
-/// clients quoted in brackets). A host that cannot be a header value is left out.
-pub fn set_forwarded(headers: &mut HeaderMap, forwarding: Forwarding<'_>) {
-    let host = HeaderValue::from_str(forwarding.host).ok();
-    ClientForwarding::new(forwarding.client, forwarding.proto).apply(headers, host.as_ref());
-}
-
-/// [`set_forwarded`] for the requests of one client connection: what is the same for all of
-/// them (the client, the protocol) made once, the host added per request.
+/// What the proxy tells the process about the requests of one client connection: what is the
+/// same for all of them (the client, the protocol) made once, the host added per request by
+/// [`ClientForwarding::apply`].
 #[derive(Debug, Clone)]
 pub struct ClientForwarding {
     /// `X-Forwarded-For`.
@@ -203,8 +185,12 @@ impl ClientForwarding {
         }
     }
 
-    /// Replaces the forwarding headers of `headers` (see [`set_forwarded`]); `host` is the
-    /// host the client asked for, as it asked (with its port, if it gave one).
+    /// Replaces the forwarding headers of `headers` with `X-Forwarded-For: CLIENT`,
+    /// `X-Forwarded-Proto`, `X-Forwarded-Host: HOST` and `Forwarded:
+    /// for=CLIENT;proto=PROTO;host="HOST"` (RFC 7239; IPv6 clients quoted in brackets); `host`
+    /// is the host the client asked for, as it asked (with its port, if it gave one). Without
+    /// a host (or one that cannot be quoted) the host parts are left out: whatever the client
+    /// sent under these names never passes.
     pub fn apply(&self, headers: &mut HeaderMap, host: Option<&HeaderValue>) {
         // Each is replaced (`insert`), or removed when there is nothing to say.
         let [for_, proto, forwarded_host, forwarded_] = &FORWARDING;
@@ -348,34 +334,29 @@ mod tests {
 
     #[test]
     fn forwarding_headers_are_replaced_not_trusted() {
-        let check = |client: &str, proto: &'static str, host: &str, expected: &[(&str, &str)]| {
-            let mut map = headers(&[
-                ("x-forwarded-for", "6.6.6.6"),
-                ("x-forwarded-host", "evil"),
-                ("forwarded", "for=6.6.6.6"),
-                ("accept", "*/*"),
-            ]);
-            let client: IpAddr = client.parse().expect("ip");
-            set_forwarded(
-                &mut map,
-                Forwarding {
-                    client,
-                    proto,
-                    host,
-                },
-            );
-            let mut want: Vec<(String, String)> = expected
-                .iter()
-                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
-                .collect();
-            want.push(("accept".into(), "*/*".into()));
-            want.sort();
-            assert_eq!(sorted(&map), want);
-        };
+        let check =
+            |client: &str, proto: &'static str, host: Option<&str>, expected: &[(&str, &str)]| {
+                let mut map = headers(&[
+                    ("x-forwarded-for", "6.6.6.6"),
+                    ("x-forwarded-host", "evil"),
+                    ("forwarded", "for=6.6.6.6"),
+                    ("accept", "*/*"),
+                ]);
+                let client: IpAddr = client.parse().expect("ip");
+                let host = host.map(|h| HeaderValue::from_str(h).expect("host"));
+                ClientForwarding::new(client, proto).apply(&mut map, host.as_ref());
+                let mut want: Vec<(String, String)> = expected
+                    .iter()
+                    .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                    .collect();
+                want.push(("accept".into(), "*/*".into()));
+                want.sort();
+                assert_eq!(sorted(&map), want);
+            };
         check(
             "192.0.2.7",
             "https",
-            "wiki.lan:8443",
+            Some("wiki.lan:8443"),
             &[
                 ("x-forwarded-for", "192.0.2.7"),
                 ("x-forwarded-proto", "https"),
@@ -389,7 +370,7 @@ mod tests {
         check(
             "2001:db8::1",
             "http",
-            "wiki.lan",
+            Some("wiki.lan"),
             &[
                 ("x-forwarded-for", "2001:db8::1"),
                 ("x-forwarded-proto", "http"),
@@ -398,6 +379,17 @@ mod tests {
                     "forwarded",
                     "for=\"[2001:db8::1]\";proto=http;host=\"wiki.lan\"",
                 ),
+            ],
+        );
+        // No host: the client's X-Forwarded-Host goes too.
+        check(
+            "192.0.2.7",
+            "http",
+            None,
+            &[
+                ("x-forwarded-for", "192.0.2.7"),
+                ("x-forwarded-proto", "http"),
+                ("forwarded", "for=192.0.2.7;proto=http"),
             ],
         );
     }
